@@ -1,0 +1,41 @@
+"""anomaly-monitor core: preprocessing, the VAE / flow / GAN detectors, calibration, the ensemble,
+model bundles and the batch scorer. Nothing here imports Kafka or SQL.
+
+``AnomalyModel`` and the detectors are imported lazily so that ``import anomaly`` (and the CLI's
+``--help``) does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "AnomalyModel": "anomaly.model",
+    "VAEDetector": "anomaly.detectors.vae",
+    "FlowDetector": "anomaly.detectors.flow",
+    "GANDetector": "anomaly.detectors.gan",
+    "Preprocessor": "anomaly.preprocess",
+    "PipelineConfig": "anomaly.config",
+    "load_config": "anomaly.config",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from anomaly.config import PipelineConfig, load_config
+    from anomaly.detectors.flow import FlowDetector
+    from anomaly.detectors.gan import GANDetector
+    from anomaly.detectors.vae import VAEDetector
+    from anomaly.model import AnomalyModel
+    from anomaly.preprocess import Preprocessor
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'anomaly' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

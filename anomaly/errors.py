@@ -1,0 +1,23 @@
+"""Errors a user can act on. Each message names the field, column, row or file at fault."""
+
+from __future__ import annotations
+
+
+class UserFacingError(Exception):
+    """Base for errors the CLI prints without a traceback (exit status 2)."""
+
+
+class ConfigError(UserFacingError, ValueError):
+    """A pipeline configuration that cannot be used; the message names the field."""
+
+
+class DataError(UserFacingError, ValueError):
+    """Input data that cannot be used (missing column, strings in a numeric column, ...)."""
+
+
+class BundleError(UserFacingError, ValueError):
+    """A model bundle that is missing, tampered, truncated or otherwise unsafe to load."""
+
+
+class NotFittedError(UserFacingError, RuntimeError):
+    """A model used before ``fit``."""

@@ -1,0 +1,1 @@
+"""SQL storage: schema (SQLAlchemy 2 + Alembic) and the alert sink. Knows nothing of Kafka."""

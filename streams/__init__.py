@@ -1,0 +1,1 @@
+"""Kafka in and out, and the scoring service loop that joins `anomaly` and `storage`."""
