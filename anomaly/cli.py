@@ -18,11 +18,11 @@ from anomaly.errors import UserFacingError
 
 # Sub-command modules, in the order their commands appear in --help.
 COMMAND_MODULES = (
-    "anomaly.commands",
-    "storage.commands",
-    "streams.commands",
-    "dashboards.commands",
-    "anomaly.demo_commands",
+    "anomaly.commands",  # train, score, inspect
+    "anomaly.quality_commands",  # evaluate
+    "storage.commands",  # db upgrade/prune, alerts list/ack
+    "streams.commands",  # serve, replay, demo
+    "dashboards.commands",  # dashboards build/push
 )
 
 
