@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "storage.commands",  # db upgrade/prune, alerts list/ack
     "streams.commands",  # serve, replay, demo
     "dashboards.commands",  # dashboards build/push
+    "anomaly.synthetic_commands",  # generate (example datasets)
 )
 
 
