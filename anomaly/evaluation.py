@@ -1,0 +1,433 @@
+"""Detection quality: metrics of detector scores against 0/1 labels, and the one-class split.
+
+Everything here works on plain arrays and the ``score_detectors`` DataFrame (columns ``vae``,
+``flow``, ``gan``, ``ensemble`` and their ``*_p`` conformal p-values), so it can be checked without
+a trained model. A row is an alert for a detector when its p-value is at most the target
+false-positive rate, exactly as ``AnomalyModel.predict`` decides for the ensemble.
+
+Labels: 1 = anomaly, 0 = normal. AUROC and AUPRC (average precision) are threshold-free; precision,
+recall, F1 and the observed false-positive rate are at the calibrated threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from anomaly.errors import DataError
+
+# Order in which detectors appear in tables and plots; others follow alphabetically.
+DETECTOR_ORDER = ("vae", "flow", "gan", "ensemble")
+
+
+class LabelError(DataError):
+    """Labels that cannot be used for evaluation (missing column, not 0/1, a single class)."""
+
+
+@dataclass
+class DetectorMetrics:
+    """Quality of one detector's scores on one labeled data set."""
+
+    detector: str
+    auroc: float
+    auprc: float
+    # At the calibrated threshold (p-value <= target_fpr).
+    target_fpr: float
+    threshold: float | None
+    precision: float
+    recall: float
+    f1: float
+    observed_fpr: float
+    fpr_ratio: float  # observed / target
+    true_positives: int
+    false_positives: int
+    false_negatives: int
+    true_negatives: int
+
+    @property
+    def alerts(self) -> int:
+        return self.true_positives + self.false_positives
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics for every detector plus what the data looked like."""
+
+    target_fpr: float
+    n_rows: int
+    n_anomalies: int
+    n_normals: int
+    detectors: dict[str, DetectorMetrics] = field(default_factory=dict)
+
+    @property
+    def anomaly_rate(self) -> float:
+        return self.n_anomalies / self.n_rows if self.n_rows else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target_fpr": self.target_fpr,
+            "n_rows": self.n_rows,
+            "n_anomalies": self.n_anomalies,
+            "n_normals": self.n_normals,
+            "anomaly_rate": self.anomaly_rate,
+            "detectors": {
+                name: {**asdict(m), "alerts": m.alerts} for name, m in self.detectors.items()
+            },
+        }
+
+
+def validate_labels(labels: Any, name: str = "label") -> np.ndarray:
+    """Return labels as an int8 array of 0/1, or raise ``LabelError`` naming the bad rows.
+
+    Accepts booleans, numbers equal to 0 or 1 (``1.0`` is fine) and the strings "0"/"1" (a CSV
+    column read as text). Missing values, other numbers and other strings are errors, as is data
+    with a single class: AUROC needs both normal and anomalous rows.
+    """
+    series = labels if isinstance(labels, pd.Series) else pd.Series(np.asarray(labels))
+    if series.empty:
+        raise LabelError(f"label column '{name}' is empty: no rows to evaluate")
+    missing = series.isna().to_numpy()
+    if missing.any():
+        rows = np.flatnonzero(missing)
+        raise LabelError(
+            f"label column '{name}' has {len(rows)} missing value(s), first at row(s) "
+            f"{_rows(rows)}; every row needs a label 0 (normal) or 1 (anomaly)"
+        )
+    if series.dtype == object or pd.api.types.is_string_dtype(series):
+        series = series.astype(str).str.strip()
+        ok = series.isin(["0", "1", "0.0", "1.0", "True", "False", "true", "false"])
+        if not ok.all():
+            _raise_not_binary(name, series, ok.to_numpy())
+        values = series.isin(["1", "1.0", "True", "true"]).to_numpy().astype(np.int8)
+    else:
+        try:
+            numeric = series.to_numpy(dtype=np.float64)
+        except (TypeError, ValueError) as exc:  # pragma: no cover - exotic dtypes
+            raise LabelError(f"label column '{name}' is not numeric: {exc}") from exc
+        ok = (numeric == 0.0) | (numeric == 1.0)
+        if not ok.all():
+            _raise_not_binary(name, series, ok)
+        values = numeric.astype(np.int8)
+    n_anomalies = int(values.sum())
+    if n_anomalies == 0:
+        raise LabelError(
+            f"label column '{name}' has no anomalies (no 1s) among {len(values)} rows: "
+            "AUROC, AUPRC and recall need at least one anomalous row"
+        )
+    if n_anomalies == len(values):
+        raise LabelError(
+            f"label column '{name}' has no normal rows (no 0s) among {len(values)} rows: "
+            "AUROC and the false-positive rate need at least one normal row"
+        )
+    return values
+
+
+def _rows(rows: np.ndarray, limit: int = 5) -> str:
+    shown = ", ".join(str(int(r)) for r in rows[:limit])
+    return shown + (", ..." if len(rows) > limit else "")
+
+
+def _raise_not_binary(name: str, series: pd.Series, ok: np.ndarray) -> None:
+    bad = np.flatnonzero(~ok)
+    examples = sorted({repr(v) for v in series.iloc[bad[:20]].tolist()})[:5]
+    raise LabelError(
+        f"label column '{name}' must hold 0 (normal) or 1 (anomaly); {len(bad)} row(s) hold "
+        f"other values ({', '.join(examples)}), first at row(s) {_rows(bad)}"
+    )
+
+
+def detector_names(scores: pd.DataFrame) -> list[str]:
+    """Score columns of a ``score_detectors`` frame (every column but the ``*_p`` ones)."""
+    names = [c for c in scores.columns if not str(c).endswith("_p")]
+    known = [d for d in DETECTOR_ORDER if d in names]
+    return known + sorted(set(names) - set(known))
+
+
+def evaluate_scores(
+    scores: pd.DataFrame,
+    labels: Any,
+    target_fpr: float,
+    thresholds: Mapping[str, float] | None = None,
+    detectors: Sequence[str] | None = None,
+) -> EvaluationResult:
+    """Metrics of every detector column in ``scores`` against ``labels``.
+
+    A row is an alert for detector ``d`` when ``scores[d + "_p"] <= target_fpr``; when that column
+    is absent, when ``scores[d] >= thresholds[d]``. ``thresholds`` (score units) is also what the
+    report draws; without it the threshold is read off the data as the lowest alerted score.
+    """
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    if not 0.0 < target_fpr < 1.0:
+        raise DataError(f"target false-positive rate must be in (0, 1), got {target_fpr}")
+    y = validate_labels(labels)
+    if len(y) != len(scores):
+        raise DataError(f"{len(scores)} score rows but {len(y)} labels")
+    thresholds = dict(thresholds or {})
+    names = list(detectors) if detectors is not None else detector_names(scores)
+    result = EvaluationResult(
+        target_fpr=float(target_fpr),
+        n_rows=len(y),
+        n_anomalies=int(y.sum()),
+        n_normals=int(len(y) - y.sum()),
+    )
+    for name in names:
+        if name not in scores.columns:
+            raise DataError(f"no score column '{name}' (have: {', '.join(map(str, scores))})")
+        s = scores[name].to_numpy(dtype=np.float64)
+        if not np.isfinite(s).all():
+            bad = np.flatnonzero(~np.isfinite(s))
+            raise DataError(f"detector '{name}' gave non-finite scores at row(s) {_rows(bad)}")
+        alert = alerts_for(scores, name, target_fpr, thresholds.get(name))
+        threshold = thresholds.get(name)
+        if threshold is None and alert.any():
+            threshold = float(s[alert].min())
+        result.detectors[name] = _metrics(
+            name, y, s, alert, target_fpr, threshold, roc_auc_score, average_precision_score
+        )
+    return result
+
+
+def alerts_for(
+    scores: pd.DataFrame, name: str, target_fpr: float, threshold: float | None = None
+) -> np.ndarray:
+    """Boolean alert mask of one detector: p-value <= target, else score >= threshold."""
+    p_col = f"{name}_p"
+    if p_col in scores.columns:
+        return scores[p_col].to_numpy(dtype=np.float64) <= target_fpr
+    if threshold is None:
+        raise DataError(f"detector '{name}' has neither a '{p_col}' column nor a threshold")
+    return scores[name].to_numpy(dtype=np.float64) >= threshold
+
+
+def _metrics(name, y, s, alert, target_fpr, threshold, roc_auc_score, ap_score) -> DetectorMetrics:
+    positive = y == 1
+    tp = int(np.sum(alert & positive))
+    fp = int(np.sum(alert & ~positive))
+    fn = int(np.sum(~alert & positive))
+    tn = int(np.sum(~alert & ~positive))
+    precision = tp / (tp + fp) if tp + fp else 0.0  # sklearn's zero_division=0
+    recall = tp / (tp + fn)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    observed_fpr = fp / (fp + tn)
+    return DetectorMetrics(
+        detector=name,
+        auroc=float(roc_auc_score(y, s)),
+        auprc=float(ap_score(y, s)),
+        target_fpr=float(target_fpr),
+        threshold=None if threshold is None else float(threshold),
+        precision=float(precision),
+        recall=float(recall),
+        f1=float(f1),
+        observed_fpr=float(observed_fpr),
+        fpr_ratio=float(observed_fpr / target_fpr),
+        true_positives=tp,
+        false_positives=fp,
+        false_negatives=fn,
+        true_negatives=tn,
+    )
+
+
+def observed_fpr(p_values: np.ndarray, target_fpr: float) -> tuple[int, int]:
+    """(false positives, normal rows) of normal rows' p-values at a target rate."""
+    p = np.asarray(p_values, dtype=np.float64)
+    return int(np.sum(p <= target_fpr)), len(p)
+
+
+def enough_to_tell(n_normals: int, target_fpr: float, min_expected: float = 10.0) -> bool:
+    """Whether ``n_normals`` normal rows can tell a rate of ``target_fpr`` from 0.5x or 1.5x of it.
+
+    With ``n * target`` expected false positives the binomial standard deviation is about
+    ``sqrt(n * target)``; at 10 expected ones, 0.5x and 1.5x are 1.6 standard deviations away.
+    Below that, an observed rate says little and the benchmark reports "n/a".
+    """
+    return n_normals * target_fpr >= min_expected
+
+
+def fpr_interval(false_positives: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a false-positive rate (for honest small-count reporting)."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = false_positives / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass
+class OneClassSplit:
+    """Train on normal rows only; test on held-out normal rows plus every anomaly."""
+
+    x_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    n_duplicates_dropped: int
+    n_test_dropped_as_train_duplicates: int
+
+
+def one_class_split(
+    x: np.ndarray,
+    y: np.ndarray,
+    seed: int,
+    train_pool: np.ndarray | None = None,
+    max_train: int | None = None,
+) -> OneClassSplit:
+    """The one-class protocol of GOAD, NeuTraL AD, ICL and DTE.
+
+    Shuffle with ``seed``, drop exact duplicate rows (features and label), train on a random half
+    of the normal rows, test on the other half plus all anomalies. ``train_pool`` (a boolean mask)
+    restricts the rows the training half is drawn from (SKAB: the anomaly-free recording); normal
+    rows outside it go to the test set. Test rows equal to a training row are dropped, so no
+    test row was seen in training. ``max_train`` caps the training rows (random subset) for run
+    time; the rows left out are not used at all, so the test set does not change with the cap.
+    """
+    x = np.asarray(x)
+    y = np.asarray(y).astype(np.int8)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(x))
+    x, y = x[order], y[order]
+    pool = np.ones(len(x), bool) if train_pool is None else np.asarray(train_pool, bool)[order]
+    keep = np.flatnonzero(~pd.DataFrame(np.column_stack([x, y])).duplicated().to_numpy())
+    n_dup = len(x) - len(keep)
+    x, y, pool = x[keep], y[keep], pool[keep]
+
+    candidates = np.flatnonzero((y == 0) & pool)
+    n_train = len(candidates) // 2
+    train_idx = candidates[:n_train]  # already shuffled
+    is_train = np.zeros(len(x), bool)
+    is_train[train_idx] = True
+    test = ~is_train
+    # Test rows whose features equal a training row (possible with a label conflict or a train
+    # pool) would be scored on memorised data: drop them.
+    train_keys = {row.tobytes() for row in x[is_train].astype(np.float64)}
+    seen = np.array([row.tobytes() in train_keys for row in x[test].astype(np.float64)], bool)
+    test_idx = np.flatnonzero(test)[~seen]
+    if max_train is not None and len(train_idx) > max_train:
+        train_idx = train_idx[:max_train]
+    return OneClassSplit(
+        x_train=x[train_idx],
+        x_test=x[test_idx],
+        y_test=y[test_idx],
+        n_duplicates_dropped=int(n_dup),
+        n_test_dropped_as_train_duplicates=int(seen.sum()),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# `anomaly evaluate`: a saved model, a labeled file -> report.html and report.json
+
+
+def read_labeled(path: str, label: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """Read a labeled CSV or Parquet file; return the records (label column removed) and labels."""
+    from pathlib import Path
+
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in (".csv", ".parquet", ".pq"):
+        raise DataError(f"--data must be a .csv or .parquet file, got {p.name!r}")
+    if not p.is_file():
+        raise DataError(f"labeled data file not found: {p}")
+    try:
+        frame = pd.read_csv(p) if suffix == ".csv" else pd.read_parquet(p)
+    except Exception as exc:  # parser errors differ by engine; all mean "unreadable file"
+        raise DataError(f"cannot read {p}: {exc}") from exc
+    if label not in frame.columns:
+        shown = ", ".join(map(str, list(frame.columns)[:20]))
+        raise LabelError(f"label column '{label}' is not in {p.name} (columns: {shown})")
+    labels = validate_labels(frame[label].reset_index(drop=True), label)
+    return frame.drop(columns=[label]).reset_index(drop=True), labels
+
+
+def model_thresholds(model: Any, target_fpr: float) -> dict[str, float]:
+    """Each detector's alert threshold in score units at ``target_fpr``, where the model says.
+
+    Looks for calibrators (objects with sorted calibration ``scores_``) on the model; a detector
+    without one gets its threshold read off the data by ``evaluate_scores``.
+    """
+    calibrators = getattr(model, "calibrators_", None) or {}
+    out: dict[str, float] = {}
+    for name, cal in dict(calibrators).items():
+        scores = getattr(cal, "scores_", None)
+        if scores is None or len(scores) == 0:
+            continue
+        s = np.sort(np.asarray(scores, dtype=np.float64))
+        n = len(s)
+        k = int(np.floor(target_fpr * (n + 1) + 1e-9)) - 1  # calibration scores allowed above
+        if k >= 0:
+            out[name] = float(s[n - 1 - k])
+    return out
+
+
+def run_evaluation(
+    model_dir: str,
+    data_path: str,
+    label: str,
+    report_dir: str,
+    target_fpr: float | None = None,
+    top_rows: int = 10,
+    device: str = "auto",
+):
+    """What ``anomaly evaluate`` does: load, score, measure, explain the top rows, write."""
+    from pathlib import Path
+
+    from anomaly.model import AnomalyModel
+    from anomaly.report import TopRow, top_scoring_rows, write_report
+
+    if target_fpr is not None and not 0.0 < target_fpr < 1.0:
+        raise DataError(f"--target-fpr must be in (0, 1), got {target_fpr}")
+    if top_rows < 0:
+        raise DataError(f"--top-rows must be >= 0, got {top_rows}")
+    if not Path(model_dir).exists():
+        raise DataError(f"model directory not found: {model_dir}")
+    frame, labels = read_labeled(data_path, label)
+    model = AnomalyModel.load(model_dir)
+    _set_device(model, device)
+    target = float(target_fpr if target_fpr is not None else model.target_fpr)
+    scores = model.score_detectors(frame)
+    result = evaluate_scores(scores, labels, target, thresholds=model_thresholds(model, target))
+
+    tops: list[TopRow] = []
+    idx = top_scoring_rows(scores, labels, min(top_rows, len(frame)))
+    if idx:
+        explanations = model.explain(frame.iloc[idx], top=3)
+        p_col = "ensemble_p" if "ensemble_p" in scores.columns else None
+        for i, feats in zip(idx, explanations, strict=True):
+            tops.append(
+                TopRow(
+                    row=i,
+                    label=int(labels[i]),
+                    score=float(scores["ensemble"].iloc[i]),
+                    p_value=float(scores[p_col].iloc[i]) if p_col else None,
+                    features=[_plain(f) for f in feats],
+                )
+            )
+    meta = {
+        "model": str(model_dir),
+        "model_version": getattr(model, "version", None),
+        "data": str(data_path),
+        "label_column": label,
+    }
+    html_path, json_path = write_report(report_dir, result, scores, labels, tops, meta)
+    return result, html_path, json_path
+
+
+def _set_device(model: Any, device: str) -> None:
+    if device != "auto" and hasattr(model, "device"):
+        model.device = device
+
+
+def _plain(feature: Mapping[str, Any]) -> dict[str, Any]:
+    value = feature.get("value")
+    if isinstance(value, np.generic):
+        value = value.item()
+    return {
+        "feature": str(feature["feature"]),
+        "value": value,
+        "contribution": float(feature["contribution"]),
+    }

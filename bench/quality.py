@@ -1,0 +1,568 @@
+"""Detection-quality benchmark: our VAE, flow, GAN and ensemble against classical baselines.
+
+The one-class protocol of GOAD, NeuTraL AD, ICL and DTE, on the real labeled datasets in
+``--data-dir`` (default ``../shared/data`` from the repository root): per dataset and seed, shuffle
+with the seed, drop exact duplicate rows, train on a random half of the normal rows (our model
+takes its calibration split out of that half), test on the other half plus all anomalies. In the
+same run and on the same splits: IsolationForest (scikit-learn), KNN (PyOD, k=5), OCSVM (PyOD) and
+PyOD's VAE. SKAB trains on a half of its anomaly-free recording (``file_id == 0``); its other
+normal rows and all its anomalies are test rows, minus exact copies of training rows.
+
+One default configuration for every dataset: nothing here looks at test labels to pick settings.
+Baselines get the training rows standardised (mean/std of the training rows); our model does its
+own preprocessing.
+
+    python bench/quality.py --data-dir ../shared/data --seeds 3 --write-docs
+    python bench/quality.py --datasets thyroid,wbc --seeds 1      # quick look while developing
+
+Output: markdown tables (AUROC and AUPRC x100 per dataset, the mean, the mean rank, observed
+false-positive rates of our calibrated detectors at 0.01 and 0.001, published figures beside
+ours) printed, optionally written into the "## Detection quality" section of docs/benchmarks.md,
+and the raw per-seed results as JSON lines (``--results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shlex
+import sys
+import time
+from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DATASETS = (
+    "thyroid",
+    "annthyroid",
+    "cardio",
+    "arrhythmia",
+    "wbc",
+    "mammography",
+    "satellite",
+    "shuttle",
+    "pendigits",
+    "optdigits",
+    "campaign",
+    "backdoor",
+    "creditcard_ulb_sub",
+    "skab",
+)
+BASELINES = ("IForest", "KNN", "OCSVM", "PyOD-VAE")
+OURS = ("vae", "flow", "gan", "ensemble")
+METHODS = (*BASELINES, *OURS)
+TARGETS = (0.01, 0.001)
+
+# DTE (ICLR 2024), one-class ROC-AUC x100, mean of 5 seeds, from ../shared/data/README.md.
+_PUBLISHED_COLUMNS = ("IForest", "KNN", "OCSVM", "PyOD-VAE", "DTE-NP")
+PUBLISHED = {
+    name: dict(zip(_PUBLISHED_COLUMNS, values, strict=True))
+    for name, values in {
+        "thyroid": (98.96, 98.68, 98.56, 98.55, 98.63),
+        "annthyroid": (90.28, 92.81, 88.45, 85.44, 92.90),
+        "cardio": (93.32, 92.00, 95.61, 96.55, 91.80),
+        "mammography": (88.02, 87.58, 88.63, 89.58, 87.62),
+        "satellite": (77.46, 82.24, 73.91, 74.14, 82.11),
+        "shuttle": (99.65, 99.91, 99.62, 99.35, 99.93),
+        "pendigits": (97.22, 99.87, 96.36, 94.50, 99.61),
+        "optdigits": (81.07, 93.72, 63.38, 58.17, 94.28),
+        "wbc": (99.41, 99.12, 99.63, 99.25, 99.54),
+    }.items()
+}
+
+SECTION = "## Detection quality"
+
+
+# --------------------------------------------------------------------------------------------
+# One dataset, one seed
+
+
+def load_dataset(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """X, y and the training pool mask (None: every normal row may be drawn for training)."""
+    with np.load(data_dir / f"{name}.npz", allow_pickle=False) as z:
+        x = z["X"].astype(np.float32)
+        y = z["y"].astype(np.int8)
+        pool = (z["file_id"] == 0) if name == "skab" else None
+    return x, y, pool
+
+
+def _limit_threads() -> None:
+    # Each worker gets one core; torch and BLAS must not fight over the shared machine.
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(var, "1")
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def _baseline(name: str, seed: int):
+    if name == "IForest":
+        from sklearn.ensemble import IsolationForest
+
+        return IsolationForest(n_estimators=100, random_state=seed)
+    if name == "KNN":
+        from pyod.models.knn import KNN
+
+        return KNN(n_neighbors=5)
+    if name == "OCSVM":
+        from pyod.models.ocsvm import OCSVM
+
+        return OCSVM()
+    if name == "PyOD-VAE":
+        from pyod.models.vae import VAE
+
+        return VAE(random_state=seed, verbose=0, device="cpu")
+    raise ValueError(name)
+
+
+def _baseline_scores(model, x_test: np.ndarray) -> np.ndarray:
+    if hasattr(model, "score_samples") and not hasattr(model, "decision_scores_"):
+        return -model.score_samples(x_test)  # sklearn IsolationForest: lower = more abnormal
+    return model.decision_function(x_test)
+
+
+def fit_ours(x_train: np.ndarray, seed: int, args: argparse.Namespace):
+    """Our model with its default configuration (the same for every dataset)."""
+    from anomaly import AnomalyModel
+
+    kwargs: dict[str, Any] = {"target_fpr": TARGETS[0], "seed": seed, "device": "cpu"}
+    model = AnomalyModel(**kwargs)
+    _configure_ours(model, args)
+    return model.fit(x_train) or model
+
+
+def _configure_ours(model, args: argparse.Namespace) -> None:
+    """Run-time caps only (epochs / seconds per detector); every dataset gets the same."""
+    cfg = getattr(model, "config", None)
+    for attr, value in (("time_budget_s", args.time_budget), ("threads", 1), ("progress", False)):
+        if value is None:
+            continue
+        if hasattr(model, attr):
+            setattr(model, attr, value)
+        elif cfg is not None and hasattr(cfg, attr):
+            setattr(cfg, attr, value)
+
+
+def run_one(data_dir: str, name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    _limit_threads()
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    from anomaly.evaluation import one_class_split
+
+    x, y, pool = load_dataset(Path(data_dir), name)
+    split = one_class_split(x, y, seed, train_pool=pool, max_train=args.max_train)
+    y_test = split.y_test
+    normal = y_test == 0
+    out: dict[str, Any] = {
+        "dataset": name,
+        "seed": seed,
+        "n_train": len(split.x_train),
+        "n_test": len(y_test),
+        "n_test_anomalies": int(y_test.sum()),
+        "n_test_normals": int(normal.sum()),
+        "duplicates_dropped": split.n_duplicates_dropped,
+        "methods": {},
+        "fpr": {},
+    }
+    scaler = StandardScaler().fit(split.x_train)
+    xs_train = np.nan_to_num(scaler.transform(split.x_train))
+    xs_test = np.nan_to_num(scaler.transform(split.x_test))
+    methods = [m for m in args.methods if m in BASELINES]
+    for method in methods:
+        t0 = time.perf_counter()
+        model = _baseline(method, seed)
+        model.fit(xs_train)
+        t1 = time.perf_counter()
+        s = _baseline_scores(model, xs_test)
+        t2 = time.perf_counter()
+        out["methods"][method] = {
+            "auroc": float(roc_auc_score(y_test, s)),
+            "auprc": float(average_precision_score(y_test, s)),
+            "fit_s": t1 - t0,
+            "score_s": t2 - t1,
+        }
+    if any(m in OURS for m in args.methods):
+        t0 = time.perf_counter()
+        model = fit_ours(split.x_train, seed, args)
+        t1 = time.perf_counter()
+        scores = model.score_detectors(split.x_test)
+        t2 = time.perf_counter()
+        for det in OURS:
+            if det not in scores.columns or det not in args.methods:
+                continue
+            s = scores[det].to_numpy(dtype=np.float64)
+            out["methods"][det] = {
+                "auroc": float(roc_auc_score(y_test, s)),
+                "auprc": float(average_precision_score(y_test, s)),
+                "fit_s": (t1 - t0) if det == "ensemble" else None,
+                "score_s": (t2 - t1) if det == "ensemble" else None,
+            }
+            p = scores[f"{det}_p"].to_numpy(dtype=np.float64)[normal]
+            out["fpr"][det] = {str(t): [int(np.sum(p <= t)), len(p)] for t in TARGETS}
+        out["calibration_rows"] = _calibration_rows(model)
+    return out
+
+
+def _calibration_rows(model) -> int | None:
+    for attr in ("n_calibration_", "calibration_size_", "n_calibration"):
+        value = getattr(model, attr, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
+
+
+def summarise(results: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
+    by_ds: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in results:
+        by_ds[r["dataset"]].append(r)
+    datasets = [d for d in DATASETS if d in by_ds] + sorted(set(by_ds) - set(DATASETS))
+    table: dict[str, dict[str, dict[str, float]]] = {}
+    for ds in datasets:
+        table[ds] = {}
+        for m in methods:
+            runs = [r["methods"][m] for r in by_ds[ds] if m in r["methods"]]
+            if runs:
+                table[ds][m] = {
+                    "auroc": _mean([x["auroc"] for x in runs]),
+                    "auroc_std": float(np.std([x["auroc"] for x in runs])),
+                    "auprc": _mean([x["auprc"] for x in runs]),
+                    "fit_s": _mean([x["fit_s"] for x in runs if x["fit_s"] is not None]),
+                }
+    present = [m for m in methods if all(m in table[ds] for ds in datasets)]
+    means = {
+        m: {k: _mean([table[ds][m][k] for ds in datasets]) for k in ("auroc", "auprc")}
+        for m in present
+    }
+    ranks: dict[str, list[float]] = defaultdict(list)
+    for ds in datasets:
+        vals = np.array([table[ds][m]["auroc"] for m in present])
+        order = (-vals).argsort(kind="stable")
+        r = np.empty(len(vals))
+        r[order] = np.arange(1, len(vals) + 1)
+        for v in np.unique(vals):  # ties share the mean rank
+            r[vals == v] = r[vals == v].mean()
+        for m, rank in zip(present, r, strict=True):
+            ranks[m].append(float(rank))
+    mean_rank = {m: _mean(ranks[m]) for m in present}
+    # False-positive rates pooled over seeds: (false positives, normal test rows).
+    fpr: dict[str, dict[str, dict[str, list[int]]]] = {}
+    for ds in datasets:
+        fpr[ds] = {}
+        for det in OURS:
+            for t in TARGETS:
+                counts = [r["fpr"][det][str(t)] for r in by_ds[ds] if det in r.get("fpr", {})]
+                if counts:
+                    fp = sum(c[0] for c in counts)
+                    n = sum(c[1] for c in counts)
+                    fpr[ds].setdefault(det, {})[str(t)] = [fp, n]
+    return {
+        "datasets": datasets,
+        "methods": present,
+        "table": table,
+        "means": means,
+        "mean_rank": mean_rank,
+        "fpr": fpr,
+        "by_ds": by_ds,
+    }
+
+
+def _fmt(v: float) -> str:
+    return "-" if v is None or np.isnan(v) else f"{100 * v:.1f}"
+
+
+def render(summary: dict[str, Any], args: argparse.Namespace, command: str, wall_s: float) -> str:
+    from anomaly.evaluation import enough_to_tell
+
+    ds_list, methods = summary["datasets"], summary["methods"]
+    table, means, mean_rank = summary["table"], summary["means"], summary["mean_rank"]
+    by_ds = summary["by_ds"]
+    seeds = sorted({r["seed"] for rs in by_ds.values() for r in rs})
+    lines: list[str] = []
+    add = lines.append
+    add(SECTION)
+    add("")
+    add(f"Command (from the repository root), run {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC:")
+    add("")
+    add(f"    {command}")
+    add("")
+    cap = f"at most {args.max_train} training rows" if args.max_train else "no cap on training rows"
+    budget = (
+        f"; our detectors trained with a budget of {args.time_budget:g} s each"
+        if args.time_budget
+        else ""
+    )
+    add(
+        f"One-class protocol, seeds {', '.join(map(str, seeds))} ({len(seeds)} per dataset): "
+        "shuffle with the seed, drop exact duplicate rows, train on a random half of the normal "
+        "rows (our calibration split comes out of that half), test on the other half plus all "
+        f"anomalies. Caps for run time: {cap} (a random subset of the training half; the test set "
+        f"is unchanged){budget}. Baselines see standardised features; our model its own "
+        "preprocessing. One configuration for every dataset, nothing tuned on test labels. "
+        f"Whole run: {wall_s / 60:.1f} min on this 2-core machine with {args.jobs} worker(s), "
+        "shared with other engineers' jobs while it ran."
+    )
+    add("")
+    for metric, title in (("auroc", "ROC-AUC x100"), ("auprc", "PR-AUC (average precision) x100")):
+        add(f"### {title} (mean over seeds)")
+        add("")
+        extra = " test anomalies % |" if metric == "auprc" else " train rows |"
+        add("| dataset |" + extra + " " + " | ".join(methods) + " |")
+        add("|---|---|" + "---|" * len(methods))
+        for ds in ds_list:
+            rs = by_ds[ds]
+            if metric == "auprc":
+                info = 100 * _mean([r["n_test_anomalies"] / r["n_test"] for r in rs])
+                info_s = f"{info:.1f}"
+            else:
+                info_s = str(int(_mean([r["n_train"] for r in rs])))
+            row = table[ds]
+            best = max(row[m][metric] for m in methods)
+            cells = []
+            for m in methods:
+                v = row[m][metric]
+                cell = _fmt(v)
+                cells.append(f"**{cell}**" if v == best else cell)
+            name = ds + (" †" if ds == "creditcard_ulb_sub" and metric == "auprc" else "")
+            add(f"| {name} | {info_s} | " + " | ".join(cells) + " |")
+        add("| **mean** | | " + " | ".join(_fmt(means[m][metric]) for m in methods) + " |")
+        if metric == "auroc":
+            add(
+                "| **mean rank** (1 = best) | | "
+                + " | ".join(f"{mean_rank[m]:.2f}" for m in methods)
+                + " |"
+            )
+        add("")
+    add(
+        "† creditcard_ulb_sub keeps every fraud but only 1,230 normal transactions (28.6% fraud; "
+        "the real rate is 0.17%): its PR-AUC, and any precision on it, is far above what a real "
+        "card stream would give. SKAB trains on half of its anomaly-free recording; its other "
+        "recordings (normal and anomalous rows) are test rows, minus exact copies of training rows."
+    )
+    add("")
+
+    # Goals
+    add("### Goals")
+    add("")
+    base = [m for m in methods if m in BASELINES]
+    ours = [m for m in methods if m in OURS]
+    if base and "ensemble" in ours:
+        best_base = max(base, key=lambda m: means[m]["auroc"])
+        ok = means["ensemble"]["auroc"] > means[best_base]["auroc"]
+        add(
+            f"- Ensemble mean ROC-AUC {_fmt(means['ensemble']['auroc'])} vs the best baseline "
+            f"({best_base}) {_fmt(means[best_base]['auroc'])}: "
+            + ("**met**" if ok else "**missed**")
+        )
+    if "IForest" in base:
+        ref = means["IForest"]["auroc"]
+        for m in (d for d in ours if d != "ensemble"):
+            ok = means[m]["auroc"] >= ref
+            add(
+                f"- {m} mean ROC-AUC {_fmt(means[m]['auroc'])} vs IForest {_fmt(ref)}: "
+                + ("**met**" if ok else "**missed**")
+            )
+    add("")
+
+    # FPR
+    if any(summary["fpr"][ds] for ds in ds_list):
+        add("### Observed false-positive rate on held-out normal rows (pooled over seeds)")
+        add("")
+        add(
+            "Alert = conformal p-value <= target. Shown as observed % (observed/target); "
+            "n/a where the normal test rows pooled over seeds expect fewer than 10 false "
+            "positives at the target. Goal: 0.5x-1.5x of the target."
+        )
+        add("")
+        dets = [d for d in OURS if d in ours]
+        head = " | ".join(f"{d} @{t:g}" for t in TARGETS for d in dets)
+        add(f"| dataset | normal test rows | {head} |")
+        add("|---|---|" + "---|" * (len(dets) * len(TARGETS)))
+        within = defaultdict(lambda: [0, 0])
+        for ds in ds_list:
+            f = summary["fpr"][ds]
+            n_norm = next((c[1] for d in f.values() for c in d.values()), 0)
+            cells = []
+            for t in TARGETS:
+                for d in dets:
+                    fp, n = f.get(d, {}).get(str(t), [0, 0])
+                    if n == 0 or not enough_to_tell(n, t):
+                        cells.append("n/a")
+                        continue
+                    ratio = fp / n / t
+                    ok = 0.5 <= ratio <= 1.5
+                    within[(d, t)][0] += ok
+                    within[(d, t)][1] += 1
+                    cell = f"{100 * fp / n:.2f}% ({ratio:.2f}x)"
+                    cells.append(cell if ok else f"**{cell}**")
+            add(f"| {ds} | {n_norm} | " + " | ".join(cells) + " |")
+        add("")
+        add(
+            "Within 0.5x-1.5x (bold cells are outside): "
+            + "; ".join(
+                f"{d} @{t:g}: {within[(d, t)][0]}/{within[(d, t)][1]}"
+                for t in TARGETS
+                for d in dets
+                if within[(d, t)][1]
+            )
+        )
+        add("")
+
+    # Published
+    pub = [ds for ds in ds_list if ds in PUBLISHED]
+    if pub:
+        add("### Ours beside the published one-class figures (ROC-AUC x100)")
+        add("")
+        add(
+            "Published: DTE (ICLR 2024), mean of 5 seeds, from `../shared/data/README.md`. "
+            "Splits, seeds, preprocessing and training caps differ, so compare trends, not "
+            "decimals. Cells: ours / published."
+        )
+        add("")
+        cols = [m for m in base] + [m for m in ours]
+        add("| dataset | " + " | ".join(cols) + " | DTE-NP (published) |")
+        add("|---|" + "---|" * (len(cols) + 1))
+        for ds in pub:
+            cells = []
+            for m in cols:
+                ours_v = _fmt(table[ds][m]["auroc"])
+                p = PUBLISHED[ds].get(m)
+                cells.append(f"{ours_v} / {p:.1f}" if p is not None else ours_v)
+            add(f"| {ds} | " + " | ".join(cells) + f" | {PUBLISHED[ds]['DTE-NP']:.1f} |")
+        add("")
+
+    # Timing
+    add("### Mean fit time per dataset and seed (s)")
+    add("")
+    tcols = [m for m in methods if m in BASELINES] + (["ensemble"] if "ensemble" in ours else [])
+    add(
+        "| dataset | "
+        + " | ".join("ours (3 detectors)" if m == "ensemble" else m for m in tcols)
+        + " |"
+    )
+    add("|---|" + "---|" * len(tcols))
+    for ds in ds_list:
+        add(f"| {ds} | " + " | ".join(f"{table[ds][m]['fit_s']:.1f}" for m in tcols) + " |")
+    add("")
+    return "\n".join(lines)
+
+
+def write_section(doc: Path, section: str) -> None:
+    """Replace (or append) only the "## Detection quality" section of docs/benchmarks.md."""
+    text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n"
+    else:
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        new_lines = [*lines[:start], *section.rstrip("\n").splitlines()]
+        if end < len(lines):
+            new_lines += ["", *lines[end:]]
+        new = "\n".join(new_lines) + "\n"
+    doc.write_text(new, encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated names")
+    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--max-train", type=int, default=5000, help="cap on training rows (0: none)")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds per our detector")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes (one core each)")
+    p.add_argument("--results", default=None, help="write per-seed results as JSON lines")
+    p.add_argument("--from-results", default=None, help="only render a saved results file")
+    p.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
+    args = p.parse_args(argv)
+    args.datasets = [d for d in args.datasets.split(",") if d]
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = set(args.methods) - set(METHODS)
+    if unknown:
+        p.error(f"unknown method(s) {sorted(unknown)}; known: {', '.join(METHODS)}")
+    args.max_train = args.max_train or None
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python bench/quality.py " + " ".join(
+        shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
+    )
+    start = time.perf_counter()
+    results: list[dict[str, Any]] = []
+    if args.from_results:
+        results = [json.loads(line) for line in Path(args.from_results).read_text().splitlines()]
+        wall = sum(r.get("wall_s", 0.0) for r in results) / max(args.jobs, 1)
+    else:
+        tasks = [(ds, seed) for ds in args.datasets for seed in range(args.seeds)]
+        # Largest datasets first, so the workers finish together.
+        sizes = {ds: os.path.getsize(Path(args.data_dir) / f"{ds}.npz") for ds in args.datasets}
+        tasks.sort(key=lambda t: -sizes[t[0]])
+        sink = open(args.results, "w", encoding="utf-8") if args.results else None  # noqa: SIM115
+        try:
+            if args.jobs <= 1:
+                for ds, seed in tasks:
+                    results.append(_timed(args.data_dir, ds, seed, args))
+                    _report_progress(results[-1], sink)
+            else:
+                import multiprocessing as mp
+
+                with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+                    futures = [pool.submit(_timed, args.data_dir, ds, s, args) for ds, s in tasks]
+                    for fut in as_completed(futures):
+                        results.append(fut.result())
+                        _report_progress(results[-1], sink)
+        finally:
+            if sink:
+                sink.close()
+        wall = time.perf_counter() - start
+    summary = summarise(results, args.methods)
+    text = render(summary, args, command, wall)
+    print(text)
+    if args.write_docs:
+        write_section(REPO / "docs" / "benchmarks.md", text)
+    return 0
+
+
+def _timed(data_dir: str, ds: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    r = run_one(data_dir, ds, seed, args)
+    r["wall_s"] = time.perf_counter() - t0
+    return r
+
+
+def _report_progress(r: dict[str, Any], sink) -> None:
+    aucs = " ".join(f"{m}={v['auroc']:.3f}" for m, v in r["methods"].items())
+    print(
+        f"[{r['dataset']} seed {r['seed']}] {r['wall_s']:.0f}s {aucs}", file=sys.stderr, flush=True
+    )
+    if sink:
+        sink.write(json.dumps(r) + "\n")
+        sink.flush()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
