@@ -76,6 +76,10 @@ class OffsetRecord:
     kafka_topic: str
     kafka_partition: int
     next_offset: int  # the offset of the next record to read (Kafka's committed-offset meaning)
+    # Offset of the first record of this batch in this partition. Optional; when given, the store
+    # can scale the batch's statistics down by the share of records another consumer already
+    # wrote (offset fencing), instead of only dropping them when the whole batch is stale.
+    first_offset: int | None = None
 
 
 @dataclass(slots=True)

@@ -1,0 +1,31 @@
+"""Storage errors. ``RetryableStorageError`` means: nothing of the batch was written, try again."""
+
+from __future__ import annotations
+
+from anomaly.errors import UserFacingError
+
+
+class StorageError(Exception):
+    """A database operation failed in a way that retrying will not fix."""
+
+
+class RetryableStorageError(StorageError):
+    """The database was unreachable, the connection was lost, or the transaction lost a race
+    (deadlock, serialization failure, SQLite busy). The whole transaction was rolled back, so the
+    same call can be repeated as is once the database is back."""
+
+
+class NotFoundError(StorageError, UserFacingError, LookupError):
+    """The alert, model version, ... named by the user does not exist."""
+
+
+class ModelVersionConflict(StorageError, UserFacingError, ValueError):
+    """A model version registered again with a different bundle hash."""
+
+
+class DatabaseURLError(StorageError, UserFacingError, ValueError):
+    """No database URL given, or one SQLAlchemy cannot use."""
+
+
+class InvalidArgumentError(StorageError, UserFacingError, ValueError):
+    """An argument the store cannot use (a role name, a duration, ...); the message says which."""

@@ -1,0 +1,233 @@
+"""The SQL schema (docs/architecture.md, "SQL schema"): SQLAlchemy Core tables.
+
+Alembic migrations in ``storage/migrations/versions`` create exactly these tables; a test compares
+the migrated database with this metadata, so the two cannot drift apart.
+
+- JSON columns are JSONB on PostgreSQL and JSON (text) on SQLite.
+- Times are ``TIMESTAMP WITH TIME ZONE`` on PostgreSQL. SQLite has no time zones: ``UTCDateTime``
+  stores naive UTC there and hands back aware UTC datetimes on both dialects.
+- Text columns that hold values from outside (record ids, entities, error messages) have limits
+  that the store enforces by truncating before it writes (PostgreSQL would reject the batch).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.types import TypeDecorator
+
+from storage.records import SEVERITIES
+
+ALERT_STATUSES = ("open", "acknowledged", "resolved")
+INCIDENT_STATUSES = ("open", "resolved")
+
+# Length limits of text columns (characters). Longer values are truncated by the store.
+PIPELINE_LEN = 200
+TOPIC_LEN = 255  # Kafka allows 249
+RECORD_ID_LEN = 512
+ENTITY_LEN = 512
+MODEL_VERSION_LEN = 128
+ERROR_KIND_LEN = 64
+ERROR_MESSAGE_LEN = 8000
+BUNDLE_PATH_LEN = 4096
+SHA256_LEN = 64
+
+# Stable constraint names, so migrations can refer to them on both dialects.
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on both dialects; naive input is taken to be UTC already."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        if dialect.name == "sqlite":
+            return value.replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+def _json() -> Any:
+    return JSON().with_variant(JSONB(), "postgresql")
+
+
+def _id() -> Column[int]:
+    # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets BIGSERIAL.
+    return Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+incidents = Table(
+    "incidents",
+    metadata,
+    _id(),
+    Column("pipeline", String(PIPELINE_LEN), nullable=False),
+    Column("entity", String(ENTITY_LEN), nullable=False),
+    Column("first_seen", UTCDateTime(), nullable=False),
+    Column("last_seen", UTCDateTime(), nullable=False),
+    Column("alert_count", Integer, nullable=False),
+    Column("max_severity", String(16), nullable=False),
+    Column("status", String(16), nullable=False, server_default="open"),
+    CheckConstraint(_in("max_severity", SEVERITIES), name="max_severity"),
+    CheckConstraint(_in("status", INCIDENT_STATUSES), name="status"),
+    Index(None, "pipeline", "entity", "last_seen"),
+    Index(None, "pipeline", "last_seen"),
+)
+
+alerts = Table(
+    "alerts",
+    metadata,
+    _id(),
+    Column("pipeline", String(PIPELINE_LEN), nullable=False),
+    Column("record_id", String(RECORD_ID_LEN), nullable=False),
+    Column("entity", String(ENTITY_LEN)),
+    Column("event_time", UTCDateTime()),
+    Column("ingest_time", UTCDateTime(), nullable=False),
+    Column("kafka_topic", String(TOPIC_LEN), nullable=False),
+    Column("kafka_partition", Integer, nullable=False),
+    Column("kafka_offset", BigInteger, nullable=False),
+    Column("model_version", String(MODEL_VERSION_LEN), nullable=False),
+    Column("vae_score", Double),
+    Column("vae_p", Double),
+    Column("flow_score", Double),
+    Column("flow_p", Double),
+    Column("gan_score", Double),
+    Column("gan_p", Double),
+    Column("ensemble_score", Double, nullable=False),
+    Column("ensemble_p", Double, nullable=False),
+    Column("severity", String(16), nullable=False),
+    Column("fired_detectors", _json(), nullable=False),
+    Column("top_features", _json(), nullable=False),
+    Column("record", _json(), nullable=False),
+    Column("status", String(16), nullable=False, server_default="open"),
+    Column("incident_id", ForeignKey("incidents.id", ondelete="SET NULL")),
+    UniqueConstraint(
+        "pipeline", "kafka_topic", "kafka_partition", "kafka_offset", name="uq_alerts_position"
+    ),
+    CheckConstraint(_in("severity", SEVERITIES), name="severity"),
+    CheckConstraint(_in("status", ALERT_STATUSES), name="status"),
+    Index(None, "pipeline", "ingest_time"),
+    Index(None, "entity"),
+    Index(None, "incident_id"),
+)
+
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    _id(),
+    Column("pipeline", String(PIPELINE_LEN), nullable=False),
+    Column("kafka_topic", String(TOPIC_LEN), nullable=False),
+    Column("kafka_partition", Integer, nullable=False),
+    Column("kafka_offset", BigInteger, nullable=False),
+    Column("raw", LargeBinary, nullable=False),
+    Column("error_kind", String(ERROR_KIND_LEN), nullable=False),
+    Column("error_message", Text, nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    UniqueConstraint(
+        "pipeline",
+        "kafka_topic",
+        "kafka_partition",
+        "kafka_offset",
+        name="uq_dead_letters_position",
+    ),
+    Index(None, "pipeline", "created_at"),
+)
+
+model_versions = Table(
+    "model_versions",
+    metadata,
+    _id(),
+    Column("pipeline", String(PIPELINE_LEN), nullable=False),
+    Column("version", String(MODEL_VERSION_LEN), nullable=False),
+    Column("created_at", UTCDateTime(), nullable=False),
+    Column("bundle_path", String(BUNDLE_PATH_LEN), nullable=False),
+    Column("bundle_sha256", String(SHA256_LEN), nullable=False),
+    Column("metrics", _json(), nullable=False),
+    Column("active", Boolean, nullable=False, server_default=text("false")),
+    Column("activated_at", UTCDateTime()),
+    UniqueConstraint("pipeline", "version"),
+    # At most one active version per pipeline (a partial unique index on both dialects).
+    Index(
+        "uq_model_versions_one_active",
+        "pipeline",
+        unique=True,
+        postgresql_where=text("active"),
+        sqlite_where=text("active"),
+    ),
+)
+
+stream_stats = Table(
+    "stream_stats",
+    metadata,
+    Column("pipeline", String(PIPELINE_LEN), nullable=False),
+    Column("minute", UTCDateTime(), nullable=False),
+    Column("records_seen", BigInteger, nullable=False, server_default="0"),
+    Column("records_scored", BigInteger, nullable=False, server_default="0"),
+    Column("records_alerted", BigInteger, nullable=False, server_default="0"),
+    Column("records_dead_lettered", BigInteger, nullable=False, server_default="0"),
+    Column("score_mean", Double),
+    Column("score_p50", Double),
+    Column("score_p90", Double),
+    Column("score_p99", Double),
+    Column("latency_ms_sum", Double, nullable=False, server_default="0"),
+    Column("latency_count", BigInteger, nullable=False, server_default="0"),
+    Column("latency_ms_max", Double),
+    PrimaryKeyConstraint("pipeline", "minute"),
+)
+
+consumer_offsets = Table(
+    "consumer_offsets",
+    metadata,
+    Column("pipeline", String(PIPELINE_LEN), nullable=False),
+    Column("kafka_topic", String(TOPIC_LEN), nullable=False),
+    Column("kafka_partition", Integer, nullable=False),
+    Column("next_offset", BigInteger, nullable=False),
+    Column("updated_at", UTCDateTime(), nullable=False),
+    PrimaryKeyConstraint("pipeline", "kafka_topic", "kafka_partition"),
+)
+
+TABLES = (alerts, incidents, dead_letters, model_versions, stream_stats, consumer_offsets)

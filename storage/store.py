@@ -1,0 +1,1124 @@
+"""``AlertStore``: the alert sink of the service loop and the queries of the CLI.
+
+``write_batch`` writes one micro-batch in ONE transaction:
+
+1. offset fencing: the ``consumer_offsets`` rows of the batch's partitions (``batch.offsets``) are
+   created if missing and locked (``SELECT ... FOR UPDATE`` on PostgreSQL; the database write lock
+   of ``BEGIN IMMEDIATE`` on SQLite). Alerts and dead letters whose offset is below the stored next
+   offset were written by another consumer already and are dropped (``records_fenced``).
+2. alerts: ``INSERT ... ON CONFLICT DO NOTHING`` on (pipeline, topic, partition, offset), so a
+   replayed record never makes a second alert. On PostgreSQL through COPY into a temporary staging
+   table and ``INSERT ... SELECT`` (faster, see bench/storage.py), on SQLite a multi-row insert.
+3. incidents: the new alerts of each (pipeline, entity) join the open incident whose time span
+   they fall into, widened by ``incident_window_s`` on both sides, or open a new one.
+4. dead letters: ``ON CONFLICT DO NOTHING`` on the source position.
+5. stream statistics: additive upsert per (pipeline, minute).
+6. consumer offsets: upsert, never moving an offset backwards.
+
+Any failure rolls the whole transaction back. A lost connection, a deadlock or a busy SQLite file
+raises ``RetryableStorageError``: nothing was written, repeat the same call.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    case,
+    create_engine,
+    delete,
+    event,
+    exists,
+    func,
+    select,
+    text,
+    tuple_,
+    update,
+)
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, make_url
+
+from storage import schema as s
+from storage.errors import (
+    DatabaseURLError,
+    ModelVersionConflict,
+    NotFoundError,
+    RetryableStorageError,
+    StorageError,
+)
+from storage.records import (
+    SEVERITIES,
+    AlertRecord,
+    DeadLetterRecord,
+    ModelVersionRecord,
+    OffsetRecord,
+    SinkBatch,
+    StreamStatRecord,
+    WriteResult,
+)
+from storage.sanitize import clean_float, clean_json, clean_text, dumps
+
+log = logging.getLogger(__name__)
+
+_SEVERITY_RANK = {name: i for i, name in enumerate(SEVERITIES)}
+# Columns of an alert row as the store writes them (id and incident_id are set by the database).
+ALERT_COLUMNS = (
+    "pipeline",
+    "record_id",
+    "entity",
+    "event_time",
+    "ingest_time",
+    "kafka_topic",
+    "kafka_partition",
+    "kafka_offset",
+    "model_version",
+    "vae_score",
+    "vae_p",
+    "flow_score",
+    "flow_p",
+    "gan_score",
+    "gan_p",
+    "ensemble_score",
+    "ensemble_p",
+    "severity",
+    "fired_detectors",
+    "top_features",
+    "record",
+    "status",
+)
+_JSON_COLUMNS = frozenset({"fired_detectors", "top_features", "record"})
+_IN_CHUNK = 5000  # ids/entities per IN (...) list; SQLite allows 32766 variables
+
+AlertInsert = Literal["auto", "copy", "executemany"]
+
+
+def utc(value: datetime) -> datetime:
+    """Aware UTC; a naive datetime is taken to be UTC already."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def normalize_url(url: str | URL) -> URL:
+    """A SQLAlchemy URL; plain ``postgresql://`` means psycopg 3 (the driver we install)."""
+    try:
+        u = make_url(url)
+    except Exception as exc:  # sqlalchemy.exc.ArgumentError
+        raise DatabaseURLError(f"not a database URL: {url!r} ({exc})") from exc
+    if u.drivername in ("postgresql", "postgres"):
+        u = u.set(drivername="postgresql+psycopg")
+    if u.get_backend_name() not in ("postgresql", "sqlite"):
+        raise DatabaseURLError(
+            f"unsupported database {u.get_backend_name()!r} in {u.render_as_string()}: "
+            "use postgresql+psycopg://... or sqlite:///path"
+        )
+    return u
+
+
+def make_engine(url: str | URL) -> Engine:
+    u = normalize_url(url)
+    if u.get_backend_name() == "sqlite":
+        engine = create_engine(
+            u, connect_args={"timeout": 30.0}, json_serializer=dumps, pool_pre_ping=True
+        )
+        _sqlite_transactions(engine, memory=u.database in (None, "", ":memory:"))
+        return engine
+    return create_engine(
+        u,
+        json_serializer=dumps,
+        pool_pre_ping=True,  # a connection killed while idle is replaced, not reported
+        pool_size=2,
+        max_overflow=4,
+        connect_args={"connect_timeout": 10},
+    )
+
+
+def _sqlite_transactions(engine: Engine, memory: bool) -> None:
+    """Let SQLAlchemy, not pysqlite, issue BEGIN, so writers can take the write lock up front.
+
+    ``BEGIN IMMEDIATE`` (connections with the ``sqlite_immediate`` execution option) acquires the
+    database's write lock when the transaction starts: two writers serialize at BEGIN (waiting up to
+    the 30 s busy timeout) instead of deadlocking when a reader upgrades to a writer.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cur = dbapi_connection.cursor()
+        try:
+            cur.execute("PRAGMA foreign_keys=ON")
+            if not memory:
+                cur.execute("PRAGMA journal_mode=WAL")  # readers do not block the writer
+                cur.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Connection) -> None:
+        immediate = conn.get_execution_options().get("sqlite_immediate", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError)
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - SQLite-only install
+        return False
+    return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+@dataclass(slots=True)
+class PruneResult:
+    alerts: int
+    incidents: int
+    dead_letters: int
+    stream_stats: int
+
+
+@dataclass(slots=True)
+class _Incident:
+    id: int | None
+    pipeline: str
+    entity: str
+    first_seen: datetime
+    last_seen: datetime
+    alert_count: int
+    max_severity: str
+    dirty: bool = False
+
+
+class AlertStore:
+    """The SQL store of one or more pipelines (SQLite file or PostgreSQL database).
+
+    Parameters
+    ----------
+    url:
+        SQLAlchemy URL: ``sqlite:///path/anomaly.db`` or ``postgresql+psycopg://user@host/db``
+        (plain ``postgresql://`` is taken to mean psycopg 3).
+    incident_window_s:
+        Alerts of the same entity closer together than this (by event time, else ingest time)
+        are one incident.
+    alert_insert:
+        How alerts are inserted on PostgreSQL: ``"copy"`` (COPY into a staging table, then
+        ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``), ``"executemany"`` (SQLAlchemy Core
+        multi-row VALUES) or ``"auto"`` (COPY, the faster in bench/storage.py). SQLite always uses
+        executemany.
+    """
+
+    def __init__(
+        self,
+        url: str | URL,
+        incident_window_s: float = 600.0,
+        *,
+        alert_insert: AlertInsert = "auto",
+    ) -> None:
+        if incident_window_s < 0:
+            raise ValueError(f"incident_window_s must be >= 0, got {incident_window_s}")
+        if alert_insert not in ("auto", "copy", "executemany"):
+            raise ValueError(f"alert_insert must be auto, copy or executemany: {alert_insert!r}")
+        self.url = normalize_url(url)
+        self.incident_window = timedelta(seconds=incident_window_s)
+        self.engine = make_engine(self.url)
+        self.dialect = self.engine.dialect.name
+        if alert_insert == "auto":
+            alert_insert = "copy" if self.dialect == "postgresql" else "executemany"
+        if self.dialect != "postgresql":
+            alert_insert = "executemany"
+        self.alert_insert = alert_insert
+
+    @classmethod
+    def from_config(cls, cfg: Any, **kwargs: Any) -> AlertStore:
+        """A store for a ``PipelineConfig``: its database URL (password from
+        ``database.password_file`` when set) and its incident window."""
+        return cls(
+            config_database_url(cfg),
+            incident_window_s=cfg.incidents.window_s,
+            **kwargs,
+        )
+
+    def __repr__(self) -> str:
+        return f"AlertStore({self.url.render_as_string(hide_password=True)!r})"
+
+    def __enter__(self) -> AlertStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # ------------------------------------------------------------------ transactions and errors
+
+    def _insert(self, table: Any) -> Any:
+        if self.dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        else:
+            from sqlalchemy.dialects.sqlite import insert
+        return insert(table)
+
+    def _greatest(self, a: Any, b: Any) -> Any:
+        return func.greatest(a, b) if self.dialect == "postgresql" else func.max(a, b)
+
+    @contextmanager
+    def _transaction(self, what: str, write: bool = True) -> Iterator[Connection]:
+        """One transaction; database failures become ``RetryableStorageError`` or
+        ``StorageError`` naming ``what`` was being done."""
+        try:
+            with self.engine.connect() as conn:
+                if write and self.dialect == "sqlite":
+                    conn = conn.execution_options(sqlite_immediate=True)
+                try:
+                    with conn.begin():
+                        yield conn
+                except BaseException as exc:
+                    # An error raised by the raw psycopg connection (COPY) bypasses SQLAlchemy's
+                    # disconnect detection: make sure a broken connection is not pooled again.
+                    if _is_retryable(exc) and not conn.invalidated:
+                        try:
+                            conn.invalidate()
+                        except Exception:  # pragma: no cover - best effort
+                            pass
+                    raise
+        except (sa_exc.DBAPIError, sa_exc.InterfaceError) as exc:
+            raise self._translate(exc, what) from exc
+        except StorageError:
+            raise
+        except Exception as exc:
+            if _is_retryable(exc):
+                raise self._translate(exc, what) from exc
+            raise
+
+    def _translate(self, exc: BaseException, what: str) -> StorageError:
+        orig = getattr(exc, "orig", None) or exc
+        reason = " ".join(str(orig).split()) or type(orig).__name__
+        where = self.url.render_as_string(hide_password=True)
+        if _is_retryable(exc):
+            return RetryableStorageError(
+                f"{what} on {where} failed and was rolled back, nothing was written "
+                f"({type(orig).__name__}: {reason}); retry once the database is reachable"
+            )
+        return StorageError(f"{what} on {where} failed: {type(orig).__name__}: {reason}")
+
+    # ------------------------------------------------------------------ schema
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Run the Alembic migrations up to ``revision`` (concurrent callers serialize)."""
+        from storage import migrate
+
+        with self._transaction("database upgrade") as conn:
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(7301240591)"))
+            from alembic import command
+
+            command.upgrade(migrate.alembic_config(conn), revision)
+
+    def downgrade(self, revision: str) -> None:
+        from alembic import command
+
+        from storage import migrate
+
+        with self._transaction("database downgrade") as conn:
+            command.downgrade(migrate.alembic_config(conn), revision)
+
+    def current_revision(self) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        with self._transaction("reading the schema revision", write=False) as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+
+    # ------------------------------------------------------------------ the sink
+
+    def write_batch(self, batch: SinkBatch) -> WriteResult:
+        """Write one micro-batch in one transaction (see the module docstring)."""
+        alert_rows = [_alert_row(a) for a in batch.alerts]
+        dead_rows = [_dead_letter_row(d) for d in batch.dead_letters]
+        with self._transaction(
+            f"writing a batch of pipeline {batch.pipeline!r} "
+            f"({len(alert_rows)} alerts, {len(dead_rows)} dead letters)"
+        ) as conn:
+            return self._write(conn, batch, alert_rows, dead_rows)
+
+    def _write(
+        self,
+        conn: Connection,
+        batch: SinkBatch,
+        alert_rows: list[dict[str, Any]],
+        dead_rows: list[dict[str, Any]],
+    ) -> WriteResult:
+        offsets = _merge_offsets(batch.offsets)
+        stored = self._lock_offsets(conn, offsets)
+
+        def fenced(row: dict[str, Any]) -> bool:
+            key = (row["pipeline"], row["kafka_topic"], row["kafka_partition"])
+            return key in stored and row["kafka_offset"] < stored[key]
+
+        n_alerts, n_dead = len(alert_rows), len(dead_rows)
+        if stored:
+            alert_rows = [r for r in alert_rows if not fenced(r)]
+            dead_rows = [r for r in dead_rows if not fenced(r)]
+        records_fenced = (n_alerts - len(alert_rows)) + (n_dead - len(dead_rows))
+
+        inserted = self._insert_alerts(conn, alert_rows) if alert_rows else []
+        incidents_opened = self._assign_incidents(conn, inserted)
+        dead_written = self._insert_dead_letters(conn, dead_rows) if dead_rows else 0
+
+        stats = _fence_stats(batch.stats, offsets, stored)
+        if stats:
+            self._upsert_stats(conn, stats)
+        if offsets:
+            self._upsert_offsets(conn, offsets)
+        return WriteResult(
+            alerts_written=len(inserted),
+            dead_letters_written=dead_written,
+            incidents_opened=incidents_opened,
+            records_fenced=records_fenced,
+        )
+
+    def _lock_offsets(
+        self, conn: Connection, offsets: list[OffsetRecord]
+    ) -> dict[tuple[str, str, int], int]:
+        """Create (if missing) and lock the batch's offset rows; their stored next offsets.
+
+        The placeholder row (next offset 0) makes a concurrent writer of a partition seen for
+        the first time wait on the unique key instead of racing past the lock; it is replaced by
+        the batch's own offset before the transaction commits.
+        """
+        if not offsets:
+            return {}
+        t = s.consumer_offsets
+        now = datetime.now(UTC)
+        keys = [(o.pipeline, o.kafka_topic, o.kafka_partition) for o in offsets]  # sorted
+        conn.execute(
+            self._insert(t).on_conflict_do_nothing(),
+            [
+                {
+                    "pipeline": p,
+                    "kafka_topic": topic,
+                    "kafka_partition": part,
+                    "next_offset": 0,
+                    "updated_at": now,
+                }
+                for p, topic, part in keys
+            ],
+        )
+        query = (
+            select(t.c.pipeline, t.c.kafka_topic, t.c.kafka_partition, t.c.next_offset)
+            .where(tuple_(t.c.pipeline, t.c.kafka_topic, t.c.kafka_partition).in_(keys))
+            .order_by(t.c.pipeline, t.c.kafka_topic, t.c.kafka_partition)
+        )
+        if self.dialect == "postgresql":
+            query = query.with_for_update()
+        return {(r[0], r[1], r[2]): r[3] for r in conn.execute(query)}
+
+    def _insert_alerts(
+        self, conn: Connection, rows: list[dict[str, Any]]
+    ) -> list[tuple[int, dict[str, Any]]]:
+        """Insert, skipping positions already stored; (id, row) of each new alert."""
+        by_position = {}
+        for row in rows:  # a position twice in one batch: the first one counts
+            by_position.setdefault(
+                (row["kafka_topic"], row["kafka_partition"], row["kafka_offset"]), row
+            )
+        if self.alert_insert == "copy":
+            returned = self._copy_alerts(conn, rows)
+        else:
+            t = s.alerts
+            stmt = (
+                self._insert(t)
+                .on_conflict_do_nothing(
+                    index_elements=["pipeline", "kafka_topic", "kafka_partition", "kafka_offset"]
+                )
+                .returning(t.c.id, t.c.kafka_topic, t.c.kafka_partition, t.c.kafka_offset)
+            )
+            returned = conn.execute(stmt, rows).all()
+        out = [(r[0], by_position[(r[1], r[2], r[3])]) for r in returned]
+        out.sort(key=lambda item: item[0])
+        return out
+
+    def _copy_alerts(self, conn: Connection, rows: list[dict[str, Any]]) -> list[Any]:
+        """PostgreSQL: COPY into a per-connection temporary table, then one INSERT ... SELECT."""
+        cols = ", ".join(ALERT_COLUMNS)
+        raw = conn.connection.driver_connection
+        with raw.cursor() as cur:
+            cur.execute(
+                "CREATE TEMPORARY TABLE IF NOT EXISTS alerts_stage ON COMMIT DELETE ROWS AS "
+                f"SELECT {cols} FROM alerts WITH NO DATA"
+            )
+            with cur.copy(f"COPY alerts_stage ({cols}) FROM STDIN") as copy:
+                for row in rows:
+                    # Times are aware UTC already (see _alert_row); JSON goes as its text.
+                    copy.write_row(
+                        tuple(
+                            dumps(row[c]) if c in _JSON_COLUMNS else row[c] for c in ALERT_COLUMNS
+                        )
+                    )
+            cur.execute(
+                f"INSERT INTO alerts ({cols}) SELECT {cols} FROM alerts_stage "
+                "ORDER BY kafka_topic, kafka_partition, kafka_offset "
+                "ON CONFLICT (pipeline, kafka_topic, kafka_partition, kafka_offset) DO NOTHING "
+                "RETURNING id, kafka_topic, kafka_partition, kafka_offset"
+            )
+            returned = cur.fetchall()
+            cur.execute("TRUNCATE alerts_stage")
+        return returned
+
+    def _assign_incidents(
+        self, conn: Connection, inserted: list[tuple[int, dict[str, Any]]]
+    ) -> int:
+        """Group new alerts into incidents per (pipeline, entity); set their incident_id."""
+        by_entity: dict[tuple[str, str], list[tuple[datetime, str, int]]] = defaultdict(list)
+        for alert_id, row in inserted:
+            if row["entity"] is None:
+                continue  # no entity: nothing to group by
+            when = utc(row["event_time"] or row["ingest_time"])
+            by_entity[(row["pipeline"], row["entity"])].append((when, row["severity"], alert_id))
+        if not by_entity:
+            return 0
+        keys = sorted(by_entity)
+        if self.dialect == "postgresql":
+            # Writers of the same entity (e.g. two consumers after a rebalance) take turns; the
+            # locks are taken in one sorted order, so two batches cannot deadlock on them.
+            conn.execute(
+                text(
+                    "SELECT pg_advisory_xact_lock(k) FROM (SELECT DISTINCT "
+                    "hashtextextended(x, 7301) AS k FROM unnest(CAST(:keys AS text[])) AS x "
+                    "ORDER BY 1) AS locks"
+                ),
+                {"keys": [f"{p}\x1f{e}" for p, e in keys]},
+            )
+        window = self.incident_window
+        earliest = min(when for items in by_entity.values() for when, _, _ in items)
+        candidates: dict[tuple[str, str], list[_Incident]] = defaultdict(list)
+        t = s.incidents
+        by_pipeline: dict[str, list[str]] = defaultdict(list)
+        for p, e in keys:
+            by_pipeline[p].append(e)
+        for pipeline, entities in by_pipeline.items():
+            for chunk in _chunks(entities, _IN_CHUNK):
+                query = select(t).where(
+                    t.c.pipeline == pipeline,
+                    t.c.entity.in_(chunk),
+                    t.c.status == "open",
+                    t.c.last_seen >= earliest - window,
+                )
+                for r in conn.execute(query).mappings():
+                    candidates[(r["pipeline"], r["entity"])].append(
+                        _Incident(
+                            id=r["id"],
+                            pipeline=r["pipeline"],
+                            entity=r["entity"],
+                            first_seen=r["first_seen"],
+                            last_seen=r["last_seen"],
+                            alert_count=r["alert_count"],
+                            max_severity=r["max_severity"],
+                        )
+                    )
+
+        new: list[_Incident] = []
+        assignment: list[tuple[int, _Incident]] = []
+        for key in keys:
+            pool = candidates[key]
+            for when, severity, alert_id in sorted(by_entity[key]):
+                match = None
+                for inc in pool:  # the latest incident whose widened span holds this alert
+                    if inc.first_seen - window <= when <= inc.last_seen + window and (
+                        match is None or inc.last_seen > match.last_seen
+                    ):
+                        match = inc
+                if match is None:
+                    match = _Incident(None, key[0], key[1], when, when, 0, severity)
+                    pool.append(match)
+                    new.append(match)
+                else:
+                    match.dirty = match.id is not None
+                match.first_seen = min(match.first_seen, when)
+                match.last_seen = max(match.last_seen, when)
+                match.alert_count += 1
+                if _SEVERITY_RANK[severity] > _SEVERITY_RANK[match.max_severity]:
+                    match.max_severity = severity
+                assignment.append((alert_id, match))
+
+        if new:
+            ids = conn.execute(
+                self._insert(t).returning(t.c.id, sort_by_parameter_order=True),
+                [
+                    {
+                        "pipeline": inc.pipeline,
+                        "entity": inc.entity,
+                        "first_seen": inc.first_seen,
+                        "last_seen": inc.last_seen,
+                        "alert_count": inc.alert_count,
+                        "max_severity": inc.max_severity,
+                        "status": "open",
+                    }
+                    for inc in new
+                ],
+            ).all()
+            for inc, (new_id,) in zip(new, ids, strict=True):
+                inc.id = new_id
+        dirty = [inc for pool in candidates.values() for inc in pool if inc.dirty]
+        if dirty:
+            conn.execute(
+                update(t)
+                .where(t.c.id == bindparam("b_id"))
+                .values(
+                    first_seen=bindparam("b_first"),
+                    last_seen=bindparam("b_last"),
+                    alert_count=bindparam("b_count"),
+                    max_severity=bindparam("b_severity"),
+                ),
+                [
+                    {
+                        "b_id": inc.id,
+                        "b_first": inc.first_seen,
+                        "b_last": inc.last_seen,
+                        "b_count": inc.alert_count,
+                        "b_severity": inc.max_severity,
+                    }
+                    for inc in dirty
+                ],
+            )
+        if self.dialect == "postgresql":
+            conn.execute(
+                text(
+                    "UPDATE alerts SET incident_id = v.incident_id FROM (SELECT "
+                    "unnest(CAST(:ids AS bigint[])) AS id, "
+                    "unnest(CAST(:incident_ids AS bigint[])) AS incident_id) AS v "
+                    "WHERE alerts.id = v.id"
+                ),
+                {
+                    "ids": [a for a, _ in assignment],
+                    "incident_ids": [inc.id for _, inc in assignment],
+                },
+            )
+        else:
+            a = s.alerts
+            conn.execute(
+                update(a).where(a.c.id == bindparam("b_id")).values(incident_id=bindparam("b_inc")),
+                [{"b_id": alert_id, "b_inc": inc.id} for alert_id, inc in assignment],
+            )
+        return len(new)
+
+    def _insert_dead_letters(self, conn: Connection, rows: list[dict[str, Any]]) -> int:
+        t = s.dead_letters
+        stmt = (
+            self._insert(t)
+            .on_conflict_do_nothing(
+                index_elements=["pipeline", "kafka_topic", "kafka_partition", "kafka_offset"]
+            )
+            .returning(t.c.id)
+        )
+        return len(conn.execute(stmt, rows).all())
+
+    def _upsert_stats(self, conn: Connection, stats: list[StreamStatRecord]) -> None:
+        t = s.stream_stats
+        rows = [
+            {
+                "pipeline": st.pipeline,
+                "minute": st.minute,
+                "records_seen": st.records_seen,
+                "records_scored": st.records_scored,
+                "records_alerted": st.records_alerted,
+                "records_dead_lettered": st.records_dead_lettered,
+                "score_mean": st.score_mean,
+                "score_p50": st.score_p50,
+                "score_p90": st.score_p90,
+                "score_p99": st.score_p99,
+                "latency_ms_sum": st.latency_ms_sum,
+                "latency_count": st.latency_count,
+                "latency_ms_max": st.latency_ms_max,
+            }
+            for st in stats
+        ]
+        ins = self._insert(t)
+        new = ins.excluded
+        n_old, n_new = t.c.records_scored, new.records_scored
+
+        def weighted(col: str) -> Any:
+            old, add = t.c[col], new[col]
+            mean = (old * n_old + add * n_new) / func.nullif(n_old + n_new, 0)
+            return case((add.is_(None), old), (old.is_(None), add), else_=func.coalesce(mean, add))
+
+        def added(col: str) -> Any:
+            return t.c[col] + new[col]
+
+        max_old, max_new = t.c.latency_ms_max, new.latency_ms_max
+        stmt = ins.on_conflict_do_update(
+            index_elements=["pipeline", "minute"],
+            set_={
+                **{
+                    c: added(c)
+                    for c in (
+                        "records_seen",
+                        "records_scored",
+                        "records_alerted",
+                        "records_dead_lettered",
+                        "latency_ms_sum",
+                        "latency_count",
+                    )
+                },
+                **{c: weighted(c) for c in ("score_mean", "score_p50", "score_p90", "score_p99")},
+                "latency_ms_max": case(
+                    (max_new.is_(None), max_old),
+                    (max_old.is_(None), max_new),
+                    (max_new > max_old, max_new),
+                    else_=max_old,
+                ),
+            },
+        )
+        conn.execute(stmt, rows)
+
+    def _upsert_offsets(self, conn: Connection, offsets: list[OffsetRecord]) -> None:
+        t = s.consumer_offsets
+        ins = self._insert(t)
+        now = datetime.now(UTC)
+        stmt = ins.on_conflict_do_update(
+            index_elements=["pipeline", "kafka_topic", "kafka_partition"],
+            set_={
+                # Never backwards: a zombie consumer's late batch cannot rewind the stream.
+                "next_offset": self._greatest(t.c.next_offset, ins.excluded.next_offset),
+                "updated_at": ins.excluded.updated_at,
+            },
+        )
+        conn.execute(
+            stmt,
+            [
+                {
+                    "pipeline": o.pipeline,
+                    "kafka_topic": o.kafka_topic,
+                    "kafka_partition": o.kafka_partition,
+                    "next_offset": o.next_offset,
+                    "updated_at": now,
+                }
+                for o in offsets
+            ],
+        )
+
+    def load_offsets(self, pipeline: str, topic: str) -> dict[int, int]:
+        """partition -> next offset to read, as committed with the last written batches."""
+        t = s.consumer_offsets
+        with self._transaction("loading consumer offsets", write=False) as conn:
+            rows = conn.execute(
+                select(t.c.kafka_partition, t.c.next_offset).where(
+                    t.c.pipeline == pipeline, t.c.kafka_topic == topic
+                )
+            )
+            return {int(p): int(o) for p, o in rows}
+
+    def reset_offsets(
+        self, pipeline: str, topic: str, offsets: dict[int, int] | None = None
+    ) -> int:
+        """Rewind or forget stored offsets (e.g. to replay a topic on purpose).
+
+        ``offsets=None`` deletes the topic's rows (the consumer then starts where Kafka's
+        ``auto.offset.reset`` says); otherwise sets each partition's next offset exactly."""
+        t = s.consumer_offsets
+        with self._transaction("resetting consumer offsets") as conn:
+            where = (t.c.pipeline == pipeline) & (t.c.kafka_topic == topic)
+            if offsets is None:
+                return conn.execute(delete(t).where(where)).rowcount
+            conn.execute(delete(t).where(where & t.c.kafka_partition.in_(list(offsets))))
+            now = datetime.now(UTC)
+            conn.execute(
+                t.insert(),
+                [
+                    {
+                        "pipeline": pipeline,
+                        "kafka_topic": topic,
+                        "kafka_partition": p,
+                        "next_offset": o,
+                        "updated_at": now,
+                    }
+                    for p, o in offsets.items()
+                ],
+            )
+            return len(offsets)
+
+    # ------------------------------------------------------------------ model versions
+
+    def register_model_version(
+        self, rec: ModelVersionRecord, activate: bool = True
+    ) -> ModelVersionRecord:
+        """Record a model bundle; idempotent for the same (pipeline, version, sha256).
+
+        Raises ``ModelVersionConflict`` when the version exists with another bundle hash."""
+        t = s.model_versions
+        created = utc(rec.created_at) if rec.created_at else datetime.now(UTC)
+        with self._transaction(f"registering model version {rec.version!r}") as conn:
+            existing = conn.execute(
+                select(t.c.bundle_sha256).where(
+                    t.c.pipeline == rec.pipeline, t.c.version == rec.version
+                )
+            ).first()
+            if existing is not None and existing[0] != rec.bundle_sha256:
+                raise ModelVersionConflict(
+                    f"model version {rec.version!r} of pipeline {rec.pipeline!r} is already "
+                    f"registered with bundle sha256 {existing[0]}, not {rec.bundle_sha256}"
+                )
+            if existing is None:
+                conn.execute(
+                    t.insert().values(
+                        pipeline=clean_text(rec.pipeline, s.PIPELINE_LEN),
+                        version=clean_text(rec.version, s.MODEL_VERSION_LEN),
+                        created_at=created,
+                        bundle_path=clean_text(rec.bundle_path, s.BUNDLE_PATH_LEN),
+                        bundle_sha256=rec.bundle_sha256,
+                        metrics=clean_json(rec.metrics),
+                        active=False,
+                    )
+                )
+            if activate:
+                self._activate(conn, rec.pipeline, rec.version)
+        found = self._model_version(rec.pipeline, rec.version)
+        assert found is not None
+        return found
+
+    def activate_model_version(self, pipeline: str, version: str) -> ModelVersionRecord:
+        """Make ``version`` the pipeline's one active model (the service polls for it)."""
+        with self._transaction(f"activating model version {version!r}") as conn:
+            self._activate(conn, pipeline, version)
+        found = self._model_version(pipeline, version)
+        assert found is not None
+        return found
+
+    def _activate(self, conn: Connection, pipeline: str, version: str) -> None:
+        t = s.model_versions
+        query = select(t.c.version, t.c.active).where(t.c.pipeline == pipeline)
+        if self.dialect == "postgresql":
+            query = query.with_for_update()
+        rows = {v: a for v, a in conn.execute(query)}
+        if version not in rows:
+            known = ", ".join(sorted(rows)) or "none"
+            raise NotFoundError(
+                f"no model version {version!r} for pipeline {pipeline!r} (registered: {known})"
+            )
+        if rows[version]:
+            return
+        conn.execute(update(t).where(t.c.pipeline == pipeline, t.c.active).values(active=False))
+        conn.execute(
+            update(t)
+            .where(t.c.pipeline == pipeline, t.c.version == version)
+            .values(active=True, activated_at=datetime.now(UTC))
+        )
+
+    def active_model_version(self, pipeline: str) -> ModelVersionRecord | None:
+        t = s.model_versions
+        found = self._model_versions((t.c.pipeline == pipeline) & t.c.active)
+        return found[0] if found else None
+
+    def list_model_versions(self, pipeline: str | None = None) -> list[ModelVersionRecord]:
+        t = s.model_versions
+        return self._model_versions(None if pipeline is None else t.c.pipeline == pipeline)
+
+    def _model_version(self, pipeline: str, version: str) -> ModelVersionRecord | None:
+        t = s.model_versions
+        found = self._model_versions((t.c.pipeline == pipeline) & (t.c.version == version))
+        return found[0] if found else None
+
+    def _model_versions(self, where: Any) -> list[ModelVersionRecord]:
+        t = s.model_versions
+        query = select(t).order_by(t.c.pipeline, t.c.created_at, t.c.id)
+        if where is not None:
+            query = query.where(where)
+        with self._transaction("reading model versions", write=False) as conn:
+            return [
+                ModelVersionRecord(
+                    pipeline=r["pipeline"],
+                    version=r["version"],
+                    bundle_path=r["bundle_path"],
+                    bundle_sha256=r["bundle_sha256"],
+                    metrics=r["metrics"],
+                    created_at=r["created_at"],
+                    active=bool(r["active"]),
+                    activated_at=r["activated_at"],
+                )
+                for r in conn.execute(query).mappings()
+            ]
+
+    # ------------------------------------------------------------------ queries and upkeep
+
+    def list_alerts(
+        self,
+        pipeline: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        status: str | None = None,
+        entity: str | None = None,
+        limit: int | None = 100,
+    ) -> list[dict[str, Any]]:
+        """Alerts, newest (by ingest time) first, as dicts of the table's columns."""
+        t = s.alerts
+        query = select(t).order_by(t.c.ingest_time.desc(), t.c.id.desc())
+        if pipeline is not None:
+            query = query.where(t.c.pipeline == pipeline)
+        if since is not None:
+            query = query.where(t.c.ingest_time >= utc(since))
+        if until is not None:
+            query = query.where(t.c.ingest_time < utc(until))
+        if status is not None:
+            query = query.where(t.c.status == status)
+        if entity is not None:
+            query = query.where(t.c.entity == entity)
+        if limit is not None:
+            query = query.limit(limit)
+        with self._transaction("listing alerts", write=False) as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def list_incidents(
+        self, pipeline: str | None = None, limit: int | None = 100
+    ) -> list[dict[str, Any]]:
+        t = s.incidents
+        query = select(t).order_by(t.c.last_seen.desc(), t.c.id.desc())
+        if pipeline is not None:
+            query = query.where(t.c.pipeline == pipeline)
+        if limit is not None:
+            query = query.limit(limit)
+        with self._transaction("listing incidents", write=False) as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
+
+    def ack_alert(self, alert_id: int) -> bool:
+        """Acknowledge an open alert. True if its status changed, False if it was already
+        acknowledged or resolved; ``NotFoundError`` if there is no such alert."""
+        t = s.alerts
+        with self._transaction(f"acknowledging alert {alert_id}") as conn:
+            changed = conn.execute(
+                update(t)
+                .where(t.c.id == alert_id, t.c.status == "open")
+                .values(status="acknowledged")
+            ).rowcount
+            if changed:
+                return True
+            if conn.execute(select(t.c.id).where(t.c.id == alert_id)).first() is None:
+                raise NotFoundError(f"no alert with id {alert_id}")
+            return False
+
+    def prune(self, older_than: timedelta | datetime, pipeline: str | None = None) -> PruneResult:
+        """Delete alerts (by ingest time), dead letters (by created_at) and statistics (by minute)
+        older than the cutoff, and incidents whose last alert is older and that no remaining
+        alert refers to. Model versions and consumer offsets are kept."""
+        cutoff = (
+            utc(older_than)
+            if isinstance(older_than, datetime)
+            else (datetime.now(UTC) - older_than)
+        )
+        a, i, d, st = s.alerts, s.incidents, s.dead_letters, s.stream_stats
+
+        def scoped(table: Any, cond: Any) -> Any:
+            return cond if pipeline is None else cond & (table.c.pipeline == pipeline)
+
+        with self._transaction("pruning old rows") as conn:
+            n_alerts = conn.execute(delete(a).where(scoped(a, a.c.ingest_time < cutoff))).rowcount
+            n_dead = conn.execute(delete(d).where(scoped(d, d.c.created_at < cutoff))).rowcount
+            n_stats = conn.execute(delete(st).where(scoped(st, st.c.minute < cutoff))).rowcount
+            n_inc = conn.execute(
+                delete(i).where(
+                    scoped(i, i.c.last_seen < cutoff) & ~exists().where(a.c.incident_id == i.c.id)
+                )
+            ).rowcount
+        return PruneResult(
+            alerts=n_alerts, incidents=n_inc, dead_letters=n_dead, stream_stats=n_stats
+        )
+
+    def grant_read_only(self, role: str = "anomaly_grafana", password: str | None = None) -> None:
+        """PostgreSQL: create (if missing) a role that can only SELECT the tables, for Grafana.
+
+        Runs ``storage/grafana_role.sql``; with a password the role can log in."""
+        if self.dialect != "postgresql":
+            raise StorageError("a read-only role needs PostgreSQL (SQLite has no roles)")
+        from storage.grafana import grant_sql
+
+        with self._transaction(f"creating the read-only role {role!r}") as conn:
+            raw = conn.connection.driver_connection
+            with raw.cursor() as cur:
+                for statement in grant_sql(role, password):
+                    cur.execute(statement)
+
+
+# ---------------------------------------------------------------------- row preparation
+
+
+def _alert_row(a: AlertRecord) -> dict[str, Any]:
+    if a.severity not in _SEVERITY_RANK:
+        raise ValueError(
+            f"alert {a.record_id!r} at {a.kafka_topic}/{a.kafka_partition}/{a.kafka_offset}: "
+            f"severity {a.severity!r} is not one of {', '.join(SEVERITIES)}"
+        )
+    return {
+        "pipeline": clean_text(a.pipeline, s.PIPELINE_LEN),
+        "record_id": clean_text(a.record_id, s.RECORD_ID_LEN),
+        "entity": None if a.entity is None else clean_text(a.entity, s.ENTITY_LEN),
+        "event_time": None if a.event_time is None else utc(a.event_time),
+        "ingest_time": utc(a.ingest_time),
+        "kafka_topic": clean_text(a.kafka_topic, s.TOPIC_LEN),
+        "kafka_partition": int(a.kafka_partition),
+        "kafka_offset": int(a.kafka_offset),
+        "model_version": clean_text(a.model_version, s.MODEL_VERSION_LEN),
+        "vae_score": clean_float(a.vae_score),
+        "vae_p": clean_float(a.vae_p),
+        "flow_score": clean_float(a.flow_score),
+        "flow_p": clean_float(a.flow_p),
+        "gan_score": clean_float(a.gan_score),
+        "gan_p": clean_float(a.gan_p),
+        "ensemble_score": float(a.ensemble_score),
+        "ensemble_p": float(a.ensemble_p),
+        "severity": a.severity,
+        "fired_detectors": clean_json(list(a.fired_detectors)),
+        "top_features": clean_json(list(a.top_features)),
+        "record": clean_json(a.record if a.record is not None else {}),
+        "status": "open",
+    }
+
+
+def _dead_letter_row(d: DeadLetterRecord) -> dict[str, Any]:
+    raw = d.raw if isinstance(d.raw, bytes) else _raw_bytes(d.raw)
+    return {
+        "pipeline": clean_text(d.pipeline, s.PIPELINE_LEN),
+        "kafka_topic": clean_text(d.kafka_topic, s.TOPIC_LEN),
+        "kafka_partition": int(d.kafka_partition),
+        "kafka_offset": int(d.kafka_offset),
+        "raw": raw,
+        "error_kind": clean_text(d.error_kind, s.ERROR_KIND_LEN),
+        "error_message": clean_text(d.error_message, s.ERROR_MESSAGE_LEN),
+        "created_at": utc(d.created_at),
+    }
+
+
+def _raw_bytes(value: Any) -> bytes:
+    if value is None:
+        return b""
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogateescape")
+    return bytes(value)
+
+
+def _merge_offsets(offsets: Sequence[OffsetRecord]) -> list[OffsetRecord]:
+    """One record per partition (the highest next offset, the lowest first offset), sorted, so
+    every writer locks rows in the same order."""
+    merged: dict[tuple[str, str, int], OffsetRecord] = {}
+    for o in offsets:
+        key = (o.pipeline, o.kafka_topic, int(o.kafka_partition))
+        prev = merged.get(key)
+        if prev is None:
+            merged[key] = replace(o, kafka_partition=key[2])
+            continue
+        firsts = [f for f in (prev.first_offset, o.first_offset) if f is not None]
+        merged[key] = replace(
+            prev,
+            next_offset=max(prev.next_offset, o.next_offset),
+            first_offset=min(firsts) if len(firsts) == 2 else None,
+        )
+    return [merged[k] for k in sorted(merged)]
+
+
+def _fence_stats(
+    stats: Sequence[StreamStatRecord],
+    offsets: Sequence[OffsetRecord],
+    stored: dict[tuple[str, str, int], int],
+) -> list[StreamStatRecord]:
+    """The batch's statistics, minus the share of records another consumer already wrote.
+
+    With ``first_offset`` on every offset record the share is exact per offset range; without it
+    the statistics are dropped only when every partition of the batch is already past."""
+    merged = _merge_stats(stats)
+    if not merged or not offsets:
+        return merged
+    all_stale = all(stored.get(_key(o), 0) >= o.next_offset for o in offsets)
+    if all_stale:
+        return []
+    if any(o.first_offset is None for o in offsets):
+        return merged
+    span = sum(max(0, o.next_offset - o.first_offset) for o in offsets)  # type: ignore[operator]
+    done = sum(
+        min(max(0, stored.get(_key(o), 0) - o.first_offset), max(0, o.next_offset - o.first_offset))  # type: ignore[operator]
+        for o in offsets
+    )
+    if span <= 0 or done <= 0:
+        return merged
+    keep = (span - done) / span
+    return [_scale(st, keep) for st in merged]
+
+
+def _key(o: OffsetRecord) -> tuple[str, str, int]:
+    return (o.pipeline, o.kafka_topic, o.kafka_partition)
+
+
+def _scale(st: StreamStatRecord, keep: float) -> StreamStatRecord:
+    def n(x: int) -> int:
+        return int(math.floor(x * keep + 0.5))
+
+    return replace(
+        st,
+        records_seen=n(st.records_seen),
+        records_scored=n(st.records_scored),
+        records_alerted=n(st.records_alerted),
+        records_dead_lettered=n(st.records_dead_lettered),
+        latency_ms_sum=st.latency_ms_sum * keep,
+        latency_count=n(st.latency_count),
+    )
+
+
+def _merge_stats(stats: Iterable[StreamStatRecord]) -> list[StreamStatRecord]:
+    """One row per (pipeline, minute): PostgreSQL's upsert may touch a row once per statement."""
+    merged: dict[tuple[str, datetime], StreamStatRecord] = {}
+    for st in stats:
+        minute = utc(st.minute).replace(second=0, microsecond=0)
+        pipeline = clean_text(st.pipeline, s.PIPELINE_LEN)
+        st = replace(st, pipeline=pipeline, minute=minute)
+        prev = merged.get((pipeline, minute))
+        merged[(pipeline, minute)] = st if prev is None else _combine(prev, st)
+    return [merged[k] for k in sorted(merged)]
+
+
+def _combine(a: StreamStatRecord, b: StreamStatRecord) -> StreamStatRecord:
+    def weighted(x: float | None, y: float | None) -> float | None:
+        if x is None:
+            return y
+        if y is None:
+            return x
+        total = a.records_scored + b.records_scored
+        return y if total == 0 else (x * a.records_scored + y * b.records_scored) / total
+
+    maxes = [m for m in (a.latency_ms_max, b.latency_ms_max) if m is not None]
+    return replace(
+        a,
+        records_seen=a.records_seen + b.records_seen,
+        records_scored=a.records_scored + b.records_scored,
+        records_alerted=a.records_alerted + b.records_alerted,
+        records_dead_lettered=a.records_dead_lettered + b.records_dead_lettered,
+        score_mean=weighted(a.score_mean, b.score_mean),
+        score_p50=weighted(a.score_p50, b.score_p50),
+        score_p90=weighted(a.score_p90, b.score_p90),
+        score_p99=weighted(a.score_p99, b.score_p99),
+        latency_ms_sum=a.latency_ms_sum + b.latency_ms_sum,
+        latency_count=a.latency_count + b.latency_count,
+        latency_ms_max=max(maxes) if maxes else None,
+    )
+
+
+def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def config_database_url(cfg: Any) -> URL:
+    """The database URL of a ``PipelineConfig``, with the password from ``password_file``."""
+    from anomaly.config import read_secret
+
+    url = normalize_url(cfg.database.url)
+    password = read_secret(None, cfg.database.password_file)
+    if password:
+        url = url.set(password=password)
+    return url
