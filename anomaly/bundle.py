@@ -1,0 +1,302 @@
+"""Model bundles: a directory of safetensors files and one JSON manifest. No pickle anywhere.
+
+Layout::
+
+    MODEL_DIR/
+      manifest.json            schema, preprocessing parameters, detector hyper-parameters and
+                               tensor shapes, calibration summaries and thresholds, library
+                               versions, training-data fingerprint, sha256 and size of every file
+      vae.safetensors          one file per detector (weights and buffers)
+      flow.safetensors
+      gan.safetensors
+      calibration.safetensors  the sorted calibration scores of each detector and the ensemble
+
+Loading refuses (``BundleError``) anything that does not match: a missing, extra or non-regular file
+(symlinks, folders), a file name that is not a plain name (path traversal), a size or sha256 that
+differs from the manifest, a file safetensors cannot parse (truncated, or a pickle), a tensor whose
+name, shape or dtype differs from what the manifest and the detector's architecture say. Bytes are
+hashed and parsed from the same read, and nothing loaded can run code: safetensors holds only raw
+tensors and JSON holds only data.
+
+The model version is the first 12 hex digits of the manifest's sha256 (unless set in the manifest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from anomaly.errors import BundleError
+
+if TYPE_CHECKING:
+    from anomaly.model import AnomalyModel
+
+FORMAT = "anomaly-monitor-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 256 * 1024 * 1024
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _library_versions() -> dict[str, str]:
+    import safetensors
+    import zuko
+
+    from anomaly import __version__
+
+    return {
+        "anomaly-monitor": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "zuko": getattr(zuko, "__version__", "unknown"),
+        "numpy": np.__version__,
+        "safetensors": getattr(safetensors, "__version__", "unknown"),
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def save_bundle(model: AnomalyModel, path: str | os.PathLike[str]) -> str:
+    """Write ``model`` to the directory ``path`` (created; must be empty if it exists)."""
+    model._check_fitted()
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise BundleError(f"bundle directory {out} exists and is not empty")
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, bytes] = {}
+    detectors: dict[str, Any] = {}
+    for name, det in model.detectors_.items():
+        tensors = det.state_tensors()
+        files[f"{name}.safetensors"] = st_save(tensors)
+        params = det.get_params()
+        params.update({"device": "cpu", "progress": False})
+        detectors[name] = {
+            "class": type(det).__name__,
+            "params": _json_safe(params),
+            "n_features": det.n_features_in_,
+            "architecture": _json_safe(det.architecture()),
+            "extra": _json_safe(det.extra_state()),
+            "tensors": {
+                k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
+                for k, v in tensors.items()
+            },
+            "training": _json_safe(model.training_["detectors"].get(name, {})),
+        }
+    cal_tensors = {
+        name: torch.from_numpy(np.ascontiguousarray(cal.scores_, dtype=np.float64))
+        for name, cal in model.calibrators_.items()
+    }
+    files["calibration.safetensors"] = st_save(cal_tensors)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "libraries": _library_versions(),
+        "target_fpr": model.target_fpr,
+        "seed": model.seed,
+        "detectors": list(model.detectors),
+        "schema": model.schema_dict(),
+        "preprocessing": model.preprocessor_.to_dict(),
+        "detector_params": detectors,
+        "calibration": {name: cal.to_dict() for name, cal in model.calibrators_.items()},
+        "calibration_tensors": {name: len(cal.scores_) for name, cal in model.calibrators_.items()},
+        "metrics": _json_safe({k: v for k, v in model.metrics_.items() if k != "training"}),
+        "training_data": _json_safe({k: v for k, v in model.training_.items() if k != "detectors"}),
+        "files": {
+            fname: {"sha256": _sha256(data), "bytes": len(data)} for fname, data in files.items()
+        },
+    }
+    for fname, data in files.items():
+        (out / fname).write_bytes(data)
+    manifest_bytes = json.dumps(_json_safe(manifest), indent=2, sort_keys=True).encode()
+    (out / MANIFEST).write_bytes(manifest_bytes)
+    version = _sha256(manifest_bytes)[:12]
+    model.version = version
+    return version
+
+
+def _read_verified(root: Path) -> tuple[dict[str, Any], dict[str, bytes], str]:
+    if not root.is_dir():
+        raise BundleError(f"model bundle {root} is not a directory")
+    entries = {}
+    for entry in os.scandir(root):
+        if entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+            raise BundleError(f"bundle {root}: '{entry.name}' is not a regular file; refused")
+        entries[entry.name] = entry
+    if MANIFEST not in entries:
+        raise BundleError(f"bundle {root}: {MANIFEST} is missing")
+    if entries[MANIFEST].stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"bundle {root}: {MANIFEST} is implausibly large")
+    manifest_bytes = (root / MANIFEST).read_bytes()
+    try:
+        manifest = json.loads(manifest_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"bundle {root}: {MANIFEST} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise BundleError(f"bundle {root}: {MANIFEST} is not an anomaly-monitor bundle manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"bundle {root}: format_version {manifest.get('format_version')!r} is not supported "
+            f"(this version reads {FORMAT_VERSION})"
+        )
+    listed = manifest.get("files")
+    if not isinstance(listed, dict) or not listed:
+        raise BundleError(f"bundle {root}: manifest lists no files")
+    for fname in listed:
+        if (
+            not isinstance(fname, str)
+            or not _SAFE_NAME.match(fname)
+            or ".." in fname
+            or fname == MANIFEST
+        ):
+            raise BundleError(f"bundle {root}: file name {fname!r} in the manifest is not allowed")
+    extra = sorted(set(entries) - set(listed) - {MANIFEST})
+    if extra:
+        raise BundleError(
+            f"bundle {root}: unexpected file(s) not in the manifest: {', '.join(extra)}; refused"
+        )
+    data: dict[str, bytes] = {}
+    for fname, meta in listed.items():
+        if fname not in entries:
+            raise BundleError(f"bundle {root}: file '{fname}' listed in the manifest is missing")
+        if not isinstance(meta, dict):
+            raise BundleError(f"bundle {root}: manifest entry for '{fname}' is malformed")
+        raw = (root / fname).read_bytes()
+        if len(raw) != meta.get("bytes"):
+            raise BundleError(
+                f"bundle {root}: '{fname}' has {len(raw)} bytes, the manifest says "
+                f"{meta.get('bytes')} (truncated or modified)"
+            )
+        if _sha256(raw) != meta.get("sha256"):
+            raise BundleError(f"bundle {root}: sha256 of '{fname}' does not match the manifest")
+        data[fname] = raw
+    return manifest, data, _sha256(manifest_bytes)
+
+
+def _tensors(root: Path, fname: str, data: dict[str, bytes]) -> dict[str, torch.Tensor]:
+    if fname not in data:
+        raise BundleError(f"bundle {root}: '{fname}' is missing from the manifest")
+    try:
+        return st_load(data[fname])
+    except Exception as exc:  # safetensors raises its own error types for any malformed file
+        raise BundleError(
+            f"bundle {root}: '{fname}' is not a valid safetensors file ({exc})"
+        ) from None
+
+
+def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> AnomalyModel:
+    from anomaly.calibration import Calibrator
+    from anomaly.config import SchemaConfig
+    from anomaly.detectors._base import resolve_device
+    from anomaly.model import ALL_DETECTORS, AnomalyModel, detector_class
+    from anomaly.preprocess import Preprocessor
+
+    root = Path(path)
+    manifest, data, version = _read_verified(root)
+    try:
+        schema = SchemaConfig(**manifest["schema"]) if manifest["schema"] else None
+        names = [str(d) for d in manifest["detectors"]]
+        if not names or set(names) - set(ALL_DETECTORS):
+            raise BundleError(f"bundle {root}: unknown detectors {names}")
+        model = AnomalyModel(
+            target_fpr=float(manifest["target_fpr"]),
+            seed=int(manifest["seed"]),
+            device=device,
+            detectors=tuple(names),
+            schema=schema,
+            numeric_transform=manifest["preprocessing"]["numeric_transform"],
+        )
+        model.preprocessor_ = Preprocessor.from_dict(manifest["preprocessing"], schema)
+        n_out = model.preprocessor_.n_features_out_
+        model.detectors_ = {}
+        for name in model.detectors:
+            spec = manifest["detector_params"][name]
+            cls = detector_class(name)
+            if spec["class"] != cls.__name__:
+                raise BundleError(f"bundle {root}: detector '{name}' has class {spec['class']!r}")
+            if int(spec["n_features"]) != n_out:
+                raise BundleError(
+                    f"bundle {root}: detector '{name}' expects {spec['n_features']} features, "
+                    f"the preprocessing produces {n_out}"
+                )
+            tensors = _tensors(root, f"{name}.safetensors", data)
+            for key, meta in spec["tensors"].items():
+                got = tensors.get(key)
+                if got is None or list(got.shape) != list(meta["shape"]):
+                    raise BundleError(
+                        f"bundle {root}: tensor '{key}' of '{name}' has shape "
+                        f"{None if got is None else list(got.shape)}, manifest says {meta['shape']}"
+                    )
+            params = dict(spec["params"])
+            for key in ("hidden",):
+                if key in params and isinstance(params[key], list):
+                    params[key] = tuple(params[key])
+            try:
+                det = cls.from_state(params, n_out, tensors, spec.get("extra"))
+            except (ValueError, RuntimeError, TypeError) as exc:
+                raise BundleError(f"bundle {root}: detector '{name}': {exc}") from None
+            model.detectors_[name] = det
+        cal_tensors = _tensors(root, "calibration.safetensors", data)
+        model.calibrators_ = {}
+        for name in [*model.detectors, "ensemble"]:
+            scores = cal_tensors.get(name)
+            if scores is None or scores.ndim != 1 or len(scores) == 0:
+                raise BundleError(f"bundle {root}: calibration scores for '{name}' are missing")
+            arr = scores.double().numpy()
+            if not np.isfinite(arr).all() or np.any(np.diff(arr) < 0):
+                raise BundleError(f"bundle {root}: calibration scores for '{name}' are invalid")
+            model.calibrators_[name] = Calibrator.from_scores(model.target_fpr, arr)
+        model.n_features_in_ = len(model.preprocessor_.feature_names_in_)
+        model.feature_names_in_ = list(model.preprocessor_.feature_names_in_)
+        model.training_ = dict(manifest.get("training_data", {}))
+        model.training_["detectors"] = {
+            name: manifest["detector_params"][name].get("training", {}) for name in model.detectors
+        }
+        model.manifest_ = manifest
+    except BundleError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BundleError(
+            f"bundle {root}: manifest is malformed ({type(exc).__name__}: {exc})"
+        ) from None
+    model.device_ = resolve_device(device)
+    model.to(model.device_)
+    model.version = str(manifest.get("version") or version[:12])
+    model.bundle_path_ = str(root)
+    model.bundle_sha256_ = version  # sha256 of manifest.json, which pins every other file
+    return model
+
+
+def inspect_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Verified manifest summary for ``anomaly inspect`` (hashes checked, nothing executed)."""
+    manifest, _, version = _read_verified(Path(path))
+    return {
+        "version": manifest.get("version") or version[:12],
+        "manifest_sha256": version,
+        **manifest,
+    }

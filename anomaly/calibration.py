@@ -1,0 +1,127 @@
+"""Conformal calibration: raw detector scores -> p-values, thresholds and severities.
+
+A ``Calibrator`` holds the scores of held-out *normal* rows (never rows the detector was trained
+on). For a new score ``s`` the conformal p-value is
+
+    p(s) = (1 + #{calibration scores >= s}) / (n + 1)
+
+which, for a normal row exchangeable with the calibration rows, satisfies ``P(p <= a) <= a``: an
+alert rule ``p <= target_fpr`` has a false-positive rate of at most ``target_fpr`` (and close to it
+when ``n + 1 >= 1 / target_fpr``). The smallest reachable p-value is ``1 / (n + 1)``.
+
+Tail extension (used for severities and for the ensemble's statistic, never for the alert decision
+itself): above the ``m``-th largest calibration score ``u`` (``m = clip(n // 10, 10, 200)``) the
+p-value continues as ``(m / (n + 1)) * exp(-(s - u) / beta)``, an exponential tail whose scale
+``beta`` is the mean excess of the top ``m`` scores over ``u`` (the maximum-likelihood fit of an
+exponential tail). This ranks rows beyond the largest calibration score instead of giving them all
+``1 / (n + 1)``.
+
+Severity rule (``severity``), for alert rows (``p <= target_fpr``), from the tail-extended p-value
+``q`` and ``a = target_fpr``: ``critical`` if ``q <= a / 1000``, ``high`` if ``q <= a / 100``,
+``medium`` if ``q <= a / 10``, otherwise ``low``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+
+SEVERITIES = ("low", "medium", "high", "critical")
+
+
+class CalibrationWarning(UserWarning):
+    """Too few calibration rows to ever reach the requested false-positive rate."""
+
+
+class Calibrator:
+    def __init__(self, target_fpr: float = 0.001) -> None:
+        if not 0.0 < target_fpr < 1.0:
+            raise ValueError(f"target_fpr must be in (0, 1), got {target_fpr}")
+        self.target_fpr = target_fpr
+
+    def fit(self, scores: np.ndarray, name: str = "score") -> Calibrator:
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.ndim != 1 or len(scores) == 0:
+            raise ValueError("calibration needs a non-empty 1-D array of scores")
+        if not np.isfinite(scores).all():
+            raise ValueError("calibration scores must be finite")
+        self.scores_ = np.sort(scores)
+        n = len(scores)
+        self.n_ = n
+        if 1.0 / (n + 1) > self.target_fpr:
+            warnings.warn(
+                f"{name}: {n} calibration rows cannot reach target_fpr={self.target_fpr} "
+                f"(smallest p-value is 1/{n + 1}); no row will alert. Train on at least "
+                f"{int(np.ceil((1 / self.target_fpr - 1) / 0.25))} normal rows with the default "
+                "calibration_fraction of 0.25.",
+                CalibrationWarning,
+                stacklevel=2,
+            )
+        m = int(np.clip(n // 10, 10, 200))
+        m = min(m, n)
+        top = self.scores_[n - m :]
+        self.tail_m_ = m
+        self.tail_u_ = float(top[0])
+        self.tail_beta_ = float(max(np.mean(top - top[0]), 1e-12 * max(1.0, abs(top[0])), 1e-300))
+        self.threshold_ = self._threshold()
+        return self
+
+    def _threshold(self) -> float:
+        """Smallest score value strictly above which ``p <= target_fpr`` (inf if unreachable)."""
+        n = self.n_
+        k = int(np.floor(self.target_fpr * (n + 1) + 1e-9)) - 1  # most calibration scores >= s
+        if k < 0:
+            return float("inf")
+        return float(self.scores_[n - 1 - k])
+
+    def pvalues(self, scores: np.ndarray, *, calibration_rows: bool = False) -> np.ndarray:
+        """Conformal p-values. ``calibration_rows=True`` for the calibration scores themselves:
+        each row's own score is then not counted twice (leave-one-out)."""
+        s = np.asarray(scores, dtype=np.float64)
+        count_ge = self.n_ - np.searchsorted(self.scores_, s, side="left")
+        extra = 0 if calibration_rows else 1
+        return (count_ge + extra) / (self.n_ + 1.0)
+
+    def tail_pvalues(self, scores: np.ndarray, *, calibration_rows: bool = False) -> np.ndarray:
+        s = np.asarray(scores, dtype=np.float64)
+        p = self.pvalues(s, calibration_rows=calibration_rows)
+        over = s > self.tail_u_
+        if over.any():
+            tail = (self.tail_m_ / (self.n_ + 1.0)) * np.exp(
+                -(s[over] - self.tail_u_) / self.tail_beta_
+            )
+            p[over] = np.minimum(p[over], tail)
+        return np.maximum(p, 1e-300)
+
+    def severity(self, tail_p: np.ndarray, is_alert: np.ndarray) -> np.ndarray:
+        """Severity per row (``None`` where not an alert); see the module docstring."""
+        a = self.target_fpr
+        q = np.asarray(tail_p)
+        level = np.select([q <= a / 1000, q <= a / 100, q <= a / 10], [3, 2, 1], default=0)
+        out = np.array(SEVERITIES, dtype=object)[level]
+        out[~np.asarray(is_alert, dtype=bool)] = None
+        return out
+
+    def quantiles(self) -> dict[str, float]:
+        q = np.quantile(self.scores_, [0.5, 0.9, 0.99, 0.999])
+        return {"p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]), "p999": float(q[3])}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe summary (the scores themselves go to the bundle's tensor file)."""
+        return {
+            "target_fpr": self.target_fpr,
+            "n": self.n_,
+            "threshold": self.threshold_ if np.isfinite(self.threshold_) else None,
+            "tail_m": self.tail_m_,
+            "tail_u": self.tail_u_,
+            "tail_beta": self.tail_beta_,
+            "quantiles": self.quantiles(),
+        }
+
+    @classmethod
+    def from_scores(cls, target_fpr: float, scores: np.ndarray) -> Calibrator:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationWarning)
+            return cls(target_fpr).fit(scores)

@@ -1,0 +1,174 @@
+"""``anomaly train``, ``anomaly score`` and ``anomaly inspect``.
+
+Only argparse is imported here; each handler imports pandas/torch when it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    train = subparsers.add_parser(
+        "train",
+        help="fit the detectors on normal records and write a model bundle",
+        description="Fit VAE, flow and GAN on normal records (CSV or Parquet), calibrate them on "
+        "a held-out part and write a model bundle directory.",
+    )
+    train.add_argument("--config", required=True, help="pipeline YAML file")
+    train.add_argument("--data", required=True, help="normal records: .csv or .parquet")
+    train.add_argument("--out", required=True, help="model bundle directory to create")
+    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    train.set_defaults(handler=_train)
+
+    score = subparsers.add_parser(
+        "score",
+        help="score records with a model bundle",
+        description="Score records with a model bundle; writes the id column (if any), every "
+        "detector's score and p-value, alert, severity and fired detectors.",
+    )
+    score.add_argument("--model", required=True, help="model bundle directory")
+    score.add_argument("--data", required=True, help="records to score: .csv or .parquet")
+    score.add_argument("--out", required=True, help="output file: .csv or .parquet")
+    score.add_argument("--batch-size", type=int, default=8192)
+    score.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    score.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    score.set_defaults(handler=_score)
+
+    inspect = subparsers.add_parser(
+        "inspect",
+        help="verify a model bundle and print its manifest summary",
+        description="Verify every file's sha256 and print version, schema, thresholds, "
+        "calibration quantiles and training summary as JSON.",
+    )
+    inspect.add_argument("--model", required=True, help="model bundle directory")
+    inspect.add_argument("--full", action="store_true", help="print the whole manifest")
+    inspect.set_defaults(handler=_inspect)
+
+
+def read_table(path: str) -> Any:
+    """A CSV or Parquet file as a DataFrame; unreadable or empty files raise DataError."""
+    from pathlib import Path
+
+    import pandas as pd
+
+    from anomaly.errors import DataError
+
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"data file {p} does not exist")
+    suffix = p.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            frame = pd.read_parquet(p)
+        elif suffix in (".csv", ".txt") or p.name.endswith(".csv.gz"):
+            frame = pd.read_csv(p)
+        else:
+            raise DataError(f"data file {p}: use .csv or .parquet")
+    except pd.errors.EmptyDataError:
+        raise DataError(f"data file {p} is empty") from None
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"cannot read data file {p}: {exc}") from None
+    if len(frame) == 0:
+        raise DataError(f"data file {p} has no records")
+    return frame
+
+
+def write_table(frame: Any, path: str) -> None:
+    from pathlib import Path
+
+    from anomaly.errors import DataError
+
+    p = Path(path)
+    if p.suffix.lower() == ".parquet":
+        frame.to_parquet(p, index=False)
+    elif p.suffix.lower() == ".csv":
+        frame.to_csv(p, index=False)
+    else:
+        raise DataError(f"output file {p}: use .csv or .parquet")
+
+
+def _train(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from anomaly.config import load_config
+    from anomaly.model import AnomalyModel
+
+    cfg = load_config(args.config)
+    frame = read_table(args.data)
+    overrides = {"progress": False} if args.no_progress else {}
+    model = AnomalyModel.from_config(cfg, **overrides)
+    model.fit(frame)
+    version = model.save(args.out)
+    summary = {"version": version, "bundle": args.out, **model.metrics_}
+    print(json.dumps(summary, indent=2, default=str), file=sys.stdout)
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    import sys
+
+    import pandas as pd
+
+    from anomaly.errors import DataError
+    from anomaly.model import AnomalyModel
+    from anomaly.scorer import BatchScorer
+
+    if not args.out.lower().endswith((".csv", ".parquet")):
+        raise DataError(f"output file {args.out}: use .csv or .parquet")
+    model = AnomalyModel.load(args.model)
+    frame = read_table(args.data)
+    problems = model.preprocessor_.validate_frame(frame)
+    if problems:
+        row, kind, message = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DataError(f"row {row}: {kind}: {message}{more}")
+    scorer = BatchScorer(
+        model, device=args.device, batch_size=args.batch_size, threads=args.threads
+    )
+    result = scorer.score(frame)
+    out = result.scores.copy()
+    schema = model.schema
+    if schema is not None and schema.id_field and schema.id_field in frame.columns:
+        out.insert(0, schema.id_field, frame[schema.id_field].to_numpy())
+    out["alert"] = result.is_alert
+    out["severity"] = pd.Series(result.severity, dtype=object)
+    out["fired"] = [",".join(f) for f in result.fired]
+    write_table(out, args.out)
+    print(
+        f"scored {len(out)} records with model {model.version}: "
+        f"{int(result.is_alert.sum())} alert(s) at target_fpr={model.target_fpr} -> {args.out}",
+        file=sys.stdout,
+    )
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from anomaly.bundle import inspect_bundle
+
+    info = inspect_bundle(args.model)
+    if not args.full:
+        keep = (
+            "version",
+            "manifest_sha256",
+            "created_at",
+            "libraries",
+            "target_fpr",
+            "detectors",
+            "schema",
+            "metrics",
+            "training_data",
+        )
+        info = {k: info.get(k) for k in keep}
+        info["thresholds"] = {
+            name: cal.get("threshold")
+            for name, cal in inspect_bundle(args.model)["calibration"].items()
+        }
+    print(json.dumps(info, indent=2, sort_keys=False, default=str))
+    return 0

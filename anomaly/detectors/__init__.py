@@ -1,0 +1,2 @@
+"""The three detectors. Each module imports on its own: ``from anomaly.detectors.vae import
+VAEDetector`` does not import the flow or GAN code."""

@@ -1,0 +1,303 @@
+"""What the three detectors share: input checks, seeding, threads, the training loop.
+
+The training loop is deliberately plain: shuffle with a seeded generator, Adam, one validation
+pass per epoch, early stopping that restores the best weights, and two budgets (``max_epochs`` /
+``max_steps``, which keep results deterministic, and ``time_budget_s``, which does not).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from anomaly.errors import DataError, NotFittedError
+
+# Scores are capped here: finite, far beyond anything a calibration set produces.
+SCORE_CAP = 1e30
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU."""
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with ``threads`` intra-op threads, restoring the previous setting."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def check_array(X: Any, n_features: int | None = None) -> np.ndarray:
+    """A finite float32 2-D array, or a DataError that says what is wrong and where."""
+    if hasattr(X, "to_numpy"):
+        X = X.to_numpy()
+    try:
+        arr = np.asarray(X, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"input is not numeric: {exc}") from None
+    if arr.ndim != 2:
+        raise DataError(f"expected a 2-D array (rows x features), got shape {arr.shape}")
+    if arr.shape[0] == 0:
+        raise DataError("input has no rows")
+    if n_features is not None and arr.shape[1] != n_features:
+        raise DataError(f"input has {arr.shape[1]} features, the detector was fit on {n_features}")
+    bad = ~np.isfinite(arr)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise DataError(f"row {row}, feature f{col}: value is {arr[row, col]} (not finite)")
+    return np.ascontiguousarray(arr)
+
+
+def finite_scores(scores: torch.Tensor) -> torch.Tensor:
+    """NaN and +inf become the cap (most anomalous), -inf the negative cap: never non-finite."""
+    scores = scores.double()
+    return torch.nan_to_num(scores, nan=SCORE_CAP, posinf=SCORE_CAP, neginf=-SCORE_CAP).clamp(
+        -SCORE_CAP, SCORE_CAP
+    )
+
+
+class BaseDetector:
+    """Shared hyper-parameters and plumbing; subclasses build the network and the loss."""
+
+    name = "base"
+
+    def __init__(
+        self,
+        *,
+        max_epochs: int = 60,
+        max_steps: int | None = 4000,
+        time_budget_s: float | None = None,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        validation_fraction: float = 0.1,
+        patience: int = 6,
+        seed: int = 0,
+        threads: int | None = 1,
+        progress: bool = False,
+        device: str = "cpu",
+        score_batch_size: int = 8192,
+    ) -> None:
+        self.max_epochs = max_epochs
+        self.max_steps = max_steps
+        self.time_budget_s = time_budget_s
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.seed = seed
+        self.threads = threads
+        self.progress = progress
+        self.device = device
+        self.score_batch_size = score_batch_size
+
+    # ---- subclass hooks
+    def _build(self, n_features: int) -> torch.nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _loss(self, module: torch.nn.Module, xb: torch.Tensor, gen: torch.Generator) -> Any:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _val_loss(self, module: torch.nn.Module, xv: torch.Tensor) -> float:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _score_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def architecture(self) -> dict[str, Any]:
+        """Hyper-parameters needed to rebuild the network (saved in bundles)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    # ---- public API
+    def get_params(self) -> dict[str, Any]:
+        import inspect
+
+        names = []
+        for cls in type(self).__mro__:
+            if cls is object:
+                continue
+            for p in inspect.signature(cls.__init__).parameters.values():
+                if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                    names.append(p.name)
+        return {n: getattr(self, n) for n in dict.fromkeys(names)}
+
+    def fit(self, X: Any, y: Any = None) -> BaseDetector:
+        """Train on normal rows only (already preprocessed: finite, roughly standardised)."""
+        arr = check_array(X)
+        n = arr.shape[0]
+        min_rows = 10
+        if n < min_rows:
+            raise DataError(f"only {n} rows to fit the {self.name} detector; need >= {min_rows}")
+        device = resolve_device(self.device)
+        self.n_features_in_ = arr.shape[1]
+        with torch_threads(self.threads), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            gen = torch.Generator().manual_seed(self.seed)
+            perm = torch.randperm(n, generator=gen).numpy()
+            n_val = max(1, round(n * self.validation_fraction))
+            val_idx, train_idx = perm[:n_val], perm[n_val:]
+            x_train = torch.from_numpy(arr[train_idx]).to(device)
+            x_val = torch.from_numpy(arr[val_idx]).to(device)
+            module = self._build(arr.shape[1]).to(device)
+            self.module_ = module
+            self._before_training(x_train, gen)
+            self._train(module, x_train, x_val, gen)
+        self.module_.eval()
+        return self
+
+    def _before_training(self, x_train: torch.Tensor, gen: torch.Generator) -> None:
+        """Hook for data-dependent state (e.g. bounding boxes); default nothing."""
+
+    def _optimizers(self, module: torch.nn.Module) -> list[torch.optim.Optimizer]:
+        return [torch.optim.Adam(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)]
+
+    def _step(self, module: torch.nn.Module, opts: list, xb: torch.Tensor, gen) -> float:
+        opt = opts[0]
+        opt.zero_grad(set_to_none=True)
+        loss = self._loss(module, xb, gen)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(module.parameters(), 10.0)
+        opt.step()
+        return float(loss.detach())
+
+    def _train(
+        self, module: torch.nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, gen
+    ) -> None:
+        opts = self._optimizers(module)
+        n = x_train.shape[0]
+        bs = max(1, min(self.batch_size, n))
+        steps_per_epoch = math.ceil(n / bs)
+        max_epochs = self.max_epochs
+        if self.max_steps is not None:
+            max_epochs = max(1, min(max_epochs, math.ceil(self.max_steps / steps_per_epoch)))
+        best = math.inf
+        best_state: dict[str, torch.Tensor] | None = None
+        bad_epochs = 0
+        start = time.monotonic()
+        history: list[dict[str, float]] = []
+        bar = tqdm(range(max_epochs), desc=f"{self.name}", disable=not self.progress, leave=False)
+        self.stop_reason_ = "max_epochs"
+        for epoch in bar:
+            module.train()
+            order = torch.randperm(n, generator=gen).to(x_train.device)
+            total = 0.0
+            for s in range(steps_per_epoch):
+                xb = x_train[order[s * bs : (s + 1) * bs]]
+                total += self._step(module, opts, xb, gen)
+            module.eval()
+            with torch.no_grad():
+                val = self._val_loss(module, x_val)
+            history.append({"epoch": epoch, "train_loss": total / steps_per_epoch, "val_loss": val})
+            bar.set_postfix(loss=f"{total / steps_per_epoch:.4f}", val=f"{val:.4f}")
+            if val < best - 1e-4 * max(1.0, abs(best)) or best_state is None:
+                best = val
+                best_state = copy.deepcopy(module.state_dict())
+                bad_epochs = 0
+            else:
+                bad_epochs += 1
+                if bad_epochs >= self.patience:
+                    self.stop_reason_ = "early_stopping"
+                    break
+            if self.time_budget_s is not None and time.monotonic() - start > self.time_budget_s:
+                self.stop_reason_ = "time_budget"
+                break
+        bar.close()
+        if best_state is not None:
+            module.load_state_dict(best_state)
+        self.history_ = history
+        self.best_val_loss_ = best
+        self.n_epochs_ = len(history)
+        self.fit_seconds_ = time.monotonic() - start
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "module_"):
+            raise NotFittedError(f"the {self.name} detector is not fitted yet: call fit() first")
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Anomaly score per row (float64, finite); higher means more anomalous."""
+        self._check_fitted()
+        arr = check_array(X, self.n_features_in_)
+        device = next(self.module_.parameters()).device
+        out = []
+        with torch_threads(self.threads), torch.inference_mode():
+            for start in range(0, arr.shape[0], self.score_batch_size):
+                xb = torch.from_numpy(arr[start : start + self.score_batch_size]).to(device)
+                out.append(finite_scores(self._score_tensor(xb)).cpu().numpy())
+        return np.concatenate(out)
+
+    # ---- bundles
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Everything learned, as named tensors (weights and buffers) for safetensors."""
+        self._check_fitted()
+        return {k: v.detach().cpu().contiguous() for k, v in self.module_.state_dict().items()}
+
+    def extra_state(self) -> dict[str, Any]:
+        """Learned non-tensor state (JSON-safe)."""
+        return {}
+
+    @classmethod
+    def from_state(
+        cls,
+        params: dict[str, Any],
+        n_features: int,
+        tensors: dict[str, torch.Tensor],
+        extra: dict[str, Any] | None = None,
+    ) -> BaseDetector:
+        det = cls(**params)
+        det.n_features_in_ = n_features
+        module = det._build(n_features)
+        expected = module.state_dict()
+        if set(expected) != set(tensors):
+            missing = sorted(set(expected) - set(tensors))[:5]
+            unexpected = sorted(set(tensors) - set(expected))[:5]
+            raise ValueError(f"tensor names differ: missing {missing}, unexpected {unexpected}")
+        for key, ref in expected.items():
+            got = tensors[key]
+            if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
+                raise ValueError(
+                    f"tensor '{key}' has shape {tuple(got.shape)} {got.dtype}, "
+                    f"expected {tuple(ref.shape)} {ref.dtype}"
+                )
+        module.load_state_dict(tensors, strict=True)
+        module.eval()
+        det.module_ = module
+        det._restore_extra(extra or {})
+        return det
+
+    def _restore_extra(self, extra: dict[str, Any]) -> None:
+        """Inverse of ``extra_state``."""
+
+
+def mlp(
+    sizes: list[int], act: Callable[[], torch.nn.Module] = torch.nn.SiLU
+) -> torch.nn.Sequential:
+    layers: list[torch.nn.Module] = []
+    for i in range(len(sizes) - 1):
+        layers.append(torch.nn.Linear(sizes[i], sizes[i + 1]))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return torch.nn.Sequential(*layers)

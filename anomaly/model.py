@@ -1,0 +1,386 @@
+"""``AnomalyModel``: preprocessing, the detectors, calibration and the ensemble in one object.
+
+Fitting splits the normal rows (seeded) into a training part and a calibration part
+(``calibration_fraction``, default 0.25). The preprocessor and the detectors see only the training
+part (each detector holds out a further validation split of it for early stopping); the calibration
+part turns every detector's score into a conformal p-value and calibrates the ensemble (see
+``anomaly.calibration`` and ``anomaly.ensemble``). ``predict`` alerts when
+``ensemble_p <= target_fpr``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from anomaly.calibration import Calibrator
+from anomaly.config import PipelineConfig, SchemaConfig
+from anomaly.detectors._base import BaseDetector, finite_scores, resolve_device, torch_threads
+from anomaly.ensemble import combine
+from anomaly.errors import DataError, NotFittedError
+from anomaly.preprocess import Preprocessor, _to_frame
+
+if TYPE_CHECKING:
+    from os import PathLike
+
+DETECTOR_CLASSES = {
+    "vae": ("anomaly.detectors.vae", "VAEDetector"),
+    "flow": ("anomaly.detectors.flow", "FlowDetector"),
+    "gan": ("anomaly.detectors.gan", "GANDetector"),
+}
+ALL_DETECTORS = ("vae", "flow", "gan")
+SCORE_COLUMNS = ["vae", "flow", "gan", "ensemble", "vae_p", "flow_p", "gan_p", "ensemble_p"]
+MIN_TRAINING_ROWS = 50
+
+
+def detector_class(name: str) -> type[BaseDetector]:
+    module, cls = DETECTOR_CLASSES[name]
+    return getattr(importlib.import_module(module), cls)
+
+
+def frame_fingerprint(frame: pd.DataFrame, columns: list[str]) -> str:
+    """sha256 over the feature columns' values (row order matters), for the bundle manifest."""
+    h = hashlib.sha256()
+    h.update(",".join(columns).encode())
+    hashed = pd.util.hash_pandas_object(frame[columns].astype(str), index=False).to_numpy()
+    h.update(hashed.tobytes())
+    return h.hexdigest()
+
+
+class AnomalyModel:
+    """VAE + flow + GAN fit on normal rows, calibrated to ``target_fpr``.
+
+    Parameters
+    ----------
+    target_fpr: false-positive rate of the alert rule on normal rows (default 0.001).
+    seed: seeds the data split and every detector (training is deterministic on CPU).
+    device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"mps"``.
+    detectors: subset of ``("vae", "flow", "gan")``.
+    schema: feature columns (``None``: numpy input, every column numeric).
+    numeric_transform: preprocessing of numeric columns (``"quantile"``, ``"robust"``,
+        ``"signed_log"``); see ``anomaly.preprocess``.
+    calibration_fraction: share of the normal rows held out for calibration.
+    max_epochs / max_steps / time_budget_s / batch_size: training budgets for each detector.
+    threads: torch intra-op threads while fitting and scoring.
+    progress: tqdm progress bars with the loss.
+    detector_params: per-detector keyword overrides, e.g. ``{"flow": {"kind": "nsf"}}``.
+    """
+
+    def __init__(
+        self,
+        target_fpr: float = 0.001,
+        seed: int = 0,
+        device: str = "auto",
+        *,
+        detectors: tuple[str, ...] | list[str] = ALL_DETECTORS,
+        schema: SchemaConfig | None = None,
+        numeric_transform: str = "quantile",
+        calibration_fraction: float = 0.25,
+        max_epochs: int = 60,
+        max_steps: int | None = 4000,
+        time_budget_s: float | None = None,
+        batch_size: int = 256,
+        threads: int | None = 1,
+        progress: bool = False,
+        detector_params: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
+        if not 0.0 < target_fpr < 0.5:
+            raise ValueError(f"target_fpr must be in (0, 0.5), got {target_fpr}")
+        unknown = set(detectors) - set(ALL_DETECTORS)
+        if unknown or not detectors:
+            raise ValueError(f"detectors must be a non-empty subset of {ALL_DETECTORS}")
+        if not 0.0 < calibration_fraction < 1.0:
+            raise ValueError("calibration_fraction must be in (0, 1)")
+        self.target_fpr = target_fpr
+        self.seed = seed
+        self.device = device
+        self.detectors = tuple(d for d in ALL_DETECTORS if d in detectors)
+        self.schema = schema
+        self.numeric_transform = numeric_transform
+        self.calibration_fraction = calibration_fraction
+        self.max_epochs = max_epochs
+        self.max_steps = max_steps
+        self.time_budget_s = time_budget_s
+        self.batch_size = batch_size
+        self.threads = threads
+        self.progress = progress
+        self.detector_params = detector_params or {}
+        self._version: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig, **overrides: Any) -> AnomalyModel:
+        m = cfg.model
+        kwargs: dict[str, Any] = {
+            "target_fpr": m.target_fpr,
+            "seed": m.seed,
+            "device": m.device,
+            "detectors": tuple(m.detectors),
+            "schema": cfg.schema,
+            "calibration_fraction": m.calibration_fraction,
+            "max_epochs": m.max_epochs,
+            "time_budget_s": m.time_budget_s,
+            "batch_size": m.batch_size,
+            "threads": m.threads,
+            "progress": m.progress,
+        }
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    # ------------------------------------------------------------------ version
+    @property
+    def version(self) -> str | None:
+        """The bundle manifest's sha256 prefix (after save/load) unless set explicitly."""
+        return self._version
+
+    @version.setter
+    def version(self, value: str | None) -> None:
+        self._version = value
+
+    # ---------------------------------------------------------------------- fit
+    def _detector(self, name: str) -> BaseDetector:
+        params: dict[str, Any] = {
+            "seed": self.seed,
+            "threads": self.threads,
+            "progress": self.progress,
+            "device": str(self.device_),
+            "max_epochs": self.max_epochs,
+            "max_steps": self.max_steps,
+            "time_budget_s": self.time_budget_s,
+            "batch_size": self.batch_size,
+        }
+        params.update(self.detector_params.get(name, {}))
+        return detector_class(name)(**params)
+
+    def fit(self, X: Any, y: Any = None) -> AnomalyModel:
+        """Fit on normal rows only (DataFrame per the schema, or a numpy array)."""
+        started = time.monotonic()
+        names = self.schema.features if self.schema is not None and self.schema.features else None
+        frame = _to_frame(X, names)
+        # Validate the whole input first, so error messages name rows of what the user passed.
+        Preprocessor(self.schema, self.numeric_transform, min_rows=1).fit(frame)
+        n = len(frame)
+        if n < MIN_TRAINING_ROWS:
+            raise DataError(
+                f"only {n} normal rows; at least {MIN_TRAINING_ROWS} are needed to train and "
+                "calibrate (and about 4/target_fpr for alerts at target_fpr)"
+            )
+        self.device_ = resolve_device(self.device)
+        rng = np.random.default_rng(self.seed)
+        perm = rng.permutation(n)
+        n_cal = max(10, round(n * self.calibration_fraction))
+        cal_idx, train_idx = np.sort(perm[:n_cal]), np.sort(perm[n_cal:])
+        train_frame = frame.iloc[train_idx]
+        cal_frame = frame.iloc[cal_idx]
+        self.preprocessor_ = Preprocessor(self.schema, self.numeric_transform).fit(train_frame)
+        x_train = self.preprocessor_.transform(train_frame)
+        x_cal = self.preprocessor_.transform(cal_frame)
+        self.detectors_: dict[str, BaseDetector] = {}
+        for name in self.detectors:
+            self.detectors_[name] = self._detector(name).fit(x_train)
+        raw = self._raw_scores(x_cal)[0]
+        self._calibrate(raw)
+        self.n_features_in_ = len(self.preprocessor_.feature_names_in_)
+        self.feature_names_in_ = list(self.preprocessor_.feature_names_in_)
+        self.training_ = {
+            "rows": n,
+            "n_train": len(train_idx),
+            "n_calibration": len(cal_idx),
+            "fingerprint": frame_fingerprint(frame, self.feature_names_in_),
+            "fit_seconds": round(time.monotonic() - started, 3),
+            "detectors": {
+                name: {
+                    "epochs": det.n_epochs_,
+                    "stop_reason": det.stop_reason_,
+                    "best_val_loss": det.best_val_loss_,
+                    "fit_seconds": round(det.fit_seconds_, 3),
+                }
+                for name, det in self.detectors_.items()
+            },
+        }
+        self._version = None
+        return self
+
+    def _calibrate(self, raw: dict[str, np.ndarray]) -> None:
+        self.calibrators_: dict[str, Calibrator] = {}
+        tails = []
+        for name in self.detectors:
+            cal = Calibrator(self.target_fpr).fit(raw[name], name=name)
+            self.calibrators_[name] = cal
+            tails.append(cal.tail_pvalues(raw[name], calibration_rows=True))
+        ens = combine(tails)
+        self.calibrators_["ensemble"] = Calibrator(self.target_fpr).fit(ens, name="ensemble")
+
+    # ------------------------------------------------------------------ scoring
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "calibrators_"):
+            raise NotFittedError("the model is not fitted yet: call fit() or AnomalyModel.load()")
+
+    def to(self, device: str | torch.device) -> AnomalyModel:
+        """Move every detector's network to ``device``."""
+        self._check_fitted()
+        dev = resolve_device(str(device))
+        for det in self.detectors_.values():
+            det.module_.to(dev)
+            det.device = str(dev)
+        self.device_ = dev
+        return self
+
+    def _raw_scores(
+        self,
+        xp: np.ndarray,
+        *,
+        batch_size: int = 8192,
+        bf16: bool = False,
+        want_errors: bool = False,
+    ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """All detectors on preprocessed rows, one pass per batch, under inference mode."""
+        dev = self.device_
+        cuda = dev.type == "cuda"
+        outs: dict[str, list[np.ndarray]] = {name: [] for name in self.detectors_}
+        errs: list[np.ndarray] = []
+        with (
+            torch_threads(self.threads),
+            torch.inference_mode(),
+            torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16),
+        ):
+            for start in range(0, xp.shape[0], batch_size):
+                xb = torch.from_numpy(np.ascontiguousarray(xp[start : start + batch_size]))
+                xb = xb.pin_memory().to(dev, non_blocking=True) if cuda else xb.to(dev)
+                for name, det in self.detectors_.items():
+                    if name == "vae" and want_errors:
+                        score, e = det.score_with_errors(xb)  # type: ignore[attr-defined]
+                        errs.append(e.float().cpu().numpy())
+                    else:
+                        score = finite_scores(det._score_tensor(xb))
+                    outs[name].append(score.cpu().numpy())
+        raw = {name: np.concatenate(v) if v else np.empty(0) for name, v in outs.items()}
+        errors = np.concatenate(errs) if errs else None
+        return raw, errors
+
+    def _table(self, raw: dict[str, np.ndarray]) -> tuple[pd.DataFrame, np.ndarray]:
+        """Scores and p-values per row, plus the ensemble's tail-extended p (for severities)."""
+        n = len(next(iter(raw.values())))
+        table = {c: np.full(n, np.nan) for c in SCORE_COLUMNS}
+        tails = []
+        for name in self.detectors:
+            cal = self.calibrators_[name]
+            table[name] = raw[name]
+            table[f"{name}_p"] = cal.pvalues(raw[name])
+            tails.append(cal.tail_pvalues(raw[name]))
+        ens = combine(tails)
+        ens_cal = self.calibrators_["ensemble"]
+        table["ensemble"] = ens
+        table["ensemble_p"] = ens_cal.pvalues(ens)
+        return pd.DataFrame(table, columns=SCORE_COLUMNS), ens_cal.tail_pvalues(ens)
+
+    def transform(self, X: Any) -> np.ndarray:
+        self._check_fitted()
+        return self.preprocessor_.transform(X)
+
+    def score_detectors(self, X: Any) -> pd.DataFrame:
+        """DataFrame: vae, flow, gan, ensemble and their p-values (NaN for disabled detectors)."""
+        self._check_fitted()
+        raw, _ = self._raw_scores(self.transform(X))
+        return self._table(raw)[0]
+
+    def decision_function(self, X: Any) -> np.ndarray:
+        """Ensemble score per row; higher = more anomalous."""
+        return self.score_detectors(X)["ensemble"].to_numpy()
+
+    def predict(self, X: Any) -> np.ndarray:
+        """1 where ``ensemble_p <= target_fpr``, else 0."""
+        return (self.score_detectors(X)["ensemble_p"].to_numpy() <= self.target_fpr).astype(int)
+
+    @property
+    def threshold_(self) -> float:
+        """Ensemble score above which a row alerts (inf if unreachable)."""
+        self._check_fitted()
+        return self.calibrators_["ensemble"].threshold_
+
+    # ---------------------------------------------------------------- explaining
+    def _feature_contributions(self, xp: np.ndarray, errors: np.ndarray | None) -> np.ndarray:
+        """Per input feature contribution, rows sum to 1. VAE error terms when the VAE is fit,
+        else the squared preprocessed deviation from the training median."""
+        terms = errors if errors is not None else 0.5 * xp.astype(np.float64) ** 2
+        src = self.preprocessor_.output_source_
+        agg = np.zeros((terms.shape[0], len(self.preprocessor_.feature_names_in_)))
+        np.add.at(agg.T, src, terms.T)
+        total = agg.sum(1, keepdims=True)
+        return np.divide(agg, total, out=np.zeros_like(agg), where=total > 0)
+
+    def _explain_rows(
+        self, frame: pd.DataFrame, contributions: np.ndarray, rows: np.ndarray, top: int
+    ) -> list[list[dict[str, Any]]]:
+        names = self.preprocessor_.feature_names_in_
+        out = []
+        for r, contrib in zip(rows, contributions, strict=True):
+            order = np.argsort(-contrib, kind="stable")[:top]
+            items = []
+            for j in order:
+                value = frame[names[j]].iloc[int(r)]
+                if isinstance(value, np.generic):
+                    value = value.item()
+                if isinstance(value, float) and not np.isfinite(value):
+                    value = None
+                items.append(
+                    {
+                        "feature": names[j],
+                        "value": value,
+                        "contribution": round(float(contrib[j]), 4),
+                    }
+                )
+            out.append(items)
+        return out
+
+    def explain(self, X: Any, top: int = 3) -> list[list[dict[str, Any]]]:
+        """For each row, the ``top`` input features that drove its score:
+        ``[{"feature", "value", "contribution"}]``, contribution = share of the row's VAE
+        reconstruction error (one-hot columns summed back into their categorical feature)."""
+        self._check_fitted()
+        frame = _to_frame(X, self.preprocessor_.feature_names_in_)
+        xp = self.preprocessor_.transform(frame)
+        errors = None
+        if "vae" in self.detectors_:
+            errors = self.detectors_["vae"].feature_errors(xp)  # type: ignore[attr-defined]
+        contrib = self._feature_contributions(xp, errors)
+        return self._explain_rows(frame, contrib, np.arange(len(frame)), top)
+
+    # ------------------------------------------------------------------ metrics
+    @property
+    def metrics_(self) -> dict[str, Any]:
+        """What the model registry stores: target_fpr, threshold, calibration quantiles, ..."""
+        self._check_fitted()
+        ens = self.calibrators_["ensemble"]
+        thr = ens.threshold_
+        return {
+            "target_fpr": self.target_fpr,
+            "threshold": float(thr) if np.isfinite(thr) else None,
+            "calibration_quantiles": ens.quantiles(),
+            "detectors": list(self.detectors),
+            "n_calibration": ens.n_,
+            "training": getattr(self, "training_", {}),
+        }
+
+    def schema_dict(self) -> dict[str, Any] | None:
+        return asdict(self.schema) if self.schema is not None else None
+
+    # ------------------------------------------------------------------ bundles
+    def save(self, path: str | PathLike[str]) -> str:
+        """Write a bundle directory; returns (and sets) the model version."""
+        from anomaly.bundle import save_bundle
+
+        return save_bundle(self, path)
+
+    @classmethod
+    def load(cls, path: str | PathLike[str], device: str = "cpu") -> AnomalyModel:
+        """Load and verify a bundle (hashes, shapes); raises BundleError if anything is off."""
+        from anomaly.bundle import load_bundle
+
+        return load_bundle(path, device=device)

@@ -1,0 +1,441 @@
+"""Record schema checks and preprocessing: raw records -> one float32 matrix for the detectors.
+
+``Preprocessor`` is fit on *normal* records only. It accepts a pandas DataFrame laid out by a
+:class:`~anomaly.config.SchemaConfig` (numeric and categorical feature columns; id, time and entity
+columns are allowed and ignored) or a 2-D numpy array, whose columns are then named ``f0..fN``.
+
+Numeric columns (``numeric_transform``):
+
+* ``"quantile"`` (default): the training distribution's empirical CDF is mapped onto standard
+  normal quantiles, so heavy-tailed amounts and skewed sensor readings both arrive roughly
+  Gaussian. Beyond the training range the map continues as ``edge + log1p(excess / scale)`` (scale
+  = IQR / 1.349), so a value far outside what training saw still lands further out, by a bounded
+  and finite amount, instead of being clamped onto the last quantile.
+* ``"robust"``: ``(x - median) / (IQR / 1.349)``.
+* ``"signed_log"``: the robust z-score passed through ``sign(z) * log1p(|z|)``.
+
+Every output is clipped to ``[-clip, clip]`` so nothing downstream ever sees inf.
+
+A constant numeric column (IQR and standard deviation both zero) is kept, with a warning: it maps to
+0 for the training value and any other value at scoring time shows up as a deviation with scale 1.
+
+Categorical columns are one-hot encoded over the categories seen in training (at most
+``max_categories``, the most frequent; values are compared as strings) plus one ``__unseen__``
+bucket that takes new categories, categories cut by ``max_categories`` and (with ``impute``) missing
+values.
+
+Missing values follow ``schema.missing``: ``"impute"`` fills numeric values with the training median
+and categorical ones with the unseen bucket; ``"reject"`` raises ``DataError`` naming the row and
+column. ``validate_frame`` reports per-row problems without raising, so the streaming service can
+dead-letter bad rows before scoring the rest.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from anomaly.config import SchemaConfig
+from anomaly.errors import DataError, NotFittedError
+
+UNSEEN = "__unseen__"
+NUMERIC_TRANSFORMS = ("quantile", "robust", "signed_log")
+_GAUSS_IQR = 1.349  # IQR of a standard normal
+
+
+class ConstantColumnWarning(UserWarning):
+    """A numeric feature had a single value in the training data."""
+
+
+@dataclass
+class NumericParams:
+    median: float
+    scale: float
+    # Quantile transform knots (unique, increasing) and their standard-normal images.
+    knots: list[float] = field(default_factory=list)
+    normal: list[float] = field(default_factory=list)
+
+
+def _ndtri(p: np.ndarray) -> np.ndarray:
+    """Standard normal quantile function (inverse CDF), vectorised, without scipy."""
+    from statistics import NormalDist
+
+    nd = NormalDist()
+    return np.array([nd.inv_cdf(float(v)) for v in p])
+
+
+def _to_frame(data: Any, feature_names: list[str] | None = None) -> pd.DataFrame:
+    if isinstance(data, pd.DataFrame):
+        return data
+    if isinstance(data, np.ndarray | list):
+        arr = np.asarray(data)
+        if arr.ndim == 1:
+            arr = arr.reshape(-1, 1)
+        if arr.ndim != 2:
+            raise DataError(f"expected a 2-D array of records, got an array of shape {arr.shape}")
+        names = feature_names or [f"f{i}" for i in range(arr.shape[1])]
+        if len(names) != arr.shape[1]:
+            raise DataError(
+                f"array has {arr.shape[1]} columns but the model expects {len(names)} "
+                f"({', '.join(names[:10])}{'...' if len(names) > 10 else ''})"
+            )
+        return pd.DataFrame(arr, columns=names)
+    raise DataError(f"expected a pandas DataFrame or a numpy array, got {type(data).__name__}")
+
+
+def _numeric_column(frame: pd.DataFrame, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Column as float64 and a mask of rows whose value was present but not a number."""
+    col = frame[name]
+    if pd.api.types.is_bool_dtype(col.dtype):
+        return col.to_numpy(dtype=np.float64), np.zeros(len(col), dtype=bool)
+    if pd.api.types.is_numeric_dtype(col.dtype):
+        return col.to_numpy(dtype=np.float64, na_value=np.nan), np.zeros(len(col), dtype=bool)
+    converted = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = np.isnan(converted) & col.notna().to_numpy()
+    if bad.any():
+        # Strings like "nan" or "inf" are parsed by to_numeric and handled as NaN/inf later.
+        as_text = col[bad].astype(str).str.strip().str.lower()
+        textual_nan = as_text.isin(["", "nan", "none", "null", "na"]).to_numpy()
+        idx = np.flatnonzero(bad)
+        bad[idx[textual_nan]] = False
+    return converted, bad
+
+
+def _row_label(frame: pd.DataFrame, pos: int) -> str:
+    label = frame.index[pos]
+    return f"row {pos}" if label == pos else f"row {pos} (index {label!r})"
+
+
+class Preprocessor:
+    """Turns records into a float32 matrix; see the module docstring for the rules.
+
+    Parameters
+    ----------
+    schema:
+        Feature columns and missing-value policy. ``None`` treats every column as numeric (the
+        numpy-array case) with ``missing="impute"``.
+    numeric_transform:
+        ``"quantile"`` (default), ``"robust"`` or ``"signed_log"``.
+    n_quantiles:
+        Number of quantile knots kept per numeric column.
+    max_categories:
+        Largest one-hot vocabulary per categorical column; rarer categories go to ``__unseen__``.
+    clip:
+        Bound on every transformed value.
+    min_rows:
+        Fewer training rows than this is a ``DataError``.
+    """
+
+    def __init__(
+        self,
+        schema: SchemaConfig | None = None,
+        numeric_transform: str = "quantile",
+        n_quantiles: int = 1000,
+        max_categories: int = 50,
+        clip: float = 20.0,
+        min_rows: int = 20,
+    ) -> None:
+        if numeric_transform not in NUMERIC_TRANSFORMS:
+            raise ValueError(f"numeric_transform must be one of {NUMERIC_TRANSFORMS}")
+        self.schema = schema
+        self.numeric_transform = numeric_transform
+        self.n_quantiles = n_quantiles
+        self.max_categories = max_categories
+        self.clip = clip
+        self.min_rows = min_rows
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, data: Any) -> Preprocessor:
+        frame = _to_frame(data, self._schema_feature_names())
+        if len(frame) == 0:
+            raise DataError("no records to train on: the input is empty")
+        if self.schema is None or not self.schema.features:
+            self.numeric_ = [str(c) for c in frame.columns]
+            self.categorical_: list[str] = []
+            self.missing_ = "impute" if self.schema is None else self.schema.missing
+        else:
+            self.numeric_ = list(self.schema.numeric)
+            self.categorical_ = list(self.schema.categorical)
+            self.missing_ = self.schema.missing
+        self._check_columns(frame)
+        if len(frame) < self.min_rows:
+            raise DataError(
+                f"only {len(frame)} training records; at least {self.min_rows} are needed"
+            )
+        self.numeric_params_: dict[str, NumericParams] = {}
+        for name in self.numeric_:
+            values, bad = _numeric_column(frame, name)
+            if bad.any():
+                pos = int(np.flatnonzero(bad)[0])
+                raise DataError(
+                    f"column '{name}', {_row_label(frame, pos)}: "
+                    f"{frame[name].iloc[pos]!r} is not a number"
+                )
+            if np.isinf(values).any():
+                pos = int(np.flatnonzero(np.isinf(values))[0])
+                raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is infinite")
+            finite = values[~np.isnan(values)]
+            if self.missing_ == "reject" and len(finite) < len(values):
+                pos = int(np.flatnonzero(np.isnan(values))[0])
+                raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
+            if len(finite) == 0:
+                raise DataError(f"column '{name}': every training value is missing")
+            self.numeric_params_[name] = self._fit_numeric(name, finite)
+        self.categories_: dict[str, list[str]] = {}
+        for name in self.categorical_:
+            col = frame[name]
+            if self.missing_ == "reject" and col.isna().any():
+                pos = int(np.flatnonzero(col.isna().to_numpy())[0])
+                raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
+            counts = col.dropna().astype(str).value_counts(sort=False)
+            # Most frequent first, ties by name, so the vocabulary is deterministic.
+            ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+            self.categories_[name] = sorted(k for k, _ in ordered[: self.max_categories])
+        self._build_output_layout()
+        return self
+
+    def _fit_numeric(self, name: str, values: np.ndarray) -> NumericParams:
+        median = float(np.median(values))
+        q25, q75 = np.quantile(values, [0.25, 0.75])
+        scale = float(q75 - q25) / _GAUSS_IQR
+        if not scale > 0:
+            scale = float(np.std(values))
+        if not scale > 0:
+            warnings.warn(
+                f"numeric column '{name}' is constant ({median:g}) in the training data; it is "
+                "kept, and any other value at scoring time counts as a deviation of scale 1",
+                ConstantColumnWarning,
+                stacklevel=3,
+            )
+            scale = 1.0
+        params = NumericParams(median=median, scale=scale)
+        if self.numeric_transform == "quantile":
+            n_q = int(min(self.n_quantiles, len(values)))
+            probs = np.linspace(0.0, 1.0, max(n_q, 2))
+            knots = np.quantile(values, probs)
+            # Ties (discrete columns) collapse to one knot at the middle of their probability span.
+            uniq, inverse = np.unique(knots, return_inverse=True)
+            mid_probs = np.bincount(inverse, weights=probs) / np.bincount(inverse)
+            # Keep the extreme knots strictly inside (0, 1) so their normal image is finite.
+            eps = 0.5 / len(values)
+            mid_probs = np.clip(mid_probs, eps, 1 - eps)
+            normal = np.zeros(1) if len(uniq) == 1 else _ndtri(mid_probs)
+            params.knots = [float(v) for v in uniq]
+            params.normal = [float(v) for v in normal]
+        return params
+
+    def _build_output_layout(self) -> None:
+        names: list[str] = []
+        source: list[int] = []
+        for i, name in enumerate(self.numeric_):
+            names.append(name)
+            source.append(i)
+        for j, name in enumerate(self.categorical_):
+            for cat in [*self.categories_[name], UNSEEN]:
+                names.append(f"{name}={cat}")
+                source.append(len(self.numeric_) + j)
+        self.feature_names_in_ = [*self.numeric_, *self.categorical_]
+        self.feature_names_out_ = names
+        # For each output column, the input feature it came from (explanations sum over these).
+        self.output_source_ = np.asarray(source, dtype=np.int64)
+        self.n_features_out_ = len(names)
+
+    # ---------------------------------------------------------------- checking
+    def _schema_feature_names(self) -> list[str] | None:
+        if hasattr(self, "feature_names_in_"):
+            return self.feature_names_in_
+        if self.schema is not None and self.schema.features:
+            return self.schema.features
+        return None
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "feature_names_out_"):
+            raise NotFittedError("the preprocessor is not fitted yet: call fit() first")
+
+    def _check_columns(self, frame: pd.DataFrame) -> None:
+        expected = [*self.numeric_, *self.categorical_]
+        present = {str(c) for c in frame.columns}
+        missing = [c for c in expected if c not in present]
+        if missing:
+            raise DataError(
+                f"missing column(s): {', '.join(missing)} (the schema expects "
+                f"{', '.join(expected[:20])}{'...' if len(expected) > 20 else ''})"
+            )
+        if self.schema is not None and self.schema.features:
+            allowed = set(expected) | {
+                f for f in (self.schema.id_field, self.schema.time_field, self.schema.entity_field)
+            }
+            extra = sorted(str(c) for c in frame.columns if str(c) not in allowed)
+            if extra:
+                raise DataError(
+                    f"unexpected column(s) not in the schema: {', '.join(extra[:20])} "
+                    "(add them to schema.numeric or schema.categorical, or drop them)"
+                )
+
+    def validate_frame(self, data: Any) -> list[tuple[int, str, str]]:
+        """Per-row problems as ``(row_position, error_kind, message)``, without raising.
+
+        ``row_position`` is the 0-based position in ``data`` (not the index label). Kinds:
+        ``missing_column``, ``not_a_number``, ``infinite``, ``missing_value`` (only when the
+        policy is ``reject``). A missing column makes every row an error. Extra columns are
+        not an error here (a stream may carry more fields than the model uses).
+        """
+        self._check_fitted()
+        frame = _to_frame(data, self.feature_names_in_)
+        n = len(frame)
+        errors: list[tuple[int, str, str]] = []
+        present = {str(c) for c in frame.columns}
+        missing_cols = [c for c in self.feature_names_in_ if c not in present]
+        if missing_cols:
+            msg = f"missing field(s): {', '.join(missing_cols)}"
+            return [(i, "missing_column", msg) for i in range(n)]
+        reject = self.missing_ == "reject"
+        seen: set[int] = set()
+        for name in self.numeric_:
+            values, bad = _numeric_column(frame, name)
+            for pos in np.flatnonzero(bad):
+                if int(pos) not in seen:
+                    seen.add(int(pos))
+                    errors.append(
+                        (
+                            int(pos),
+                            "not_a_number",
+                            f"field '{name}': {frame[name].iloc[pos]!r} is not a number",
+                        )
+                    )
+            for pos in np.flatnonzero(np.isinf(values)):
+                if int(pos) not in seen:
+                    seen.add(int(pos))
+                    errors.append((int(pos), "infinite", f"field '{name}': value is infinite"))
+            if reject:
+                for pos in np.flatnonzero(np.isnan(values) & ~bad):
+                    if int(pos) not in seen:
+                        seen.add(int(pos))
+                        errors.append((int(pos), "missing_value", f"field '{name}' is missing"))
+        if reject:
+            for name in self.categorical_:
+                for pos in np.flatnonzero(frame[name].isna().to_numpy()):
+                    if int(pos) not in seen:
+                        seen.add(int(pos))
+                        errors.append((int(pos), "missing_value", f"field '{name}' is missing"))
+        errors.sort(key=lambda e: e[0])
+        return errors
+
+    # -------------------------------------------------------------- transforming
+    def transform(self, data: Any) -> np.ndarray:
+        """Records -> float32 matrix ``(n_rows, n_features_out_)``; bad input raises DataError."""
+        self._check_fitted()
+        frame = _to_frame(data, self.feature_names_in_)
+        present = {str(c) for c in frame.columns}
+        missing_cols = [c for c in self.feature_names_in_ if c not in present]
+        if missing_cols:
+            raise DataError(f"missing column(s): {', '.join(missing_cols)}")
+        n = len(frame)
+        out = np.empty((n, self.n_features_out_), dtype=np.float32)
+        for i, name in enumerate(self.numeric_):
+            values, bad = _numeric_column(frame, name)
+            if bad.any():
+                pos = int(np.flatnonzero(bad)[0])
+                raise DataError(
+                    f"column '{name}', {_row_label(frame, pos)}: "
+                    f"{frame[name].iloc[pos]!r} is not a number"
+                )
+            if np.isinf(values).any():
+                pos = int(np.flatnonzero(np.isinf(values))[0])
+                raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is infinite")
+            nan = np.isnan(values)
+            params = self.numeric_params_[name]
+            if nan.any():
+                if self.missing_ == "reject":
+                    pos = int(np.flatnonzero(nan)[0])
+                    raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
+                values = np.where(nan, params.median, values)
+            out[:, i] = self._transform_numeric(values, params)
+        col = len(self.numeric_)
+        for name in self.categorical_:
+            cats = self.categories_[name]
+            raw = frame[name]
+            if self.missing_ == "reject" and raw.isna().any():
+                pos = int(np.flatnonzero(raw.isna().to_numpy())[0])
+                raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
+            codes = pd.Categorical(raw.astype(str).where(raw.notna(), None), categories=cats).codes
+            codes = np.where(codes < 0, len(cats), codes)  # unseen / missing -> last bucket
+            block = np.zeros((n, len(cats) + 1), dtype=np.float32)
+            block[np.arange(n), codes] = 1.0
+            out[:, col : col + len(cats) + 1] = block
+            col += len(cats) + 1
+        return out
+
+    def fit_transform(self, data: Any) -> np.ndarray:
+        return self.fit(data).transform(data)
+
+    def _transform_numeric(self, values: np.ndarray, p: NumericParams) -> np.ndarray:
+        if self.numeric_transform == "quantile" and len(p.knots) > 1:
+            knots = np.asarray(p.knots)
+            normal = np.asarray(p.normal)
+            z = np.interp(values, knots, normal)
+            hi = values > knots[-1]
+            lo = values < knots[0]
+            if hi.any():
+                z[hi] = normal[-1] + np.log1p((values[hi] - knots[-1]) / p.scale)
+            if lo.any():
+                z[lo] = normal[0] - np.log1p((knots[0] - values[lo]) / p.scale)
+        else:
+            z = (values - p.median) / p.scale
+            if self.numeric_transform == "signed_log":
+                z = np.sign(z) * np.log1p(np.abs(z))
+        return np.clip(z, -self.clip, self.clip)
+
+    # ------------------------------------------------------------ (de)serialising
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe parameters (stored in the bundle manifest)."""
+        self._check_fitted()
+        return {
+            "numeric_transform": self.numeric_transform,
+            "n_quantiles": self.n_quantiles,
+            "max_categories": self.max_categories,
+            "clip": self.clip,
+            "min_rows": self.min_rows,
+            "missing": self.missing_,
+            "numeric": self.numeric_,
+            "categorical": self.categorical_,
+            "numeric_params": {
+                k: {"median": v.median, "scale": v.scale, "knots": v.knots, "normal": v.normal}
+                for k, v in self.numeric_params_.items()
+            },
+            "categories": self.categories_,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], schema: SchemaConfig | None = None) -> Preprocessor:
+        pre = cls(
+            schema=schema,
+            numeric_transform=data["numeric_transform"],
+            n_quantiles=int(data["n_quantiles"]),
+            max_categories=int(data["max_categories"]),
+            clip=float(data["clip"]),
+            min_rows=int(data["min_rows"]),
+        )
+        pre.missing_ = data["missing"]
+        pre.numeric_ = [str(c) for c in data["numeric"]]
+        pre.categorical_ = [str(c) for c in data["categorical"]]
+        pre.numeric_params_ = {
+            k: NumericParams(
+                median=float(v["median"]),
+                scale=float(v["scale"]),
+                knots=[float(x) for x in v["knots"]],
+                normal=[float(x) for x in v["normal"]],
+            )
+            for k, v in data["numeric_params"].items()
+        }
+        pre.categories_ = {k: [str(c) for c in v] for k, v in data["categories"].items()}
+        if set(pre.numeric_params_) != set(pre.numeric_) or set(pre.categories_) != set(
+            pre.categorical_
+        ):
+            raise DataError("preprocessing parameters do not match the listed columns")
+        pre._build_output_layout()
+        return pre
