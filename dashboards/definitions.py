@@ -1,0 +1,1116 @@
+"""The three dashboards: Alerts, Service and Models.
+
+SQL panels read the tables of docs/architecture.md ("SQL schema") through the read-only role;
+Prometheus panels use the metric names of streams/metrics.py. Multi-value variables expand in SQL
+to a quoted list (``pipeline IN ($pipeline)``) and in PromQL to a regex (``pipeline=~"$pipeline"``).
+Every query that shows data from the dashboard's time range filters with ``$__timeFilter``.
+"""
+
+from __future__ import annotations
+
+from dashboards.builder import (
+    CustomVariable,
+    Dashboard,
+    Panel,
+    PromTarget,
+    QueryVariable,
+    SQLTarget,
+    row,
+)
+from dashboards.datasources import POSTGRES, PROMETHEUS
+
+TAGS = ["anomaly-monitor"]
+DETECTORS = ["ensemble", "vae", "flow", "gan"]
+
+SEVERITY_COLORS = {"low": "blue", "medium": "yellow", "high": "orange", "critical": "red"}
+
+PIPELINE_SQL = QueryVariable(
+    name="pipeline",
+    label="Pipeline",
+    datasource=POSTGRES,
+    # model_versions and stream_stats are small (a row per version, a row per pipeline-minute);
+    # alerts can be large, so they are not scanned for the list.
+    query="SELECT pipeline FROM model_versions UNION SELECT pipeline FROM stream_stats ORDER BY 1",
+)
+PIPELINE_PROM = QueryVariable(
+    name="pipeline",
+    label="Pipeline",
+    datasource=PROMETHEUS,
+    query="label_values(anomaly_records_consumed_total, pipeline)",
+)
+DETECTOR = CustomVariable(name="detector", label="Detector", values=DETECTORS)
+
+# The chosen detector's score column ($detector is single-valued, so it is not quoted by Grafana).
+DETECTOR_SCORE = """CASE '$detector'
+    WHEN 'vae' THEN a.vae_score
+    WHEN 'flow' THEN a.flow_score
+    WHEN 'gan' THEN a.gan_score
+    ELSE a.ensemble_score
+  END"""
+
+SEVERITY_RANK = """CASE {col}
+    WHEN 'critical' THEN 4 WHEN 'high' THEN 3 WHEN 'medium' THEN 2 ELSE 1
+  END"""
+
+LINKS = [
+    {
+        "asDropdown": False,
+        "icon": "external link",
+        "includeVars": True,
+        "keepTime": True,
+        "tags": TAGS,
+        "targetBlank": False,
+        "title": "Anomaly monitor",
+        "type": "dashboards",
+    }
+]
+
+
+def _severity_overrides(field_name: str = "severity") -> list[dict]:
+    return [
+        {
+            "matcher": {"id": "byName", "options": field_name},
+            "properties": [
+                {"id": "custom.cellOptions", "value": {"type": "color-text"}},
+                {
+                    "id": "mappings",
+                    "value": [
+                        {
+                            "options": {
+                                sev: {"color": color, "index": i}
+                                for i, (sev, color) in enumerate(SEVERITY_COLORS.items())
+                            },
+                            "type": "value",
+                        }
+                    ],
+                },
+            ],
+        }
+    ]
+
+
+def _stat(title: str, target: SQLTarget, unit: str = "short", **kw) -> Panel:
+    return Panel(
+        title=title,
+        type="stat",
+        datasource=POSTGRES,
+        targets=[target],
+        width=kw.pop("width", 4),
+        height=4,
+        unit=unit,
+        options={
+            "colorMode": "value",
+            "graphMode": "none",
+            "justifyMode": "auto",
+            "orientation": "auto",
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "textMode": "auto",
+        },
+        **kw,
+    )
+
+
+def _timeseries(title: str, targets: list, **kw) -> Panel:
+    custom = {
+        "drawStyle": "line",
+        "fillOpacity": kw.pop("fill", 10),
+        "lineWidth": 1,
+        "showPoints": "never",
+        "spanNulls": False,
+        "stacking": {"group": "A", "mode": kw.pop("stacking", "none")},
+    }
+    custom.update(kw.pop("custom", {}))
+    return Panel(
+        title=title,
+        type="timeseries",
+        targets=targets,
+        custom=custom,
+        options={
+            "legend": {"calcs": [], "displayMode": "list", "placement": "bottom"},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        },
+        **kw,
+    )
+
+
+def _table(title: str, target: SQLTarget, **kw) -> Panel:
+    return Panel(
+        title=title,
+        type="table",
+        datasource=POSTGRES,
+        targets=[target],
+        options={"cellHeight": "sm", "footer": {"show": False}, "showHeader": True},
+        custom={"align": "auto", "filterable": True},
+        **kw,
+    )
+
+
+# ---------------------------------------------------------------------------------------- alerts
+
+
+def alerts_dashboard() -> Dashboard:
+    panels = [
+        _stat(
+            "Alerts",
+            SQLTarget(
+                """
+                SELECT count(*) AS alerts
+                FROM alerts
+                WHERE $__timeFilter(ingest_time) AND pipeline IN ($pipeline)
+                """,
+                columns=("alerts",),
+            ),
+            description="Alerts raised in the time range.",
+        ),
+        _stat(
+            "Records scored",
+            SQLTarget(
+                """
+                SELECT coalesce(sum(records_scored), 0) AS records
+                FROM stream_stats
+                WHERE $__timeFilter(minute) AND pipeline IN ($pipeline)
+                """,
+                columns=("records",),
+            ),
+        ),
+        _stat(
+            "Alert rate",
+            SQLTarget(
+                """
+                SELECT sum(records_alerted)::float8 / NULLIF(sum(records_scored), 0) AS alert_rate
+                FROM stream_stats
+                WHERE $__timeFilter(minute) AND pipeline IN ($pipeline)
+                """,
+                columns=("alert_rate",),
+            ),
+            unit="percentunit",
+            decimals=3,
+            description="Alerted records / scored records. With few true anomalies it should be "
+            "close to the target false-positive rate of the active model.",
+        ),
+        _stat(
+            "Open incidents",
+            SQLTarget(
+                """
+                SELECT count(*) AS open_incidents
+                FROM incidents
+                WHERE status = 'open' AND $__timeFilter(last_seen) AND pipeline IN ($pipeline)
+                """,
+                columns=("open_incidents",),
+            ),
+            thresholds=[(None, "green"), (1, "orange"), (10, "red")],
+        ),
+        _stat(
+            "Critical alerts",
+            SQLTarget(
+                """
+                SELECT count(*) AS critical
+                FROM alerts
+                WHERE $__timeFilter(ingest_time) AND pipeline IN ($pipeline)
+                  AND severity = 'critical'
+                """,
+                columns=("critical",),
+            ),
+            thresholds=[(None, "green"), (1, "red")],
+        ),
+        _stat(
+            "Dead letters",
+            SQLTarget(
+                """
+                SELECT count(*) AS dead_letters
+                FROM dead_letters
+                WHERE $__timeFilter(created_at) AND pipeline IN ($pipeline)
+                """,
+                columns=("dead_letters",),
+            ),
+            thresholds=[(None, "green"), (1, "orange")],
+        ),
+        row("Alerts over time"),
+        _timeseries(
+            "Alerts by pipeline and severity",
+            [
+                SQLTarget(
+                    """
+                    SELECT
+                      $__timeGroupAlias(ingest_time, $__interval),
+                      pipeline || ' ' || severity AS metric,
+                      count(*) AS alerts
+                    FROM alerts
+                    WHERE $__timeFilter(ingest_time) AND pipeline IN ($pipeline)
+                    GROUP BY 1, 2
+                    ORDER BY 1, 2
+                    """,
+                    columns=("time", "metric", "alerts"),
+                    format="time_series",
+                )
+            ],
+            datasource=POSTGRES,
+            stacking="normal",
+            fill=60,
+            custom={"drawStyle": "bars"},
+            description="Alerts per time bucket, stacked by pipeline and severity.",
+        ),
+        _timeseries(
+            "Observed alert rate vs expected false-positive rate",
+            [
+                SQLTarget(
+                    """
+                    SELECT
+                      $__timeGroupAlias(s.minute, $__interval),
+                      s.pipeline || ' observed' AS metric,
+                      sum(s.records_alerted)::float8 / NULLIF(sum(s.records_scored), 0) AS rate
+                    FROM stream_stats s
+                    WHERE $__timeFilter(s.minute) AND s.pipeline IN ($pipeline)
+                    GROUP BY 1, 2
+                    UNION ALL
+                    SELECT
+                      $__timeGroupAlias(s.minute, $__interval),
+                      s.pipeline || ' expected (target FPR)' AS metric,
+                      max((m.metrics ->> 'target_fpr')::float8) AS rate
+                    FROM stream_stats s
+                    JOIN model_versions m ON m.pipeline = s.pipeline AND m.active
+                    WHERE $__timeFilter(s.minute) AND s.pipeline IN ($pipeline)
+                    GROUP BY 1, 2
+                    ORDER BY 1, 2
+                    """,
+                    columns=("time", "metric", "rate"),
+                    format="time_series",
+                )
+            ],
+            datasource=POSTGRES,
+            unit="percentunit",
+            fill=0,
+            description="Share of scored records that alerted, against the target false-positive "
+            "rate the active model was calibrated for (model_versions.metrics.target_fpr). A "
+            "rate far above the target with no incident behind it means the traffic drifted.",
+            overrides=[
+                {
+                    "matcher": {"id": "byRegexp", "options": ".*expected.*"},
+                    "properties": [
+                        {"id": "custom.lineStyle", "value": {"dash": [10, 10], "fill": "dash"}},
+                        {"id": "custom.lineWidth", "value": 2},
+                    ],
+                }
+            ],
+        ),
+        _timeseries(
+            "Ensemble score quantiles and alert threshold",
+            [
+                SQLTarget(
+                    """
+                    SELECT
+                      $__timeGroupAlias(s.minute, $__interval),
+                      s.pipeline AS metric,
+                      sum(s.score_p50 * s.records_scored) / NULLIF(sum(s.records_scored), 0) AS p50,
+                      sum(s.score_p90 * s.records_scored) / NULLIF(sum(s.records_scored), 0) AS p90,
+                      sum(s.score_p99 * s.records_scored) / NULLIF(sum(s.records_scored), 0) AS p99,
+                      max((m.metrics ->> 'threshold')::float8) AS threshold
+                    FROM stream_stats s
+                    LEFT JOIN model_versions m ON m.pipeline = s.pipeline AND m.active
+                    WHERE $__timeFilter(s.minute) AND s.pipeline IN ($pipeline)
+                    GROUP BY 1, 2
+                    ORDER BY 1, 2
+                    """,
+                    columns=("time", "metric", "p50", "p90", "p99", "threshold"),
+                    format="time_series",
+                )
+            ],
+            datasource=POSTGRES,
+            fill=0,
+            width=12,
+            description="Distribution of the ensemble score of all scored records (per-minute "
+            "quantiles, averaged over each bucket weighted by records) and the active model's "
+            "alert threshold (dashed).",
+            overrides=[
+                {
+                    "matcher": {"id": "byRegexp", "options": ".*threshold.*"},
+                    "properties": [
+                        {"id": "custom.lineStyle", "value": {"dash": [10, 10], "fill": "dash"}},
+                        {"id": "color", "value": {"fixedColor": "red", "mode": "fixed"}},
+                    ],
+                }
+            ],
+        ),
+        Panel(
+            title="Alert score distribution ($detector)",
+            type="histogram",
+            datasource=POSTGRES,
+            targets=[
+                SQLTarget(
+                    f"""
+                    SELECT {DETECTOR_SCORE} AS score
+                    FROM alerts a
+                    WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN ($pipeline)
+                    """,
+                    columns=("score",),
+                )
+            ],
+            description="Histogram of the chosen detector's score over the alerts in range.",
+            options={"bucketCount": 30, "combine": False, "legend": {"showLegend": False}},
+            custom={"fillOpacity": 80, "lineWidth": 1},
+        ),
+        row("Who and what"),
+        _table(
+            "Top entities",
+            SQLTarget(
+                """
+                SELECT
+                  entity,
+                  pipeline,
+                  count(*) AS alerts,
+                  max(ensemble_score) AS max_score,
+                  max(ingest_time) AS last_alert
+                FROM alerts
+                WHERE $__timeFilter(ingest_time) AND pipeline IN ($pipeline)
+                  AND entity IS NOT NULL
+                GROUP BY entity, pipeline
+                ORDER BY alerts DESC, max_score DESC
+                LIMIT 15
+                """,
+                columns=("entity", "pipeline", "alerts", "max_score", "last_alert"),
+            ),
+            width=8,
+            height=9,
+            description="Cards or machines with the most alerts in range.",
+        ),
+        _table(
+            "Open incidents",
+            SQLTarget(
+                f"""
+                SELECT
+                  id AS incident,
+                  pipeline,
+                  entity,
+                  max_severity AS severity,
+                  alert_count AS alerts,
+                  first_seen,
+                  last_seen
+                FROM incidents
+                WHERE status = 'open' AND $__timeFilter(last_seen) AND pipeline IN ($pipeline)
+                ORDER BY {SEVERITY_RANK.format(col="max_severity")} DESC, last_seen DESC
+                LIMIT 100
+                """,
+                columns=(
+                    "incident",
+                    "pipeline",
+                    "entity",
+                    "severity",
+                    "alerts",
+                    "first_seen",
+                    "last_seen",
+                ),
+            ),
+            width=8,
+            height=9,
+            overrides=_severity_overrides(),
+            description="Alerts on the same entity close together form one incident.",
+        ),
+        Panel(
+            title="Alerts by detector that fired",
+            type="barchart",
+            datasource=POSTGRES,
+            targets=[
+                SQLTarget(
+                    """
+                    SELECT d.detector, count(*) AS alerts
+                    FROM alerts a
+                    CROSS JOIN LATERAL jsonb_array_elements_text(a.fired_detectors::jsonb)
+                      AS d(detector)
+                    WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN ($pipeline)
+                    GROUP BY d.detector
+                    ORDER BY d.detector
+                    """,
+                    columns=("detector", "alerts"),
+                )
+            ],
+            width=8,
+            height=9,
+            description="How often each detector's own p-value was below the target rate on an "
+            "alert: detectors that agree make an alert more credible.",
+            options={"orientation": "horizontal", "showValue": "auto", "xField": "detector"},
+        ),
+        _table(
+            "Latest alerts",
+            SQLTarget(
+                f"""
+                SELECT
+                  a.ingest_time AS time,
+                  a.pipeline,
+                  a.entity,
+                  a.record_id,
+                  a.severity,
+                  a.ensemble_score AS score,
+                  a.ensemble_p AS p_value,
+                  {DETECTOR_SCORE} AS detector_score,
+                  (
+                    SELECT string_agg(
+                      (f.item ->> 'feature') || '=' || (f.item ->> 'value')
+                        || ' (' || round((f.item ->> 'contribution')::numeric, 2) || ')',
+                      ', ' ORDER BY f.n)
+                    FROM jsonb_array_elements(a.top_features::jsonb) WITH ORDINALITY AS f(item, n)
+                  ) AS top_features,
+                  (
+                    SELECT string_agg(d.name, ',' ORDER BY d.name)
+                    FROM jsonb_array_elements_text(a.fired_detectors::jsonb) AS d(name)
+                  ) AS fired,
+                  a.status,
+                  a.incident_id AS incident,
+                  a.model_version
+                FROM alerts a
+                WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN ($pipeline)
+                ORDER BY a.ingest_time DESC, a.id DESC
+                LIMIT 200
+                """,
+                columns=(
+                    "time",
+                    "pipeline",
+                    "entity",
+                    "record_id",
+                    "severity",
+                    "score",
+                    "p_value",
+                    "detector_score",
+                    "top_features",
+                    "fired",
+                    "status",
+                    "incident",
+                    "model_version",
+                ),
+            ),
+            width=24,
+            height=10,
+            description="Newest alerts first. top_features: feature=value (contribution to the "
+            "score); detector_score: the score of the detector chosen above.",
+            overrides=[
+                *_severity_overrides(),
+                {
+                    "matcher": {"id": "byName", "options": "p_value"},
+                    "properties": [{"id": "unit", "value": "sci"}],
+                },
+                {
+                    "matcher": {"id": "byName", "options": "top_features"},
+                    "properties": [{"id": "custom.width", "value": 420}],
+                },
+            ],
+        ),
+        row("Dead letters"),
+        _timeseries(
+            "Dead letters by reason",
+            [
+                SQLTarget(
+                    """
+                    SELECT
+                      $__timeGroupAlias(created_at, $__interval),
+                      error_kind AS metric,
+                      count(*) AS dead_letters
+                    FROM dead_letters
+                    WHERE $__timeFilter(created_at) AND pipeline IN ($pipeline)
+                    GROUP BY 1, 2
+                    ORDER BY 1, 2
+                    """,
+                    columns=("time", "metric", "dead_letters"),
+                    format="time_series",
+                )
+            ],
+            datasource=POSTGRES,
+            stacking="normal",
+            fill=60,
+            custom={"drawStyle": "bars"},
+            width=10,
+            description="Records that could not be decoded or validated, by reason; each is kept "
+            "with its raw bytes in the dead_letters table and topic.",
+        ),
+        _table(
+            "Latest dead letters",
+            SQLTarget(
+                """
+                SELECT
+                  created_at AS time,
+                  pipeline,
+                  error_kind AS reason,
+                  error_message,
+                  kafka_topic AS topic,
+                  kafka_partition AS partition,
+                  kafka_offset AS "offset"
+                FROM dead_letters
+                WHERE $__timeFilter(created_at) AND pipeline IN ($pipeline)
+                ORDER BY created_at DESC, id DESC
+                LIMIT 100
+                """,
+                columns=(
+                    "time",
+                    "pipeline",
+                    "reason",
+                    "error_message",
+                    "topic",
+                    "partition",
+                    "offset",
+                ),
+            ),
+            width=14,
+        ),
+    ]
+    return Dashboard(
+        uid="anomaly-alerts",
+        title="Anomaly monitor / Alerts",
+        description="Alerts, incidents and dead letters of the anomaly-monitor pipelines.",
+        panels=panels,
+        variables=[PIPELINE_SQL, DETECTOR],
+        tags=TAGS,
+        links=LINKS,
+    )
+
+
+# --------------------------------------------------------------------------------------- service
+
+_PROM_PIPE = '{pipeline=~"$pipeline"}'
+
+
+def _rate(metric: str, by: str) -> str:
+    return f"sum by ({by}) (rate({metric}{_PROM_PIPE}[$__rate_interval]))"
+
+
+def _quantile(q: float, metric: str, by: str) -> str:
+    return (
+        f"histogram_quantile({q}, sum by (le, {by}) "
+        f"(rate({metric}_bucket{_PROM_PIPE}[$__rate_interval])))"
+    )
+
+
+def _info_stat(title: str, metric: str, label: str, description: str) -> Panel:
+    return Panel(
+        title=title,
+        type="stat",
+        datasource=PROMETHEUS,
+        targets=[
+            PromTarget(
+                f"max by (pipeline, {label}) ({metric}{_PROM_PIPE})",
+                legend="{{pipeline}}",
+                instant=True,
+                format="table",
+            )
+        ],
+        width=6,
+        height=4,
+        description=description,
+        options={
+            "colorMode": "none",
+            "graphMode": "none",
+            "justifyMode": "auto",
+            "orientation": "auto",
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": f"/^{label}$/", "values": True},
+            "textMode": "value_and_name",
+        },
+    )
+
+
+def service_dashboard() -> Dashboard:
+    panels = [
+        _info_stat(
+            "Scoring device",
+            "anomaly_scoring_device_info",
+            "device",
+            "Where each pipeline's scorer runs: cuda, mps or cpu.",
+        ),
+        _info_stat(
+            "Model version",
+            "anomaly_model_version_info",
+            "version",
+            "The model version each scorer is serving.",
+        ),
+        Panel(
+            title="Database up",
+            type="stat",
+            datasource=PROMETHEUS,
+            targets=[
+                PromTarget(f"min by (pipeline) (anomaly_database_up{_PROM_PIPE})", "{{pipeline}}")
+            ],
+            width=6,
+            height=4,
+            defaults={
+                "mappings": [
+                    {
+                        "options": {
+                            "0": {"color": "red", "index": 0, "text": "down"},
+                            "1": {"color": "green", "index": 1, "text": "up"},
+                        },
+                        "type": "value",
+                    }
+                ]
+            },
+            options={
+                "colorMode": "background",
+                "graphMode": "none",
+                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                "textMode": "value_and_name",
+            },
+            description="0 while the scorer cannot reach the database (it backs off and retries; "
+            "Kafka offsets are not committed meanwhile, so nothing is lost).",
+        ),
+        Panel(
+            title="Total consumer lag",
+            type="stat",
+            datasource=PROMETHEUS,
+            targets=[
+                PromTarget(f"sum by (pipeline) (anomaly_consumer_lag{_PROM_PIPE})", "{{pipeline}}")
+            ],
+            width=6,
+            height=4,
+            thresholds=[(None, "green"), (10000, "orange"), (100000, "red")],
+            options={
+                "colorMode": "value",
+                "graphMode": "area",
+                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+                "textMode": "value_and_name",
+            },
+        ),
+        row("Throughput"),
+        _timeseries(
+            "Records per second",
+            [
+                PromTarget(
+                    _rate("anomaly_records_consumed_total", "pipeline"), "{{pipeline}} consumed"
+                ),
+                PromTarget(
+                    _rate("anomaly_records_scored_total", "pipeline"), "{{pipeline}} scored"
+                ),
+            ],
+            datasource=PROMETHEUS,
+            unit="reqps",
+            width=8,
+        ),
+        _timeseries(
+            "Alerts per second by severity",
+            [
+                PromTarget(
+                    _rate("anomaly_records_alerted_total", "pipeline, severity"),
+                    "{{pipeline}} {{severity}}",
+                )
+            ],
+            datasource=PROMETHEUS,
+            unit="reqps",
+            stacking="normal",
+            width=8,
+        ),
+        _timeseries(
+            "Dead letters per second by reason",
+            [
+                PromTarget(
+                    _rate("anomaly_records_dead_lettered_total", "pipeline, reason"),
+                    "{{pipeline}} {{reason}}",
+                )
+            ],
+            datasource=PROMETHEUS,
+            unit="reqps",
+            stacking="normal",
+            width=8,
+        ),
+        row("Lag and latency"),
+        _timeseries(
+            "Consumer lag per partition",
+            [
+                PromTarget(
+                    f"max by (pipeline, topic, partition) (anomaly_consumer_lag{_PROM_PIPE})",
+                    "{{pipeline}} {{topic}}[{{partition}}]",
+                )
+            ],
+            datasource=PROMETHEUS,
+            unit="short",
+            description="Records behind the end of each partition. A lag that keeps growing means "
+            "the scorer cannot keep up: add partitions and scorers, or score on a GPU.",
+        ),
+        _timeseries(
+            "Stage latency (p50, p99)",
+            [
+                PromTarget(
+                    _quantile(0.5, "anomaly_stage_seconds", "pipeline, stage"),
+                    "{{pipeline}} {{stage}} p50",
+                ),
+                PromTarget(
+                    _quantile(0.99, "anomaly_stage_seconds", "pipeline, stage"),
+                    "{{pipeline}} {{stage}} p99",
+                ),
+            ],
+            datasource=PROMETHEUS,
+            unit="s",
+            description="Per micro-batch: decode, score, write (one database transaction) and "
+            "commit (Kafka offsets).",
+        ),
+        _timeseries(
+            "End-to-end latency (p50, p99)",
+            [
+                PromTarget(
+                    _quantile(0.5, "anomaly_end_to_end_seconds", "pipeline"), "{{pipeline}} p50"
+                ),
+                PromTarget(
+                    _quantile(0.99, "anomaly_end_to_end_seconds", "pipeline"), "{{pipeline}} p99"
+                ),
+            ],
+            datasource=PROMETHEUS,
+            unit="s",
+            description="From a record's Kafka timestamp to its alert being committed.",
+        ),
+        _timeseries(
+            "Mean batch size",
+            [
+                PromTarget(
+                    f"{_rate('anomaly_batch_size_sum', 'pipeline')} / "
+                    f"{_rate('anomaly_batch_size_count', 'pipeline')}",
+                    "{{pipeline}}",
+                )
+            ],
+            datasource=PROMETHEUS,
+            unit="short",
+            description="Records per micro-batch: small batches under load mean max_wait_s is "
+            "cutting them short.",
+        ),
+        row("From the database (works without Prometheus)"),
+        _timeseries(
+            "Records per second (stream_stats)",
+            [
+                SQLTarget(
+                    """
+                    SELECT
+                      $__timeGroupAlias(minute, $__interval),
+                      pipeline AS metric,
+                      sum(records_seen)::float8 / greatest($__interval_ms / 1000.0, 60) AS records
+                    FROM stream_stats
+                    WHERE $__timeFilter(minute) AND pipeline IN ($pipeline)
+                    GROUP BY 1, 2
+                    ORDER BY 1, 2
+                    """,
+                    columns=("time", "metric", "records"),
+                    format="time_series",
+                )
+            ],
+            datasource=POSTGRES,
+            unit="reqps",
+            width=8,
+        ),
+        _timeseries(
+            "Batch latency (stream_stats)",
+            [
+                SQLTarget(
+                    """
+                    SELECT
+                      $__timeGroupAlias(minute, $__interval),
+                      pipeline AS metric,
+                      sum(latency_ms_sum) / NULLIF(sum(latency_count), 0) AS mean_ms,
+                      max(latency_ms_max) AS max_ms
+                    FROM stream_stats
+                    WHERE $__timeFilter(minute) AND pipeline IN ($pipeline)
+                    GROUP BY 1, 2
+                    ORDER BY 1, 2
+                    """,
+                    columns=("time", "metric", "mean_ms", "max_ms"),
+                    format="time_series",
+                )
+            ],
+            datasource=POSTGRES,
+            unit="ms",
+            width=8,
+        ),
+        _table(
+            "Committed offsets",
+            SQLTarget(
+                """
+                SELECT
+                  pipeline,
+                  kafka_topic AS topic,
+                  kafka_partition AS partition,
+                  next_offset,
+                  updated_at
+                FROM consumer_offsets
+                WHERE pipeline IN ($pipeline)
+                ORDER BY pipeline, kafka_topic, kafka_partition
+                """,
+                columns=("pipeline", "topic", "partition", "next_offset", "updated_at"),
+                time_bound=False,  # the current position of each partition
+            ),
+            width=8,
+            description="Next offset to read per partition, as stored with the alerts in the "
+            "same transaction.",
+        ),
+    ]
+    # This dashboard's pipeline list comes from Prometheus, but its SQL panels use it too: a
+    # multi-value variable expands to a quoted list in SQL whatever datasource filled it.
+    return Dashboard(
+        uid="anomaly-service",
+        title="Anomaly monitor / Service",
+        description="Throughput, lag, latency and scoring device of the anomaly-monitor scorers.",
+        panels=panels,
+        variables=[PIPELINE_PROM],
+        tags=TAGS,
+        time_from="now-1h",
+        refresh="10s",
+        links=LINKS,
+    )
+
+
+# ---------------------------------------------------------------------------------------- models
+
+
+def models_dashboard() -> Dashboard:
+    panels = [
+        _table(
+            "Active model per pipeline",
+            SQLTarget(
+                """
+                SELECT
+                  pipeline,
+                  version,
+                  activated_at,
+                  created_at,
+                  (metrics ->> 'target_fpr')::float8 AS target_fpr,
+                  (metrics ->> 'threshold')::float8 AS threshold,
+                  left(bundle_sha256, 12) AS bundle_sha256,
+                  bundle_path
+                FROM model_versions
+                WHERE active AND pipeline IN ($pipeline)
+                ORDER BY pipeline
+                """,
+                columns=(
+                    "pipeline",
+                    "version",
+                    "activated_at",
+                    "created_at",
+                    "target_fpr",
+                    "threshold",
+                    "bundle_sha256",
+                    "bundle_path",
+                ),
+                time_bound=False,  # what is serving now
+            ),
+            width=14,
+            height=6,
+        ),
+        _table(
+            "Evaluation metrics of the active model",
+            SQLTarget(
+                """
+                SELECT m.pipeline, m.version, kv.key AS metric, kv.value::text::float8 AS value
+                FROM model_versions m
+                CROSS JOIN LATERAL jsonb_each(m.metrics::jsonb) AS kv(key, value)
+                WHERE m.active AND m.pipeline IN ($pipeline) AND jsonb_typeof(kv.value) = 'number'
+                UNION ALL
+                SELECT m.pipeline, m.version, kv.key || '.' || sub.key, sub.value::text::float8
+                FROM model_versions m
+                CROSS JOIN LATERAL jsonb_each(m.metrics::jsonb) AS kv(key, value)
+                CROSS JOIN LATERAL jsonb_each(
+                  CASE WHEN jsonb_typeof(kv.value) = 'object' THEN kv.value ELSE '{}'::jsonb END
+                ) AS sub(key, value)
+                WHERE m.active AND m.pipeline IN ($pipeline) AND jsonb_typeof(sub.value) = 'number'
+                ORDER BY 1, 3
+                """,
+                columns=("pipeline", "version", "metric", "value"),
+                time_bound=False,
+            ),
+            width=10,
+            height=12,
+            description="Every number recorded with the version (model_versions.metrics), one "
+            "level of nesting flattened: target_fpr, threshold, calibration quantiles and the "
+            "evaluation results on held-out data.",
+            decimals=4,
+        ),
+        _table(
+            "Score drift: live traffic vs calibration",
+            SQLTarget(
+                """
+                WITH live AS (
+                  SELECT
+                    pipeline,
+                    sum(score_p50 * records_scored) / NULLIF(sum(records_scored), 0) AS p50,
+                    sum(score_p90 * records_scored) / NULLIF(sum(records_scored), 0) AS p90,
+                    sum(score_p99 * records_scored) / NULLIF(sum(records_scored), 0) AS p99
+                  FROM stream_stats
+                  WHERE $__timeFilter(minute) AND pipeline IN ($pipeline)
+                  GROUP BY pipeline
+                )
+                SELECT
+                  l.pipeline,
+                  q.quantile,
+                  q.live,
+                  q.calibration,
+                  q.live / NULLIF(q.calibration, 0) AS ratio
+                FROM live l
+                JOIN model_versions m ON m.pipeline = l.pipeline AND m.active
+                CROSS JOIN LATERAL (
+                  VALUES
+                    ('p50', l.p50, (m.metrics -> 'calibration_quantiles' ->> 'p50')::float8),
+                    ('p90', l.p90, (m.metrics -> 'calibration_quantiles' ->> 'p90')::float8),
+                    ('p99', l.p99, (m.metrics -> 'calibration_quantiles' ->> 'p99')::float8)
+                ) AS q(quantile, live, calibration)
+                ORDER BY 1, 2
+                """,
+                columns=("pipeline", "quantile", "live", "calibration", "ratio"),
+            ),
+            width=14,
+            height=6,
+            decimals=3,
+            description="Ensemble-score quantiles of live traffic in the time range against the "
+            "same quantiles on the calibration set. A ratio well away from 1 means the traffic "
+            "no longer looks like the training data: retrain or investigate.",
+            overrides=[
+                {
+                    "matcher": {"id": "byName", "options": "ratio"},
+                    "properties": [
+                        {"id": "custom.cellOptions", "value": {"type": "color-background"}},
+                        {
+                            "id": "thresholds",
+                            "value": {
+                                "mode": "absolute",
+                                "steps": [
+                                    {"color": "red", "value": None},
+                                    {"color": "green", "value": 0.8},
+                                    {"color": "orange", "value": 1.25},
+                                    {"color": "red", "value": 2},
+                                ],
+                            },
+                        },
+                    ],
+                }
+            ],
+        ),
+        row("Drift over time"),
+        _timeseries(
+            "Live score quantiles vs calibration quantiles",
+            [
+                SQLTarget(
+                    """
+                    SELECT
+                      $__timeGroupAlias(s.minute, $__interval),
+                      s.pipeline AS metric,
+                      sum(s.score_p50 * s.records_scored) / NULLIF(sum(s.records_scored), 0)
+                        AS live_p50,
+                      sum(s.score_p90 * s.records_scored) / NULLIF(sum(s.records_scored), 0)
+                        AS live_p90,
+                      sum(s.score_p99 * s.records_scored) / NULLIF(sum(s.records_scored), 0)
+                        AS live_p99,
+                      max((m.metrics -> 'calibration_quantiles' ->> 'p50')::float8)
+                        AS calibration_p50,
+                      max((m.metrics -> 'calibration_quantiles' ->> 'p90')::float8)
+                        AS calibration_p90,
+                      max((m.metrics -> 'calibration_quantiles' ->> 'p99')::float8)
+                        AS calibration_p99
+                    FROM stream_stats s
+                    LEFT JOIN model_versions m ON m.pipeline = s.pipeline AND m.active
+                    WHERE $__timeFilter(s.minute) AND s.pipeline IN ($pipeline)
+                    GROUP BY 1, 2
+                    ORDER BY 1, 2
+                    """,
+                    columns=(
+                        "time",
+                        "metric",
+                        "live_p50",
+                        "live_p90",
+                        "live_p99",
+                        "calibration_p50",
+                        "calibration_p90",
+                        "calibration_p99",
+                    ),
+                    format="time_series",
+                )
+            ],
+            datasource=POSTGRES,
+            fill=0,
+            width=24,
+            overrides=[
+                {
+                    "matcher": {"id": "byRegexp", "options": ".*calibration.*"},
+                    "properties": [
+                        {"id": "custom.lineStyle", "value": {"dash": [10, 10], "fill": "dash"}}
+                    ],
+                }
+            ],
+        ),
+        _timeseries(
+            "Alerts by model version",
+            [
+                SQLTarget(
+                    """
+                    SELECT
+                      $__timeGroupAlias(ingest_time, $__interval),
+                      pipeline || ' ' || model_version AS metric,
+                      count(*) AS alerts
+                    FROM alerts
+                    WHERE $__timeFilter(ingest_time) AND pipeline IN ($pipeline)
+                    GROUP BY 1, 2
+                    ORDER BY 1, 2
+                    """,
+                    columns=("time", "metric", "alerts"),
+                    format="time_series",
+                )
+            ],
+            datasource=POSTGRES,
+            stacking="normal",
+            fill=60,
+            custom={"drawStyle": "bars"},
+            description="A new version rolling out shows as a change of colour.",
+        ),
+        _timeseries(
+            "Mean $detector score of alerts by model version",
+            [
+                SQLTarget(
+                    f"""
+                    SELECT
+                      $__timeGroupAlias(a.ingest_time, $__interval),
+                      a.pipeline || ' ' || a.model_version AS metric,
+                      avg({DETECTOR_SCORE}) AS score
+                    FROM alerts a
+                    WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN ($pipeline)
+                    GROUP BY 1, 2
+                    ORDER BY 1, 2
+                    """,
+                    columns=("time", "metric", "score"),
+                    format="time_series",
+                )
+            ],
+            datasource=POSTGRES,
+            fill=0,
+        ),
+        _table(
+            "Model versions created in range",
+            SQLTarget(
+                """
+                SELECT
+                  created_at AS time,
+                  pipeline,
+                  version,
+                  active,
+                  activated_at,
+                  (metrics ->> 'target_fpr')::float8 AS target_fpr,
+                  (metrics ->> 'threshold')::float8 AS threshold,
+                  bundle_path
+                FROM model_versions
+                WHERE $__timeFilter(created_at) AND pipeline IN ($pipeline)
+                ORDER BY created_at DESC
+                """,
+                columns=(
+                    "time",
+                    "pipeline",
+                    "version",
+                    "active",
+                    "activated_at",
+                    "target_fpr",
+                    "threshold",
+                    "bundle_path",
+                ),
+            ),
+            width=24,
+        ),
+    ]
+    return Dashboard(
+        uid="anomaly-models",
+        title="Anomaly monitor / Models",
+        description="Active model versions, their evaluation, and drift of live scores.",
+        panels=panels,
+        variables=[PIPELINE_SQL, DETECTOR],
+        tags=TAGS,
+        time_from="now-24h",
+        refresh="1m",
+        links=LINKS,
+    )
+
+
+def all_dashboards() -> list[Dashboard]:
+    return [alerts_dashboard(), service_dashboard(), models_dashboard()]
