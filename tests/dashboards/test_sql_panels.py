@@ -1,7 +1,7 @@
 """Every SQL panel query of the three dashboards runs on the real PostgreSQL with seeded rows.
 
 The tables come from the storage subsystem (its migrations when present, else its SQLAlchemy
-metadata), the queries run under the read-only role Grafana uses (deploy/postgres grants), after
+metadata), the queries run under the read-only role Grafana uses (storage/grafana_role.sql), after
 the Grafana macros and variables are expanded for a time range. Rows outside the range and of a
 pipeline not selected are seeded too, so the filters are exercised, and a few results are checked
 against what was seeded.
@@ -10,7 +10,6 @@ against what was seeded.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 
@@ -20,7 +19,6 @@ from dashboards.macros import TimeRange, expand
 
 pytestmark = pytest.mark.postgres
 
-ROOT = Path(__file__).resolve().parents[2]
 END = datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
 RANGE = TimeRange(start=END - timedelta(hours=6), end=END, interval_s=300)
 PIPELINES = ["fraud", "manufacturing"]
@@ -194,11 +192,10 @@ def _seed(url: str) -> dict:
 
 
 def _grant_readonly(conn) -> None:
-    conn.execute(
-        "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'anomaly_grafana') "
-        "THEN CREATE ROLE anomaly_grafana NOLOGIN; END IF; END $$"
-    )
-    conn.execute((ROOT / "deploy" / "postgres" / "20-grafana-grants.sql").read_text())
+    from storage.grafana import grant_sql
+
+    for statement in grant_sql("anomaly_grafana"):
+        conn.execute(statement)
 
 
 @pytest.fixture
