@@ -25,7 +25,7 @@ import logging
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -287,10 +287,8 @@ class AlertStore:
                     # An error raised by the raw psycopg connection (COPY) bypasses SQLAlchemy's
                     # disconnect detection: make sure a broken connection is not pooled again.
                     if _is_retryable(exc) and not conn.invalidated:
-                        try:
+                        with suppress(Exception):  # best effort
                             conn.invalidate()
-                        except Exception:  # pragma: no cover - best effort
-                            pass
                     raise
         except (sa_exc.DBAPIError, sa_exc.InterfaceError) as exc:
             raise self._translate(exc, what) from exc
@@ -1057,7 +1055,7 @@ def _key(o: OffsetRecord) -> tuple[str, str, int]:
 
 def _scale(st: StreamStatRecord, keep: float) -> StreamStatRecord:
     def n(x: int) -> int:
-        return int(math.floor(x * keep + 0.5))
+        return math.floor(x * keep + 0.5)
 
     return replace(
         st,

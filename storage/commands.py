@@ -1,0 +1,300 @@
+"""CLI: ``anomaly db ...``, ``anomaly alerts ...``, ``anomaly models ...``.
+
+Only argparse is imported here; each handler imports SQLAlchemy and the store when it runs.
+The database URL comes from ``--db``, else ``--config PIPELINE.yaml`` (its ``database`` section,
+where ``ANOMALY_DATABASE_URL`` overrides the file), else ``ANOMALY_DATABASE_URL``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Any
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
+_UNIT_S = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    db = subparsers.add_parser("db", help="database schema and upkeep (migrations, prune)")
+    db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+
+    p = db_sub.add_parser("upgrade", help="run the migrations up to the latest (or --to REV)")
+    _db_args(p)
+    p.add_argument("--to", default="head", metavar="REV", help="target revision (default head)")
+    p.set_defaults(handler=_db_upgrade)
+
+    p = db_sub.add_parser("downgrade", help="undo migrations down to REV ('base': drop all)")
+    _db_args(p)
+    p.add_argument("--to", required=True, metavar="REV", help="target revision, or base")
+    p.set_defaults(handler=_db_downgrade)
+
+    p = db_sub.add_parser("current", help="print the database's schema revision")
+    _db_args(p)
+    p.set_defaults(handler=_db_current)
+
+    p = db_sub.add_parser(
+        "prune", help="delete alerts, dead letters, statistics and incidents older than a cutoff"
+    )
+    _db_args(p)
+    p.add_argument(
+        "--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h, 90m, 2w, or ISO time"
+    )
+    p.add_argument("--pipeline", help="only this pipeline's rows")
+    p.set_defaults(handler=_db_prune)
+
+    p = db_sub.add_parser(
+        "grafana-role",
+        help="PostgreSQL: create a read-only role for Grafana (storage/grafana_role.sql)",
+    )
+    _db_args(p)
+    p.add_argument("--role", default="anomaly_grafana", help="role name (default %(default)s)")
+    p.add_argument(
+        "--password-env",
+        metavar="VAR",
+        help="environment variable holding the role's password (lets the role log in)",
+    )
+    p.set_defaults(handler=_db_grafana_role)
+
+    alerts = subparsers.add_parser("alerts", help="list and acknowledge stored alerts")
+    alerts_sub = alerts.add_subparsers(dest="alerts_command", metavar="ACTION", required=True)
+    p = alerts_sub.add_parser("list", help="newest alerts first")
+    _db_args(p)
+    p.add_argument("--pipeline")
+    p.add_argument("--since", metavar="AGE|ISO", help="e.g. 2h, 7d or 2026-01-31T12:00:00Z")
+    p.add_argument("--status", choices=("open", "acknowledged", "resolved"))
+    p.add_argument("--entity")
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.set_defaults(handler=_alerts_list)
+
+    p = alerts_sub.add_parser("ack", help="acknowledge an alert")
+    p.add_argument("id", type=int)
+    _db_args(p)
+    p.set_defaults(handler=_alerts_ack)
+
+    models = subparsers.add_parser("models", help="registered model versions per pipeline")
+    models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    p = models_sub.add_parser("list", help="registered versions (* marks the active one)")
+    _db_args(p)
+    p.add_argument("--pipeline")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_models_list)
+
+    p = models_sub.add_parser(
+        "activate", help="make VERSION the pipeline's active model (the service switches to it)"
+    )
+    p.add_argument("version")
+    _db_args(p)
+    p.add_argument("--pipeline", help="default: the name in --config")
+    p.set_defaults(handler=_models_activate)
+
+
+def _db_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", metavar="URL", help="database URL (default: from --config or env)")
+    p.add_argument("--config", metavar="PIPELINE.yaml", help="take the URL from a pipeline config")
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def resolve_url(args: argparse.Namespace) -> Any:
+    """``--db``, else the pipeline config's database URL, else ``ANOMALY_DATABASE_URL``."""
+    from storage.errors import DatabaseURLError
+    from storage.store import config_database_url, normalize_url
+
+    if getattr(args, "db", None):
+        return normalize_url(args.db)
+    if getattr(args, "config", None):
+        from anomaly.config import load_config
+
+        return config_database_url(load_config(args.config))
+    env = os.environ.get("ANOMALY_DATABASE_URL")
+    if env:
+        return normalize_url(env)
+    raise DatabaseURLError(
+        "no database given: pass --db URL or --config PIPELINE.yaml, or set ANOMALY_DATABASE_URL"
+    )
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from storage.store import AlertStore
+
+    return AlertStore(resolve_url(args))
+
+
+def parse_age(value: str, what: str = "--older-than") -> Any:
+    """``30d``/``2h``/``90m``/``45s``/``2w`` as a timedelta, or an ISO time as an aware datetime."""
+    from datetime import UTC, datetime, timedelta
+
+    from storage.errors import InvalidArgumentError
+
+    match = _DURATION.match(value)
+    if match:
+        return timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2).lower()])
+    try:
+        when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidArgumentError(
+            f"{what} {value!r}: expected a duration like 30d, 12h, 90m, 45s, 2w or an ISO time"
+        ) from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
+
+
+def _cutoff(value: str, what: str) -> Any:
+    from datetime import UTC, datetime, timedelta
+
+    age = parse_age(value, what)
+    return datetime.now(UTC) - age if isinstance(age, timedelta) else age
+
+
+def _print(line: str) -> None:
+    sys.stdout.write(line + "\n")
+
+
+# ---------------------------------------------------------------------- handlers
+
+
+def _db_upgrade(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        store.upgrade(args.to)
+        _print(f"database {store.url.render_as_string()} at revision {store.current_revision()}")
+    return 0
+
+
+def _db_downgrade(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        store.downgrade(args.to)
+        _print(f"database {store.url.render_as_string()} at revision {store.current_revision()}")
+    return 0
+
+
+def _db_current(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        _print(str(store.current_revision() or "none (empty database: run anomaly db upgrade)"))
+    return 0
+
+
+def _db_prune(args: argparse.Namespace) -> int:
+    cutoff = _cutoff(args.older_than, "--older-than")
+    with _store(args) as store:
+        result = store.prune(cutoff, pipeline=args.pipeline)
+    _print(
+        f"deleted {result.alerts} alerts, {result.incidents} incidents, "
+        f"{result.dead_letters} dead letters, {result.stream_stats} statistics rows "
+        f"older than {cutoff.isoformat(timespec='seconds')}"
+    )
+    return 0
+
+
+def _db_grafana_role(args: argparse.Namespace) -> int:
+    from storage.errors import InvalidArgumentError
+
+    password = None
+    if args.password_env:
+        password = os.environ.get(args.password_env)
+        if not password:
+            raise InvalidArgumentError(f"--password-env: ${args.password_env} is not set")
+    with _store(args) as store:
+        store.grant_read_only(args.role, password)
+    _print(
+        f"role {args.role} can read the monitoring tables"
+        + (" and log in" if password else " (NOLOGIN: set a password to use it)")
+    )
+    return 0
+
+
+def _alerts_list(args: argparse.Namespace) -> int:
+    import json
+
+    since = _cutoff(args.since, "--since") if args.since else None
+    with _store(args) as store:
+        rows = store.list_alerts(
+            pipeline=args.pipeline,
+            since=since,
+            status=args.status,
+            entity=args.entity,
+            limit=args.limit,
+        )
+    if args.json:
+        for row in rows:
+            _print(json.dumps(row, default=_json_default, ensure_ascii=False))
+        return 0
+    if not rows:
+        _print("no alerts")
+        return 0
+    header = ("id", "ingest_time", "pipeline", "entity", "severity", "score", "status", "record")
+    table = [
+        (
+            str(r["id"]),
+            r["ingest_time"].isoformat(timespec="seconds"),
+            r["pipeline"],
+            r["entity"] or "-",
+            r["severity"],
+            f"{r['ensemble_score']:.4g}",
+            r["status"],
+            r["record_id"],
+        )
+        for r in rows
+    ]
+    widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
+    for row in (header, *table):
+        _print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def _alerts_ack(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        changed = store.ack_alert(args.id)
+    _print(f"alert {args.id} " + ("acknowledged" if changed else "was not open (unchanged)"))
+    return 0
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    import json
+
+    with _store(args) as store:
+        versions = store.list_model_versions(args.pipeline)
+    if args.json:
+        for v in versions:
+            _print(
+                json.dumps(
+                    {f: getattr(v, f) for f in v.__slots__},
+                    default=_json_default,
+                    ensure_ascii=False,
+                )
+            )
+        return 0
+    if not versions:
+        _print("no model versions registered")
+        return 0
+    for v in versions:
+        created = v.created_at.isoformat(timespec="seconds") if v.created_at else "-"
+        _print(f"{'*' if v.active else ' '} {v.pipeline}  {v.version}  {created}  {v.bundle_path}")
+    return 0
+
+
+def _models_activate(args: argparse.Namespace) -> int:
+    from storage.errors import InvalidArgumentError
+
+    pipeline = args.pipeline
+    if pipeline is None and args.config:
+        from anomaly.config import load_config
+
+        pipeline = load_config(args.config).name
+    if pipeline is None:
+        raise InvalidArgumentError("models activate: pass --pipeline NAME (or --config)")
+    with _store(args) as store:
+        rec = store.activate_model_version(pipeline, args.version)
+    _print(f"pipeline {rec.pipeline}: model version {rec.version} is active")
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).decode("utf-8", "backslashreplace")
+    return str(value)
