@@ -143,7 +143,8 @@ def _raise_not_binary(name: str, series: pd.Series, ok: np.ndarray) -> None:
 
 def detector_names(scores: pd.DataFrame) -> list[str]:
     """Score columns of a ``score_detectors`` frame (every column but the ``*_p`` ones)."""
-    names = [c for c in scores.columns if not str(c).endswith("_p")]
+    # A detector the model was built without has an all-NaN column: leave it out.
+    names = [c for c in scores.columns if not str(c).endswith("_p") and not scores[c].isna().all()]
     known = [d for d in DETECTOR_ORDER if d in names]
     return known + sorted(set(names) - set(known))
 
@@ -386,8 +387,7 @@ def run_evaluation(
     if not Path(model_dir).exists():
         raise DataError(f"model directory not found: {model_dir}")
     frame, labels = read_labeled(data_path, label)
-    model = AnomalyModel.load(model_dir)
-    _set_device(model, device)
+    model = AnomalyModel.load(model_dir, device=device)
     target = float(target_fpr if target_fpr is not None else model.target_fpr)
     scores = model.score_detectors(frame)
     result = evaluate_scores(scores, labels, target, thresholds=model_thresholds(model, target))
@@ -415,11 +415,6 @@ def run_evaluation(
     }
     html_path, json_path = write_report(report_dir, result, scores, labels, tops, meta)
     return result, html_path, json_path
-
-
-def _set_device(model: Any, device: str) -> None:
-    if device != "auto" and hasattr(model, "device"):
-        model.device = device
 
 
 def _plain(feature: Mapping[str, Any]) -> dict[str, Any]:
