@@ -1,0 +1,90 @@
+"""A connection lost in the middle of a batch: nothing half-written, a retryable error."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from sqlalchemy import create_engine, text
+from storage_testlib import T0, range_batch, table_rows
+
+from storage import AlertStore
+from storage.errors import RetryableStorageError
+from storage.records import SinkBatch, StreamStatRecord
+
+COUNT_TABLES = ("alerts", "incidents", "dead_letters", "consumer_offsets")
+
+
+def _counts(store: AlertStore) -> dict[str, int]:
+    return {name: len(table_rows(store, name)) for name in COUNT_TABLES}
+
+
+@pytest.mark.postgres
+@pytest.mark.reliability
+@pytest.mark.parametrize("alert_insert", ["copy", "executemany"])
+def test_connection_killed_mid_batch_leaves_nothing_half_written(
+    pg_url: str, alert_insert: str
+) -> None:
+    store = AlertStore(pg_url, alert_insert=alert_insert)  # type: ignore[arg-type]
+    store.upgrade()
+    store.write_batch(SinkBatch("cards", stats=[StreamStatRecord("cards", T0, records_seen=1)]))
+    stats_before = table_rows(store, "stream_stats")
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    blocker = create_engine(pg_url).connect()
+    try:
+        # Hold the statistics row: write_batch gets past the offsets, alerts, incidents and dead
+        # letters, then waits on this lock, where the test kills its connection.
+        blocker_pid = blocker.execute(text("SELECT pg_backend_pid()")).scalar()
+        blocker.execute(text("SELECT * FROM stream_stats FOR UPDATE"))
+        batch = range_batch(0, 3000)
+        outcome: list[BaseException | object] = []
+
+        def write() -> None:
+            try:
+                outcome.append(store.write_batch(batch))
+            except BaseException as exc:
+                outcome.append(exc)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        victim = None
+        deadline = time.monotonic() + 30
+        with admin.connect() as conn:
+            while victim is None and time.monotonic() < deadline:
+                victim = conn.execute(
+                    text(
+                        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+                        "AND wait_event_type = 'Lock' AND pid <> :blocker"
+                    ),
+                    {"blocker": blocker_pid},
+                ).scalar()
+                time.sleep(0.02)
+            assert victim is not None, "write_batch never reached the statistics upsert"
+            # It has written alerts, incidents and dead letters (uncommitted) by now.
+            assert conn.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": victim}).scalar()
+        writer.join(30)
+        blocker.rollback()
+    finally:
+        blocker.close()
+        admin.dispose()
+
+    (error,) = outcome
+    assert isinstance(error, RetryableStorageError), repr(error)
+    assert "rolled back" in str(error) and "retry" in str(error)
+    assert _counts(store) == {name: 0 for name in COUNT_TABLES}
+    assert table_rows(store, "stream_stats") == stats_before
+
+    # The same store recovers on the next call and the retried batch lands whole.
+    result = store.write_batch(batch)
+    assert result.alerts_written == len(batch.alerts)
+    assert _counts(store)["dead_letters"] == len(batch.dead_letters)
+    assert store.load_offsets("cards", "tx") == {0: 3000}
+    store.close()
+
+
+def test_unreachable_database_is_a_retryable_error() -> None:
+    store = AlertStore("postgresql+psycopg://postgres@127.0.0.1:1/nowhere")
+    with pytest.raises(RetryableStorageError, match="nothing was written"):
+        store.write_batch(range_batch(0, 10))
+    store.close()

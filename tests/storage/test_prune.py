@@ -1,0 +1,70 @@
+"""prune removes what is older than the cutoff and nothing else."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from storage_testlib import alert, dead_letter, table_rows
+
+from storage import AlertStore
+from storage.records import ModelVersionRecord, OffsetRecord, SinkBatch, StreamStatRecord
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+OLD = NOW - timedelta(days=40)
+NEW = NOW - timedelta(days=2)
+
+
+def _batch(pipeline: str, when: datetime, first: int, entity: str) -> SinkBatch:
+    alerts = [
+        alert(first + i, pipeline=pipeline, entity=entity, event_time=when + timedelta(seconds=i))
+        for i in range(3)
+    ]
+    dl = dead_letter(first + 3, pipeline=pipeline)
+    dl.created_at = when
+    return SinkBatch(
+        pipeline,
+        alerts=alerts,
+        dead_letters=[dl],
+        stats=[StreamStatRecord(pipeline, when, records_seen=4)],
+        offsets=[OffsetRecord(pipeline, "tx", 0, first + 4)],
+    )
+
+
+def test_prune_removes_only_old_rows(store: AlertStore) -> None:
+    store.register_model_version(
+        ModelVersionRecord("cards", "v0", "/m/v0", "a" * 64, created_at=OLD - timedelta(days=9))
+    )
+    for pipeline in ("cards", "machines"):
+        store.write_batch(_batch(pipeline, OLD, 0, "old-entity"))
+        store.write_batch(_batch(pipeline, NEW, 10, "new-entity"))
+    # A late record: old event time, recent ingest. Its alert stays, and so does its incident
+    # (last seen long ago) because the alert still refers to it.
+    late = alert(20, entity="late", event_time=OLD, ingest_time=NEW)
+    store.write_batch(SinkBatch("cards", alerts=[late]))
+    before = {n: len(table_rows(store, n)) for n in ("alerts", "incidents", "dead_letters")}
+
+    result = store.prune(timedelta(days=30), pipeline="cards")
+    assert (result.alerts, result.dead_letters, result.stream_stats) == (3, 1, 1)
+    assert result.incidents == 1  # cards/old-entity; "late" is still referred to
+    cards = store.list_alerts(pipeline="cards", limit=None)
+    assert cards and all(a["ingest_time"] >= NOW - timedelta(days=30) for a in cards)
+    assert len(store.list_alerts(pipeline="machines", limit=None)) == 6  # other pipeline kept
+
+    result = store.prune(NOW - timedelta(days=30))  # a datetime cutoff, all pipelines
+    assert (result.alerts, result.dead_letters, result.stream_stats, result.incidents) == (
+        3,
+        1,
+        1,
+        1,
+    )
+    after = {n: len(table_rows(store, n)) for n in ("alerts", "incidents", "dead_letters")}
+    assert after == {
+        "alerts": before["alerts"] - 6,
+        "incidents": before["incidents"] - 2,
+        "dead_letters": before["dead_letters"] - 2,
+    }
+    assert all(i["last_seen"] >= NEW or i["entity"] == "late" for i in store.list_incidents())
+    # Offsets and model versions are never pruned.
+    assert store.load_offsets("cards", "tx") == {0: 14}
+    assert [v.version for v in store.list_model_versions("cards")] == ["v0"]
+    assert store.prune(timedelta(days=30)).alerts == 0
