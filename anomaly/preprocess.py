@@ -362,7 +362,7 @@ class Preprocessor:
             if self.missing_ == "reject" and raw.isna().any():
                 pos = int(np.flatnonzero(raw.isna().to_numpy())[0])
                 raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
-            codes = pd.Categorical(raw.astype(str).where(raw.notna(), None), categories=cats).codes
+            codes = pd.Index(cats).get_indexer(raw.astype(str).where(raw.notna(), None))
             codes = np.where(codes < 0, len(cats), codes)  # unseen / missing -> last bucket
             block = np.zeros((n, len(cats) + 1), dtype=np.float32)
             block[np.arange(n), codes] = 1.0

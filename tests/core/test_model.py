@@ -1,0 +1,106 @@
+"""AnomalyModel end to end on a DataFrame with a schema: scores, explanations, the scorer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from anomaly import AnomalyModel
+from anomaly.config import config_from_dict
+from anomaly.errors import DataError, NotFittedError
+from anomaly.model import SCORE_COLUMNS
+from anomaly.scorer import BatchScorer
+
+from .conftest import SCHEMA
+
+
+def test_score_detectors_contract_and_auroc(fitted_model, frame_problem):
+    _, normal, anomalous = frame_problem
+    rows = pd.concat([normal, anomalous], ignore_index=True)
+    y = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
+    table = fitted_model.score_detectors(rows)
+    assert list(table.columns) == SCORE_COLUMNS and len(table) == len(rows)
+    assert np.isfinite(table.to_numpy()).all()
+    for col in ("vae", "flow", "gan", "ensemble"):
+        assert roc_auc_score(y, table[col]) > 0.9, col
+        assert table[f"{col}_p"].between(0, 1).all()
+    np.testing.assert_array_equal(
+        fitted_model.decision_function(rows), table["ensemble"].to_numpy()
+    )
+    pred = fitted_model.predict(rows)
+    assert set(np.unique(pred)) <= {0, 1} and pred[len(normal) :].mean() > 0.5
+
+
+def test_explain_names_the_feature_that_was_changed(fitted_model, frame_problem):
+    _, normal, _ = frame_problem
+    rows = normal.head(4).copy()
+    rows["f2"] += 8.0
+    explanations = fitted_model.explain(rows, top=3)
+    assert len(explanations) == 4
+    for row, items in zip(rows.itertuples(), explanations, strict=True):
+        assert len(items) == 3 and items[0]["feature"] == "f2"
+        assert items[0]["value"] == pytest.approx(row.f2)
+        assert set(items[0]) == {"feature", "value", "contribution"}
+        assert items[0]["contribution"] >= items[1]["contribution"] >= items[2]["contribution"]
+
+
+def test_batch_scorer_matches_model_and_explains_only_alerts(fitted_model, frame_problem):
+    _, normal, anomalous = frame_problem
+    rows = pd.concat([normal.head(300), anomalous.head(20)], ignore_index=True)
+    scorer = BatchScorer(fitted_model, device="auto", batch_size=64, threads=1)
+    assert scorer.device in {"cpu", "cuda", "mps"}
+    result = scorer.score(rows)
+    expected = fitted_model.score_detectors(rows)
+    np.testing.assert_allclose(result.scores.to_numpy(), expected.to_numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(result.is_alert, expected["ensemble_p"].to_numpy() <= 0.01)
+    assert result.is_alert[300:].sum() >= 15
+    for i in range(len(rows)):
+        if result.is_alert[i]:
+            assert result.severity[i] in {"low", "medium", "high", "critical"}
+            assert len(result.top_features[i]) == 3
+        else:
+            assert result.severity[i] is None and result.top_features[i] == []
+        expected_fired = [d for d in ("vae", "flow", "gan") if expected[f"{d}_p"][i] <= 0.01]
+        assert result.fired[i] == expected_fired
+    empty = scorer.score(rows.iloc[:0])
+    assert len(empty) == 0
+
+
+def test_from_config_and_bad_input(frame_problem):
+    cfg = config_from_dict(
+        {
+            "name": "cards",
+            "schema": {
+                "id_field": "id",
+                "entity_field": "card",
+                "numeric": SCHEMA.numeric,
+                "categorical": ["merchant"],
+            },
+            "model": {
+                "target_fpr": 0.02,
+                "seed": 3,
+                "detectors": ["vae", "gan"],
+                "max_epochs": 2,
+                "progress": False,
+            },
+        },
+        environ={},
+    )
+    model = AnomalyModel.from_config(cfg)
+    assert model.target_fpr == 0.02 and model.seed == 3 and model.detectors == ("vae", "gan")
+    with pytest.raises(NotFittedError):
+        model.predict(frame_problem[1])
+    train = frame_problem[0]
+    with pytest.raises(DataError, match="only 30 normal rows"):
+        model.fit(train.head(30))
+    bad = train.head(200).astype({"f3": object})
+    bad.loc[123, "f3"] = "broken"
+    with pytest.raises(DataError, match=r"column 'f3', row 123: 'broken' is not a number"):
+        model.fit(bad)
+    with pytest.raises(DataError, match="missing column.*merchant"):
+        model.fit(train.drop(columns=["merchant"]))
+    model.fit(train.head(400))
+    table = model.score_detectors(frame_problem[1].head(10))
+    assert table[["flow", "flow_p"]].isna().all().all() and table["vae"].notna().all()

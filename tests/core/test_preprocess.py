@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from anomaly.config import SchemaConfig
+from anomaly.errors import DataError
+from anomaly.preprocess import UNSEEN, ConstantColumnWarning, Preprocessor
+
+SCHEMA = SchemaConfig(
+    id_field="id", time_field=None, numeric=["amount", "temp"], categorical=["kind"]
+)
+
+
+def frame(n: int = 200, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "amount": np.exp(rng.normal(3, 1.5, n)),
+            "temp": rng.normal(20, 2, n),
+            "kind": rng.choice(["a", "b", "c"], n),
+        }
+    )
+
+
+def test_heavy_tails_become_roughly_standard_and_far_values_stay_ordered():
+    pre = Preprocessor(SCHEMA).fit(frame())
+    x = pre.transform(frame(1000, seed=1))
+    assert x.dtype == np.float32
+    assert abs(float(np.median(x[:, 0]))) < 0.2
+    assert 0.6 < float(np.std(x[:, 0])) < 1.5
+    probe = frame(3)
+    probe["amount"] = [1e3, 1e6, 1e12]  # beyond the training range: larger stays larger
+    z = pre.transform(probe)[:, 0]
+    assert np.all(np.isfinite(z)) and z[0] < z[1] < z[2] <= pre.clip
+
+
+def test_numpy_input_names_columns_f0_to_fn():
+    x = np.random.default_rng(0).normal(size=(100, 3))
+    pre = Preprocessor().fit(x)
+    assert pre.feature_names_in_ == ["f0", "f1", "f2"]
+    assert pre.transform(x).shape == (100, 3)
+    with pytest.raises(DataError, match="3"):
+        pre.transform(x[:, :2])
+
+
+def test_one_hot_with_unseen_bucket_and_imputed_missing():
+    pre = Preprocessor(SCHEMA).fit(frame())
+    assert pre.feature_names_out_[2:] == ["kind=a", "kind=b", "kind=c", f"kind={UNSEEN}"]
+    probe = frame(3)
+    probe["kind"] = ["a", "zzz", None]
+    probe.loc[0, "temp"] = np.nan
+    x = pre.transform(probe)
+    np.testing.assert_array_equal(x[:, 2:], [[1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 1]])
+    median_z = pre.transform(
+        pd.DataFrame({"amount": [1.0], "temp": [pre.numeric_params_["temp"].median], "kind": ["a"]})
+    )
+    assert x[0, 1] == pytest.approx(median_z[0, 1])
+
+
+def test_reject_policy_names_row_and_column():
+    schema = SchemaConfig(
+        numeric=["amount", "temp"], categorical=["kind"], missing="reject", time_field=None
+    )
+    pre = Preprocessor(schema).fit(frame())
+    probe = frame(5)
+    probe.loc[3, "temp"] = np.nan
+    with pytest.raises(DataError, match=r"column 'temp', row 3: value is missing"):
+        pre.transform(probe)
+    assert pre.validate_frame(probe) == [(3, "missing_value", "field 'temp' is missing")]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "pattern"),
+    [
+        (lambda f: f.drop(columns=["temp"]), "missing column.*temp"),
+        (lambda f: f.assign(extra=1), "unexpected column.*extra"),
+        (
+            lambda f: f.assign(temp=f["temp"].astype(object).where(f.index != 7, "hot")),
+            "column 'temp', row 7: 'hot' is not a number",
+        ),
+        (
+            lambda f: f.assign(amount=f["amount"].where(f.index != 4, np.inf)),
+            "column 'amount', row 4: value is infinite",
+        ),
+        (lambda f: f.iloc[:0], "empty"),
+        (lambda f: f.iloc[:5], "only 5 training records"),
+    ],
+)
+def test_bad_training_input_is_named(mutate, pattern):
+    with pytest.raises(DataError, match=pattern):
+        Preprocessor(SCHEMA).fit(mutate(frame()))
+
+
+def test_validate_frame_reports_each_bad_row_once():
+    pre = Preprocessor(SCHEMA).fit(frame())
+    probe = frame(6).astype({"temp": object})
+    probe.loc[1, "temp"] = "warm"
+    probe.loc[4, "amount"] = -np.inf
+    probe.loc[5, "temp"] = np.nan  # imputed under the default policy: not an error
+    errors = pre.validate_frame(probe)
+    assert [(r, k) for r, k, _ in errors] == [(1, "not_a_number"), (4, "infinite")]
+    assert "temp" in errors[0][2] and "amount" in errors[1][2]
+    missing = pre.validate_frame(probe.drop(columns=["kind"]))
+    assert len(missing) == 6 and all(k == "missing_column" and "kind" in m for _, k, m in missing)
+
+
+def test_constant_column_warns_and_deviation_still_shows():
+    f = frame()
+    f["temp"] = 5.0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pre = Preprocessor(SCHEMA).fit(f)
+    assert any(
+        issubclass(w.category, ConstantColumnWarning) and "temp" in str(w.message) for w in caught
+    )
+    probe = frame(2)
+    probe["temp"] = [5.0, 50.0]
+    z = pre.transform(probe)[:, 1]
+    assert z[0] == 0.0 and z[1] > 1.0
+
+
+def test_round_trip_through_dict_is_exact():
+    pre = Preprocessor(SCHEMA).fit(frame())
+    again = Preprocessor.from_dict(pre.to_dict(), SCHEMA)
+    probe = frame(50, seed=3)
+    np.testing.assert_array_equal(pre.transform(probe), again.transform(probe))
