@@ -9,10 +9,11 @@ class StorageError(Exception):
     """A database operation failed in a way that retrying will not fix."""
 
 
-class RetryableStorageError(StorageError):
+class RetryableStorageError(StorageError, UserFacingError):
     """The database was unreachable, the connection was lost, or the transaction lost a race
     (deadlock, serialization failure, SQLite busy). The whole transaction was rolled back, so the
-    same call can be repeated as is once the database is back."""
+    same call can be repeated as is once the database is back. (User-facing too: on the command
+    line "database unreachable" needs no traceback.)"""
 
 
 class NotFoundError(StorageError, UserFacingError, LookupError):

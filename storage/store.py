@@ -51,6 +51,7 @@ from sqlalchemy.engine import URL, make_url
 from storage import schema as s
 from storage.errors import (
     DatabaseURLError,
+    InvalidArgumentError,
     ModelVersionConflict,
     NotFoundError,
     RetryableStorageError,
@@ -935,7 +936,7 @@ class AlertStore:
 
         Runs ``storage/grafana_role.sql``; with a password the role can log in."""
         if self.dialect != "postgresql":
-            raise StorageError("a read-only role needs PostgreSQL (SQLite has no roles)")
+            raise InvalidArgumentError("a read-only role needs PostgreSQL (SQLite has no roles)")
         from storage.grafana import grant_sql
 
         with self._transaction(f"creating the read-only role {role!r}") as conn:

@@ -1,0 +1,128 @@
+"""The storage commands through ``anomaly.cli.main``, on both dialects."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from storage_testlib import alert
+
+from anomaly.cli import main
+from storage import AlertStore
+from storage.records import ModelVersionRecord, SinkBatch
+
+NOW = datetime.now(UTC)
+
+
+@pytest.fixture
+def seeded(store: AlertStore, db_url: str) -> str:
+    long_ago = NOW - timedelta(days=40)
+    old = [alert(i, entity="m1", event_time=long_ago, ingest_time=long_ago) for i in range(2)]
+    new = [alert(10 + i, entity="m2", ingest_time=NOW - timedelta(minutes=30)) for i in range(3)]
+    other = [alert(20, pipeline="machines", ingest_time=NOW - timedelta(minutes=5))]
+    store.write_batch(SinkBatch("cards", alerts=old + new + other))
+    return db_url
+
+
+def test_alerts_list_and_ack(seeded: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["alerts", "list", "--db", seeded, "--pipeline", "cards", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["kafka_offset"] for r in rows] == [12, 11, 10, 1, 0]
+    assert all(r["pipeline"] == "cards" for r in rows)
+
+    assert main(["alerts", "list", "--db", seeded, "--since", "2h", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert sorted(r["kafka_offset"] for r in rows) == [10, 11, 12, 20]
+
+    since = (NOW - timedelta(minutes=10)).isoformat()
+    assert main(["alerts", "list", "--db", seeded, "--since", since, "--limit", "5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == [
+        "id",
+        "ingest_time",
+        "pipeline",
+        "entity",
+        "severity",
+        "score",
+        "status",
+        "record",
+    ]
+    assert len(out) == 2 and "machines" in out[1]
+
+    alert_id = rows[0]["id"]
+    assert main(["alerts", "ack", str(alert_id), "--db", seeded]) == 0
+    assert "acknowledged" in capsys.readouterr().out
+    assert main(["alerts", "list", "--db", seeded, "--status", "acknowledged", "--json"]) == 0
+    assert [json.loads(x)["id"] for x in capsys.readouterr().out.splitlines()] == [alert_id]
+
+    assert main(["alerts", "ack", "999999", "--db", seeded]) == 2
+    assert "no alert with id 999999" in capsys.readouterr().err
+
+
+def test_db_prune(seeded: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["db", "prune", "--db", seeded, "--older-than", "30d"]) == 0
+    assert "deleted 2 alerts, 1 incidents" in capsys.readouterr().out
+    with AlertStore(seeded) as store:
+        assert len(store.list_alerts(limit=None)) == 4
+    assert main(["db", "prune", "--db", seeded, "--older-than", "soon"]) == 2
+    assert "expected a duration like 30d" in capsys.readouterr().err
+
+
+def test_url_from_environment_and_from_pipeline_config(
+    seeded: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    monkeypatch.delenv("ANOMALY_DATABASE_URL", raising=False)
+    assert main(["alerts", "list"]) == 2
+    assert "no database given" in capsys.readouterr().err
+
+    monkeypatch.setenv("ANOMALY_DATABASE_URL", seeded)
+    assert main(["alerts", "list", "--pipeline", "machines", "--json"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1
+
+    monkeypatch.delenv("ANOMALY_DATABASE_URL")
+    config = tmp_path / "cards.yaml"
+    config.write_text(
+        f"name: cards\nschema:\n  numeric: [amount]\ndatabase:\n  url: '{seeded}'\n",
+        encoding="utf-8",
+    )
+    assert main(["alerts", "list", "--config", str(config), "--json"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 6
+
+
+def test_models_list_and_activate(
+    store: AlertStore, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store.register_model_version(ModelVersionRecord("cards", "v1", "/m/v1", "0" * 64))
+    store.register_model_version(ModelVersionRecord("cards", "v2", "/m/v2", "1" * 64), False)
+    assert main(["models", "list", "--db", db_url]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("* cards  v1") and lines[1].startswith("  cards  v2")
+
+    config = tmp_path / "cards.yaml"
+    config.write_text(
+        f"name: cards\nschema:\n  numeric: [amount]\ndatabase:\n  url: '{db_url}'\n",
+        encoding="utf-8",
+    )
+    assert main(["models", "activate", "v2", "--config", str(config)]) == 0
+    assert "model version v2 is active" in capsys.readouterr().out
+    assert store.active_model_version("cards").version == "v2"
+    assert main(["models", "list", "--db", db_url, "--json"]) == 0
+    listed = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [(v["version"], v["active"]) for v in listed] == [("v1", False), ("v2", True)]
+    assert main(["models", "activate", "v7", "--db", db_url, "--pipeline", "cards"]) == 2
+    assert "no model version 'v7'" in capsys.readouterr().err
+
+
+def test_storage_commands_import_only_argparse() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, storage.commands; "
+        "bad = [m for m in ('sqlalchemy', 'alembic', 'psycopg', 'confluent_kafka') "
+        "if m in sys.modules]; print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
