@@ -92,7 +92,7 @@ def test_train_score_inspect_end_to_end(config_file, frame_problem, tmp_path, ca
 
 
 def test_user_errors_print_without_traceback(config_file, frame_problem, tmp_path, capsys):
-    train, normal, _ = frame_problem
+    train = frame_problem[0]
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     assert (

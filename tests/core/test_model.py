@@ -99,7 +99,7 @@ def test_from_config_and_bad_input(frame_problem):
     bad.loc[123, "f3"] = "broken"
     with pytest.raises(DataError, match=r"column 'f3', row 123: 'broken' is not a number"):
         model.fit(bad)
-    with pytest.raises(DataError, match="missing column.*merchant"):
+    with pytest.raises(DataError, match=r"missing column.*merchant"):
         model.fit(train.drop(columns=["merchant"]))
     model.fit(train.head(400))
     table = model.score_detectors(frame_problem[1].head(10))
