@@ -99,20 +99,18 @@ def validate_labels(labels: Any, name: str = "label") -> np.ndarray:
             f"{_rows(rows)}; every row needs a label 0 (normal) or 1 (anomaly)"
         )
     if series.dtype == object or pd.api.types.is_string_dtype(series):
-        series = series.astype(str).str.strip()
-        ok = series.isin(["0", "1", "0.0", "1.0", "True", "False", "true", "false"])
-        if not ok.all():
-            _raise_not_binary(name, series, ok.to_numpy())
-        values = series.isin(["1", "1.0", "True", "true"]).to_numpy().astype(np.int8)
+        # Text (a CSV column with a stray word) or mixed objects: numbers, then true/false.
+        words = series.astype(str).str.strip().str.lower()
+        numeric = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64)
+        numeric = np.where(words == "true", 1.0, np.where(words == "false", 0.0, numeric))
+    elif pd.api.types.is_bool_dtype(series) or pd.api.types.is_numeric_dtype(series):
+        numeric = series.to_numpy(dtype=np.float64)
     else:
-        try:
-            numeric = series.to_numpy(dtype=np.float64)
-        except (TypeError, ValueError) as exc:  # pragma: no cover - exotic dtypes
-            raise LabelError(f"label column '{name}' is not numeric: {exc}") from exc
-        ok = (numeric == 0.0) | (numeric == 1.0)
-        if not ok.all():
-            _raise_not_binary(name, series, ok)
-        values = numeric.astype(np.int8)
+        raise LabelError(f"label column '{name}' must be 0/1, got values of type {series.dtype}")
+    ok = (numeric == 0.0) | (numeric == 1.0)
+    if not ok.all():
+        _raise_not_binary(name, series, ok)
+    values = numeric.astype(np.int8)
     n_anomalies = int(values.sum())
     if n_anomalies == 0:
         raise LabelError(

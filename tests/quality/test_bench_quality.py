@@ -1,0 +1,122 @@
+"""bench/quality.py on tiny generated datasets: the protocol run, the tables, the docs section."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "quality.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_quality", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_quality"] = module  # spawn workers and dataclasses look modules up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for name, shift in (("easy", 6.0), ("hard", 1.0)):
+        normal = rng.normal(size=(300, 4))
+        anomalies = rng.normal(size=(20, 4)) + shift
+        x = np.vstack([normal, anomalies, normal[:5]]).astype(np.float32)  # 5 exact duplicates
+        y = np.r_[np.zeros(300), np.ones(20), np.zeros(5)].astype(np.int8)
+        np.savez(tmp_path / f"{name}.npz", X=x, y=y)
+    return tmp_path
+
+
+def test_baselines_run_on_the_protocol_and_render(bench, data_dir: Path, capsys) -> None:
+    rc = bench.main(
+        ["--data-dir", str(data_dir), "--datasets", "easy,hard", "--seeds", "2",
+         "--methods", "IForest,KNN", "--max-train", "100"]
+    )  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.startswith("## Detection quality")
+    assert "at most 100 training rows" in out
+    roc = out.split("### ROC-AUC")[1].split("### PR-AUC")[0]
+    rows = {
+        cells[0]: [float(c.strip(" *")) for c in cells[2:4]]
+        for cells in (
+            [c.strip() for c in line.strip("|").split("|")]
+            for line in roc.splitlines()
+            if line.startswith("| easy") or line.startswith("| hard")
+        )
+    }
+    # AUROC x100: the separated dataset scores near 100, the overlapping one clearly lower.
+    easy, hard = rows["easy"], rows["hard"]
+    assert min(easy) > 99.0
+    assert max(hard) < min(easy)
+    assert "**mean** (2 datasets)" in out
+    assert "mean rank" in out
+
+
+def test_run_one_split_sizes(bench, data_dir: Path) -> None:
+    args = bench.parse_args(["--methods", "IForest", "--max-train", "0"])
+    r = bench.run_one(str(data_dir), "easy", 0, args)
+    assert r["duplicates_dropped"] == 5
+    assert r["n_train"] == 150
+    assert r["n_test_normals"] == 150 and r["n_test_anomalies"] == 20
+    assert 0.0 <= r["methods"]["IForest"]["auroc"] <= 1.0
+
+
+def _result(ds: str, seed: int, auroc: dict[str, float], fp: int, n: int) -> dict:
+    return {
+        "dataset": ds,
+        "seed": seed,
+        "n_train": 100,
+        "n_test": n + 10,
+        "n_test_anomalies": 10,
+        "n_test_normals": n,
+        "calibration_rows": 25,
+        "methods": {
+            m: {"auroc": v, "auprc": v / 2, "fit_s": 1.0, "score_s": 0.1} for m, v in auroc.items()
+        },
+        "fpr": {d: {"0.01": [fp, n], "0.001": [0, n]} for d in ("vae", "flow", "gan", "ensemble")},
+    }
+
+
+def test_goals_ranks_and_fpr_table(bench) -> None:
+    base = {"IForest": 0.80, "KNN": 0.90, "OCSVM": 0.70, "PyOD-VAE": 0.75}
+    ours = {"vae": 0.85, "flow": 0.78, "gan": 0.95, "ensemble": 0.92}
+    results = [
+        _result("a", 0, {**base, **ours}, fp=20, n=2000),  # 1.0x target at 0.01
+        _result("b", 0, {**base, **ours}, fp=80, n=2000),  # 4.0x: outside
+        _result("skab_free", 0, {**base, **ours, "KNN": 0.1}, fp=5, n=2000),
+    ]
+    args = bench.parse_args([])
+    summary = bench.summarise(results, list(bench.METHODS))
+    assert summary["protocol_datasets"] == ["a", "b"]  # the shifted variant is not averaged
+    assert summary["means"]["KNN"]["auroc"] == pytest.approx(0.90)
+    assert summary["mean_rank"]["gan"] == 1.0 and summary["mean_rank"]["ensemble"] == 2.0
+    text = bench.render(summary, args, "python bench/quality.py", 60.0)
+    assert "Ensemble mean ROC-AUC 92.0 vs the best baseline (KNN) 90.0: **met**" in text
+    assert "- flow mean ROC-AUC 78.0 vs IForest 80.0: **missed**" in text
+    assert "- vae mean ROC-AUC 85.0 vs IForest 80.0: **met**" in text
+    assert "1.00% (1.00x)" in text and "**4.00% (4.00x)**" in text
+    assert "ensemble @0.01: 1/2" in text
+    # 2000 normal rows cannot tell a rate of 0.001 (2 expected false positives).
+    assert "ensemble @0.001" not in text.split("Within 0.5x-1.5x")[1]
+
+
+def test_write_section_replaces_only_its_own_section(bench, tmp_path: Path) -> None:
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(
+        "# Benchmarks\n\n## Scoring\n\nfast\n\n## Detection quality\n\nold\n\n## Kafka\n\nk\n"
+    )
+    bench.write_section(doc, "## Detection quality\n\nnew table\n")
+    text = doc.read_text()
+    assert "old" not in text and "new table" in text
+    assert text.index("## Scoring") < text.index("new table") < text.index("## Kafka")
+    assert "fast" in text and "\nk\n" in text
+    fresh = tmp_path / "none.md"
+    bench.write_section(fresh, "## Detection quality\n\nx\n")
+    assert fresh.read_text().startswith("# Benchmarks") and "x" in fresh.read_text()
