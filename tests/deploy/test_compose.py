@@ -1,0 +1,138 @@
+"""docker-compose.yml validates with ``docker-compose config -q`` and is wired consistently:
+health checks, the GPU profile, Prometheus targets, mounted files and pipeline configs."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from anomaly.config import load_config
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = shutil.which("docker-compose")
+needs_compose = pytest.mark.skipif(
+    COMPOSE is None,
+    reason="the docker-compose binary is absent (Debian: apt-get install -y docker-compose)",
+)
+ONE_SHOT = {"migrate", "train"}
+
+
+def _compose(*args: str, cwd: Path = ROOT, file: str = "docker-compose.yml"):
+    return subprocess.run(
+        [COMPOSE, "-f", file, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def _resolved() -> dict:
+    out = _compose("--profile", "cpu", "--profile", "gpu", "--profile", "demo", "config")
+    assert out.returncode == 0, out.stderr
+    return yaml.safe_load(out.stdout)
+
+
+@needs_compose
+def test_config_is_valid():
+    out = _compose("config", "-q")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ""
+
+
+@needs_compose
+def test_config_check_rejects_a_broken_file(tmp_path):
+    # The check above can fail: the same file with a misspelt key does not validate.
+    text = (ROOT / "docker-compose.yml").read_text().replace("healthcheck:", "healthchek:", 1)
+    (tmp_path / "docker-compose.yml").write_text(text)
+    out = _compose("config", "-q", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "healthchek" in out.stderr
+
+
+@needs_compose
+def test_services_health_checks_and_profiles():
+    services = _resolved()["services"]
+    expected = {
+        "kafka",
+        "postgres",
+        "migrate",
+        "scorer-fraud",
+        "scorer-manufacturing",
+        "scorer-fraud-gpu",
+        "scorer-manufacturing-gpu",
+        "train",
+        "replay",
+        "prometheus",
+        "grafana",
+    }
+    assert set(services) == expected
+    assert services["kafka"]["image"].startswith("apache/kafka:")
+    assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    for name, svc in services.items():
+        check = svc.get("healthcheck", {})
+        if name in ONE_SHOT:
+            assert svc["restart"] == "no" and check.get("test") == ["NONE"], name  # disabled
+        else:
+            assert check.get("test") and check["test"][0] in ("CMD", "CMD-SHELL"), name
+    for name in ("scorer-fraud", "scorer-manufacturing"):
+        assert services[name]["profiles"] == ["cpu"]
+        assert "deploy" not in services[name]
+        gpu = services[f"{name}-gpu"]
+        assert gpu["profiles"] == ["gpu"]
+        devices = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
+        assert gpu["environment"]["ANOMALY_SERVE_DEVICE"] == "cuda"
+        assert gpu["networks"]["default"]["aliases"] == [name]
+        for svc in (services[name], gpu):
+            assert svc["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert "anomaly db upgrade" in services["migrate"]["command"][0]
+    assert services["replay"]["depends_on"]["train"]["condition"] == (
+        "service_completed_successfully"
+    )
+
+
+@needs_compose
+def test_scorers_prometheus_and_grafana_fit_together():
+    services = _resolved()["services"]
+    prom = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())
+    targets = {
+        t
+        for job in prom["scrape_configs"]
+        if job["job_name"] == "anomaly-scorer"
+        for group in job["static_configs"]
+        for t in group["targets"]
+    }
+    seen = set()
+    for name in ("scorer-fraud", "scorer-manufacturing"):
+        svc = services[name]
+        config_path = svc["command"][svc["command"].index("--config") + 1]
+        assert config_path.startswith("/app/examples/")
+        cfg = load_config(ROOT / "examples" / Path(config_path).name)
+        assert svc["environment"]["ANOMALY_SERVE_METRICS_HOST"] == "0.0.0.0"
+        target = f"{name}:{cfg.serve.metrics_port}"
+        assert target in targets
+        assert f"127.0.0.1:{cfg.serve.metrics_port}/healthz" in " ".join(svc["healthcheck"]["test"])
+        seen.add(target)
+    assert seen == targets
+    # Every file Grafana and Prometheus mount exists in the tree.
+    for svc in ("grafana", "prometheus"):
+        for volume in services[svc]["volumes"]:
+            source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
+            if source.startswith("/"):
+                assert Path(source).exists(), source
+    mounted = " ".join(str(v) for v in services["grafana"]["volumes"])
+    assert "dashboards/generated" in mounted and "dashboards/provisioning" in mounted
+
+
+def test_dockerfile_copies_what_the_package_needs():
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for package in ("anomaly", "storage", "streams", "dashboards", "examples"):
+        assert f"COPY {package} " in dockerfile, package
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".git" in ignored
+    assert not {"anomaly", "storage", "streams", "dashboards", "examples"} & set(ignored)
