@@ -109,7 +109,9 @@ def create_topic(bootstrap_servers: str, topic: str, partitions: int = 1) -> Non
     from confluent_kafka.admin import AdminClient, NewTopic
 
     admin = AdminClient({"bootstrap.servers": bootstrap_servers})
-    futures = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
+    futures = admin.create_topics(
+        [NewTopic(topic, num_partitions=partitions, replication_factor=1)]
+    )
     for name, fut in futures.items():
         try:
             fut.result(timeout=30)

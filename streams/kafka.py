@@ -1,0 +1,74 @@
+"""librdkafka settings for the service's consumer and producers, built from the pipeline config.
+
+Secrets (the SASL password) come from the environment (``ANOMALY_KAFKA_SASL_PASSWORD``) or a file
+(``kafka.sasl_password_file``) and are never logged: ``redacted`` hides them before a config is
+written to a log line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from anomaly.config import KafkaConfig, PipelineConfig, read_secret
+
+_SECRET_KEYS = ("sasl.password", "ssl.key.password", "ssl.keystore.password")
+
+
+def client_settings(kafka: KafkaConfig) -> dict[str, Any]:
+    """Connection and security settings shared by consumers, producers and admin clients."""
+    conf: dict[str, Any] = {"bootstrap.servers": kafka.bootstrap_servers}
+    if kafka.security_protocol:
+        conf["security.protocol"] = kafka.security_protocol
+    if kafka.sasl_mechanism:
+        conf["sasl.mechanism"] = kafka.sasl_mechanism
+    if kafka.sasl_username:
+        conf["sasl.username"] = kafka.sasl_username
+    password = read_secret(kafka.sasl_password, kafka.sasl_password_file)
+    if password:
+        conf["sasl.password"] = password
+    if kafka.ssl_ca_location:
+        conf["ssl.ca.location"] = kafka.ssl_ca_location
+    return conf
+
+
+def consumer_settings(cfg: PipelineConfig, stats_interval_ms: int = 5000) -> dict[str, Any]:
+    """The service consumer. Offsets are committed by hand, only after the database write."""
+    kafka = cfg.kafka
+    # One batch may take max_wait_s to gather plus its processing; leave generous room so a slow
+    # database write (with retries) never gets the consumer thrown out of the group.
+    poll_interval_ms = max(300_000, int(kafka.max_wait_s * 1000) * 10)
+    conf = client_settings(kafka) | {
+        "group.id": cfg.group_id,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        # Measured on the embedded Tansu broker: the group join takes 23 s at the default 45 s
+        # session timeout and 3 s at 6 s.
+        "session.timeout.ms": 6000,
+        "heartbeat.interval.ms": 1500,
+        # Measured: 1.8x consume throughput against the 1000 ms default.
+        "fetch.queue.backoff.ms": 10,
+        "max.poll.interval.ms": poll_interval_ms,
+        "statistics.interval.ms": stats_interval_ms,
+    }
+    conf.update(kafka.settings)
+    return conf
+
+
+def producer_settings(kafka: KafkaConfig) -> dict[str, Any]:
+    conf = client_settings(kafka) | {
+        "linger.ms": 5,
+        "enable.idempotence": True,
+        "acks": "all",
+    }
+    # Consumer-only pass-through settings would only make the producer warn.
+    conf.update({k: v for k, v in kafka.settings.items() if not _consumer_only(k)})
+    return conf
+
+
+def _consumer_only(key: str) -> bool:
+    return key.startswith(("fetch.", "session.", "heartbeat.", "group.", "auto.", "max.poll"))
+
+
+def redacted(conf: dict[str, Any]) -> dict[str, Any]:
+    return {k: ("***" if k in _SECRET_KEYS else v) for k, v in conf.items()}

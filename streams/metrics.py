@@ -1,0 +1,218 @@
+"""Prometheus metrics, the health endpoints and structured logs of the scoring service.
+
+Metric names and labels are a contract (docs/architecture.md): the Grafana dashboards query them.
+Each ``ServiceMetrics`` has its own registry, so several services (tests, two pipelines in one
+process) never collide. ``MetricsServer`` serves ``/metrics``, ``/healthz`` (the process is alive)
+and ``/readyz`` (partitions assigned, model loaded and the database reachable).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+# Micro-batches take milliseconds to seconds; records wait from milliseconds to minutes.
+STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
+BATCH_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000, 10000, 50000)
+
+
+class ServiceMetrics:
+    """The service's metrics, all labelled with the pipeline name."""
+
+    def __init__(self, pipeline: str, registry: CollectorRegistry | None = None) -> None:
+        self.pipeline = pipeline
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        p = ["pipeline"]
+        self.consumed = Counter(
+            "anomaly_records_consumed", "Records read from Kafka", p, registry=r
+        ).labels(pipeline)
+        self.scored = Counter(
+            "anomaly_records_scored", "Records scored by the model", p, registry=r
+        ).labels(pipeline)
+        self._alerted = Counter(
+            "anomaly_records_alerted",
+            "Records over the alert threshold",
+            [*p, "severity"],
+            registry=r,
+        )
+        self._dead = Counter(
+            "anomaly_records_dead_lettered", "Records sent to the dead-letter topic",
+            [*p, "reason"], registry=r,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "anomaly_batch_size", "Records per micro-batch", p, buckets=BATCH_BUCKETS, registry=r
+        ).labels(pipeline)
+        self._stage = Histogram(
+            "anomaly_stage_seconds", "Seconds per micro-batch stage", [*p, "stage"],
+            buckets=STAGE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.end_to_end = Histogram(
+            "anomaly_end_to_end_seconds", "From the record's event time to its commit", p,
+            buckets=E2E_BUCKETS, registry=r,
+        ).labels(pipeline)  # fmt: skip
+        self._lag = Gauge(
+            "anomaly_consumer_lag", "Records behind the partition end (librdkafka statistics)",
+            [*p, "topic", "partition"], registry=r,
+        )  # fmt: skip
+        self._device = Gauge(
+            "anomaly_scoring_device_info", "The device that scores", [*p, "device"], registry=r
+        )
+        self._version = Gauge(
+            "anomaly_model_version_info", "The model version that scores", [*p, "version"],
+            registry=r,
+        )  # fmt: skip
+        self.database_up = Gauge(
+            "anomaly_database_up", "1 while the alert database is reachable", p, registry=r
+        ).labels(pipeline)
+        self.stage = {
+            name: self._stage.labels(pipeline, name)
+            for name in ("decode", "score", "write", "commit")
+        }
+
+    def alerted(self, severity: str, n: int = 1) -> None:
+        self._alerted.labels(self.pipeline, severity).inc(n)
+
+    def dead_lettered(self, reason: str, n: int = 1) -> None:
+        self._dead.labels(self.pipeline, reason).inc(n)
+
+    def set_device(self, device: str) -> None:
+        self._device.clear()
+        self._device.labels(self.pipeline, device).set(1)
+
+    def set_model_version(self, version: str) -> None:
+        self._version.clear()
+        self._version.labels(self.pipeline, version).set(1)
+
+    def set_lag(self, topic: str, partition: int, lag: int) -> None:
+        self._lag.labels(self.pipeline, topic, str(partition)).set(lag)
+
+    def on_statistics(self, stats_json: str) -> None:
+        """librdkafka's ``stats_cb``: consumer lag per assigned partition."""
+        try:
+            stats = json.loads(stats_json)
+        except ValueError:
+            return
+        for topic, tstats in stats.get("topics", {}).items():
+            for pid, pstats in tstats.get("partitions", {}).items():
+                lag = pstats.get("consumer_lag", -1)
+                if pid != "-1" and lag is not None and lag >= 0:
+                    self.set_lag(topic, int(pid), int(lag))
+
+
+@dataclass
+class Health:
+    """What ``/healthz`` and ``/readyz`` report. ``ready`` needs every condition true."""
+
+    conditions: dict[str, bool] = field(
+        default_factory=lambda: {"model_loaded": False, "database_up": False, "assigned": False}
+    )
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def set(self, name: str, value: bool) -> None:
+        with self._lock:
+            self.conditions[name] = value
+
+    @property
+    def ready(self) -> bool:
+        with self._lock:
+            return all(self.conditions.values())
+
+    def snapshot(self) -> dict[str, bool]:
+        with self._lock:
+            return dict(self.conditions)
+
+
+class MetricsServer:
+    """``/metrics``, ``/healthz`` and ``/readyz`` on a daemon thread. Port 0 picks a free port."""
+
+    def __init__(self, metrics: ServiceMetrics, health: Health, host: str, port: int) -> None:
+        registry = metrics.registry
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    self._send(200, b'{"status": "ok"}\n', "application/json")
+                elif path == "/readyz":
+                    body = {"ready": health.ready, "conditions": health.snapshot()}
+                    status = 200 if body["ready"] else 503
+                    self._send(status, (json.dumps(body) + "\n").encode(), "application/json")
+                else:
+                    self._send(404, b"not found\n", "text/plain")
+
+            def _send(self, status: int, body: bytes, content_type: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # scrapes every few seconds would drown the service's own logs
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.host, self.port = self._server.server_address[:2]
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics-http", daemon=True
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any ``extra={"fields": ...}``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            entry.update(fields)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def use_json_logs(level: int | None = None) -> None:
+    """Switch the root logger's handlers to JSON lines (the service's log format)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig()
+    for handler in root.handlers:
+        handler.setFormatter(JsonFormatter())
+    if level is not None:
+        root.setLevel(level)

@@ -1,0 +1,822 @@
+"""The scoring service: Kafka micro-batches in, alerts (and everything else) in SQL, then commit.
+
+One loop, in clean steps (after Sentry Arroyo: the Kafka commit comes only after the sink wrote):
+
+1. ``consume``: at most ``kafka.batch_size`` records, waiting at most ``kafka.max_wait_s``.
+2. ``decode``: columnar decode and schema validation (``streams.decode``), then the model's own
+   checks (``preprocessor_.validate_frame``); bad records become dead letters with their reason.
+3. ``score``: ``BatchScorer.score`` on the valid records, one call per batch.
+4. ``sink``: dead letters to the dead-letter topic and scores to the optional scores topic,
+   flushed; then one database transaction with alerts, incidents, dead letters, per-minute
+   statistics and the next offset of every partition (``AlertStore.write_batch``).
+5. ``commit``: only now the offsets go to Kafka (synchronously).
+
+The database holds the truth about progress: on assignment the consumer seeks to the offsets
+stored there, so a lost Kafka commit (crash between steps 4 and 5) neither loses nor re-scores a
+record, and the store's offset fencing keeps a zombie consumer from counting anything twice. The
+output topics are at-least-once: a batch retried after a failure may produce its dead letters and
+scores again (consumers of the scores topic key on the record id).
+
+When the database is unreachable the consumer pauses its partitions and retries the same batch
+with exponential backoff; nothing is committed meanwhile and ``/readyz`` reports not ready.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+import numpy as np
+import orjson
+
+from anomaly.config import PipelineConfig
+from anomaly.errors import ConfigError
+from storage.errors import RetryableStorageError
+from storage.records import (
+    AlertRecord,
+    DeadLetterRecord,
+    OffsetRecord,
+    SinkBatch,
+    StreamStatRecord,
+    WriteResult,
+)
+from streams.decode import INVALID_VALUE, DecodedBatch, RecordDecoder, Rejected
+from streams.metrics import Health, MetricsServer, ServiceMetrics
+
+log = logging.getLogger("streams.service")
+
+DETECTORS = ("vae", "flow", "gan")
+# --stop-when-idle counts from the first assignment; a consumer that never gets one (more
+# consumers than partitions) waits this much longer before it gives up.
+JOIN_GRACE_S = 15.0
+
+
+class ProduceError(RuntimeError):
+    """Dead letters or scores could not be delivered; the batch is retried, nothing committed."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # anomaly.model.AnomalyModel
+    scorer: Any  # anomaly.scorer.BatchScorer
+    version: str
+    source: str  # where it came from: a bundle path
+
+
+@dataclass
+class BatchOutcome:
+    consumed: int
+    scored: int
+    alerts: int
+    dead_letters: int
+    write: WriteResult | None = None
+
+
+@dataclass
+class _Message:
+    """The parts of a confluent_kafka.Message the loop needs (read once, in C, per batch)."""
+
+    topic: str
+    partition: int
+    offset: int
+    value: bytes | None
+    timestamp_ms: int | None
+
+
+@dataclass
+class ServiceState:
+    assigned: set[tuple[str, int]] = field(default_factory=set)
+    # Offsets written to the database but not yet committed to Kafka (a failed commit).
+    uncommitted: dict[tuple[str, int], int] = field(default_factory=dict)
+    # Set by a rebalance: a batch held across it (database down) must not be written.
+    generation: int = 0
+    # When a record last arrived or partitions were last assigned (the idle clock).
+    last_activity: float = 0.0
+
+
+class ScoringService:
+    """``run()`` until stopped (signal, ``stop()``, or ``stop_when_idle_s`` without records)."""
+
+    def __init__(
+        self,
+        cfg: PipelineConfig,
+        *,
+        stop_when_idle_s: float | None = None,
+        metrics: ServiceMetrics | None = None,
+        health: Health | None = None,
+        store: Any | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.pipeline = cfg.name
+        self.topic = cfg.kafka.topic
+        self.stop_when_idle_s = stop_when_idle_s
+        self.metrics = metrics or ServiceMetrics(cfg.name)
+        self.health = health or Health()
+        self._store = store
+        self.decoder = RecordDecoder(cfg.schema)
+        self.state = ServiceState()
+        self._stop = threading.Event()
+        self._consumer: Any = None
+        self._producer: Any = None
+        self.loaded: LoadedModel | None = None
+        self._last_model_poll = 0.0
+        self.metrics_server: MetricsServer | None = None
+        self.totals = BatchOutcome(0, 0, 0, 0)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def store(self) -> Any:
+        if self._store is None:
+            from storage.store import AlertStore
+
+            self._store = AlertStore.from_config(self.cfg)
+        return self._store
+
+    def stop(self, *_: object) -> None:
+        """Ask the loop to finish the batch in flight and exit (signal-handler safe)."""
+        self._stop.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def run(self) -> int:
+        from confluent_kafka import Consumer, Producer
+
+        from streams.kafka import consumer_settings, producer_settings, redacted
+
+        serve = self.cfg.serve
+        if serve.metrics_port is not None:
+            self.metrics_server = MetricsServer(
+                self.metrics, self.health, serve.metrics_host, serve.metrics_port
+            ).start()
+            log.info("metrics endpoint", extra={"fields": {"url": self.metrics_server.url}})
+        try:
+            self._with_db_retry(self.store.upgrade, "migrating the database")
+            if self._stop.is_set():
+                return 0
+            self._load_model(initial=True)
+            conf = consumer_settings(self.cfg)
+            conf["stats_cb"] = self.metrics.on_statistics
+            conf["error_cb"] = self._on_kafka_error
+            log.info(
+                "starting consumer",
+                extra={"fields": {"topic": self.topic, "config": redacted(conf)}},
+            )
+            self._consumer = Consumer(conf)
+            self._producer = Producer(
+                producer_settings(self.cfg.kafka) | {"error_cb": self._on_kafka_error}
+            )
+            self._consumer.subscribe(
+                [self.topic],
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
+            self._loop()
+        finally:
+            self._shutdown()
+        log.info(
+            "stopped",
+            extra={
+                "fields": {
+                    "consumed": self.totals.consumed,
+                    "scored": self.totals.scored,
+                    "alerts": self.totals.alerts,
+                    "dead_letters": self.totals.dead_letters,
+                }
+            },
+        )
+        return 0
+
+    def _shutdown(self) -> None:
+        if self._consumer is not None:
+            try:
+                # Leaving the group runs on_revoke (which commits what is written) first.
+                self._consumer.close()
+            except Exception as exc:  # closing must not hide the real error
+                log.warning("closing the consumer failed: %s", exc)
+            self._consumer = None
+        if self._producer is not None:
+            self._producer.flush(10)
+            self._producer = None
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        kafka = self.cfg.kafka
+        self.state.last_activity = time.monotonic()
+        ever_assigned = False
+        while not self._stop.is_set():
+            self._maybe_switch_model()
+            raw = self._consumer.consume(kafka.batch_size, kafka.max_wait_s)
+            messages = self._messages(raw)
+            ever_assigned = ever_assigned or bool(self.state.assigned)
+            if not messages:
+                idle = time.monotonic() - self.state.last_activity
+                # The group join itself takes seconds: before the first assignment allow for it.
+                limit = self.stop_when_idle_s
+                if limit is not None and not ever_assigned:
+                    limit += JOIN_GRACE_S
+                if limit is not None and idle >= limit:
+                    log.info("idle, stopping", extra={"fields": {"idle_s": round(idle, 1)}})
+                    break
+                continue
+            self.state.last_activity = time.monotonic()
+            self.process(messages)
+
+    def _messages(self, raw: list[Any]) -> list[_Message]:
+        out: list[_Message] = []
+        assigned = self.state.assigned
+        for m in raw:
+            err = m.error()
+            if err is not None:
+                log.warning("consumer error: %s", err)
+                continue
+            key = (m.topic(), m.partition())
+            # A rebalance served inside consume() can revoke a partition whose records were
+            # already fetched: they belong to the new owner now.
+            if key not in assigned:
+                continue
+            ts_type, ts = m.timestamp()
+            out.append(_Message(key[0], key[1], m.offset(), m.value(), ts if ts_type else None))
+        return out
+
+    def process(self, messages: list[_Message]) -> BatchOutcome | None:
+        """Decode, score, write and commit one micro-batch; ``None`` if it was abandoned."""
+        generation = self.state.generation
+        ingest = datetime.now(UTC)
+        t0 = time.perf_counter()
+        decoded = self.decoder.decode(
+            [m.value for m in messages],
+            partitions=[m.partition for m in messages],
+            offsets=[m.offset for m in messages],
+        )
+        decoded = self._model_checks(decoded, messages)
+        t1 = time.perf_counter()
+        loaded = self.loaded
+        assert loaded is not None
+        result = loaded.scorer.score(decoded.frame) if decoded.n_valid else None
+        t2 = time.perf_counter()
+        batch, scores_out, latencies = self._sink_batch(messages, decoded, result, loaded, ingest)
+        self.metrics.stage["decode"].observe(t1 - t0)
+        self.metrics.stage["score"].observe(t2 - t1)
+
+        t3 = time.perf_counter()
+        write = self._write(batch, messages, scores_out, generation)
+        if write is None:
+            return None
+        t4 = time.perf_counter()
+        self._commit(batch.offsets)
+        t5 = time.perf_counter()
+        self.metrics.stage["write"].observe(t4 - t3)
+        self.metrics.stage["commit"].observe(t5 - t4)
+
+        # Metrics after the commit: they count work that is done.
+        m = self.metrics
+        m.consumed.inc(len(messages))
+        m.batch_size.observe(len(messages))
+        m.scored.inc(decoded.n_valid)
+        for dl in batch.dead_letters:
+            m.dead_lettered(dl.error_kind)
+        for alert in batch.alerts:
+            m.alerted(alert.severity)
+        if latencies is not None and len(latencies):
+            now_latency = latencies + (time.time() - ingest.timestamp())
+            observe_many(m.end_to_end, now_latency)
+        outcome = BatchOutcome(
+            consumed=len(messages),
+            scored=decoded.n_valid,
+            alerts=len(batch.alerts),
+            dead_letters=len(batch.dead_letters),
+            write=write,
+        )
+        t = self.totals
+        t.consumed += outcome.consumed
+        t.scored += outcome.scored
+        t.alerts += outcome.alerts
+        t.dead_letters += outcome.dead_letters
+        log.debug(
+            "batch",
+            extra={
+                "fields": {
+                    "records": outcome.consumed,
+                    "alerts": outcome.alerts,
+                    "dead_letters": outcome.dead_letters,
+                    "ms": round((t5 - t0) * 1000, 2),
+                }
+            },
+        )
+        return outcome
+
+    def _model_checks(self, decoded: DecodedBatch, messages: list[_Message]) -> DecodedBatch:
+        """The model's own per-row checks (e.g. values its preprocessor cannot use)."""
+        if not decoded.n_valid:
+            return decoded
+        assert self.loaded is not None
+        problems = self.loaded.model.preprocessor_.validate_frame(decoded.frame)
+        if not problems:
+            return decoded
+        drop = np.zeros(decoded.n_valid, dtype=bool)
+        rejected = list(decoded.rejected)
+        for row, kind, message in problems:
+            if drop[row]:
+                continue
+            drop[row] = True
+            i = int(decoded.index[row])
+            rejected.append(
+                Rejected(
+                    i, kind or INVALID_VALUE, message, messages[i].partition, messages[i].offset
+                )
+            )
+        rejected.sort(key=lambda r: r.index)
+        frame = decoded.frame.loc[~drop].reset_index(drop=True)
+        return DecodedBatch(frame=frame, index=decoded.index[~drop], rejected=rejected)
+
+    # -- building the sink batch ------------------------------------------------------------
+
+    def _sink_batch(
+        self,
+        messages: list[_Message],
+        decoded: DecodedBatch,
+        result: Any,
+        loaded: LoadedModel,
+        ingest: datetime,
+    ) -> tuple[SinkBatch, list[tuple[bytes, bytes]], np.ndarray | None]:
+        s = self.cfg.schema
+        pipeline = self.pipeline
+        frame = decoded.frame
+        alerts: list[AlertRecord] = []
+        scores_out: list[tuple[bytes, bytes]] = []
+        latencies: np.ndarray | None = None
+        ensemble = None
+        if result is not None:
+            scores = result.scores
+            ensemble = scores["ensemble"].to_numpy(dtype=np.float64)
+            ids = frame[s.id_field].to_numpy(dtype=object)
+            times = frame[s.time_field] if s.time_field else None
+            if times is not None:
+                # Seconds from the event to ingest (the commit time is added by the caller).
+                event_s = times.to_numpy("datetime64[ns]").astype(np.int64) / 1e9
+                latencies = ingest.timestamp() - event_s
+            columns = {c: scores[c].to_numpy() for c in scores.columns}
+            for row in np.flatnonzero(result.is_alert):
+                i = int(decoded.index[row])
+                msg = messages[i]
+                alerts.append(
+                    AlertRecord(
+                        pipeline=pipeline,
+                        record_id=str(ids[row]),
+                        entity=_entity(frame, s.entity_field, row),
+                        event_time=(times.iloc[row].to_pydatetime() if times is not None else None),
+                        ingest_time=ingest,
+                        kafka_topic=msg.topic,
+                        kafka_partition=msg.partition,
+                        kafka_offset=msg.offset,
+                        model_version=loaded.version,
+                        ensemble_score=float(columns["ensemble"][row]),
+                        ensemble_p=float(columns["ensemble_p"][row]),
+                        severity=str(result.severity[row]),
+                        **_detector_scores(columns, row),
+                        fired_detectors=list(result.fired[row]),
+                        top_features=list(result.top_features[row]),
+                        record=_record_json(msg.value),
+                    )
+                )
+            if self.cfg.kafka.scores_topic:
+                scores_out = _score_messages(
+                    pipeline, loaded.version, ids, times, columns, result, s.time_field
+                )
+        dead = [
+            DeadLetterRecord(
+                pipeline=pipeline,
+                kafka_topic=messages[r.index].topic,
+                kafka_partition=messages[r.index].partition,
+                kafka_offset=messages[r.index].offset,
+                raw=messages[r.index].value or b"",
+                error_kind=r.error_kind,
+                error_message=r.error_message,
+                created_at=ingest,
+            )
+            for r in decoded.rejected
+        ]
+        offsets = _offsets(pipeline, messages)
+        stat = StreamStatRecord(
+            pipeline=pipeline,
+            minute=ingest.replace(second=0, microsecond=0),
+            records_seen=len(messages),
+            records_scored=decoded.n_valid,
+            records_alerted=len(alerts),
+            records_dead_lettered=len(dead),
+        )
+        if ensemble is not None and len(ensemble):
+            stat.score_mean = float(ensemble.mean())
+            p50, p90, p99 = np.quantile(ensemble, [0.5, 0.9, 0.99])
+            stat.score_p50, stat.score_p90, stat.score_p99 = float(p50), float(p90), float(p99)
+        if latencies is not None and len(latencies):
+            ms = latencies * 1000.0
+            stat.latency_ms_sum = float(ms.sum())
+            stat.latency_count = len(ms)
+            stat.latency_ms_max = float(ms.max())
+        batch = SinkBatch(
+            pipeline=pipeline, alerts=alerts, dead_letters=dead, stats=[stat], offsets=offsets
+        )
+        return batch, scores_out, latencies
+
+    # -- sink and commit ------------------------------------------------------------------
+
+    def _write(
+        self,
+        batch: SinkBatch,
+        messages: list[_Message],
+        scores_out: list[tuple[bytes, bytes]],
+        generation: int,
+    ) -> WriteResult | None:
+        """Produce to the output topics, then write the database; retry while it is down."""
+        delay = self.cfg.serve.db_retry_initial_s
+        paused = False
+        try:
+            while True:
+                try:
+                    self._produce(batch.dead_letters, scores_out)
+                    result = self.store.write_batch(batch)
+                    self._database_up(True)
+                    return result
+                except (RetryableStorageError, ProduceError) as exc:
+                    if isinstance(exc, RetryableStorageError):
+                        self._database_up(False)
+                    if not paused and self.state.assigned:
+                        self._consumer.pause(self._partitions(self.state.assigned))
+                        paused = True
+                    log.warning(
+                        "batch not written, retrying",
+                        extra={"fields": {"error": str(exc), "retry_in_s": delay}},
+                    )
+                    if not self._wait_paused(delay, generation, messages):
+                        return None
+                    delay = min(delay * 2, self.cfg.serve.db_retry_max_s)
+        finally:
+            if paused and self._consumer is not None and self.state.assigned:
+                self._consumer.resume(self._partitions(self.state.assigned))
+
+    def _wait_paused(self, seconds: float, generation: int, messages: list[_Message]) -> bool:
+        """Keep serving the group (heartbeats, rebalances) while waiting; ``False`` if the batch
+        must be dropped: a rebalance happened (the new owner re-reads it from the stored
+        offsets) or the service is stopping (nothing of it was committed)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._stop.is_set():
+                log.warning("stopping with an unwritten batch; it will be consumed again")
+                return False
+            got = self._consumer.consume(1, min(0.2, max(0.0, deadline - time.monotonic())))
+            if self.state.generation != generation or got:
+                # Partitions came back unpaused after a rebalance: put the fetched records and
+                # the held batch back, from the stored offsets (seeked in on_assign).
+                self._rewind([*self._messages(got), *messages])
+                log.warning("rebalance while the database was down; batch dropped")
+                return False
+        return True
+
+    def _rewind(self, messages: list[_Message]) -> None:
+        from confluent_kafka import TopicPartition
+
+        first: dict[tuple[str, int], int] = {}
+        for m in messages:
+            key = (m.topic, m.partition)
+            first[key] = min(first.get(key, m.offset), m.offset)
+        for (topic, partition), offset in first.items():
+            if (topic, partition) in self.state.assigned:
+                try:
+                    self._consumer.seek(TopicPartition(topic, partition, offset))
+                except Exception as exc:
+                    log.warning("seek %s[%d]@%d failed: %s", topic, partition, offset, exc)
+
+    def _produce(
+        self, dead_letters: list[DeadLetterRecord], scores_out: list[tuple[bytes, bytes]]
+    ) -> None:
+        if not dead_letters and not scores_out:
+            return
+        producer = self._producer
+        failures: list[str] = []
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None:
+                failures.append(str(err))
+
+        dlq = self.cfg.dead_letter_topic
+        for d in dead_letters:
+            headers = [
+                ("error_kind", d.error_kind.encode()),
+                ("error_message", d.error_message.encode()),
+                ("source_topic", d.kafka_topic.encode()),
+                ("source_partition", str(d.kafka_partition).encode()),
+                ("source_offset", str(d.kafka_offset).encode()),
+                ("pipeline", d.pipeline.encode()),
+            ]
+            self._produce_one(dlq, d.raw, None, headers, delivered)
+        scores_topic = self.cfg.kafka.scores_topic
+        for key, value in scores_out:
+            self._produce_one(scores_topic, value, key, None, delivered)
+        remaining = producer.flush(30)
+        if remaining or failures:
+            raise ProduceError(
+                f"{remaining} undelivered, {len(failures)} failed"
+                + (f": {failures[0]}" if failures else "")
+            )
+
+    def _produce_one(self, topic: str, value: bytes, key: bytes | None, headers: Any, cb: Any):
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=cb)
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
+    def _commit(self, offsets: list[OffsetRecord]) -> None:
+        from confluent_kafka import KafkaException, TopicPartition
+
+        pending = self.state.uncommitted
+        for o in offsets:
+            pending[(o.kafka_topic, o.kafka_partition)] = o.next_offset
+        tps = [
+            TopicPartition(t, p, off)
+            for (t, p), off in pending.items()
+            if (t, p) in self.state.assigned
+        ]
+        if not tps:
+            return
+        try:
+            self._consumer.commit(offsets=tps, asynchronous=False)
+        except KafkaException as exc:
+            # The database already holds these offsets and the next assignment seeks to them;
+            # a lost Kafka commit costs nothing but lag accounting. Try again after the next batch.
+            log.warning("Kafka commit failed (offsets are safe in the database): %s", exc)
+            return
+        for tp in tps:
+            pending.pop((tp.topic, tp.partition), None)
+
+    def _database_up(self, up: bool) -> None:
+        self.metrics.database_up.set(1 if up else 0)
+        self.health.set("database_up", up)
+
+    def _with_db_retry(self, fn: Any, what: str) -> Any:
+        delay = self.cfg.serve.db_retry_initial_s
+        while True:
+            try:
+                value = fn()
+                self._database_up(True)
+                return value
+            except RetryableStorageError as exc:
+                self._database_up(False)
+                log.warning(
+                    "database unavailable",
+                    extra={"fields": {"while": what, "error": str(exc), "retry_in_s": delay}},
+                )
+                if self._stop.wait(delay):
+                    return None
+                delay = min(delay * 2, self.cfg.serve.db_retry_max_s)
+
+    # -- rebalance callbacks (run inside consume()) -------------------------------------------
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        stored = self._with_db_retry(
+            lambda: self.store.load_offsets(self.pipeline, self.topic), "loading offsets"
+        )
+        stored = stored or {}
+        for tp in partitions:
+            if tp.topic == self.topic and tp.partition in stored:
+                tp.offset = stored[tp.partition]
+        consumer.assign(partitions)
+        self.state.generation += 1
+        self.state.assigned = {(tp.topic, tp.partition) for tp in partitions}
+        self.state.last_activity = time.monotonic()
+        self.health.set("assigned", bool(partitions))
+        log.info(
+            "partitions assigned",
+            extra={"fields": {"partitions": [[tp.partition, tp.offset] for tp in partitions]}},
+        )
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        # Batches are written and committed before consume() is called again, so nothing is in
+        # flight here; commit what a failed commit left behind for these partitions.
+        from confluent_kafka import KafkaException, TopicPartition
+
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        tps = [
+            TopicPartition(t, p, off)
+            for (t, p), off in self.state.uncommitted.items()
+            if (t, p) in revoked
+        ]
+        if tps:
+            try:
+                consumer.commit(offsets=tps, asynchronous=False)
+            except KafkaException as exc:
+                log.warning("commit on revoke failed (offsets are in the database): %s", exc)
+        for key in revoked:
+            self.state.uncommitted.pop(key, None)
+        self._drop(revoked)
+        log.info("partitions revoked", extra={"fields": {"partitions": sorted(revoked)}})
+
+    def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
+        # Another member may own them already: commit nothing.
+        lost = {(tp.topic, tp.partition) for tp in partitions}
+        for key in lost:
+            self.state.uncommitted.pop(key, None)
+        self._drop(lost)
+        log.warning("partitions lost", extra={"fields": {"partitions": sorted(lost)}})
+
+    def _drop(self, keys: set[tuple[str, int]]) -> None:
+        self.state.assigned -= keys
+        self.state.generation += 1
+        self.health.set("assigned", bool(self.state.assigned))
+
+    def _on_kafka_error(self, err: Any) -> None:
+        log.warning("kafka error: %s", err)
+
+    @staticmethod
+    def _partitions(keys: set[tuple[str, int]]) -> list[Any]:
+        from confluent_kafka import TopicPartition
+
+        return [TopicPartition(t, p) for t, p in sorted(keys)]
+
+    # -- model versions -------------------------------------------------------------------
+
+    def _load_model(self, initial: bool = False) -> None:
+        from anomaly.model import AnomalyModel
+        from anomaly.scorer import BatchScorer
+
+        serve = self.cfg.serve
+        record = self._with_db_retry(
+            lambda: self.store.active_model_version(self.pipeline), "reading the model version"
+        )
+        if record is not None:
+            path, version = record.bundle_path, record.version
+        elif serve.model_dir:
+            path, version = serve.model_dir, None
+        else:
+            raise ConfigError(
+                f"pipeline {self.pipeline!r} has no active model version in the database and "
+                "serve.model_dir is not set: train a model and register it, or set serve.model_dir"
+            )
+        model = AnomalyModel.load(path)
+        version = version or model.version or "unversioned"
+        model.version = version
+        scorer = BatchScorer(
+            model,
+            device=serve.device,
+            batch_size=serve.scoring_batch_size,
+            bf16=serve.bf16,
+            threads=serve.threads,
+        )
+        self.loaded = LoadedModel(model=model, scorer=scorer, version=version, source=str(path))
+        self._last_model_poll = time.monotonic()
+        self.metrics.set_device(scorer.device)
+        self.metrics.set_model_version(version)
+        self.health.set("model_loaded", True)
+        log.info(
+            "model loaded" if initial else "model switched",
+            extra={"fields": {"version": version, "bundle": str(path), "device": scorer.device}},
+        )
+
+    def _maybe_switch_model(self) -> None:
+        """At a batch boundary: is another version active now? Then score with it from here."""
+        if time.monotonic() - self._last_model_poll < self.cfg.serve.model_poll_s:
+            return
+        self._last_model_poll = time.monotonic()
+        try:
+            record = self.store.active_model_version(self.pipeline)
+        except RetryableStorageError:
+            return  # the batch write will notice and wait
+        if record is None or self.loaded is None or record.version == self.loaded.version:
+            return
+        try:
+            self._load_model()
+        except Exception as exc:
+            # A broken bundle must not stop the service: keep scoring with the current one.
+            log.error(
+                "cannot switch model version, keeping the current one",
+                extra={"fields": {"version": record.version, "error": str(exc)}},
+            )
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _entity(frame: Any, entity_field: str | None, row: int) -> str | None:
+    if not entity_field:
+        return None
+    value = frame[entity_field].iloc[row]
+    return None if value is None or value != value else str(value)
+
+
+def _detector_scores(columns: dict[str, np.ndarray], row: int) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for name in DETECTORS:
+        score, p = columns.get(name), columns.get(f"{name}_p")
+        out[f"{name}_score"] = None if score is None else _finite(score[row])
+        out[f"{name}_p"] = None if p is None else _finite(p[row])
+    return out
+
+
+def _finite(x: Any) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+_ANY = msgspec.json.Decoder()
+
+
+def _record_json(value: bytes | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    try:
+        obj = _ANY.decode(value)
+    except msgspec.DecodeError:  # NaN/Infinity literals, accepted by the decoder's slow path
+        import json
+
+        obj = json.loads(value)
+    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in obj.items()}
+
+
+def _offsets(pipeline: str, messages: list[_Message]) -> list[OffsetRecord]:
+    first: dict[tuple[str, int], int] = {}
+    last: dict[tuple[str, int], int] = {}
+    for m in messages:
+        key = (m.topic, m.partition)
+        if key not in first:
+            first[key] = m.offset
+        last[key] = m.offset
+    return [
+        OffsetRecord(pipeline, t, p, next_offset=last[(t, p)] + 1, first_offset=first[(t, p)])
+        for (t, p) in first
+    ]
+
+
+def _score_messages(
+    pipeline: str,
+    version: str,
+    ids: np.ndarray,
+    times: Any,
+    columns: dict[str, np.ndarray],
+    result: Any,
+    time_field: str | None,
+) -> list[tuple[bytes, bytes]]:
+    n = len(ids)
+    names = [c for c in ("vae", "flow", "gan", "ensemble") if c in columns]
+    values = {c: columns[c].tolist() for c in names} | {
+        f"{c}_p": columns[f"{c}_p"].tolist() for c in names
+    }
+    event_times = (
+        times.dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ").tolist() if times is not None else [None] * n
+    )
+    alert = result.is_alert.tolist()
+    severity = result.severity.tolist()
+    out = []
+    for i in range(n):
+        body = {"record_id": str(ids[i]), "pipeline": pipeline, "model_version": version}
+        for key, col in values.items():
+            body[key] = col[i]
+        body["alert"] = alert[i]
+        body["severity"] = severity[i]
+        body["event_time"] = event_times[i]
+        out.append((str(ids[i]).encode(), orjson.dumps(body)))
+    return out
+
+
+def observe_many(histogram: Any, values: np.ndarray) -> None:
+    """Observe many values at once: per-value ``observe`` costs ~1 us each in Python."""
+    values = np.asarray(values, dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return
+    buckets = getattr(histogram, "_buckets", None)
+    bounds = getattr(histogram, "_upper_bounds", None)
+    total = getattr(histogram, "_sum", None)
+    if buckets is None or bounds is None or total is None:  # pragma: no cover - other versions
+        for v in values:
+            histogram.observe(float(v))
+        return
+    # prometheus_client keeps per-bucket (not cumulative) counts; le buckets are inclusive.
+    idx = np.searchsorted(np.asarray(bounds, dtype=np.float64), values, side="left")
+    counts = np.bincount(idx, minlength=len(bounds))
+    for i, c in enumerate(counts):
+        if c:
+            buckets[i].inc(int(c))
+    total.inc(float(values.sum()))
+
+
+def run_service(cfg: PipelineConfig, stop_when_idle_s: float | None = None) -> int:
+    """The ``anomaly serve`` entry point: signals drain the batch in flight, then exit 0."""
+    service = ScoringService(cfg, stop_when_idle_s=stop_when_idle_s)
+    service.install_signal_handlers()
+    return service.run()
