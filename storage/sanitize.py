@@ -71,9 +71,40 @@ def clean_json(value: Any, _depth: int = 0) -> Any:
     return clean_text(str(value))
 
 
+class JSONText(str):
+    """JSON already serialized (and known to be clean): stored as is, not serialized again."""
+
+    __slots__ = ()
+
+
+_ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
+
+
 def dumps(value: Any) -> str:
-    """The JSON text stored for a column (already cleaned values only)."""
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    """The engine's JSON serializer: ``JSONText`` passes through, anything else is encoded."""
+    if type(value) is JSONText:
+        return str(value)
+    return _ENCODE(value)
+
+
+def json_text(value: Any) -> JSONText:
+    """``value`` as JSON text PostgreSQL's JSONB accepts.
+
+    The fast path encodes once (in C) and checks the result: text that is plain UTF-8 without
+    NUL escapes needs no cleaning. Anything else (NaN, bytes, numpy values, NULs, lone
+    surrogates) takes the slow path through ``clean_json``."""
+    try:
+        text = _ENCODE(value)
+    except (TypeError, ValueError):
+        return JSONText(_ENCODE(clean_json(value)))
+    if "\\u0000" in text:
+        return JSONText(_ENCODE(clean_json(value)))
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return JSONText(_ENCODE(clean_json(value)))
+    return JSONText(text)
 
 
 def clean_float(value: Any) -> float | None:

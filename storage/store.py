@@ -28,6 +28,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
+from operator import itemgetter
 from typing import Any, Literal
 
 from sqlalchemy import (
@@ -67,7 +68,7 @@ from storage.records import (
     StreamStatRecord,
     WriteResult,
 )
-from storage.sanitize import clean_float, clean_json, clean_text, dumps
+from storage.sanitize import clean_float, clean_json, clean_text, dumps, json_text
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +98,7 @@ ALERT_COLUMNS = (
     "record",
     "status",
 )
-_JSON_COLUMNS = frozenset({"fired_detectors", "top_features", "record"})
+_alert_values = itemgetter(*ALERT_COLUMNS)
 _IN_CHUNK = 5000  # ids/entities per IN (...) list; SQLite allows 32766 variables
 
 AlertInsert = Literal["auto", "copy", "executemany"]
@@ -457,13 +458,9 @@ class AlertStore:
                 f"SELECT {cols} FROM alerts WITH NO DATA"
             )
             with cur.copy(f"COPY alerts_stage ({cols}) FROM STDIN") as copy:
+                # Times are aware UTC already and JSON is clean text (see _alert_row).
                 for row in rows:
-                    # Times are aware UTC already (see _alert_row); JSON goes as its text.
-                    copy.write_row(
-                        tuple(
-                            dumps(row[c]) if c in _JSON_COLUMNS else row[c] for c in ALERT_COLUMNS
-                        )
-                    )
+                    copy.write_row(_alert_values(row))
             cur.execute(
                 f"INSERT INTO alerts ({cols}) SELECT {cols} FROM alerts_stage "
                 "ORDER BY kafka_topic, kafka_partition, kafka_offset "
@@ -974,9 +971,9 @@ def _alert_row(a: AlertRecord) -> dict[str, Any]:
         "ensemble_score": float(a.ensemble_score),
         "ensemble_p": float(a.ensemble_p),
         "severity": a.severity,
-        "fired_detectors": clean_json(list(a.fired_detectors)),
-        "top_features": clean_json(list(a.top_features)),
-        "record": clean_json(a.record if a.record is not None else {}),
+        "fired_detectors": json_text(list(a.fired_detectors)),
+        "top_features": json_text(list(a.top_features)),
+        "record": json_text(a.record if a.record is not None else {}),
         "status": "open",
     }
 
