@@ -386,6 +386,13 @@ def run_evaluation(
         raise DataError(f"model directory not found: {model_dir}")
     frame, labels = read_labeled(data_path, label)
     model = AnomalyModel.load(model_dir, device=device)
+    frame, ignored = _model_columns(model, frame)
+    if ignored:
+        import logging
+
+        logging.getLogger(__name__).info(
+            "ignoring column(s) not in the model's schema: %s", ", ".join(ignored)
+        )
     target = float(target_fpr if target_fpr is not None else model.target_fpr)
     scores = model.score_detectors(frame)
     result = evaluate_scores(scores, labels, target, thresholds=model_thresholds(model, target))
@@ -410,9 +417,23 @@ def run_evaluation(
         "model_version": getattr(model, "version", None),
         "data": str(data_path),
         "label_column": label,
+        "ignored_columns": ignored,
     }
     html_path, json_path = write_report(report_dir, result, scores, labels, tops, meta)
     return result, html_path, json_path
+
+
+def _model_columns(model: Any, frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Keep the columns the model's schema knows; labeled files often carry extra ones (the kind
+    of anomaly, a comment) that the model must not see. A missing feature is left for the
+    model's own check, which names it."""
+    schema = getattr(model, "schema", None)
+    if schema is None or not getattr(schema, "features", None):
+        return frame, []
+    known = [*schema.features, schema.id_field, schema.time_field, schema.entity_field]
+    keep = [c for c in frame.columns if c in known]
+    ignored = [str(c) for c in frame.columns if c not in known]
+    return frame[keep], ignored
 
 
 def _plain(feature: Mapping[str, Any]) -> dict[str, Any]:

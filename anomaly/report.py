@@ -278,11 +278,10 @@ def render_html(
         "<h1>Anomaly model evaluation</h1>",
         "<table>",
     ]
-    for key in ("model", "model_version", "data", "label_column", "created_at"):
-        if meta.get(key) is not None:
-            parts.append(
-                f'<tr><th class="l">{esc(key)}</th><td class="l">{esc(str(meta[key]))}</td></tr>'
-            )
+    for key in ("model", "model_version", "data", "label_column", "ignored_columns", "created_at"):
+        if meta.get(key):
+            value = esc(_meta_text(meta[key]))
+            parts.append(f'<tr><th class="l">{esc(key)}</th><td class="l">{value}</td></tr>')
     parts += [
         f'<tr><th class="l">rows</th><td class="l">{result.n_rows} '
         f"({result.n_anomalies} anomalous, {result.n_normals} normal; anomaly rate "
@@ -349,6 +348,10 @@ def render_html(
         f"{JSON_NAME}.</p></body></html>"
     )
     return "\n".join(parts)
+
+
+def _meta_text(v: Any) -> str:
+    return ", ".join(map(str, v)) if isinstance(v, list) else str(v)
 
 
 def _value(v: Any) -> str:
