@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from anomaly.config import load_config
 from anomaly.synthetic import write_frame
+from storage.store import AlertStore
 from streams.broker import create_topic
 from streams.replay import replay
 from streams.service import ScoringService
@@ -112,7 +118,9 @@ def test_resumes_from_database_offsets_when_kafka_commit_is_lost(
     cfg = load_config(config)
     values = [
         json.dumps(r).encode()
-        for r in json.loads(fraud_records.drop(columns=LABELS).to_json(orient="records"))
+        for r in json.loads(
+            fraud_records.drop(columns=LABELS).to_json(orient="records", date_format="iso")
+        )
     ]
     produce(kafka_bootstrap, topic_name, values[:600])
     serve_once(config, idle_s=2.0)
@@ -126,3 +134,88 @@ def test_resumes_from_database_offsets_when_kafka_commit_is_lost(
     ids = [r[0] for r in sql(sqlite_url, "SELECT record_id FROM alerts")]
     assert len(ids) == len(set(ids))
     assert service.store.load_offsets(cfg.name, topic_name) == {0: len(values)}
+
+
+def start_serve(config: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "anomaly.cli", "serve", "--config", str(config), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def final_counts(output: bytes) -> dict:
+    """The JSON log line the service writes when it stops."""
+    for line in reversed(output.decode(errors="replace").splitlines()):
+        if line.startswith("{") and '"message": "stopped"' in line:
+            return json.loads(line)
+    raise AssertionError(f"no 'stopped' log line in:\n{output.decode(errors='replace')[-3000:]}")
+
+
+@pytest.mark.postgres
+def test_two_serve_processes_share_four_partitions_exactly_once(
+    pg_url, tmp_path, kafka_bootstrap, topic_name, pipeline_file, trained_model, fraud_records, sql
+):
+    create_topic(kafka_bootstrap, topic_name, partitions=4)
+    config = pipeline_file(pg_url, trained_model.bundle, kafka={"batch_size": 100})
+    cfg = load_config(config)
+    data = tmp_path / "records.csv"
+    write_frame(fraud_records, str(data))
+    procs = [start_serve(config, "--stop-when-idle", "4")]
+    time.sleep(2.0)
+    procs.append(start_serve(config, "--stop-when-idle", "4"))
+    # Records arrive while the second process joins: the group rebalances mid-stream.
+    replay(cfg, data, rate=400, progress=False)
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    counts = [final_counts(out) for out in outputs]
+    assert sum(c["consumed"] for c in counts) >= len(fraud_records)
+    n = len(fraud_records)
+    assert sql(pg_url, "SELECT sum(records_seen), sum(records_scored) FROM stream_stats") == [
+        (n, n)
+    ]
+    ids = [r[0] for r in sql(pg_url, "SELECT record_id FROM alerts")]
+    assert len(ids) == len(set(ids))
+    features = fraud_records.drop(columns=LABELS)
+    assert set(ids) == set(features["id"][trained_model.model.predict(features) == 1])
+    ends = end_offsets(kafka_bootstrap, topic_name, n)
+    assert len(ends) == 4
+    assert AlertStore(pg_url).load_offsets(cfg.name, topic_name) == ends
+
+
+def test_sigterm_drains_the_batch_and_exits_zero(
+    sqlite_url,
+    tmp_path,
+    kafka_bootstrap,
+    topic_name,
+    pipeline_file,
+    trained_model,
+    fraud_records,
+    sql,
+):
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    config = pipeline_file(sqlite_url, trained_model.bundle, kafka={"batch_size": 50})
+    cfg = load_config(config)
+    data = tmp_path / "records.csv"
+    write_frame(fraud_records, str(data))
+    proc = start_serve(config)
+    replay(cfg, data, rate=300, progress=False)  # ~4 s: the service is mid-stream
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            seen = sql(sqlite_url, "SELECT sum(records_seen) FROM stream_stats")[0][0]
+        except Exception:  # the tables appear once the service has migrated the database
+            seen = None
+        if seen:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 0, output.decode(errors="replace")[-3000:]
+    consumed = final_counts(output)["consumed"]
+    # Everything consumed was written, with its offsets, before the exit.
+    [(seen,)] = sql(sqlite_url, "SELECT sum(records_seen) FROM stream_stats")
+    assert seen == consumed > 0
+    assert AlertStore(sqlite_url).load_offsets(cfg.name, topic_name) == {0: consumed}
+    assert committed_offsets(kafka_bootstrap, topic_name, cfg.group_id) == {0: consumed}
