@@ -8,7 +8,9 @@ Normal data is meant to be realistic enough that a detector has to learn structu
 
 * fraud: per-card habits (home country, favourite merchant categories and channels, typical
   amount, active hours), heavy-tailed (log-normal) amounts, a daily cycle, occasional travel with
-  a matching distance from home, and ``velocity_1h`` computed from each card's own timeline.
+  a matching distance from home; ``issuer_country`` (the card's home), ``velocity_1h`` and
+  ``amount_to_card_median`` computed from each card's own timeline, as a fraud pipeline's
+  feature step would.
 * manufacturing: per-machine gains around a shared latent load with a shift pattern and a daily
   ambient cycle; current, flow, pressure, temperature and vibration are all driven by the load,
   so they move together, and the operating mode follows from it.
@@ -18,7 +20,7 @@ Anomalies are labeled by kind. Several are invisible to per-feature range checks
 * fraud: ``spike`` (an amount many times the card's usual), ``rare_category`` (a merchant
   category never seen in normal traffic), ``broken_correlation`` (home country but thousands of km
   from home, or abroad but next door), ``burst`` (card testing: a run of tiny online purchases
-  minutes apart; only the records once the run is under way carry the label).
+  minutes apart; the records from the fourth on carry the label).
 * manufacturing: ``spike`` (vibration, pressure or current jump), ``drift`` (a segment in which
   temperature or vibration creeps away from its load-explained value), ``broken_correlation``
   (a blocked or leaking line: flow or pressure no longer matches the current drawn),
@@ -33,8 +35,14 @@ import numpy as np
 import pandas as pd
 from scipy.signal import lfilter
 
-FRAUD_NUMERIC = ["amount", "hour", "distance_from_home_km", "velocity_1h"]
-FRAUD_CATEGORICAL = ["merchant_category", "country", "channel"]
+FRAUD_NUMERIC = [
+    "amount",
+    "amount_to_card_median",
+    "hour",
+    "distance_from_home_km",
+    "velocity_1h",
+]
+FRAUD_CATEGORICAL = ["merchant_category", "country", "issuer_country", "channel"]
 MANUFACTURING_NUMERIC = [
     "vibration_rms",
     "current_a",
@@ -71,7 +79,7 @@ _CATEGORIES = np.array(
 )
 _CATEGORY_WEIGHTS = np.array([0.24, 0.17, 0.1, 0.14, 0.03, 0.04, 0.06, 0.07, 0.05, 0.1])
 # Typical amount relative to the card's own scale.
-_CATEGORY_SCALE = np.array([1.0, 0.8, 1.3, 1.6, 6.0, 4.0, 0.6, 1.1, 2.5, 0.3])
+_CATEGORY_SCALE = np.array([1.0, 0.8, 1.3, 1.6, 4.0, 3.0, 0.6, 1.1, 2.0, 0.3])
 # Probability that a purchase in the category is online.
 _CATEGORY_ONLINE = np.array([0.05, 0.08, 0.0, 0.95, 0.6, 0.4, 0.1, 0.3, 0.7, 1.0])
 _UNSEEN_CATEGORIES = np.array(["gambling", "crypto_exchange", "money_transfer", "pawn_shop"])
@@ -124,6 +132,24 @@ def _velocity_1h(cards: np.ndarray, times_s: np.ndarray) -> np.ndarray:
     return result
 
 
+def _to_card_median(cards: pd.Series, seconds: np.ndarray, amount: pd.Series) -> np.ndarray:
+    """Amount over the median of the card's previous (up to 20) amounts; 1 until it has five.
+
+    The kind of per-entity profile feature a fraud pipeline computes upstream: it lets a global
+    model see that a purchase is large *for this card*.
+    """
+    order = np.lexsort((seconds, cards.to_numpy()))
+    ordered = pd.Series(amount.to_numpy()[order])
+    keys = cards.to_numpy()[order]
+    previous = ordered.groupby(keys).transform(
+        lambda a: a.shift(1).rolling(20, min_periods=5).median()
+    )
+    ratio = (ordered / previous).fillna(1.0).to_numpy()
+    out = np.empty_like(ratio)
+    out[order] = ratio
+    return np.round(out, 4)
+
+
 def generate_fraud(n: int, anomaly_fraction: float = 0.01, seed: int = 0) -> pd.DataFrame:
     """Card transactions; entity ``card_id``. See the module docstring for the anomaly kinds."""
     _check(n, anomaly_fraction)
@@ -140,7 +166,7 @@ def generate_fraud(n: int, anomaly_fraction: float = 0.01, seed: int = 0) -> pd.
     cat_pref = rng.dirichlet(_CATEGORY_WEIGHTS * 12.0, n_cards)
     contactless = rng.uniform(0.2, 0.8, n_cards)  # share of in-store purchases paid contactless
     travel_rate = rng.beta(1.0, 30.0, n_cards)
-    activity = rng.gamma(2.0, 1.0, n_cards)
+    activity = rng.gamma(4.0, 0.25, n_cards)
 
     card = rng.choice(n_cards, n, p=activity / activity.sum())
     day = rng.integers(0, days, n)
@@ -192,17 +218,18 @@ def generate_fraud(n: int, anomaly_fraction: float = 0.01, seed: int = 0) -> pd.
         free[idx] = False
         return idx
 
-    # Card testing: runs of tiny online purchases a few minutes apart on one card. The first two
-    # of a run look like any small online purchase and stay normal; the rest are labeled.
+    # Card testing: runs of tiny online purchases a few minutes apart on one card. The first
+    # three of a run look like any small online purchase and stay normal; once the run is under
+    # way (velocity_1h >= 3) the records are labeled.
     remaining = quotas["burst"]
     while remaining > 0:
-        labeled = int(min(remaining, rng.integers(3, 8)))
-        rows = take(labeled + 2)
-        if len(rows) < labeled + 2:
+        labeled = int(min(remaining, rng.integers(4, 10)))
+        rows = take(labeled + 3)
+        if len(rows) < labeled + 3:
             break
         c = rng.integers(n_cards)
         t0 = rng.integers(0, days) * 86400.0 + rng.uniform(0, 86400.0 - 3600.0)
-        offsets = np.sort(rng.uniform(0, 40 * 60.0, len(rows)))
+        offsets = np.sort(rng.uniform(0, 15 * 60.0, len(rows)))
         frame.loc[rows, "card"] = c
         frame.loc[rows, "seconds"] = t0 + offsets
         frame.loc[rows, "amount"] = rng.uniform(0.5, 3.0, len(rows))
@@ -210,12 +237,12 @@ def generate_fraud(n: int, anomaly_fraction: float = 0.01, seed: int = 0) -> pd.
         frame.loc[rows, "channel"] = "online"
         frame.loc[rows, "country"] = _COUNTRIES[home[c]]
         frame.loc[rows, "distance_from_home_km"] = 0.0
-        frame.loc[rows[2:], "anomaly_kind"] = "burst"
+        frame.loc[rows[3:], "anomaly_kind"] = "burst"
         remaining -= labeled
 
     rows = take(quotas["spike"])
     scale = np.exp(amount_mu[frame.loc[rows, "card"].to_numpy()])
-    frame.loc[rows, "amount"] = scale * rng.uniform(25.0, 80.0, len(rows))
+    frame.loc[rows, "amount"] = scale * rng.uniform(60.0, 200.0, len(rows))
     frame.loc[rows, "merchant_category"] = rng.choice(["electronics", "travel"], len(rows))
     frame.loc[rows, "anomaly_kind"] = "spike"
 
@@ -240,6 +267,8 @@ def generate_fraud(n: int, anomaly_fraction: float = 0.01, seed: int = 0) -> pd.
     frame["velocity_1h"] = _velocity_1h(frame["card"].to_numpy(), seconds)
     frame["amount"] = frame["amount"].round(2)
     frame["distance_from_home_km"] = frame["distance_from_home_km"].round(2)
+    frame["amount_to_card_median"] = _to_card_median(frame["card"], seconds, frame["amount"])
+    frame["issuer_country"] = _COUNTRIES[home[frame["card"].to_numpy()]]
     frame["card_id"] = [f"card-{c:05d}" for c in frame["card"]]
     frame["_order"] = np.arange(n)
     return _finish(frame, "txn", ["card_id", *FRAUD_NUMERIC, *FRAUD_CATEGORICAL])

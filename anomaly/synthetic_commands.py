@@ -25,6 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="share of records that are injected anomalies (default 0.01)",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-labels",
+        action="store_true",
+        help="leave out is_anomaly and anomaly_kind (training data, replayed traffic)",
+    )
     p.add_argument("--out", required=True, help="output file, .csv or .parquet")
     p.set_defaults(handler=_generate)
 
@@ -39,8 +44,10 @@ def _generate(args: argparse.Namespace) -> int:
         frame = generate(args.example, args.rows, args.anomaly_fraction, args.seed)
     except ValueError as exc:
         raise UserFacingError(str(exc)) from exc
-    write_frame(frame, args.out)
     kinds = frame.loc[frame["is_anomaly"] == 1, "anomaly_kind"].value_counts().sort_index()
     detail = ", ".join(f"{k} {v}" for k, v in kinds.items()) or "none"
+    if args.no_labels:
+        frame = frame.drop(columns=["is_anomaly", "anomaly_kind"])
+    write_frame(frame, args.out)
     print(f"wrote {len(frame)} {args.example} records to {args.out} (anomalies: {detail})")
     return 0

@@ -74,9 +74,19 @@ def test_fraud_structure():
     assert not set(kinds.get_group("rare_category")["merchant_category"]) & set(
         normal["merchant_category"]
     )
-    assert kinds.get_group("burst")["velocity_1h"].min() >= 2
+    assert kinds.get_group("burst")["velocity_1h"].min() >= 3
+    assert kinds.get_group("spike")["amount_to_card_median"].median() > 10
+    assert normal["amount_to_card_median"].median() == pytest.approx(1.0, abs=0.2)
+    # The card's home country never changes and is where it shops unless it travels.
+    assert (frame.groupby("card_id")["issuer_country"].nunique() == 1).all()
+    near = present["distance_from_home_km"] <= 250
+    assert (present.loc[near, "country"] == present.loc[near, "issuer_country"]).all()
+    assert (present.loc[~near, "country"] != present.loc[~near, "issuer_country"]).all()
     broken = kinds.get_group("broken_correlation")
-    assert ((broken["distance_from_home_km"] > 2000) | (broken["distance_from_home_km"] < 6)).all()
+    at_home = broken["country"] == broken["issuer_country"]
+    assert (broken.loc[at_home, "distance_from_home_km"] > 2000).all()
+    assert (broken.loc[~at_home, "distance_from_home_km"] < 6).all()
+    assert 0 < at_home.sum() < len(broken)
 
 
 def test_manufacturing_structure():
