@@ -67,7 +67,8 @@ class AnomalyModel:
     numeric_transform: preprocessing of numeric columns (``"quantile"``, ``"robust"``,
         ``"signed_log"``); see ``anomaly.preprocess``.
     calibration_fraction: share of the normal rows held out for calibration.
-    max_epochs / max_steps / time_budget_s / batch_size: training budgets for each detector.
+    max_epochs / min_steps / max_steps / time_budget_s / batch_size: training budgets for each
+        detector (see ``anomaly.detectors._base.BaseDetector``).
     threads: torch intra-op threads while fitting and scoring.
     progress: tqdm progress bars with the loss.
     detector_params: per-detector keyword overrides, e.g. ``{"flow": {"kind": "nsf"}}``.
@@ -85,6 +86,7 @@ class AnomalyModel:
         calibration_fraction: float = 0.25,
         max_epochs: int = 60,
         max_steps: int | None = 4000,
+        min_steps: int = 500,
         time_budget_s: float | None = None,
         batch_size: int = 256,
         threads: int | None = 1,
@@ -107,6 +109,7 @@ class AnomalyModel:
         self.calibration_fraction = calibration_fraction
         self.max_epochs = max_epochs
         self.max_steps = max_steps
+        self.min_steps = min_steps
         self.time_budget_s = time_budget_s
         self.batch_size = batch_size
         self.threads = threads
@@ -152,6 +155,7 @@ class AnomalyModel:
             "device": str(self.device_),
             "max_epochs": self.max_epochs,
             "max_steps": self.max_steps,
+            "min_steps": self.min_steps,
             "time_budget_s": self.time_budget_s,
             "batch_size": self.batch_size,
         }

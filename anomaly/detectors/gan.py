@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomaly.detectors._base import BaseDetector, mlp
+from anomaly.detectors._base import BaseDetector, adam, mlp
 
 
 class _GAN(nn.Module):
@@ -108,8 +108,8 @@ class GANDetector(BaseDetector):
     def _optimizers(self, module: nn.Module) -> list[torch.optim.Optimizer]:
         d_params = [*module.disc_body.parameters(), *module.disc_head.parameters()]
         return [
-            torch.optim.Adam(d_params, lr=self.lr, betas=(0.5, 0.999)),
-            torch.optim.Adam(module.generator.parameters(), lr=self.lr, betas=(0.5, 0.999)),
+            adam(d_params, lr=self.lr, betas=(0.5, 0.999)),
+            adam(module.generator.parameters(), lr=self.lr, betas=(0.5, 0.999)),
         ]
 
     def _disc_loss(self, module: _GAN, x: torch.Tensor, negs: list[torch.Tensor], weights):

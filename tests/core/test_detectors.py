@@ -93,7 +93,7 @@ def test_early_stopping_and_epoch_budget(array_problem):
     )
     det.fit(train[:400])
     assert det.stop_reason_ == "early_stopping" and det.n_epochs_ < 200
-    capped = FlowDetector(seed=0, max_epochs=3, max_steps=None, hidden=(16,), transforms=2).fit(
+    capped = FlowDetector(seed=0, max_epochs=3, max_steps=None, min_steps=0, hidden=(16,), transforms=2).fit(
         train[:400]
     )
     assert capped.n_epochs_ == 3 and capped.stop_reason_ == "max_epochs"
@@ -111,10 +111,10 @@ def test_bad_input_and_unfitted_errors(array_problem):
     bad = train[:50].copy()
     bad[17, 2] = np.nan
     with pytest.raises(DataError, match="row 17, feature f2"):
-        VAEDetector(max_epochs=1).fit(bad)
+        VAEDetector(max_epochs=1, min_steps=0).fit(bad)
     with pytest.raises(DataError, match="need >= 10"):
         FlowDetector(max_epochs=1).fit(train[:5])
-    det = GANDetector(max_epochs=1, hidden=(8,)).fit(train[:100])
+    det = GANDetector(max_epochs=1, min_steps=0, hidden=(8,)).fit(train[:100])
     with pytest.raises(DataError, match="fit on 6"):
         det.decision_function(train[:10, :3])
 
