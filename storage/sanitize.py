@@ -3,16 +3,20 @@
 PostgreSQL rejects NUL characters in text and JSONB, strings that are not valid UTF-8 (a Python
 ``str`` holding lone surrogates, e.g. from ``errors="surrogateescape"``), NaN/Infinity inside JSON,
 and text longer than a ``VARCHAR(n)``. Instead of failing the whole transaction we escape such
-characters visibly (``\\u0000``, ``\\udcff``), turn non-finite floats in JSON into strings and
-truncate long text with a marker saying how much was cut.
+characters visibly (``\\u0000``, ``\\udcff``), write non-finite floats in JSON as null and bytes
+inside JSON as base64, and truncate long text with a marker saying how much was cut. (Bytes
+columns, such as a dead letter's raw value, are stored unchanged.)
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 from datetime import date, datetime
 from typing import Any
+
+import msgspec
 
 _MAX_DEPTH = 64
 
@@ -44,9 +48,7 @@ def clean_json(value: Any, _depth: int = 0) -> Any:
     if value is None or isinstance(value, bool | int):
         return value
     if isinstance(value, float):
-        if math.isfinite(value):
-            return value
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        return value if math.isfinite(value) else None  # JSON has no NaN/Infinity
     if isinstance(value, str):
         return clean_text(value)
     if _depth >= _MAX_DEPTH:
@@ -58,7 +60,7 @@ def clean_json(value: Any, _depth: int = 0) -> Any:
     if isinstance(value, datetime | date):
         return value.isoformat()
     if isinstance(value, bytes | bytearray | memoryview):
-        return clean_text(value)
+        return base64.b64encode(bytes(value)).decode("ascii")
     # numpy scalars and arrays, Decimal, ...: their Python value, else their text.
     tolist = getattr(value, "tolist", None)
     if callable(tolist):
@@ -77,6 +79,7 @@ class JSONText(str):
     __slots__ = ()
 
 
+_msgspec_encode = msgspec.json.Encoder().encode
 _ENCODE = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
@@ -90,21 +93,18 @@ def dumps(value: Any) -> str:
 def json_text(value: Any) -> JSONText:
     """``value`` as JSON text PostgreSQL's JSONB accepts.
 
-    The fast path encodes once (in C) and checks the result: text that is plain UTF-8 without
-    NUL escapes needs no cleaning. Anything else (NaN, bytes, numpy values, NULs, lone
-    surrogates) takes the slow path through ``clean_json``."""
+    The fast path encodes once with msgspec (C) and checks the result: UTF-8 output without NUL
+    escapes needs no cleaning (msgspec already writes NaN/Infinity as null and bytes as base64,
+    as ``clean_json`` does). Anything else (lone surrogates, NULs, numpy values, unknown types)
+    takes the slow path through ``clean_json``."""
     try:
-        text = _ENCODE(value)
-    except (TypeError, ValueError):
+        data = _msgspec_encode(value)
+    except (TypeError, ValueError, NotImplementedError, OverflowError):
+        # UnicodeEncodeError (lone surrogates) is a ValueError; unknown types raise TypeError.
         return JSONText(_ENCODE(clean_json(value)))
-    if "\\u0000" in text:
+    if b"\\u0000" in data:
         return JSONText(_ENCODE(clean_json(value)))
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            return JSONText(_ENCODE(clean_json(value)))
-    return JSONText(text)
+    return JSONText(data.decode("utf-8"))
 
 
 def clean_float(value: Any) -> float | None:

@@ -99,6 +99,26 @@ ALERT_COLUMNS = (
     "status",
 )
 _alert_values = itemgetter(*ALERT_COLUMNS)
+_JSON_COLUMNS = ("fired_detectors", "top_features", "record")
+# PostgreSQL COPY path (see AlertStore._copy_alerts).
+_STAGE_TYPES = [
+    *("text", "text", "text", "timestamptz", "timestamptz", "text", "int4", "int8", "text"),
+    *("float8",) * 8,
+    *("text",) * 5,
+]
+_STAGE_DDL = (
+    "CREATE TEMPORARY TABLE IF NOT EXISTS alerts_stage ON COMMIT DELETE ROWS AS SELECT "
+    + ", ".join(f"{c}::text AS {c}" if c in _JSON_COLUMNS else c for c in ALERT_COLUMNS)
+    + " FROM alerts WITH NO DATA"
+)
+_STAGE_COPY = f"COPY alerts_stage ({', '.join(ALERT_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
+_STAGE_INSERT = (
+    f"INSERT INTO alerts ({', '.join(ALERT_COLUMNS)}) SELECT "
+    + ", ".join(f"{c}::jsonb" if c in _JSON_COLUMNS else c for c in ALERT_COLUMNS)
+    + " FROM alerts_stage ORDER BY kafka_topic, kafka_partition, kafka_offset"
+    " ON CONFLICT (pipeline, kafka_topic, kafka_partition, kafka_offset) DO NOTHING"
+    " RETURNING id, kafka_topic, kafka_partition, kafka_offset"
+)
 _IN_CHUNK = 5000  # ids/entities per IN (...) list; SQLite allows 32766 variables
 
 AlertInsert = Literal["auto", "copy", "executemany"]
@@ -449,24 +469,18 @@ class AlertStore:
         return out
 
     def _copy_alerts(self, conn: Connection, rows: list[dict[str, Any]]) -> list[Any]:
-        """PostgreSQL: COPY into a per-connection temporary table, then one INSERT ... SELECT."""
-        cols = ", ".join(ALERT_COLUMNS)
+        """PostgreSQL: binary COPY into a per-connection temporary table, then one
+        ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``. JSON travels as text and is parsed
+        into JSONB by the INSERT (psycopg's binary JSONB dumper would encode it again)."""
         raw = conn.connection.driver_connection
         with raw.cursor() as cur:
-            cur.execute(
-                "CREATE TEMPORARY TABLE IF NOT EXISTS alerts_stage ON COMMIT DELETE ROWS AS "
-                f"SELECT {cols} FROM alerts WITH NO DATA"
-            )
-            with cur.copy(f"COPY alerts_stage ({cols}) FROM STDIN") as copy:
+            cur.execute(_STAGE_DDL)
+            with cur.copy(_STAGE_COPY) as copy:
+                copy.set_types(_STAGE_TYPES)
                 # Times are aware UTC already and JSON is clean text (see _alert_row).
                 for row in rows:
                     copy.write_row(_alert_values(row))
-            cur.execute(
-                f"INSERT INTO alerts ({cols}) SELECT {cols} FROM alerts_stage "
-                "ORDER BY kafka_topic, kafka_partition, kafka_offset "
-                "ON CONFLICT (pipeline, kafka_topic, kafka_partition, kafka_offset) DO NOTHING "
-                "RETURNING id, kafka_topic, kafka_partition, kafka_offset"
-            )
+            cur.execute(_STAGE_INSERT)
             returned = cur.fetchall()
             cur.execute("TRUNCATE alerts_stage")
         return returned
