@@ -97,14 +97,17 @@ ALERT_COLUMNS = (
     "top_features",
     "record",
     "status",
+    "incident_id",
 )
 _alert_values = itemgetter(*ALERT_COLUMNS)
+_time_and_index = itemgetter(0, 1)
 _JSON_COLUMNS = ("fired_detectors", "top_features", "record")
 # PostgreSQL COPY path (see AlertStore._copy_alerts).
 _STAGE_TYPES = [
     *("text", "text", "text", "timestamptz", "timestamptz", "text", "int4", "int8", "text"),
     *("float8",) * 8,
     *("text",) * 5,
+    "int8",
 ]
 _STAGE_DDL = (
     "CREATE TEMPORARY TABLE IF NOT EXISTS alerts_stage ON COMMIT DELETE ROWS AS SELECT "
@@ -117,7 +120,6 @@ _STAGE_INSERT = (
     + ", ".join(f"{c}::jsonb" if c in _JSON_COLUMNS else c for c in ALERT_COLUMNS)
     + " FROM alerts_stage ORDER BY kafka_topic, kafka_partition, kafka_offset"
     " ON CONFLICT (pipeline, kafka_topic, kafka_partition, kafka_offset) DO NOTHING"
-    " RETURNING id, kafka_topic, kafka_partition, kafka_offset"
 )
 _IN_CHUNK = 5000  # ids/entities per IN (...) list; SQLite allows 32766 variables
 
@@ -199,6 +201,10 @@ def _is_retryable(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - SQLite-only install
         return False
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+class _LostRace(Exception):
+    """A concurrent transaction inserted alert positions this batch was about to insert."""
 
 
 @dataclass(slots=True)
@@ -365,11 +371,20 @@ class AlertStore:
         """Write one micro-batch in one transaction (see the module docstring)."""
         alert_rows = [_alert_row(a) for a in batch.alerts]
         dead_rows = [_dead_letter_row(d) for d in batch.dead_letters]
-        with self._transaction(
+        what = (
             f"writing a batch of pipeline {batch.pipeline!r} "
             f"({len(alert_rows)} alerts, {len(dead_rows)} dead letters)"
-        ) as conn:
-            return self._write(conn, batch, alert_rows, dead_rows)
+        )
+        for _attempt in range(5):
+            try:
+                with self._transaction(what) as conn:
+                    return self._write(conn, batch, alert_rows, dead_rows)
+            except _LostRace:
+                # Another transaction inserted some of these alert positions between our check
+                # and our insert (only possible for partitions without offsets in the batch);
+                # it has committed by now, so the next attempt sees its rows.
+                continue
+        raise RetryableStorageError(f"{what}: concurrent writers kept inserting the same alerts")
 
     def _write(
         self,
@@ -391,8 +406,13 @@ class AlertStore:
             dead_rows = [r for r in dead_rows if not fenced(r)]
         records_fenced = (n_alerts - len(alert_rows)) + (n_dead - len(dead_rows))
 
-        inserted = self._insert_alerts(conn, alert_rows) if alert_rows else []
-        incidents_opened = self._assign_incidents(conn, inserted)
+        # Alerts already stored (a replay) or twice in this batch are skipped before the incident
+        # grouping, so incidents count every alert once; the insert below still says
+        # ON CONFLICT DO NOTHING and a count mismatch means a concurrent writer won a race.
+        new_rows = self._new_alert_rows(conn, alert_rows) if alert_rows else []
+        incidents_opened = self._assign_incidents(conn, new_rows) if new_rows else 0
+        if new_rows and self._insert_alerts(conn, new_rows) != len(new_rows):
+            raise _LostRace
         dead_written = self._insert_dead_letters(conn, dead_rows) if dead_rows else 0
 
         stats = _fence_stats(batch.stats, offsets, stored)
@@ -401,7 +421,7 @@ class AlertStore:
         if offsets:
             self._upsert_offsets(conn, offsets)
         return WriteResult(
-            alerts_written=len(inserted),
+            alerts_written=len(new_rows),
             dead_letters_written=dead_written,
             incidents_opened=incidents_opened,
             records_fenced=records_fenced,
@@ -443,32 +463,47 @@ class AlertStore:
             query = query.with_for_update()
         return {(r[0], r[1], r[2]): r[3] for r in conn.execute(query)}
 
-    def _insert_alerts(
-        self, conn: Connection, rows: list[dict[str, Any]]
-    ) -> list[tuple[int, dict[str, Any]]]:
-        """Insert, skipping positions already stored; (id, row) of each new alert."""
-        by_position = {}
-        for row in rows:  # a position twice in one batch: the first one counts
-            by_position.setdefault(
-                (row["kafka_topic"], row["kafka_partition"], row["kafka_offset"]), row
+    def _new_alert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The rows whose position is neither stored yet nor earlier in the same batch."""
+        unique: dict[tuple[str, str, int, int], dict[str, Any]] = {}
+        for row in rows:
+            unique.setdefault(
+                (row["pipeline"], row["kafka_topic"], row["kafka_partition"], row["kafka_offset"]),
+                row,
             )
-        if self.alert_insert == "copy":
-            returned = self._copy_alerts(conn, rows)
-        else:
-            t = s.alerts
-            stmt = (
-                self._insert(t)
-                .on_conflict_do_nothing(
-                    index_elements=["pipeline", "kafka_topic", "kafka_partition", "kafka_offset"]
+        ranges: dict[tuple[str, str, int], list[int]] = {}
+        for p, topic, part, offset in unique:
+            lo_hi = ranges.setdefault((p, topic, part), [offset, offset])
+            lo_hi[0], lo_hi[1] = min(lo_hi[0], offset), max(lo_hi[1], offset)
+        t = s.alerts
+        stored: set[tuple[str, str, int, int]] = set()
+        for (p, topic, part), (lo, hi) in ranges.items():  # one range scan of the unique index
+            found = conn.execute(
+                select(t.c.kafka_offset).where(
+                    t.c.pipeline == p,
+                    t.c.kafka_topic == topic,
+                    t.c.kafka_partition == part,
+                    t.c.kafka_offset.between(lo, hi),
                 )
-                .returning(t.c.id, t.c.kafka_topic, t.c.kafka_partition, t.c.kafka_offset)
-            )
-            returned = conn.execute(stmt, rows).all()
-        out = [(r[0], by_position[(r[1], r[2], r[3])]) for r in returned]
-        out.sort(key=lambda item: item[0])
-        return out
+            ).scalars()
+            stored.update((p, topic, part, o) for o in found)
+        return [row for key, row in unique.items() if key not in stored]
 
-    def _copy_alerts(self, conn: Connection, rows: list[dict[str, Any]]) -> list[Any]:
+    def _insert_alerts(self, conn: Connection, rows: list[dict[str, Any]]) -> int:
+        """Insert with ON CONFLICT DO NOTHING; the number of rows actually inserted."""
+        if self.alert_insert == "copy":
+            return self._copy_alerts(conn, rows)
+        t = s.alerts
+        stmt = (
+            self._insert(t)
+            .on_conflict_do_nothing(
+                index_elements=["pipeline", "kafka_topic", "kafka_partition", "kafka_offset"]
+            )
+            .returning(t.c.id)
+        )
+        return len(conn.execute(stmt, rows).all())
+
+    def _copy_alerts(self, conn: Connection, rows: list[dict[str, Any]]) -> int:
         """PostgreSQL: binary COPY into a per-connection temporary table, then one
         ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``. JSON travels as text and is parsed
         into JSONB by the INSERT (psycopg's binary JSONB dumper would encode it again)."""
@@ -481,20 +516,22 @@ class AlertStore:
                 for row in rows:
                     copy.write_row(_alert_values(row))
             cur.execute(_STAGE_INSERT)
-            returned = cur.fetchall()
+            inserted = cur.rowcount
             cur.execute("TRUNCATE alerts_stage")
-        return returned
+        return inserted
 
-    def _assign_incidents(
-        self, conn: Connection, inserted: list[tuple[int, dict[str, Any]]]
-    ) -> int:
-        """Group new alerts into incidents per (pipeline, entity); set their incident_id."""
-        by_entity: dict[tuple[str, str], list[tuple[datetime, str, int]]] = defaultdict(list)
-        for alert_id, row in inserted:
+    def _assign_incidents(self, conn: Connection, rows: list[dict[str, Any]]) -> int:
+        """Group new alerts into incidents per (pipeline, entity); sets each row's
+        ``incident_id``; returns the number of incidents opened."""
+        by_entity: dict[tuple[str, str], list[tuple[datetime, int, dict[str, Any]]]] = defaultdict(
+            list
+        )
+        for i, row in enumerate(rows):
+            row["incident_id"] = None
             if row["entity"] is None:
                 continue  # no entity: nothing to group by
-            when = utc(row["event_time"] or row["ingest_time"])
-            by_entity[(row["pipeline"], row["entity"])].append((when, row["severity"], alert_id))
+            when = row["event_time"] or row["ingest_time"]
+            by_entity[(row["pipeline"], row["entity"])].append((when, i, row))
         if not by_entity:
             return 0
         keys = sorted(by_entity)
@@ -510,7 +547,7 @@ class AlertStore:
                 {"keys": [f"{p}\x1f{e}" for p, e in keys]},
             )
         window = self.incident_window
-        earliest = min(when for items in by_entity.values() for when, _, _ in items)
+        earliest = min(item[0] for items in by_entity.values() for item in items)
         candidates: dict[tuple[str, str], list[_Incident]] = defaultdict(list)
         t = s.incidents
         by_pipeline: dict[str, list[str]] = defaultdict(list)
@@ -518,30 +555,28 @@ class AlertStore:
             by_pipeline[p].append(e)
         for pipeline, entities in by_pipeline.items():
             for chunk in _chunks(entities, _IN_CHUNK):
-                query = select(t).where(
+                query = select(
+                    t.c.id,
+                    t.c.entity,
+                    t.c.first_seen,
+                    t.c.last_seen,
+                    t.c.alert_count,
+                    t.c.max_severity,
+                ).where(
                     t.c.pipeline == pipeline,
                     t.c.entity.in_(chunk),
                     t.c.status == "open",
                     t.c.last_seen >= earliest - window,
                 )
-                for r in conn.execute(query).mappings():
-                    candidates[(r["pipeline"], r["entity"])].append(
-                        _Incident(
-                            id=r["id"],
-                            pipeline=r["pipeline"],
-                            entity=r["entity"],
-                            first_seen=r["first_seen"],
-                            last_seen=r["last_seen"],
-                            alert_count=r["alert_count"],
-                            max_severity=r["max_severity"],
-                        )
-                    )
+                for r in conn.execute(query):
+                    candidates[(pipeline, r[1])].append(_Incident(r[0], pipeline, *r[1:]))
 
         new: list[_Incident] = []
-        assignment: list[tuple[int, _Incident]] = []
+        assignment: list[tuple[dict[str, Any], _Incident]] = []
         for key in keys:
             pool = candidates[key]
-            for when, severity, alert_id in sorted(by_entity[key]):
+            for when, _i, row in sorted(by_entity[key], key=_time_and_index):
+                severity = row["severity"]
                 match = None
                 for inc in pool:  # the latest incident whose widened span holds this alert
                     if inc.first_seen - window <= when <= inc.last_seen + window and (
@@ -559,68 +594,98 @@ class AlertStore:
                 match.alert_count += 1
                 if _SEVERITY_RANK[severity] > _SEVERITY_RANK[match.max_severity]:
                     match.max_severity = severity
-                assignment.append((alert_id, match))
+                assignment.append((row, match))
 
         if new:
-            ids = conn.execute(
-                self._insert(t).returning(t.c.id, sort_by_parameter_order=True),
-                [
-                    {
-                        "pipeline": inc.pipeline,
-                        "entity": inc.entity,
-                        "first_seen": inc.first_seen,
-                        "last_seen": inc.last_seen,
-                        "alert_count": inc.alert_count,
-                        "max_severity": inc.max_severity,
-                        "status": "open",
-                    }
-                    for inc in new
-                ],
-            ).all()
-            for inc, (new_id,) in zip(new, ids, strict=True):
-                inc.id = new_id
+            self._insert_incidents(conn, new)
         dirty = [inc for pool in candidates.values() for inc in pool if inc.dirty]
         if dirty:
-            conn.execute(
-                update(t)
-                .where(t.c.id == bindparam("b_id"))
-                .values(
-                    first_seen=bindparam("b_first"),
-                    last_seen=bindparam("b_last"),
-                    alert_count=bindparam("b_count"),
-                    max_severity=bindparam("b_severity"),
+            self._update_incidents(conn, dirty)
+        for row, inc in assignment:
+            row["incident_id"] = inc.id
+        return len(new)
+
+    def _insert_incidents(self, conn: Connection, new: list[_Incident]) -> None:
+        """Insert new incidents and set their ids (matched back on pipeline, entity and
+        first_seen, which are unique among the incidents one batch opens)."""
+        t = s.incidents
+        if self.dialect == "postgresql":
+            returned = conn.execute(
+                text(
+                    "INSERT INTO incidents (pipeline, entity, first_seen, last_seen, "
+                    "alert_count, max_severity) SELECT * FROM unnest(CAST(:p AS text[]), "
+                    "CAST(:e AS text[]), CAST(:f AS timestamptz[]), CAST(:l AS timestamptz[]), "
+                    "CAST(:c AS int[]), CAST(:s AS text[])) "
+                    "RETURNING id, pipeline, entity, first_seen"
                 ),
+                {
+                    "p": [i.pipeline for i in new],
+                    "e": [i.entity for i in new],
+                    "f": [i.first_seen for i in new],
+                    "l": [i.last_seen for i in new],
+                    "c": [i.alert_count for i in new],
+                    "s": [i.max_severity for i in new],
+                },
+            ).all()
+        else:
+            returned = conn.execute(
+                self._insert(t).returning(t.c.id, t.c.pipeline, t.c.entity, t.c.first_seen),
                 [
                     {
-                        "b_id": inc.id,
-                        "b_first": inc.first_seen,
-                        "b_last": inc.last_seen,
-                        "b_count": inc.alert_count,
-                        "b_severity": inc.max_severity,
+                        "pipeline": i.pipeline,
+                        "entity": i.entity,
+                        "first_seen": i.first_seen,
+                        "last_seen": i.last_seen,
+                        "alert_count": i.alert_count,
+                        "max_severity": i.max_severity,
+                        "status": "open",
                     }
-                    for inc in dirty
+                    for i in new
                 ],
-            )
+            ).all()
+        ids = {(p, e, utc(f)): new_id for new_id, p, e, f in returned}
+        for inc in new:
+            inc.id = ids[(inc.pipeline, inc.entity, inc.first_seen)]
+
+    def _update_incidents(self, conn: Connection, dirty: list[_Incident]) -> None:
+        t = s.incidents
         if self.dialect == "postgresql":
             conn.execute(
                 text(
-                    "UPDATE alerts SET incident_id = v.incident_id FROM (SELECT "
-                    "unnest(CAST(:ids AS bigint[])) AS id, "
-                    "unnest(CAST(:incident_ids AS bigint[])) AS incident_id) AS v "
-                    "WHERE alerts.id = v.id"
+                    "UPDATE incidents SET first_seen = v.f, last_seen = v.l, alert_count = v.c, "
+                    "max_severity = v.s FROM unnest(CAST(:id AS bigint[]), "
+                    "CAST(:f AS timestamptz[]), CAST(:l AS timestamptz[]), CAST(:c AS int[]), "
+                    "CAST(:s AS text[])) AS v(id, f, l, c, s) WHERE incidents.id = v.id"
                 ),
                 {
-                    "ids": [a for a, _ in assignment],
-                    "incident_ids": [inc.id for _, inc in assignment],
+                    "id": [i.id for i in dirty],
+                    "f": [i.first_seen for i in dirty],
+                    "l": [i.last_seen for i in dirty],
+                    "c": [i.alert_count for i in dirty],
+                    "s": [i.max_severity for i in dirty],
                 },
             )
-        else:
-            a = s.alerts
-            conn.execute(
-                update(a).where(a.c.id == bindparam("b_id")).values(incident_id=bindparam("b_inc")),
-                [{"b_id": alert_id, "b_inc": inc.id} for alert_id, inc in assignment],
-            )
-        return len(new)
+            return
+        conn.execute(
+            update(t)
+            .where(t.c.id == bindparam("b_id"))
+            .values(
+                first_seen=bindparam("b_first"),
+                last_seen=bindparam("b_last"),
+                alert_count=bindparam("b_count"),
+                max_severity=bindparam("b_severity"),
+            ),
+            [
+                {
+                    "b_id": i.id,
+                    "b_first": i.first_seen,
+                    "b_last": i.last_seen,
+                    "b_count": i.alert_count,
+                    "b_severity": i.max_severity,
+                }
+                for i in dirty
+            ],
+        )
 
     def _insert_dead_letters(self, conn: Connection, rows: list[dict[str, Any]]) -> int:
         t = s.dead_letters
@@ -989,6 +1054,7 @@ def _alert_row(a: AlertRecord) -> dict[str, Any]:
         "top_features": json_text(list(a.top_features)),
         "record": json_text(a.record if a.record is not None else {}),
         "status": "open",
+        "incident_id": None,  # set by the incident grouping
     }
 
 
