@@ -1,0 +1,222 @@
+"""Streaming throughput and latency of ``anomaly serve`` on the embedded broker, in one run.
+
+1. Raw consume: the same consumer settings as the service, reading the records and doing
+   nothing else (the baseline).
+2. End to end: ``ScoringService`` over the same records: decode, validate, score, write alerts,
+   dead letters, statistics and offsets to the database, commit. Rate from the first batch to the
+   last commit. The ratio end-to-end / raw is the figure of merit (goal >= 0.5).
+3. Latency: ``anomaly replay --rate`` at half the measured end-to-end rate in a subprocess while
+   the service runs; latency per record = commit done - the record's Kafka CreateTime (set when
+   the producer was handed the record); p50 / p99.
+
+    python bench/stream.py [--records 100000] [--db-url sqlite:///...] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+# Run as a script, bench/ is first on sys.path and bench/storage.py would shadow the package.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", type=int, default=100_000)
+    parser.add_argument("--partitions", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=2000)
+    parser.add_argument("--db-url", default=None, help="default: a temporary SQLite file")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the scorer")
+    parser.add_argument("--latency-seconds", type=float, default=15.0)
+    args = parser.parse_args()
+
+    import torch
+    from confluent_kafka import Consumer, Producer
+
+    from anomaly.config import config_from_dict
+    from anomaly.model import AnomalyModel
+    from anomaly.synthetic import generate_fraud, write_frame
+    from streams.broker import EmbeddedBroker, create_topic
+    from streams.kafka import consumer_settings
+    from streams.replay import encode_rows
+    from streams.service import ScoringService
+
+    torch.set_num_threads(args.threads)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    db_url = args.db_url or f"sqlite:///{tmp / 'bench.db'}"
+    example = Path(__file__).resolve().parents[1] / "examples" / "fraud.yaml"
+    import yaml
+
+    schema = yaml.safe_load(example.read_text())["schema"]
+
+    print(f"training a small fraud model ({args.threads} torch thread(s)) ...", flush=True)
+    labels = ["is_anomaly", "anomaly_kind"]
+    base = config_from_dict({"name": "bench", "schema": schema}, environ={})
+    model = AnomalyModel.from_config(base, max_epochs=3, max_steps=300, progress=False)
+    model.fit(generate_fraud(5000, anomaly_fraction=0.0, seed=1).drop(columns=labels))
+    bundle = tmp / "model"
+    model.save(bundle)
+
+    records = generate_fraud(args.records, anomaly_fraction=0.01, seed=2)
+    values = encode_rows(records)
+    keys = [k.encode() for k in records[schema["entity_field"]]]
+
+    with EmbeddedBroker(log_path=tmp / "tansu.log") as broker:
+        topic = f"bench-{uuid.uuid4().hex[:6]}"
+        create_topic(broker.bootstrap_servers, topic, partitions=args.partitions)
+
+        def config(group: str, topic_name: str = topic):
+            return config_from_dict(
+                {
+                    "name": "bench",
+                    "schema": schema,
+                    "kafka": {
+                        "bootstrap_servers": broker.bootstrap_servers,
+                        "topic": topic_name,
+                        "group_id": group,
+                        "batch_size": args.batch_size,
+                        "max_wait_s": 0.25,
+                    },
+                    "database": {"url": db_url},
+                    "serve": {
+                        "metrics_port": None,
+                        "model_dir": str(bundle),
+                        "threads": args.threads,
+                        "device": "cpu",
+                        "model_poll_s": 3600,
+                    },
+                },
+                environ={},
+            )
+
+        producer = Producer({"bootstrap.servers": broker.bootstrap_servers, "linger.ms": 20})
+        t = time.perf_counter()
+        for key, value in zip(keys, values, strict=True):
+            while True:
+                try:
+                    producer.produce(topic, value=value, key=key)
+                    break
+                except BufferError:
+                    producer.poll(0.05)
+        producer.flush(120)
+        print(f"produced {len(values):,} records in {time.perf_counter() - t:.1f} s", flush=True)
+
+        # 1. Raw consume, same settings, no processing. Manual assignment (no group join), so
+        #    it can be repeated: the median of three runs.
+        from confluent_kafka import TopicPartition
+
+        raw_rates = []
+        for run in range(3):
+            consumer = Consumer(consumer_settings(config(f"bench-raw-{run}")))
+            consumer.assign([TopicPartition(topic, p, 0) for p in range(args.partitions)])
+            got, first = 0, None
+            deadline = time.monotonic() + 120
+            while got < len(values) and time.monotonic() < deadline:
+                batch = consumer.consume(args.batch_size, 0.25)
+                if batch and first is None:
+                    first = time.perf_counter()
+                for m in batch:
+                    if m.error() is None:
+                        m.value()
+                        got += 1
+            raw_s = time.perf_counter() - (first or time.perf_counter())
+            consumer.close()
+            raw_rates.append(got / raw_s)
+        raw_rate = float(np.median(raw_rates))
+        print(
+            f"raw consume:  {got:,} records, {raw_rate:,.0f} records/s "
+            f"(median of {', '.join(f'{r:,.0f}' for r in raw_rates)})"
+        )
+
+        # 2. End to end.
+        service = ScoringService(config("bench-serve"), stop_when_idle_s=3.0)
+        span = _instrument(service)
+        service.run()
+        e2e_s = span["last"] - span["first"]
+        e2e_rate = service.totals.consumed / e2e_s
+        print(
+            f"end to end:   {service.totals.consumed:,} records in {e2e_s:.2f} s = "
+            f"{e2e_rate:,.0f} records/s ({service.totals.alerts} alerts, db {db_url.split(':')[0]})"
+        )
+        print(f"ratio end-to-end / raw consume: {e2e_rate / raw_rate:.2f} (goal >= 0.5)")
+        stages = {
+            name: (h._sum.get(), sum(b.get() for b in h._buckets))
+            for name, h in service.metrics.stage.items()
+        }
+        print(
+            "stage seconds per 1k records: "
+            + ", ".join(
+                f"{k} {1000 * s / max(1, service.totals.consumed):.3f}"
+                for k, (s, _) in stages.items()
+            )
+        )
+
+        # 3. Latency at half the end-to-end rate.
+        rate = e2e_rate / 2
+        n_lat = int(rate * args.latency_seconds)
+        lat_topic = f"{topic}-lat"
+        create_topic(broker.bootstrap_servers, lat_topic, partitions=args.partitions)
+        data = tmp / "latency.csv"
+        write_frame(records.iloc[:n_lat], str(data))
+        cfg = config("bench-lat", lat_topic)
+        pipeline = tmp / "lat.yaml"
+        pipeline.write_text(yaml.safe_dump(cfg.to_dict()))
+        service = ScoringService(cfg)
+        latencies: list[np.ndarray] = []
+        _instrument(service, latencies)
+        runner = threading.Thread(target=service.run)
+        runner.start()
+        time.sleep(5.0)  # group join
+        replay = subprocess.run(
+            [sys.executable, "-m", "anomaly.cli", "replay", "--config", str(pipeline),
+             "--data", str(data), "--rate", f"{rate:.0f}", "--no-progress"],
+            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while service.totals.consumed < n_lat and time.monotonic() < deadline:
+            time.sleep(0.1)
+        service.stop()
+        runner.join()
+        if replay.returncode:
+            print(replay.stdout, replay.stderr)
+        lat = np.concatenate(latencies) if latencies else np.empty(0)
+        p50, p99 = np.percentile(lat, [50, 99]) * 1000 if len(lat) else (float("nan"),) * 2
+        print(
+            f"latency at {rate:,.0f} records/s (half the end-to-end rate), {len(lat):,} records: "
+            f"p50 {p50:.0f} ms, p99 {p99:.0f} ms (produce call -> Kafka commit done)"
+        )
+    return 0
+
+
+def _instrument(service, latencies: list | None = None) -> dict:
+    """Time from the first batch's start to the last batch's commit; per-record latency."""
+    span: dict[str, float] = {}
+    process = service.process
+
+    def timed(messages):
+        start = time.perf_counter()
+        span.setdefault("first", start)
+        outcome = process(messages)
+        span["last"] = time.perf_counter()
+        if latencies is not None:
+            created = np.array([m.timestamp_ms or 0 for m in messages], dtype=np.float64) / 1000
+            latencies.append(time.time() - created)
+        return outcome
+
+    service.process = timed
+    return span
+
+
+if __name__ == "__main__":
+    sys.exit(main())
