@@ -88,3 +88,57 @@ def test_unreachable_database_is_a_retryable_error() -> None:
     with pytest.raises(RetryableStorageError, match="nothing was written"):
         store.write_batch(range_batch(0, 10))
     store.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.reliability
+def test_a_concurrent_insert_of_the_same_position_is_retried_not_double_counted(
+    pg_url: str,
+) -> None:
+    from storage_testlib import alert
+
+    from storage.records import SinkBatch
+
+    store = AlertStore(pg_url)
+    store.upgrade()
+    other = create_engine(pg_url).connect()
+    try:
+        # Another writer has inserted offset 1 (not committed yet) when our batch, which has no
+        # offsets to fence on, checks which positions are new.
+        other.execute(
+            text(
+                "INSERT INTO alerts (pipeline, record_id, entity, ingest_time, kafka_topic, "
+                "kafka_partition, kafka_offset, model_version, ensemble_score, ensemble_p, "
+                "severity, fired_detectors, top_features, record) VALUES ('cards', 'r', NULL, "
+                "now(), 'tx', 0, 1, 'v1', 1, 0.001, 'low', '[]', '[]', '{}')"
+            )
+        )
+        other_pid = other.execute(text("SELECT pg_backend_pid()")).scalar()
+        batch = SinkBatch("cards", alerts=[alert(o, entity="m1") for o in (0, 1, 2)])
+        outcome: list = []
+        writer = threading.Thread(target=lambda: outcome.append(store.write_batch(batch)))
+        writer.start()
+        with create_engine(pg_url).connect() as watch:
+            for _ in range(1500):  # until our insert waits for the other transaction
+                if watch.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                        " AND wait_event_type = 'Lock' AND pid <> :pid"
+                    ),
+                    {"pid": other_pid},
+                ).scalar():
+                    break
+                time.sleep(0.02)
+            else:
+                pytest.fail("write_batch never waited for the concurrent insert")
+        other.commit()
+        writer.join(30)
+    finally:
+        other.close()
+    (result,) = outcome
+    assert result.alerts_written == 2
+    (incident,) = store.list_incidents()
+    assert incident["alert_count"] == 2  # offsets 0 and 2; offset 1 belongs to the other writer
+    ids = {a["kafka_offset"]: a["incident_id"] for a in store.list_alerts()}
+    assert ids == {0: incident["id"], 1: None, 2: incident["id"]}
+    store.close()
