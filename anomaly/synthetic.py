@@ -407,6 +407,22 @@ def generate(example: str, n: int, anomaly_fraction: float = 0.01, seed: int = 0
     return fn(n, anomaly_fraction, seed)
 
 
+def split_train_stream(frame: pd.DataFrame, train_rows: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The first ``train_rows`` records in time, without the anomalies among them and without
+    the label columns (what a model is fit on), and the rest, labeled (what is replayed).
+
+    Both parts come from the same cards or machines, the stream continuing where training ends:
+    data generated separately with another seed would be a different fleet, and a detector would
+    rightly flag much of it.
+    """
+    if not 0 < train_rows < len(frame):
+        raise ValueError(f"train_rows must be in (0, {len(frame)}), got {train_rows}")
+    head = frame.iloc[:train_rows]
+    train = head[head["is_anomaly"] == 0].drop(columns=["is_anomaly", "anomaly_kind"])
+    stream = frame.iloc[train_rows:].reset_index(drop=True)
+    return train.reset_index(drop=True), stream
+
+
 def write_frame(frame: pd.DataFrame, path: str) -> None:
     """Write CSV (ISO 8601 times) or Parquet, chosen by the file's suffix."""
     lower = path.lower()

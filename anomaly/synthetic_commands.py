@@ -31,19 +31,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="leave out is_anomaly and anomaly_kind (training data, replayed traffic)",
     )
     p.add_argument("--out", required=True, help="output file, .csv or .parquet")
+    p.add_argument(
+        "--train-rows",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split: the first N records in time, anomalies and labels removed, go to "
+        "--train-out (to fit a model on); the rest, from the same cards or machines, to --out",
+    )
+    p.add_argument("--train-out", metavar="FILE", help="where the training part goes")
     p.set_defaults(handler=_generate)
 
 
 def _generate(args: argparse.Namespace) -> int:
     from anomaly.errors import UserFacingError
-    from anomaly.synthetic import generate, write_frame
+    from anomaly.synthetic import generate, split_train_stream, write_frame
 
-    if not args.out.lower().endswith((".csv", ".parquet")):
-        raise UserFacingError(f"--out must end in .csv or .parquet: {args.out}")
+    for path in (args.out, args.train_out):
+        if path is not None and not path.lower().endswith((".csv", ".parquet")):
+            raise UserFacingError(f"output files must end in .csv or .parquet: {path}")
+    if (args.train_rows is None) != (args.train_out is None):
+        raise UserFacingError("--train-rows and --train-out go together")
     try:
         frame = generate(args.example, args.rows, args.anomaly_fraction, args.seed)
     except ValueError as exc:
         raise UserFacingError(str(exc)) from exc
+    if args.train_rows is not None:
+        try:
+            train, frame = split_train_stream(frame, args.train_rows)
+        except ValueError as exc:
+            raise UserFacingError(f"--train-rows: {exc}") from exc
+        write_frame(train, args.train_out)
+        print(f"wrote {len(train)} normal {args.example} records to {args.train_out} (training)")
     kinds = frame.loc[frame["is_anomaly"] == 1, "anomaly_kind"].value_counts().sort_index()
     detail = ", ".join(f"{k} {v}" for k, v in kinds.items()) or "none"
     if args.no_labels:

@@ -136,3 +136,44 @@ def test_dockerfile_copies_what_the_package_needs():
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".git" in ignored
     assert not {"anomaly", "storage", "streams", "dashboards", "examples"} & set(ignored)
+
+
+def _commands(script: str) -> list[list[str]]:
+    """The ``anomaly ...`` command lines of a service's shell script, as argv lists."""
+    import shlex
+
+    script = script.replace("$$", "$").replace("\\\n", " ")
+    out = []
+    for line in script.replace("&&", "\n").splitlines():
+        words = shlex.split(line.strip().rstrip("&").replace("$p", "fraud"))
+        if words and words[0] == "anomaly":
+            out.append(words[1:])
+    return out
+
+
+@needs_compose
+def test_every_anomaly_command_in_the_stack_parses():
+    """Flags in the compose file exist in the CLI (a typo would only show at deploy time)."""
+    import subprocess as sp
+
+    from anomaly.cli import build_parser
+
+    services = _resolved()["services"]
+    parser = build_parser()
+    checked = 0
+    for name, svc in services.items():
+        if not svc.get("image", "").startswith("anomaly-monitor"):
+            continue
+        command = svc["command"]
+        if svc.get("entrypoint") == ["sh", "-c"]:
+            script = command[0]
+            assert sp.run(["sh", "-n", "-c", script.replace("$$", "$")]).returncode == 0, name
+            argvs = _commands(script)
+        else:
+            argvs = [command]
+        assert argvs, name
+        for argv in argvs:
+            args = parser.parse_args(argv)
+            assert getattr(args, "handler", None) is not None, (name, argv)
+            checked += 1
+    assert checked >= 8

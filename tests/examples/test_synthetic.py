@@ -164,3 +164,23 @@ def test_generate_command_writes_csv_and_parquet(tmp_path, capsys):
         )
         == 2
     )
+
+
+def test_split_train_stream_keeps_one_fleet(tmp_path):
+    from anomaly.synthetic import split_train_stream
+
+    frame = generate_manufacturing(6000, 0.05, seed=5)
+    train, stream = split_train_stream(frame, 4000)
+    assert "is_anomaly" not in train.columns and "anomaly_kind" not in train.columns
+    assert len(train) == 4000 - int(frame["is_anomaly"].iloc[:4000].sum())
+    assert len(stream) == 2000 and stream["id"].iloc[0] == frame["id"].iloc[4000]
+    assert train["event_time"].max() <= stream["event_time"].min()
+    assert set(stream["machine_id"]) == set(train["machine_id"])
+    with pytest.raises(ValueError, match="train_rows"):
+        split_train_stream(frame, 6000)
+    out, tr = tmp_path / "s.parquet", tmp_path / "t.parquet"
+    argv = ["generate", "--example", "fraud", "--rows", "900", "--anomaly-fraction", "0.05"]
+    assert main([*argv, "--train-rows", "600", "--train-out", str(tr), "--out", str(out)]) == 0
+    assert len(pd.read_parquet(out)) == 300
+    assert pd.read_parquet(tr)["card_id"].isin(pd.read_parquet(out)["card_id"]).mean() > 0.5
+    assert main([*argv, "--train-rows", "600", "--out", str(out)]) == 2
