@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -219,3 +220,115 @@ def test_sigterm_drains_the_batch_and_exits_zero(
     assert seen == consumed > 0
     assert AlertStore(sqlite_url).load_offsets(cfg.name, topic_name) == {0: consumed}
     assert committed_offsets(kafka_bootstrap, topic_name, cfg.group_id) == {0: consumed}
+
+
+def _get(url: str) -> tuple[int, str]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def _wait(condition, timeout_s: float = 60.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.postgres
+@pytest.mark.reliability
+def test_database_outage_pauses_then_resumes_and_model_switches_live(
+    pg_url, kafka_bootstrap, topic_name, pipeline_file, trained_model, fraud_records, sql
+):
+    """PostgreSQL refuses connections mid-stream: the service pauses, reports not ready, commits
+    nothing, and catches up once it is back. Then a new model version is activated and the
+    running service scores with it from the next batch on."""
+    from sqlalchemy import create_engine, text
+
+    from storage.records import ModelVersionRecord
+
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    cfg = load_config(pipeline_file(pg_url, trained_model.bundle))
+    service = ScoringService(cfg)
+    runner = threading.Thread(target=service.run, daemon=True)
+    runner.start()
+    rows = json.loads(
+        fraud_records.drop(columns=LABELS).to_json(orient="records", date_format="iso")
+    )
+    values = [json.dumps(r).encode() for r in rows]
+
+    def seen() -> int:
+        try:
+            return sql(pg_url, "SELECT coalesce(sum(records_seen), 0) FROM stream_stats")[0][0]
+        except Exception:  # before the service has created the tables, or while PG refuses
+            return -1
+
+    try:
+        produce(kafka_bootstrap, topic_name, values[:300])
+        _wait(lambda: seen() == 300, what="the first 300 records")
+        url = service.metrics_server.url
+        assert _get(f"{url}/readyz")[0] == 200
+        assert _get(f"{url}/healthz")[0] == 200
+        body = _get(f"{url}/metrics")[1]
+        assert f'anomaly_records_consumed_total{{pipeline="{cfg.name}"}} 300.0' in body
+        assert f'anomaly_database_up{{pipeline="{cfg.name}"}} 1.0' in body
+
+        name = pg_url.rsplit("/", 1)[1]
+        admin = create_engine(pg_url.rsplit("/", 1)[0] + "/test", isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+            conn.execute(
+                text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d"),
+                {"d": name},
+            )
+        try:
+            produce(kafka_bootstrap, topic_name, values[300:600])
+            _wait(lambda: _get(f"{url}/readyz")[0] == 503, what="not ready")
+            assert f'anomaly_database_up{{pipeline="{cfg.name}"}} 0.0' in _get(f"{url}/metrics")[1]
+            time.sleep(1.5)  # a few retries
+            assert runner.is_alive()
+            assert committed_offsets(kafka_bootstrap, topic_name, cfg.group_id) == {0: 300}
+        finally:
+            with admin.connect() as conn:
+                conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+            admin.dispose()
+        _wait(lambda: seen() == 600, what="catching up after the outage")
+        _wait(lambda: _get(f"{url}/readyz")[0] == 200, what="ready again")
+
+        service.store.register_model_version(
+            ModelVersionRecord(
+                pipeline=cfg.name,
+                version="v2-live",
+                bundle_path=str(trained_model.bundle),
+                bundle_sha256="0" * 64,
+            ),
+            activate=True,
+        )
+        _wait(lambda: service.loaded.version == "v2-live", what="the model switch")
+        features = fraud_records.drop(columns=LABELS)
+        alerting = [
+            r for r, hit in zip(rows, trained_model.model.predict(features), strict=True) if hit
+        ]
+        produce(
+            kafka_bootstrap,
+            topic_name,
+            [json.dumps(r | {"id": f"{r['id']}-v2"}).encode() for r in alerting],
+        )
+        _wait(lambda: seen() == 600 + len(alerting), what="records after the switch")
+    finally:
+        service.stop()
+        runner.join(30)
+    assert not runner.is_alive()
+    versions = dict(sql(pg_url, "SELECT record_id, model_version FROM alerts"))
+    assert {versions[f"{r['id']}-v2"] for r in alerting} == {"v2-live"}
+    before = [v for k, v in versions.items() if not k.endswith("-v2")]
+    assert set(before) == {trained_model.version}
+    assert sql(pg_url, "SELECT sum(records_seen) FROM stream_stats") == [(600 + len(alerting),)]
+    assert committed_offsets(kafka_bootstrap, topic_name, cfg.group_id) == {0: 600 + len(alerting)}
