@@ -55,6 +55,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.add_argument("--timeout", type=float, default=10.0)
     p.set_defaults(handler=_push)
 
+    p = sub.add_parser(
+        "check",
+        help="run every SQL panel query against a PostgreSQL database (read-only)",
+        description="Expand each SQL panel's Grafana macros for the last hours and run it in a "
+        "read-only transaction: a failing query or a column the panel does not expect is "
+        "reported. Exit status 1 if any panel fails.",
+    )
+    p.add_argument("--db", required=True, metavar="URL", help="postgresql+psycopg://...")
+    p.add_argument("--hours", type=float, default=24.0, help="time range (default 24)")
+    p.add_argument("--role", help="SET ROLE first, e.g. anomaly_grafana, to check its grants")
+    p.set_defaults(handler=_check)
+
 
 def _build(args: argparse.Namespace) -> int:
     from dashboards.generate import write_dashboards, write_provisioning
@@ -90,3 +102,19 @@ def _push(args: argparse.Namespace) -> int:
         raise UserFacingError(str(exc)) from exc
     print(result.summary())
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from dashboards.check import check_panels
+
+    if not args.db.startswith(("postgresql", "postgres://")):
+        from anomaly.errors import UserFacingError
+
+        raise UserFacingError("--db must be a PostgreSQL URL: the dashboards read PostgreSQL")
+    results = check_panels(args.db, hours=args.hours, role=args.role)
+    for r in results:
+        status = f"ok ({r.rows} rows)" if r.ok else f"FAILED: {r.error}"
+        print(f"{r.dashboard:<16} {r.panel:<55} {status}")
+    failed = sum(not r.ok for r in results)
+    print(f"{len(results) - failed} of {len(results)} SQL panels ok")
+    return 1 if failed else 0

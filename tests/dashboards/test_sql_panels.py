@@ -325,3 +325,26 @@ def test_the_grafana_role_cannot_write(grafana_conn):
     conn, _ = grafana_conn
     with pytest.raises(psycopg.Error):
         conn.execute("DELETE FROM alerts")
+
+
+def test_check_command_runs_every_panel_and_reports_breakage(pg_url, capsys):
+    import psycopg
+
+    from anomaly.cli import main
+
+    _create_schema(pg_url)
+    _seed(pg_url)
+    conninfo = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        _grant_readonly(conn)
+    argv = ["dashboards", "check", "--db", pg_url, "--role", "anomaly_grafana"]
+    assert main(argv) == 0
+    n = len(list(_sql_targets()))
+    assert f"{n} of {n} SQL panels ok" in capsys.readouterr().out
+    # A schema change that breaks panels is caught, and the panels are named.
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        conn.execute("ALTER TABLE dead_letters RENAME COLUMN error_kind TO reason")
+    assert main(argv) == 1
+    out = capsys.readouterr().out
+    assert "Dead letters by reason" in out and "FAILED" in out
+    assert f"{n - 2} of {n} SQL panels ok" in out
