@@ -529,6 +529,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", default=None, help="write per-seed results as JSON lines")
     p.add_argument("--from-results", default=None, help="only render a saved results file")
     p.add_argument("--write-docs", action="store_true", help="update docs/benchmarks.md")
+    p.add_argument(
+        "--notes",
+        default=None,
+        help="markdown file appended to the section (what the numbers mean, what was tried)",
+    )
     args = p.parse_args(argv)
     args.datasets = [d for d in args.datasets.split(",") if d]
     args.methods = [m for m in args.methods.split(",") if m]
@@ -577,6 +582,10 @@ def main(argv: list[str] | None = None) -> int:
         wall = time.perf_counter() - start
     summary = summarise(results, args.methods)
     text = render(summary, args, command, wall)
+    if args.notes:
+        text = (
+            text.rstrip("\n") + "\n\n" + Path(args.notes).read_text(encoding="utf-8").strip() + "\n"
+        )
     print(text)
     if args.write_docs:
         write_section(REPO / "docs" / "benchmarks.md", text)

@@ -180,3 +180,19 @@ def test_parquet_input_and_missing_files(
         [*base, "--model", str(trained_model_dir), "--data", str(tmp_path / "gone.csv")], capsys
     )
     assert rc == 2 and "not found" in err
+
+
+def test_target_fpr_override_moves_the_threshold(
+    trained_model_dir: Path, labeled_csv: Path, tmp_path: Path, expected
+) -> None:
+    scores, _ = expected
+    rc = main(
+        ["evaluate", "--model", str(trained_model_dir), "--data", str(labeled_csv), "--label",
+         "is_anomaly", "--report", str(tmp_path), "--target-fpr", "0.2", "--top-rows", "0"]
+    )  # fmt: skip
+    assert rc == 0
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert data["target_fpr"] == 0.2 and data["top_rows"] == []
+    ens = data["detectors"]["ensemble"]
+    assert ens["alerts"] == int((scores["ensemble_p"] <= 0.2).sum())
+    assert ens["alerts"] > int((scores["ensemble_p"] <= TARGET_FPR).sum())
