@@ -322,6 +322,14 @@ def test_database_outage_pauses_then_resumes_and_model_switches_live(
             [json.dumps(r | {"id": f"{r['id']}-v2"}).encode() for r in alerting],
         )
         _wait(lambda: seen() == 600 + len(alerting), what="records after the switch")
+        body = _get(f"{url}/metrics")[1]
+        assert f'anomaly_model_version_info{{pipeline="{cfg.name}",version="v2-live"}} 1.0' in body
+        assert f'anomaly_scoring_device_info{{device="cpu",pipeline="{cfg.name}"}} 1.0' in body
+        assert (
+            "anomaly_stage_seconds_bucket{" in body and "anomaly_end_to_end_seconds_count" in body
+        )
+        # Consumer lag from librdkafka's statistics (emitted every 5 s).
+        _wait(lambda: "anomaly_consumer_lag{" in _get(f"{url}/metrics")[1], 15, "lag gauge")
     finally:
         service.stop()
         runner.join(30)
