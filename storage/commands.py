@@ -84,6 +84,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(handler=_models_list)
 
     p = models_sub.add_parser(
+        "register", help="verify a model bundle and record it as a version of a pipeline"
+    )
+    p.add_argument("bundle", metavar="BUNDLE_DIR")
+    _db_args(p)
+    p.add_argument("--pipeline", help="default: the name in --config")
+    p.add_argument(
+        "--no-activate", action="store_true", help="register only; keep the active version"
+    )
+    p.set_defaults(handler=_models_register)
+
+    p = models_sub.add_parser(
         "activate", help="make VERSION the pipeline's active model (the service switches to it)"
     )
     p.add_argument("version")
@@ -276,16 +287,46 @@ def _models_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models_activate(args: argparse.Namespace) -> int:
+def _pipeline(args: argparse.Namespace, command: str) -> str:
     from storage.errors import InvalidArgumentError
 
-    pipeline = args.pipeline
-    if pipeline is None and args.config:
+    if args.pipeline:
+        return str(args.pipeline)
+    if args.config:
         from anomaly.config import load_config
 
-        pipeline = load_config(args.config).name
-    if pipeline is None:
-        raise InvalidArgumentError("models activate: pass --pipeline NAME (or --config)")
+        return load_config(args.config).name
+    raise InvalidArgumentError(f"models {command}: pass --pipeline NAME (or --config)")
+
+
+def _models_register(args: argparse.Namespace) -> int:
+    import hashlib
+    from pathlib import Path
+
+    from anomaly.model import AnomalyModel
+    from storage.records import ModelVersionRecord
+
+    pipeline = _pipeline(args, "register")
+    root = Path(args.bundle).resolve()
+    model = AnomalyModel.load(root)  # verifies every file against the manifest
+    sha = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()
+    metrics = {k: v for k, v in model.metrics_.items() if k != "training"}
+    rec = ModelVersionRecord(
+        pipeline=pipeline,
+        version=str(model.version or sha[:12]),
+        bundle_path=str(root),
+        bundle_sha256=sha,
+        metrics=metrics,
+    )
+    with _store(args) as store:
+        rec = store.register_model_version(rec, activate=not args.no_activate)
+    state = "active" if rec.active else "registered (not active)"
+    _print(f"pipeline {rec.pipeline}: model version {rec.version} {state}")
+    return 0
+
+
+def _models_activate(args: argparse.Namespace) -> int:
+    pipeline = _pipeline(args, "activate")
     with _store(args) as store:
         rec = store.activate_model_version(pipeline, args.version)
     _print(f"pipeline {rec.pipeline}: model version {rec.version} is active")

@@ -126,3 +126,33 @@ def test_storage_commands_import_only_argparse() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_models_register_verifies_and_records_a_real_bundle(
+    store: AlertStore, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from anomaly.model import AnomalyModel
+
+    rng = np.random.default_rng(0)
+    model = AnomalyModel(
+        target_fpr=0.05, seed=0, device="cpu", detectors=["vae"], max_epochs=1, min_steps=0
+    )
+    model.fit(rng.normal(size=(300, 3)).astype("float32"))
+    bundle = tmp_path / "bundle"
+    version = model.save(bundle)
+
+    args = ["models", "register", str(bundle), "--db", db_url, "--pipeline", "cards"]
+    assert main(args) == 0
+    assert f"model version {version} active" in capsys.readouterr().out
+    active = store.active_model_version("cards")
+    assert active is not None and active.version == version
+    assert active.bundle_path == str(bundle.resolve())
+    assert active.metrics["target_fpr"] == pytest.approx(0.05)
+    assert set(active.metrics["calibration_quantiles"]) >= {"p50", "p99"}
+    assert main(args) == 0  # the same bundle again: idempotent
+
+    (bundle / "vae.safetensors").write_bytes(b"tampered")
+    assert main(args) == 2
+    assert "bundle" in capsys.readouterr().err
