@@ -288,3 +288,46 @@ def test_clean_json_input_takes_the_fast_path_and_dirty_input_is_cleaned() -> No
         "z": "a\\u0000\\udcff",
         "w": None,
     }
+
+
+def test_reset_offsets_rewinds_on_purpose_and_replay_then_fills_gaps(store: AlertStore) -> None:
+    store.write_batch(range_batch(0, 60))
+    store.write_batch(range_batch(0, 30, partition=1))
+    # An operator deletes some alerts and rewinds partition 0 to replay it.
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM alerts WHERE kafka_partition = 0 AND kafka_offset >= 30")
+    assert store.reset_offsets("cards", "tx", {0: 30}) == 1
+    assert store.load_offsets("cards", "tx") == {0: 30, 1: 30}
+    replay = store.write_batch(range_batch(30, 60))
+    assert replay.records_fenced == 0
+    assert replay.alerts_written == len([o for o in range(30, 60) if o % 3 == 0 and o % 10])
+    assert replay.dead_letters_written == 0  # those were never deleted: deduplicated
+    assert store.reset_offsets("cards", "tx") == 2
+    assert store.load_offsets("cards", "tx") == {}
+
+
+def test_from_config_takes_url_password_file_and_incident_window(tmp_path) -> None:
+    from anomaly.config import config_from_dict
+
+    secret = tmp_path / "db-password"
+    secret.write_text("s3cret\n", encoding="utf-8")
+    cfg = config_from_dict(
+        {
+            "name": "cards",
+            "schema": {"numeric": ["amount"]},
+            "database": {
+                "url": "postgresql://anomaly@db.example:5432/alerts",
+                "password_file": str(secret),
+            },
+            "incidents": {"window_s": 90},
+        },
+        environ={},
+    )
+    store = AlertStore.from_config(cfg)
+    try:
+        assert store.url.drivername == "postgresql+psycopg"
+        assert store.url.password == "s3cret"
+        assert "s3cret" not in repr(store)
+        assert store.incident_window == timedelta(seconds=90)
+    finally:
+        store.close()
