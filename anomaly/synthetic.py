@@ -218,18 +218,18 @@ def generate_fraud(n: int, anomaly_fraction: float = 0.01, seed: int = 0) -> pd.
         free[idx] = False
         return idx
 
-    # Card testing: runs of tiny online purchases a few minutes apart on one card. The first
+    # Card testing: runs of 11 to 23 tiny online purchases within ten minutes on one card. The first
     # three of a run look like any small online purchase and stay normal; once the run is under
     # way (velocity_1h >= 3) the records are labeled.
     remaining = quotas["burst"]
     while remaining > 0:
-        labeled = int(min(remaining, rng.integers(4, 10)))
+        labeled = int(min(remaining, rng.integers(8, 21)))
         rows = take(labeled + 3)
         if len(rows) < labeled + 3:
             break
         c = rng.integers(n_cards)
         t0 = rng.integers(0, days) * 86400.0 + rng.uniform(0, 86400.0 - 3600.0)
-        offsets = np.sort(rng.uniform(0, 15 * 60.0, len(rows)))
+        offsets = np.sort(rng.uniform(0, 10 * 60.0, len(rows)))
         frame.loc[rows, "card"] = c
         frame.loc[rows, "seconds"] = t0 + offsets
         frame.loc[rows, "amount"] = rng.uniform(0.5, 3.0, len(rows))
