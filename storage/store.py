@@ -68,7 +68,7 @@ from storage.records import (
     StreamStatRecord,
     WriteResult,
 )
-from storage.sanitize import clean_float, clean_json, clean_text, dumps, json_text
+from storage.sanitize import clean_json, clean_text, dumps, json_text
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +128,10 @@ AlertInsert = Literal["auto", "copy", "executemany"]
 
 def utc(value: datetime) -> datetime:
     """Aware UTC; a naive datetime is taken to be UTC already."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    tz = value.tzinfo
+    if tz is UTC:
+        return value
+    return value.replace(tzinfo=UTC) if tz is None else value.astimezone(UTC)
 
 
 def normalize_url(url: str | URL) -> URL:
@@ -1025,37 +1028,59 @@ class AlertStore:
 # ---------------------------------------------------------------------- row preparation
 
 
+_FIRED_JSON: dict[tuple[str, ...], str] = {}
+
+
+def _fired_json(fired: Any) -> str:
+    """The few distinct detector lists, encoded once each."""
+    key = tuple(fired)
+    text = _FIRED_JSON.get(key)
+    if text is None:
+        text = json_text(list(key))
+        if len(_FIRED_JSON) < 64:
+            _FIRED_JSON[key] = text
+    return text
+
+
 def _alert_row(a: AlertRecord) -> dict[str, Any]:
+    # Runs once per alert on the hot path: plain expressions, no helper calls where avoidable.
     if a.severity not in _SEVERITY_RANK:
         raise ValueError(
             f"alert {a.record_id!r} at {a.kafka_topic}/{a.kafka_partition}/{a.kafka_offset}: "
             f"severity {a.severity!r} is not one of {', '.join(SEVERITIES)}"
         )
+    entity, event_time = a.entity, a.event_time
+    vae_score, vae_p, flow_score, flow_p = a.vae_score, a.vae_p, a.flow_score, a.flow_p
+    gan_score, gan_p = a.gan_score, a.gan_p
     return {
-        "pipeline": clean_text(a.pipeline, s.PIPELINE_LEN),
-        "record_id": clean_text(a.record_id, s.RECORD_ID_LEN),
-        "entity": None if a.entity is None else clean_text(a.entity, s.ENTITY_LEN),
-        "event_time": None if a.event_time is None else utc(a.event_time),
+        "pipeline": clean_text(a.pipeline, _PIPELINE_LEN),
+        "record_id": clean_text(a.record_id, _RECORD_ID_LEN),
+        "entity": None if entity is None else clean_text(entity, _ENTITY_LEN),
+        "event_time": None if event_time is None else utc(event_time),
         "ingest_time": utc(a.ingest_time),
-        "kafka_topic": clean_text(a.kafka_topic, s.TOPIC_LEN),
+        "kafka_topic": clean_text(a.kafka_topic, _TOPIC_LEN),
         "kafka_partition": int(a.kafka_partition),
         "kafka_offset": int(a.kafka_offset),
-        "model_version": clean_text(a.model_version, s.MODEL_VERSION_LEN),
-        "vae_score": clean_float(a.vae_score),
-        "vae_p": clean_float(a.vae_p),
-        "flow_score": clean_float(a.flow_score),
-        "flow_p": clean_float(a.flow_p),
-        "gan_score": clean_float(a.gan_score),
-        "gan_p": clean_float(a.gan_p),
+        "model_version": clean_text(a.model_version, _MODEL_VERSION_LEN),
+        "vae_score": None if vae_score is None else float(vae_score),
+        "vae_p": None if vae_p is None else float(vae_p),
+        "flow_score": None if flow_score is None else float(flow_score),
+        "flow_p": None if flow_p is None else float(flow_p),
+        "gan_score": None if gan_score is None else float(gan_score),
+        "gan_p": None if gan_p is None else float(gan_p),
         "ensemble_score": float(a.ensemble_score),
         "ensemble_p": float(a.ensemble_p),
         "severity": a.severity,
-        "fired_detectors": json_text(list(a.fired_detectors)),
-        "top_features": json_text(list(a.top_features)),
+        "fired_detectors": _fired_json(a.fired_detectors),
+        "top_features": json_text(a.top_features),
         "record": json_text(a.record if a.record is not None else {}),
         "status": "open",
         "incident_id": None,  # set by the incident grouping
     }
+
+
+_PIPELINE_LEN, _RECORD_ID_LEN, _ENTITY_LEN = s.PIPELINE_LEN, s.RECORD_ID_LEN, s.ENTITY_LEN
+_TOPIC_LEN, _MODEL_VERSION_LEN = s.TOPIC_LEN, s.MODEL_VERSION_LEN
 
 
 def _dead_letter_row(d: DeadLetterRecord) -> dict[str, Any]:
