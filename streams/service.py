@@ -78,7 +78,7 @@ class BatchOutcome:
     write: WriteResult | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Message:
     """The parts of a confluent_kafka.Message the loop needs (read once, in C, per batch)."""
 
