@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
+import msgspec
 import pandas as pd
 
 from anomaly.config import PipelineConfig
@@ -66,8 +66,14 @@ def encode_rows(frame: pd.DataFrame) -> list[bytes]:
             if getattr(column.dt, "tz", None) is None:
                 column = column.dt.tz_localize("UTC")
             out[name] = column.dt.tz_convert("UTC").dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    options = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS
-    return [orjson.dumps(row, option=options) for row in _clean(out.to_dict("records"))]
+    encode = msgspec.json.Encoder(enc_hook=_native).encode
+    return [encode(row) for row in _clean(out.to_dict("records"))]
+
+
+def _native(obj: object) -> object:
+    """numpy scalars and other stragglers of ``to_dict``: their Python value, else a string."""
+    item = getattr(obj, "item", None)
+    return item() if callable(item) else str(obj)
 
 
 def _clean(rows: list[dict]) -> Iterable[dict]:

@@ -33,7 +33,6 @@ from typing import Any
 
 import msgspec
 import numpy as np
-import orjson
 
 from anomaly.config import PipelineConfig
 from anomaly.errors import ConfigError
@@ -734,6 +733,7 @@ def _finite(x: Any) -> float | None:
 
 
 _ANY = msgspec.json.Decoder()
+_ENCODE = msgspec.json.Encoder().encode
 
 
 def _record_json(value: bytes | None) -> dict[str, Any]:
@@ -789,7 +789,7 @@ def _score_messages(
         body["alert"] = alert[i]
         body["severity"] = severity[i]
         body["event_time"] = event_times[i]
-        out.append((str(ids[i]).encode(), orjson.dumps(body)))
+        out.append((str(ids[i]).encode(), _ENCODE(body)))
     return out
 
 
