@@ -54,6 +54,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     demo.add_argument("--out", default="demo-output", metavar="DIR", help="output directory")
     demo.add_argument("--short", action="store_true", help="tiny data and training (tests)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--db",
+        metavar="URL",
+        help="use this database instead of a new SQLite file in --out (PostgreSQL: the Grafana "
+        "dashboards can show the run)",
+    )
     demo.set_defaults(handler=_demo)
 
 
@@ -95,5 +101,5 @@ def _demo(args: argparse.Namespace) -> int:
 
     if not args.verbose:  # the summary says what matters; per-batch logs would drown it
         logging.getLogger().setLevel(logging.WARNING)
-    run_demo(args.out, short=args.short, seed=args.seed)
+    run_demo(args.out, short=args.short, seed=args.seed, db_url=args.db)
     return 0

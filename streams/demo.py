@@ -247,24 +247,33 @@ def _serve_all(services: dict[str, Any]) -> dict[str, float | None]:
 
 
 def _summarize(
-    name: str, version: str, db_url: str, labels: Any, svc: Any, rate: float | None
+    cfg: Any, version: str, labels: Any, svc: Any, rate: float | None, started: datetime
 ) -> PipelineSummary:
     from sqlalchemy import create_engine, func, select
 
     from storage import schema as s
 
-    engine = create_engine(db_url)
+    # Only this run's rows: its topic is new, and its incidents opened after it started (a
+    # PostgreSQL database given with --db may hold earlier runs).
+    name, topic = cfg.name, cfg.kafka.topic
+    engine = create_engine(cfg.database.url)
     with engine.connect() as conn:
         alerted_ids = set(
-            conn.execute(select(s.alerts.c.record_id).where(s.alerts.c.pipeline == name)).scalars()
+            conn.execute(
+                select(s.alerts.c.record_id).where(
+                    s.alerts.c.pipeline == name, s.alerts.c.kafka_topic == topic
+                )
+            ).scalars()
         )
         incidents = conn.execute(
-            select(func.count()).select_from(s.incidents).where(s.incidents.c.pipeline == name)
+            select(func.count())
+            .select_from(s.incidents)
+            .where(s.incidents.c.pipeline == name, s.incidents.c.first_seen >= started)
         ).scalar_one()
         dead = conn.execute(
             select(func.count())
             .select_from(s.dead_letters)
-            .where(s.dead_letters.c.pipeline == name)
+            .where(s.dead_letters.c.pipeline == name, s.dead_letters.c.kafka_topic == topic)
         ).scalar_one()
     engine.dispose()
     injected = labels[labels["is_anomaly"] == 1]
@@ -293,6 +302,8 @@ def _pct(x: float | None) -> str:
 
 
 def format_summary(result: DemoResult) -> str:
+    from sqlalchemy.engine import make_url
+
     lines = [
         "",
         "summary",
@@ -312,8 +323,9 @@ def format_summary(result: DemoResult) -> str:
         lines.append(f"  {p.pipeline}: {kinds}")
     lines.append("")
     lines.append(f"output:      {result.out_dir}")
-    lines.append(f"database:    {result.database_url}")
-    lines.append("             (anomaly alerts list --db " + result.database_url + " --limit 10)")
+    shown = make_url(result.database_url).render_as_string(hide_password=True)
+    lines.append(f"database:    {shown}")
+    lines.append(f"             (anomaly alerts list --db {shown} --limit 10)")
     for p in result.pipelines.values():
         lines.append(f"report:      {p.report}   ({p.pipeline}, model {p.model_version})")
     lines.append(f"dashboards:  {result.dashboards_dir} (Grafana JSON and provisioning;")
@@ -326,8 +338,13 @@ def run_demo(
     short: bool = False,
     seed: int = 0,
     progress: bool | None = None,
+    db_url: str | None = None,
 ) -> DemoResult:
-    """Run the demo; ``progress`` defaults to showing bars when stderr is a terminal."""
+    """Run the demo; ``progress`` defaults to showing bars when stderr is a terminal.
+
+    ``db_url``: a database to use instead of a fresh SQLite file in ``out_dir`` (a PostgreSQL
+    URL lets the Grafana dashboards show the run).
+    """
     import sys
 
     from dashboards.generate import write_dashboards, write_provisioning
@@ -342,11 +359,13 @@ def run_demo(
     out = Path(out_dir).resolve()
     for sub in ("data", "models", "reports"):
         (out / sub).mkdir(parents=True, exist_ok=True)
-    db_path = out / "anomaly.db"
-    if db_path.exists():
-        db_path.unlink()  # each run starts from an empty database
-    db_url = f"sqlite:///{db_path}"
-    run_id = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
+    if db_url is None:
+        db_path = out / "anomaly.db"
+        if db_path.exists():
+            db_path.unlink()  # each run starts from an empty database
+        db_url = f"sqlite:///{db_path}"
+    started = datetime.now(UTC)
+    run_id = started.strftime("%Y%m%d%H%M%S")
 
     _say(f"anomaly demo ({'short' if short else 'full'}): output in {out}")
     with EmbeddedBroker(log_path=out / "broker.log") as broker:
@@ -388,7 +407,7 @@ def run_demo(
     summaries = {}
     for name in EXAMPLES:
         summary = _summarize(
-            name, versions[name], db_url, labels[name], services[name], rates[name]
+            configs[name], versions[name], labels[name], services[name], rates[name], started
         )
         summary.report = reports[name]
         summaries[name] = summary
