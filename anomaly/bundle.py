@@ -127,6 +127,7 @@ def save_bundle(model: AnomalyModel, path: str | os.PathLike[str]) -> str:
         "calibration_tensors": {name: len(cal.scores_) for name, cal in model.calibrators_.items()},
         "metrics": _json_safe({k: v for k, v in model.metrics_.items() if k != "training"}),
         "training_data": _json_safe({k: v for k, v in model.training_.items() if k != "detectors"}),
+        "version": model._version,  # set explicitly by the user, else None
         "files": {
             fname: {"sha256": _sha256(data), "bytes": len(data)} for fname, data in files.items()
         },
@@ -135,9 +136,10 @@ def save_bundle(model: AnomalyModel, path: str | os.PathLike[str]) -> str:
         (out / fname).write_bytes(data)
     manifest_bytes = json.dumps(_json_safe(manifest), indent=2, sort_keys=True).encode()
     (out / MANIFEST).write_bytes(manifest_bytes)
-    version = _sha256(manifest_bytes)[:12]
-    model.version = version
-    return version
+    model._bundle_version = _sha256(manifest_bytes)[:12]
+    model.bundle_path_ = str(out)
+    model.bundle_sha256_ = _sha256(manifest_bytes)
+    return str(model.version)
 
 
 def _read_verified(root: Path) -> tuple[dict[str, Any], dict[str, bytes], str]:
@@ -286,7 +288,9 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> AnomalyMod
         ) from None
     model.device_ = resolve_device(device)
     model.to(model.device_)
-    model.version = str(manifest.get("version") or version[:12])
+    if manifest.get("version") is not None:
+        model.version = str(manifest["version"])
+    model._bundle_version = version[:12]
     model.bundle_path_ = str(root)
     model.bundle_sha256_ = version  # sha256 of manifest.json, which pins every other file
     return model
@@ -294,9 +298,8 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> AnomalyMod
 
 def inspect_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Verified manifest summary for ``anomaly inspect`` (hashes checked, nothing executed)."""
-    manifest, _, version = _read_verified(Path(path))
-    return {
-        "version": manifest.get("version") or version[:12],
-        "manifest_sha256": version,
-        **manifest,
-    }
+    manifest, _, manifest_sha = _read_verified(Path(path))
+    info = dict(manifest)
+    info["version"] = manifest.get("version") or manifest_sha[:12]
+    info["manifest_sha256"] = manifest_sha
+    return info

@@ -85,7 +85,7 @@ class AnomalyModel:
         numeric_transform: str = "quantile",
         calibration_fraction: float = 0.25,
         max_epochs: int = 60,
-        max_steps: int | None = 4000,
+        max_steps: int | None = 1500,
         min_steps: int = 500,
         time_budget_s: float | None = None,
         batch_size: int = 256,
@@ -139,8 +139,12 @@ class AnomalyModel:
     # ------------------------------------------------------------------ version
     @property
     def version(self) -> str | None:
-        """The bundle manifest's sha256 prefix (after save/load) unless set explicitly."""
-        return self._version
+        """A string naming this model: what was set explicitly, else the bundle manifest's
+        sha256 prefix (after save/load), else ``unsaved-<training-data fingerprint prefix>``
+        after fit (``None`` before fit)."""
+        if self._version is not None:
+            return self._version
+        return getattr(self, "_bundle_version", None)
 
     @version.setter
     def version(self, value: str | None) -> None:
@@ -208,7 +212,7 @@ class AnomalyModel:
                 for name, det in self.detectors_.items()
             },
         }
-        self._version = None
+        self._bundle_version = f"unsaved-{self.training_['fingerprint'][:8]}"
         return self
 
     def _calibrate(self, raw: dict[str, np.ndarray]) -> None:
@@ -323,12 +327,14 @@ class AnomalyModel:
         self, frame: pd.DataFrame, contributions: np.ndarray, rows: np.ndarray, top: int
     ) -> list[list[dict[str, Any]]]:
         names = self.preprocessor_.feature_names_in_
+        # One positional take of the needed rows, then plain Python lookups.
+        values = frame.iloc[np.asarray(rows, dtype=np.int64)][names].to_numpy(dtype=object)
+        orders = np.argsort(-contributions, axis=1, kind="stable")[:, :top]
         out = []
-        for r, contrib in zip(rows, contributions, strict=True):
-            order = np.argsort(-contrib, kind="stable")[:top]
+        for k, (contrib, order) in enumerate(zip(contributions, orders, strict=True)):
             items = []
-            for j in order:
-                value = frame[names[j]].iloc[int(r)]
+            for j in order.tolist():
+                value = values[k, j]
                 if isinstance(value, np.generic):
                     value = value.item()
                 if isinstance(value, float) and not np.isfinite(value):

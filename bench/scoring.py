@@ -42,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--features", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--pyod-fit-rows", type=int, default=5000)
     parser.add_argument("--repeat", type=int, default=3)
@@ -58,7 +58,9 @@ def main() -> None:
     score_rows = make_rows(args.rows, args.features, rng)
 
     t = time.perf_counter()
-    model = AnomalyModel(target_fpr=0.001, seed=args.seed, device="cpu", threads=args.threads)
+    model = AnomalyModel(
+        target_fpr=0.001, seed=args.seed, device="cpu", threads=args.threads, progress=True
+    )
     model.fit(train)
     fit_s = time.perf_counter() - t
     per_detector = {k: v["fit_seconds"] for k, v in model.training_["detectors"].items()}

@@ -94,7 +94,7 @@ class BaseDetector:
         self,
         *,
         max_epochs: int = 60,
-        max_steps: int | None = 4000,
+        max_steps: int | None = 1500,
         min_steps: int = 500,
         time_budget_s: float | None = None,
         batch_size: int = 256,

@@ -158,3 +158,12 @@ def test_symlink_missing_file_and_garbage_manifest_are_refused(bundle, tmp_path)
 def test_save_refuses_a_non_empty_directory(fitted_model, saved_bundle):
     with pytest.raises(BundleError, match="not empty"):
         fitted_model.save(saved_bundle)
+
+
+def test_explicit_version_survives_save_and_load(saved_bundle, tmp_path):
+    model = AnomalyModel.load(saved_bundle)
+    model.version = "cards-2026-11-24"
+    assert model.save(tmp_path / "named") == "cards-2026-11-24"
+    again = AnomalyModel.load(tmp_path / "named")
+    assert again.version == "cards-2026-11-24"
+    assert inspect_bundle(tmp_path / "named")["version"] == "cards-2026-11-24"

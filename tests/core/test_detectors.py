@@ -93,9 +93,9 @@ def test_early_stopping_and_epoch_budget(array_problem):
     )
     det.fit(train[:400])
     assert det.stop_reason_ == "early_stopping" and det.n_epochs_ < 200
-    capped = FlowDetector(seed=0, max_epochs=3, max_steps=None, min_steps=0, hidden=(16,), transforms=2).fit(
-        train[:400]
-    )
+    capped = FlowDetector(
+        seed=0, max_epochs=3, max_steps=None, min_steps=0, hidden=(16,), transforms=2
+    ).fit(train[:400])
     assert capped.n_epochs_ == 3 and capped.stop_reason_ == "max_epochs"
     timed = GANDetector(
         seed=0, max_epochs=10_000, max_steps=None, time_budget_s=0.5, patience=10_000, hidden=(16,)

@@ -104,3 +104,26 @@ def test_from_config_and_bad_input(frame_problem):
     model.fit(train.head(400))
     table = model.score_detectors(frame_problem[1].head(10))
     assert table[["flow", "flow_p"]].isna().all().all() and table["vae"].notna().all()
+
+
+def test_version_before_and_after_fit(frame_problem):
+    model = AnomalyModel(seed=0, device="cpu", detectors=["vae"], max_epochs=1, min_steps=0)
+    assert model.version is None
+    model.fit(frame_problem[0].head(300)[SCHEMA.numeric].to_numpy())
+    assert model.version.startswith("unsaved-")
+
+
+@pytest.mark.gpu
+def test_cuda_scores_match_cpu(fitted_model, frame_problem):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _, normal, anomalous = frame_problem
+    rows = pd.concat([normal, anomalous], ignore_index=True)
+    cpu = BatchScorer(fitted_model, device="cpu").score(rows).scores
+    gpu = BatchScorer(fitted_model, device="cuda").score(rows).scores
+    fitted_model.to("cpu")
+    for col in ("vae", "flow", "gan", "ensemble"):
+        np.testing.assert_allclose(gpu[col], cpu[col], rtol=1e-3, atol=1e-3)
+    # p-values are ranks: float noise may move a row across one calibration score, rarely.
+    assert np.mean(np.abs(gpu["ensemble_p"] - cpu["ensemble_p"]) > 0.01) < 0.01
