@@ -61,6 +61,9 @@ ERROR_KINDS = (
 )
 
 DEFAULT_MAX_DEPTH = 64
+# When a batch holds a bad record, it is re-decoded in chunks of this many records and only the
+# chunks that fail go record by record.
+FALLBACK_CHUNK = 128
 
 _AT_FIELD = re.compile(r" - at `\$\.?(.*)`$")
 _MISSING = re.compile(r"^Object missing required field `(.*)`")
@@ -150,34 +153,29 @@ class RecordDecoder:
     ) -> DecodedBatch:
         """Decode one micro-batch; ``partitions``/``offsets`` only label the rejects."""
         n = len(values)
-        limit = self.schema.max_record_bytes
-        structs: list[Any]
+        values = list(values)
         rejected: list[Rejected] = []
-        keep: list[int] | None = None
-        try:
-            # Fast path: every value small, shallow and decodable; one C call per value.
-            if None in values or (n and max(map(len, values)) > limit):  # type: ignore[arg-type]
-                raise _SlowPath
-            joined = b"".join(values)  # type: ignore[arg-type]
-            if not joined.isascii():
-                joined.decode("utf-8")
-            structs = list(map(self._decoder.decode, values))
-            # Every decoded value is an object, so holds at least one bracket: when the batch's
-            # brackets beyond one per record are fewer than max_depth, no record can be deeper.
-            if joined.count(b"{") + joined.count(b"[") > n - 1 + self.max_depth and any(
-                v.count(b"{") + v.count(b"[") > self.max_depth  # type: ignore[union-attr]
-                for v in values
-            ):
-                raise _SlowPath
-        except (_SlowPath, UnicodeDecodeError, msgspec.MsgspecError, RecursionError):
+        fast = self._decode_fast(values)
+        if fast is not None:
+            structs, keep = fast, None
+        else:
+            # Something in the batch is bad: decode it in chunks, so one bad record sends only
+            # its own chunk record by record.
             structs, keep = [], []
-            for i, value in enumerate(values):
-                outcome = self._decode_one(value)
-                if isinstance(outcome, tuple):
-                    rejected.append(Rejected(i, outcome[0], outcome[1]))
-                else:
-                    structs.append(outcome)
-                    keep.append(i)
+            for lo in range(0, n, FALLBACK_CHUNK):
+                chunk = values[lo : lo + FALLBACK_CHUNK]
+                part = self._decode_fast(chunk)
+                if part is not None:
+                    structs.extend(part)
+                    keep.extend(range(lo, lo + len(chunk)))
+                    continue
+                for i, value in enumerate(chunk, start=lo):
+                    outcome = self._decode_one(value)
+                    if isinstance(outcome, tuple):
+                        rejected.append(Rejected(i, outcome[0], outcome[1]))
+                    else:
+                        structs.append(outcome)
+                        keep.append(i)
         index = np.arange(n, dtype=np.int64) if keep is None else np.asarray(keep, dtype=np.int64)
         frame, bad_rows = self._to_frame(structs)
         if bad_rows:
@@ -193,6 +191,28 @@ class RecordDecoder:
                 r.partition = int(partitions[r.index])
                 r.offset = int(offsets[r.index])
         return DecodedBatch(frame=frame, index=index, rejected=rejected)
+
+    def _decode_fast(self, values: list[bytes | None]) -> list[Any] | None:
+        """Every value small, valid UTF-8, shallow and decodable: one C call per value.
+        ``None`` as soon as anything is off (the caller then finds out what)."""
+        n = len(values)
+        if None in values or (n and max(map(len, values)) > self.schema.max_record_bytes):  # type: ignore[arg-type]
+            return None
+        joined = b"".join(values)  # type: ignore[arg-type]
+        try:
+            if not joined.isascii():
+                joined.decode("utf-8")
+            structs = list(map(self._decoder.decode, values))
+        except (UnicodeDecodeError, msgspec.MsgspecError, RecursionError):
+            return None
+        # Every decoded value is an object, so holds at least one bracket: when the batch's
+        # brackets beyond one per record are fewer than max_depth, no record can be deeper.
+        if joined.count(b"{") + joined.count(b"[") > n - 1 + self.max_depth and any(
+            v.count(b"{") + v.count(b"[") > self.max_depth  # type: ignore[union-attr]
+            for v in values
+        ):
+            return None
+        return structs
 
     # -- one record (slow path: only to find the bad ones) ------------------------------------
 
@@ -311,10 +331,6 @@ class RecordDecoder:
             else:
                 frame[name] = col
         return frame, [(row, kind, msg) for row, (kind, msg) in sorted(bad.items())]
-
-
-class _SlowPath(Exception):
-    """Raised inside the fast path to fall back to record-by-record decoding."""
 
 
 def _validation_reason(message: str) -> tuple[str, str]:

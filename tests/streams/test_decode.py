@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from anomaly.config import SchemaConfig
-from streams.decode import RecordDecoder
+from streams.decode import FALLBACK_CHUNK, RecordDecoder
 
 SCHEMA = dict(
     id_field="id",
@@ -164,3 +164,17 @@ def test_property_every_record_accounted_for_once(items):
     for i, value in enumerate(values):
         one = decoder.decode([value])
         assert one.n_valid == (i in set(batch.index.tolist()))
+
+
+def test_bad_records_across_fallback_chunks_keep_order():
+    """A bad record re-decodes only its chunk; the good rows stay aligned with their input."""
+    decoder = RecordDecoder(SchemaConfig(**SCHEMA))
+    n = 3 * FALLBACK_CHUNK + 7
+    bad_at = {0, FALLBACK_CHUNK - 1, FALLBACK_CHUNK, 2 * FALLBACK_CHUNK + 5, n - 1}
+    values = [b"{oops" if i in bad_at else enc(good(i)) for i in range(n)]
+    batch = decoder.decode(values)
+    assert [r.index for r in batch.rejected] == sorted(bad_at)
+    expected = [i for i in range(n) if i not in bad_at]
+    assert batch.index.tolist() == expected
+    assert list(batch.frame["id"]) == [f"r{i}" for i in expected]
+    assert list(batch.frame["amount"]) == [i * 1.5 for i in expected]
