@@ -168,7 +168,15 @@ def _print(line: str) -> None:
 # ---------------------------------------------------------------------- handlers
 
 
+def _quiet_alembic(args: argparse.Namespace) -> None:
+    import logging
+
+    if not getattr(args, "verbose", False):  # alembic logs every plugin at INFO
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def _db_upgrade(args: argparse.Namespace) -> int:
+    _quiet_alembic(args)
     with _store(args) as store:
         store.upgrade(args.to)
         _print(f"database {store.url.render_as_string()} at revision {store.current_revision()}")
@@ -176,9 +184,11 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _db_downgrade(args: argparse.Namespace) -> int:
+    _quiet_alembic(args)
     with _store(args) as store:
         store.downgrade(args.to)
-        _print(f"database {store.url.render_as_string()} at revision {store.current_revision()}")
+        revision = store.current_revision() or "base (no tables)"
+        _print(f"database {store.url.render_as_string()} at revision {revision}")
     return 0
 
 
