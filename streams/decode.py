@@ -3,8 +3,9 @@
 Decoding is the bottleneck of a Python consumer, so the fast path does no per-record Python work
 beyond one C call: a msgspec decoder compiled from the schema (a ``Struct`` with the id, time,
 entity and feature fields) turns each value into a typed struct, and the columns are built with
-C-level transposes (``zip``) and ``numpy`` conversions. Only when that pass raises does the
-decoder go record by record, and then only to find which records are bad and why.
+C-level transposes (``zip``) and ``numpy`` conversions. Only when that pass fails does the
+decoder look closer: chunk by chunk (``FALLBACK_CHUNK`` records), and record by record only in
+the chunks that fail, to find which records are bad and why.
 
 Why not one ``msgspec`` call on ``b"[" + b",".join(values) + b"]"``? A crafted value such as
 ``{"a":1},{"b":2}`` next to a value holding half an object decodes to the right *number* of
