@@ -21,7 +21,16 @@ _LAZY = {
     "load_config": "anomaly.config",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = [
+    "AnomalyModel",
+    "FlowDetector",
+    "GANDetector",
+    "PipelineConfig",
+    "Preprocessor",
+    "VAEDetector",
+    "__version__",
+    "load_config",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from anomaly.config import PipelineConfig, load_config

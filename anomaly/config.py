@@ -200,7 +200,9 @@ def _validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"model.target_fpr must be in (0, 0.5), got {cfg.model.target_fpr}")
     unknown = set(cfg.model.detectors) - {"vae", "flow", "gan"}
     if unknown or not cfg.model.detectors:
-        raise ConfigError(f"model.detectors must be a non-empty subset of vae, flow, gan: {unknown}")
+        raise ConfigError(
+            f"model.detectors must be a non-empty subset of vae, flow, gan, got {unknown or 'none'}"
+        )
     if cfg.kafka.batch_size < 1:
         raise ConfigError("kafka.batch_size must be >= 1")
     if cfg.kafka.max_wait_s <= 0:
