@@ -209,6 +209,9 @@ class BaseDetector:
         max_epochs = max(self.max_epochs, math.ceil(self.min_steps / steps_per_epoch))
         if self.max_steps is not None:
             max_epochs = max(1, min(max_epochs, math.ceil(self.max_steps / steps_per_epoch)))
+        # Visible to subclasses whose loss changes over training (the GAN's negative weights).
+        self._planned_steps = max_epochs * steps_per_epoch
+        self._step_count = 0
         best = math.inf
         best_state: dict[str, torch.Tensor] | None = None
         bad_epochs = 0
@@ -223,6 +226,7 @@ class BaseDetector:
             for s in range(steps_per_epoch):
                 xb = x_train[order[s * bs : (s + 1) * bs]]
                 total += self._step(module, opts, xb, gen)
+                self._step_count += 1
             module.eval()
             with torch.no_grad():
                 val = self._val_loss(module, x_val)

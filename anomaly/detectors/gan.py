@@ -5,8 +5,9 @@ discriminator outputs 1/2 everywhere on it, so ``D(x)`` says nothing about wheth
 
 Design (after SO-GAAL, Liu et al. 2019, and OCAN, Zheng et al. 2018, "complementary" samples):
 
-* The discriminator ``D`` is trained to tell real normal rows (label 1) from three kinds of
-  negatives (label 0):
+* The discriminator ``D`` is trained to tell real normal rows (label 1, with a little Gaussian
+  noise ``real_noise`` so that it cannot key on the lattice of discrete columns) from three kinds
+  of negatives (label 0):
 
   1. *boundary samples*: normal rows plus Gaussian noise whose scale is drawn per row,
      log-uniformly in ``[noise_min, noise_max]`` (in preprocessed, roughly unit-variance units).
@@ -16,9 +17,12 @@ Design (after SO-GAAL, Liu et al. 2019, and OCAN, Zheng et al. 2018, "complement
   2. *complementary samples*: uniform over the training bounding box inflated by ``box_margin``,
      covering the empty space far from the data;
   3. *generator samples*: ``G(z)``, trained by feature matching (Salimans et al. 2016) on ``D``'s
-     penultimate layer. Early in training they are potential outliers near the data manifold
-     (SO-GAAL's role for them); at equilibrium they resemble normal rows, carry a small weight
-     (``gen_weight``) and only lower ``D``'s level uniformly, not its ranking.
+     penultimate layer. While ``G`` is still learning, its samples are potential outliers that
+     approach the data from outside (SO-GAAL's use of them). Once ``G`` matches the data they
+     would teach ``D`` to reject normal rows (we measured exactly that: AUROC fell on cardio and
+     pendigits), so their weight ``gen_weight`` fades linearly to zero over the first
+     ``gen_phase`` of the planned training steps; the final ``D`` is shaped by the boundary and
+     complementary samples.
 
 * Score = ``-logit D(x)``: the discriminator's log-odds that ``x`` is *not* a normal row. Higher is
   more anomalous, finite for any finite input (an MLP logit grows at most linearly).
@@ -69,7 +73,9 @@ class GANDetector(BaseDetector):
         noise_min: float = 0.1,
         noise_max: float = 3.0,
         box_margin: float = 0.5,
-        gen_weight: float = 0.2,
+        gen_weight: float = 0.3,
+        real_noise: float = 0.05,
+        gen_phase: float = 0.3,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("lr", 5e-4)
@@ -80,6 +86,8 @@ class GANDetector(BaseDetector):
         self.noise_max = noise_max
         self.box_margin = box_margin
         self.gen_weight = gen_weight
+        self.real_noise = real_noise
+        self.gen_phase = gen_phase
 
     def architecture(self) -> dict[str, Any]:
         return {"hidden": list(self.hidden), "latent": self.latent_dim}
@@ -123,14 +131,23 @@ class GANDetector(BaseDetector):
     def _step(self, module: nn.Module, opts: list, xb: torch.Tensor, gen) -> float:
         d_opt, g_opt = opts
         n = xb.shape[0]
+        if self.real_noise > 0:
+            # Dequantise: otherwise D can learn the lattice of discrete columns, not the density.
+            xb = xb + torch.randn(xb.shape, generator=gen).to(xb.device) * self.real_noise
         boundary, box = self._negatives(xb, gen)
         z = torch.randn(n, module.latent, generator=gen).to(xb.device)
         fake = module.generator(z)
         # Discriminator step.
         d_opt.zero_grad(set_to_none=True)
-        rest = 1.0 - self.gen_weight
+        # SO-GAAL's point: the generator's samples are informative outliers while it is still
+        # learning; once it matches the data they are not, so their weight fades out linearly
+        # over the first ``gen_phase`` of the planned steps.
+        w_gen = self.gen_weight * max(
+            0.0, 1.0 - self._step_count / (self.gen_phase * self._planned_steps)
+        )
+        rest = 1.0 - w_gen
         d_loss, _ = self._disc_loss(
-            module, xb, [boundary, box, fake.detach()], [0.7 * rest, 0.3 * rest, self.gen_weight]
+            module, xb, [boundary, box, fake.detach()], [0.7 * rest, 0.3 * rest, w_gen]
         )
         d_loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), 10.0)
