@@ -86,7 +86,7 @@ class AnomalyModel:
         calibration_fraction: float = 0.25,
         max_epochs: int = 60,
         max_steps: int | None = 1500,
-        min_steps: int = 500,
+        min_steps: int = 1000,
         time_budget_s: float | None = None,
         batch_size: int = 256,
         threads: int | None = 1,

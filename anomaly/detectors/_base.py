@@ -95,7 +95,7 @@ class BaseDetector:
         *,
         max_epochs: int = 60,
         max_steps: int | None = 1500,
-        min_steps: int = 500,
+        min_steps: int = 1000,
         time_budget_s: float | None = None,
         batch_size: int = 256,
         lr: float = 1e-3,

@@ -57,7 +57,7 @@ class VAEDetector(BaseDetector):
         hidden: tuple[int, ...] = (64, 32),
         latent_dim: int | None = None,
         beta: float = 1.0,
-        noise_std: float = 0.0,
+        noise_std: float = 0.05,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
