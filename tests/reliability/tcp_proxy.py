@@ -5,7 +5,10 @@ It stands between the scoring service and PostgreSQL (or anything else that spea
 * ``cut()`` resets every open connection (``SO_LINGER`` 0, so the client sees a reset, as after a
   server crash or a firewall drop) and closes the listening socket, so new connections are
   *refused* (``ECONNREFUSED``), as when the database host is down;
-* ``restore()`` listens again on the same port; the client reconnects by itself or not at all.
+* ``restore()`` listens again on the same port; the client reconnects by itself or not at all;
+* ``lose_next_commit_reply(marker)``: the next PostgreSQL ``COMMIT`` of a transaction that sent
+  ``marker`` reaches the server, which commits, but its reply never comes back: the connection is
+  reset instead. The client cannot tell whether its transaction committed (the ambiguous commit).
 
 Plain threads and blocking sockets: two threads per proxied connection, which is plenty for a
 service's small connection pool.
@@ -14,6 +17,7 @@ service's small connection pool.
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import struct
 import threading
@@ -28,6 +32,7 @@ class ProxyStats:
     bytes_up: int = 0
     bytes_down: int = 0
     cuts: list[tuple[float, float | None]] = field(default_factory=list)  # (cut, restored) times
+    commit_replies_lost: int = 0
 
 
 class TcpProxy:
@@ -43,6 +48,9 @@ class TcpProxy:
         self._listener: socket.socket | None = None
         self._accept_thread: threading.Thread | None = None
         self._closed = threading.Event()
+        self._lose_commit_after: bytes | None = None
+        self._saw_marker: set[socket.socket] = set()
+        self._muted: set[socket.socket] = set()  # upstream sockets whose replies are dropped
 
     # -- control ----------------------------------------------------------------------------
 
@@ -67,6 +75,10 @@ class TcpProxy:
         with self._lock:
             if self.stats.cuts and self.stats.cuts[-1][1] is None:
                 self.stats.cuts[-1] = (self.stats.cuts[-1][0], time.monotonic())
+
+    def lose_next_commit_reply(self, marker: bytes) -> None:
+        with self._lock:
+            self._lose_commit_after = marker
 
     def close(self) -> None:
         self._closed.set()
@@ -144,6 +156,19 @@ class TcpProxy:
                 data = src.recv(65536)
                 if not data:
                     break
+                if not up and src in self._muted:
+                    return  # the reply to a lost commit: never delivered
+                if up and self._lose_commit_after is not None and self._commit_lost(src, data):
+                    with self._lock:
+                        self._muted.add(dst)
+                    dst.sendall(data)  # the server gets the COMMIT...
+                    time.sleep(0.3)  # ...and commits; the reply is never passed back
+                    with self._lock:
+                        self._conns.discard(src)
+                        self._conns.discard(dst)
+                    _reset(src)
+                    _reset(dst)
+                    return
                 dst.sendall(data)
                 with self._lock:
                     if up:
@@ -162,6 +187,25 @@ class TcpProxy:
                     with contextlib.suppress(OSError):
                         s.shutdown(socket.SHUT_RDWR)
                     s.close()
+
+    def _commit_lost(self, src: socket.socket, data: bytes) -> bool:
+        """Does ``data`` carry the COMMIT of a transaction that sent the armed marker?"""
+        with self._lock:
+            marker = self._lose_commit_after
+            if marker is None:
+                return False
+            if marker in data:
+                self._saw_marker.add(src)
+            # "COMMIT" as a whole statement (simple or extended protocol), not "ON COMMIT ...".
+            if src in self._saw_marker and _COMMIT.search(data):
+                self._saw_marker.discard(src)
+                self._lose_commit_after = None
+                self.stats.commit_replies_lost += 1
+                return True
+            return False
+
+
+_COMMIT = re.compile(rb"[\x00-\x1f]COMMIT\x00")
 
 
 def _reset(s: socket.socket) -> None:
