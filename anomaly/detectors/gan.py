@@ -68,7 +68,7 @@ class GANDetector(BaseDetector):
 
     def __init__(
         self,
-        hidden: tuple[int, ...] = (64, 64),
+        hidden: tuple[int, ...] = (128, 128),
         latent_dim: int = 16,
         noise_min: float = 0.1,
         noise_max: float = 3.0,
