@@ -268,6 +268,7 @@ class OneClassSplit:
     y_test: np.ndarray
     n_duplicates_dropped: int
     n_test_dropped_as_train_duplicates: int
+    n_train_available: int  # training rows before max_train
 
 
 def one_class_split(
@@ -307,6 +308,7 @@ def one_class_split(
     train_keys = {row.tobytes() for row in x[is_train].astype(np.float64)}
     seen = np.array([row.tobytes() in train_keys for row in x[test].astype(np.float64)], bool)
     test_idx = np.flatnonzero(test)[~seen]
+    n_available = len(train_idx)
     if max_train is not None and len(train_idx) > max_train:
         train_idx = train_idx[:max_train]
     return OneClassSplit(
@@ -315,6 +317,7 @@ def one_class_split(
         y_test=y[test_idx],
         n_duplicates_dropped=int(n_dup),
         n_test_dropped_as_train_duplicates=int(seen.sum()),
+        n_train_available=n_available,
     )
 
 

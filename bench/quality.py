@@ -178,6 +178,7 @@ def run_one(data_dir: str, name: str, seed: int, args: argparse.Namespace) -> di
         "dataset": name,
         "seed": seed,
         "n_train": len(split.x_train),
+        "n_train_available": split.n_train_available,
         "n_test": len(y_test),
         "n_test_anomalies": int(y_test.sum()),
         "n_test_normals": int(normal.sum()),
@@ -218,10 +219,28 @@ def run_one(data_dir: str, name: str, seed: int, args: argparse.Namespace) -> di
                 "fit_s": (t1 - t0) if det == "ensemble" else None,
                 "score_s": (t2 - t1) if det == "ensemble" else None,
             }
-            p = scores[f"{det}_p"].to_numpy(dtype=np.float64)[normal]
-            out["fpr"][det] = {str(t): [int(np.sum(p <= t)), len(p)] for t in TARGETS}
+            out["fpr"][det] = _fpr_counts(scores[f"{det}_p"].to_numpy(dtype=np.float64)[normal])
         out["calibration_rows"] = _calibration_rows(model)
+        # A rate of 0.001 needs thousands of calibration rows; where the training half has more
+        # rows than the cap, fit our model once more on up to --fpr-max-train of them and measure
+        # only the false-positive rate (same seed, same test rows).
+        if args.fpr_max_train and args.max_train and out["n_train_available"] > args.max_train:
+            big = one_class_split(x, y, seed, train_pool=pool, max_train=args.fpr_max_train)
+            assert np.array_equal(big.y_test, y_test)
+            big_model = fit_ours(big.x_train, seed, args)
+            big_scores = big_model.score_detectors(big.x_test)
+            out["fpr_large"] = {
+                det: _fpr_counts(big_scores[f"{det}_p"].to_numpy(dtype=np.float64)[normal])
+                for det in OURS
+                if f"{det}_p" in big_scores.columns and det in args.methods
+            }
+            out["n_train_large"] = len(big.x_train)
+            out["calibration_rows_large"] = _calibration_rows(big_model)
     return out
+
+
+def _fpr_counts(p_normal: np.ndarray) -> dict[str, list[int]]:
+    return {str(t): [int(np.sum(p_normal <= t)), len(p_normal)] for t in TARGETS}
 
 
 def _calibration_rows(model) -> int | None:
@@ -236,6 +255,20 @@ def _calibration_rows(model) -> int | None:
 
 def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else float("nan")
+
+
+def _pool_fpr(by_ds, datasets, key: str) -> dict[str, dict[str, dict[str, list[int]]]]:
+    pooled: dict[str, dict[str, dict[str, list[int]]]] = {}
+    for ds in datasets:
+        pooled[ds] = {}
+        for det in OURS:
+            for t in TARGETS:
+                counts = [r[key][det][str(t)] for r in by_ds[ds] if det in r.get(key, {})]
+                if counts:
+                    fp = sum(c[0] for c in counts)
+                    n = sum(c[1] for c in counts)
+                    pooled[ds].setdefault(det, {})[str(t)] = [fp, n]
+    return pooled
 
 
 def summarise(results: list[dict[str, Any]], methods: list[str]) -> dict[str, Any]:
@@ -273,16 +306,7 @@ def summarise(results: list[dict[str, Any]], methods: list[str]) -> dict[str, An
             ranks[m].append(float(rank))
     mean_rank = {m: _mean(ranks[m]) for m in present}
     # False-positive rates pooled over seeds: (false positives, normal test rows).
-    fpr: dict[str, dict[str, dict[str, list[int]]]] = {}
-    for ds in datasets:
-        fpr[ds] = {}
-        for det in OURS:
-            for t in TARGETS:
-                counts = [r["fpr"][det][str(t)] for r in by_ds[ds] if det in r.get("fpr", {})]
-                if counts:
-                    fp = sum(c[0] for c in counts)
-                    n = sum(c[1] for c in counts)
-                    fpr[ds].setdefault(det, {})[str(t)] = [fp, n]
+    fpr = {key: _pool_fpr(by_ds, datasets, key) for key in ("fpr", "fpr_large")}
     return {
         "datasets": datasets,
         "protocol_datasets": protocol,
@@ -290,7 +314,8 @@ def summarise(results: list[dict[str, Any]], methods: list[str]) -> dict[str, An
         "table": table,
         "means": means,
         "mean_rank": mean_rank,
-        "fpr": fpr,
+        "fpr": fpr["fpr"],
+        "fpr_large": fpr["fpr_large"],
         "by_ds": by_ds,
     }
 
@@ -300,7 +325,6 @@ def _fmt(v: float) -> str:
 
 
 def render(summary: dict[str, Any], args: argparse.Namespace, command: str, wall_s: float) -> str:
-    from anomaly.evaluation import enough_to_tell
 
     ds_list, methods = summary["datasets"], summary["methods"]
     table, means, mean_rank = summary["table"], summary["means"], summary["mean_rank"]
@@ -407,55 +431,35 @@ def render(summary: dict[str, Any], args: argparse.Namespace, command: str, wall
     add("")
 
     # FPR
+    dets = [d for d in OURS if d in ours]
     if any(summary["fpr"][ds] for ds in ds_list):
         add("### Observed false-positive rate on held-out normal rows (pooled over seeds)")
         add("")
         add(
             "Alert = conformal p-value <= target. Shown as observed % (observed/target); "
             "n/a where the normal test rows pooled over seeds expect fewer than 10 false "
-            "positives at the target. Goal: 0.5x-1.5x of the target."
+            "positives at the target. Goal: 0.5x-1.5x of the target. With n calibration rows "
+            "the alert threshold at a target a is the floor(a(n+1))-th largest calibration "
+            "score, so at 0.001 and about 1,250 calibration rows it is the single largest one "
+            "and the observed rate swings widely from seed to seed (expected 1/(n+1), 0.8x)."
         )
         add("")
-        dets = [d for d in OURS if d in ours]
-        head = " | ".join(f"{d} @{t:g}" for t in TARGETS for d in dets)
-        add(f"| dataset | calibration rows | normal test rows | {head} |")
-        add("|---|---|---|" + "---|" * (len(dets) * len(TARGETS)))
-        within = defaultdict(lambda: [0, 0])
-        for ds in ds_list:
-            f = summary["fpr"][ds]
-            n_norm = next((c[1] for d in f.values() for c in d.values()), 0)
-            cells = []
-            for t in TARGETS:
-                for d in dets:
-                    fp, n = f.get(d, {}).get(str(t), [0, 0])
-                    if n == 0 or not enough_to_tell(n, t):
-                        cells.append("n/a")
-                        continue
-                    ratio = fp / n / t
-                    ok = 0.5 <= ratio <= 1.5
-                    if ds not in SHIFTED:
-                        within[(d, t)][0] += ok
-                        within[(d, t)][1] += 1
-                    cell = f"{100 * fp / n:.2f}% ({ratio:.2f}x)"
-                    cells.append(cell if ok else f"**{cell}**")
-            n_cal = [r.get("calibration_rows") for r in by_ds[ds]]
-            cal_s = str(int(_mean([c for c in n_cal if c]))) if any(n_cal) else "-"
-            add(
-                f"| {ds}{' ‡' if ds in SHIFTED else ''} | {cal_s} | {n_norm} | "
-                + " | ".join(cells)
-                + " |"
-            )
+        _fpr_table(add, summary, "fpr", "calibration_rows", ds_list, dets)
+    large = [ds for ds in ds_list if summary["fpr_large"].get(ds)]
+    if large:
+        n_big = int(_mean([r["n_train_large"] for ds in large for r in by_ds[ds]]))
+        add(
+            f"#### The same rates with more calibration rows (up to {args.fpr_max_train} "
+            "training rows, our model only)"
+        )
         add("")
         add(
-            "Within 0.5x-1.5x, over the protocol datasets (bold cells are outside): "
-            + "; ".join(
-                f"{d} @{t:g}: {within[(d, t)][0]}/{within[(d, t)][1]}"
-                for t in TARGETS
-                for d in dets
-                if within[(d, t)][1]
-            )
+            "Where the cap above cut the training half, our model was fit once more (same seed, "
+            f"same test rows) on up to {args.fpr_max_train} training rows (mean {n_big}), a "
+            "quarter of which calibrate; only its false-positive rate is reported."
         )
         add("")
+        _fpr_table(add, summary, "fpr_large", "calibration_rows_large", large, dets)
 
     # Published
     pub = [ds for ds in ds_list if ds in PUBLISHED]
@@ -496,6 +500,48 @@ def render(summary: dict[str, Any], args: argparse.Namespace, command: str, wall
     return "\n".join(lines)
 
 
+def _fpr_table(add, summary, key: str, cal_key: str, ds_list: list[str], dets: list[str]) -> None:
+    from anomaly.evaluation import enough_to_tell
+
+    by_ds = summary["by_ds"]
+    head = " | ".join(f"{d} @{t:g}" for t in TARGETS for d in dets)
+    add(f"| dataset | calibration rows | normal test rows | {head} |")
+    add("|---|---|---|" + "---|" * (len(dets) * len(TARGETS)))
+    within: dict[tuple[str, float], list[int]] = defaultdict(lambda: [0, 0])
+    for ds in ds_list:
+        f = summary[key][ds]
+        n_norm = next((c[1] for d in f.values() for c in d.values()), 0)
+        cells = []
+        for t in TARGETS:
+            for d in dets:
+                fp, n = f.get(d, {}).get(str(t), [0, 0])
+                if n == 0 or not enough_to_tell(n, t):
+                    cells.append("n/a")
+                    continue
+                ratio = fp / n / t
+                ok = 0.5 <= ratio <= 1.5
+                if ds not in SHIFTED:
+                    within[(d, t)][0] += ok
+                    within[(d, t)][1] += 1
+                cell = f"{100 * fp / n:.2f}% ({ratio:.2f}x)"
+                cells.append(cell if ok else f"**{cell}**")
+        n_cal = [r.get(cal_key) for r in by_ds[ds]]
+        cal_s = str(int(_mean([c for c in n_cal if c]))) if any(n_cal) else "-"
+        mark = " ‡" if ds in SHIFTED else ""
+        add(f"| {ds}{mark} | {cal_s} | {n_norm} | " + " | ".join(cells) + " |")
+    add("")
+    add(
+        "Within 0.5x-1.5x, over the protocol datasets (bold cells are outside): "
+        + "; ".join(
+            f"{d} @{t:g}: {within[(d, t)][0]}/{within[(d, t)][1]}"
+            for t in TARGETS
+            for d in dets
+            if within[(d, t)][1]
+        )
+    )
+    add("")
+
+
 def write_section(doc: Path, section: str) -> None:
     """Replace (or append) only the "## Detection quality" section of docs/benchmarks.md."""
     text = doc.read_text(encoding="utf-8") if doc.exists() else "# Benchmarks\n"
@@ -524,6 +570,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--max-train", type=int, default=5000, help="cap on training rows (0: none)")
+    p.add_argument(
+        "--fpr-max-train",
+        type=int,
+        default=0,
+        help="also fit our model on up to this many training rows where the cap cut the "
+        "training half, to measure the false-positive rate with more calibration rows (0: off)",
+    )
     p.add_argument("--time-budget", type=float, default=None, help="seconds per our detector")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (one core each)")
     p.add_argument("--results", default=None, help="write per-seed results as JSON lines")

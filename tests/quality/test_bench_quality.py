@@ -92,7 +92,10 @@ def test_goals_ranks_and_fpr_table(bench) -> None:
         _result("b", 0, {**base, **ours}, fp=80, n=2000),  # 4.0x: outside
         _result("skab_free", 0, {**base, **ours, "KNN": 0.1}, fp=5, n=2000),
     ]
-    args = bench.parse_args([])
+    results[0]["fpr_large"] = {"ensemble": {"0.01": [100, 20000], "0.001": [30, 20000]}}
+    results[0]["n_train_large"] = 40000
+    results[0]["calibration_rows_large"] = 10000
+    args = bench.parse_args(["--fpr-max-train", "40000"])
     summary = bench.summarise(results, list(bench.METHODS))
     assert summary["protocol_datasets"] == ["a", "b"]  # the shifted variant is not averaged
     assert summary["means"]["KNN"]["auroc"] == pytest.approx(0.90)
@@ -104,7 +107,11 @@ def test_goals_ranks_and_fpr_table(bench) -> None:
     assert "1.00% (1.00x)" in text and "**4.00% (4.00x)**" in text
     assert "ensemble @0.01: 1/2" in text
     # 2000 normal rows cannot tell a rate of 0.001 (2 expected false positives).
-    assert "ensemble @0.001" not in text.split("Within 0.5x-1.5x")[1]
+    assert "ensemble @0.001" not in text.split("Within 0.5x-1.5x")[1].split("\n")[0]
+    large = text.split("#### The same rates with more calibration rows (up to 40000")[1]
+    assert "| a | 10000 | 20000 |" in large
+    assert "**0.50% (0.50x)**" not in large and "0.50% (0.50x)" in large  # 0.5x is within
+    assert "**0.15% (1.50x)**" not in large and "0.15% (1.50x)" in large
 
 
 def test_write_section_replaces_only_its_own_section(bench, tmp_path: Path) -> None:

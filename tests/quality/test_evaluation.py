@@ -116,6 +116,7 @@ def test_one_class_split_protocol() -> None:
     # The cap shrinks training only.
     capped = one_class_split(x, y, seed=3, max_train=50)
     assert len(capped.x_train) == 50
+    assert capped.n_train_available == len(split.x_train)
     assert np.array_equal(capped.x_test, split.x_test)
 
 
