@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import time
+import warnings
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ from anomaly.config import PipelineConfig, SchemaConfig
 from anomaly.detectors._base import BaseDetector, finite_scores, resolve_device, torch_threads
 from anomaly.ensemble import combine
 from anomaly.errors import DataError, NotFittedError
-from anomaly.preprocess import Preprocessor, _to_frame
+from anomaly.preprocess import ConstantColumnWarning, Preprocessor, _to_frame
 
 if TYPE_CHECKING:
     from os import PathLike
@@ -171,8 +172,11 @@ class AnomalyModel:
         started = time.monotonic()
         names = self.schema.features if self.schema is not None and self.schema.features else None
         frame = _to_frame(X, names)
-        # Validate the whole input first, so error messages name rows of what the user passed.
-        Preprocessor(self.schema, self.numeric_transform, min_rows=1).fit(frame)
+        # Validate the whole input first, so error messages name rows of what the user passed
+        # (warnings come once, from the fit on the training part below).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConstantColumnWarning)
+            Preprocessor(self.schema, self.numeric_transform, min_rows=1).fit(frame)
         n = len(frame)
         if n < MIN_TRAINING_ROWS:
             raise DataError(
