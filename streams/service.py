@@ -513,6 +513,10 @@ class ScoringService:
                 failures.append(str(err))
 
         dlq = self.cfg.dead_letter_topic
+        # A value larger than the producer may send (librdkafka's message.max.bytes, 1 MB by
+        # default) would fail every retry and stop the stream: its head goes to the topic with the
+        # original size in a header; the dead_letters table keeps every byte.
+        cap = int(self.cfg.kafka.settings.get("message.max.bytes", 1_000_000)) - 65_536
         for d in dead_letters:
             headers = [
                 ("error_kind", d.error_kind.encode()),
@@ -522,7 +526,11 @@ class ScoringService:
                 ("source_offset", str(d.kafka_offset).encode()),
                 ("pipeline", d.pipeline.encode()),
             ]
-            self._produce_one(dlq, d.raw, None, headers, delivered)
+            raw = d.raw
+            if len(raw) > cap:
+                headers.append(("original_bytes", str(len(raw)).encode()))
+                raw = raw[: max(cap, 0)]
+            self._produce_one(dlq, raw, None, headers, delivered)
         scores_topic = self.cfg.kafka.scores_topic
         for key, value in scores_out:
             self._produce_one(scores_topic, value, key, None, delivered)
