@@ -70,12 +70,22 @@ class ServeProcess:
         log_path: Path,
         *extra: str,
         env: dict[str, str] | None = None,
+        verbose: bool = False,
     ) -> None:
         self.log_path = log_path
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()/kill()
         self.started = time.monotonic()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "anomaly.cli", "serve", "--config", str(config), *extra],
+            [
+                sys.executable,
+                "-m",
+                "anomaly.cli",
+                *(["--verbose"] if verbose else []),
+                "serve",
+                "--config",
+                str(config),
+                *extra,
+            ],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
