@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import shlex
 import sys
@@ -441,7 +442,9 @@ def render(summary: dict[str, Any], args: argparse.Namespace, command: str, wall
             "positives at the target. Goal: 0.5x-1.5x of the target. With n calibration rows "
             "the alert threshold at a target a is the floor(a(n+1))-th largest calibration "
             "score, so at 0.001 and about 1,250 calibration rows it is the single largest one "
-            "and the observed rate swings widely from seed to seed (expected 1/(n+1), 0.8x)."
+            "and the observed rate swings widely from seed to seed (expected 1/(n+1), 0.8x). "
+            "'unreachable': fewer than 999 calibration rows, so no p-value can be <= 0.001 and "
+            "the model warns at fit time (CalibrationWarning)."
         )
         add("")
         _fpr_table(add, summary, "fpr", "calibration_rows", ds_list, dets)
@@ -511,12 +514,19 @@ def _fpr_table(add, summary, key: str, cal_key: str, ds_list: list[str], dets: l
     for ds in ds_list:
         f = summary[key][ds]
         n_norm = next((c[1] for d in f.values() for c in d.values()), 0)
+        n_cal = [r.get(cal_key) for r in by_ds[ds]]
+        cal_min = min((c for c in n_cal if c), default=None)
         cells = []
         for t in TARGETS:
             for d in dets:
                 fp, n = f.get(d, {}).get(str(t), [0, 0])
                 if n == 0 or not enough_to_tell(n, t):
                     cells.append("n/a")
+                    continue
+                if cal_min is not None and math.floor(t * (cal_min + 1) + 1e-9) < 1:
+                    # The smallest conformal p-value, 1/(n+1), is above the target: no row can
+                    # alert. Not a miss of the calibration, a lack of calibration rows.
+                    cells.append("unreachable")
                     continue
                 ratio = fp / n / t
                 ok = 0.5 <= ratio <= 1.5
@@ -525,7 +535,6 @@ def _fpr_table(add, summary, key: str, cal_key: str, ds_list: list[str], dets: l
                     within[(d, t)][1] += 1
                 cell = f"{100 * fp / n:.2f}% ({ratio:.2f}x)"
                 cells.append(cell if ok else f"**{cell}**")
-        n_cal = [r.get(cal_key) for r in by_ds[ds]]
         cal_s = str(int(_mean([c for c in n_cal if c]))) if any(n_cal) else "-"
         mark = " ‡" if ds in SHIFTED else ""
         add(f"| {ds}{mark} | {cal_s} | {n_norm} | " + " | ".join(cells) + " |")
