@@ -386,7 +386,7 @@ def records_seen(db_url: str, pipeline: str) -> int:
 
     engine = _engines.get(db_url)
     if engine is None:
-        engine = _engines[db_url] = create_engine(db_url, pool_size=1, max_overflow=0)
+        engine = _engines[db_url] = create_engine(db_url, pool_size=4, max_overflow=0)
     try:
         with engine.connect() as conn:
             value = conn.execute(
