@@ -421,9 +421,16 @@ def run_evaluation(
         "data": str(data_path),
         "label_column": label,
         "ignored_columns": ignored,
+        "calibration_rows": _calibration_rows(model),
     }
     html_path, json_path = write_report(report_dir, result, scores, labels, tops, meta)
     return result, html_path, json_path
+
+
+def _calibration_rows(model: Any) -> int | None:
+    cal = (getattr(model, "calibrators_", None) or {}).get("ensemble")
+    n = getattr(cal, "n_", None)
+    return None if n is None else int(n)
 
 
 def _model_columns(model: Any, frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:

@@ -278,7 +278,8 @@ def render_html(
         "<h1>Anomaly model evaluation</h1>",
         "<table>",
     ]
-    for key in ("model", "model_version", "data", "label_column", "ignored_columns", "created_at"):
+    keys = ("model", "model_version", "calibration_rows", "data", "label_column", "ignored_columns")
+    for key in (*keys, "created_at"):
         if meta.get(key):
             value = esc(_meta_text(meta[key]))
             parts.append(f'<tr><th class="l">{esc(key)}</th><td class="l">{value}</td></tr>')
@@ -312,6 +313,13 @@ def render_html(
             f"<td>{m.true_negatives}</td></tr>"
         )
     parts.append("</table>")
+    n_cal = meta.get("calibration_rows")
+    if n_cal is not None and np.floor(result.target_fpr * (n_cal + 1) + 1e-9) < 1:
+        parts.append(
+            f'<p class="bad" id="unreachable">The model was calibrated on {n_cal} normal rows: '
+            f"its smallest p-value is 1/{n_cal + 1}, above the target {result.target_fpr:g}, so "
+            "no row can alert. Train on more normal rows (about 4/target) for this target.</p>"
+        )
     if result.n_normals * result.target_fpr < 10:
         parts.append(
             f'<p class="muted">Only {result.n_normals} normal rows: at a target of '

@@ -196,3 +196,19 @@ def test_target_fpr_override_moves_the_threshold(
     ens = data["detectors"]["ensemble"]
     assert ens["alerts"] == int((scores["ensemble_p"] <= 0.2).sum())
     assert ens["alerts"] > int((scores["ensemble_p"] <= TARGET_FPR).sum())
+
+
+def test_unreachable_target_is_explained(
+    trained_model_dir: Path, labeled_csv: Path, tmp_path: Path
+) -> None:
+    rc = main(
+        ["evaluate", "--model", str(trained_model_dir), "--data", str(labeled_csv), "--label",
+         "is_anomaly", "--report", str(tmp_path), "--target-fpr", "0.0001", "--top-rows", "0"]
+    )  # fmt: skip
+    assert rc == 0
+    data = json.loads((tmp_path / "report.json").read_text())
+    n_cal = data["meta"]["calibration_rows"]
+    assert 0 < n_cal < 9999
+    assert all(m["alerts"] == 0 for m in data["detectors"].values())
+    html = (tmp_path / "report.html").read_text()
+    assert f"calibrated on {n_cal} normal rows" in html and 'id="unreachable"' in html
