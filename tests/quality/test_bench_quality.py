@@ -108,6 +108,8 @@ def test_goals_ranks_and_fpr_table(bench) -> None:
     assert "- vae mean ROC-AUC 85.0 vs IForest 80.0: **met**" in text
     assert "1.00% (1.00x)" in text and "**4.00% (4.00x)**" in text
     assert "ensemble @0.01: 1/2" in text
+    assert "- Ensemble false-positive rate within 0.5x-1.5x of 0.01: 1 of 2 datasets" in text
+    assert "within 0.5x-1.5x of 0.001 with more calibration rows: 1 of 1 datasets" in text
     assert "| b | 250 | 2000 |" in text and "| unreachable |" in text
     # 2000 normal rows cannot tell a rate of 0.001 (2 expected false positives).
     assert "ensemble @0.001" not in text.split("Within 0.5x-1.5x")[1].split("\n")[0]
