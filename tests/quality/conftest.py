@@ -59,6 +59,7 @@ def trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         device="cpu",
         schema=SchemaConfig(numeric=NUMERIC, categorical=CATEGORICAL),
         max_epochs=8,
+        min_steps=150,
         threads=1,
     )
     model.fit(train)
