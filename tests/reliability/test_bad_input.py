@@ -116,7 +116,7 @@ def test_property_decode_validate_score(items, fraud_schema, trained_model, base
 def test_atheris_fuzz_run_of_the_decoder_and_validator(tmp_path, trained_model):
     """A short coverage-guided run (CI); the long one is the same script with a larger budget."""
     pytest.importorskip("atheris")
-    seconds = env_int("RELIABILITY_FUZZ_SECONDS", 20)
+    seconds = env_int("RELIABILITY_FUZZ_SECONDS", 10)
     proc = subprocess.run(
         [
             sys.executable,
@@ -197,7 +197,7 @@ def test_malformed_records_are_all_dead_lettered_service_stays_up_memory_bounded
         kafka_bootstrap,
         topic_name,
         stream,
-        rate=len(stream) / 15,
+        rate=len(stream) / 8,
         settings={"message.max.bytes": big_limit},
     )
     t0 = time.monotonic()

@@ -64,7 +64,7 @@ def test_postgres_cut_by_proxy_pauses_reconnects_and_loses_nothing(
     sampler = RssSampler(serve, every=0.5)
     sampler.start()
     # Spread the stream over the whole scenario: before, during and after the cut.
-    rate = len(stream.values) / (cut_s + 20.0)
+    rate = len(stream.values) / (cut_s + 12.0)
     producer = StreamProducer(kafka_bootstrap, topic_name, stream.values, rate=rate)
     figures: dict = {"cut_s": cut_s}
     try:

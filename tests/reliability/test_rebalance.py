@@ -65,7 +65,7 @@ def test_group_of_two_goes_to_one_and_back_to_two_exactly_once(
     )
     cfg = load_config(config)
     total = len(stream.values)
-    producer = StreamProducer(kafka_bootstrap, topic_name, stream.values, rate=total / 40)
+    producer = StreamProducer(kafka_bootstrap, topic_name, stream.values, rate=total / 32)
     a = ServeProcess(config, tmp_path / "a.log")
     b = ServeProcess(config, tmp_path / "b.log")
     figures: dict = {"partitions": PARTITIONS}
@@ -103,6 +103,7 @@ def test_group_of_two_goes_to_one_and_back_to_two_exactly_once(
         )
         figures["rejoin_s"] = round(time.monotonic() - thawed_at, 2)
         figures["records_written_before_rejoin_done"] = records_seen(pg_url, cfg.name)
+        figures["records_produced_before_rejoin_done"] = producer.produced
         producer.finish(timeout=120)
         wait_for(lambda: records_seen(pg_url, cfg.name) >= total, 120, "the end of the stream")
         time.sleep(1.0)  # anything a zombie still had would land now (and must be fenced)
