@@ -1,13 +1,19 @@
 """Rebalance: a consumer group of two ``anomaly serve`` processes goes to one member and back to two
 while records stream in; every record is accounted for exactly once.
 
-The member that leaves is frozen with SIGSTOP (a stalled VM, a long GC pause): it stops
-heartbeating, the group evicts it after ``session.timeout.ms`` and the survivor takes its
-partitions. Then it is thawed with SIGCONT: it wakes up as a zombie that may still hold a batch it
-consumed before the freeze, finds it lost its membership, and rejoins (back to two members). The
-store's offset fencing must drop whatever the zombie writes for records the survivor already wrote.
+``leave`` (CI): member B is stopped with SIGTERM (it drains its batch and leaves the group), A
+takes every partition, then a new member C joins (back to two).
+
+``freeze`` (slow, not in CI): B is frozen with SIGSTOP (a stalled VM, a long GC pause): it stops
+heartbeating, the group should evict it after ``session.timeout.ms`` and A take its partitions.
+Then B is thawed with SIGCONT: it wakes up as a zombie that may still hold a batch it consumed
+before the freeze, finds it lost its membership, and rejoins. The store's offset fencing must drop
+whatever the zombie writes for records A already wrote. On the embedded Tansu broker the frozen
+member is not always evicted (seen once in four runs: no rebalance for 90 s, until B thawed), so
+this variant is kept out of CI; against Apache Kafka the session timeout applies.
 
     RELIABILITY_REBALANCE_RECORDS=20000 python -m pytest tests/reliability/test_rebalance.py -s
+    python -m pytest tests/reliability/test_rebalance.py -k freeze -s      # the slow variant
 """
 
 from __future__ import annotations
@@ -54,8 +60,9 @@ def owned(serve: ServeProcess) -> list[int]:
     return events[-1][1] if events else []
 
 
+@pytest.mark.parametrize("mode", ["leave", pytest.param("freeze", marks=pytest.mark.slow)])
 def test_group_of_two_goes_to_one_and_back_to_two_exactly_once(
-    pg_url, tmp_path, kafka_bootstrap, topic_name, pipeline_file, trained_model
+    mode, pg_url, tmp_path, kafka_bootstrap, topic_name, pipeline_file, trained_model
 ):
     n_records = env_int("RELIABILITY_REBALANCE_RECORDS", 4000)
     stream = make_stream(trained_model.model, n_records, seed=44)
@@ -68,7 +75,8 @@ def test_group_of_two_goes_to_one_and_back_to_two_exactly_once(
     producer = StreamProducer(kafka_bootstrap, topic_name, stream.values, rate=total / 32)
     a = ServeProcess(config, tmp_path / "a.log")
     b = ServeProcess(config, tmp_path / "b.log")
-    figures: dict = {"partitions": PARTITIONS}
+    figures: dict = {"mode": mode, "partitions": PARTITIONS}
+    c: ServeProcess | None = None
     try:
         producer.start()
         wait_for(
@@ -78,8 +86,11 @@ def test_group_of_two_goes_to_one_and_back_to_two_exactly_once(
         )
         wait_for(lambda: records_seen(pg_url, cfg.name) > 300, 60, "records with two members")
 
-        # 2 -> 1: B freezes; A must take over all partitions.
-        b.signal(signal.SIGSTOP)
+        # 2 -> 1: B leaves or freezes; A must take over all partitions.
+        if mode == "leave":
+            assert b.stop() == 0, b.log_text()[-3000:]
+        else:
+            b.signal(signal.SIGSTOP)
         frozen_at = time.monotonic()
         seen_at_freeze = records_seen(pg_url, cfg.name)
         wait_for(lambda: len(owned(a)) == PARTITIONS, 90, "A to own every partition")
@@ -88,18 +99,24 @@ def test_group_of_two_goes_to_one_and_back_to_two_exactly_once(
             lambda: records_seen(pg_url, cfg.name) > seen_at_freeze + 300, 60, "A alone working"
         )
 
-        # 1 -> 2: B thaws as a zombie, notices, and rejoins.
-        n_events = len(assignments(b))
-        b.signal(signal.SIGCONT)
+        # 1 -> 2: a new member C joins, or B thaws as a zombie, notices, and rejoins.
+        if mode == "leave":
+            c = ServeProcess(config, tmp_path / "c.log")
+            second = c
+        else:
+            second = b
+        n_events = len(assignments(second))
+        if mode == "freeze":
+            b.signal(signal.SIGCONT)
         thawed_at = time.monotonic()
         wait_for(
             lambda: (
-                len(assignments(b)) > n_events
-                and owned(b)
-                and len(owned(a)) + len(owned(b)) == PARTITIONS
+                len(assignments(second)) > n_events
+                and owned(second)
+                and len(owned(a)) + len(owned(second)) == PARTITIONS
             ),
             90,
-            "B back in the group with partitions",
+            "a second member back in the group with partitions",
         )
         figures["rejoin_s"] = round(time.monotonic() - thawed_at, 2)
         figures["records_written_before_rejoin_done"] = records_seen(pg_url, cfg.name)
@@ -107,11 +124,11 @@ def test_group_of_two_goes_to_one_and_back_to_two_exactly_once(
         producer.finish(timeout=120)
         wait_for(lambda: records_seen(pg_url, cfg.name) >= total, 120, "the end of the stream")
         time.sleep(1.0)  # anything a zombie still had would land now (and must be fenced)
-        assert a.stop() == 0, a.log_text()[-3000:]
-        assert b.stop() == 0, b.log_text()[-3000:]
+        for p in (a, second):
+            assert p.stop() == 0, p.log_text()[-3000:]
     finally:
-        for p in (a, b):
-            if p.alive():
+        for p in (a, b, c):
+            if p is not None and p.alive():
                 p.signal(signal.SIGCONT)
                 p.kill()
         dispose_engines()
@@ -123,12 +140,13 @@ def test_group_of_two_goes_to_one_and_back_to_two_exactly_once(
         expected_dead=stream.n_bad,
         end_offsets=end_offsets(kafka_bootstrap, topic_name, total),
     )
-    b_lines = b.log_lines()
-    figures["zombie_lost_partitions_logged"] = any(
-        e.get("message") in ("partitions lost", "partitions revoked") for e in b_lines
-    )
-    # A Kafka commit refused for an unknown member: the zombie wrote a batch after the thaw.
-    figures["zombie_wrote_after_thaw"] = any(
-        "UNKNOWN_MEMBER_ID" in e.get("message", "") for e in b_lines
-    )
+    if mode == "freeze":
+        b_lines = b.log_lines()
+        figures["zombie_lost_partitions_logged"] = any(
+            e.get("message") in ("partitions lost", "partitions revoked") for e in b_lines
+        )
+        # A Kafka commit refused for an unknown member: the zombie wrote a batch after the thaw.
+        figures["zombie_wrote_after_thaw"] = any(
+            "UNKNOWN_MEMBER_ID" in e.get("message", "") for e in b_lines
+        )
     report("rebalance", figures)
