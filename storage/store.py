@@ -164,7 +164,17 @@ def make_engine(url: str | URL) -> Engine:
         pool_pre_ping=True,  # a connection killed while idle is replaced, not reported
         pool_size=2,
         max_overflow=4,
-        connect_args={"connect_timeout": 10},
+        # A server or network that silently stops answering must surface as a retryable error
+        # in seconds, not after the kernel's ~15 min retransmission timeout: TCP keepalives for
+        # idle connections and tcp_user_timeout for unacknowledged writes.
+        connect_args={
+            "connect_timeout": 10,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 30_000,
+        },
     )
 
 
