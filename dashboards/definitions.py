@@ -133,6 +133,34 @@ def _timeseries(title: str, targets: list, **kw) -> Panel:
     )
 
 
+def _alert_count_bars(title: str, series: str, description: str) -> Panel:
+    """Stacked bars of alert counts per time bucket, one series per value of ``series`` (SQL)."""
+    return _timeseries(
+        title,
+        [
+            SQLTarget(
+                f"""
+                SELECT
+                  $__timeGroupAlias(ingest_time, $__interval),
+                  {series} AS metric,
+                  count(*) AS alerts
+                FROM alerts
+                WHERE $__timeFilter(ingest_time) AND pipeline IN ($pipeline)
+                GROUP BY 1, 2
+                ORDER BY 1, 2
+                """,
+                columns=("time", "metric", "alerts"),
+                format="time_series",
+            )
+        ],
+        datasource=POSTGRES,
+        stacking="normal",
+        fill=60,
+        custom={"drawStyle": "bars"},
+        description=description,
+    )
+
+
 def _table(title: str, target: SQLTarget, **kw) -> Panel:
     return Panel(
         title=title,
@@ -226,29 +254,10 @@ def alerts_dashboard() -> Dashboard:
             thresholds=[(None, "green"), (1, "orange")],
         ),
         row("Alerts over time"),
-        _timeseries(
+        _alert_count_bars(
             "Alerts by pipeline and severity",
-            [
-                SQLTarget(
-                    """
-                    SELECT
-                      $__timeGroupAlias(ingest_time, $__interval),
-                      pipeline || ' ' || severity AS metric,
-                      count(*) AS alerts
-                    FROM alerts
-                    WHERE $__timeFilter(ingest_time) AND pipeline IN ($pipeline)
-                    GROUP BY 1, 2
-                    ORDER BY 1, 2
-                    """,
-                    columns=("time", "metric", "alerts"),
-                    format="time_series",
-                )
-            ],
-            datasource=POSTGRES,
-            stacking="normal",
-            fill=60,
-            custom={"drawStyle": "bars"},
-            description="Alerts per time bucket, stacked by pipeline and severity.",
+            "pipeline || ' ' || severity",
+            "Alerts per time bucket, stacked by pipeline and severity.",
         ),
         _timeseries(
             "Observed alert rate vs expected false-positive rate",
@@ -1023,29 +1032,10 @@ def models_dashboard() -> Dashboard:
                 }
             ],
         ),
-        _timeseries(
+        _alert_count_bars(
             "Alerts by model version",
-            [
-                SQLTarget(
-                    """
-                    SELECT
-                      $__timeGroupAlias(ingest_time, $__interval),
-                      pipeline || ' ' || model_version AS metric,
-                      count(*) AS alerts
-                    FROM alerts
-                    WHERE $__timeFilter(ingest_time) AND pipeline IN ($pipeline)
-                    GROUP BY 1, 2
-                    ORDER BY 1, 2
-                    """,
-                    columns=("time", "metric", "alerts"),
-                    format="time_series",
-                )
-            ],
-            datasource=POSTGRES,
-            stacking="normal",
-            fill=60,
-            custom={"drawStyle": "bars"},
-            description="A new version rolling out shows as a change of colour.",
+            "pipeline || ' ' || model_version",
+            "A new version rolling out shows as a change of colour.",
         ),
         _timeseries(
             "Mean $detector score of alerts by model version",
