@@ -105,6 +105,21 @@ def _numeric_column(frame: pd.DataFrame, name: str) -> tuple[np.ndarray, np.ndar
     return converted, bad
 
 
+def _finite_or_missing_column(frame: pd.DataFrame, name: str) -> np.ndarray:
+    """A numeric column as floats (NaN where missing); DataError naming the first row that holds
+    text or an infinite value."""
+    values, bad = _numeric_column(frame, name)
+    if bad.any():
+        pos = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"column '{name}', {_row_label(frame, pos)}: {frame[name].iloc[pos]!r} is not a number"
+        )
+    if np.isinf(values).any():
+        pos = int(np.flatnonzero(np.isinf(values))[0])
+        raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is infinite")
+    return values
+
+
 def _row_label(frame: pd.DataFrame, pos: int) -> str:
     label = frame.index[pos]
     return f"row {pos}" if label == pos else f"row {pos} (index {label!r})"
@@ -168,16 +183,7 @@ class Preprocessor:
             )
         self.numeric_params_: dict[str, NumericParams] = {}
         for name in self.numeric_:
-            values, bad = _numeric_column(frame, name)
-            if bad.any():
-                pos = int(np.flatnonzero(bad)[0])
-                raise DataError(
-                    f"column '{name}', {_row_label(frame, pos)}: "
-                    f"{frame[name].iloc[pos]!r} is not a number"
-                )
-            if np.isinf(values).any():
-                pos = int(np.flatnonzero(np.isinf(values))[0])
-                raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is infinite")
+            values = _finite_or_missing_column(frame, name)
             finite = values[~np.isnan(values)]
             if self.missing_ == "reject" and len(finite) < len(values):
                 pos = int(np.flatnonzero(np.isnan(values))[0])
@@ -337,16 +343,7 @@ class Preprocessor:
         n = len(frame)
         out = np.empty((n, self.n_features_out_), dtype=np.float32)
         for i, name in enumerate(self.numeric_):
-            values, bad = _numeric_column(frame, name)
-            if bad.any():
-                pos = int(np.flatnonzero(bad)[0])
-                raise DataError(
-                    f"column '{name}', {_row_label(frame, pos)}: "
-                    f"{frame[name].iloc[pos]!r} is not a number"
-                )
-            if np.isinf(values).any():
-                pos = int(np.flatnonzero(np.isinf(values))[0])
-                raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is infinite")
+            values = _finite_or_missing_column(frame, name)
             nan = np.isnan(values)
             params = self.numeric_params_[name]
             if nan.any():
