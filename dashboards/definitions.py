@@ -8,6 +8,8 @@ Every query that shows data from the dashboard's time range filters with ``$__ti
 
 from __future__ import annotations
 
+from typing import Any
+
 from dashboards.builder import (
     CustomVariable,
     Dashboard,
@@ -133,23 +135,33 @@ def _timeseries(title: str, targets: list, **kw) -> Panel:
     )
 
 
-def _alert_count_bars(title: str, series: str, description: str) -> Panel:
-    """Stacked bars of alert counts per time bucket, one series per value of ``series`` (SQL)."""
+def _count_bars(
+    title: str,
+    series: str,
+    description: str,
+    *,
+    table: str = "alerts",
+    time_column: str = "ingest_time",
+    value: str = "alerts",
+    **kw: Any,
+) -> Panel:
+    """Stacked bars of row counts of ``table`` per time bucket, one series per value of
+    ``series`` (an SQL expression)."""
     return _timeseries(
         title,
         [
             SQLTarget(
                 f"""
                 SELECT
-                  $__timeGroupAlias(ingest_time, $__interval),
+                  $__timeGroupAlias({time_column}, $__interval),
                   {series} AS metric,
-                  count(*) AS alerts
-                FROM alerts
-                WHERE $__timeFilter(ingest_time) AND pipeline IN ($pipeline)
+                  count(*) AS {value}
+                FROM {table}
+                WHERE $__timeFilter({time_column}) AND pipeline IN ($pipeline)
                 GROUP BY 1, 2
                 ORDER BY 1, 2
                 """,
-                columns=("time", "metric", "alerts"),
+                columns=("time", "metric", value),
                 format="time_series",
             )
         ],
@@ -158,6 +170,7 @@ def _alert_count_bars(title: str, series: str, description: str) -> Panel:
         fill=60,
         custom={"drawStyle": "bars"},
         description=description,
+        **kw,
     )
 
 
@@ -254,7 +267,7 @@ def alerts_dashboard() -> Dashboard:
             thresholds=[(None, "green"), (1, "orange")],
         ),
         row("Alerts over time"),
-        _alert_count_bars(
+        _count_bars(
             "Alerts by pipeline and severity",
             "pipeline || ' ' || severity",
             "Alerts per time bucket, stacked by pipeline and severity.",
@@ -503,31 +516,15 @@ def alerts_dashboard() -> Dashboard:
             ],
         ),
         row("Dead letters"),
-        _timeseries(
+        _count_bars(
             "Dead letters by reason",
-            [
-                SQLTarget(
-                    """
-                    SELECT
-                      $__timeGroupAlias(created_at, $__interval),
-                      error_kind AS metric,
-                      count(*) AS dead_letters
-                    FROM dead_letters
-                    WHERE $__timeFilter(created_at) AND pipeline IN ($pipeline)
-                    GROUP BY 1, 2
-                    ORDER BY 1, 2
-                    """,
-                    columns=("time", "metric", "dead_letters"),
-                    format="time_series",
-                )
-            ],
-            datasource=POSTGRES,
-            stacking="normal",
-            fill=60,
-            custom={"drawStyle": "bars"},
-            width=10,
-            description="Records that could not be decoded or validated, by reason; each is kept "
+            "error_kind",
+            "Records that could not be decoded or validated, by reason; each is kept "
             "with its raw bytes in the dead_letters table and topic.",
+            table="dead_letters",
+            time_column="created_at",
+            value="dead_letters",
+            width=10,
         ),
         _table(
             "Latest dead letters",
@@ -1032,7 +1029,7 @@ def models_dashboard() -> Dashboard:
                 }
             ],
         ),
-        _alert_count_bars(
+        _count_bars(
             "Alerts by model version",
             "pipeline || ' ' || model_version",
             "A new version rolling out shows as a change of colour.",
