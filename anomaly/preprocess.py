@@ -41,6 +41,7 @@ import pandas as pd
 
 from anomaly.config import SchemaConfig
 from anomaly.errors import DataError, NotFittedError
+from anomaly.knot_lookup import KnotLookup
 
 UNSEEN = "__unseen__"
 NUMERIC_TRANSFORMS = ("quantile", "robust", "signed_log")
@@ -249,6 +250,7 @@ class Preprocessor:
         # For each output column, the input feature it came from (explanations sum over these).
         self.output_source_ = np.asarray(source, dtype=np.int64)
         self.n_features_out_ = len(names)
+        self._lookups: dict[str, KnotLookup] = {}
 
     # ---------------------------------------------------------------- checking
     def _schema_feature_names(self) -> list[str] | None:
@@ -351,7 +353,7 @@ class Preprocessor:
                     pos = int(np.flatnonzero(nan)[0])
                     raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
                 values = np.where(nan, params.median, values)
-            out[:, i] = self._transform_numeric(values, params)
+            out[:, i] = self._transform_numeric(name, values, params)
         col = len(self.numeric_)
         for name in self.categorical_:
             cats = self.categories_[name]
@@ -370,11 +372,20 @@ class Preprocessor:
     def fit_transform(self, data: Any) -> np.ndarray:
         return self.fit(data).transform(data)
 
-    def _transform_numeric(self, values: np.ndarray, p: NumericParams) -> np.ndarray:
+    def _knot_lookup(self, name: str, p: NumericParams) -> KnotLookup:
+        # Derived from the stored knots on first use and never saved, so a fitted and a loaded
+        # preprocessor build the same one.
+        lookup = self._lookups.get(name)
+        if lookup is None:
+            lookup = KnotLookup(np.asarray(p.knots), np.asarray(p.normal), p.median, p.scale)
+            self._lookups[name] = lookup
+        return lookup
+
+    def _transform_numeric(self, name: str, values: np.ndarray, p: NumericParams) -> np.ndarray:
         if self.numeric_transform == "quantile" and len(p.knots) > 1:
             knots = np.asarray(p.knots)
             normal = np.asarray(p.normal)
-            z = np.interp(values, knots, normal)
+            z = self._knot_lookup(name, p)(values)
             hi = values > knots[-1]
             lo = values < knots[0]
             if hi.any():
