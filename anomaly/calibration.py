@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from anomaly.knot_lookup import SortedSearch
+
 SEVERITIES = ("low", "medium", "high", "critical")
 
 
@@ -80,13 +82,31 @@ class Calibrator:
         """Conformal p-values. ``calibration_rows=True`` for the calibration scores themselves:
         each row's own score is then not counted twice (leave-one-out)."""
         s = np.asarray(scores, dtype=np.float64)
-        count_ge = self.n_ - np.searchsorted(self.scores_, s, side="left")
+        count_ge = self.n_ - self._search()(s)
         extra = 0 if calibration_rows else 1
         return (count_ge + extra) / (self.n_ + 1.0)
 
-    def tail_pvalues(self, scores: np.ndarray, *, calibration_rows: bool = False) -> np.ndarray:
+    def _search(self) -> SortedSearch:
+        # Derived from scores_ on first use (never saved): the same for a fitted or loaded one.
+        search = self.__dict__.get("_sorted_search")
+        if search is None or search.values is not self.scores_:
+            search = SortedSearch(self.scores_, "left", float(np.median(self.scores_)), 1.0)
+            self._sorted_search = search
+        return search
+
+    def tail_pvalues(
+        self,
+        scores: np.ndarray,
+        *,
+        calibration_rows: bool = False,
+        pvalues: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Tail-extended p-values; ``pvalues`` (from ``pvalues(scores)``) saves a second search."""
         s = np.asarray(scores, dtype=np.float64)
-        p = self.pvalues(s, calibration_rows=calibration_rows)
+        if pvalues is None:
+            p = self.pvalues(s, calibration_rows=calibration_rows)
+        else:
+            p = np.array(pvalues, dtype=np.float64)
         over = s > self.tail_u_
         if over.any():
             tail = (self.tail_m_ / (self.n_ + 1.0)) * np.exp(

@@ -284,13 +284,13 @@ class AnomalyModel:
         for name in self.detectors:
             cal = self.calibrators_[name]
             table[name] = raw[name]
-            table[f"{name}_p"] = cal.pvalues(raw[name])
-            tails.append(cal.tail_pvalues(raw[name]))
+            table[f"{name}_p"] = p = cal.pvalues(raw[name])
+            tails.append(cal.tail_pvalues(raw[name], pvalues=p))
         ens = combine(tails)
         ens_cal = self.calibrators_["ensemble"]
         table["ensemble"] = ens
-        table["ensemble_p"] = ens_cal.pvalues(ens)
-        return pd.DataFrame(table, columns=SCORE_COLUMNS), ens_cal.tail_pvalues(ens)
+        table["ensemble_p"] = p = ens_cal.pvalues(ens)
+        return pd.DataFrame(table, columns=SCORE_COLUMNS), ens_cal.tail_pvalues(ens, pvalues=p)
 
     def transform(self, X: Any) -> np.ndarray:
         self._check_fitted()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomaly.knot_lookup import KnotLookup
+from anomaly.knot_lookup import KnotLookup, SortedSearch
 
 
 def _knots_from(sample: np.ndarray, n: int = 1000) -> tuple[np.ndarray, np.ndarray]:
@@ -60,3 +60,29 @@ def test_nan_stays_nan() -> None:
     knots = np.array([0.0, 1.0, 2.0])
     out = KnotLookup(knots, knots * 2, 1.0, 1.0)(np.array([np.nan, 0.5]))
     assert np.isnan(out[0]) and out[1] == 1.0
+
+
+CALIBRATION_SCORES = {
+    "continuous": lambda rng: rng.gamma(2.0, 3.0, 25_000),
+    "heavy_tail": lambda rng: np.exp(rng.normal(3.0, 2.0, 25_000)),
+    "ties": lambda rng: rng.integers(0, 40, 25_000).astype(float),
+    "few": lambda rng: rng.normal(size=3),
+    "one": lambda rng: np.array([1.5]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CALIBRATION_SCORES))
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_sorted_search_equals_np_searchsorted(name: str, side: str) -> None:
+    values = np.sort(CALIBRATION_SCORES[name](np.random.default_rng(3)))
+    search = SortedSearch(values, side, center=float(np.median(values)), scale=1.0)
+    x = np.concatenate(
+        [
+            CALIBRATION_SCORES[name](np.random.default_rng(4)),
+            values,
+            np.nextafter(values, np.inf),
+            np.nextafter(values, -np.inf),
+            [-np.inf, np.inf, np.nan, values[0] - 1, values[-1] + 1],
+        ]
+    )
+    np.testing.assert_array_equal(search(x), np.searchsorted(values, x, side=side))
