@@ -7,8 +7,9 @@
    of ``BEGIN IMMEDIATE`` on SQLite). Alerts and dead letters whose offset is below the stored next
    offset were written by another consumer already and are dropped (``records_fenced``).
 2. alerts: ``INSERT ... ON CONFLICT DO NOTHING`` on (pipeline, topic, partition, offset), so a
-   replayed record never makes a second alert. On PostgreSQL through COPY into a temporary staging
-   table and ``INSERT ... SELECT`` (faster, see bench/storage.py), on SQLite a multi-row insert.
+   replayed record never makes a second alert. Positions already stored are skipped before the
+   insert; on PostgreSQL the rest go in by binary COPY (faster, see bench/storage.py; a unique-key
+   race with a concurrent writer rolls back and retries), on SQLite a multi-row insert.
 3. incidents: the new alerts of each (pipeline, entity) join the open incident whose time span
    they fall into, widened by ``incident_window_s`` on both sides, or open a new one.
 4. dead letters: ``ON CONFLICT DO NOTHING`` on the source position.
@@ -101,25 +102,19 @@ ALERT_COLUMNS = (
 )
 _alert_values = itemgetter(*ALERT_COLUMNS)
 _time_and_index = itemgetter(0, 1)
-_JSON_COLUMNS = ("fired_detectors", "top_features", "record")
-# PostgreSQL COPY path (see AlertStore._copy_alerts).
-_STAGE_TYPES = [
+# PostgreSQL COPY path (see AlertStore._copy_alerts). The JSON columns are ``json`` there (text
+# stored as is, migration 0002), so their binary COPY form is plain UTF-8 text.
+_COPY_TYPES = [
     *("text", "text", "text", "timestamptz", "timestamptz", "text", "int4", "int8", "text"),
     *("float8",) * 8,
     *("text",) * 5,
     "int8",
 ]
-_STAGE_DDL = (
-    "CREATE TEMPORARY TABLE IF NOT EXISTS alerts_stage ON COMMIT DELETE ROWS AS SELECT "
-    + ", ".join(f"{c}::text AS {c}" if c in _JSON_COLUMNS else c for c in ALERT_COLUMNS)
-    + " FROM alerts WITH NO DATA"
-)
-_STAGE_COPY = f"COPY alerts_stage ({', '.join(ALERT_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
-_STAGE_INSERT = (
-    f"INSERT INTO alerts ({', '.join(ALERT_COLUMNS)}) SELECT "
-    + ", ".join(f"{c}::jsonb" if c in _JSON_COLUMNS else c for c in ALERT_COLUMNS)
-    + " FROM alerts_stage ORDER BY kafka_topic, kafka_partition, kafka_offset"
-    " ON CONFLICT (pipeline, kafka_topic, kafka_partition, kafka_offset) DO NOTHING"
+# The trailing comment is the marker tests/reliability/test_outage.py waits for ("alerts_stage",
+# the name of the staging table this COPY used to fill); drop it once that test looks for
+# "COPY alerts" instead.
+_ALERT_COPY = (
+    f"COPY alerts ({', '.join(ALERT_COLUMNS)}) FROM STDIN (FORMAT BINARY) /* alerts_stage */"
 )
 _IN_CHUNK = 5000  # ids/entities per IN (...) list; SQLite allows 32766 variables
 
@@ -252,10 +247,10 @@ class AlertStore:
         Alerts of the same entity closer together than this (by event time, else ingest time)
         are one incident.
     alert_insert:
-        How alerts are inserted on PostgreSQL: ``"copy"`` (COPY into a staging table, then
-        ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``), ``"executemany"`` (SQLAlchemy Core
-        multi-row VALUES) or ``"auto"`` (COPY, the faster in bench/storage.py). SQLite always uses
-        executemany.
+        How alerts are inserted on PostgreSQL: ``"copy"`` (binary COPY of the positions not yet
+        stored, see ``_copy_alerts``), ``"executemany"`` (SQLAlchemy Core multi-row VALUES with
+        ON CONFLICT DO NOTHING) or ``"auto"`` (COPY, the faster in bench/storage.py). SQLite
+        always uses executemany.
     """
 
     def __init__(
@@ -500,7 +495,9 @@ class AlertStore:
                 )
             ).scalars()
             stored.update((p, topic, part, o) for o in found)
-        return [row for key, row in unique.items() if key not in stored]
+        # Sorted by position: concurrent writers of the same positions then lock them in one
+        # order (a wait and a retry, never a deadlock). Batches arrive in order, so this is cheap.
+        return [unique[key] for key in sorted(unique) if key not in stored]
 
     def _insert_alerts(self, conn: Connection, rows: list[dict[str, Any]]) -> int:
         """Insert with ON CONFLICT DO NOTHING; the number of rows actually inserted."""
@@ -517,21 +514,29 @@ class AlertStore:
         return len(conn.execute(stmt, rows).all())
 
     def _copy_alerts(self, conn: Connection, rows: list[dict[str, Any]]) -> int:
-        """PostgreSQL: binary COPY into a per-connection temporary table, then one
-        ``INSERT ... SELECT ... ON CONFLICT DO NOTHING``. JSON travels as text and is parsed
-        into JSONB by the INSERT (psycopg's binary JSONB dumper would encode it again)."""
+        """PostgreSQL: binary COPY straight into ``alerts``.
+
+        COPY has no ON CONFLICT, and needs none here: ``_new_alert_rows`` dropped the positions
+        already stored, under the batch's offset locks. A concurrent writer of a partition
+        without offsets in the batch can still insert one of these positions first; the unique
+        key then fails the COPY, the transaction rolls back and ``write_batch`` retries (as for
+        a lost ``ON CONFLICT`` race). Rows come sorted by position, so two such writers wait on
+        each other in one order instead of deadlocking. This saves the staging table and the
+        ``INSERT ... SELECT ... ON CONFLICT``, about a third of the server's work per row."""
+        import psycopg
+
         raw = conn.connection.driver_connection
-        with raw.cursor() as cur:
-            cur.execute(_STAGE_DDL)
-            with cur.copy(_STAGE_COPY) as copy:
-                copy.set_types(_STAGE_TYPES)
+        try:
+            with raw.cursor() as cur, cur.copy(_ALERT_COPY) as copy:
+                copy.set_types(_COPY_TYPES)
                 # Times are aware UTC already and JSON is clean text (see _alert_row).
                 for row in rows:
                     copy.write_row(_alert_values(row))
-            cur.execute(_STAGE_INSERT)
-            inserted = cur.rowcount
-            cur.execute("TRUNCATE alerts_stage")
-        return inserted
+        except psycopg.errors.UniqueViolation as exc:
+            if exc.diag.constraint_name == "uq_alerts_position":
+                raise _LostRace from exc
+            raise
+        return len(rows)
 
     def _assign_incidents(self, conn: Connection, rows: list[dict[str, Any]]) -> int:
         """Group new alerts into incidents per (pipeline, entity); sets each row's

@@ -45,13 +45,43 @@ def test_upgrade_creates_the_schema_and_downgrade_removes_it(db_url: str) -> Non
         assert _tables(store) == TABLE_NAMES
 
 
+def _column_types(store: AlertStore, table: str) -> dict[str, str]:
+    return {c["name"]: type(c["type"]).__name__ for c in inspect(store.engine).get_columns(table)}
+
+
 @pytest.mark.postgres
-def test_timestamps_are_timestamptz_and_json_is_jsonb(pg_url: str) -> None:
+def test_timestamps_are_timestamptz_and_alert_json_is_stored_as_text(pg_url: str) -> None:
     with AlertStore(pg_url) as store:
         store.upgrade()
         cols = {c["name"]: c["type"] for c in inspect(store.engine).get_columns("alerts")}
         assert cols["ingest_time"].timezone is True
-        assert type(cols["record"]).__name__ == "JSONB"
+        # The alert hot path stores its JSON verbatim (json); model metrics stay jsonb.
+        types = _column_types(store, "alerts")
+        assert [types[c] for c in ("fired_detectors", "top_features", "record")] == ["JSON"] * 3
+        assert _column_types(store, "model_versions")["metrics"] == "JSONB"
+
+
+def test_alert_json_migration_goes_down_and_up_keeping_the_rows(db_url: str) -> None:
+    from storage_testlib import range_batch
+
+    with AlertStore(db_url) as store:
+        store.upgrade()
+        batch = range_batch(0, 20)
+        store.write_batch(batch)
+        before = sorted(store.list_alerts(limit=None), key=lambda a: a["id"])
+        assert before and before[0]["top_features"] and before[0]["record"]
+
+        store.downgrade("0001")
+        assert store.current_revision() == "0001"
+        if store.dialect == "postgresql":
+            assert _column_types(store, "alerts")["record"] == "JSONB"
+        assert sorted(store.list_alerts(limit=None), key=lambda a: a["id"]) == before
+
+        store.upgrade()
+        assert store.current_revision() == head_revision()
+        assert sorted(store.list_alerts(limit=None), key=lambda a: a["id"]) == before
+        # Still idempotent on the new column types.
+        assert store.write_batch(batch).alerts_written == 0
 
 
 def test_cli_upgrade_works_from_any_directory(
