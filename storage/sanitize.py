@@ -90,8 +90,8 @@ def dumps(value: Any) -> str:
     return _ENCODE(value)
 
 
-def json_text(value: Any) -> JSONText:
-    """``value`` as JSON text PostgreSQL's JSONB accepts.
+def json_bytes(value: Any) -> bytes:
+    """``value`` as UTF-8 JSON that PostgreSQL accepts (``json`` and ``jsonb``).
 
     The fast path encodes once with msgspec (C) and checks the result: UTF-8 output without NUL
     escapes needs no cleaning (msgspec already writes NaN/Infinity as null and bytes as base64,
@@ -101,10 +101,16 @@ def json_text(value: Any) -> JSONText:
         data = _msgspec_encode(value)
     except (TypeError, ValueError, NotImplementedError, OverflowError):
         # UnicodeEncodeError (lone surrogates) is a ValueError; unknown types raise TypeError.
-        return JSONText(_ENCODE(clean_json(value)))
+        return _ENCODE(clean_json(value)).encode("utf-8")
     if b"\\u0000" in data:
-        return JSONText(_ENCODE(clean_json(value)))
-    return JSONText(data.decode("utf-8"))
+        return _ENCODE(clean_json(value)).encode("utf-8")
+    return data
+
+
+def json_text(value: Any) -> JSONText:
+    """``value`` as JSON text PostgreSQL accepts (see ``json_bytes``), for the JSON serializer
+    of the engine (``dumps``)."""
+    return JSONText(json_bytes(value).decode("utf-8"))
 
 
 def clean_float(value: Any) -> float | None:

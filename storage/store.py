@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -69,7 +69,7 @@ from storage.records import (
     StreamStatRecord,
     WriteResult,
 )
-from storage.sanitize import clean_json, clean_text, dumps, json_text
+from storage.sanitize import clean_json, clean_text, dumps, json_bytes, json_text
 
 log = logging.getLogger(__name__)
 
@@ -100,14 +100,32 @@ ALERT_COLUMNS = (
     "status",
     "incident_id",
 )
-_alert_values = itemgetter(*ALERT_COLUMNS)
+# An alert row is a list in ALERT_COLUMNS order (no dict per alert on the hot path), with the JSON
+# columns still as Python values: they are encoded while the row is written (see _json_values).
+_COLUMN = {name: i for i, name in enumerate(ALERT_COLUMNS)}
+_PIPELINE, _ENTITY, _TOPIC = _COLUMN["pipeline"], _COLUMN["entity"], _COLUMN["kafka_topic"]
+_PARTITION, _OFFSET, _SEVERITY = (
+    _COLUMN["kafka_partition"],
+    _COLUMN["kafka_offset"],
+    _COLUMN["severity"],
+)
+_EVENT_TIME, _INGEST_TIME = _COLUMN["event_time"], _COLUMN["ingest_time"]
+_FIRED, _TOP_FEATURES, _RECORD = (
+    _COLUMN["fired_detectors"],
+    _COLUMN["top_features"],
+    _COLUMN["record"],
+)
+_INCIDENT_ID = _COLUMN["incident_id"]
 _time_and_index = itemgetter(0, 1)
 # PostgreSQL COPY path (see AlertStore._copy_alerts). The JSON columns are ``json`` there (text
-# stored as is, migration 0002), so their binary COPY form is plain UTF-8 text.
+# stored as is, migration 0002), so their binary COPY form is the UTF-8 bytes msgspec produces:
+# declared as bytea, psycopg passes them through untouched.
 _COPY_TYPES = [
     *("text", "text", "text", "timestamptz", "timestamptz", "text", "int4", "int8", "text"),
     *("float8",) * 8,
-    *("text",) * 5,
+    "text",
+    *("bytea",) * 3,
+    "text",
     "int8",
 ]
 # The trailing comment is the marker tests/reliability/test_outage.py waits for ("alerts_stage",
@@ -398,7 +416,7 @@ class AlertStore:
         self,
         conn: Connection,
         batch: SinkBatch,
-        alert_rows: list[dict[str, Any]],
+        alert_rows: list[list[Any]],
         dead_rows: list[dict[str, Any]],
     ) -> WriteResult:
         offsets = _merge_offsets(batch.offsets)
@@ -408,9 +426,13 @@ class AlertStore:
             key = (row["pipeline"], row["kafka_topic"], row["kafka_partition"])
             return key in stored and row["kafka_offset"] < stored[key]
 
+        def alert_fenced(row: list[Any]) -> bool:
+            next_offset = stored.get((row[_PIPELINE], row[_TOPIC], row[_PARTITION]))
+            return next_offset is not None and row[_OFFSET] < next_offset
+
         n_alerts, n_dead = len(alert_rows), len(dead_rows)
         if stored:
-            alert_rows = [r for r in alert_rows if not fenced(r)]
+            alert_rows = [r for r in alert_rows if not alert_fenced(r)]
             dead_rows = [r for r in dead_rows if not fenced(r)]
         records_fenced = (n_alerts - len(alert_rows)) + (n_dead - len(dead_rows))
 
@@ -471,18 +493,28 @@ class AlertStore:
             query = query.with_for_update()
         return {(r[0], r[1], r[2]): r[3] for r in conn.execute(query)}
 
-    def _new_alert_rows(self, conn: Connection, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """The rows whose position is neither stored yet nor earlier in the same batch."""
-        unique: dict[tuple[str, str, int, int], dict[str, Any]] = {}
-        for row in rows:
-            unique.setdefault(
-                (row["pipeline"], row["kafka_topic"], row["kafka_partition"], row["kafka_offset"]),
-                row,
-            )
+    def _new_alert_rows(self, conn: Connection, rows: list[list[Any]]) -> list[list[Any]]:
+        """The rows whose position is neither stored yet nor earlier in the same batch, sorted by
+        position: concurrent writers of the same positions then insert them in one order (a wait
+        and a retry, never a deadlock)."""
         ranges: dict[tuple[str, str, int], list[int]] = {}
-        for p, topic, part, offset in unique:
-            lo_hi = ranges.setdefault((p, topic, part), [offset, offset])
-            lo_hi[0], lo_hi[1] = min(lo_hi[0], offset), max(lo_hi[1], offset)
+        if _in_order(rows):  # the usual batch: one partition, offsets rising, no duplicates
+            first, last = rows[0], rows[-1]
+            ranges[(first[_PIPELINE], first[_TOPIC], first[_PARTITION])] = [
+                first[_OFFSET],
+                last[_OFFSET],
+            ]
+        else:
+            unique: dict[tuple[str, str, int, int], list[Any]] = {}
+            for row in rows:
+                unique.setdefault((row[_PIPELINE], row[_TOPIC], row[_PARTITION], row[_OFFSET]), row)
+            rows = [unique[key] for key in sorted(unique)]
+            for row in rows:  # sorted: the first row of a partition has its lowest offset
+                key3, offset = (row[_PIPELINE], row[_TOPIC], row[_PARTITION]), row[_OFFSET]
+                if key3 in ranges:
+                    ranges[key3][1] = offset
+                else:
+                    ranges[key3] = [offset, offset]
         t = s.alerts
         stored: set[tuple[str, str, int, int]] = set()
         for (p, topic, part), (lo, hi) in ranges.items():  # one range scan of the unique index
@@ -495,12 +527,17 @@ class AlertStore:
                 )
             ).scalars()
             stored.update((p, topic, part, o) for o in found)
-        # Sorted by position: concurrent writers of the same positions then lock them in one
-        # order (a wait and a retry, never a deadlock). Batches arrive in order, so this is cheap.
-        return [unique[key] for key in sorted(unique) if key not in stored]
+        if not stored:
+            return rows
+        return [
+            row
+            for row in rows
+            if (row[_PIPELINE], row[_TOPIC], row[_PARTITION], row[_OFFSET]) not in stored
+        ]
 
-    def _insert_alerts(self, conn: Connection, rows: list[dict[str, Any]]) -> int:
-        """Insert with ON CONFLICT DO NOTHING; the number of rows actually inserted."""
+    def _insert_alerts(self, conn: Connection, rows: list[list[Any]]) -> int:
+        """Insert the rows; the number of rows actually inserted (executemany: with ON CONFLICT
+        DO NOTHING; COPY: all of them or an error, see ``_copy_alerts``)."""
         if self.alert_insert == "copy":
             return self._copy_alerts(conn, rows)
         t = s.alerts
@@ -511,9 +548,12 @@ class AlertStore:
             )
             .returning(t.c.id)
         )
-        return len(conn.execute(stmt, rows).all())
+        params = [
+            dict(zip(ALERT_COLUMNS, _json_values(row, json_text), strict=True)) for row in rows
+        ]
+        return len(conn.execute(stmt, params).all())
 
-    def _copy_alerts(self, conn: Connection, rows: list[dict[str, Any]]) -> int:
+    def _copy_alerts(self, conn: Connection, rows: list[list[Any]]) -> int:
         """PostgreSQL: binary COPY straight into ``alerts``.
 
         COPY has no ON CONFLICT, and needs none here: ``_new_alert_rows`` dropped the positions
@@ -522,34 +562,37 @@ class AlertStore:
         key then fails the COPY, the transaction rolls back and ``write_batch`` retries (as for
         a lost ``ON CONFLICT`` race). Rows come sorted by position, so two such writers wait on
         each other in one order instead of deadlocking. This saves the staging table and the
-        ``INSERT ... SELECT ... ON CONFLICT``, about a third of the server's work per row."""
+        ``INSERT ... SELECT ... ON CONFLICT``, about a third of the server's work per row.
+
+        The JSON columns are encoded here, row by row, while psycopg streams the rows already
+        written: the server parses and inserts them meanwhile, on the other core."""
         import psycopg
 
         raw = conn.connection.driver_connection
         try:
             with raw.cursor() as cur, cur.copy(_ALERT_COPY) as copy:
                 copy.set_types(_COPY_TYPES)
-                # Times are aware UTC already and JSON is clean text (see _alert_row).
+                write_row = copy.write_row
+                # Times are aware UTC already and texts are clean (see _alert_row).
                 for row in rows:
-                    copy.write_row(_alert_values(row))
+                    write_row(_json_values(row, json_bytes))
         except psycopg.errors.UniqueViolation as exc:
             if exc.diag.constraint_name == "uq_alerts_position":
                 raise _LostRace from exc
             raise
         return len(rows)
 
-    def _assign_incidents(self, conn: Connection, rows: list[dict[str, Any]]) -> int:
+    def _assign_incidents(self, conn: Connection, rows: list[list[Any]]) -> int:
         """Group new alerts into incidents per (pipeline, entity); sets each row's
         ``incident_id``; returns the number of incidents opened."""
-        by_entity: dict[tuple[str, str], list[tuple[datetime, int, dict[str, Any]]]] = defaultdict(
-            list
-        )
+        by_entity: dict[tuple[str, str], list[tuple[datetime, int, list[Any]]]] = defaultdict(list)
         for i, row in enumerate(rows):
-            row["incident_id"] = None
-            if row["entity"] is None:
+            row[_INCIDENT_ID] = None
+            entity = row[_ENTITY]
+            if entity is None:
                 continue  # no entity: nothing to group by
-            when = row["event_time"] or row["ingest_time"]
-            by_entity[(row["pipeline"], row["entity"])].append((when, i, row))
+            when = row[_EVENT_TIME] or row[_INGEST_TIME]
+            by_entity[(row[_PIPELINE], entity)].append((when, i, row))
         if not by_entity:
             return 0
         keys = sorted(by_entity)
@@ -590,11 +633,11 @@ class AlertStore:
                     candidates[(pipeline, r[1])].append(_Incident(r[0], pipeline, *r[1:]))
 
         new: list[_Incident] = []
-        assignment: list[tuple[dict[str, Any], _Incident]] = []
+        assignment: list[tuple[list[Any], _Incident]] = []
         for key in keys:
             pool = candidates[key]
             for when, _i, row in sorted(by_entity[key], key=_time_and_index):
-                severity = row["severity"]
+                severity = row[_SEVERITY]
                 match = None
                 for inc in pool:  # the latest incident whose widened span holds this alert
                     if inc.first_seen - window <= when <= inc.last_seen + window and (
@@ -620,7 +663,7 @@ class AlertStore:
         if dirty:
             self._update_incidents(conn, dirty)
         for row, inc in assignment:
-            row["incident_id"] = inc.id
+            row[_INCIDENT_ID] = inc.id
         return len(new)
 
     def _insert_incidents(self, conn: Connection, new: list[_Incident]) -> None:
@@ -1043,55 +1086,85 @@ class AlertStore:
 # ---------------------------------------------------------------------- row preparation
 
 
-_FIRED_JSON: dict[tuple[str, ...], str] = {}
+_FIRED_JSON: dict[tuple[Callable[[Any], Any], tuple[str, ...]], Any] = {}
 
 
-def _fired_json(fired: Any) -> str:
+def _fired_json(fired: Any, encode: Callable[[Any], Any]) -> Any:
     """The few distinct detector lists, encoded once each."""
-    key = tuple(fired)
-    text = _FIRED_JSON.get(key)
-    if text is None:
-        text = json_text(list(key))
+    key = (encode, tuple(fired))
+    encoded = _FIRED_JSON.get(key)
+    if encoded is None:
+        encoded = encode(list(key[1]))
         if len(_FIRED_JSON) < 64:
-            _FIRED_JSON[key] = text
-    return text
+            _FIRED_JSON[key] = encoded
+    return encoded
 
 
-def _alert_row(a: AlertRecord) -> dict[str, Any]:
+def _alert_row(a: AlertRecord) -> list[Any]:
+    """An alert as a list in ``ALERT_COLUMNS`` order: texts cleaned, times UTC, numbers as
+    floats; the JSON columns still as Python values (encoded by ``_json_values`` at write time)."""
     # Runs once per alert on the hot path: plain expressions, no helper calls where avoidable.
     if a.severity not in _SEVERITY_RANK:
         raise ValueError(
             f"alert {a.record_id!r} at {a.kafka_topic}/{a.kafka_partition}/{a.kafka_offset}: "
             f"severity {a.severity!r} is not one of {', '.join(SEVERITIES)}"
         )
-    entity, event_time = a.entity, a.event_time
+    entity, event_time, record = a.entity, a.event_time, a.record
     vae_score, vae_p, flow_score, flow_p = a.vae_score, a.vae_p, a.flow_score, a.flow_p
     gan_score, gan_p = a.gan_score, a.gan_p
-    return {
-        "pipeline": clean_text(a.pipeline, _PIPELINE_LEN),
-        "record_id": clean_text(a.record_id, _RECORD_ID_LEN),
-        "entity": None if entity is None else clean_text(entity, _ENTITY_LEN),
-        "event_time": None if event_time is None else utc(event_time),
-        "ingest_time": utc(a.ingest_time),
-        "kafka_topic": clean_text(a.kafka_topic, _TOPIC_LEN),
-        "kafka_partition": int(a.kafka_partition),
-        "kafka_offset": int(a.kafka_offset),
-        "model_version": clean_text(a.model_version, _MODEL_VERSION_LEN),
-        "vae_score": None if vae_score is None else float(vae_score),
-        "vae_p": None if vae_p is None else float(vae_p),
-        "flow_score": None if flow_score is None else float(flow_score),
-        "flow_p": None if flow_p is None else float(flow_p),
-        "gan_score": None if gan_score is None else float(gan_score),
-        "gan_p": None if gan_p is None else float(gan_p),
-        "ensemble_score": float(a.ensemble_score),
-        "ensemble_p": float(a.ensemble_p),
-        "severity": a.severity,
-        "fired_detectors": _fired_json(a.fired_detectors),
-        "top_features": json_text(a.top_features),
-        "record": json_text(a.record if a.record is not None else {}),
-        "status": "open",
-        "incident_id": None,  # set by the incident grouping
-    }
+    return [
+        clean_text(a.pipeline, _PIPELINE_LEN),
+        clean_text(a.record_id, _RECORD_ID_LEN),
+        None if entity is None else clean_text(entity, _ENTITY_LEN),
+        None if event_time is None else utc(event_time),
+        utc(a.ingest_time),
+        clean_text(a.kafka_topic, _TOPIC_LEN),
+        int(a.kafka_partition),
+        int(a.kafka_offset),
+        clean_text(a.model_version, _MODEL_VERSION_LEN),
+        None if vae_score is None else float(vae_score),
+        None if vae_p is None else float(vae_p),
+        None if flow_score is None else float(flow_score),
+        None if flow_p is None else float(flow_p),
+        None if gan_score is None else float(gan_score),
+        None if gan_p is None else float(gan_p),
+        float(a.ensemble_score),
+        float(a.ensemble_p),
+        a.severity,
+        a.fired_detectors,
+        a.top_features,
+        record if record is not None else {},
+        "open",  # status
+        None,  # incident_id: set by the incident grouping
+    ]
+
+
+def _json_values(row: list[Any], encode: Callable[[Any], Any]) -> list[Any]:
+    """A copy of an alert row with its JSON columns encoded (clean JSON, see sanitize.py).
+
+    A copy, so that a retried batch starts again from the Python values."""
+    values = row.copy()
+    values[_FIRED] = _fired_json(values[_FIRED], encode)
+    values[_TOP_FEATURES] = encode(values[_TOP_FEATURES])
+    values[_RECORD] = encode(values[_RECORD])
+    return values
+
+
+def _in_order(rows: list[list[Any]]) -> bool:
+    """Do the rows come from one partition with strictly rising offsets (the usual batch)?"""
+    first = rows[0]
+    pipeline, topic, partition, prev = first[_PIPELINE], first[_TOPIC], first[_PARTITION], -1
+    for row in rows:
+        offset = row[_OFFSET]
+        if (
+            offset <= prev
+            or row[_PARTITION] != partition
+            or row[_TOPIC] != topic
+            or row[_PIPELINE] != pipeline
+        ):
+            return False
+        prev = offset
+    return True
 
 
 _PIPELINE_LEN, _RECORD_ID_LEN, _ENTITY_LEN = s.PIPELINE_LEN, s.RECORD_ID_LEN, s.ENTITY_LEN

@@ -61,6 +61,56 @@ def test_duplicate_position_inside_one_batch_is_written_once(store: AlertStore) 
     assert len(store.list_alerts()) == 2
 
 
+def test_unordered_batch_over_partitions_is_written_once_and_a_partial_replay_fills_gaps(
+    store: AlertStore,
+) -> None:
+    # Offsets falling, two topics and partitions interleaved, a duplicate: not the in-order fast
+    # path of write_batch.
+    first = [alert(o, partition=o % 2) for o in (9, 7, 4, 3, 9, 2)]
+    first.append(alert(5, topic="other"))
+    assert store.write_batch(SinkBatch("cards", alerts=first)).alerts_written == 6
+    # Stored positions in the middle of each partition's range, new ones around them.
+    again = [alert(o, partition=o % 2) for o in (11, 9, 8, 6, 4, 3, 1, 0)]
+    again += [alert(5, topic="other"), alert(6, topic="other")]
+    assert store.write_batch(SinkBatch("cards", alerts=again)).alerts_written == 6
+    positions = sorted(
+        (a["kafka_topic"], a["kafka_partition"], a["kafka_offset"])
+        for a in store.list_alerts(limit=None)
+    )
+    want = {("tx", o % 2, o) for o in (0, 1, 2, 3, 4, 6, 7, 8, 9, 11)}
+    assert positions == sorted(want | {("other", 0, 5), ("other", 0, 6)})
+
+
+@pytest.mark.postgres
+def test_copy_and_executemany_store_the_same_rows(pg_url: str) -> None:
+    """The two PostgreSQL insert paths of bench/storage.py write identical alerts, bad content
+    included (the COPY path encodes JSON to bytes, executemany to text)."""
+
+    def batch(pipeline: str) -> SinkBatch:
+        odd = alert(2, pipeline=pipeline, record={"t": "a\x00\udcff", "n": float("nan")})
+        odd.top_features = [{"feature": "ü\udcff", "value": None, "contribution": 1e308 * 10}]
+        odd.fired_detectors = ["gan"]
+        return SinkBatch(
+            pipeline,
+            alerts=[alert(1, pipeline=pipeline, entity=None), odd, alert(3, pipeline=pipeline)],
+        )
+
+    rows = {}
+    for method in ("copy", "executemany"):
+        with AlertStore(pg_url, alert_insert=method) as s:  # type: ignore[arg-type]
+            s.upgrade()
+            assert s.write_batch(batch(method)).alerts_written == 3
+            rows[method] = [
+                {k: v for k, v in a.items() if k not in ("id", "pipeline", "incident_id")}
+                for a in s.list_alerts(pipeline=method, limit=None)
+            ]
+    assert rows["copy"] == rows["executemany"]
+    odd = next(a for a in rows["copy"] if a["kafka_offset"] == 2)
+    assert odd["record"] == {"t": "a\\u0000\\udcff", "n": None}
+    assert odd["top_features"] == [{"feature": "ü\\udcff", "value": None, "contribution": None}]
+    assert odd["fired_detectors"] == ["gan"]
+
+
 def test_offsets_are_stored_and_never_move_backwards(store: AlertStore) -> None:
     store.write_batch(range_batch(0, 50, partition=0))
     store.write_batch(range_batch(0, 20, partition=1))
