@@ -159,8 +159,20 @@ alerts = Table(
     CheckConstraint(_in("severity", SEVERITIES), name="severity"),
     CheckConstraint(_in("status", ALERT_STATUSES), name="status"),
     Index(None, "pipeline", "ingest_time"),
-    Index(None, "entity"),
-    Index(None, "incident_id"),
+    # Partial: alerts without an entity (or incident) are never looked up by it, and cost two
+    # index insertions less (migration 0002). Equality lookups imply NOT NULL and use them.
+    Index(
+        None,
+        "entity",
+        postgresql_where=text("entity IS NOT NULL"),
+        sqlite_where=text("entity IS NOT NULL"),
+    ),
+    Index(
+        None,
+        "incident_id",
+        postgresql_where=text("incident_id IS NOT NULL"),
+        sqlite_where=text("incident_id IS NOT NULL"),
+    ),
 )
 
 dead_letters = Table(

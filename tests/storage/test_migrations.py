@@ -84,6 +84,56 @@ def test_alert_json_migration_goes_down_and_up_keeping_the_rows(db_url: str) -> 
         assert store.write_batch(batch).alerts_written == 0
 
 
+def test_entity_and_incident_lookups_use_the_partial_indexes(db_url: str) -> None:
+    """ix_alerts_entity and ix_alerts_incident_id leave out NULLs (migration 0002); the equality
+    lookups of the CLI, the prune and the foreign key's ON DELETE SET NULL must still use them."""
+    from storage_testlib import range_batch
+
+    with AlertStore(db_url) as store:
+        store.upgrade()
+        store.write_batch(range_batch(0, 300))
+        with store.engine.connect() as conn:
+            if store.dialect == "postgresql":
+                conn.exec_driver_sql("SET enable_seqscan = off")
+                conn.exec_driver_sql("SET plan_cache_mode = force_generic_plan")
+                conn.exec_driver_sql(
+                    "PREPARE by_entity(text) AS SELECT id FROM alerts WHERE entity = $1"
+                )
+                # The statement PostgreSQL's foreign key runs when an incident is deleted.
+                conn.exec_driver_sql(
+                    "PREPARE set_null(bigint) AS UPDATE ONLY alerts SET incident_id = NULL "
+                    "WHERE $1 OPERATOR(pg_catalog.=) incident_id"
+                )
+                plans = {
+                    q: "\n".join(r[0] for r in conn.exec_driver_sql(f"EXPLAIN EXECUTE {q}"))
+                    for q in ("by_entity('card-1')", "set_null(1)")
+                }
+                predicates = dict(
+                    conn.exec_driver_sql(
+                        "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'alerts'"
+                    ).all()
+                )
+            else:
+                plans = {
+                    q: "\n".join(r[-1] for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {q}"))
+                    for q in (
+                        "SELECT id FROM alerts WHERE entity = 'card-1'",
+                        "SELECT id FROM alerts WHERE incident_id = 1",
+                    )
+                }
+                predicates = dict(
+                    conn.exec_driver_sql(
+                        "SELECT name, sql FROM sqlite_master WHERE tbl_name = 'alerts'"
+                        " AND type = 'index' AND sql IS NOT NULL"
+                    ).all()
+                )
+    entity_plan, incident_plan = plans.values()
+    assert "ix_alerts_entity" in entity_plan, entity_plan
+    assert "ix_alerts_incident_id" in incident_plan, incident_plan
+    assert "entity IS NOT NULL" in predicates["ix_alerts_entity"]
+    assert "incident_id IS NOT NULL" in predicates["ix_alerts_incident_id"]
+
+
 def test_cli_upgrade_works_from_any_directory(
     db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
