@@ -1,8 +1,10 @@
-"""Alert batch writes per second on PostgreSQL: COPY + INSERT ... SELECT vs Core executemany.
+"""Alert batch writes per second on PostgreSQL: binary COPY vs Core executemany.
 
 Both run in the same process against the same server, in alternating rounds (so a busy machine
 slows both alike), through the real ``AlertStore.write_batch``: one transaction per batch with
-``ON CONFLICT DO NOTHING`` on the alert position, offsets fencing, statistics and offset upserts.
+offset fencing, idempotent alert inserts (positions already stored are skipped; executemany also
+says ``ON CONFLICT DO NOTHING``, a COPY that loses a race to a concurrent writer is retried),
+statistics and offset upserts.
 
 Scenarios, each measured for both insert strategies:
 - ``new``: batches of new alerts (no entity, so no incident work): the raw insert path.
@@ -192,13 +194,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print(
         f"PostgreSQL {version}, {os.cpu_count()} CPUs, batches of {args.batch} alerts, "
-        f"{args.batches} batches x {args.rounds} rounds per method; median rows/s"
+        f"{args.batches} batches x {args.rounds} rounds per method; median rows/s "
+        "(copy: slowest-fastest round)"
     )
-    print(f"{'scenario':<10} {'executemany':>12} {'copy':>12} {'copy/executemany':>17}")
+    print(f"{'scenario':<10} {'executemany':>12} {'copy':>12} {'copy/executemany':>17}  copy range")
     for scenario, per_method in results.items():
         em = statistics.median(per_method["executemany"])
         cp = statistics.median(per_method["copy"])
-        print(f"{scenario:<10} {em:>12,.0f} {cp:>12,.0f} {cp / em:>16.2f}x")
+        spread = f"{min(per_method['copy']):,.0f}-{max(per_method['copy']):,.0f}"
+        print(f"{scenario:<10} {em:>12,.0f} {cp:>12,.0f} {cp / em:>16.2f}x  {spread}")
     if all(per_cpu.values()):
         em = statistics.median(per_cpu["executemany"])
         cp = statistics.median(per_cpu["copy"])
