@@ -251,6 +251,7 @@ class Preprocessor:
         self.output_source_ = np.asarray(source, dtype=np.int64)
         self.n_features_out_ = len(names)
         self._lookups: dict[str, KnotLookup] = {}
+        self._category_index: dict[str, pd.Index] = {}
 
     # ---------------------------------------------------------------- checking
     def _schema_feature_names(self) -> list[str] | None:
@@ -361,16 +362,35 @@ class Preprocessor:
             if self.missing_ == "reject" and raw.isna().any():
                 pos = int(np.flatnonzero(raw.isna().to_numpy())[0])
                 raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
-            codes = pd.Index(cats).get_indexer(raw.astype(str).where(raw.notna(), None))
-            codes = np.where(codes < 0, len(cats), codes)  # unseen / missing -> last bucket
-            block = np.zeros((n, len(cats) + 1), dtype=np.float32)
+            codes = self._category_codes(name, raw)
+            codes[codes < 0] = len(cats)  # unseen / missing -> last bucket
+            block = out[:, col : col + len(cats) + 1]
+            block[:] = 0.0
             block[np.arange(n), codes] = 1.0
-            out[:, col : col + len(cats) + 1] = block
             col += len(cats) + 1
         return out
 
     def fit_transform(self, data: Any) -> np.ndarray:
         return self.fit(data).transform(data)
+
+    def _category_codes(self, name: str, raw: pd.Series) -> np.ndarray:
+        """Position of each value in the column's vocabulary, -1 for unseen or missing.
+
+        Values are compared as strings. Looking the values up as they are first and converting
+        only the misses (numbers, say) gives the same codes as converting every value, without
+        a string copy of the column per batch."""
+        index = self._category_index.get(name)
+        if index is None:
+            index = self._category_index[name] = pd.Index(self.categories_[name], dtype=object)
+        values = raw.to_numpy(dtype=object)
+        # An object Index as the target: a bare array would be inferred into an Arrow string
+        # array first (a copy of every string, most of the cost of this step).
+        codes = index.get_indexer(pd.Index(values, dtype=object, copy=False))
+        for i in np.flatnonzero(codes < 0).tolist():
+            value = values[i]
+            if value is not None and not isinstance(value, str) and not pd.isna(value):
+                codes[i] = index.get_indexer([str(value)])[0]
+        return codes
 
     def _knot_lookup(self, name: str, p: NumericParams) -> KnotLookup:
         # Derived from the stored knots on first use and never saved, so a fitted and a loaded

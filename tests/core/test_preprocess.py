@@ -62,6 +62,21 @@ def test_one_hot_with_unseen_bucket_and_imputed_missing():
     assert x[0, 1] == pytest.approx(median_z[0, 1])
 
 
+def test_categories_are_compared_as_strings_whatever_the_column_dtype():
+    train = frame()
+    train["kind"] = np.random.default_rng(1).choice(["1", "2", "x"], len(train))
+    pre = Preprocessor(SCHEMA).fit(train)
+    probe = frame(6)
+    # Numbers meet their string categories; NaN, None and unknown values go to the unseen bucket.
+    probe["kind"] = pd.Series([1, "2", np.int64(2), None, np.nan, "y"], dtype=object)
+    x = pre.transform(probe)[:, 2:]
+    assert pre.feature_names_out_[2:] == ["kind=1", "kind=2", "kind=x", f"kind={UNSEEN}"]
+    np.testing.assert_array_equal(x.argmax(1), [0, 1, 1, 3, 3, 3])
+    assert x.sum() == 6
+    as_text = probe.astype({"kind": "str"}).assign(kind=["1", "2", "2", "zz", "zz", "y"])
+    np.testing.assert_array_equal(pre.transform(as_text)[:, 2:], x)
+
+
 def test_reject_policy_names_row_and_column():
     schema = SchemaConfig(
         numeric=["amount", "temp"], categorical=["kind"], missing="reject", time_field=None
