@@ -567,15 +567,20 @@ class AlertStore:
         The JSON columns are encoded here, row by row, while psycopg streams the rows already
         written: the server parses and inserts them meanwhile, on the other core."""
         import psycopg
+        from psycopg.types.string import BytesBinaryDumper
 
         raw = conn.connection.driver_connection
         try:
-            with raw.cursor() as cur, cur.copy(_ALERT_COPY) as copy:
-                copy.set_types(_COPY_TYPES)
-                write_row = copy.write_row
-                # Times are aware UTC already and texts are clean (see _alert_row).
-                for row in rows:
-                    write_row(_json_values(row, json_bytes))
+            with raw.cursor() as cur:
+                # For the bytea type psycopg picks the dumper of its DB-API ``Binary`` wrapper,
+                # written in Python; the C one for plain bytes halves psycopg's cost per row.
+                cur.adapters.register_dumper(bytes, BytesBinaryDumper)  # this cursor only
+                with cur.copy(_ALERT_COPY) as copy:
+                    copy.set_types(_COPY_TYPES)
+                    write_row = copy.write_row
+                    # Times are aware UTC already and texts are clean (see _alert_row).
+                    for row in rows:
+                        write_row(_json_values(row, json_bytes))
         except psycopg.errors.UniqueViolation as exc:
             if exc.diag.constraint_name == "uq_alerts_position":
                 raise _LostRace from exc
