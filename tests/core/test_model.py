@@ -127,3 +127,18 @@ def test_cuda_scores_match_cpu(fitted_model, frame_problem):
         np.testing.assert_allclose(gpu[col], cpu[col], rtol=1e-3, atol=1e-3)
     # p-values are ranks: float noise may move a row across one calibration score, rarely.
     assert np.mean(np.abs(gpu["ensemble_p"] - cpu["ensemble_p"]) > 0.01) < 0.01
+
+
+def test_bf16_autocast_keeps_the_ranking_and_the_alerts(fitted_model, frame_problem):
+    """serve.bf16 on the CPU: matmuls in bfloat16 (float32 accumulation) move scores slightly;
+    the ranking of rows and the alert decisions must survive it."""
+    _, normal, anomalous = frame_problem
+    rows = pd.concat([normal, anomalous], ignore_index=True)
+    fp32 = BatchScorer(fitted_model, device="cpu").score(rows)
+    bf16 = BatchScorer(fitted_model, device="cpu", bf16=True).score(rows)
+    for col in ("vae", "flow", "gan", "ensemble"):
+        a, b = fp32.scores[col].to_numpy(), bf16.scores[col].to_numpy()
+        assert not np.array_equal(a, b), f"{col}: bf16 changed nothing; is autocast on?"
+        assert np.corrcoef(a, b)[0, 1] > 0.99, col
+    assert np.mean(fp32.is_alert != bf16.is_alert) <= 0.01
+    assert bf16.is_alert[len(normal) :].mean() > 0.5
