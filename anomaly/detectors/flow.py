@@ -44,6 +44,10 @@ class FlowDetector(BaseDetector):
     Parameters (beyond the shared training ones): ``kind`` (``"maf"`` or ``"nsf"``),
     ``transforms`` (number of autoregressive transforms), ``hidden`` widths of each conditioner,
     ``bins`` (NSF only), ``noise_std`` (training dequantisation noise), ``input_clip``.
+
+    Default width: conditioners of (32, 32) rather than (64, 64) score ~1.7x faster with the same
+    mean ROC-AUC on the 14 benchmark datasets (89.2 both, flow alone, seeds 0-2; PR-AUC 67.3 vs
+    68.2); two transforms instead of four gave 89.3 / 67.2 (bench/quality.py --detector-params).
     """
 
     name = "flow"
@@ -52,7 +56,7 @@ class FlowDetector(BaseDetector):
         self,
         kind: str = "maf",
         transforms: int = 4,
-        hidden: tuple[int, ...] = (64, 64),
+        hidden: tuple[int, ...] = (32, 32),
         bins: int = 8,
         noise_std: float = 0.05,
         input_clip: float = 50.0,
