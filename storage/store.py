@@ -563,7 +563,7 @@ class AlertStore:
         key then fails the COPY, the transaction rolls back and ``write_batch`` retries (as for
         a lost ``ON CONFLICT`` race). Rows come sorted by position, so two such writers wait on
         each other in one order instead of deadlocking. This saves the staging table and the
-        ``INSERT ... SELECT ... ON CONFLICT``, about a third of the server's work per row.
+        ``INSERT ... SELECT ... ON CONFLICT``, about a quarter of the server's work per row.
 
         The JSON columns are encoded here, row by row, while psycopg streams the rows already
         written: the server parses and inserts them meanwhile, on the other core."""
