@@ -344,7 +344,9 @@ class Preprocessor:
         if missing_cols:
             raise DataError(f"missing column(s): {', '.join(missing_cols)}")
         n = len(frame)
-        out = np.empty((n, self.n_features_out_), dtype=np.float32)
+        # Filled column by column, so column-major (contiguous writes; row-major took ~1 ms per
+        # column per 100k rows); returned row-major, as the networks want it.
+        out = np.empty((n, self.n_features_out_), dtype=np.float32, order="F")
         for i, name in enumerate(self.numeric_):
             values = _finite_or_missing_column(frame, name)
             nan = np.isnan(values)
@@ -368,7 +370,7 @@ class Preprocessor:
             block[:] = 0.0
             block[np.arange(n), codes] = 1.0
             col += len(cats) + 1
-        return out
+        return np.ascontiguousarray(out)
 
     def fit_transform(self, data: Any) -> np.ndarray:
         return self.fit(data).transform(data)
