@@ -331,8 +331,12 @@ class AnomalyModel:
         self, frame: pd.DataFrame, contributions: np.ndarray, rows: np.ndarray, top: int
     ) -> list[list[dict[str, Any]]]:
         names = self.preprocessor_.feature_names_in_
-        # One positional take of the needed rows, then plain Python lookups.
-        values = frame.iloc[np.asarray(rows, dtype=np.int64)][names].to_numpy(dtype=object)
+        # The needed rows, column by column from the arrays themselves (a frame-level take
+        # then to_numpy costs ~3x more with Arrow string columns), then plain Python lookups.
+        take = np.asarray(rows, dtype=np.int64)
+        values = np.empty((len(take), len(names)), dtype=object)
+        for j, name in enumerate(names):
+            values[:, j] = np.asarray(frame[name].array.take(take), dtype=object)
         orders = np.argsort(-contributions, axis=1, kind="stable")[:, :top]
         out = []
         for k, (contrib, order) in enumerate(zip(contributions, orders, strict=True)):

@@ -8,9 +8,6 @@ vectorised numpy except the explanations, which are built only for alert rows.
 
 from __future__ import annotations
 
-import contextlib
-import gc
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,26 +20,16 @@ from anomaly.model import AnomalyModel
 from anomaly.preprocess import _to_frame
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Build the per-row lists without the cyclic GC: allocating 2 x n small lists would
-    otherwise trigger collections that walk every object torch and pandas hold (~20x slower)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
 @dataclass
 class ScoredBatch:
     scores: pd.DataFrame  # columns as AnomalyModel.score_detectors
     is_alert: np.ndarray  # bool, ensemble_p <= target_fpr
     severity: np.ndarray  # object: "low"|"medium"|"high"|"critical", None where not an alert
-    fired: list[list[str]]  # detectors whose own p-value <= target_fpr
-    top_features: list[list[dict[str, Any]]]  # explanations for alert rows, [] elsewhere
+    # Per row, as tuples: the rows where nothing fired or nothing is explained (nearly all of
+    # them) share one empty tuple instead of each holding a new list. Allocating 2 x n small
+    # lists per batch made the cyclic GC walk every object torch and pandas hold (~2 ms a batch).
+    fired: list[tuple[str, ...]]  # detectors whose own p-value <= target_fpr
+    top_features: list[tuple[dict[str, Any], ...]]  # explanations for alert rows, () elsewhere
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -89,20 +76,19 @@ class BatchScorer:
         alpha = model.target_fpr
         is_alert = table["ensemble_p"].to_numpy() <= alpha
         severity = model.calibrators_["ensemble"].severity(ens_tail, is_alert)
-        # Which detectors fired, as a bit pattern per row, then one list per row (copied, so
-        # callers may mutate them) without looking at rows where none fired.
+        # Which detectors fired, as a bit pattern per row, then one shared tuple per pattern,
+        # without looking at rows where none fired.
         bits = np.zeros(n, dtype=np.int64)
         for i, name in enumerate(model.detectors):
             bits |= (table[f"{name}_p"].to_numpy() <= alpha).astype(np.int64) << i
         patterns = [
-            [name for i, name in enumerate(model.detectors) if code >> i & 1]
+            tuple(name for i, name in enumerate(model.detectors) if code >> i & 1)
             for code in range(1 << len(model.detectors))
         ]
-        with _gc_paused():
-            fired: list[list[str]] = [[] for _ in range(n)]
-            for r in np.flatnonzero(bits).tolist():
-                fired[r] = list(patterns[bits[r]])
-            top_features: list[list[dict[str, Any]]] = [[] for _ in range(n)]
+        fired: list[tuple[str, ...]] = [()] * n
+        for r in np.flatnonzero(bits).tolist():
+            fired[r] = patterns[bits[r]]
+        top_features: list[tuple[dict[str, Any], ...]] = [()] * n
         alert_rows = np.flatnonzero(is_alert)
         if len(alert_rows):
             err = errors[alert_rows] if errors is not None else None
@@ -112,7 +98,7 @@ class BatchScorer:
                 model._explain_rows(frame, contrib, alert_rows, self.top),
                 strict=True,
             ):
-                top_features[r] = items
+                top_features[r] = tuple(items)
         return ScoredBatch(table, is_alert, severity, fired, top_features)
 
 

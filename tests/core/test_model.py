@@ -61,9 +61,9 @@ def test_batch_scorer_matches_model_and_explains_only_alerts(fitted_model, frame
             assert result.severity[i] in {"low", "medium", "high", "critical"}
             assert len(result.top_features[i]) == 3
         else:
-            assert result.severity[i] is None and result.top_features[i] == []
+            assert result.severity[i] is None and result.top_features[i] == ()
         expected_fired = [d for d in ("vae", "flow", "gan") if expected[f"{d}_p"][i] <= 0.01]
-        assert result.fired[i] == expected_fired
+        assert list(result.fired[i]) == expected_fired
     empty = scorer.score(rows.iloc[:0])
     assert len(empty) == 0
 
