@@ -17,7 +17,9 @@
 6. consumer offsets: upsert, never moving an offset backwards.
 
 Any failure rolls the whole transaction back. A lost connection, a deadlock or a busy SQLite file
-raises ``RetryableStorageError``: nothing was written, repeat the same call.
+raises ``RetryableStorageError``: repeat the same call. Nothing was written, except when the
+connection was lost while committing: then the server may have stored the batch, and the repeated
+call finds its positions and offsets already stored and adds nothing (the message says which).
 """
 
 from __future__ import annotations
@@ -128,12 +130,7 @@ _COPY_TYPES = [
     "text",
     "int8",
 ]
-# The trailing comment is the marker tests/reliability/test_outage.py waits for ("alerts_stage",
-# the name of the staging table this COPY used to fill); drop it once that test looks for
-# "COPY alerts" instead.
-_ALERT_COPY = (
-    f"COPY alerts ({', '.join(ALERT_COLUMNS)}) FROM STDIN (FORMAT BINARY) /* alerts_stage */"
-)
+_ALERT_COPY = f"COPY alerts ({', '.join(ALERT_COLUMNS)}) FROM STDIN (FORMAT BINARY)"
 _IN_CHUNK = 5000  # ids/entities per IN (...) list; SQLite allows 32766 variables
 
 AlertInsert = Literal["auto", "copy", "executemany"]
@@ -331,6 +328,7 @@ class AlertStore:
     def _transaction(self, what: str, write: bool = True) -> Iterator[Connection]:
         """One transaction; database failures become ``RetryableStorageError`` or
         ``StorageError`` naming ``what`` was being done."""
+        committing = False
         try:
             with self.engine.connect() as conn:
                 if write and self.dialect == "sqlite":
@@ -338,6 +336,9 @@ class AlertStore:
                 try:
                     with conn.begin():
                         yield conn
+                        # Past this point a failure may come after the server committed (a lost
+                        # COMMIT reply): the outcome is unknown, not "nothing written".
+                        committing = True
                 except BaseException as exc:
                     # An error raised by the raw psycopg connection (COPY) bypasses SQLAlchemy's
                     # disconnect detection: make sure a broken connection is not pooled again.
@@ -346,18 +347,25 @@ class AlertStore:
                             conn.invalidate()
                     raise
         except (sa_exc.DBAPIError, sa_exc.InterfaceError) as exc:
-            raise self._translate(exc, what) from exc
+            raise self._translate(exc, what, committing) from exc
         except StorageError:
             raise
         except Exception as exc:
             if _is_retryable(exc):
-                raise self._translate(exc, what) from exc
+                raise self._translate(exc, what, committing) from exc
             raise
 
-    def _translate(self, exc: BaseException, what: str) -> StorageError:
+    def _translate(self, exc: BaseException, what: str, committing: bool = False) -> StorageError:
         orig = getattr(exc, "orig", None) or exc
         reason = " ".join(str(orig).split()) or type(orig).__name__
         where = self.url.render_as_string(hide_password=True)
+        if _is_retryable(exc) and committing:
+            return RetryableStorageError(
+                f"{what} on {where} failed while committing ({type(orig).__name__}: {reason}): "
+                "the server may or may not have stored it; retry the same call once the "
+                "database is reachable (positions already stored are skipped, so a retry "
+                "never duplicates)"
+            )
         if _is_retryable(exc):
             return RetryableStorageError(
                 f"{what} on {where} failed and was rolled back, nothing was written "

@@ -158,9 +158,9 @@ def test_lost_commit_reply_is_retried_without_duplicates(
         losses = 0
         # Several lost replies, spread over the stream (the first on the first batch written).
         for _ in range(3):
-            # The staging table of the alert COPY: in every batch with alerts, and never sent as a
-            # prepared statement (psycopg prepares repeated statements; their text is not resent).
-            proxy.lose_next_commit_reply(b"alerts_stage")
+            # The alert COPY: in every batch with alerts, and never sent as a prepared statement
+            # (psycopg prepares repeated statements; their text is not resent).
+            proxy.lose_next_commit_reply(b"COPY alerts")
             wait_for(lambda n=losses: proxy.stats.commit_replies_lost > n, 60, "a lost commit")
             losses += 1
             time.sleep(2.0)

@@ -142,3 +142,43 @@ def test_a_concurrent_insert_of_the_same_position_is_retried_not_double_counted(
     ids = {a["kafka_offset"]: a["incident_id"] for a in store.list_alerts()}
     assert ids == {0: incident["id"], 1: None, 2: incident["id"]}
     store.close()
+
+
+@pytest.mark.postgres
+@pytest.mark.reliability
+def test_connection_lost_at_commit_says_the_outcome_is_unknown_and_the_retry_is_exact(
+    pg_url: str,
+) -> None:
+    from sqlalchemy import event
+
+    store = AlertStore(pg_url)
+    store.upgrade()
+    admin = create_engine(pg_url, isolation_level="AUTOCOMMIT")
+    fired: list[int] = []
+
+    def kill_before_commit(conn) -> None:  # SQLAlchemy "commit" event: before the DBAPI commit
+        if fired:
+            return
+        pid = conn.connection.driver_connection.info.backend_pid
+        fired.append(pid)
+        with admin.connect() as c:
+            assert c.execute(
+                text("SELECT pg_terminate_backend(:pid, 10000)"), {"pid": pid}
+            ).scalar()
+
+    event.listen(store.engine, "commit", kill_before_commit)
+    batch = range_batch(0, 500)
+    try:
+        with pytest.raises(RetryableStorageError, match="while committing") as info:
+            store.write_batch(batch)
+        assert "may or may not" in str(info.value) and "nothing was written" not in str(info.value)
+    finally:
+        event.remove(store.engine, "commit", kill_before_commit)
+        admin.dispose()
+    assert fired
+    # Retried as the message says: the batch lands exactly once, whatever the server had done.
+    store.write_batch(batch)
+    store.write_batch(batch)
+    assert _counts(store)["alerts"] == len(batch.alerts)
+    assert store.load_offsets("cards", "tx") == {0: 500}
+    store.close()
