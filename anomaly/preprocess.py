@@ -405,9 +405,9 @@ class Preprocessor:
 
     def _transform_numeric(self, name: str, values: np.ndarray, p: NumericParams) -> np.ndarray:
         if self.numeric_transform == "quantile" and len(p.knots) > 1:
-            knots = np.asarray(p.knots)
-            normal = np.asarray(p.normal)
-            z = self._knot_lookup(name, p)(values)
+            lookup = self._knot_lookup(name, p)  # holds the knots as arrays already
+            knots, normal = lookup.knots, lookup.values
+            z = lookup(values)
             hi = values > knots[-1]
             lo = values < knots[0]
             if hi.any():
