@@ -50,6 +50,8 @@ class Calibrator:
         if not np.isfinite(scores).all():
             raise ValueError("calibration scores must be finite")
         self.scores_ = np.sort(scores)
+        # Derived from the scores, never saved: a loaded calibrator (from_scores) builds it too.
+        self._search = SortedSearch(self.scores_, "left", float(np.median(self.scores_)), 1.0)
         n = len(scores)
         self.n_ = n
         if 1.0 / (n + 1) > self.target_fpr:
@@ -82,17 +84,9 @@ class Calibrator:
         """Conformal p-values. ``calibration_rows=True`` for the calibration scores themselves:
         each row's own score is then not counted twice (leave-one-out)."""
         s = np.asarray(scores, dtype=np.float64)
-        count_ge = self.n_ - self._search()(s)
+        count_ge = self.n_ - self._search(s)
         extra = 0 if calibration_rows else 1
         return (count_ge + extra) / (self.n_ + 1.0)
-
-    def _search(self) -> SortedSearch:
-        # Derived from scores_ on first use (never saved): the same for a fitted or loaded one.
-        search = self.__dict__.get("_sorted_search")
-        if search is None or search.values is not self.scores_:
-            search = SortedSearch(self.scores_, "left", float(np.median(self.scores_)), 1.0)
-            self._sorted_search = search
-        return search
 
     def tail_pvalues(
         self,
