@@ -119,8 +119,11 @@ class KnotLookup:
         if self.knots.ndim != 1 or len(self.knots) != len(self.values) or len(self.knots) < 2:
             raise ValueError("need at least two knots and one value per knot")
         self._search = SortedSearch(self.knots, "right", center, scale)
-        self.use_grid = self._search.use_grid
         self._slope = np.append(np.diff(self.values) / np.diff(self.knots), 0.0)
+
+    @property
+    def use_grid(self) -> bool:
+        return self._search.use_grid
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
