@@ -218,9 +218,11 @@ def _serve_all(services: dict[str, Any]) -> dict[str, float | None]:
     first: dict[str, tuple[float, int]] = {}
     last: dict[str, float] = {}
     seen = dict.fromkeys(services, 0)
-    for t in threads.values():
-        t.start()
     try:
+        # Started inside the try: a Ctrl-C that lands while the threads start must still stop
+        # the ones already running (otherwise the interpreter exits under them and aborts).
+        for t in threads.values():
+            t.start()
         while any(t.is_alive() for t in threads.values()):
             time.sleep(0.02)
             now = time.monotonic()
@@ -235,7 +237,8 @@ def _serve_all(services: dict[str, Any]) -> dict[str, float | None]:
         for svc in services.values():
             svc.stop()
         for t in threads.values():
-            t.join(60)
+            if t.ident is not None:  # started
+                t.join(60)
         raise
     rates: dict[str, float | None] = {}
     for name in services:
