@@ -2,8 +2,12 @@
 
 One pass per batch of ``batch_size`` rows runs every detector under ``torch.inference_mode()``.
 On CUDA the host batch is pinned and copied with ``non_blocking=True``; ``bf16=True`` runs the
-networks under bfloat16 autocast (scores are returned as float64 either way). All per-row work is
-vectorised numpy except the explanations, which are built only for alert rows.
+networks under bfloat16 autocast (scores are returned as float64 either way).
+
+On the CPU the per-row steps around the networks (preprocessing, conformal p-values, the
+ensemble) are vectorised numpy. On CUDA they run as torch ops on the GPU too
+(``anomaly.device_scoring``), since on the host they would take a hundred times longer than the
+networks; ``device_steps`` chooses explicitly. The explanations are built only for alert rows.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import pandas as pd
 import torch
 
 from anomaly.detectors._base import resolve_device
+from anomaly.device_scoring import DeviceScorer, host_inputs
 from anomaly.model import AnomalyModel
 from anomaly.preprocess import _to_frame
 
@@ -44,6 +49,7 @@ class BatchScorer:
         bf16: bool = False,
         threads: int | None = 1,
         top: int = 3,
+        device_steps: bool | None = None,
     ) -> None:
         model._check_fitted()
         self.model = model
@@ -56,6 +62,10 @@ class BatchScorer:
             torch.set_num_threads(int(threads))
         model.threads = threads
         model.to(self._device)
+        # None: on CUDA only (MPS has no float64; on the CPU numpy's grid searches are faster).
+        if device_steps is None:
+            device_steps = self._device.type == "cuda"
+        self._device_scorer = DeviceScorer(model, self._device) if device_steps else None
 
     @property
     def device(self) -> str:
@@ -68,11 +78,18 @@ class BatchScorer:
         if n == 0:
             empty = pd.DataFrame({c: np.empty(0) for c in _columns()})
             return ScoredBatch(empty, np.zeros(0, bool), np.empty(0, object), [], [])
-        xp = model.preprocessor_.transform(frame)
-        raw, errors = model._raw_scores(
-            xp, batch_size=self.batch_size, bf16=self.bf16, want_errors=True
-        )
-        table, ens_tail = model._table(raw)
+        if self._device_scorer is not None:
+            values, codes = host_inputs(model.preprocessor_, frame)
+            out = self._device_scorer.score(values, codes, self.batch_size, self.bf16)
+            table = pd.DataFrame({c: np.full(n, np.nan) for c in _columns()})
+            table[out.columns] = out.table
+            ens_tail = out.ensemble_tail
+        else:
+            xp = model.preprocessor_.transform(frame)
+            raw, errors = model._raw_scores(
+                xp, batch_size=self.batch_size, bf16=self.bf16, want_errors=True
+            )
+            table, ens_tail = model._table(raw)
         alpha = model.target_fpr
         is_alert = table["ensemble_p"].to_numpy() <= alpha
         severity = model.calibrators_["ensemble"].severity(ens_tail, is_alert)
@@ -91,8 +108,14 @@ class BatchScorer:
         top_features: list[tuple[dict[str, Any], ...]] = [()] * n
         alert_rows = np.flatnonzero(is_alert)
         if len(alert_rows):
-            err = errors[alert_rows] if errors is not None else None
-            contrib = model._feature_contributions(xp[alert_rows], err)
+            if self._device_scorer is not None:
+                take = torch.from_numpy(alert_rows).to(out.inputs.device)
+                xa = out.inputs[take].cpu().numpy()
+                err = out.errors[take].cpu().numpy() if out.errors is not None else None
+            else:
+                xa = xp[alert_rows]
+                err = errors[alert_rows] if errors is not None else None
+            contrib = model._feature_contributions(xa, err)
             for r, items in zip(
                 alert_rows,
                 model._explain_rows(frame, contrib, alert_rows, self.top),

@@ -1,0 +1,97 @@
+"""The device scoring path (torch ops for the per-row steps, used on CUDA) run on the CPU: it must
+give exactly what the numpy path gives, so a GPU run differs from the CPU only by the networks'
+and transcendental functions' rounding."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from anomaly.device_scoring import DevicePreprocessor, host_inputs
+from anomaly.errors import DataError
+from anomaly.preprocess import Preprocessor
+from anomaly.scorer import BatchScorer
+
+from .conftest import SCHEMA
+
+
+def awkward_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """Rows beyond every knot on both sides, missing values, unseen and missing categories."""
+    rows = frame.copy()
+    rows.loc[0, "amount"] = 1e12
+    rows.loc[1, "amount"] = -5.0
+    rows.loc[2, "f0"] = -1e6
+    rows.loc[3, "f1"] = np.nan
+    rows.loc[4, "merchant"] = "never-seen"
+    rows.loc[5, "merchant"] = None
+    rows.loc[6, "f2"] = rows["f2"].median()  # exactly the imputed value
+    return rows
+
+
+@pytest.mark.parametrize("kind", ["quantile", "robust", "signed_log"])
+def test_device_preprocessing_equals_the_host_transform(frame_problem, kind):
+    train, normal, anomalous = frame_problem
+    pre = Preprocessor(schema=SCHEMA, numeric_transform=kind, n_quantiles=200).fit(train)
+    rows = awkward_rows(pd.concat([normal, anomalous], ignore_index=True))
+    # Knots themselves and their neighbours: the places a search can be off by one.
+    knots = np.asarray(pre.numeric_params_["f3"].knots)
+    rows["f3"] = rows["f3"].astype(np.float64)
+    rows.loc[10 : 10 + 2 * len(knots) - 1, "f3"] = np.r_[knots, np.nextafter(knots, np.inf)][
+        : len(rows) - 10
+    ]
+    values, codes = host_inputs(pre, rows)
+    device = DevicePreprocessor(pre, torch.device("cpu"))
+    got = device.transform(torch.from_numpy(values), [torch.from_numpy(c) for c in codes])
+    np.testing.assert_array_equal(got.numpy(), pre.transform(rows))
+
+
+def test_device_steps_score_exactly_like_the_numpy_steps(fitted_model, frame_problem):
+    _, normal, anomalous = frame_problem
+    rows = awkward_rows(pd.concat([normal, anomalous], ignore_index=True))
+    host = BatchScorer(fitted_model, device="cpu", batch_size=256).score(rows)
+    device = BatchScorer(fitted_model, device="cpu", batch_size=256, device_steps=True)
+    assert device._device_scorer is not None
+    got = device.score(rows)
+    assert host.is_alert.sum() >= 50  # the anomalies, so explanations are compared too
+    for field in dataclasses.fields(host):
+        a, b = getattr(host, field.name), getattr(got, field.name)
+        if isinstance(a, pd.DataFrame):
+            pd.testing.assert_frame_equal(a, b, check_exact=True)
+        elif isinstance(a, np.ndarray):
+            np.testing.assert_array_equal(a, b)
+        else:
+            assert a == b, field.name
+
+
+def test_device_steps_raise_the_host_errors(fitted_model, frame_problem):
+    rows = frame_problem[1].head(20).copy()
+    rows["f4"] = rows["f4"].astype(object)
+    rows.loc[7, "f4"] = "broken"
+    device = BatchScorer(fitted_model, device="cpu", device_steps=True)
+    with pytest.raises(DataError, match=r"column 'f4', row 7: 'broken' is not a number"):
+        device.score(rows)
+    rows = frame_problem[1].head(20).copy()
+    rows.loc[3, "amount"] = np.inf
+    with pytest.raises(DataError, match=r"column 'amount', row 3: value is infinite"):
+        device.score(rows)
+    with pytest.raises(DataError, match=r"missing column.*merchant"):
+        device.score(rows.drop(columns=["merchant"]))
+
+
+def test_device_steps_handle_an_empty_batch_and_a_model_without_categories(frame_problem):
+    from anomaly import AnomalyModel
+
+    train = frame_problem[0][SCHEMA.numeric].to_numpy()
+    model = AnomalyModel(
+        target_fpr=0.01, seed=0, device="cpu", detectors=["vae", "gan"], max_epochs=2
+    ).fit(train)
+    rows = frame_problem[2][SCHEMA.numeric].to_numpy()
+    host = BatchScorer(model, device="cpu").score(rows)
+    got = BatchScorer(model, device="cpu", device_steps=True).score(rows)
+    pd.testing.assert_frame_equal(host.scores, got.scores, check_exact=True)
+    assert got.scores["flow"].isna().all()
+    assert len(BatchScorer(model, device="cpu", device_steps=True).score(rows[:0])) == 0
