@@ -9,7 +9,10 @@
    the service runs; latency per record = commit done - the record's Kafka CreateTime (set when
    the producer was handed the record); p50 / p99.
 
-    python bench/stream.py [--records 100000] [--db-url sqlite:///...] [--threads 1]
+    python bench/stream.py [--records 100000] [--db-url sqlite:///...] [--threads 1] [--device cuda]
+
+With ``--device cuda`` the service scores on the GPU (preprocessing, networks and p-values there,
+see ``anomaly.device_scoring``); ``bench/scoring_step.py`` gives the scoring step's own rate.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=2000)
     parser.add_argument("--db-url", default=None, help="default: a temporary SQLite file")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the scorer")
+    parser.add_argument("--device", default="cpu", help="scoring device: cpu, cuda or auto")
     parser.add_argument("--latency-seconds", type=float, default=15.0)
     args = parser.parse_args()
 
@@ -93,7 +97,7 @@ def main() -> int:
                         "metrics_port": None,
                         "model_dir": str(bundle),
                         "threads": args.threads,
-                        "device": "cpu",
+                        "device": args.device,
                         "model_poll_s": 3600,
                     },
                 },
