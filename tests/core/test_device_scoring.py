@@ -95,3 +95,19 @@ def test_device_steps_handle_an_empty_batch_and_a_model_without_categories(frame
     pd.testing.assert_frame_equal(host.scores, got.scores, check_exact=True)
     assert got.scores["flow"].isna().all()
     assert len(BatchScorer(model, device="cpu", device_steps=True).score(rows[:0])) == 0
+
+
+@pytest.mark.gpu
+def test_device_preprocessing_on_cuda_matches_the_host(frame_problem):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    train, normal, anomalous = frame_problem
+    pre = Preprocessor(schema=SCHEMA).fit(train)
+    rows = awkward_rows(pd.concat([normal, anomalous], ignore_index=True))
+    values, codes = host_inputs(pre, rows)
+    device = DevicePreprocessor(pre, torch.device("cuda"))
+    got = device.transform(
+        torch.from_numpy(values).cuda(), [torch.from_numpy(c).cuda() for c in codes]
+    )
+    # Searches and interpolation are exact; only log1p in the tails may round differently.
+    np.testing.assert_allclose(got.cpu().numpy(), pre.transform(rows), rtol=1e-6, atol=1e-6)
