@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from anomaly.config import SchemaConfig
-from streams.decode import FALLBACK_CHUNK, RecordDecoder
+from streams.decode import FALLBACK_CHUNK, RecordDecoder, _parse_iso_fast, _parse_times
 
 SCHEMA = dict(
     id_field="id",
@@ -178,3 +178,177 @@ def test_bad_records_across_fallback_chunks_keep_order():
     assert batch.index.tolist() == expected
     assert list(batch.frame["id"]) == [f"r{i}" for i in expected]
     assert list(batch.frame["amount"]) == [i * 1.5 for i in expected]
+
+
+# -- times: the fast ISO 8601 path must read exactly what pandas reads -----------------------------
+
+
+def pandas_time(text: str) -> int | None:
+    """What a time string means: pandas' ISO 8601 parse of it alone, in ns since the epoch (UTC);
+    None when pandas cannot parse it or the time does not fit in datetime64[ns]."""
+    parsed = pd.to_datetime(
+        pd.Series([text], dtype=object), utc=True, format="ISO8601", errors="coerce"
+    )
+    if pd.isna(parsed[0]):
+        return None
+    try:
+        return parsed[0].as_unit("ns").value
+    except (OverflowError, ValueError):
+        return None
+
+
+def assert_times_match_pandas(column: list) -> None:
+    times, bad = _parse_times(column)
+    assert times.dtype == np.dtype("datetime64[ns]")
+    expected = []
+    for value in column:
+        if isinstance(value, str):
+            expected.append(pandas_time(value))
+        else:  # whole epoch seconds in these tests
+            expected.append(pd.Timestamp(value, unit="s").as_unit("ns").value)
+    got = [None if np.isnat(t) else int(t.view(np.int64)) for t in times]
+    differ = [(v, g, e) for v, g, e in zip(column, got, expected, strict=True) if g != e]
+    assert not differ
+    assert bad == [i for i, e in enumerate(expected) if e is None]
+
+
+TIME_CASES = [
+    "2024-03-01T10:00:00Z",
+    "2024-03-01 10:00:00Z",
+    "2024-03-01t10:00:00z",
+    "2024-03-01T10:00:00",
+    "2024-03-01T10:00:00.5",
+    "2024-03-01T10:00:00.123Z",
+    "2024-03-01T10:00:00.123456Z",
+    "2024-03-01T10:00:00.123456789Z",
+    "2024-03-01T10:00:00.1234567891Z",
+    "2024-03-01T10:00:00.Z",
+    "2024-03-01T10:00:00,5Z",
+    "2024-03-01T10:00:00+02:00",
+    "2024-03-01T10:00:00.250-05:30",
+    "2024-03-01T10:00:00+23:59",
+    "2024-03-01T10:00:00-23:59",
+    "2024-03-01T10:00:00+24:00",
+    "2024-03-01T10:00:00+02:60",
+    "2024-03-01T10:00:00-00:00",
+    "2024-03-01T10:00:00+0200",
+    "2024-03-01T10:00:00+02",
+    "2024-03-01T10:00:00 Z",
+    " 2024-03-01T10:00:00Z",
+    "2024-03-01T10:00",
+    "2024-03-01",
+    "2024-02-29T00:00:00Z",
+    "2023-02-29T00:00:00Z",
+    "2024-04-31T00:00:00Z",
+    "2024-00-10T00:00:00Z",
+    "2024-13-10T00:00:00Z",
+    "2024-01-00T00:00:00Z",
+    "2024-01-01T24:00:00Z",
+    "2024-01-01T23:60:00Z",
+    "2024-01-01T23:59:60Z",
+    "1677-09-21T00:12:43.145224193Z",
+    "1677-09-21T00:12:43.145224192Z",
+    "1678-01-01T00:00:00+23:59",
+    "2262-04-11T23:47:16.854775807Z",
+    "2262-04-11T23:47:16.854775808Z",
+    "2261-12-31T23:59:59-23:59",
+    "3000-01-01T00:00:00Z",
+    "0000-01-01T00:00:00Z",
+    "+2024-03-01T10:00:00Z",
+    "2024-03-01T10:00:00+02:00:00",
+    "\u0662\u0660\u0662\u0664-03-01T10:00:00Z",
+    "2024-03-01T10:00:00Z\n",
+    "2024-03-01T10:\n0:00Z",
+    "yesterday",
+    "NaT",
+    "",
+]
+
+
+def test_times_each_shape_alone_and_in_one_batch():
+    for text in TIME_CASES:
+        assert_times_match_pandas([text])
+    assert_times_match_pandas(TIME_CASES)
+    assert_times_match_pandas([1_700_000_000, *TIME_CASES, 1_700_000_001])
+
+
+def test_fast_time_path_reads_the_common_shapes():
+    """The comparison with pandas is only worth something if the fast path takes these."""
+    common = [
+        "2026-01-05T05:19:01.673000Z",  # anomaly replay / bench
+        "2024-03-01T10:00:00Z",
+        "2024-03-01 10:00:00.123Z",
+        "2024-03-01T10:00:00.123456789+05:30",
+        "2024-03-01T10:00:00-08:00",
+        "2024-03-01T10:00:00",
+    ]
+    for text in common:
+        _, ok = _parse_iso_fast([text, text])
+        assert ok.all(), text
+    _, ok = _parse_iso_fast(common)  # mixed lengths go by length
+    assert ok.all()
+
+
+@st.composite
+def time_batches(draw) -> list:
+    """Batches whose strings mostly share one layout (the fast path's case), with values in and
+    out of range, some other layouts, broken strings and epoch seconds."""
+    fraction = draw(st.sampled_from([0, 0, 1, 3, 6, 9, 10]))
+    zone_kind = draw(st.sampled_from(["", "Z", "offset", "z", "+HHMM"]))
+    sep = draw(st.sampled_from(["T", "T", " ", "t"]))
+
+    def text(d) -> str:
+        year = d(st.one_of(st.integers(1970, 2100), st.integers(0, 9999)))
+        parts = [d(st.integers(0, 14)), d(st.integers(0, 32))]
+        clock = [d(st.integers(0, 25)), d(st.integers(0, 61)), d(st.integers(0, 61))]
+        out = f"{year:04d}-{parts[0]:02d}-{parts[1]:02d}{sep}"
+        out += ":".join(f"{v:02d}" for v in clock)
+        if fraction:
+            out += "." + "".join(str(d(st.integers(0, 9))) for _ in range(fraction))
+        sign = d(st.sampled_from("+-"))
+        hours, minutes = d(st.integers(0, 25)), d(st.integers(0, 61))
+        zone = {"Z": "Z", "z": "z", "offset": f"{sign}{hours:02d}:{minutes:02d}"}
+        out += zone.get(zone_kind, f"{sign}{hours:02d}{minutes:02d}" if zone_kind else "")
+        return out
+
+    column: list = []
+    for _ in range(draw(st.integers(1, 25))):
+        kind = draw(st.sampled_from(["same"] * 6 + ["mutated", "other", "epoch"]))
+        if kind == "same":
+            column.append(text(draw))
+        elif kind == "mutated":
+            value = text(draw)
+            at = draw(st.integers(0, len(value)))
+            inserted = draw(st.sampled_from(["", "0", ":", "\n", "\u0663"]))
+            column.append(value[:at] + inserted + value[at + 1 :])
+        elif kind == "other":
+            column.append(draw(st.sampled_from(TIME_CASES)))
+        else:
+            column.append(draw(st.integers(0, 4_000_000_000)))
+    return column
+
+
+@settings(max_examples=300, deadline=None)
+@given(time_batches())
+def test_property_times_match_pandas(column):
+    assert_times_match_pandas(column)
+
+
+def test_time_outside_the_ns_range_is_rejected_whatever_the_batch():
+    """pandas >= 3 parses '3000-01-01' at us resolution; it must not wrap around to 1830."""
+    decoder = RecordDecoder(SchemaConfig(**SCHEMA))
+    for neighbour in ("2024-03-01T10:00:00Z", "2024-03-01T10:00:00.123456789Z"):
+        values = [enc(good(0, ts="3000-01-01T00:00:00Z")), enc(good(1, ts=neighbour))]
+        batch = decoder.decode(values)
+        assert batch.index.tolist() == [1]
+        assert [(r.index, r.error_kind) for r in batch.rejected] == [(0, "invalid_time")]
+
+
+def test_times_with_newlines_cannot_shift_rows():
+    """The byte-matrix read relies on one '\\n' per string: a string holding one, next to others
+    whose lengths make the total come out right, must not be read as two times."""
+    a = "2024-03-01T10:00:00Z"
+    column = [a, f"{a}\n{a}", "", a[:-1]]
+    assert sum(map(len, column)) == len(a) * len(column)
+    assert_times_match_pandas(column)
+    assert _parse_times(column)[1] == [1, 2]
