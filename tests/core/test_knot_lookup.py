@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomaly.knot_lookup import KnotLookup, SortedSearch
+from anomaly.knot_lookup import KnotLookup, KnotLookupBlock, SortedSearch
 
 
 def _knots_from(sample: np.ndarray, n: int = 1000) -> tuple[np.ndarray, np.ndarray]:
@@ -86,3 +86,74 @@ def test_sorted_search_equals_np_searchsorted(name: str, side: str) -> None:
         ]
     )
     np.testing.assert_array_equal(search(x), np.searchsorted(values, x, side=side))
+
+
+def _mixed_lookups() -> list[KnotLookup]:
+    """One lookup per test column plus ones that vary what the block must reconcile: raw and
+    asinh grid domains, different grid sizes and windows, and a column with no grid."""
+    rng = np.random.default_rng(11)
+    lookups = []
+    for name in sorted(COLUMNS):
+        sample = COLUMNS[name](rng)
+        knots, values = _knots_from(sample)
+        lookups.append(KnotLookup(knots, values, float(np.median(sample)), float(np.std(sample))))
+    few = np.sort(rng.normal(size=7))
+    lookups.append(KnotLookup(few, np.arange(7.0), 0.0, 1.0))
+    amounts = np.exp(1.5 * rng.normal(size=50_000) + 2.0)
+    lookups.append(KnotLookup(*_knots_from(amounts), float(np.median(amounts)), 1.0))
+    wild = np.sort(np.concatenate([[0.0], 10.0 ** np.linspace(-300, 300, 999)]))
+    lookups.append(KnotLookup(wild, np.arange(len(wild), dtype=float), 0.0, 1e-300))
+    return lookups
+
+
+def _probes(lookup: KnotLookup, rng: np.random.Generator) -> np.ndarray:
+    knots = lookup.knots
+    inside = rng.uniform(knots[0], knots[-1], 3000) if np.isfinite(knots[-1] - knots[0]) else []
+    return np.concatenate(
+        [
+            rng.choice(knots, 3000) * (1 + 1e-3 * rng.normal(size=3000)),
+            inside,
+            knots,
+            (knots[1:] + knots[:-1]) / 2,
+            np.nextafter(knots, np.inf),
+            np.nextafter(knots, -np.inf),
+            [knots[0] - 1e9, knots[-1] + 1e9, -np.inf, np.inf, np.nan, -0.0, 0.0],
+        ]
+    )
+
+
+def test_block_equals_each_columns_lookup_bit_for_bit() -> None:
+    lookups = _mixed_lookups()
+    searches = [lk._search for lk in lookups if lk.use_grid]
+    # The mix must cover what the block reconciles; otherwise the test proves less than it says.
+    assert not all(lk.use_grid for lk in lookups)
+    assert {s.asinh for s in searches} == {False, True}
+    assert len({s.window for s in searches}) > 1 and len({s.size for s in searches}) > 1
+    rng = np.random.default_rng(12)
+    probes = [_probes(lk, rng) for lk in lookups]
+    rows = max(len(p) for p in probes)
+    # Each column's probes, repeated to the longest and shuffled, so columns mix in every row.
+    x = np.stack([rng.permutation(np.resize(p, rows)) for p in probes], axis=1)
+    for order in ("C", "F"):
+        got = KnotLookupBlock(lookups)(np.asarray(x, order=order))
+        for i, lk in enumerate(lookups):
+            np.testing.assert_array_equal(got[:, i], lk(x[:, i]), strict=True)
+    # Another column order (windows no longer sorted), a single row and no rows.
+    order = rng.permutation(len(lookups))
+    block = KnotLookupBlock([lookups[i] for i in order])
+    got = block(x[:, order])
+    for j, i in enumerate(order):
+        np.testing.assert_array_equal(got[:, j], lookups[i](x[:, i]), strict=True)
+    np.testing.assert_array_equal(block(x[:1, order]), got[:1], strict=True)
+    assert block(x[:0, order]).shape == (0, len(lookups))
+
+
+def test_block_of_columns_without_a_grid_is_np_interp() -> None:
+    wild = np.sort(np.concatenate([[0.0], 10.0 ** np.linspace(-300, 300, 999)]))
+    values = np.arange(len(wild), dtype=float)
+    lookup = KnotLookup(wild, values, 0.0, 1e-300)
+    assert not lookup.use_grid
+    x = np.concatenate([wild, (wild[1:] + wild[:-1]) / 2, [np.nan, -np.inf, np.inf]])
+    got = KnotLookupBlock([lookup, lookup])(np.stack([x, x[::-1]], axis=1))
+    np.testing.assert_array_equal(got[:, 0], np.interp(x, wild, values), strict=True)
+    np.testing.assert_array_equal(got[:, 1], np.interp(x[::-1], wild, values), strict=True)
