@@ -144,3 +144,122 @@ def test_round_trip_through_dict_is_exact():
     again = Preprocessor.from_dict(pre.to_dict(), SCHEMA)
     probe = frame(50, seed=3)
     np.testing.assert_array_equal(pre.transform(probe), again.transform(probe))
+
+
+MIXED = SchemaConfig(
+    id_field="id",
+    time_field=None,
+    numeric=["amount", "temp", "count", "flag", "const", "small"],
+    categorical=["kind"],
+)
+
+
+def mixed_frame(n: int, seed: int) -> pd.DataFrame:
+    """Float, int, bool and float32 columns: heavy tail, Gaussian, discrete, constant."""
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "amount": np.exp(rng.normal(3, 1.5, n)),
+            "temp": rng.normal(20, 2, n),
+            "count": rng.poisson(3, n),
+            "flag": rng.random(n) < 0.3,
+            "const": np.full(n, 5.0),
+            "small": rng.normal(0, 1, n).astype(np.float32),
+            "kind": rng.choice(["a", "b", "c"], n),
+        }
+    )
+
+
+def as_objects(f: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Same values, object dtype: the numeric columns go through the per-column path."""
+    return f.astype({c: object for c in columns})
+
+
+@pytest.mark.parametrize("transform", ["quantile", "robust", "signed_log"])
+def test_block_path_equals_the_per_column_path_bit_for_bit(transform):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantColumnWarning)
+        pre = Preprocessor(MIXED, numeric_transform=transform).fit(mixed_frame(3000, 0))
+    # More rows than one block step, not a multiple of it; new rows reach past the training
+    # range on both sides (and past the clip), some are missing and imputed.
+    probe = mixed_frame(5000, 1).set_index(np.arange(5000) * 3)
+    rng = np.random.default_rng(2)
+    for name, scale in [("amount", 1e4), ("temp", 50.0), ("small", 30.0)]:
+        spread = probe[name] * rng.choice([1.0, scale, -scale], len(probe), p=[0.9, 0.05, 0.05])
+        probe[name] = spread.where(rng.random(len(probe)) > 0.05, np.nan)
+    probe.loc[probe.index[::7], "const"] = rng.normal(5, 1, len(probe.index[::7]))
+    probe.loc[probe.index[:3], "amount"] = [1e300, -1e300, 0.0]
+    slow = as_objects(probe, MIXED.numeric)
+    assert pre._numeric_block(probe) is not None and pre._numeric_block(slow) is None
+    x = pre.transform(probe)
+    np.testing.assert_array_equal(x, pre.transform(slow), strict=True)
+    assert np.abs(x[:, :6]).max() == pre.clip  # the clip was reached
+    # The other layouts the block path takes: one float64 block (the stream decoder's frame, and
+    # numpy input, row-major) and a batch smaller than a block step.
+    numeric = probe[MIXED.numeric].astype(float)
+    for block in (
+        numeric,
+        pd.DataFrame(np.ascontiguousarray(numeric.to_numpy())).set_axis(MIXED.numeric, axis=1),
+    ):
+        block = block.assign(kind=probe["kind"].to_numpy())
+        np.testing.assert_array_equal(pre.transform(block), x, strict=True)
+    np.testing.assert_array_equal(pre.transform(probe.iloc[:100]), x[:100], strict=True)
+
+
+def test_numpy_input_takes_the_block_path_and_matches_the_per_column_path():
+    rows = np.random.default_rng(0).normal(size=(3000, 4)) ** 3
+    pre = Preprocessor().fit(rows[:1000])
+    frame = pd.DataFrame(rows, columns=pre.feature_names_in_)
+    assert pre._numeric_block(frame) is not None
+    np.testing.assert_array_equal(
+        pre.transform(rows), pre.transform(as_objects(frame, pre.numeric_)), strict=True
+    )
+
+
+@pytest.mark.parametrize(
+    ("missing", "bad", "expected"),
+    [
+        # The earlier column (numeric order) is named, whichever block step sees a value first;
+        # within a column an infinite value is reported before a missing one, then the first row.
+        (
+            "impute",
+            {(12, "temp"): np.inf, (4800, "amount"): np.nan, (4900, "amount"): -np.inf},
+            "column 'amount', row 4890 (index 4900): value is infinite",
+        ),
+        (
+            "reject",
+            {(12, "temp"): np.inf, (4800, "amount"): np.nan, (4900, "amount"): -np.inf},
+            "column 'amount', row 4890 (index 4900): value is infinite",
+        ),
+        (
+            "reject",
+            {(12, "temp"): np.inf, (4800, "amount"): np.nan, (4900, "amount"): np.nan},
+            "column 'amount', row 4790 (index 4800): value is missing",
+        ),
+        (
+            "impute",
+            {(12, "temp"): np.inf, (4800, "amount"): np.nan, (3000, "temp"): np.nan},
+            "column 'temp', row 2 (index 12): value is infinite",
+        ),
+        (
+            "reject",
+            {(3000, "temp"): np.nan, (4000, "temp"): np.inf},
+            "column 'temp', row 3990 (index 4000): value is infinite",
+        ),
+    ],
+)
+def test_block_path_raises_the_per_column_paths_error(missing, bad, expected):
+    schema = SchemaConfig(
+        numeric=["amount", "temp"], categorical=["kind"], missing=missing, time_field=None
+    )
+    pre = Preprocessor(schema).fit(frame())
+    probe = frame(5000).drop(columns=["id"]).set_index(np.arange(5000) + 10)
+    for (label, name), value in bad.items():
+        probe.loc[label, name] = value
+    slow = as_objects(probe, ["amount", "temp"])
+    assert pre._numeric_block(probe) is not None and pre._numeric_block(slow) is None
+    for f in (probe, slow):
+        with pytest.raises(DataError) as caught:
+            pre.transform(f)
+        assert str(caught.value) == expected
