@@ -352,3 +352,205 @@ def test_times_with_newlines_cannot_shift_rows():
     assert sum(map(len, column)) == len(a) * len(column)
     assert_times_match_pandas(column)
     assert _parse_times(column)[1] == [1, 2]
+
+
+# -- a varied batch against a reference decode -----------------------------------------------------
+
+VALID_RECORDS = [
+    good(0, ts="2026-01-05T05:19:01.673000Z"),  # the replay / bench shape
+    good(1, ts="2024-03-01T12:00:00+02:00", mcc=7995, id=17),
+    good(2, ts="2024-03-01T10:00:00", card=None),
+    good(3, ts="2024-03-01 10:00:00.123456789-05:30", card=42),
+    good(4, ts="2024-03-01", amount=7),
+    good(5, ts=1_709_294_400.25),
+    good(6, ts=1_709_294_400, amount=-0.0),
+    good(7, ts="2024-02-29T23:59:59.5Z", amount=1e-300, **{"v-1": 1.7976931348623157e308}),
+    good(8, ts="2024-03-01T10:00:00.1Z", mcc=""),
+    good(9, ts="2024-03-01T10:00Z", id="ü-9", card="é"),
+]
+# Valid only where missing values are imputed.
+MISSING_RECORDS = [
+    good(10, amount=None),
+    good(11, amount=math.nan),  # Python's json writes NaN
+    good(12, mcc=None),
+    {k: v for k, v in good(13).items() if k != "v-1"},
+]
+
+
+def reference_row(record: dict) -> dict:
+    """The documented meaning of a valid record, from json-level values."""
+    ts = record["ts"]
+    if isinstance(ts, str):
+        stamp = pd.Timestamp(pandas_time(ts), tz="UTC")
+    else:
+        stamp = pd.Timestamp(ts, unit="s", tz="UTC")
+    text = {k: None if record.get(k) is None else str(record[k]) for k in ("card", "mcc")}
+    numbers = {
+        k: math.nan if record.get(k) is None else float(record[k]) for k in ("amount", "v-1")
+    }
+    return {"id": str(record["id"]), "ts": stamp, **text, **numbers}
+
+
+def reference_frame(records: list[dict]) -> pd.DataFrame:
+    rows = [reference_row(r) for r in records]
+    column = {k: [row[k] for row in rows] for k in ("id", "ts", "card", "amount", "v-1", "mcc")}
+    return pd.DataFrame(
+        {
+            "id": pd.Series(column["id"], dtype=object),
+            "ts": pd.Series(column["ts"], dtype="datetime64[ns, UTC]"),
+            "card": pd.Series(column["card"], dtype=object),
+            "amount": np.array(column["amount"], dtype=np.float64),
+            "v-1": np.array(column["v-1"], dtype=np.float64),
+            "mcc": pd.Series(column["mcc"], dtype=object),
+        }
+    )
+
+
+def assert_same_frame(frame: pd.DataFrame, expected: pd.DataFrame) -> None:
+    pd.testing.assert_frame_equal(frame, expected, check_exact=True, check_column_type=True)
+    assert isinstance(frame.index, pd.RangeIndex)
+    for name in {"id", "card", "mcc"} & set(frame.columns):  # None, not NaN; str, not a number
+        assert list(map(type, frame[name])) == list(map(type, expected[name]))
+    for name in {"amount", "v-1"} & set(frame.columns):  # -0.0 and NaN bit for bit
+        assert frame[name].to_numpy().tobytes() == expected[name].to_numpy().tobytes()
+
+
+# (value, error kind, exact message or None where the text is msgspec's or Python's)
+BAD_VALUES = [
+    (b"{not json", "invalid_json", None),
+    (b"[1, 2]", "not_object", "expected a JSON object, got array"),
+    (b"", "empty", "message value is empty"),
+    (None, "empty", "message value is empty"),
+    (enc(good(1)).replace(b"5411", b"\xff\xfe"), "invalid_utf8", None),
+    (enc(good(1, pad="x" * 400)), "oversized", None),
+    (enc(good(1) | {"deep": json.loads("[" * 80 + "]" * 80)}), "too_deep", None),
+    (
+        enc({k: v for k, v in good(1).items() if k != "id"}),
+        "missing_field",
+        "field 'id' is missing",
+    ),
+    (enc(good(1, amount="12.5")), "wrong_type", None),
+    (enc(good(1, mcc=True)), "wrong_type", None),
+    (enc(good(1, amount=math.inf)), "not_finite", "field 'amount': inf is not a finite number"),
+    (enc(good(1, **{"v-1": -math.inf})), "not_finite", "field 'v-1': -inf is not a finite number"),
+    (
+        enc(good(1, ts="2024-02-30T00:00:00Z")),
+        "invalid_time",
+        "field 'ts': '2024-02-30T00:00:00Z' is not an ISO 8601 time or epoch seconds",
+    ),
+    (
+        enc(good(1, ts=1e300)),
+        "invalid_time",
+        "field 'ts': 1e+300 is not an ISO 8601 time or epoch seconds",
+    ),
+    # Two faults: the time is reported (checked first).
+    (
+        enc(good(1, ts="soon", mcc=None)),
+        "invalid_time",
+        "field 'ts': 'soon' is not an ISO 8601 time or epoch seconds",
+    ),
+]
+MISSING_MESSAGES = [
+    "field 'amount' is null or NaN (schema.missing=reject)",
+    "field 'amount' is null or NaN (schema.missing=reject)",
+    "field 'mcc' is null (schema.missing=reject)",
+    None,  # missing_field: the key is absent
+]
+
+
+@pytest.mark.parametrize("missing", ["impute", "reject"])
+@pytest.mark.parametrize("copies", [1, 40])
+def test_varied_batch_matches_the_reference(missing, copies):
+    """Valid records of every shape, interleaved with one bad record of every kind, decoded as
+    one batch (40 copies: several fallback chunks, some of them clean)."""
+    decoder = RecordDecoder(SchemaConfig(**SCHEMA, missing=missing))
+    valid = VALID_RECORDS + (MISSING_RECORDS if missing == "impute" else [])
+    bad = BAD_VALUES
+    if missing == "reject":
+        kinds = ["missing_value"] * 3 + ["missing_field"]
+        missing_values = zip(MISSING_RECORDS, kinds, MISSING_MESSAGES, strict=True)
+        bad = bad + [(enc(r), k, m) for r, k, m in missing_values]
+    values, kept, expected_rejects = [], [], []
+    for _ in range(copies):
+        for i in range(max(len(valid), len(bad))):
+            if i < len(valid):
+                kept.append(len(values))
+                values.append(enc(valid[i]))
+            if i < len(bad):
+                value, kind, message = bad[i]
+                expected_rejects.append((len(values), kind, message, value))
+                values.append(value)
+    batch = decoder.decode(
+        values, partitions=[2] * len(values), offsets=range(100, 100 + len(values))
+    )
+    assert_same_frame(batch.frame, reference_frame(valid * copies))
+    assert batch.index.tolist() == kept
+    assert [(r.index, r.error_kind) for r in batch.rejected] == [e[:2] for e in expected_rejects]
+    for reject, (index, _, message, value) in zip(batch.rejected, expected_rejects, strict=True):
+        assert (reject.partition, reject.offset) == (2, 100 + index)
+        alone = decoder.decode([value]).rejected[0]
+        assert reject.error_message == (message or alone.error_message)
+        assert alone.error_message == reject.error_message
+
+
+def test_clean_batch_matches_the_reference():
+    """A batch without a bad record takes the fast path from end to end."""
+    decoder = RecordDecoder(SchemaConfig(**SCHEMA, missing="impute"))
+    records = (VALID_RECORDS + MISSING_RECORDS) * 30
+    batch = decoder.decode([enc(r) for r in records])
+    assert batch.rejected == []
+    assert_same_frame(batch.frame, reference_frame(records))
+
+
+def test_frame_without_pandas_block_api(monkeypatch):
+    """pandas < 3 has no create_dataframe_from_blocks: the public constructor's frame is equal."""
+    import streams.decode as decode
+
+    decoder = RecordDecoder(SchemaConfig(**SCHEMA, missing="impute"))
+    values = [enc(r) for r in VALID_RECORDS + MISSING_RECORDS]
+    blocks_frame = decoder.decode(values).frame
+    monkeypatch.setattr(decode, "_create_dataframe_from_blocks", None)
+    plain_frame = decoder.decode(values).frame
+    assert_same_frame(plain_frame, blocks_frame)
+    assert_same_frame(plain_frame, reference_frame(VALID_RECORDS + MISSING_RECORDS))
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        dict(id_field="id", time_field=None, entity_field=None, numeric=[], categorical=[]),
+        dict(id_field="id", time_field="ts", entity_field=None, numeric=[], categorical=["mcc"]),
+        dict(id_field="id", time_field=None, entity_field="card", numeric=["amount"]),
+    ],
+)
+def test_schemas_without_some_fields(schema):
+    decoder = RecordDecoder(SchemaConfig(**schema))
+    records = [good(0, mcc=7), good(1, card=None)]
+    for values in ([enc(r) for r in records], []):
+        frame = decoder.decode(values).frame
+        reference = reference_frame(records[: len(values)])[decoder.columns]
+        if not len(values):
+            reference = reference.reset_index(drop=True)
+        assert_same_frame(frame, reference)
+
+
+def test_empty_frame_has_the_documented_time_dtype():
+    decoder = RecordDecoder(SchemaConfig(**SCHEMA))
+    for values in ([], [b"{oops"]):
+        assert str(decoder.decode(values).frame["ts"].dtype) == "datetime64[ns, UTC]"
+
+
+def test_nesting_at_the_depth_limit():
+    """The batch-wide bracket count only decides when to look closer: records at the limit are
+    kept, one past it rejected, whatever their neighbours."""
+    decoder = RecordDecoder(SchemaConfig(**SCHEMA | {"max_record_bytes": 10_000}), max_depth=8)
+    at_limit = enc(good(0) | {"x": json.loads("[" * 7 + "]" * 7)})  # depth 8 with the object
+    past = enc(good(1) | {"x": json.loads("[" * 8 + "]" * 8)})
+    in_string = enc(good(2, mcc="[[[[[[[[[[[["))
+    batch = decoder.decode([at_limit, in_string, past, at_limit] * 3)
+    assert [(r.index, r.error_kind) for r in batch.rejected] == [
+        (2, "too_deep"),
+        (6, "too_deep"),
+        (10, "too_deep"),
+    ]
+    assert decoder.decode([at_limit] * 20 + [in_string] * 20).rejected == []
