@@ -147,8 +147,22 @@ def host_inputs(pre: Preprocessor, frame: pd.DataFrame) -> tuple[np.ndarray, lis
     missing_cols = [c for c in pre.feature_names_in_ if c not in present]
     if missing_cols:
         raise DataError(f"missing column(s): {', '.join(missing_cols)}")
-    n = len(frame)
-    values = np.empty((n, len(pre.numeric_)), dtype=np.float64)
+    block = pre._numeric_block(frame)
+    if block is not None:
+        # Plain numpy columns: one block, one check (the errors are the per-column ones).
+        values = np.asarray(block, dtype=np.float64)
+        if not np.isfinite(values).all():
+            nan = np.isnan(values)
+            if np.isinf(values).any() or (pre.missing_ == "reject" and nan.any()):
+                pre._raise_first_bad_value(frame, values.T)
+    else:
+        values = _numeric_columns(pre, frame)
+    return values, _category_codes(pre, frame)
+
+
+def _numeric_columns(pre: Preprocessor, frame: pd.DataFrame) -> np.ndarray:
+    """Column by column, for any dtype (text, nullable types), with the per-column errors."""
+    values = np.empty((len(frame), len(pre.numeric_)), dtype=np.float64)
     for i, name in enumerate(pre.numeric_):
         column = _finite_or_missing_column(frame, name)
         if pre.missing_ == "reject":
@@ -157,6 +171,10 @@ def host_inputs(pre: Preprocessor, frame: pd.DataFrame) -> tuple[np.ndarray, lis
                 pos = int(np.flatnonzero(nan)[0])
                 raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
         values[:, i] = column
+    return values
+
+
+def _category_codes(pre: Preprocessor, frame: pd.DataFrame) -> list[np.ndarray]:
     codes = []
     for name in pre.categorical_:
         raw = frame[name]
@@ -166,7 +184,7 @@ def host_inputs(pre: Preprocessor, frame: pd.DataFrame) -> tuple[np.ndarray, lis
         code = pre._category_codes(name, raw)
         code[code < 0] = len(pre.categories_[name])  # unseen / missing -> last bucket
         codes.append(code)
-    return values, codes
+    return codes
 
 
 class DeviceCalibrator:
