@@ -1,0 +1,107 @@
+"""Microseconds per record of ``RecordDecoder.decode``: this tree's decoder vs a baseline revision.
+
+The records are the ones ``bench/stream.py`` produces (``generate_fraud`` rows through
+``encode_rows``, the fraud schema of examples/fraud.yaml), in batches of ``--batch`` records;
+``--extra-numeric K`` adds K float fields to records and schema (a wider feature vector). Both
+decoders run in the same process in alternating rounds (a busy machine slows both alike); each
+figure is the best round. The baseline is ``streams/decode.py`` at ``--baseline`` (default: the
+revision before the decode speed-ups), loaded from ``git show``.
+
+    python bench/decode.py                                  # fraud schema, 2000-record batches
+    python bench/decode.py --extra-numeric 25 --rounds 40   # 30 numeric features
+    python bench/decode.py --baseline HEAD~3
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# Run as a script, bench/ is first on sys.path and bench/storage.py would shadow the package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from anomaly.config import SchemaConfig  # noqa: E402
+from anomaly.synthetic import generate_fraud  # noqa: E402
+from streams.decode import RecordDecoder  # noqa: E402
+from streams.replay import encode_rows  # noqa: E402
+
+BASELINE = "95edc5b"  # streams/decode.py before the decode speed-ups
+
+
+def load_baseline(revision: str):
+    source = subprocess.run(
+        ["git", "show", f"{revision}:streams/decode.py"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    path = Path(tempfile.mkdtemp(prefix="bench-decode-")) / "baseline_decode.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location("baseline_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["baseline_decode"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def records(n: int, extra_numeric: int) -> tuple[SchemaConfig, list[bytes]]:
+    schema = yaml.safe_load((ROOT / "examples" / "fraud.yaml").read_text())["schema"]
+    frame = generate_fraud(n, anomaly_fraction=0.01, seed=2)
+    rng = np.random.default_rng(0)
+    extra = [f"x{j}" for j in range(extra_numeric)]
+    for name in extra:
+        frame[name] = np.round(rng.normal(size=n) * 100, 4)
+    schema["numeric"] = [*schema["numeric"], *extra]
+    return SchemaConfig(**schema), encode_rows(frame)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=2000)
+    parser.add_argument("--batches", type=int, default=5, help="distinct batches per round")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--extra-numeric", type=int, default=0)
+    parser.add_argument("--baseline", default=BASELINE, help="git revision of the baseline")
+    args = parser.parse_args()
+
+    schema, values = records(args.batch * args.batches, args.extra_numeric)
+    batches = [values[i : i + args.batch] for i in range(0, len(values), args.batch)]
+    size = sum(map(len, values)) / len(values)
+    print(
+        f"{len(batches)} batches of {args.batch} records, {size:.0f} bytes/record, "
+        f"{len(schema.numeric)} numeric + {len(schema.categorical)} categorical features"
+    )
+    baseline = load_baseline(args.baseline).RecordDecoder(schema)
+    current = RecordDecoder(schema)
+    # Same output before timing anything.
+    before, after = baseline.decode(batches[0]), current.decode(batches[0])
+    pd.testing.assert_frame_equal(before.frame, after.frame, check_exact=True)
+    assert before.rejected == after.rejected
+
+    best = {"baseline": float("inf"), "current": float("inf")}
+    for _ in range(args.rounds):
+        for name, decoder in (("baseline", baseline), ("current", current)):
+            start = time.perf_counter()
+            for batch in batches:
+                decoder.decode(batch)
+            best[name] = min(best[name], (time.perf_counter() - start) / len(values))
+    for name, seconds in best.items():
+        print(f"{name:9s} {seconds * 1e6:6.2f} us/record  (best of {args.rounds} rounds)")
+    print(f"speed-up  {best['baseline'] / best['current']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
