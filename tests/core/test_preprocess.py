@@ -191,9 +191,12 @@ def test_block_path_equals_the_per_column_path_bit_for_bit(transform):
     probe.loc[probe.index[::7], "const"] = rng.normal(5, 1, len(probe.index[::7]))
     probe.loc[probe.index[:3], "amount"] = [1e300, -1e300, 0.0]
     slow = as_objects(probe, MIXED.numeric)
-    assert pre._numeric_block(probe) is not None and pre._numeric_block(slow) is None
+    nullable = probe.astype({"amount": "Float64"})  # a pandas extension dtype (with NA)
+    assert pre._numeric_block(probe) is not None
+    assert pre._numeric_block(slow) is None and pre._numeric_block(nullable) is None
     x = pre.transform(probe)
     np.testing.assert_array_equal(x, pre.transform(slow), strict=True)
+    np.testing.assert_array_equal(x, pre.transform(nullable), strict=True)
     assert np.abs(x[:, :6]).max() == pre.clip  # the clip was reached
     # The other layouts the block path takes: one float64 block (the stream decoder's frame, and
     # numpy input, row-major) and a batch smaller than a block step.
