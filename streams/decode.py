@@ -577,7 +577,7 @@ def _layout_of(text: str) -> _IsoLayout | None:
         return None
     fraction = 0
     if length > 20 and text[19] == ".":
-        while 20 + fraction < length and text[20 + fraction].isdigit():
+        while fraction < 10 and 20 + fraction < length and text[20 + fraction].isdigit():
             fraction += 1
         if not 1 <= fraction <= 9:
             return None
@@ -610,11 +610,11 @@ def _parse_iso_fast(strings: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
             return _read_layout(matrix[:, :-1], layout)
     # Mixed lengths: one pass per length whose first string has a layout we read.
     lengths = np.fromiter(map(len, strings), dtype=np.intp, count=n)
-    for length in np.unique(lengths):
-        rows = np.flatnonzero(lengths == length)
-        layout = _layout_of(strings[rows[0]])
+    for length, first in zip(*np.unique(lengths, return_index=True), strict=True):
+        layout = _layout_of(strings[first])
         if layout is None:
             continue
+        rows = np.flatnonzero(lengths == length)
         buf = "".join([strings[i] for i in rows]).encode("ascii", "replace")
         matrix = np.frombuffer(buf, dtype=np.uint8).reshape(len(rows), int(length))
         ns[rows], ok[rows] = _read_layout(matrix, layout)
