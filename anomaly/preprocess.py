@@ -87,7 +87,9 @@ def _to_frame(data: Any, feature_names: list[str] | None = None) -> pd.DataFrame
                 f"array has {arr.shape[1]} columns but the model expects {len(names)} "
                 f"({', '.join(names[:10])}{'...' if len(names) > 10 else ''})"
             )
-        return pd.DataFrame(arr, columns=names)
+        # A view of the caller's array, not a copy (~10 ms per 100k x 30 rows): nothing here
+        # writes into the frames it builds.
+        return pd.DataFrame(arr, columns=names, copy=False)
     raise DataError(f"expected a pandas DataFrame or a numpy array, got {type(data).__name__}")
 
 

@@ -266,3 +266,17 @@ def test_block_path_raises_the_per_column_paths_error(missing, bad, expected):
         with pytest.raises(DataError) as caught:
             pre.transform(f)
         assert str(caught.value) == expected
+
+
+def test_transform_leaves_the_callers_array_untouched():
+    """numpy input is wrapped without a copy: imputation and clipping must not write through."""
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(500, 4))
+    pre = Preprocessor(numeric_transform="quantile").fit(train)
+    rows = rng.normal(size=(50, 4))
+    rows[3, 1] = np.nan
+    rows[4, 2] = 1e9
+    before = rows.copy()
+    out = pre.transform(rows)
+    np.testing.assert_array_equal(rows, before)
+    assert np.isfinite(out).all() and out[4, 2] == pre.clip
