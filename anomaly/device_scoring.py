@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 
 from anomaly.calibration import Calibrator
-from anomaly.errors import DataError
-from anomaly.preprocess import Preprocessor, _finite_or_missing_column, _row_label
+from anomaly.preprocess import Preprocessor
 
 LOG10 = math.log(10.0)
 
@@ -140,51 +139,11 @@ class DevicePreprocessor:
         return out
 
 
-def host_inputs(pre: Preprocessor, frame: pd.DataFrame) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The host's part of ``Preprocessor.transform``: the numeric block as float64 (NaN where
-    missing) and the category codes, with the same checks and errors."""
-    present = {str(c) for c in frame.columns}
-    missing_cols = [c for c in pre.feature_names_in_ if c not in present]
-    if missing_cols:
-        raise DataError(f"missing column(s): {', '.join(missing_cols)}")
-    block = pre._numeric_block(frame)
-    if block is not None:
-        # Plain numpy columns: one block, one check (the errors are the per-column ones).
-        values = np.asarray(block, dtype=np.float64)
-        if not np.isfinite(values).all():
-            nan = np.isnan(values)
-            if np.isinf(values).any() or (pre.missing_ == "reject" and nan.any()):
-                pre._raise_first_bad_value(frame, values.T)
-    else:
-        values = _numeric_columns(pre, frame)
-    return values, _category_codes(pre, frame)
-
-
-def _numeric_columns(pre: Preprocessor, frame: pd.DataFrame) -> np.ndarray:
-    """Column by column, for any dtype (text, nullable types), with the per-column errors."""
-    values = np.empty((len(frame), len(pre.numeric_)), dtype=np.float64)
-    for i, name in enumerate(pre.numeric_):
-        column = _finite_or_missing_column(frame, name)
-        if pre.missing_ == "reject":
-            nan = np.isnan(column)
-            if nan.any():
-                pos = int(np.flatnonzero(nan)[0])
-                raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
-        values[:, i] = column
-    return values
-
-
-def _category_codes(pre: Preprocessor, frame: pd.DataFrame) -> list[np.ndarray]:
-    codes = []
-    for name in pre.categorical_:
-        raw = frame[name]
-        if pre.missing_ == "reject" and raw.isna().any():
-            pos = int(np.flatnonzero(raw.isna().to_numpy())[0])
-            raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
-        code = pre._category_codes(name, raw)
-        code[code < 0] = len(pre.categories_[name])  # unseen / missing -> last bucket
-        codes.append(code)
-    return codes
+def host_inputs(pre: Preprocessor, data: Any) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The host's part of ``Preprocessor.transform``: the checked numeric block (float64, NaN
+    where missing) and the category codes, with the same errors."""
+    frame = pre.checked_frame(data)
+    return pre.checked_numeric(frame), pre.category_codes(frame)
 
 
 class DeviceCalibrator:

@@ -343,12 +343,7 @@ class Preprocessor:
     # -------------------------------------------------------------- transforming
     def transform(self, data: Any) -> np.ndarray:
         """Records -> float32 matrix ``(n_rows, n_features_out_)``; bad input raises DataError."""
-        self._check_fitted()
-        frame = _to_frame(data, self.feature_names_in_)
-        present = {str(c) for c in frame.columns}
-        missing_cols = [c for c in self.feature_names_in_ if c not in present]
-        if missing_cols:
-            raise DataError(f"missing column(s): {', '.join(missing_cols)}")
+        frame = self.checked_frame(data)
         n = len(frame)
         # Filled column by column, so column-major (contiguous writes; row-major took ~1 ms per
         # column per 100k rows); returned row-major, as the networks want it.
@@ -359,35 +354,80 @@ class Preprocessor:
         else:
             self._transform_numeric_block(frame, block, out)
         col = len(self.numeric_)
+        for name, codes in zip(self.categorical_, self.category_codes(frame), strict=True):
+            width = len(self.categories_[name]) + 1
+            block = out[:, col : col + width]
+            block[:] = 0.0
+            block[np.arange(n), codes] = 1.0
+            col += width
+        return np.ascontiguousarray(out)
+
+    # The host's part of transform, for scoring paths that do the arithmetic elsewhere (the GPU
+    # path of anomaly.device_scoring): the same checks and errors, nothing transformed.
+    def checked_frame(self, data: Any) -> pd.DataFrame:
+        """``data`` as a frame holding every input feature (DataError naming the missing ones)."""
+        self._check_fitted()
+        frame = _to_frame(data, self.feature_names_in_)
+        present = {str(c) for c in frame.columns}
+        missing_cols = [c for c in self.feature_names_in_ if c not in present]
+        if missing_cols:
+            raise DataError(f"missing column(s): {', '.join(missing_cols)}")
+        return frame
+
+    def checked_numeric(self, frame: pd.DataFrame) -> np.ndarray:
+        """The numeric features as float64 ``(rows, columns)``, NaN where missing, after the
+        checks ``transform`` makes (text, infinite, missing under ``reject``), same errors."""
+        block = self._numeric_block(frame)
+        if block is None:
+            return self._checked_numeric_columns(frame)
+        values = np.asarray(block, dtype=np.float64)
+        if not np.isfinite(values).all():
+            nan = np.isnan(values)
+            if np.isinf(values).any() or (self.missing_ == "reject" and nan.any()):
+                self._raise_first_bad_value(frame, values.T)
+        return values
+
+    def category_codes(self, frame: pd.DataFrame) -> list[np.ndarray]:
+        """Per categorical feature, each row's position in its one-hot block (unseen and missing
+        values: the last position), after the missing-value check under ``reject``."""
+        out = []
         for name in self.categorical_:
-            cats = self.categories_[name]
             raw = frame[name]
             if self.missing_ == "reject" and raw.isna().any():
                 pos = int(np.flatnonzero(raw.isna().to_numpy())[0])
                 raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
             codes = self._category_codes(name, raw)
-            codes[codes < 0] = len(cats)  # unseen / missing -> last bucket
-            block = out[:, col : col + len(cats) + 1]
-            block[:] = 0.0
-            block[np.arange(n), codes] = 1.0
-            col += len(cats) + 1
-        return np.ascontiguousarray(out)
+            codes[codes < 0] = len(self.categories_[name])  # unseen / missing -> last bucket
+            out.append(codes)
+        return out
 
     def fit_transform(self, data: Any) -> np.ndarray:
         return self.fit(data).transform(data)
 
     def _transform_numeric_columns(self, frame: pd.DataFrame, out: np.ndarray) -> None:
         """The numeric features one column at a time: any column dtype (text, nullable types)."""
+        values = self._checked_numeric_columns(frame)
         for i, name in enumerate(self.numeric_):
-            values = _finite_or_missing_column(frame, name)
-            nan = np.isnan(values)
+            column = values[:, i]
+            nan = np.isnan(column)
             params = self.numeric_params_[name]
             if nan.any():
-                if self.missing_ == "reject":
+                column = np.where(nan, params.median, column)
+            out[:, i] = self._transform_numeric(name, column, params)
+
+    def _checked_numeric_columns(self, frame: pd.DataFrame) -> np.ndarray:
+        """Column by column, any dtype: float64, NaN where missing; errors in column order.
+        Column-major, so each column stays contiguous (as the per-column arithmetic had it)."""
+        values = np.empty((len(frame), len(self.numeric_)), dtype=np.float64, order="F")
+        for i, name in enumerate(self.numeric_):
+            column = _finite_or_missing_column(frame, name)
+            if self.missing_ == "reject":
+                nan = np.isnan(column)
+                if nan.any():
                     pos = int(np.flatnonzero(nan)[0])
                     raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
-                values = np.where(nan, params.median, values)
-            out[:, i] = self._transform_numeric(name, values, params)
+            values[:, i] = column
+        return values
 
     def _numeric_block(self, frame: pd.DataFrame) -> np.ndarray | None:
         """The numeric features as one ``(rows, columns)`` array, or None unless every one is a
