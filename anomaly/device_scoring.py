@@ -19,7 +19,6 @@ comparisons), so MPS, which has no float64, keeps the numpy path.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +27,6 @@ import torch
 
 from anomaly.calibration import Calibrator
 from anomaly.preprocess import Preprocessor
-
-LOG10 = math.log(10.0)
 
 
 @dataclass
@@ -54,7 +51,6 @@ class DevicePreprocessor:
 
     def __init__(self, pre: Preprocessor, device: torch.device) -> None:
         pre._check_fitted()
-        self.pre = pre
         self.device = device
         self.clip = float(pre.clip)
         self.kind = pre.numeric_transform
