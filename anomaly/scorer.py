@@ -7,7 +7,8 @@ networks under bfloat16 autocast (scores are returned as float64 either way).
 On the CPU the per-row steps around the networks (preprocessing, conformal p-values, the
 ensemble) are vectorised numpy. On CUDA they run as torch ops on the GPU too
 (``anomaly.device_scoring``): on the host they run at ~1.5M rows/s for 30 features, which
-would cap scoring there however fast the GPU's networks; ``device_steps`` chooses explicitly. The explanations are built only for alert rows.
+would cap scoring there however fast the GPU's networks; ``device_steps`` chooses explicitly.
+The explanations are built only for alert rows.
 """
 
 from __future__ import annotations

@@ -5,11 +5,12 @@
 Generates ``rows`` normal rows (correlated Gaussian "sensor" columns plus heavy-tailed log-normal
 "amount" columns), fits ``AnomalyModel`` (VAE + flow + GAN, default settings) on them and reports
 the fit time of each detector, then scores ``rows`` fresh rows with ``BatchScorer`` (and times its
-preprocessing step alone: records -> float32 matrix) and with a
-fitted ``pyod.models.vae.VAE``'s ``decision_function`` in the same process, with the same number
-of torch threads, in alternating rounds (best of ``--repeat`` each), and prints the ratio; also the same scoring under bf16 autocast (``serve.bf16``)
-with how many alerts change. PyOD's VAE is fit on a subsample (its fit time is not what
-is compared); its default architecture and batch size are kept, as a user would run it.
+preprocessing step alone: records -> float32 matrix) and with a fitted ``pyod.models.vae.VAE``'s
+``decision_function`` in the same process, with the same number of torch threads, in alternating
+rounds (best of ``--repeat`` each), and prints the ratio; also the same scoring under bf16
+autocast (``serve.bf16``) with how many alerts change. PyOD's VAE is fit on a subsample (its fit
+time is not what is compared); its default architecture and batch size are kept, as a user
+would run it.
 """
 
 from __future__ import annotations
