@@ -67,7 +67,10 @@ def main() -> int:
     print(f"training a small fraud model ({args.threads} torch thread(s)) ...", flush=True)
     labels = ["is_anomaly", "anomaly_kind"]
     base = config_from_dict({"name": "bench", "schema": schema}, environ={})
-    model = AnomalyModel.from_config(base, max_epochs=3, max_steps=300, progress=False)
+    # Trained on the CPU whatever --device says: the service loads the bundle on its device.
+    model = AnomalyModel.from_config(
+        base, max_epochs=3, max_steps=300, progress=False, device="cpu"
+    )
     model.fit(generate_fraud(5000, anomaly_fraction=0.0, seed=1).drop(columns=labels))
     bundle = tmp / "model"
     model.save(bundle)
