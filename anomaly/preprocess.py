@@ -128,6 +128,8 @@ def _finite_or_missing_column(frame: pd.DataFrame, name: str) -> np.ndarray:
 
 def _row_label(frame: pd.DataFrame, pos: int) -> str:
     label = frame.index[pos]
+    if isinstance(label, np.generic):  # pandas 2 hands out NumPy scalars: np.int64(4900)
+        label = label.item()
     return f"row {pos}" if label == pos else f"row {pos} (index {label!r})"
 
 
