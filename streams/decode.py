@@ -509,8 +509,18 @@ def _parse_times(column: Sequence[Any]) -> tuple[np.ndarray, list[int]]:
     return result, sorted(bad)
 
 
+# pandas 2's ISO 8601 parser carries one string's UTC offset over to the naive strings after it
+# in the same call (2.3.3: ["2024-03-01T10:00:00+02:00", "1970-01-01T00:00:00"] gives 1969-12-31
+# 22:00 for the second); pandas 3 does not.
+_PANDAS_MIXES_OFFSETS = int(pd.__version__.split(".")[0]) < 3
+
+
 def _parse_iso_pandas(strings: list[str]) -> np.ndarray:
     """The general ISO 8601 parser (pandas'), NaT where invalid or outside the ns range."""
+    if _PANDAS_MIXES_OFFSETS and len(strings) > 1:
+        # One call per distinct string (only the strings the fast path left, rarely many).
+        parsed_once = {s: _parse_iso_pandas([s])[0] for s in dict.fromkeys(strings)}
+        return np.array([parsed_once[s] for s in strings], dtype="datetime64[ns]")
     parsed = pd.to_datetime(
         pd.Series(strings, dtype=object), utc=True, format="ISO8601", errors="coerce"
     )

@@ -554,3 +554,11 @@ def test_nesting_at_the_depth_limit():
         (10, "too_deep"),
     ]
     assert decoder.decode([at_limit] * 20 + [in_string] * 20).rejected == []
+
+
+def test_naive_times_after_an_offset_keep_utc_off_the_fast_path():
+    """Two strings the fast path leaves to pandas (10 fraction digits), an offset one first:
+    pandas 2 parses them in one call as if the naive one had the same offset."""
+    column = ["2024-03-01T10:00:00.1234567891+02:00", "1970-01-01T00:00:00.0000000000"]
+    assert_times_match_pandas(column)
+    assert _parse_times(column)[0][1] == np.datetime64("1970-01-01T00:00:00", "ns")
