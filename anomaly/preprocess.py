@@ -257,7 +257,6 @@ class Preprocessor:
         # For each output column, the input feature it came from (explanations sum over these).
         self.output_source_ = np.asarray(source, dtype=np.int64)
         self.n_features_out_ = len(names)
-        self._lookups: dict[str, KnotLookup] = {}
         self._numeric_block_transform: _NumericBlockTransform | None = None
         self._category_index: dict[str, pd.Index] = {}
 
@@ -351,10 +350,9 @@ class Preprocessor:
         # column per 100k rows); returned row-major, as the networks want it.
         out = np.empty((n, self.n_features_out_), dtype=np.float32, order="F")
         block = self._numeric_block(frame)
-        if block is None:
-            self._transform_numeric_columns(frame, out)
-        else:
-            self._transform_numeric_block(frame, block, out)
+        if block is None:  # text or nullable columns: extracted and checked one at a time
+            block = self._checked_numeric_columns(frame)
+        self._transform_numeric_block(frame, block, out)
         col = len(self.numeric_)
         for name, codes in zip(self.categorical_, self.category_codes(frame), strict=True):
             width = len(self.categories_[name]) + 1
@@ -383,10 +381,7 @@ class Preprocessor:
         if block is None:
             return self._checked_numeric_columns(frame)
         values = np.asarray(block, dtype=np.float64)
-        if not np.isfinite(values).all():
-            nan = np.isnan(values)
-            if np.isinf(values).any() or (self.missing_ == "reject" and nan.any()):
-                self._raise_first_bad_value(frame, values.T)
+        self._missing_after_checks(frame, values, values.T)
         return values
 
     def category_codes(self, frame: pd.DataFrame) -> list[np.ndarray]:
@@ -406,20 +401,9 @@ class Preprocessor:
     def fit_transform(self, data: Any) -> np.ndarray:
         return self.fit(data).transform(data)
 
-    def _transform_numeric_columns(self, frame: pd.DataFrame, out: np.ndarray) -> None:
-        """The numeric features one column at a time: any column dtype (text, nullable types)."""
-        values = self._checked_numeric_columns(frame)
-        for i, name in enumerate(self.numeric_):
-            column = values[:, i]
-            nan = np.isnan(column)
-            params = self.numeric_params_[name]
-            if nan.any():
-                column = np.where(nan, params.median, column)
-            out[:, i] = self._transform_numeric(name, column, params)
-
     def _checked_numeric_columns(self, frame: pd.DataFrame) -> np.ndarray:
         """Column by column, any dtype: float64, NaN where missing; errors in column order.
-        Column-major, so each column stays contiguous (as the per-column arithmetic had it)."""
+        Column-major, as ``_numeric_block`` gives it: each feature's values contiguous."""
         values = np.empty((len(frame), len(self.numeric_)), dtype=np.float64, order="F")
         for i, name in enumerate(self.numeric_):
             column = _finite_or_missing_column(frame, name)
@@ -434,8 +418,8 @@ class Preprocessor:
     def _numeric_block(self, frame: pd.DataFrame) -> np.ndarray | None:
         """The numeric features as one ``(rows, columns)`` array, or None unless every one is a
         plain NumPy bool, integer or float column (those hold no text or NA to report, and
-        convert to float64 exactly as the per-column path converts them). Columns of one dtype
-        come as they are (for a single block, without a copy), others as float64."""
+        convert to float64 exactly as ``_checked_numeric_columns`` converts them). Columns of
+        one dtype come as they are (for a single block, without a copy), others as float64."""
         if not self.numeric_:
             return None
         labels = frame.columns.tolist()
@@ -444,7 +428,7 @@ class Preprocessor:
         else:
             where = {label: i for i, label in enumerate(labels)}
             if len(where) != len(labels) or any(name not in where for name in self.numeric_):
-                return None  # duplicate or non-string labels: the per-column path decides
+                return None  # duplicate or non-string labels: the per-column checks decide
             positions = [where[name] for name in self.numeric_]
         all_dtypes = frame.dtypes.tolist()
         dtypes = all_dtypes if positions is None else [all_dtypes[i] for i in positions]
@@ -458,7 +442,8 @@ class Preprocessor:
     def _transform_numeric_block(
         self, frame: pd.DataFrame, block: np.ndarray, out: np.ndarray
     ) -> None:
-        """Same result and errors as ``_transform_numeric_columns``, every column at once.
+        """The numeric features of ``block`` (rows x columns) into ``out``: missing values take
+        the column's median, then ``_NumericBlockTransform``; errors as the per-column checks.
 
         Worked on transposed, one feature per row: the block and ``out`` are column-major, so
         each feature's values stay contiguous."""
@@ -471,15 +456,26 @@ class Preprocessor:
             # strided, and one small transposing copy per chunk beats a dozen strided passes.
             x = np.ascontiguousarray(xt[:, r0 : r0 + BLOCK_ROWS], dtype=np.float64)
             with row_sized_ufunc_buffers(x.shape[1]):
-                if not np.isfinite(x).all():
-                    nan = np.isnan(x)
-                    if np.isinf(x).any() or (self.missing_ == "reject" and nan.any()):
-                        self._raise_first_bad_value(frame, xt)
+                nan = self._missing_after_checks(frame, x, xt)
+                if nan is not None:
                     x = np.where(nan, plan.median, x)
                 zt[:, r0 : r0 + BLOCK_ROWS] = plan(x)
 
+    def _missing_after_checks(
+        self, frame: pd.DataFrame, x: np.ndarray, xt: np.ndarray
+    ) -> np.ndarray | None:
+        """None when ``x`` (part of the numeric block ``xt``, one feature per row) is all finite;
+        else its NaN mask, once no value is infinite and none is missing under ``reject`` (the
+        first such, in the whole block, is raised as the per-column checks raise it)."""
+        if np.isfinite(x).all():
+            return None
+        nan = np.isnan(x)
+        if np.isinf(x).any() or (self.missing_ == "reject" and nan.any()):
+            self._raise_first_bad_value(frame, xt)
+        return nan
+
     def _raise_first_bad_value(self, frame: pd.DataFrame, xt: np.ndarray) -> None:
-        """The DataError the per-column path raises: first bad column, then first bad row."""
+        """The DataError the per-column checks raise: first bad column, then first bad row."""
         for name, column in zip(self.numeric_, xt, strict=True):
             values = np.asarray(column, dtype=np.float64)
             inf = np.isinf(values)
@@ -496,8 +492,8 @@ class Preprocessor:
         if self._numeric_block_transform is None:
             params = [self.numeric_params_[name] for name in self.numeric_]
             lookups = {
-                i: self._knot_lookup(name, p)
-                for i, (name, p) in enumerate(zip(self.numeric_, params, strict=True))
+                i: KnotLookup(np.asarray(p.knots), np.asarray(p.normal), p.median, p.scale)
+                for i, p in enumerate(params)
                 if self.numeric_transform == "quantile" and len(p.knots) > 1
             }
             self._numeric_block_transform = _NumericBlockTransform(
@@ -523,32 +519,6 @@ class Preprocessor:
             if value is not None and not isinstance(value, str) and not pd.isna(value):
                 codes[i] = index.get_indexer([str(value)])[0]
         return codes
-
-    def _knot_lookup(self, name: str, p: NumericParams) -> KnotLookup:
-        # Derived from the stored knots on first use and never saved, so a fitted and a loaded
-        # preprocessor build the same one.
-        lookup = self._lookups.get(name)
-        if lookup is None:
-            lookup = KnotLookup(np.asarray(p.knots), np.asarray(p.normal), p.median, p.scale)
-            self._lookups[name] = lookup
-        return lookup
-
-    def _transform_numeric(self, name: str, values: np.ndarray, p: NumericParams) -> np.ndarray:
-        if self.numeric_transform == "quantile" and len(p.knots) > 1:
-            lookup = self._knot_lookup(name, p)  # holds the knots as arrays already
-            knots, normal = lookup.knots, lookup.values
-            z = lookup(values)
-            hi = values > knots[-1]
-            lo = values < knots[0]
-            if hi.any():
-                z[hi] = normal[-1] + np.log1p((values[hi] - knots[-1]) / p.scale)
-            if lo.any():
-                z[lo] = normal[0] - np.log1p((knots[0] - values[lo]) / p.scale)
-        else:
-            z = (values - p.median) / p.scale
-            if self.numeric_transform == "signed_log":
-                z = np.sign(z) * np.log1p(np.abs(z))
-        return np.clip(z, -self.clip, self.clip)
 
     # ------------------------------------------------------------ (de)serialising
     def to_dict(self) -> dict[str, Any]:
@@ -602,14 +572,15 @@ class Preprocessor:
 
 
 class _NumericBlockTransform:
-    """``Preprocessor._transform_numeric`` of every numeric column at once, bit for bit.
+    """The numeric transform (module docstring) of every numeric column at once.
 
     Called on a finite ``(columns, rows)`` block, one feature per row; returns the clipped
     float64 result in the same layout. Columns with quantile knots go through one
-    ``KnotLookupBlock`` and the log1p tails beyond their knots; the rest (robust, signed_log, and
-    quantile columns that were constant in training) through ``(x - median) / scale``. Each
-    element meets the same floating-point operations in the same order as in the per-column
-    path, and log1p always runs over contiguous arrays, as there.
+    ``KnotLookupBlock`` (== ``np.interp`` on each column's knots) and the log1p tails beyond
+    their knots; the rest (robust, signed_log, and quantile columns that were constant in
+    training) through ``(x - median) / scale``. Each element meets the same floating-point
+    operations as a column-by-column computation would, and log1p always runs over contiguous
+    arrays, so results do not depend on the batch's layout.
     """
 
     def __init__(
