@@ -38,6 +38,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from anomaly.config import SchemaConfig
 from anomaly.errors import DataError, NotFittedError
@@ -124,6 +126,18 @@ def _finite_or_missing_column(frame: pd.DataFrame, name: str) -> np.ndarray:
         pos = int(np.flatnonzero(np.isinf(values))[0])
         raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is infinite")
     return values
+
+
+def _arrow_strings(column: pd.Series) -> Any:
+    """The Arrow data of a column of strings held by Arrow (pandas' ``str`` dtype with pyarrow,
+    ``string[pyarrow]``), as one chunked array without a copy; None for any other column."""
+    array = column.array
+    if not isinstance(array, pd.arrays.ArrowStringArray):
+        return None
+    data = array.__arrow_array__()
+    if not (pa.types.is_string(data.type) or pa.types.is_large_string(data.type)):
+        return None
+    return data
 
 
 def _row_label(frame: pd.DataFrame, pos: int) -> str:
@@ -259,6 +273,7 @@ class Preprocessor:
         self.n_features_out_ = len(names)
         self._numeric_block_transform: _NumericBlockTransform | None = None
         self._category_index: dict[str, pd.Index] = {}
+        self._category_arrow: dict[tuple[str, Any], Any] = {}
 
     # ---------------------------------------------------------------- checking
     def _schema_feature_names(self) -> list[str] | None:
@@ -310,6 +325,8 @@ class Preprocessor:
             msg = f"missing field(s): {', '.join(missing_cols)}"
             return [(i, "missing_column", msg) for i in range(n)]
         reject = self.missing_ == "reject"
+        if self._clean(frame, reject):
+            return errors
         seen: set[int] = set()
         for name in self.numeric_:
             values, bad = _numeric_column(frame, name)
@@ -340,6 +357,27 @@ class Preprocessor:
                         errors.append((int(pos), "missing_value", f"field '{name}' is missing"))
         errors.sort(key=lambda e: e[0])
         return errors
+
+    def _clean(self, frame: pd.DataFrame, reject: bool) -> bool:
+        """True when ``validate_frame`` has nothing to report, found in one pass over the
+        numeric block (plain NumPy columns hold no text) and the Arrow null counts; False when
+        it cannot tell that way (the per-column checks then decide)."""
+        block = self._numeric_block(frame)
+        if block is None and self.numeric_:
+            return False
+        if block is not None and not (np.isfinite(block).all() or self._only_nan(block, reject)):
+            return False
+        if reject:
+            for name in self.categorical_:
+                arrow = _arrow_strings(frame[name])
+                if arrow is None or arrow.null_count:
+                    return False
+        return True
+
+    @staticmethod
+    def _only_nan(block: np.ndarray, reject: bool) -> bool:
+        """Not all finite, yet nothing to report: only missing values, allowed by the policy."""
+        return not reject and not np.isinf(block).any()
 
     # -------------------------------------------------------------- transforming
     def transform(self, data: Any) -> np.ndarray:
@@ -390,10 +428,15 @@ class Preprocessor:
         out = []
         for name in self.categorical_:
             raw = frame[name]
-            if self.missing_ == "reject" and raw.isna().any():
+            arrow = _arrow_strings(raw)
+            missing = arrow.null_count if arrow is not None else raw.isna().any()
+            if self.missing_ == "reject" and missing:
                 pos = int(np.flatnonzero(raw.isna().to_numpy())[0])
                 raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
-            codes = self._category_codes(name, raw)
+            if arrow is not None:
+                codes = self._arrow_category_codes(name, arrow)
+            else:
+                codes = self._category_codes(name, raw)
             codes[codes < 0] = len(self.categories_[name])  # unseen / missing -> last bucket
             out.append(codes)
         return out
@@ -500,6 +543,19 @@ class Preprocessor:
                 params, lookups, self.numeric_transform == "signed_log", self.clip
             )
         return self._numeric_block_transform
+
+    def _arrow_category_codes(self, name: str, values: Any) -> np.ndarray:
+        """``_category_codes`` for a column of Arrow strings, in Arrow (one hash lookup per value,
+        no Python object per value): the same codes, since both compare the strings."""
+        key = (name, values.type)
+        lookup = self._category_arrow.get(key)
+        if lookup is None:
+            vocab = pa.array(self.categories_[name], type=values.type)
+            lookup = self._category_arrow[key] = pc.SetLookupOptions(vocab)
+        codes = pc.index_in(values, options=lookup)
+        if codes.null_count:  # unseen or missing
+            codes = pc.fill_null(codes, -1)
+        return codes.to_numpy().astype(np.intp)
 
     def _category_codes(self, name: str, raw: pd.Series) -> np.ndarray:
         """Position of each value in the column's vocabulary, -1 for unseen or missing.

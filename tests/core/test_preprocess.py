@@ -77,6 +77,30 @@ def test_categories_are_compared_as_strings_whatever_the_column_dtype():
     np.testing.assert_array_equal(pre.transform(as_text)[:, 2:], x)
 
 
+
+@pytest.mark.parametrize("dtype", ["str", "string[pyarrow]", "string[python]", object])
+def test_category_codes_are_the_same_for_arrow_and_python_strings(dtype):
+    """Arrow-held strings are looked up in Arrow, others through a pandas Index: one answer."""
+    pre = Preprocessor(SCHEMA).fit(frame())
+    values = ["c", "a", "zzz", None, "b", "", "a "]
+    probe = frame(len(values)).assign(kind=pd.Series(values, dtype=dtype))
+    codes = pre.category_codes(probe)[0]
+    np.testing.assert_array_equal(codes, [2, 0, 3, 3, 1, 3, 3])
+    assert codes.dtype == np.intp
+
+
+@pytest.mark.parametrize("dtype", ["str", "string[pyarrow]", object])
+def test_validate_frame_finds_a_missing_category_under_reject_whatever_the_dtype(dtype):
+    schema = SchemaConfig(
+        numeric=["amount", "temp"], categorical=["kind"], missing="reject", time_field=None
+    )
+    pre = Preprocessor(schema).fit(frame())
+    probe = frame(5).assign(kind=pd.Series(["a", "b", None, "c", "a"], dtype=dtype))
+    assert pre.validate_frame(probe) == [(2, "missing_value", "field 'kind' is missing")]
+    assert pre.validate_frame(frame(5).astype({"kind": dtype})) == []
+    imputing = Preprocessor(SCHEMA).fit(frame())
+    assert imputing.validate_frame(probe.assign(temp=np.nan)) == []
+
 def test_reject_policy_names_row_and_column():
     schema = SchemaConfig(
         numeric=["amount", "temp"], categorical=["kind"], missing="reject", time_field=None
