@@ -41,6 +41,12 @@ SCORE_COLUMNS = ["vae", "flow", "gan", "ensemble", "vae_p", "flow_p", "gan_p", "
 MIN_TRAINING_ROWS = 50
 
 
+def score_frame(block: np.ndarray) -> pd.DataFrame:
+    """The score table from ``_score_block``'s ``(len(SCORE_COLUMNS), n)`` block, without a
+    copy: pandas keeps a frame's float columns as one such block."""
+    return pd.DataFrame(block.T, columns=SCORE_COLUMNS, copy=False)
+
+
 def detector_class(name: str) -> type[BaseDetector]:
     module, cls = DETECTOR_CLASSES[name]
     return getattr(importlib.import_module(module), cls)
@@ -278,19 +284,27 @@ class AnomalyModel:
 
     def _table(self, raw: dict[str, np.ndarray]) -> tuple[pd.DataFrame, np.ndarray]:
         """Scores and p-values per row, plus the ensemble's tail-extended p (for severities)."""
+        block, ens_tail = self._score_block(raw)
+        return score_frame(block), ens_tail
+
+    def _score_block(self, raw: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """``_table`` as one ``(len(SCORE_COLUMNS), n)`` array, a row per column: it becomes a
+        DataFrame without a copy (a frame built from separate arrays copies them into one
+        block, a fixed cost that shows in small micro-batches)."""
         n = len(next(iter(raw.values())))
-        table = {c: np.full(n, np.nan) for c in SCORE_COLUMNS}
+        block = np.full((len(SCORE_COLUMNS), n), np.nan)
+        row = dict(zip(SCORE_COLUMNS, block, strict=True))
         tails = []
         for name in self.detectors:
             cal = self.calibrators_[name]
-            table[name] = raw[name]
-            table[f"{name}_p"] = p = cal.pvalues(raw[name])
+            row[name][:] = raw[name]
+            row[f"{name}_p"][:] = p = cal.pvalues(raw[name])
             tails.append(cal.tail_pvalues(raw[name], pvalues=p))
         ens = combine(tails)
         ens_cal = self.calibrators_["ensemble"]
-        table["ensemble"] = ens
-        table["ensemble_p"] = p = ens_cal.pvalues(ens)
-        return pd.DataFrame(table, columns=SCORE_COLUMNS), ens_cal.tail_pvalues(ens, pvalues=p)
+        row["ensemble"][:] = ens
+        row["ensemble_p"][:] = p = ens_cal.pvalues(ens)
+        return block, ens_cal.tail_pvalues(ens, pvalues=p)
 
     def transform(self, X: Any) -> np.ndarray:
         self._check_fitted()
@@ -331,13 +345,14 @@ class AnomalyModel:
         self, frame: pd.DataFrame, contributions: np.ndarray, rows: np.ndarray, top: int
     ) -> list[list[dict[str, Any]]]:
         names = self.preprocessor_.feature_names_in_
-        # The needed rows, column by column from the arrays themselves (a frame-level take
-        # then to_numpy costs ~3x more with Arrow string columns), then plain Python lookups.
+        orders = np.argsort(-contributions, axis=1, kind="stable")[:, :top]
+        # The needed rows of the columns some row names, column by column from the arrays
+        # themselves (a frame-level take then to_numpy costs ~3x more with Arrow string
+        # columns), then plain Python lookups.
         take = np.asarray(rows, dtype=np.int64)
         values = np.empty((len(take), len(names)), dtype=object)
-        for j, name in enumerate(names):
-            values[:, j] = np.asarray(frame[name].array.take(take), dtype=object)
-        orders = np.argsort(-contributions, axis=1, kind="stable")[:, :top]
+        for j in np.unique(orders).tolist():
+            values[:, j] = np.asarray(frame[names[j]].array.take(take), dtype=object)
         out = []
         for k, (contrib, order) in enumerate(zip(contributions, orders, strict=True)):
             items = []

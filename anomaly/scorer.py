@@ -22,7 +22,7 @@ import torch
 
 from anomaly.detectors._base import resolve_device
 from anomaly.device_scoring import DeviceScorer, host_inputs
-from anomaly.model import AnomalyModel
+from anomaly.model import SCORE_COLUMNS, AnomalyModel, score_frame
 from anomaly.preprocess import _to_frame
 
 
@@ -36,6 +36,9 @@ class ScoredBatch:
     # lists per batch made the cyclic GC walk every object torch and pandas hold (~2 ms a batch).
     fired: list[tuple[str, ...]]  # detectors whose own p-value <= target_fpr
     top_features: list[tuple[dict[str, Any], ...]]  # explanations for alert rows, () elsewhere
+    # The columns of ``scores`` as arrays (the same memory): a frame's column lookup costs
+    # ~25 us each, which a micro-batch would pay per column per batch.
+    columns: dict[str, np.ndarray]
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -77,28 +80,33 @@ class BatchScorer:
         frame = _to_frame(frame, model.preprocessor_.feature_names_in_)
         n = len(frame)
         if n == 0:
-            empty = pd.DataFrame({c: np.empty(0) for c in _columns()})
-            return ScoredBatch(empty, np.zeros(0, bool), np.empty(0, object), [], [])
+            block = np.empty((len(SCORE_COLUMNS), 0))
+            return ScoredBatch(
+                score_frame(block), np.zeros(0, bool), np.empty(0, object), [], [],
+                dict(zip(SCORE_COLUMNS, block, strict=True)),
+            )  # fmt: skip
         if self._device_scorer is not None:
             values, codes = host_inputs(model.preprocessor_, frame)
             out = self._device_scorer.score(values, codes, self.batch_size, self.bf16)
-            table = pd.DataFrame({c: np.full(n, np.nan) for c in _columns()})
-            table[out.columns] = out.table
+            block = np.full((len(SCORE_COLUMNS), n), np.nan)
+            for column, values_ in zip(out.columns, out.table.T, strict=True):
+                block[SCORE_COLUMNS.index(column)] = values_
             ens_tail = out.ensemble_tail
         else:
             xp = model.preprocessor_.transform(frame)
             raw, errors = model._raw_scores(
                 xp, batch_size=self.batch_size, bf16=self.bf16, want_errors=True
             )
-            table, ens_tail = model._table(raw)
+            block, ens_tail = model._score_block(raw)
+        columns = dict(zip(SCORE_COLUMNS, block, strict=True))
         alpha = model.target_fpr
-        is_alert = table["ensemble_p"].to_numpy() <= alpha
+        is_alert = columns["ensemble_p"] <= alpha
         severity = model.calibrators_["ensemble"].severity(ens_tail, is_alert)
         # Which detectors fired, as a bit pattern per row, then one shared tuple per pattern,
         # without looking at rows where none fired.
         bits = np.zeros(n, dtype=np.int64)
         for i, name in enumerate(model.detectors):
-            bits |= (table[f"{name}_p"].to_numpy() <= alpha).astype(np.int64) << i
+            bits |= (columns[f"{name}_p"] <= alpha).astype(np.int64) << i
         patterns = [
             tuple(name for i, name in enumerate(model.detectors) if code >> i & 1)
             for code in range(1 << len(model.detectors))
@@ -123,10 +131,4 @@ class BatchScorer:
                 strict=True,
             ):
                 top_features[r] = tuple(items)
-        return ScoredBatch(table, is_alert, severity, fired, top_features)
-
-
-def _columns() -> list[str]:
-    from anomaly.model import SCORE_COLUMNS
-
-    return SCORE_COLUMNS
+        return ScoredBatch(score_frame(block), is_alert, severity, fired, top_features, columns)

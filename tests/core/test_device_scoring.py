@@ -57,12 +57,23 @@ def test_device_steps_score_exactly_like_the_numpy_steps(fitted_model, frame_pro
     assert device._device_scorer is not None
     got = device.score(rows)
     assert host.is_alert.sum() >= 50  # the anomalies, so explanations are compared too
+    # The ensemble score is the mean of -log10(p): numpy's and torch's log10 may round the last
+    # bit differently (they agree on an Intel Xeon, not on an AMD EPYC). Everything else, the
+    # ensemble's p-values, alerts and severities included, must be exact.
+    np.testing.assert_allclose(
+        got.columns["ensemble"], host.columns["ensemble"], rtol=1e-14, atol=0
+    )
+    got.scores["ensemble"] = got.columns["ensemble"] = host.columns["ensemble"]
     for field in dataclasses.fields(host):
         a, b = getattr(host, field.name), getattr(got, field.name)
         if isinstance(a, pd.DataFrame):
             pd.testing.assert_frame_equal(a, b, check_exact=True)
         elif isinstance(a, np.ndarray):
             np.testing.assert_array_equal(a, b)
+        elif isinstance(a, dict):
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
         else:
             assert a == b, field.name
 
