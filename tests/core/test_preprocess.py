@@ -77,7 +77,6 @@ def test_categories_are_compared_as_strings_whatever_the_column_dtype():
     np.testing.assert_array_equal(pre.transform(as_text)[:, 2:], x)
 
 
-
 @pytest.mark.parametrize("dtype", ["str", "string[pyarrow]", "string[python]", object])
 def test_category_codes_are_the_same_for_arrow_and_python_strings(dtype):
     """Arrow-held strings are looked up in Arrow, others through a pandas Index: one answer."""
@@ -100,6 +99,7 @@ def test_validate_frame_finds_a_missing_category_under_reject_whatever_the_dtype
     assert pre.validate_frame(frame(5).astype({"kind": dtype})) == []
     imputing = Preprocessor(SCHEMA).fit(frame())
     assert imputing.validate_frame(probe.assign(temp=np.nan)) == []
+
 
 def test_reject_policy_names_row_and_column():
     schema = SchemaConfig(
