@@ -74,7 +74,16 @@ class KafkaConfig:
     # Micro-batch bounds: at most batch_size records, waiting at most max_wait_s for them.
     batch_size: int = 1000
     max_wait_s: float = 0.5
-    format: Literal["json"] = "json"
+    # Record values: "json" (one object each) or "avro" (Avro binary of the record schema in
+    # avro_schema, a .avsc file relative to this file; see streams/avro.py).
+    format: Literal["json", "avro"] = "json"
+    avro_schema: str | None = None
+    # "confluent": values start with Schema Registry's header (byte 0, the schema id as 4 bytes
+    # big-endian), as Confluent's serializers write them; "none": bare Avro binary.
+    avro_framing: Literal["confluent", "none"] = "confluent"
+    # Schema ids written with avro_schema; values with another id are dead-lettered
+    # (unknown_schema). Empty: every id is read with avro_schema.
+    avro_schema_ids: list[int] = field(default_factory=list)
     security_protocol: str | None = None  # e.g. SASL_SSL
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
@@ -207,6 +216,19 @@ def _validate(cfg: PipelineConfig) -> None:
         raise ConfigError("kafka.batch_size must be >= 1")
     if cfg.kafka.max_wait_s <= 0:
         raise ConfigError("kafka.max_wait_s must be > 0")
+    k = cfg.kafka
+    if k.format not in ("json", "avro"):
+        raise ConfigError(f"kafka.format must be 'json' or 'avro', got {k.format!r}")
+    if k.avro_framing not in ("confluent", "none"):
+        raise ConfigError(
+            f"kafka.avro_framing must be 'confluent' or 'none', got {k.avro_framing!r}"
+        )
+    if k.format == "avro" and not k.avro_schema:
+        raise ConfigError("kafka.format is 'avro': set kafka.avro_schema to the .avsc file")
+    if not isinstance(k.avro_schema_ids, list) or not all(
+        isinstance(i, int) and 0 <= i < 2**32 for i in k.avro_schema_ids
+    ):
+        raise ConfigError("kafka.avro_schema_ids must be a list of schema ids (0 to 2**32-1)")
 
 
 def config_from_dict(

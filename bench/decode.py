@@ -10,6 +10,10 @@ revision before the decode speed-ups), loaded from ``git show``.
     python bench/decode.py                                  # fraud schema, 2000-record batches
     python bench/decode.py --extra-numeric 25 --rounds 40   # 30 numeric features
     python bench/decode.py --baseline HEAD~3
+    python bench/decode.py --avro                           # Avro values vs JSON, this tree
+
+With ``--avro`` the same records go in as Avro (examples/fraud.avsc, Schema Registry framing) to
+``streams.avro.AvroRecordDecoder``, against this tree's JSON decoder on their JSON values.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from itertools import chain
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,10 +79,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--extra-numeric", type=int, default=0)
     parser.add_argument("--baseline", default=BASELINE, help="git revision of the baseline")
+    parser.add_argument("--avro", action="store_true", help="Avro decoder vs the JSON decoder")
     args = parser.parse_args()
 
     schema, values = records(args.batch * args.batches, args.extra_numeric)
     batches = [values[i : i + args.batch] for i in range(0, len(values), args.batch)]
+    if args.avro:
+        return avro_vs_json(schema, batches, args)
     size = sum(map(len, values)) / len(values)
     print(
         f"{len(batches)} batches of {args.batch} records, {size:.0f} bytes/record, "
@@ -100,6 +108,43 @@ def main() -> int:
     for name, seconds in best.items():
         print(f"{name:9s} {seconds * 1e6:6.2f} us/record  (best of {args.rounds} rounds)")
     print(f"speed-up  {best['baseline'] / best['current']:.2f}x")
+    return 0
+
+
+def avro_vs_json(schema: SchemaConfig, batches: list[list[bytes]], args) -> int:
+    from anomaly.config import config_from_dict
+    from streams.avro import encode_avro_rows, make_decoder
+
+    if args.extra_numeric:
+        raise SystemExit("--avro: examples/fraud.avsc has no extra fields; use --extra-numeric 0")
+    cfg = config_from_dict(
+        {
+            "name": "bench",
+            "schema": vars(schema),
+            "kafka": {"format": "avro", "avro_schema": str(ROOT / "examples" / "fraud.avsc")},
+        },
+        environ={},
+    )
+    json_decoder, avro_decoder = RecordDecoder(schema), make_decoder(cfg)
+    frames = [json_decoder.decode(b).frame for b in batches]
+    avro_batches = [encode_avro_rows(f, cfg) for f in frames]
+    pd.testing.assert_frame_equal(avro_decoder.decode(avro_batches[0]).frame, frames[0])
+    size = sum(map(len, chain.from_iterable(avro_batches))) / sum(map(len, avro_batches))
+    print(f"Avro values: {size:.0f} bytes/record")
+    best = {"json": float("inf"), "avro": float("inf")}
+    n = sum(map(len, batches))
+    for _ in range(args.rounds):
+        for name, decoder, data in (
+            ("json", json_decoder, batches),
+            ("avro", avro_decoder, avro_batches),
+        ):
+            start = time.perf_counter()
+            for batch in data:
+                decoder.decode(batch)
+            best[name] = min(best[name], (time.perf_counter() - start) / n)
+    for name, seconds in best.items():
+        print(f"{name:5s} {seconds * 1e6:6.2f} us/record  (best of {args.rounds} rounds)")
+    print(f"avro / json time: {best['avro'] / best['json']:.2f}x")
     return 0
 
 

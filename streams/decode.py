@@ -242,6 +242,17 @@ class RecordDecoder:
             return None
         return structs
 
+    def record_fields(self, value: bytes | None) -> dict[str, Any]:
+        """All fields of one valid record as JSON-safe values (non-finite numbers as null): what
+        an alert stores of the record that raised it."""
+        if not value:
+            return {}
+        try:
+            obj = _ANY.decode(value)
+        except msgspec.DecodeError:  # NaN/Infinity literals, accepted by the slow path
+            obj = json.loads(value)
+        return _json_safe(obj)
+
     # -- one record (slow path: only to find the bad ones) ------------------------------------
 
     def _decode_one(self, value: bytes | None) -> Any:
@@ -299,7 +310,7 @@ class RecordDecoder:
         times = None
         if self._time_pos is not None:
             raw_times = flat[self._time_pos :: width]
-            times, bad_time = _parse_times(raw_times)
+            times, bad_time = self._times(raw_times)
             for row in bad_time:
                 bad.setdefault(
                     row,
@@ -352,6 +363,10 @@ class RecordDecoder:
         frame = self._frame(n, matrix, text, times)
         return frame, [(row, kind, msg) for row, (kind, msg) in sorted(bad.items())]
 
+    def _times(self, column: list[Any]) -> tuple[np.ndarray, list[int]]:
+        """The time field's values as ``datetime64[ns]`` (UTC) and the rows that failed."""
+        return _parse_times(column)
+
     def _frame(
         self, n: int, numeric: np.ndarray, text: np.ndarray, times: np.ndarray | None
     ) -> pd.DataFrame:
@@ -368,6 +383,15 @@ class RecordDecoder:
                 blocks, index=pd.RangeIndex(n), columns=self._column_index
             )
         return _frame_from_columns(blocks, n, self.columns)
+
+
+_ANY = msgspec.json.Decoder()
+
+
+def _json_safe(obj: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in obj.items()
+    }
 
 
 def _frame_from_columns(

@@ -1,7 +1,8 @@
 """Produce a CSV or Parquet file into a pipeline's topic: backfills, load tests and the demo.
 
-Each row becomes one JSON object (the input message format of docs/architecture.md), keyed by the
-schema's entity field so that one entity's records stay in order on one partition.
+Each row becomes one JSON object (the input message format of docs/architecture.md), or one Avro
+value with ``kafka.format: avro`` (``streams.avro``), keyed by the schema's entity field so that one
+entity's records stay in order on one partition.
 """
 
 from __future__ import annotations
@@ -100,7 +101,12 @@ def replay(
     from streams.kafka import producer_settings
 
     frame = read_records(path, cfg, limit)
-    values = encode_rows(frame)
+    if cfg.kafka.format == "avro":
+        from streams.avro import encode_avro_rows
+
+        values = encode_avro_rows(frame, cfg)
+    else:
+        values = encode_rows(frame)
     entity = cfg.schema.entity_field
     keys: list[bytes | None]
     if entity and entity in frame.columns:

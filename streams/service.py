@@ -45,7 +45,8 @@ from storage.records import (
     StreamStatRecord,
     WriteResult,
 )
-from streams.decode import INVALID_VALUE, DecodedBatch, RecordDecoder, Rejected
+from streams.avro import make_decoder
+from streams.decode import INVALID_VALUE, DecodedBatch, Rejected
 from streams.metrics import Health, MetricsServer, ServiceMetrics
 
 log = logging.getLogger("streams.service")
@@ -118,7 +119,7 @@ class ScoringService:
         self.metrics = metrics or ServiceMetrics(cfg.name)
         self.health = health or Health()
         self._store = store
-        self.decoder = RecordDecoder(cfg.schema)
+        self.decoder = make_decoder(cfg)
         self.state = ServiceState()
         self._stop = threading.Event()
         self._consumer: Any = None
@@ -389,7 +390,7 @@ class ScoringService:
                         **_detector_scores(columns, row),
                         fired_detectors=list(result.fired[row]),
                         top_features=list(result.top_features[row]),
-                        record=_record_json(msg.value),
+                        record=self.decoder.record_fields(msg.value),
                     )
                 )
             if self.cfg.kafka.scores_topic:
@@ -740,20 +741,7 @@ def _finite(x: Any) -> float | None:
     return x if np.isfinite(x) else None
 
 
-_ANY = msgspec.json.Decoder()
 _ENCODE = msgspec.json.Encoder().encode
-
-
-def _record_json(value: bytes | None) -> dict[str, Any]:
-    if not value:
-        return {}
-    try:
-        obj = _ANY.decode(value)
-    except msgspec.DecodeError:  # NaN/Infinity literals, accepted by the decoder's slow path
-        import json
-
-        obj = json.loads(value)
-    return {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in obj.items()}
 
 
 def _offsets(pipeline: str, messages: list[_Message]) -> list[OffsetRecord]:

@@ -1,0 +1,211 @@
+"""Avro record values (kafka.format: avro): decoding, bad values, config errors, end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from anomaly.config import config_from_dict, load_config
+from anomaly.errors import ConfigError
+from anomaly.synthetic import generate_fraud, write_frame
+from streams.avro import AvroRecordDecoder, encode_avro_rows, load_schema, make_decoder
+from streams.broker import create_topic
+from streams.decode import RecordDecoder
+from streams.replay import encode_rows, replay
+from streams.service import ScoringService
+
+from .conftest import LABELS, committed_offsets, end_offsets, produce
+
+fastavro = pytest.importorskip("fastavro")
+
+EXAMPLE_AVSC = Path(__file__).resolve().parents[2] / "examples" / "fraud.avsc"
+
+
+def avro_config(fraud_schema: dict, tmp_path: Path, **kafka: object):
+    shutil.copy(EXAMPLE_AVSC, tmp_path / "fraud.avsc")
+    data = {
+        "name": "fraud-avro",
+        "schema": fraud_schema,
+        "kafka": {"format": "avro", "avro_schema": "fraud.avsc", **kafka},
+        # Relative schema paths are taken from the pipeline file's folder.
+        "source_path": str(tmp_path / "pipeline.yaml"),
+    }
+    return config_from_dict(data, environ={})
+
+
+@pytest.mark.parametrize("framing", ["confluent", "none"])
+def test_avro_values_decode_to_the_frame_the_json_values_give(fraud_schema, tmp_path, framing):
+    cfg = avro_config(fraud_schema, tmp_path, avro_framing=framing, avro_schema_ids=[7])
+    records = generate_fraud(500, anomaly_fraction=0.05, seed=3).drop(columns=LABELS)
+    records.loc[4, "amount"] = np.nan  # a null: missing under schema.missing=reject
+    values = encode_avro_rows(records, cfg)
+    if framing == "confluent":
+        assert all(v[:5] == b"\x00\x00\x00\x00\x07" for v in values)
+    decoder = make_decoder(cfg)
+    assert isinstance(decoder, AvroRecordDecoder)
+    got = decoder.decode(values)
+    want = RecordDecoder(cfg.schema).decode(encode_rows(records))
+    pd.testing.assert_frame_equal(got.frame, want.frame)
+    np.testing.assert_array_equal(got.index, want.index)
+    assert [(r.index, r.error_kind) for r in got.rejected] == [(4, "missing_value")]
+    assert [(r.index, r.error_kind) for r in want.rejected] == [(4, "missing_value")]
+
+
+def _body(cfg, record: dict) -> bytes:
+    buffer = io.BytesIO()
+    fastavro.schemaless_writer(buffer, load_schema(cfg), record)
+    return buffer.getvalue()
+
+
+def test_bad_avro_values_are_rejected_with_their_reason(fraud_schema, tmp_path):
+    cfg = avro_config(fraud_schema, tmp_path, avro_schema_ids=[7])
+    cfg.schema.max_record_bytes = 400
+    good_row = generate_fraud(10, seed=1).drop(columns=LABELS).iloc[:3]
+    good = encode_avro_rows(good_row, cfg)
+    record = fastavro.schemaless_reader(io.BytesIO(good[0][5:]), load_schema(cfg), None)
+    header = good[0][:5]
+    bad = [
+        (b"", "empty"),
+        (good[0][5:], "invalid_avro"),  # no header
+        (b"\x00\x00\x00\x00\x08" + good[0][5:], "unknown_schema"),
+        (good[0][:12], "invalid_avro"),  # truncated
+        (good[0] + b"\x02", "invalid_avro"),  # a byte left over
+        (header + b"\xff" * 40, "invalid_avro"),
+        (header + _body(cfg, record | {"amount": float("inf")}), "not_finite"),
+        (header + _body(cfg, record | {"velocity_1h": None}), "missing_value"),
+        (header + _body(cfg, record | {"channel": None}), "missing_value"),
+        (header + _body(cfg, record | {"event_time": 2**62}), "invalid_time"),
+        (header + _body(cfg, record | {"id": "x" * 500}), "oversized"),
+    ]
+    batch = [good[1], *(v for v, _ in bad), good[2]]
+    decoded = make_decoder(cfg).decode(
+        batch, partitions=[0] * len(batch), offsets=range(len(batch))
+    )
+    assert [(r.index, r.error_kind) for r in decoded.rejected] == [
+        (i, kind) for i, (_, kind) in enumerate(bad, start=1)
+    ]
+    assert all(r.error_message and r.offset == r.index for r in decoded.rejected)
+    assert decoded.frame["id"].tolist() == good_row["id"].iloc[[1, 2]].tolist()
+    unknown = next(r for r in decoded.rejected if r.error_kind == "unknown_schema")
+    assert "schema id 8" in unknown.error_message and "[7]" in unknown.error_message
+
+
+def test_avro_config_errors_name_the_problem(fraud_schema, tmp_path):
+    with pytest.raises(ConfigError, match=r"set kafka\.avro_schema"):
+        config_from_dict(
+            {"name": "p", "schema": fraud_schema, "kafka": {"format": "avro"}}, environ={}
+        )
+    with pytest.raises(ConfigError, match=r"kafka\.format must be"):
+        config_from_dict(
+            {"name": "p", "schema": fraud_schema, "kafka": {"format": "xml"}}, environ={}
+        )
+    with pytest.raises(ConfigError, match="avro_schema_ids"):
+        avro_config(fraud_schema, tmp_path, avro_schema_ids=[-1])
+    cfg = avro_config(fraud_schema, tmp_path)
+    (tmp_path / "fraud.avsc").unlink()
+    with pytest.raises(ConfigError, match=r"cannot read kafka\.avro_schema"):
+        make_decoder(cfg)
+    schema = json.loads(EXAMPLE_AVSC.read_text())
+    schema["fields"] = [f for f in schema["fields"] if f["name"] not in ("country", "hour")]
+    (tmp_path / "fraud.avsc").write_text(json.dumps(schema))
+    with pytest.raises(ConfigError, match=r"lacks the pipeline schema's field.*hour, country"):
+        make_decoder(cfg)
+    (tmp_path / "fraud.avsc").write_text('{"type": "record", "name": "x", "fields": [{"x": 1}]}')
+    with pytest.raises(ConfigError, match="not a valid Avro schema"):
+        make_decoder(cfg)
+
+
+@pytest.mark.kafka
+def test_avro_stream_end_to_end_alerts_dead_letters_and_offsets(
+    sqlite_url,
+    tmp_path,
+    kafka_bootstrap,
+    topic_name,
+    pipeline_file,
+    trained_model,
+    fraud_records,
+    sql,
+):
+    """Replay Avro values (Schema Registry framing), add bad ones, serve until idle: one alert
+    per record over the threshold, each bad value dead-lettered with its reason."""
+    create_topic(kafka_bootstrap, topic_name, partitions=2)
+    shutil.copy(EXAMPLE_AVSC, tmp_path / "fraud.avsc")
+    config = pipeline_file(
+        sqlite_url,
+        trained_model.bundle,
+        kafka={"format": "avro", "avro_schema": "fraud.avsc", "avro_schema_ids": [3]},
+    )
+    cfg = load_config(config)
+    data = tmp_path / "records.parquet"
+    write_frame(fraud_records, str(data))
+    assert replay(cfg, data, progress=False).produced == len(fraud_records)
+    good = encode_avro_rows(fraud_records.drop(columns=LABELS).iloc[:1], cfg)[0]
+    bad = [
+        (b'{"id": "json"}', "invalid_avro"),
+        (b"\x00\x00\x00\x00\x04" + good[5:], "unknown_schema"),
+    ]
+    produce(kafka_bootstrap, topic_name, [v for v, _ in bad], partition=1)
+    total = len(fraud_records) + len(bad)
+
+    service = ScoringService(cfg, stop_when_idle_s=3.0)
+    assert service.run() == 0
+    assert service.totals.consumed == total
+
+    features = fraud_records.drop(columns=LABELS)
+    expected = set(features["id"][trained_model.model.predict(features) == 1])
+    assert expected
+    assert sorted(r[0] for r in sql(sqlite_url, "SELECT record_id FROM alerts")) == sorted(expected)
+    # Each alert keeps the record's fields, the Avro timestamp as ISO 8601 text.
+    stored = json.loads(sql(sqlite_url, "SELECT record FROM alerts LIMIT 1")[0][0])
+    row = fraud_records.set_index("id").loc[stored["id"]]
+    assert pd.Timestamp(stored["event_time"]) == row["event_time"]
+    assert stored["amount"] == row["amount"] and stored["channel"] == row["channel"]
+    dead = sql(sqlite_url, "SELECT error_kind, raw FROM dead_letters")
+    assert sorted(r[0] for r in dead) == sorted(k for _, k in bad)
+    assert {bytes(r[1]) for r in dead} == {v for v, _ in bad}
+    ends = end_offsets(kafka_bootstrap, topic_name, total)
+    assert service.store.load_offsets(cfg.name, topic_name) == ends
+    assert committed_offsets(kafka_bootstrap, topic_name, cfg.group_id) == ends
+
+
+def test_mangled_avro_values_never_raise_and_are_rejected_with_a_known_reason(
+    fraud_schema, tmp_path
+):
+    """Bytes flipped, cut and appended at random: each value decodes or is rejected, with one of
+    the decoders' reasons; the batch around it goes on."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    cfg = avro_config(fraud_schema, tmp_path, avro_schema_ids=[1])
+    good = encode_avro_rows(generate_fraud(10, seed=4).drop(columns=LABELS), cfg)
+    decoder = make_decoder(cfg)
+    kinds = {
+        "empty", "oversized", "invalid_avro", "unknown_schema", "missing_field", "wrong_type",
+        "missing_value", "not_finite", "invalid_time", "invalid_value",
+    }  # fmt: skip
+
+    @settings(max_examples=300, deadline=None)
+    @given(
+        which=st.integers(0, len(good) - 1),
+        flips=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=4),
+        cut=st.integers(0, 200),
+        tail=st.binary(max_size=8),
+    )
+    def check(which, flips, cut, tail):
+        value = bytearray(good[which])
+        for pos, byte in flips:
+            if pos < len(value):
+                value[pos] = byte
+        value = bytes(value[: max(cut, 0)] if cut < len(value) else value) + tail
+        batch = decoder.decode([good[0], value, good[1]])
+        assert batch.n_valid + len(batch.rejected) == 3
+        assert [r.index for r in batch.rejected] in ([], [1])
+        assert all(r.error_kind in kinds and r.error_message for r in batch.rejected)
+
+    check()
