@@ -360,8 +360,9 @@ class Preprocessor:
 
     def _clean(self, frame: pd.DataFrame, reject: bool) -> bool:
         """True when ``validate_frame`` has nothing to report, found in one pass over the
-        numeric block (plain NumPy columns hold no text) and the Arrow null counts; False when
-        it cannot tell that way (the per-column checks then decide)."""
+        numeric block (plain NumPy columns hold no text) and, under ``reject``, the null counts
+        of the categorical columns; False when it cannot tell that way (the per-column checks
+        then decide)."""
         block = self._numeric_block(frame)
         if block is None and self.numeric_:
             return False
@@ -369,8 +370,12 @@ class Preprocessor:
             return False
         if reject:
             for name in self.categorical_:
-                arrow = _arrow_strings(frame[name])
-                if arrow is None or arrow.null_count:
+                column = frame[name]
+                arrow = _arrow_strings(column)
+                if arrow is not None:
+                    if arrow.null_count:
+                        return False
+                elif column.dtype != object or pd.isna(column.to_numpy()).any():
                     return False
         return True
 

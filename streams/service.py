@@ -361,24 +361,31 @@ class ScoringService:
         latencies: np.ndarray | None = None
         ensemble = None
         if result is not None:
-            scores = result.scores
-            ensemble = scores["ensemble"].to_numpy(dtype=np.float64)
+            columns = result.columns
+            ensemble = columns["ensemble"]
             ids = frame[s.id_field].to_numpy(dtype=object)
             times = frame[s.time_field] if s.time_field else None
             if times is not None:
                 # Seconds from the event to ingest (the commit time is added by the caller).
                 event_s = times.to_numpy("datetime64[ns]").astype(np.int64) / 1e9
                 latencies = ingest.timestamp() - event_s
-            columns = {c: scores[c].to_numpy() for c in scores.columns}
-            for row in np.flatnonzero(result.is_alert):
+            alert_rows = np.flatnonzero(result.is_alert)
+            # The alert rows' entities and event times in one lookup each, not one per alert.
+            entities = _entities(frame, s.entity_field, alert_rows)
+            event_times = (
+                times.iloc[alert_rows].dt.to_pydatetime().tolist()
+                if times is not None
+                else [None] * len(alert_rows)
+            )
+            for k, row in enumerate(alert_rows.tolist()):
                 i = int(decoded.index[row])
                 msg = messages[i]
                 alerts.append(
                     AlertRecord(
                         pipeline=pipeline,
                         record_id=str(ids[row]),
-                        entity=_entity(frame, s.entity_field, row),
-                        event_time=(times.iloc[row].to_pydatetime() if times is not None else None),
+                        entity=entities[k],
+                        event_time=event_times[k],
                         ingest_time=ingest,
                         kafka_topic=msg.topic,
                         kafka_partition=msg.partition,
@@ -720,11 +727,11 @@ class ScoringService:
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def _entity(frame: Any, entity_field: str | None, row: int) -> str | None:
+def _entities(frame: Any, entity_field: str | None, rows: np.ndarray) -> list[str | None]:
     if not entity_field:
-        return None
-    value = frame[entity_field].iloc[row]
-    return None if value is None or value != value else str(value)
+        return [None] * len(rows)
+    values = frame[entity_field].to_numpy(dtype=object)[rows].tolist()
+    return [None if v is None or v != v else str(v) for v in values]
 
 
 def _detector_scores(columns: dict[str, np.ndarray], row: int) -> dict[str, float | None]:

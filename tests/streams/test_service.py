@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from anomaly.config import load_config
@@ -69,6 +70,22 @@ def test_end_to_end_alerts_dead_letters_offsets_and_rerun(
     rows = sql(db_url, "SELECT record_id, model_version, kafka_offset FROM alerts")
     assert sorted(r[0] for r in rows) == sorted(expected)
     assert {r[1] for r in rows} == {trained_model.version}
+    # Each alert row carries its record's entity, event time, scores and explanation.
+    stored = sql(
+        db_url,
+        "SELECT record_id, entity, event_time, ensemble_score, top_features FROM alerts",
+    )
+    by_id = features.set_index("id")
+    scores = trained_model.model.decision_function(by_id.loc[[r[0] for r in stored]])
+    for (record_id, entity, event_time, score, top), want in zip(stored, scores, strict=True):
+        row = by_id.loc[record_id]
+        assert entity == row["card_id"]
+        stamp = pd.Timestamp(event_time)  # SQLite: naive UTC text; PostgreSQL: aware
+        stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+        assert stamp == row["event_time"]
+        assert score == pytest.approx(want, rel=1e-6)  # float32 networks, other batches
+        top = json.loads(top) if isinstance(top, str) else top
+        assert len(top) == 3 and all(t["feature"] in features.columns for t in top)
     # Some of the generated anomalies are caught (how many is the core's business).
     labeled = set(fraud_records["id"][fraud_records["is_anomaly"] == 1])
     assert expected & labeled
