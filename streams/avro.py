@@ -35,7 +35,7 @@ import pandas as pd
 
 from anomaly.config import KafkaConfig, PipelineConfig, SchemaConfig
 from anomaly.errors import ConfigError, DataError
-from streams.decode import EMPTY, OVERSIZED, RecordDecoder, _json_safe, _validation_reason
+from streams.decode import RecordDecoder, _json_safe, _validation_reason
 
 INVALID_AVRO = "invalid_avro"
 UNKNOWN_SCHEMA = "unknown_schema"
@@ -189,16 +189,11 @@ class AvroRecordDecoder(RecordDecoder):
             return None
 
     def _decode_one(self, value: bytes | None) -> Any:
-        if value is None or len(value) == 0:
-            return (EMPTY, "message value is empty")
-        if len(value) > self.schema.max_record_bytes:
-            return (
-                OVERSIZED,
-                f"record is {len(value)} bytes, more than schema.max_record_bytes="
-                f"{self.schema.max_record_bytes}",
-            )
+        problem = self._size_problem(value)
+        if problem is not None:
+            return problem
         try:
-            return self._convert(value)
+            return self._convert(value)  # type: ignore[arg-type]
         except _Bad as bad:
             return (bad.kind, bad.message)
         except msgspec.ValidationError as exc:

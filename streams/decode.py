@@ -255,7 +255,8 @@ class RecordDecoder:
 
     # -- one record (slow path: only to find the bad ones) ------------------------------------
 
-    def _decode_one(self, value: bytes | None) -> Any:
+    def _size_problem(self, value: bytes | None) -> tuple[str, str] | None:
+        """Empty or over ``schema.max_record_bytes``: checked before any decoding."""
         if value is None or len(value) == 0:
             return (EMPTY, "message value is empty")
         if len(value) > self.schema.max_record_bytes:
@@ -264,6 +265,13 @@ class RecordDecoder:
                 f"record is {len(value)} bytes, more than schema.max_record_bytes="
                 f"{self.schema.max_record_bytes}",
             )
+        return None
+
+    def _decode_one(self, value: bytes | None) -> Any:
+        problem = self._size_problem(value)
+        if problem is not None:
+            return problem
+        assert value is not None
         try:
             value.decode("utf-8")
         except UnicodeDecodeError as exc:
