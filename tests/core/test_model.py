@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,7 +13,7 @@ from anomaly import AnomalyModel
 from anomaly.config import config_from_dict
 from anomaly.errors import DataError, NotFittedError
 from anomaly.model import SCORE_COLUMNS
-from anomaly.scorer import BatchScorer
+from anomaly.scorer import BatchScorer, EmulatedBf16Warning, cpu_has_native_bf16
 
 from .conftest import SCHEMA
 
@@ -138,10 +140,26 @@ def test_bf16_autocast_keeps_the_ranking_and_the_alerts(fitted_model, frame_prob
     _, normal, anomalous = frame_problem
     rows = pd.concat([normal, anomalous], ignore_index=True)
     fp32 = BatchScorer(fitted_model, device="cpu").score(rows)
-    bf16 = BatchScorer(fitted_model, device="cpu", bf16=True).score(rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EmulatedBf16Warning)  # (tested below)
+        bf16 = BatchScorer(fitted_model, device="cpu", bf16=True).score(rows)
     for col in ("vae", "flow", "gan", "ensemble"):
         a, b = fp32.scores[col].to_numpy(), bf16.scores[col].to_numpy()
         assert not np.array_equal(a, b), f"{col}: bf16 changed nothing; is autocast on?"
         assert np.corrcoef(a, b)[0, 1] > 0.99, col
     assert np.mean(fp32.is_alert != bf16.is_alert) <= 0.01
     assert bf16.is_alert[len(normal) :].mean() > 0.5
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_warns(fitted_model):
+    """Emulated bf16 is several times slower than float32: a scorer asked for it there says so;
+    where the CPU has the instructions (or on another device) it stays quiet."""
+    native = cpu_has_native_bf16()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        BatchScorer(fitted_model, device="cpu", bf16=True)
+        BatchScorer(fitted_model, device="cpu", bf16=False)
+    emulated = [w for w in caught if issubclass(w.category, EmulatedBf16Warning)]
+    assert len(emulated) == (1 if native is False else 0)
+    if emulated:
+        assert "serve.bf16: false" in str(emulated[0].message)
