@@ -10,6 +10,7 @@
    the producer was handed the record); p50 / p99.
 
     python bench/stream.py [--records 100000] [--db-url sqlite:///...] [--threads 1] [--device cuda]
+    python bench/stream.py --format avro        # Avro values (examples/fraud.avsc)
 
 With ``--device cuda`` the service scores on the GPU (preprocessing, networks and p-values there,
 see ``anomaly.device_scoring``); ``bench/scoring_step.py`` gives the scoring step's own rate.
@@ -42,6 +43,12 @@ def main() -> int:
     parser.add_argument("--db-url", default=None, help="default: a temporary SQLite file")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the scorer")
     parser.add_argument("--device", default="cpu", help="scoring device: cpu, cuda or auto")
+    parser.add_argument(
+        "--format",
+        choices=["json", "avro"],
+        default="json",
+        help="record values: JSON, or Avro of examples/fraud.avsc with Schema Registry framing",
+    )
     parser.add_argument("--latency-seconds", type=float, default=15.0)
     args = parser.parse_args()
 
@@ -76,7 +83,17 @@ def main() -> int:
     model.save(bundle)
 
     records = generate_fraud(args.records, anomaly_fraction=0.01, seed=2)
-    values = encode_rows(records)
+    kafka_format = {"format": args.format}
+    if args.format == "avro":
+        from streams.avro import encode_avro_rows
+
+        kafka_format["avro_schema"] = str(example.parent / "fraud.avsc")
+        avro_cfg = config_from_dict(
+            {"name": "bench", "schema": schema, "kafka": kafka_format}, environ={}
+        )
+        values = encode_avro_rows(records, avro_cfg)
+    else:
+        values = encode_rows(records)
     keys = [k.encode() for k in records[schema["entity_field"]]]
 
     with EmbeddedBroker(log_path=tmp / "tansu.log") as broker:
@@ -94,6 +111,7 @@ def main() -> int:
                         "group_id": group,
                         "batch_size": args.batch_size,
                         "max_wait_s": 0.25,
+                        **kafka_format,
                     },
                     "database": {"url": db_url},
                     "serve": {
