@@ -60,7 +60,7 @@ def main() -> int:
     from anomaly.synthetic import generate_fraud, write_frame
     from streams.broker import EmbeddedBroker, create_topic
     from streams.kafka import consumer_settings
-    from streams.replay import encode_rows
+    from streams.replay import encode_values
     from streams.service import ScoringService
 
     torch.set_num_threads(args.threads)
@@ -85,15 +85,10 @@ def main() -> int:
     records = generate_fraud(args.records, anomaly_fraction=0.01, seed=2)
     kafka_format = {"format": args.format}
     if args.format == "avro":
-        from streams.avro import encode_avro_rows
-
         kafka_format["avro_schema"] = str(example.parent / "fraud.avsc")
-        avro_cfg = config_from_dict(
-            {"name": "bench", "schema": schema, "kafka": kafka_format}, environ={}
-        )
-        values = encode_avro_rows(records, avro_cfg)
-    else:
-        values = encode_rows(records)
+    values = encode_values(
+        records, config_from_dict({"name": "bench", "schema": schema, "kafka": kafka_format}, {})
+    )
     keys = [k.encode() for k in records[schema["entity_field"]]]
 
     with EmbeddedBroker(log_path=tmp / "tansu.log") as broker:

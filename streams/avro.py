@@ -62,10 +62,9 @@ def _fastavro() -> Any:
 
 
 def schema_path(cfg: PipelineConfig) -> Path:
-    """``kafka.avro_schema``, relative to the pipeline file when it is relative."""
-    if not cfg.kafka.avro_schema:
-        raise ConfigError("kafka.format is 'avro': set kafka.avro_schema to the .avsc file")
-    path = Path(cfg.kafka.avro_schema)
+    """``kafka.avro_schema`` (required with ``kafka.format: avro``, checked with the config),
+    relative to the pipeline file when it is relative."""
+    path = Path(cfg.kafka.avro_schema or "")
     if not path.is_absolute() and cfg.source_path:
         path = Path(cfg.source_path).parent / path
     return path
@@ -172,8 +171,9 @@ class AvroRecordDecoder(RecordDecoder):
         ticks = np.array([v if isinstance(v, int) else 0 for v in column], dtype=np.int64)
         bad = [i for i, v in enumerate(column) if not isinstance(v, int)]
         # Outside 1677..2262 nanoseconds overflow int64: invalid, as in the JSON decoder.
+        # (Compared both ways: np.abs of the smallest int64 overflows.)
         limit = np.iinfo(np.int64).max // unit
-        bad.extend(np.flatnonzero(np.abs(ticks) > limit).tolist())
+        bad.extend(np.flatnonzero((ticks > limit) | (ticks < -limit)).tolist())
         ticks[bad] = 0
         result = (ticks * unit).view("datetime64[ns]")
         result[bad] = np.datetime64("NaT")

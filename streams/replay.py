@@ -71,6 +71,15 @@ def encode_rows(frame: pd.DataFrame) -> list[bytes]:
     return [encode(row) for row in _clean(out.to_dict("records"))]
 
 
+def encode_values(frame: pd.DataFrame, cfg: PipelineConfig) -> list[bytes]:
+    """One record value per row in the pipeline's ``kafka.format``: JSON or Avro."""
+    if cfg.kafka.format == "avro":
+        from streams.avro import encode_avro_rows
+
+        return encode_avro_rows(frame, cfg)
+    return encode_rows(frame)
+
+
 def _native(obj: object) -> object:
     """numpy scalars and other stragglers of ``to_dict``: their Python value, else a string."""
     item = getattr(obj, "item", None)
@@ -101,12 +110,7 @@ def replay(
     from streams.kafka import producer_settings
 
     frame = read_records(path, cfg, limit)
-    if cfg.kafka.format == "avro":
-        from streams.avro import encode_avro_rows
-
-        values = encode_avro_rows(frame, cfg)
-    else:
-        values = encode_rows(frame)
+    values = encode_values(frame, cfg)
     entity = cfg.schema.entity_field
     keys: list[bytes | None]
     if entity and entity in frame.columns:

@@ -81,6 +81,7 @@ def test_bad_avro_values_are_rejected_with_their_reason(fraud_schema, tmp_path):
         (header + _body(cfg, record | {"velocity_1h": None}), "missing_value"),
         (header + _body(cfg, record | {"channel": None}), "missing_value"),
         (header + _body(cfg, record | {"event_time": 2**62}), "invalid_time"),
+        (header + _body(cfg, record | {"event_time": -(2**63)}), "invalid_time"),
         (header + _body(cfg, record | {"id": "x" * 500}), "oversized"),
     ]
     batch = [good[1], *(v for v, _ in bad), good[2]]
