@@ -11,6 +11,13 @@
 
     python bench/stream.py [--records 100000] [--db-url sqlite:///...] [--threads 1] [--device cuda]
     python bench/stream.py --format avro        # Avro values (examples/fraud.avsc)
+    python bench/stream.py --scale-out 2 --db-url postgresql+psycopg://127.0.0.1/test
+
+4. Scale-out (``--scale-out N``): ``serve`` processes in one consumer group share the partitions,
+   as in production. The same records go to a fresh topic once the group has settled (every
+   member holds partitions), first with one process and then with N; each process reports when
+   its first batch started and its last commit ended, and the rate is all records over the span
+   from the earliest start to the latest end. Use PostgreSQL: SQLite takes one writer at a time.
 
 With ``--device cuda`` the service scores on the GPU (preprocessing, networks and p-values there,
 see ``anomaly.device_scoring``); ``bench/scoring_step.py`` gives the scoring step's own rate.
@@ -50,7 +57,18 @@ def main() -> int:
         help="record values: JSON, or Avro of examples/fraud.avsc with Schema Registry framing",
     )
     parser.add_argument("--latency-seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--scale-out",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run the stream with 1 and with N serve processes in one group",
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one serve process
+    parser.add_argument("--status", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return _serve_child(Path(args.child), Path(args.status))
 
     import torch
     from confluent_kafka import Consumer, Producer
@@ -120,16 +138,8 @@ def main() -> int:
                 environ={},
             )
 
-        producer = Producer({"bootstrap.servers": broker.bootstrap_servers, "linger.ms": 20})
         t = time.perf_counter()
-        for key, value in zip(keys, values, strict=True):
-            while True:
-                try:
-                    producer.produce(topic, value=value, key=key)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-        producer.flush(120)
+        _produce_all(Producer, broker.bootstrap_servers, topic, keys, values)
         print(f"produced {len(values):,} records in {time.perf_counter() - t:.1f} s", flush=True)
 
         # 1. Raw consume, same settings, no processing. Manual assignment (no group join), so
@@ -216,19 +226,128 @@ def main() -> int:
             f"latency at {rate:,.0f} records/s (half the end-to-end rate), {len(lat):,} records: "
             f"p50 {p50:.0f} ms, p99 {p99:.0f} ms (produce call -> Kafka commit done)"
         )
+
+        # 4. Scale-out: 1 and N serve processes in one group.
+        if args.scale_out:
+            rates = {}
+            for n in sorted({1, args.scale_out}):
+                scale_topic = f"{topic}-x{n}"
+                create_topic(broker.bootstrap_servers, scale_topic, partitions=args.partitions)
+                pipeline = tmp / f"scale-{n}.yaml"
+                pipeline.write_text(yaml.safe_dump(config(f"bench-x{n}", scale_topic).to_dict()))
+                rates[n] = _scale_out(n, pipeline, tmp, args.partitions, lambda t=scale_topic: (
+                    _produce_all(Producer, broker.bootstrap_servers, t, keys, values)
+                ))  # fmt: skip
+                print(
+                    f"scale-out:    {n} serve process(es): {rates[n]:,.0f} records/s "
+                    f"= {rates[n] / raw_rate:.2f}x raw consume",
+                    flush=True,
+                )
+            if args.scale_out > 1:
+                print(
+                    f"scale-out {args.scale_out} / 1 processes: "
+                    f"{rates[args.scale_out] / rates[1]:.2f}x"
+                )
     return 0
 
 
-def _instrument(service, latencies: list | None = None) -> dict:
+def _produce_all(producer_cls, bootstrap: str, topic: str, keys: list, values: list) -> None:
+    producer = producer_cls({"bootstrap.servers": bootstrap, "linger.ms": 20})
+    for key, value in zip(keys, values, strict=True):
+        while True:
+            try:
+                producer.produce(topic, value=value, key=key)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    producer.flush(120)
+
+
+def _scale_out(n: int, pipeline: Path, tmp: Path, partitions: int, produce) -> float:
+    """Start n serve processes, wait until the group has settled, produce, return records/s."""
+    import json
+
+    statuses = [tmp / f"{pipeline.stem}-{i}.json" for i in range(n)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--child", str(pipeline), "--status", str(status)],
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for status in statuses
+    ]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        held = [json.loads(s.read_text()) if s.exists() else [] for s in statuses]
+        owned = [p for member in held for p in member]
+        # Settled: every member holds partitions and together they hold each one once.
+        if all(held) and sorted(owned) == list(range(partitions)):
+            break
+        time.sleep(0.1)
+    else:
+        for proc in procs:
+            proc.kill()
+        raise RuntimeError(f"the group of {n} serve processes did not settle: {held}")
+    produce()
+    results = []
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        if proc.returncode:
+            raise RuntimeError(f"a serve process exited with {proc.returncode}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    spans = [r for r in results if r["consumed"]]
+    print(
+        "  per process: "
+        + ", ".join(f"{r['consumed']:,} records in {r['last'] - r['first']:.2f} s" for r in spans)
+    )
+    span = max(r["last"] for r in spans) - min(r["first"] for r in spans)
+    return sum(r["consumed"] for r in results) / span
+
+
+def _serve_child(pipeline: Path, status: Path) -> int:
+    """One serve process of the scale-out stage: reports its partitions, then its span."""
+    import json
+
+    from anomaly.config import load_config
+    from streams.service import ScoringService
+
+    service = ScoringService(load_config(pipeline, environ={}), stop_when_idle_s=4.0)
+    span = _instrument(service, clock=time.monotonic)  # system-wide, comparable across processes
+    done = threading.Event()
+
+    def report() -> None:
+        while not done.wait(0.05):
+            held = sorted(p for _, p in service.state.assigned)
+            status.with_suffix(".tmp").write_text(json.dumps(held))
+            status.with_suffix(".tmp").replace(status)
+
+    reporter = threading.Thread(target=report, daemon=True)
+    reporter.start()
+    service.run()
+    done.set()
+    print(
+        json.dumps(
+            {
+                "consumed": service.totals.consumed,
+                "first": span.get("first"),
+                "last": span.get("last"),
+            }
+        )
+    )
+    return 0
+
+
+def _instrument(service, latencies: list | None = None, clock=time.perf_counter) -> dict:
     """Time from the first batch's start to the last batch's commit; per-record latency."""
     span: dict[str, float] = {}
     process = service.process
 
     def timed(messages):
-        start = time.perf_counter()
+        start = clock()
         span.setdefault("first", start)
         outcome = process(messages)
-        span["last"] = time.perf_counter()
+        span["last"] = clock()
         if latencies is not None:
             created = np.array([m.timestamp_ms or 0 for m in messages], dtype=np.float64) / 1000
             latencies.append(time.time() - created)
