@@ -84,6 +84,13 @@ class KafkaConfig:
     # Schema ids written with avro_schema; values with another id are dead-lettered
     # (unknown_schema). Empty: every id is read with avro_schema.
     avro_schema_ids: list[int] = field(default_factory=list)
+    # A Confluent Schema Registry: a value whose schema id is not in avro_schema_ids is read
+    # with the writer schema the registry has for that id, resolved to avro_schema by Avro's
+    # schema-evolution rules. Credentials may be in the URL (https://user:password@host), so
+    # it can come from the environment: ANOMALY_KAFKA_SCHEMA_REGISTRY_URL.
+    schema_registry_url: str | None = None
+    # Other settings of confluent_kafka's SchemaRegistryClient (ssl.ca.location, timeout, ...).
+    schema_registry_settings: dict[str, Any] = field(default_factory=dict)
     security_protocol: str | None = None  # e.g. SASL_SSL
     sasl_mechanism: str | None = None
     sasl_username: str | None = None
@@ -229,6 +236,13 @@ def _validate(cfg: PipelineConfig) -> None:
         isinstance(i, int) and 0 <= i < 2**32 for i in k.avro_schema_ids
     ):
         raise ConfigError("kafka.avro_schema_ids must be a list of schema ids (0 to 2**32-1)")
+    if k.schema_registry_url and (k.format != "avro" or k.avro_framing != "confluent"):
+        raise ConfigError(
+            "kafka.schema_registry_url needs kafka.format: avro with kafka.avro_framing: "
+            "confluent (the schema id is read from the value's header)"
+        )
+    if not isinstance(k.schema_registry_settings, dict):
+        raise ConfigError("kafka.schema_registry_settings must be a mapping of client settings")
 
 
 def config_from_dict(

@@ -3,10 +3,19 @@
 The writer schema is a record schema in an ``.avsc`` file (``kafka.avro_schema``, relative to the
 pipeline file). With ``kafka.avro_framing: confluent`` (the default) each value starts with the
 header Confluent's Schema Registry serializers write: byte 0, then the schema id as 4 bytes
-big-endian. The service does not ask a registry for schemas: the ids in
-``kafka.avro_schema_ids`` are the ones written with the ``.avsc`` file, and a value with another
-id is dead-lettered (``unknown_schema``) rather than read with the wrong schema, which Avro's
-binary encoding would not notice. With no ids listed, every id is read with the file's schema.
+big-endian. The ids in ``kafka.avro_schema_ids`` are the ones written with the ``.avsc`` file.
+A value with another id is read one of two ways:
+
+- with ``kafka.schema_registry_url``, with the writer schema the registry has for that id,
+  resolved to the ``.avsc`` file (the reader schema) by Avro's schema-evolution rules: fields
+  added or reordered by the producer are fine; an id the registry does not know is
+  ``unknown_schema``; a writer schema that does not resolve (a feature turned into a string, a
+  field removed that the file has no default for) is ``incompatible_schema``. A registry that
+  cannot be reached is not the record's fault: ``SchemaRegistryUnavailable``, and the service
+  holds the batch and retries, as when the database is down;
+- without a registry it is dead-lettered (``unknown_schema``) rather than read with the wrong
+  schema, which Avro's binary encoding would not notice. With no ids listed and no registry,
+  every id is read with the file's schema.
 
 Decoding is fastavro's ``schemaless_reader``, one call per record (Avro binary has no columnar
 reader for single messages), then the same typed struct, checks and columnar frame as the JSON
@@ -15,7 +24,8 @@ decoder (``streams.decode.RecordDecoder``): the same dead-letter reasons for the
 ``invalid_avro`` for a value that is not the schema's Avro binary (bad header, truncated, bytes
 left over).
 
-fastavro is an optional dependency: ``pip install 'anomaly-monitor[avro]'``.
+fastavro and confluent-kafka's Schema Registry client are optional dependencies:
+``pip install 'anomaly-monitor[avro]'``.
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import time as clock
+from dataclasses import dataclass
 from datetime import date, datetime, time
 from decimal import Decimal
 from pathlib import Path
@@ -39,8 +51,17 @@ from streams.decode import RecordDecoder, _json_safe, _validation_reason
 
 INVALID_AVRO = "invalid_avro"
 UNKNOWN_SCHEMA = "unknown_schema"
+INCOMPATIBLE_SCHEMA = "incompatible_schema"
 MAGIC = 0
 HEADER = 5  # magic byte + 4-byte schema id
+# How long an id the registry does not know stays unknown: its records are dead-lettered
+# without asking again (not one request per record), and an id registered later is found.
+UNKNOWN_ID_TTL_S = 30.0
+
+
+class SchemaRegistryUnavailable(Exception):
+    """The schema registry could not be asked (network, timeout, authentication, server
+    error). Not the record's fault: the batch is held and decoded again later."""
 
 
 class _Bad(Exception):
@@ -97,6 +118,138 @@ def load_schema(cfg: PipelineConfig) -> Any:
     return parsed
 
 
+def _timestamp_unit(parsed: Any, time_field: str | None) -> int | None:
+    """Nanoseconds per tick of the time field when it is a ``timestamp-millis/-micros`` long
+    (in any union branch), else ``None``."""
+    for f in parsed["fields"]:
+        if f["name"] == time_field:
+            for branch in _branches(f["type"]):
+                if isinstance(branch, dict) and branch.get("type") == "long":
+                    unit = _TIMESTAMP_UNITS.get(branch.get("logicalType"))
+                    if unit:
+                        return unit
+    return None
+
+
+def _without_time_logical_type(parsed: Any, time_field: str | None) -> Any:
+    """A copy of the schema whose time field reads as its plain long: fastavro's per-record
+    datetime (and a string for the shared time parser) cost more than the rest of the record,
+    so the decoder turns the whole batch's ticks into nanoseconds at once instead."""
+    fastavro = _fastavro()
+    raw = json.loads(json.dumps(parsed))  # a plain copy to edit
+    for f in raw["fields"]:
+        if f["name"] == time_field:
+            for branch in _branches(f["type"]):
+                if isinstance(branch, dict) and branch.get("logicalType") in _TIMESTAMP_UNITS:
+                    del branch["logicalType"]
+    return fastavro.parse_schema(raw)
+
+
+@dataclass(frozen=True)
+class WriterSchema:
+    """A writer schema from the registry: as the decoder reads it, as written (for the alert's
+    record fields), and its time field's nanoseconds per tick (``None``: not a timestamp)."""
+
+    schema_id: int
+    for_reading: Any
+    as_written: Any
+    time_unit: int | None
+
+
+class WriterSchemas:
+    """Writer schemas by id from a Confluent Schema Registry, asked once per id (ids are
+    immutable in a registry). Uses confluent-kafka's ``SchemaRegistryClient``."""
+
+    def __init__(self, kafka: KafkaConfig, time_field: str | None, strip_time: bool) -> None:
+        try:
+            from confluent_kafka.schema_registry import SchemaRegistryClient
+        except ImportError:  # pragma: no cover - the extra is part of the dev install
+            raise ConfigError(
+                "kafka.schema_registry_url is set but confluent-kafka's Schema Registry client "
+                "cannot be imported: pip install 'anomaly-monitor[avro]'"
+            ) from None
+        url = kafka.schema_registry_url or ""
+        try:
+            self._client = SchemaRegistryClient({**kafka.schema_registry_settings, "url": url})
+        except Exception as exc:  # the client checks its settings: ValueError, TypeError
+            raise ConfigError(f"kafka.schema_registry settings: {exc}") from None
+        self.where = _without_userinfo(url)
+        self._time_field = time_field
+        self._strip_time = strip_time
+        self._known: dict[int, WriterSchema] = {}
+        self._unknown: dict[int, tuple[float, str]] = {}  # id -> (until, why)
+
+    def get(self, schema_id: int) -> WriterSchema:
+        known = self._known.get(schema_id)
+        if known is not None:
+            return known
+        unknown = self._unknown.get(schema_id)
+        if unknown is not None and unknown[0] > clock.monotonic():
+            raise _Bad(UNKNOWN_SCHEMA, unknown[1])
+        try:
+            writer = self._fetch(schema_id)
+        except _Bad as bad:
+            self._unknown[schema_id] = (clock.monotonic() + UNKNOWN_ID_TTL_S, bad.message)
+            raise
+        self._unknown.pop(schema_id, None)
+        self._known[schema_id] = writer
+        return writer
+
+    def _fetch(self, schema_id: int) -> WriterSchema:
+        from confluent_kafka.schema_registry.error import SchemaRegistryError
+
+        try:
+            registered = self._client.get_schema(schema_id)
+        except SchemaRegistryError as exc:
+            if exc.http_status_code == 404:
+                raise _Bad(
+                    UNKNOWN_SCHEMA, f"schema id {schema_id} is not in the schema registry"
+                ) from None
+            raise SchemaRegistryUnavailable(
+                f"schema registry {self.where}: HTTP {exc.http_status_code}: {exc.error_message}"
+            ) from None
+        except Exception as exc:  # the client's transport errors (refused, timeout, TLS, ...)
+            raise SchemaRegistryUnavailable(
+                f"schema registry {self.where}: {type(exc).__name__}: {exc}"
+            ) from None
+        kind = registered.schema_type or "AVRO"
+        if kind != "AVRO":
+            raise _Bad(UNKNOWN_SCHEMA, f"schema id {schema_id} is a {kind} schema, not Avro")
+        if registered.references:
+            raise _Bad(
+                UNKNOWN_SCHEMA,
+                f"schema id {schema_id} refers to other registered schemas, which the service "
+                "does not resolve",
+            )
+        fastavro = _fastavro()
+        try:
+            parsed = fastavro.parse_schema(json.loads(registered.schema_str))
+        except Exception as exc:  # not JSON, or not a valid Avro schema
+            raise _Bad(
+                UNKNOWN_SCHEMA, f"schema id {schema_id} is not a valid Avro schema: {exc}"
+            ) from None
+        if not isinstance(parsed, dict) or parsed.get("type") != "record":
+            raise _Bad(UNKNOWN_SCHEMA, f"schema id {schema_id} is not a record schema")
+        for_reading = (
+            _without_time_logical_type(parsed, self._time_field) if self._strip_time else parsed
+        )
+        return WriterSchema(
+            schema_id, for_reading, parsed, _timestamp_unit(parsed, self._time_field)
+        )
+
+
+def _without_userinfo(url: str) -> str:
+    """The URL for messages and logs: credentials in it are not repeated."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 class AvroRecordDecoder(RecordDecoder):
     """``RecordDecoder`` for Avro values: same frame, same checks, same dead-letter reasons."""
 
@@ -104,24 +257,37 @@ class AvroRecordDecoder(RecordDecoder):
         super().__init__(schema)
         fastavro = _fastavro()
         self._reader = fastavro.schemaless_reader
+        self._resolution_error = fastavro.read.SchemaResolutionError
         self._framed = kafka.avro_framing == "confluent"
         self._ids = frozenset(kafka.avro_schema_ids)
-        # A timestamp-millis/-micros time field is read as its plain long and turned into
-        # nanoseconds for the whole batch at once: fastavro's per-record datetime (and a string
-        # for the shared time parser) cost more than the rest of the record.
-        self._time_ns_per_unit = None
-        raw = json.loads(json.dumps(parsed))  # a plain copy to edit
-        for f in raw["fields"]:
-            if f["name"] == schema.time_field:
-                for branch in _branches(f["type"]):
-                    unit = _TIMESTAMP_UNITS.get(
-                        branch.get("logicalType") if isinstance(branch, dict) else None
-                    )
-                    if unit and branch.get("type") == "long":
-                        self._time_ns_per_unit = unit
-                        del branch["logicalType"]
-        self._parsed = fastavro.parse_schema(raw) if self._time_ns_per_unit else parsed
+        # A timestamp-millis/-micros time field is read as its plain long; _times turns the
+        # batch's ticks into nanoseconds at once.
+        self._time_ns_per_unit = _timestamp_unit(parsed, schema.time_field)
+        self._parsed = (
+            _without_time_logical_type(parsed, schema.time_field)
+            if self._time_ns_per_unit
+            else parsed
+        )
         self._parsed_as_written = parsed
+        self.registry = (
+            WriterSchemas(kafka, schema.time_field, strip_time=self._time_ns_per_unit is not None)
+            if kafka.schema_registry_url
+            else None
+        )
+
+    def _writer(self, value: bytes) -> WriterSchema | None:
+        """The registry's writer schema for a framed value, ``None`` for the file's schema."""
+        schema_id = int.from_bytes(value[1:HEADER], "big")
+        if schema_id in self._ids:
+            return None
+        if self.registry is not None:
+            return self.registry.get(schema_id)
+        if self._ids:
+            raise _Bad(
+                UNKNOWN_SCHEMA,
+                f"schema id {schema_id} is not one of kafka.avro_schema_ids {sorted(self._ids)}",
+            )
+        return None
 
     def _read(self, value: bytes) -> dict[str, Any]:
         buffer = io.BytesIO(value)
@@ -133,23 +299,37 @@ class AvroRecordDecoder(RecordDecoder):
                     "(byte 0, then a 4-byte schema id); set kafka.avro_framing: none for bare "
                     "Avro",
                 )
-            if self._ids:
-                schema_id = int.from_bytes(value[1:HEADER], "big")
-                if schema_id not in self._ids:
-                    raise _Bad(
-                        UNKNOWN_SCHEMA,
-                        f"schema id {schema_id} is not one of kafka.avro_schema_ids "
-                        f"{sorted(self._ids)}",
-                    )
+            writer = self._writer(value) if self._ids or self.registry else None
             buffer.seek(HEADER)
+        else:
+            writer = None
         try:
-            record = self._reader(buffer, self._parsed, None)
+            if writer is None:
+                record = self._reader(buffer, self._parsed, None)
+            else:
+                record = self._reader(buffer, writer.for_reading, self._parsed)
+        except self._resolution_error as exc:
+            raise _Bad(
+                INCOMPATIBLE_SCHEMA,
+                f"schema id {writer.schema_id if writer else '?'} does not resolve to "
+                f"kafka.avro_schema: {exc}",
+            ) from None
         except Exception as exc:  # EOFError, ValueError, UnicodeDecodeError, ...
             raise _Bad(INVALID_AVRO, f"not Avro of the pipeline's schema: {exc!r}") from None
         left = len(value) - buffer.tell()
         if left:
             raise _Bad(INVALID_AVRO, f"{left} byte(s) left after the Avro record")
+        if writer is not None and writer.time_unit != self._time_ns_per_unit:
+            self._to_file_time_unit(record, writer.time_unit)
         return record
+
+    def _to_file_time_unit(self, record: dict[str, Any], writer_unit: int | None) -> None:
+        """Ticks of the writer's timestamp unit as ticks of the file's (floored: micros read
+        as millis lose the sub-millisecond part)."""
+        name = self.schema.time_field
+        ticks = record.get(name)
+        if writer_unit and self._time_ns_per_unit and isinstance(ticks, int):
+            record[name] = ticks * writer_unit // self._time_ns_per_unit
 
     def record_fields(self, value: bytes | None) -> dict[str, Any]:
         """``RecordDecoder.record_fields`` for a valid Avro value: logical types as JSON text
@@ -158,7 +338,9 @@ class AvroRecordDecoder(RecordDecoder):
             return {}
         buffer = io.BytesIO(value)
         buffer.seek(HEADER if self._framed else 0)
-        record = self._reader(buffer, self._parsed_as_written, None)
+        writer = self._writer(value) if self._framed and (self._ids or self.registry) else None
+        schema = self._parsed_as_written if writer is None else writer.as_written
+        record = self._reader(buffer, schema, None)  # the record as its producer wrote it
         return _json_safe({k: _json_value(v) for k, v in record.items()})
 
     def _convert(self, value: bytes) -> Any:

@@ -27,9 +27,10 @@ import logging
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 import numpy as np
@@ -45,11 +46,12 @@ from storage.records import (
     StreamStatRecord,
     WriteResult,
 )
-from streams.avro import make_decoder
+from streams.avro import SchemaRegistryUnavailable, make_decoder
 from streams.decode import INVALID_VALUE, DecodedBatch, Rejected
 from streams.metrics import Health, MetricsServer, ServiceMetrics
 
 log = logging.getLogger("streams.service")
+T = TypeVar("T")
 
 DETECTORS = ("vae", "flow", "gan")
 # --stop-when-idle counts from the first assignment; a consumer that never gets one (more
@@ -120,6 +122,7 @@ class ScoringService:
         self.health = health or Health()
         self._store = store
         self.decoder = make_decoder(cfg)
+        self._registry_in_use = getattr(self.decoder, "registry", None) is not None
         self.state = ServiceState()
         self._stop = threading.Event()
         self._consumer: Any = None
@@ -257,11 +260,14 @@ class ScoringService:
         generation = self.state.generation
         ingest = datetime.now(UTC)
         t0 = time.perf_counter()
-        decoded = self.decoder.decode(
-            [m.value for m in messages],
-            partitions=[m.partition for m in messages],
-            offsets=[m.offset for m in messages],
+        decoded = self._until_done(
+            lambda: self._decode(messages),
+            generation,
+            messages,
+            waiting="batch not decoded (schema registry unavailable), retrying",
         )
+        if decoded is None:
+            return None
         decoded = self._model_checks(decoded, messages)
         t1 = time.perf_counter()
         loaded = self.loaded
@@ -442,6 +448,16 @@ class ScoringService:
 
     # -- sink and commit ------------------------------------------------------------------
 
+    def _decode(self, messages: list[_Message]) -> DecodedBatch:
+        decoded = self.decoder.decode(
+            [m.value for m in messages],
+            partitions=[m.partition for m in messages],
+            offsets=[m.offset for m in messages],
+        )
+        if self._registry_in_use:
+            self.health.set("schema_registry_up", True)
+        return decoded
+
     def _write(
         self,
         batch: SinkBatch,
@@ -450,23 +466,41 @@ class ScoringService:
         generation: int,
     ) -> WriteResult | None:
         """Produce to the output topics, then write the database; retry while it is down."""
+
+        def attempt() -> WriteResult:
+            self._produce(batch.dead_letters, scores_out)
+            result = self.store.write_batch(batch)
+            self._database_up(True)
+            return result
+
+        return self._until_done(attempt, generation, messages)
+
+    def _until_done(
+        self,
+        attempt: Callable[[], T],
+        generation: int,
+        messages: list[_Message],
+        waiting: str = "batch not written, retrying",
+    ) -> T | None:
+        """``attempt()`` until it returns. While what it needs is down (the database, the
+        output topics' broker, the schema registry) the partitions are paused and it is retried
+        with backoff; ``None`` if the batch must be dropped (see ``_wait_paused``)."""
         delay = self.cfg.serve.db_retry_initial_s
         paused = False
         try:
             while True:
                 try:
-                    self._produce(batch.dead_letters, scores_out)
-                    result = self.store.write_batch(batch)
-                    self._database_up(True)
-                    return result
-                except (RetryableStorageError, ProduceError) as exc:
+                    return attempt()
+                except (RetryableStorageError, ProduceError, SchemaRegistryUnavailable) as exc:
                     if isinstance(exc, RetryableStorageError):
                         self._database_up(False)
+                    if isinstance(exc, SchemaRegistryUnavailable):
+                        self.health.set("schema_registry_up", False)
                     if not paused and self.state.assigned:
                         self._consumer.pause(self._partitions(self.state.assigned))
                         paused = True
                     log.warning(
-                        "batch not written, retrying",
+                        waiting,
                         extra={"fields": {"error": str(exc), "retry_in_s": delay}},
                     )
                     if not self._wait_paused(delay, generation, messages):
@@ -490,7 +524,7 @@ class ScoringService:
                 # Partitions came back unpaused after a rebalance: put the fetched records and
                 # the held batch back, from the stored offsets (seeked in on_assign).
                 self._rewind([*self._messages(got), *messages])
-                log.warning("rebalance while the database was down; batch dropped")
+                log.warning("rebalance while the batch was held; batch dropped")
                 return False
         return True
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import socket
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,13 +17,20 @@ import pytest
 from anomaly.config import config_from_dict, load_config
 from anomaly.errors import ConfigError
 from anomaly.synthetic import generate_fraud, write_frame
-from streams.avro import AvroRecordDecoder, encode_avro_rows, load_schema, make_decoder
+from streams.avro import (
+    AvroRecordDecoder,
+    SchemaRegistryUnavailable,
+    encode_avro_rows,
+    load_schema,
+    make_decoder,
+)
 from streams.broker import create_topic
 from streams.decode import RecordDecoder
 from streams.replay import encode_rows, replay
 from streams.service import ScoringService
 
 from .conftest import LABELS, committed_offsets, end_offsets, produce
+from .registry import SchemaRegistryStandIn
 
 fastavro = pytest.importorskip("fastavro")
 
@@ -210,3 +220,225 @@ def test_mangled_avro_values_never_raise_and_are_rejected_with_a_known_reason(
         assert all(r.error_kind in kinds and r.error_message for r in batch.rejected)
 
     check()
+
+
+# -- Schema Registry ------------------------------------------------------------------------------
+
+
+def writer_v2() -> dict:
+    """The producer's next version of examples/fraud.avsc: the fields in reverse order, a new
+    field, and times in milliseconds instead of microseconds."""
+    schema = json.loads(EXAMPLE_AVSC.read_text())
+    fields = list(reversed(schema["fields"]))
+    for f in fields:
+        if f["name"] == "event_time":
+            f["type"] = {"type": "long", "logicalType": "timestamp-millis"}
+    fields.insert(3, {"name": "device_fingerprint", "type": "string"})
+    return {**schema, "fields": fields}
+
+
+def avro_rows(records: pd.DataFrame) -> list[dict]:
+    rows = []
+    for row in records.to_dict("records"):
+        row = {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()}
+        row["event_time"] = row["event_time"].to_pydatetime()
+        row["device_fingerprint"] = f"fp-{row['id']}"
+        rows.append(row)
+    return rows
+
+
+def confluent_serialized(url: str, schema: dict, records: pd.DataFrame) -> list[bytes]:
+    """Values as Confluent's own ``AvroSerializer`` writes them (it registers the schema)."""
+    from confluent_kafka.schema_registry import SchemaRegistryClient
+    from confluent_kafka.schema_registry.avro import AvroSerializer
+    from confluent_kafka.serialization import MessageField, SerializationContext
+
+    serializer = AvroSerializer(SchemaRegistryClient({"url": url}), json.dumps(schema))
+    context = SerializationContext("transactions", MessageField.VALUE)
+    return [serializer(row, context) for row in avro_rows(records)]
+
+
+def framed(schema_id: int, schema: dict, row: dict) -> bytes:
+    buffer = io.BytesIO()
+    buffer.write(b"\x00" + schema_id.to_bytes(4, "big"))
+    fastavro.schemaless_writer(buffer, fastavro.parse_schema(schema), row)
+    return buffer.getvalue()
+
+
+def test_registry_writer_schemas_resolve_to_the_pipeline_schema(fraud_schema, tmp_path):
+    """Values from Confluent's serializer with an evolved schema (reordered, a new field, times
+    in milliseconds) decode to the frame the JSON values give; the registry is asked once."""
+    records = generate_fraud(300, anomaly_fraction=0.05, seed=5).drop(columns=LABELS)
+    records.loc[7, "amount"] = np.nan
+    with SchemaRegistryStandIn() as registry:
+        values = confluent_serialized(registry.url, writer_v2(), records)
+        assert {v[:5] for v in values} == {b"\x00\x00\x00\x00\x01"}
+        cfg = avro_config(
+            fraud_schema, tmp_path, avro_schema_ids=[7], schema_registry_url=registry.url
+        )
+        decoder = make_decoder(cfg)
+        got = decoder.decode(values)
+        fields = decoder.record_fields(values[0])
+        # Ids listed in kafka.avro_schema_ids are read with the .avsc file, without asking.
+        from_file = decoder.decode(encode_avro_rows(records.iloc[:20], cfg))
+    assert registry.asked_for(1) == 1 and registry.asked_for(7) == 0
+    want = RecordDecoder(cfg.schema).decode(encode_rows(records))
+    pd.testing.assert_frame_equal(got.frame, want.frame)
+    assert [(r.index, r.error_kind) for r in got.rejected] == [(7, "missing_value")]
+    want_first = RecordDecoder(cfg.schema).decode(encode_rows(records.iloc[:20]))
+    pd.testing.assert_frame_equal(from_file.frame, want_first.frame)
+    # An alert keeps the record as its producer wrote it, the new field included.
+    assert fields["device_fingerprint"] == f"fp-{records['id'].iloc[0]}"
+    assert pd.Timestamp(fields["event_time"]) == records["event_time"].iloc[0]
+
+
+def test_registry_unknown_and_incompatible_schemas_are_dead_lettered(fraud_schema, tmp_path):
+    records = generate_fraud(10, seed=6).drop(columns=LABELS)
+    row = avro_rows(records.iloc[:1])[0]
+    v2 = writer_v2()
+    no_amount = {**v2, "fields": [f for f in v2["fields"] if f["name"] != "amount"]}
+    no_id = {**v2, "fields": [f for f in v2["fields"] if f["name"] != "id"]}
+    amount_text = {
+        **v2,
+        "fields": [
+            {**f, "type": ["null", "string"]} if f["name"] == "amount" else f for f in v2["fields"]
+        ],
+    }
+    with SchemaRegistryStandIn() as registry:
+        ids = {
+            name: registry.register(json.dumps(schema))
+            for name, schema in [("v2", v2), ("no_amount", no_amount), ("no_id", no_id)]
+        }
+        ids["amount_text"] = registry.register(json.dumps(amount_text))
+        ids["proto"] = registry.register('syntax = "proto3"; message M {}', "PROTOBUF")
+        cfg = avro_config(fraud_schema, tmp_path, schema_registry_url=registry.url)
+        decoder = make_decoder(cfg)
+        values = [
+            (framed(ids["v2"], v2, row), None),
+            (framed(99, v2, row), "unknown_schema"),
+            (framed(ids["no_amount"], no_amount, row), "missing_value"),  # the file's default
+            (framed(ids["no_id"], no_id, row), "incompatible_schema"),  # no default for id
+            (framed(ids["amount_text"], amount_text, row | {"amount": "12.5"}), None),
+            (framed(ids["proto"], v2, row), "unknown_schema"),
+            (framed(99, v2, row), "unknown_schema"),
+        ]
+        batch = decoder.decode([v for v, _ in values])
+        again = decoder.decode([values[1][0]])
+    rejected = {r.index: r for r in batch.rejected}
+    assert {i: r.error_kind for i, r in rejected.items()} == {
+        i: kind for i, (_, kind) in enumerate(values) if kind
+    } | {4: "incompatible_schema"}  # a string does not resolve to a double
+    assert "schema id 99 is not in the schema registry" in rejected[1].error_message
+    assert "PROTOBUF" in rejected[5].error_message
+    assert f"schema id {ids['no_id']} does not resolve" in rejected[3].error_message
+    assert batch.n_valid == 1 and [r.error_kind for r in again.rejected] == ["unknown_schema"]
+    # An unknown id is asked for once, not once per record.
+    assert registry.asked_for(99) == 1
+
+
+def test_an_unreachable_registry_holds_the_batch_instead_of_dead_lettering(fraud_schema, tmp_path):
+    records = generate_fraud(10, seed=7).drop(columns=LABELS)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    with SchemaRegistryStandIn() as registry:
+        values = confluent_serialized(registry.url, writer_v2(), records)
+        registry.available = False
+        cfg = avro_config(
+            fraud_schema,
+            tmp_path,
+            schema_registry_url=registry.url,
+            schema_registry_settings={"max.retries": 0},
+        )
+        decoder = make_decoder(cfg)
+        with pytest.raises(SchemaRegistryUnavailable, match="HTTP 503"):
+            decoder.decode(values)
+        registry.available = True
+        assert decoder.decode(values).n_valid == len(records)
+    secret = avro_config(
+        fraud_schema,
+        tmp_path,
+        schema_registry_url=f"http://reader:s3cret@127.0.0.1:{closed_port}",
+        schema_registry_settings={"max.retries": 0},
+    )
+    with pytest.raises(SchemaRegistryUnavailable) as raised:
+        make_decoder(secret).decode(values[:1])
+    assert f"127.0.0.1:{closed_port}" in str(raised.value) and "s3cret" not in str(raised.value)
+
+
+def test_registry_config_errors_name_the_problem(fraud_schema, tmp_path):
+    with pytest.raises(ConfigError, match=r"schema_registry_url needs kafka\.format: avro"):
+        config_from_dict(
+            {"name": "p", "schema": fraud_schema, "kafka": {"schema_registry_url": "http://r"}},
+            environ={},
+        )
+    with pytest.raises(ConfigError, match="avro_framing: confluent"):
+        avro_config(fraud_schema, tmp_path, avro_framing="none", schema_registry_url="http://r")
+    cfg = avro_config(
+        fraud_schema,
+        tmp_path,
+        schema_registry_url="http://r",
+        schema_registry_settings={"no.such.setting": 1},
+    )
+    with pytest.raises(ConfigError, match="schema_registry settings"):
+        make_decoder(cfg)
+
+
+@pytest.mark.kafka
+def test_serve_waits_for_the_registry_then_scores_every_record(
+    sqlite_url,
+    tmp_path,
+    kafka_bootstrap,
+    topic_name,
+    pipeline_file,
+    trained_model,
+    fraud_records,
+    sql,
+):
+    """Values written by Confluent's serializer; the registry is down when serve starts: the
+    batch is held (nothing dead-lettered, nothing committed, not ready), then scored."""
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    shutil.copy(EXAMPLE_AVSC, tmp_path / "fraud.avsc")
+    features = fraud_records.drop(columns=LABELS)
+    with SchemaRegistryStandIn() as registry:
+        values = confluent_serialized(registry.url, writer_v2(), features)
+        produce(kafka_bootstrap, topic_name, values)
+        registry.available = False
+        config = pipeline_file(
+            sqlite_url,
+            trained_model.bundle,
+            kafka={
+                "format": "avro",
+                "avro_schema": "fraud.avsc",
+                "schema_registry_url": registry.url,
+                "schema_registry_settings": {"max.retries": 0},
+            },
+        )
+        cfg = load_config(config)
+        service = ScoringService(cfg, stop_when_idle_s=3.0)
+        runner = threading.Thread(target=service.run)
+        runner.start()
+        try:
+            deadline = time.monotonic() + 60
+            while registry.asked_for(1) < 3 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert registry.asked_for(1) >= 3  # asked again with backoff
+            assert service.health.snapshot()["schema_registry_up"] is False
+            assert not service.health.ready
+            assert service.totals.consumed == 0
+            # Nothing committed yet (librdkafka's -1001: no offset).
+            assert all(
+                o < 0 for o in committed_offsets(kafka_bootstrap, topic_name, cfg.group_id).values()
+            )
+            registry.available = True
+            runner.join(timeout=120)
+        finally:
+            service.stop()
+            runner.join(timeout=60)
+    assert not runner.is_alive()
+    assert service.totals.consumed == len(values) and service.totals.dead_letters == 0
+    assert service.health.snapshot()["schema_registry_up"] is True
+    expected = set(features["id"][trained_model.model.predict(features) == 1])
+    assert sorted(r[0] for r in sql(sqlite_url, "SELECT record_id FROM alerts")) == sorted(expected)
+    assert sql(sqlite_url, "SELECT count(*) FROM dead_letters") == [(0,)]
+    assert committed_offsets(kafka_bootstrap, topic_name, cfg.group_id) == {0: len(values)}
