@@ -13,7 +13,12 @@ revision before the decode speed-ups), loaded from ``git show``.
     python bench/decode.py --avro                           # Avro values vs JSON, this tree
 
 With ``--avro`` the same records go in as Avro (examples/fraud.avsc, Schema Registry framing) to
-``streams.avro.AvroRecordDecoder``, against this tree's JSON decoder on their JSON values.
+``streams.avro.AvroRecordDecoder``, against this tree's JSON decoder on their JSON values. With
+``--registry`` too, a third set is written with an evolved writer schema (fields reversed, one
+more field, times in milliseconds) registered in the test suite's stand-in Schema Registry, and
+read by a decoder with ``kafka.schema_registry_url``: Avro schema resolution against the file.
+
+    python bench/decode.py --avro --registry
 """
 
 from __future__ import annotations
@@ -80,6 +85,9 @@ def main() -> int:
     parser.add_argument("--extra-numeric", type=int, default=0)
     parser.add_argument("--baseline", default=BASELINE, help="git revision of the baseline")
     parser.add_argument("--avro", action="store_true", help="Avro decoder vs the JSON decoder")
+    parser.add_argument(
+        "--registry", action="store_true", help="with --avro: also an evolved registry schema"
+    )
     args = parser.parse_args()
 
     schema, values = records(args.batch * args.batches, args.extra_numeric)
@@ -131,21 +139,66 @@ def avro_vs_json(schema: SchemaConfig, batches: list[list[bytes]], args) -> int:
     pd.testing.assert_frame_equal(avro_decoder.decode(avro_batches[0]).frame, frames[0])
     size = sum(map(len, chain.from_iterable(avro_batches))) / sum(map(len, avro_batches))
     print(f"Avro values: {size:.0f} bytes/record")
-    best = {"json": float("inf"), "avro": float("inf")}
+    runs = [("json", json_decoder, batches), ("avro", avro_decoder, avro_batches)]
+    registry = None
+    if args.registry:
+        registry, run = registry_run(cfg, frames)
+        runs.append(run)
+    best = dict.fromkeys((name for name, _, _ in runs), float("inf"))
     n = sum(map(len, batches))
     for _ in range(args.rounds):
-        for name, decoder, data in (
-            ("json", json_decoder, batches),
-            ("avro", avro_decoder, avro_batches),
-        ):
+        for name, decoder, data in runs:
             start = time.perf_counter()
             for batch in data:
                 decoder.decode(batch)
             best[name] = min(best[name], (time.perf_counter() - start) / n)
+    if registry is not None:
+        registry.__exit__()
     for name, seconds in best.items():
-        print(f"{name:5s} {seconds * 1e6:6.2f} us/record  (best of {args.rounds} rounds)")
+        print(f"{name:8s} {seconds * 1e6:6.2f} us/record  (best of {args.rounds} rounds)")
     print(f"avro / json time: {best['avro'] / best['json']:.2f}x")
+    if registry is not None:
+        print(f"registry (resolved) / avro time: {best['registry'] / best['avro']:.2f}x")
     return 0
+
+
+def registry_run(cfg, frames: list[pd.DataFrame]):
+    """The stand-in registry (started) and the ("registry", decoder, batches) run."""
+    import dataclasses
+    import io
+    import json
+
+    import fastavro
+
+    from streams.avro import encode_avro_rows, make_decoder
+    from tests.streams.registry import SchemaRegistryStandIn
+
+    schema = json.loads((ROOT / "examples" / "fraud.avsc").read_text())
+    fields = list(reversed(json.loads(json.dumps(schema["fields"]))))  # a copy to edit
+    for f in fields:
+        if f["name"] == cfg.schema.time_field:
+            f["type"] = {"type": "long", "logicalType": "timestamp-millis"}
+    fields.insert(3, {"name": "device_fingerprint", "type": "string"})
+    writer = {**schema, "fields": fields}
+    registry = SchemaRegistryStandIn().__enter__()
+    schema_id = registry.register(json.dumps(writer))
+    parsed = fastavro.parse_schema(writer)
+    reader = fastavro.parse_schema(schema)
+    batches = []
+    for frame in frames:
+        values = []
+        for value in encode_avro_rows(frame, cfg):  # the file's records, written as v2
+            record = fastavro.schemaless_reader(io.BytesIO(value[5:]), reader, None)
+            record["device_fingerprint"] = "fp-0123456789abcdef"
+            out = io.BytesIO()
+            out.write(b"\x00" + schema_id.to_bytes(4, "big"))
+            fastavro.schemaless_writer(out, parsed, record)
+            values.append(out.getvalue())
+        batches.append(values)
+    kafka = dataclasses.replace(cfg.kafka, schema_registry_url=registry.url)
+    decoder = make_decoder(dataclasses.replace(cfg, kafka=kafka))
+    pd.testing.assert_frame_equal(decoder.decode(batches[0]).frame, frames[0])
+    return registry, ("registry", decoder, batches)
 
 
 if __name__ == "__main__":
