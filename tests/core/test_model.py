@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -149,6 +150,18 @@ def test_bf16_autocast_keeps_the_ranking_and_the_alerts(fitted_model, frame_prob
         assert np.corrcoef(a, b)[0, 1] > 0.99, col
     assert np.mean(fp32.is_alert != bf16.is_alert) <= 0.01
     assert bf16.is_alert[len(normal) :].mean() > 0.5
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="needs Linux's /proc/cpuinfo")
+def test_native_bf16_is_read_from_the_cpu_instructions():
+    """The CPU's flags say whether it has bfloat16 instructions; oneDNN's 'bf16 supported' is
+    also true on AVX512 CPUs without them, where bf16 is emulated (and slower)."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def test_bf16_on_a_cpu_without_bf16_instructions_warns(fitted_model):
