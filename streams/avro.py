@@ -469,16 +469,42 @@ def _coercer(avro_type: Any) -> Any:
     return coerce
 
 
+def writer_schema_id(cfg: PipelineConfig) -> int:
+    """The schema id replayed values carry: the first of ``kafka.avro_schema_ids``; else, with
+    a schema registry, the id the registry gives the ``.avsc`` registered under the topic's
+    value subject (``<topic>-value``, as Confluent's serializers do); else 1."""
+    kafka = cfg.kafka
+    if kafka.avro_schema_ids:
+        return kafka.avro_schema_ids[0]
+    if not kafka.schema_registry_url:
+        return 1
+    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
+
+    load_schema(cfg)  # a clear ConfigError for a missing or invalid file first
+    text = json.dumps(json.loads(schema_path(cfg).read_text(encoding="utf-8")))
+    subject = f"{kafka.topic}-value"
+    where = _without_userinfo(kafka.schema_registry_url)
+    try:
+        client = SchemaRegistryClient(
+            {**kafka.schema_registry_settings, "url": kafka.schema_registry_url}
+        )
+        return int(client.register_schema(subject, Schema(text, "AVRO")))
+    except Exception as exc:  # refused, 409 incompatible, 401, ...
+        raise ConfigError(
+            f"cannot register kafka.avro_schema under subject '{subject}' in the schema "
+            f"registry {where}: {type(exc).__name__}: {exc}"
+        ) from None
+
+
 def encode_avro_rows(frame: pd.DataFrame, cfg: PipelineConfig) -> list[bytes]:
-    """One Avro value per row, framed as ``kafka.avro_framing`` says (with the first id of
-    ``kafka.avro_schema_ids``, or 1, in the header). Fields of the schema the frame lacks are
-    written as null; a value the schema cannot hold is a ``DataError`` naming row and field."""
+    """One Avro value per row, framed as ``kafka.avro_framing`` says (with ``writer_schema_id``
+    in the header). Fields of the schema the frame lacks are written as null; a value the
+    schema cannot hold is a ``DataError`` naming row and field."""
     fastavro = _fastavro()
     parsed = load_schema(cfg)
     header = b""
     if cfg.kafka.avro_framing == "confluent":
-        schema_id = cfg.kafka.avro_schema_ids[0] if cfg.kafka.avro_schema_ids else 1
-        header = bytes([MAGIC]) + schema_id.to_bytes(4, "big")
+        header = bytes([MAGIC]) + writer_schema_id(cfg).to_bytes(4, "big")
     fields = [(f["name"], _coercer(f["type"])) for f in parsed["fields"]]
     writer = fastavro.schemaless_writer
     out = []

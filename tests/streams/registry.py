@@ -72,14 +72,15 @@ class SchemaRegistryStandIn:
 
     def register(self, schema: str, schema_type: str | None = None) -> int:
         """Register a schema text (as a producer's serializer would); its id."""
+        kind = None if schema_type in (None, "AVRO") else schema_type  # Avro is the default
         with self._lock:
             for schema_id, known in self.schemas.items():
-                if known["schema"] == schema and known.get("schemaType") == schema_type:
+                if known["schema"] == schema and known.get("schemaType") == kind:
                     return schema_id
             schema_id = len(self.schemas) + 1
             entry: dict[str, Any] = {"schema": schema}
-            if schema_type and schema_type != "AVRO":
-                entry["schemaType"] = schema_type
+            if kind:
+                entry["schemaType"] = kind
             self.schemas[schema_id] = entry
             return schema_id
 

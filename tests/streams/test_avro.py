@@ -26,7 +26,7 @@ from streams.avro import (
 )
 from streams.broker import create_topic
 from streams.decode import RecordDecoder
-from streams.replay import encode_rows, replay
+from streams.replay import encode_rows, encode_values, replay
 from streams.service import ScoringService
 
 from .conftest import LABELS, committed_offsets, end_offsets, produce
@@ -375,6 +375,32 @@ def test_an_unreachable_registry_holds_the_batch_instead_of_dead_lettering(fraud
     with pytest.raises(SchemaRegistryUnavailable) as raised:
         make_decoder(secret).decode(values[:1])
     assert f"127.0.0.1:{closed_port}" in str(raised.value) and "s3cret" not in str(raised.value)
+
+
+def test_replay_registers_the_avsc_and_writes_the_id_the_registry_gives(fraud_schema, tmp_path):
+    records = generate_fraud(50, seed=8).drop(columns=LABELS)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed_port = s.getsockname()[1]
+    with SchemaRegistryStandIn() as registry:
+        registry.register('{"type": "string"}')  # id 1 is another producer's schema
+        cfg = avro_config(fraud_schema, tmp_path, schema_registry_url=registry.url)
+        values = encode_values(records, cfg)
+        again = encode_values(records.iloc[:1], cfg)  # registering again: the same id
+        batch = make_decoder(cfg).decode(values)
+    assert {v[:5] for v in values + again} == {b"\x00\x00\x00\x00\x02"}
+    assert ("POST", f"/subjects/{cfg.kafka.topic}-value/versions") in registry.requests
+    want = RecordDecoder(cfg.schema).decode(encode_rows(records))
+    pd.testing.assert_frame_equal(batch.frame, want.frame)
+    down = avro_config(
+        fraud_schema,
+        tmp_path,
+        schema_registry_url=f"http://writer:s3cret@127.0.0.1:{closed_port}",
+        schema_registry_settings={"max.retries": 0},
+    )
+    with pytest.raises(ConfigError, match=f"subject '{down.kafka.topic}-value'") as raised:
+        encode_values(records, down)
+    assert "s3cret" not in str(raised.value)
 
 
 def test_registry_config_errors_name_the_problem(fraud_schema, tmp_path):
