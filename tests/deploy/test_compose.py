@@ -69,6 +69,7 @@ def test_services_health_checks_and_profiles():
         "replay",
         "prometheus",
         "grafana",
+        "schema-registry",
     }
     assert set(services) == expected
     assert services["kafka"]["image"].startswith("apache/kafka:")
@@ -94,6 +95,18 @@ def test_services_health_checks_and_profiles():
     assert services["replay"]["depends_on"]["train"]["condition"] == (
         "service_completed_successfully"
     )
+
+
+@needs_compose
+def test_the_avro_profile_adds_a_schema_registry_on_the_broker():
+    services = _resolved()["services"]
+    registry = services["schema-registry"]
+    assert registry["profiles"] == ["avro"]
+    store = registry["environment"]["SCHEMA_REGISTRY_KAFKASTORE_BOOTSTRAP_SERVERS"]
+    assert store == "PLAINTEXT://kafka:9092"
+    assert store in services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"].split(",")
+    assert registry["depends_on"]["kafka"]["condition"] == "service_healthy"
+    assert registry["healthcheck"]["test"][0] == "CMD-SHELL"
 
 
 @needs_compose
