@@ -80,6 +80,12 @@ class ServiceMetrics:
         self.database_up = Gauge(
             "anomaly_database_up", "1 while the alert database is reachable", p, registry=r
         ).labels(pipeline)
+        self.schema_registry_up = Gauge(
+            "anomaly_schema_registry_up",
+            "1 while the Avro schema registry answers (only with kafka.schema_registry_url)",
+            p,
+            registry=r,
+        ).labels(pipeline)
         self.stage = {
             name: self._stage.labels(pipeline, name)
             for name in ("decode", "score", "write", "commit")

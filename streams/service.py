@@ -455,7 +455,7 @@ class ScoringService:
             offsets=[m.offset for m in messages],
         )
         if self._registry_in_use:
-            self.health.set("schema_registry_up", True)
+            self._registry_up(True)
         return decoded
 
     def _write(
@@ -495,7 +495,7 @@ class ScoringService:
                     if isinstance(exc, RetryableStorageError):
                         self._database_up(False)
                     if isinstance(exc, SchemaRegistryUnavailable):
-                        self.health.set("schema_registry_up", False)
+                        self._registry_up(False)
                     if not paused and self.state.assigned:
                         self._consumer.pause(self._partitions(self.state.assigned))
                         paused = True
@@ -617,6 +617,10 @@ class ScoringService:
     def _database_up(self, up: bool) -> None:
         self.metrics.database_up.set(1 if up else 0)
         self.health.set("database_up", up)
+
+    def _registry_up(self, up: bool) -> None:
+        self.metrics.schema_registry_up.set(1 if up else 0)
+        self.health.set("schema_registry_up", up)
 
     def _with_db_retry(self, fn: Any, what: str) -> Any:
         delay = self.cfg.serve.db_retry_initial_s

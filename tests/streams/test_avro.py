@@ -461,6 +461,10 @@ def test_serve_waits_for_the_registry_then_scores_every_record(
                 time.sleep(0.1)
             assert registry.asked_for(1) >= 3  # asked again with backoff
             assert service.health.snapshot()["schema_registry_up"] is False
+            up = service.metrics.registry.get_sample_value(
+                "anomaly_schema_registry_up", {"pipeline": cfg.name}
+            )
+            assert up == 0
             assert not service.health.ready
             assert service.totals.consumed == 0
             # Nothing committed yet (librdkafka's -1001: no offset).
@@ -475,6 +479,10 @@ def test_serve_waits_for_the_registry_then_scores_every_record(
     assert not runner.is_alive()
     assert service.totals.consumed == len(values) and service.totals.dead_letters == 0
     assert service.health.snapshot()["schema_registry_up"] is True
+    up = service.metrics.registry.get_sample_value(
+        "anomaly_schema_registry_up", {"pipeline": cfg.name}
+    )
+    assert up == 1
     expected = set(features["id"][trained_model.model.predict(features) == 1])
     assert sorted(r[0] for r in sql(sqlite_url, "SELECT record_id FROM alerts")) == sorted(expected)
     assert sql(sqlite_url, "SELECT count(*) FROM dead_letters") == [(0,)]
