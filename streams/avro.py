@@ -167,19 +167,8 @@ class WriterSchemas:
     def __init__(
         self, kafka: KafkaConfig, time_field: str | None, reader: Any, time_unit: int | None
     ) -> None:
-        try:
-            from confluent_kafka.schema_registry import SchemaRegistryClient
-        except ImportError:  # pragma: no cover - the extra is part of the dev install
-            raise ConfigError(
-                "kafka.schema_registry_url is set but confluent-kafka's Schema Registry client "
-                "cannot be imported: pip install 'anomaly-monitor[avro]'"
-            ) from None
-        url = kafka.schema_registry_url or ""
-        try:
-            self._client = SchemaRegistryClient({**kafka.schema_registry_settings, "url": url})
-        except Exception as exc:  # the client checks its settings: ValueError, TypeError
-            raise ConfigError(f"kafka.schema_registry settings: {exc}") from None
-        self.where = _without_userinfo(url)
+        self._client = registry_client(kafka)
+        self.where = _without_userinfo(kafka.schema_registry_url or "")
         self._time_field = time_field
         self._reader = reader
         # The file's timestamp long is read as ticks (see _times); so is the writer's.
@@ -248,6 +237,23 @@ class WriterSchemas:
             _timestamp_unit(parsed, self._time_field),
             resolve=not _reads_alike(for_reading, self._reader),
         )
+
+
+def registry_client(kafka: KafkaConfig) -> Any:
+    """confluent-kafka's ``SchemaRegistryClient`` for ``kafka.schema_registry_url`` and
+    ``kafka.schema_registry_settings``; ``ConfigError`` when it is missing or refuses them."""
+    try:
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+    except ImportError:  # pragma: no cover - the extra is part of the dev install
+        raise ConfigError(
+            "kafka.schema_registry_url is set but confluent-kafka's Schema Registry client "
+            "cannot be imported: pip install 'anomaly-monitor[avro]'"
+        ) from None
+    url = kafka.schema_registry_url or ""
+    try:
+        return SchemaRegistryClient({**kafka.schema_registry_settings, "url": url})
+    except Exception as exc:  # the client checks its settings: ValueError, TypeError
+        raise ConfigError(f"kafka.schema_registry settings: {exc}") from None
 
 
 def _reads_alike(writer: Any, reader: Any) -> bool:
@@ -478,16 +484,14 @@ def writer_schema_id(cfg: PipelineConfig) -> int:
         return kafka.avro_schema_ids[0]
     if not kafka.schema_registry_url:
         return 1
-    from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
-
     load_schema(cfg)  # a clear ConfigError for a missing or invalid file first
+    client = registry_client(kafka)
+    from confluent_kafka.schema_registry import Schema
+
     text = json.dumps(json.loads(schema_path(cfg).read_text(encoding="utf-8")))
     subject = f"{kafka.topic}-value"
     where = _without_userinfo(kafka.schema_registry_url)
     try:
-        client = SchemaRegistryClient(
-            {**kafka.schema_registry_settings, "url": kafka.schema_registry_url}
-        )
         return int(client.register_schema(subject, Schema(text, "AVRO")))
     except Exception as exc:  # refused, 409 incompatible, 401, ...
         raise ConfigError(
