@@ -610,6 +610,36 @@ def _info_stat(title: str, metric: str, label: str, description: str) -> Panel:
     )
 
 
+def _up_stat(title: str, metric: str, description: str) -> Panel:
+    """A red/green stat of a 0/1 gauge per pipeline."""
+    return Panel(
+        title=title,
+        type="stat",
+        datasource=PROMETHEUS,
+        targets=[PromTarget(f"min by (pipeline) ({metric}{_PROM_PIPE})", "{{pipeline}}")],
+        width=6,
+        height=4,
+        defaults={
+            "mappings": [
+                {
+                    "options": {
+                        "0": {"color": "red", "index": 0, "text": "down"},
+                        "1": {"color": "green", "index": 1, "text": "up"},
+                    },
+                    "type": "value",
+                }
+            ]
+        },
+        options={
+            "colorMode": "background",
+            "graphMode": "none",
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "textMode": "value_and_name",
+        },
+        description=description,
+    )
+
+
 def service_dashboard() -> Dashboard:
     panels = [
         _info_stat(
@@ -624,34 +654,11 @@ def service_dashboard() -> Dashboard:
             "version",
             "The model version each scorer is serving.",
         ),
-        Panel(
-            title="Database up",
-            type="stat",
-            datasource=PROMETHEUS,
-            targets=[
-                PromTarget(f"min by (pipeline) (anomaly_database_up{_PROM_PIPE})", "{{pipeline}}")
-            ],
-            width=6,
-            height=4,
-            defaults={
-                "mappings": [
-                    {
-                        "options": {
-                            "0": {"color": "red", "index": 0, "text": "down"},
-                            "1": {"color": "green", "index": 1, "text": "up"},
-                        },
-                        "type": "value",
-                    }
-                ]
-            },
-            options={
-                "colorMode": "background",
-                "graphMode": "none",
-                "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-                "textMode": "value_and_name",
-            },
-            description="0 while the scorer cannot reach the database (it backs off and retries; "
-            "Kafka offsets are not committed meanwhile, so nothing is lost).",
+        _up_stat(
+            "Database up",
+            "anomaly_database_up",
+            "0 while the scorer cannot reach the database (it backs off and retries; Kafka "
+            "offsets are not committed meanwhile, so nothing is lost).",
         ),
         Panel(
             title="Total consumer lag",
@@ -669,6 +676,13 @@ def service_dashboard() -> Dashboard:
                 "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
                 "textMode": "value_and_name",
             },
+        ),
+        _up_stat(
+            "Schema registry up",
+            "anomaly_schema_registry_up",
+            "Pipelines reading Avro with kafka.schema_registry_url only (no data for the "
+            "others): 0 while the registry cannot be asked; the scorer holds the batch and "
+            "retries instead of dead-lettering it.",
         ),
         row("Throughput"),
         _timeseries(

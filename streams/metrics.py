@@ -80,12 +80,13 @@ class ServiceMetrics:
         self.database_up = Gauge(
             "anomaly_database_up", "1 while the alert database is reachable", p, registry=r
         ).labels(pipeline)
-        self.schema_registry_up = Gauge(
+        # No series until set: a pipeline without a registry must not show one that is down.
+        self._schema_registry_up = Gauge(
             "anomaly_schema_registry_up",
             "1 while the Avro schema registry answers (only with kafka.schema_registry_url)",
             p,
             registry=r,
-        ).labels(pipeline)
+        )
         self.stage = {
             name: self._stage.labels(pipeline, name)
             for name in ("decode", "score", "write", "commit")
@@ -100,6 +101,9 @@ class ServiceMetrics:
     def set_device(self, device: str) -> None:
         self._device.clear()
         self._device.labels(self.pipeline, device).set(1)
+
+    def set_schema_registry_up(self, up: bool) -> None:
+        self._schema_registry_up.labels(self.pipeline).set(1 if up else 0)
 
     def set_model_version(self, version: str) -> None:
         self._version.clear()

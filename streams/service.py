@@ -619,7 +619,7 @@ class ScoringService:
         self.health.set("database_up", up)
 
     def _registry_up(self, up: bool) -> None:
-        self.metrics.schema_registry_up.set(1 if up else 0)
+        self.metrics.set_schema_registry_up(up)
         self.health.set("schema_registry_up", up)
 
     def _with_db_retry(self, fn: Any, what: str) -> Any:

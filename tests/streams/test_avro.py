@@ -421,6 +421,18 @@ def test_registry_config_errors_name_the_problem(fraud_schema, tmp_path):
         make_decoder(cfg)
 
 
+def test_the_registry_gauge_has_no_series_until_a_registry_is_used():
+    """A pipeline without a registry shows no registry at all, not one that is down."""
+    from streams.metrics import ServiceMetrics
+
+    metrics = ServiceMetrics("p")
+    assert (
+        metrics.registry.get_sample_value("anomaly_schema_registry_up", {"pipeline": "p"}) is None
+    )
+    metrics.set_schema_registry_up(False)
+    assert metrics.registry.get_sample_value("anomaly_schema_registry_up", {"pipeline": "p"}) == 0
+
+
 @pytest.mark.kafka
 def test_serve_waits_for_the_registry_then_scores_every_record(
     sqlite_url,
