@@ -11,7 +11,7 @@
 
     python bench/stream.py [--records 100000] [--db-url sqlite:///...] [--threads 1] [--device cuda]
     python bench/stream.py --format avro        # Avro values (examples/fraud.avsc)
-    python bench/stream.py --scale-out 2 --db-url postgresql+psycopg://127.0.0.1/test
+    python bench/stream.py --scale-out 2 --db-url postgresql+psycopg://postgres@127.0.0.1:5432/test
 
 4. Scale-out (``--scale-out N``): ``serve`` processes in one consumer group share the partitions,
    as in production. The same records go to a fresh topic once the group has settled (every
