@@ -202,6 +202,18 @@ class RecordDecoder:
                         keep.append(i)
         index = np.arange(n, dtype=np.int64) if keep is None else np.asarray(keep, dtype=np.int64)
         frame, bad_rows = self._to_frame(structs)
+        return self._finish(frame, bad_rows, index, rejected, partitions, offsets)
+
+    def _finish(
+        self,
+        frame: pd.DataFrame,
+        bad_rows: list[tuple[int, str, str]],
+        index: np.ndarray,
+        rejected: list[Rejected],
+        partitions: Sequence[int] | None,
+        offsets: Sequence[int] | None,
+    ) -> DecodedBatch:
+        """Drop the rows the column checks rejected; label every reject with its position."""
         if bad_rows:
             drop = np.zeros(len(index), dtype=bool)
             for row, kind, message in bad_rows:
@@ -308,16 +320,23 @@ class RecordDecoder:
 
     def _to_frame(self, structs: list[Any]) -> tuple[pd.DataFrame, list[tuple[int, str, str]]]:
         """Transpose the structs into columns and check what the types alone cannot."""
-        s = self.schema
-        bad: dict[int, tuple[str, str]] = {}
-        n = len(structs)
         width = len(self.columns)
         # All fields of all records in one list: field j of every record is then a C-level
         # strided slice, cheaper than zip(*rows) (which builds one tuple per field).
         flat = list(chain.from_iterable(map(msgspec.structs.astuple, structs)))
+        return self._frame_from_fields([flat[j::width] for j in range(width)], len(structs))
+
+    def _frame_from_fields(
+        self, fields: list[Any], n: int
+    ) -> tuple[pd.DataFrame, list[tuple[int, str, str]]]:
+        """The frame from one sequence per struct field (as the structs hold them: text fields
+        as lists of str, int or None; numeric fields as lists or float64 arrays) and the rows
+        the checks reject."""
+        s = self.schema
+        bad: dict[int, tuple[str, str]] = {}
         times = None
         if self._time_pos is not None:
-            raw_times = flat[self._time_pos :: width]
+            raw_times = fields[self._time_pos]
             times, bad_time = self._times(raw_times)
             for row in bad_time:
                 bad.setdefault(
@@ -328,7 +347,7 @@ class RecordDecoder:
                         "or epoch seconds",
                     ),
                 )
-        matrix = _as_float_block([flat[j::width] for j in self._numeric_pos], n)
+        matrix = _as_float_block([fields[j] for j in self._numeric_pos], n)
         by_row = matrix.T
         finite = np.isfinite(by_row)
         if not finite.all():
@@ -351,7 +370,7 @@ class RecordDecoder:
         text = np.empty((len(self._text_pos), n), dtype=object)
         mixed: set[int] = set()  # fields holding something other than str
         for i, j in enumerate(self._text_pos):
-            column = flat[j::width]
+            column = fields[j]
             text[i] = column
             try:
                 "".join(column)  # the cheapest all-str check (TypeError otherwise)
@@ -360,7 +379,7 @@ class RecordDecoder:
                 _to_str(text[i], column, none_ok=j != 0)
         if self.reject_missing:
             for j, name in zip(self._categorical_pos, s.categorical, strict=True):
-                column = flat[j::width]
+                column = fields[j]
                 if j in mixed and None in column:
                     for row, v in enumerate(column):
                         if v is None:
@@ -483,11 +502,13 @@ def _as_float_block(columns: Sequence[Sequence[Any]], n: int) -> np.ndarray:
     # struct packs a list of Python floats ~1.6x faster than np.fromiter / np.array read them
     # (the same C double, bit for bit, NaN payloads included).
     pack_into = struct.Struct(f"{n}d").pack_into
-    try:
-        for j, column in enumerate(columns):
+    for j, column in enumerate(columns):
+        if isinstance(column, np.ndarray):  # already float64 (the columnar Avro reader's)
+            out[j] = column
+            continue
+        try:
             pack_into(out, j * n * 8, *column)
-    except struct.error:  # None present
-        for j, column in enumerate(columns):
+        except struct.error:  # None present
             out[j] = [math.nan if v is None else v for v in column]
     return out
 
