@@ -347,6 +347,29 @@ def test_registry_unknown_and_incompatible_schemas_are_dead_lettered(fraud_schem
     assert registry.asked_for(99) == 1
 
 
+def test_writer_times_beyond_a_long_in_the_files_unit_are_invalid_times(fraud_schema, tmp_path):
+    """Milliseconds near the largest long do not fit a long as the file's microseconds: an
+    invalid time, the same column by column and record by record (not an overflow error)."""
+    rows = avro_rows(generate_fraud(10, seed=9).drop(columns=LABELS))
+    v2 = writer_v2()
+    with SchemaRegistryStandIn() as registry:
+        schema_id = registry.register(json.dumps(v2))
+        cfg = avro_config(fraud_schema, tmp_path, schema_registry_url=registry.url)
+        decoder = make_decoder(cfg)
+        rows[2]["event_time"] = 2**62  # ms: x1000 overflows a long
+        rows[5]["event_time"] = -(2**63)
+        values = [framed(schema_id, v2, row) for row in rows]
+        columnar = decoder.decode(values)
+        one_by_one = RecordDecoder.decode(decoder, values)
+    assert decoder._read_columnar(values) is not None  # the columnar reader took the batch
+    for batch in (columnar, one_by_one):
+        assert [(r.index, r.error_kind) for r in batch.rejected] == [
+            (2, "invalid_time"),
+            (5, "invalid_time"),
+        ]
+    pd.testing.assert_frame_equal(columnar.frame, one_by_one.frame)
+
+
 def test_an_unreachable_registry_holds_the_batch_instead_of_dead_lettering(fraud_schema, tmp_path):
     records = generate_fraud(10, seed=7).drop(columns=LABELS)
     with socket.socket() as s:
