@@ -368,13 +368,11 @@ class AvroRecordDecoder(RecordDecoder):
             schema_id = int(ids[0])
             if (ids != schema_id).any():
                 return None  # several schemas in one batch
-            if schema_id not in self._ids and (self._ids or self.registry):
-                if self.registry is None:
-                    return None  # an id that is not read with the file
-                try:
-                    writer = self.registry.get(schema_id)
-                except _Bad:
-                    return None
+            try:
+                writer = self._writer_for(schema_id)
+            except _Bad:
+                return None  # an id the file or the registry does not read: record by record
+            if writer is not None:
                 if writer.resolve:
                     return None
                 if schema_id not in self._writer_plans:
@@ -396,7 +394,11 @@ class AvroRecordDecoder(RecordDecoder):
 
     def _writer(self, value: bytes) -> WriterSchema | None:
         """The registry's writer schema for a framed value, ``None`` for the file's schema."""
-        schema_id = int.from_bytes(value[1:HEADER], "big")
+        return self._writer_for(int.from_bytes(value[1:HEADER], "big"))
+
+    def _writer_for(self, schema_id: int) -> WriterSchema | None:
+        """The registry's writer schema for an id, ``None`` for the file's schema; ``_Bad``
+        for an id neither reads."""
         if schema_id in self._ids:
             return None
         if self.registry is not None:
@@ -451,8 +453,8 @@ class AvroRecordDecoder(RecordDecoder):
         name = self.schema.time_field
         ticks = record.get(name)
         if writer_unit and self._time_ns_per_unit and isinstance(ticks, int):
-            converted = ticks * writer_unit // self._time_ns_per_unit
-            record[name] = converted if _INT64_MIN <= converted <= _INT64_MAX else _INT64_MAX
+            one = np.array([ticks], dtype=np.int64)  # an Avro long fits
+            record[name] = int(_ticks_in_unit(one, writer_unit, self._time_ns_per_unit)[0])
 
     def record_fields(self, value: bytes | None) -> dict[str, Any]:
         """``RecordDecoder.record_fields`` for a valid Avro value: logical types as JSON text
@@ -535,7 +537,8 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def _ticks_in_unit(ticks: np.ndarray, from_unit: int, to_unit: int) -> np.ndarray:
-    """``_to_file_time_unit`` for a column of ticks (the same floor and the same overflow)."""
+    """Ticks of one timestamp unit in another, floored (micros as millis lose the
+    sub-millisecond part); a value beyond a long becomes the largest long (invalid_time)."""
     if from_unit < to_unit:
         return np.floor_divide(ticks, to_unit // from_unit)
     factor = from_unit // to_unit
