@@ -124,6 +124,7 @@ def save_bundle(model: AnomalyModel, path: str | os.PathLike[str]) -> str:
         "preprocessing": model.preprocessor_.to_dict(),
         "detector_params": detectors,
         "calibration": {name: cal.to_dict() for name, cal in model.calibrators_.items()},
+        "ensemble_weights": list(model.ensemble_weights_),
         "calibration_tensors": {name: len(cal.scores_) for name, cal in model.calibrators_.items()},
         "metrics": _json_safe({k: v for k, v in model.metrics_.items() if k != "training"}),
         "training_data": _json_safe({k: v for k, v in model.training_.items() if k != "detectors"}),
@@ -273,6 +274,11 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> AnomalyMod
             if not np.isfinite(arr).all() or np.any(np.diff(arr) < 0):
                 raise BundleError(f"bundle {root}: calibration scores for '{name}' are invalid")
             model.calibrators_[name] = Calibrator.from_scores(model.target_fpr, arr)
+        # Bundles written before the weights were saved combined their members with equal ones.
+        weights = manifest.get("ensemble_weights", [1.0 / len(names)] * len(names))
+        if len(weights) != len(names) or not all(float(w) > 0 for w in weights):
+            raise BundleError(f"bundle {root}: ensemble_weights {weights} do not fit {names}")
+        model.ensemble_weights_ = [float(w) for w in weights]
         model.n_features_in_ = len(model.preprocessor_.feature_names_in_)
         model.feature_names_in_ = list(model.preprocessor_.feature_names_in_)
         model.training_ = dict(manifest.get("training_data", {}))

@@ -26,6 +26,10 @@ from anomaly.errors import ConfigError
 ENV_PREFIX = "ANOMALY_"
 
 
+# The ensemble's members, in score-table order (anomaly.model maps each to its class).
+DETECTOR_NAMES = ("vae", "flow", "gan", "knn")
+
+
 @dataclass
 class SchemaConfig:
     """Which fields of a record mean what."""
@@ -52,7 +56,7 @@ class ModelConfig:
 
     target_fpr: float = 0.001
     seed: int = 0
-    detectors: list[str] = field(default_factory=lambda: ["vae", "flow", "gan"])
+    detectors: list[str] = field(default_factory=lambda: list(DETECTOR_NAMES))
     max_epochs: int = 60
     # Wall-clock budget for the training of each detector, in seconds (None: epochs only).
     time_budget_s: float | None = None
@@ -214,10 +218,11 @@ def _validate(cfg: PipelineConfig) -> None:
         raise ConfigError(f"schema.missing must be 'impute' or 'reject', got {s.missing!r}")
     if not 0.0 < cfg.model.target_fpr < 0.5:
         raise ConfigError(f"model.target_fpr must be in (0, 0.5), got {cfg.model.target_fpr}")
-    unknown = set(cfg.model.detectors) - {"vae", "flow", "gan"}
+    unknown = set(cfg.model.detectors) - set(DETECTOR_NAMES)
     if unknown or not cfg.model.detectors:
         raise ConfigError(
-            f"model.detectors must be a non-empty subset of vae, flow, gan, got {unknown or 'none'}"
+            f"model.detectors must be a non-empty subset of {', '.join(DETECTOR_NAMES)}, got "
+            f"{unknown or 'none'}"
         )
     if cfg.kafka.batch_size < 1:
         raise ConfigError("kafka.batch_size must be >= 1")

@@ -163,10 +163,13 @@ class DeviceCalibrator:
         return p.clamp(min=1e-300)
 
 
-def combine(tails: list[torch.Tensor]) -> torch.Tensor:
-    """``anomaly.ensemble.combine`` in torch: mean of ``-log10(p)`` over detectors."""
+def combine(tails: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """``anomaly.ensemble.combine`` in torch: weighted mean of ``-log10(p)`` over detectors."""
     stacked = torch.stack([p.clamp(min=1e-300) for p in tails])
-    return -torch.log10(stacked).mean(0)
+    if len(set(weights)) == 1:
+        return -torch.log10(stacked).mean(0)
+    w = torch.tensor(weights, dtype=torch.float64, device=stacked.device)[:, None]
+    return -(torch.log10(stacked) * w).sum(0) / w.sum()
 
 
 @dataclass
@@ -243,7 +246,7 @@ class DeviceScorer:
                 p = cal.pvalues(s)
                 columns[name], columns[f"{name}_p"] = s, p
                 tails.append(cal.tail_pvalues(s, p))
-            ens = combine(tails)
+            ens = combine(tails, model.ensemble_weights_)
             cal = self.calibrators["ensemble"]
             ens_p = cal.pvalues(ens)
             columns["ensemble"], columns["ensemble_p"] = ens, ens_p

@@ -22,9 +22,9 @@ import pandas as pd
 import torch
 
 from anomaly.calibration import Calibrator
-from anomaly.config import PipelineConfig, SchemaConfig
+from anomaly.config import DETECTOR_NAMES, PipelineConfig, SchemaConfig
 from anomaly.detectors._base import BaseDetector, finite_scores, resolve_device, torch_threads
-from anomaly.ensemble import combine
+from anomaly.ensemble import combine, member_weights
 from anomaly.errors import DataError, NotFittedError
 from anomaly.preprocess import ConstantColumnWarning, Preprocessor, _to_frame
 
@@ -35,10 +35,22 @@ DETECTOR_CLASSES = {
     "vae": ("anomaly.detectors.vae", "VAEDetector"),
     "flow": ("anomaly.detectors.flow", "FlowDetector"),
     "gan": ("anomaly.detectors.gan", "GANDetector"),
+    "knn": ("anomaly.detectors.knn", "KNNDetector"),
 }
-ALL_DETECTORS = ("vae", "flow", "gan")
-SCORE_COLUMNS = ["vae", "flow", "gan", "ensemble", "vae_p", "flow_p", "gan_p", "ensemble_p"]
-MIN_TRAINING_ROWS = 50
+ALL_DETECTORS = DETECTOR_NAMES
+SCORE_COLUMNS = [
+    *ALL_DETECTORS,
+    "ensemble",
+    *(f"{name}_p" for name in ALL_DETECTORS),
+    "ensemble_p",
+]
+MIN_TRAINING_ROWS = 20
+# Below this many normal rows the fit goes ahead with a SmallDataWarning (see ``fit``).
+SMALL_DATA_ROWS = 200
+
+
+class SmallDataWarning(UserWarning):
+    """Few normal rows: the detectors fit, but calibration can promise little."""
 
 
 def score_frame(block: np.ndarray) -> pd.DataFrame:
@@ -62,14 +74,14 @@ def frame_fingerprint(frame: pd.DataFrame, columns: list[str]) -> str:
 
 
 class AnomalyModel:
-    """VAE + flow + GAN fit on normal rows, calibrated to ``target_fpr``.
+    """VAE + flow + GAN + nearest neighbours fit on normal rows, calibrated to ``target_fpr``.
 
     Parameters
     ----------
     target_fpr: false-positive rate of the alert rule on normal rows (default 0.001).
     seed: seeds the data split and every detector (training is deterministic on CPU).
     device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"mps"``.
-    detectors: subset of ``("vae", "flow", "gan")``.
+    detectors: subset of ``("vae", "flow", "gan", "knn")``.
     schema: feature columns (``None``: numpy input, every column numeric).
     numeric_transform: preprocessing of numeric columns (``"quantile"``, ``"robust"``,
         ``"signed_log"``); see ``anomaly.preprocess``.
@@ -189,14 +201,28 @@ class AnomalyModel:
                 f"only {n} normal rows; at least {MIN_TRAINING_ROWS} are needed to train and "
                 "calibrate (and about 4/target_fpr for alerts at target_fpr)"
             )
+        n_cal = max(10, round(n * self.calibration_fraction))
+        if n < SMALL_DATA_ROWS:
+            warnings.warn(
+                f"only {n} normal rows: the detectors train on {n - n_cal} and {n_cal} calibrate "
+                f"them, so no p-value is below 1/{n_cal + 1} = {1 / (n_cal + 1):.3g} (alerts at "
+                f"target_fpr={self.target_fpr:g} need about {int(np.ceil(1 / self.target_fpr))} "
+                "calibration rows) and the false-positive rate is kept only on average over "
+                "calibration draws, with wide swings from one fit to the next; the scores still "
+                "rank rows",
+                SmallDataWarning,
+                stacklevel=2,
+            )
         self.device_ = resolve_device(self.device)
         rng = np.random.default_rng(self.seed)
         perm = rng.permutation(n)
-        n_cal = max(10, round(n * self.calibration_fraction))
         cal_idx, train_idx = np.sort(perm[:n_cal]), np.sort(perm[n_cal:])
         train_frame = frame.iloc[train_idx]
         cal_frame = frame.iloc[cal_idx]
-        self.preprocessor_ = Preprocessor(self.schema, self.numeric_transform).fit(train_frame)
+        # The training part of the smallest allowed fit (20 rows, 10 of them calibrating).
+        self.preprocessor_ = Preprocessor(self.schema, self.numeric_transform, min_rows=10).fit(
+            train_frame
+        )
         x_train = self.preprocessor_.transform(train_frame)
         x_cal = self.preprocessor_.transform(cal_frame)
         self.detectors_: dict[str, BaseDetector] = {}
@@ -232,7 +258,8 @@ class AnomalyModel:
             cal = Calibrator(self.target_fpr).fit(raw[name], name=name)
             self.calibrators_[name] = cal
             tails.append(cal.tail_pvalues(raw[name], calibration_rows=True))
-        ens = combine(tails)
+        self.ensemble_weights_ = member_weights(self.detectors)
+        ens = combine(tails, self.ensemble_weights_)
         self.calibrators_["ensemble"] = Calibrator(self.target_fpr).fit(ens, name="ensemble")
 
     # ------------------------------------------------------------------ scoring
@@ -300,7 +327,7 @@ class AnomalyModel:
             row[name][:] = raw[name]
             row[f"{name}_p"][:] = p = cal.pvalues(raw[name])
             tails.append(cal.tail_pvalues(raw[name], pvalues=p))
-        ens = combine(tails)
+        ens = combine(tails, self.ensemble_weights_)
         ens_cal = self.calibrators_["ensemble"]
         row["ensemble"][:] = ens
         row["ensemble_p"][:] = p = ens_cal.pvalues(ens)

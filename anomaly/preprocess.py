@@ -11,6 +11,8 @@ Numeric columns (``numeric_transform``):
   Gaussian. Beyond the training range the map continues as ``edge + log1p(excess / scale)`` (scale
   = IQR / 1.349), so a value far outside what training saw still lands further out, by a bounded
   and finite amount, instead of being clamped onto the last quantile.
+  Columns with exactly two values in training (indicators) are standardised with their mean and
+  standard deviation instead, so that a rare flag lands far from the common one.
 * ``"robust"``: ``(x - median) / (IQR / 1.349)``.
 * ``"signed_log"``: the robust z-score passed through ``sign(z) * log1p(|z|)``.
 
@@ -241,6 +243,13 @@ class Preprocessor:
             )
             scale = 1.0
         params = NumericParams(median=median, scale=scale)
+        if self.numeric_transform == "quantile" and len(np.unique(values)) == 2:
+            # An indicator column: standardised (centre = mean, scale = std), not mapped onto
+            # normal quantiles. The quantile map gives its two values a gap that shrinks as the
+            # rarer value gets rarer (0.06 and 1.96 at 5%); the z-score's gap, 1/sqrt(p(1-p)),
+            # grows with rarity, so a rare flag counts as the surprise it is.
+            params.median, params.scale = float(np.mean(values)), float(np.std(values))
+            return params
         if self.numeric_transform == "quantile":
             n_q = int(min(self.n_quantiles, len(values)))
             probs = np.linspace(0.0, 1.0, max(n_q, 2))

@@ -25,7 +25,13 @@ from anomaly.evaluation import EvaluationResult
 
 HTML_NAME = "report.html"
 JSON_NAME = "report.json"
-COLORS = {"vae": "#1f77b4", "flow": "#2ca02c", "gan": "#9467bd", "ensemble": "#d62728"}
+COLORS = {
+    "vae": "#1f77b4",
+    "flow": "#2ca02c",
+    "gan": "#9467bd",
+    "knn": "#ff7f0e",
+    "ensemble": "#d62728",
+}
 
 
 @dataclass

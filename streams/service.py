@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import msgspec
 import numpy as np
 
-from anomaly.config import PipelineConfig
+from anomaly.config import DETECTOR_NAMES, PipelineConfig
 from anomaly.errors import ConfigError
 from storage.errors import RetryableStorageError
 from storage.records import (
@@ -53,6 +53,8 @@ from streams.metrics import Health, MetricsServer, ServiceMetrics
 log = logging.getLogger("streams.service")
 T = TypeVar("T")
 
+# Detectors with their own score columns in the alerts table (the knn member's score reaches
+# the scores topic and the ensemble, not a column of its own).
 DETECTORS = ("vae", "flow", "gan")
 # --stop-when-idle counts from the first assignment; a consumer that never gets one (more
 # consumers than partitions) waits this much longer before it gives up.
@@ -813,7 +815,7 @@ def _score_messages(
     time_field: str | None,
 ) -> list[tuple[bytes, bytes]]:
     n = len(ids)
-    names = [c for c in ("vae", "flow", "gan", "ensemble") if c in columns]
+    names = [c for c in (*DETECTOR_NAMES, "ensemble") if c in columns]
     values = {c: columns[c].tolist() for c in names} | {
         f"{c}_p": columns[f"{c}_p"].tolist() for c in names
     }

@@ -1,8 +1,13 @@
 """What the three detectors share: input checks, seeding, threads, the training loop.
 
-The training loop is deliberately plain: shuffle with a seeded generator, Adam, one validation
-pass per epoch, early stopping that restores the best weights, and two budgets (``max_epochs`` /
-``max_steps``, which keep results deterministic, and ``time_budget_s``, which does not).
+The training loop is deliberately plain: shuffle with a seeded generator, Adam, a validation pass
+every ``validate_every`` optimiser steps, early stopping that restores the best weights, and two
+budgets (the step budget, which keeps results deterministic, and ``time_budget_s``, which does not).
+
+Everything is counted in optimiser steps, never in epochs: on a few hundred rows an epoch is one or
+two steps, so a patience in epochs ended training after a few dozen steps. The validation loss is
+deterministic (each detector draws its noise from a generator seeded the same way at every
+validation pass), so an improvement is a real one and not a luckier draw.
 """
 
 from __future__ import annotations
@@ -71,6 +76,14 @@ def check_array(X: Any, n_features: int | None = None) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where a module's tensors live (parameters, else buffers: the knn detector has only a
+    buffer)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
 def finite_scores(scores: torch.Tensor) -> torch.Tensor:
     """NaN and +inf become the cap (most anomalous), -inf the negative cap: never non-finite."""
     scores = scores.double()
@@ -82,10 +95,11 @@ def finite_scores(scores: torch.Tensor) -> torch.Tensor:
 class BaseDetector:
     """Shared hyper-parameters and plumbing; subclasses build the network and the loss.
 
-    Training runs for ``max_epochs`` epochs, raised so that small data sets still get
-    ``min_steps`` optimiser steps and capped so that large ones take at most ``max_steps``;
-    early stopping (``patience`` epochs without improvement of the validation loss, best weights
-    restored) and ``time_budget_s`` can stop it sooner.
+    Step budget: ``max_epochs`` passes over the training rows, raised to at least ``min_steps``
+    optimiser steps (small data) and capped at ``max_steps`` (large data). Early stopping never
+    ends training before ``min_steps``; after that it stops once ``patience`` steps have passed
+    without the validation loss improving, and the best weights are restored in any case.
+    ``time_budget_s`` can stop training sooner (not deterministic).
     """
 
     name = "base"
@@ -101,7 +115,8 @@ class BaseDetector:
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         validation_fraction: float = 0.1,
-        patience: int = 6,
+        patience: int = 300,
+        validate_every: int = 25,
         seed: int = 0,
         threads: int | None = 1,
         progress: bool = False,
@@ -117,6 +132,7 @@ class BaseDetector:
         self.weight_decay = weight_decay
         self.validation_fraction = validation_fraction
         self.patience = patience
+        self.validate_every = validate_every
         self.seed = seed
         self.threads = threads
         self.progress = progress
@@ -180,6 +196,10 @@ class BaseDetector:
     def _before_training(self, x_train: torch.Tensor, gen: torch.Generator) -> None:
         """Hook for data-dependent state (e.g. bounding boxes); default nothing."""
 
+    def _validation_generator(self) -> torch.Generator:
+        """The same noise at every validation pass of a fit, so validation losses compare."""
+        return torch.Generator().manual_seed(self.seed + 1)
+
     def _optimizers(self, module: torch.nn.Module) -> list[torch.optim.Optimizer]:
         return [adam(module.parameters(), lr=self.lr, weight_decay=self.weight_decay)]
 
@@ -187,6 +207,14 @@ class BaseDetector:
         """Large data sets train with up to 4x ``batch_size`` (about n/64 rows per step): per-step
         overhead dominates small CPU batches, so this cuts fit time several-fold."""
         return int(max(1, min(n, max(self.batch_size, min(4 * self.batch_size, n // 64)))))
+
+    def planned_steps(self, n: int) -> int:
+        """Optimiser steps a fit on ``n`` training rows takes unless stopped early."""
+        steps_per_epoch = math.ceil(n / self._batch_size(n))
+        steps = max(self.max_epochs * steps_per_epoch, self.min_steps)
+        if self.max_steps is not None:
+            steps = min(steps, self.max_steps)
+        return max(1, steps)
 
     def _step(self, module: torch.nn.Module, opts: list, xb: torch.Tensor, gen) -> float:
         opt = opts[0]
@@ -197,50 +225,53 @@ class BaseDetector:
         opt.step()
         return float(loss.detach())
 
+    def _batches(self, n: int, bs: int, gen: torch.Generator, device) -> Iterator[torch.Tensor]:
+        """Row indices of successive mini-batches, reshuffled after every pass over the data."""
+        while True:
+            order = torch.randperm(n, generator=gen).to(device)
+            for start in range(0, n, bs):
+                yield order[start : start + bs]
+
     def _train(
         self, module: torch.nn.Module, x_train: torch.Tensor, x_val: torch.Tensor, gen
     ) -> None:
         opts = self._optimizers(module)
         n = x_train.shape[0]
         bs = self._batch_size(n)
-        steps_per_epoch = math.ceil(n / bs)
-        # Small data sets get at least min_steps optimiser steps, large ones at most max_steps;
-        # early stopping and the time budget can end training sooner either way.
-        max_epochs = max(self.max_epochs, math.ceil(self.min_steps / steps_per_epoch))
-        if self.max_steps is not None:
-            max_epochs = max(1, min(max_epochs, math.ceil(self.max_steps / steps_per_epoch)))
-        # Visible to subclasses whose loss changes over training (the GAN's negative weights).
-        self._planned_steps = max_epochs * steps_per_epoch
+        planned = self.planned_steps(n)
+        # Visible to subclasses whose loss changes over training.
+        self._planned_steps = planned
         self._step_count = 0
         best = math.inf
         best_state: dict[str, torch.Tensor] | None = None
-        bad_epochs = 0
+        best_step = 0
         start = time.monotonic()
         history: list[dict[str, float]] = []
-        bar = tqdm(range(max_epochs), desc=f"{self.name}", disable=not self.progress, leave=False)
-        self.stop_reason_ = "max_epochs"
-        for epoch in bar:
+        every = max(1, min(self.validate_every, planned))
+        self.stop_reason_ = "max_steps"
+        batches = self._batches(n, bs, gen, x_train.device)
+        bar = tqdm(total=planned, desc=f"{self.name}", disable=not self.progress, leave=False)
+        total, count = 0.0, 0
+        for step in range(1, planned + 1):
             module.train()
-            order = torch.randperm(n, generator=gen).to(x_train.device)
-            total = 0.0
-            for s in range(steps_per_epoch):
-                xb = x_train[order[s * bs : (s + 1) * bs]]
-                total += self._step(module, opts, xb, gen)
-                self._step_count += 1
+            total += self._step(module, opts, x_train[next(batches)], gen)
+            count += 1
+            self._step_count = step
+            bar.update(1)
+            if step % every and step != planned:
+                continue
             module.eval()
             with torch.no_grad():
                 val = self._val_loss(module, x_val)
-            history.append({"epoch": epoch, "train_loss": total / steps_per_epoch, "val_loss": val})
-            bar.set_postfix(loss=f"{total / steps_per_epoch:.4f}", val=f"{val:.4f}")
+            history.append({"step": step, "train_loss": total / count, "val_loss": val})
+            bar.set_postfix(loss=f"{total / count:.4f}", val=f"{val:.4f}")
+            total, count = 0.0, 0
             if val < best - 1e-4 * max(1.0, abs(best)) or best_state is None:
-                best = val
+                best, best_step = val, step
                 best_state = copy.deepcopy(module.state_dict())
-                bad_epochs = 0
-            else:
-                bad_epochs += 1
-                if bad_epochs >= self.patience:
-                    self.stop_reason_ = "early_stopping"
-                    break
+            elif step >= self.min_steps and step - best_step >= self.patience:
+                self.stop_reason_ = "early_stopping"
+                break
             if self.time_budget_s is not None and time.monotonic() - start > self.time_budget_s:
                 self.stop_reason_ = "time_budget"
                 break
@@ -249,7 +280,9 @@ class BaseDetector:
             module.load_state_dict(best_state)
         self.history_ = history
         self.best_val_loss_ = best
-        self.n_epochs_ = len(history)
+        self.n_steps_ = self._step_count
+        self.best_step_ = best_step
+        self.n_epochs_ = math.ceil(self._step_count * bs / n)
         self.fit_seconds_ = time.monotonic() - start
 
     def _check_fitted(self) -> None:
@@ -260,7 +293,7 @@ class BaseDetector:
         """Anomaly score per row (float64, finite); higher means more anomalous."""
         self._check_fitted()
         arr = check_array(X, self.n_features_in_)
-        device = next(self.module_.parameters()).device
+        device = module_device(self.module_)
         out = []
         with torch_threads(self.threads), torch.inference_mode():
             for start in range(0, arr.shape[0], self.score_batch_size):

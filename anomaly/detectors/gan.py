@@ -1,34 +1,35 @@
-"""GAN detector whose discriminator stays informative.
+"""GAN detector with a boundary-seeking generator, scored by its discriminator.
 
 Why not a plain GAN: at the equilibrium of a standard GAN the generator matches the data and the
 discriminator outputs 1/2 everywhere on it, so ``D(x)`` says nothing about whether ``x`` is normal.
 
-Design (after SO-GAAL, Liu et al. 2019, and OCAN, Zheng et al. 2018, "complementary" samples):
+Design (after FenceGAN, Ngo et al. 2019, and SO-GAAL, Liu et al. 2019):
 
+* The generator ``G`` does not try to match the data. Its loss asks ``D(G(z))`` to equal
+  ``boundary`` (1/2: the discriminator's decision boundary) and its samples to spread out
+  (a dispersion term, the log of their mean distance from the batch mean): ``G`` learns to place
+  samples *around* the normal data, just outside it, everywhere along the boundary.
 * The discriminator ``D`` is trained to tell real normal rows (label 1, with a little Gaussian
   noise ``real_noise`` so that it cannot key on the lattice of discrete columns) from three kinds
-  of negatives (label 0):
+  of negatives (label 0), with weights that sum to 1:
 
-  1. *boundary samples*: normal rows plus Gaussian noise whose scale is drawn per row,
-     log-uniformly in ``[noise_min, noise_max]`` (in preprocessed, roughly unit-variance units).
-     They surround the normal data at every distance, so ``D`` learns a smooth density ratio
-     between the data and a blurred copy of it, which is high where normal rows concentrate and
-     falls off outside;
-  2. *complementary samples*: uniform over the training bounding box inflated by ``box_margin``,
-     covering the empty space far from the data;
-  3. *generator samples*: ``G(z)``, trained by feature matching (Salimans et al. 2016) on ``D``'s
-     penultimate layer. While ``G`` is still learning, its samples are potential outliers that
-     approach the data from outside (SO-GAAL's use of them). Once ``G`` matches the data they
-     would teach ``D`` to reject normal rows (we measured exactly that: AUROC fell on cardio and
-     pendigits), so their weight ``gen_weight`` fades linearly to zero over the first
-     ``gen_phase`` of the planned training steps; the final ``D`` is shaped by the boundary and
-     complementary samples.
+  1. *generator samples* ``G(z)`` (weight ``gen_weight``): hard negatives on the current
+     boundary. Rejecting them pulls the boundary in wherever the data leave room, which noise
+     alone does not find (it is isotropic and does not follow the data's shape);
+  2. *boundary samples*: normal rows plus Gaussian noise whose scale is drawn per row,
+     log-uniformly in ``[noise_min, noise_max]`` (preprocessed, roughly unit-variance units);
+  3. *complementary samples*: uniform over the training bounding box inflated by ``box_margin``,
+     covering the empty space far from the data.
+
+  The noise negatives keep ``D`` a smooth density-ratio estimate everywhere; the generator
+  sharpens it where it matters. ``gen_weight=0`` leaves them alone (``bench/quality.py --ablate``
+  measures what the generator adds).
 
 * Score = ``-logit D(x)``: the discriminator's log-odds that ``x`` is *not* a normal row. Higher is
   more anomalous, finite for any finite input (an MLP logit grows at most linearly).
 
-Early stopping watches ``D``'s loss on held-out normal rows against a fixed set of boundary and
-complementary negatives built from them.
+Early stopping watches ``D``'s loss on held-out normal rows against boundary and complementary
+negatives drawn the same way at every validation pass.
 """
 
 from __future__ import annotations
@@ -73,21 +74,27 @@ class GANDetector(BaseDetector):
         noise_min: float = 0.1,
         noise_max: float = 3.0,
         box_margin: float = 0.5,
-        gen_weight: float = 0.3,
+        gen_weight: float = 0.1,
+        boundary: float = 0.5,
+        dispersion: float = 0.1,
         real_noise: float = 0.05,
-        gen_phase: float = 0.3,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("lr", 5e-4)
         super().__init__(**kwargs)
+        if not 0.0 <= gen_weight < 1.0:
+            raise ValueError(f"gen_weight must be in [0, 1), got {gen_weight}")
+        if not 0.0 < boundary < 1.0:
+            raise ValueError(f"boundary must be in (0, 1), got {boundary}")
         self.hidden = tuple(hidden)
         self.latent_dim = latent_dim
         self.noise_min = noise_min
         self.noise_max = noise_max
         self.box_margin = box_margin
         self.gen_weight = gen_weight
+        self.boundary = boundary
+        self.dispersion = dispersion
         self.real_noise = real_noise
-        self.gen_phase = gen_phase
 
     def architecture(self) -> dict[str, Any]:
         return {"hidden": list(self.hidden), "latent": self.latent_dim}
@@ -137,36 +144,36 @@ class GANDetector(BaseDetector):
         boundary, box = self._negatives(xb, gen)
         z = torch.randn(n, module.latent, generator=gen).to(xb.device)
         fake = module.generator(z)
-        # Discriminator step.
+        # Discriminator step: real rows against the noise negatives and the generator's samples.
+        rest = 1.0 - self.gen_weight
         d_opt.zero_grad(set_to_none=True)
-        # SO-GAAL's point: the generator's samples are informative outliers while it is still
-        # learning; once it matches the data they are not, so their weight fades out linearly
-        # over the first ``gen_phase`` of the planned steps.
-        w_gen = self.gen_weight * max(
-            0.0, 1.0 - self._step_count / (self.gen_phase * self._planned_steps)
-        )
-        rest = 1.0 - w_gen
         d_loss, _ = self._disc_loss(
-            module, xb, [boundary, box, fake.detach()], [0.7 * rest, 0.3 * rest, w_gen]
+            module, xb, [boundary, box, fake.detach()], [0.7 * rest, 0.3 * rest, self.gen_weight]
         )
         d_loss.backward()
-        torch.nn.utils.clip_grad_norm_(module.parameters(), 10.0)
+        torch.nn.utils.clip_grad_norm_(d_opt.param_groups[0]["params"], 10.0)
         d_opt.step()
-        # Generator step: match the mean discriminator features of real rows.
-        g_opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            _, real_feat = module.disc(xb)
-        _, fake_feat = module.disc(fake)
-        g_loss = (fake_feat.mean(0) - real_feat.mean(0)).pow(2).mean()
-        g_loss.backward()
-        g_opt.step()
+        if self.gen_weight > 0:
+            self._generator_step(module, g_opt, fake)
         return float(d_loss.detach())
 
+    def _generator_step(self, module: _GAN, g_opt: torch.optim.Optimizer, fake: torch.Tensor):
+        """Move the samples onto D's boundary (encirclement) and apart (dispersion)."""
+        g_opt.zero_grad(set_to_none=True)
+        logit, _ = module.disc(fake)
+        target = torch.full_like(logit, self.boundary)
+        encircle = F.binary_cross_entropy_with_logits(logit, target)
+        spread = (fake - fake.mean(0, keepdim=True)).norm(dim=1).mean()
+        loss = encircle - self.dispersion * torch.log(spread + 1e-6)
+        loss.backward()
+        # Only G's gradients are clipped and applied: D's, set by this backward pass, are
+        # cleared by its own zero_grad before its next step.
+        torch.nn.utils.clip_grad_norm_(g_opt.param_groups[0]["params"], 10.0)
+        g_opt.step()
+
     def _val_loss(self, module: nn.Module, xv: torch.Tensor) -> float:
-        if not hasattr(self, "_val_negs") or self._val_negs[0].shape[0] != xv.shape[0]:
-            gen = torch.Generator().manual_seed(self.seed + 1)
-            self._val_negs = self._negatives(xv, gen)
-        loss, _ = self._disc_loss(module, xv, list(self._val_negs), [0.7, 0.3])
+        negatives = self._negatives(xv, self._validation_generator())
+        loss, _ = self._disc_loss(module, xv, list(negatives), [0.7, 0.3])
         return float(loss)
 
     def _score_tensor(self, x: torch.Tensor) -> torch.Tensor:

@@ -13,22 +13,37 @@ terms (``feature_errors``) are what ``AnomalyModel.explain`` reports.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from anomaly.detectors._base import BaseDetector, check_array, finite_scores, mlp, torch_threads
+from anomaly.detectors._base import (
+    BaseDetector,
+    check_array,
+    finite_scores,
+    mlp,
+    module_device,
+    torch_threads,
+)
 
 
 class _VAE(nn.Module):
-    def __init__(self, n_features: int, hidden: list[int], latent: int) -> None:
+    def __init__(self, n_features: int, hidden: list[int], latent: int, min_scale: float) -> None:
         super().__init__()
         self.encoder = mlp([n_features, *hidden, 2 * latent])
         self.decoder = mlp([latent, *reversed(hidden), n_features])
         self.log_scale = nn.Parameter(torch.zeros(n_features))
         self.latent = latent
+        self.log_min_scale = math.log(min_scale)
+
+    def scale_log(self) -> torch.Tensor:
+        """Per-feature log noise scale, floored: a feature the decoder learns to copy almost
+        exactly would otherwise get a vanishing scale and dominate every score (the first thing
+        a VAE overfits on a few hundred rows)."""
+        return self.log_scale.clamp_min(self.log_min_scale)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.encoder(x)
@@ -39,7 +54,7 @@ class _VAE(nn.Module):
         """Per-feature score terms, decoding the posterior mean."""
         mu, _ = self.encode(x)
         recon = self.decoder(mu)
-        return 0.5 * ((x - recon) * torch.exp(-self.log_scale)) ** 2
+        return 0.5 * ((x - recon) * torch.exp(-self.scale_log())) ** 2
 
 
 class VAEDetector(BaseDetector):
@@ -58,6 +73,7 @@ class VAEDetector(BaseDetector):
         latent_dim: int | None = None,
         beta: float = 1.0,
         noise_std: float = 0.05,
+        min_scale: float = 0.1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -65,6 +81,7 @@ class VAEDetector(BaseDetector):
         self.latent_dim = latent_dim
         self.beta = beta
         self.noise_std = noise_std
+        self.min_scale = min_scale
 
     def _latent(self, n_features: int) -> int:
         if self.latent_dim is not None:
@@ -75,14 +92,17 @@ class VAEDetector(BaseDetector):
         return {"hidden": list(self.hidden), "latent": self._latent(self.n_features_in_)}
 
     def _build(self, n_features: int) -> nn.Module:
-        return _VAE(n_features, list(self.hidden), self._latent(n_features))
+        return _VAE(n_features, list(self.hidden), self._latent(n_features), self.min_scale)
 
-    def _elbo_terms(self, module: _VAE, x: torch.Tensor, noise: torch.Tensor | None):
+    def _elbo_terms(
+        self, module: _VAE, x: torch.Tensor, noise: torch.Tensor | None, gen: torch.Generator
+    ):
         mu, logvar = module.encode(x if noise is None else x + noise)
-        eps = torch.randn_like(mu)
+        eps = torch.randn(mu.shape, generator=gen).to(mu.device)
         z = mu + eps * torch.exp(0.5 * logvar)
         recon = module.decoder(z)
-        nll = (0.5 * ((x - recon) * torch.exp(-module.log_scale)) ** 2 + module.log_scale).sum(1)
+        log_scale = module.scale_log()
+        nll = (0.5 * ((x - recon) * torch.exp(-log_scale)) ** 2 + log_scale).sum(1)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
         return nll, kl
 
@@ -90,11 +110,11 @@ class VAEDetector(BaseDetector):
         noise = None
         if self.noise_std > 0:
             noise = torch.randn(xb.shape, generator=gen).to(xb.device) * self.noise_std
-        nll, kl = self._elbo_terms(module, xb, noise)
+        nll, kl = self._elbo_terms(module, xb, noise, gen)
         return (nll + self.beta * kl).mean()
 
     def _val_loss(self, module: nn.Module, xv: torch.Tensor) -> float:
-        nll, kl = self._elbo_terms(module, xv, None)
+        nll, kl = self._elbo_terms(module, xv, None, self._validation_generator())
         return float((nll + self.beta * kl).mean())
 
     def _score_tensor(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,7 +129,7 @@ class VAEDetector(BaseDetector):
         """Per-feature terms of the score, shape ``(n_rows, n_features)``; rows sum to the score."""
         self._check_fitted()
         arr = check_array(X, self.n_features_in_)
-        device = next(self.module_.parameters()).device
+        device = module_device(self.module_)
         with torch_threads(self.threads), torch.inference_mode():
             x = torch.from_numpy(arr).to(device)
             return self.module_.feature_errors(x).double().cpu().numpy()

@@ -19,6 +19,7 @@ SMALL_PARAMS = {
     "vae": {"hidden": (32, 16)},
     "flow": {"hidden": (32, 32), "transforms": 3},
     "gan": {"hidden": (32, 32)},
+    "knn": {},
 }
 
 

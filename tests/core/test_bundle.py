@@ -48,6 +48,7 @@ def test_save_load_gives_identical_scores(fitted_model, saved_bundle, frame_prob
         "vae.safetensors",
         "flow.safetensors",
         "gan.safetensors",
+        "knn.safetensors",
         "calibration.safetensors",
     }
     assert manifest["libraries"]["torch"] == torch.__version__

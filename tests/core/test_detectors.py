@@ -12,12 +12,19 @@ from sklearn.metrics import roc_auc_score
 
 from anomaly.detectors.flow import FlowDetector
 from anomaly.detectors.gan import GANDetector
+from anomaly.detectors.knn import KNNDetector
 from anomaly.detectors.vae import VAEDetector
 from anomaly.errors import DataError, NotFittedError
 
 from .conftest import SMALL, SMALL_PARAMS
 
-CASES = [("vae", VAEDetector), ("flow", FlowDetector), ("gan", GANDetector)]
+CASES = [
+    ("vae", VAEDetector),
+    ("flow", FlowDetector),
+    ("gan", GANDetector),
+    ("knn", KNNDetector),
+]
+TRAINED = ["vae", "flow", "gan"]
 
 
 def make(name, cls, **kw):
@@ -30,7 +37,7 @@ def fitted(array_problem):
     return {name: make(name, cls).fit(train) for name, cls in CASES}
 
 
-@pytest.mark.parametrize("name", ["vae", "flow", "gan"])
+@pytest.mark.parametrize("name", [name for name, _ in CASES])
 def test_auroc_above_0_9(fitted, array_problem, name):
     _, x_eval, y_eval = array_problem
     scores = fitted[name].decision_function(x_eval)
@@ -51,7 +58,7 @@ def test_gan_sign_anomalies_score_higher(fitted, array_problem):
     assert s[0] < s[1] < s[2] < s[3]
 
 
-@pytest.mark.parametrize("name", ["vae", "flow", "gan"])
+@pytest.mark.parametrize("name", [name for name, _ in CASES])
 def test_deterministic_on_cpu_and_learned_attributes(array_problem, fitted, name):
     train, x_eval, _ = array_problem
     cls = dict(CASES)[name]
@@ -60,15 +67,21 @@ def test_deterministic_on_cpu_and_learned_attributes(array_problem, fitted, name
         again.decision_function(x_eval), fitted[name].decision_function(x_eval)
     )
     assert again.n_features_in_ == train.shape[1]
-    assert again.n_epochs_ >= 1 and again.stop_reason_ in {"max_epochs", "early_stopping"}
-    assert len(again.history_) == again.n_epochs_
+    if name in TRAINED:
+        assert again.n_steps_ >= 1 and again.stop_reason_ in {"max_steps", "early_stopping"}
+        assert again.history_[-1]["step"] == again.n_steps_
+        assert 1 <= again.best_step_ <= again.n_steps_
+    else:
+        assert again.n_steps_ == 0 and again.stop_reason_ == "no_training"
     different = cls(seed=1, threads=1, **SMALL, **SMALL_PARAMS[name]).fit(train)
+    if name == "knn":  # every training row is a reference row: the seed changes nothing
+        return
     assert not np.array_equal(
         different.decision_function(x_eval), fitted[name].decision_function(x_eval)
     )
 
 
-@pytest.mark.parametrize("name", ["vae", "flow", "gan"])
+@pytest.mark.parametrize("name", [name for name, _ in CASES])
 def test_scores_finite_for_rows_far_outside_training(fitted, name):
     far = np.array([[1e6] * 6, [-1e30] * 6, [3e38] * 6, [0.0] * 6], dtype=np.float32)
     scores = fitted[name].decision_function(far)
@@ -86,22 +99,54 @@ def test_vae_feature_errors_sum_to_score_and_point_at_the_broken_feature(fitted,
     assert np.all(vae.feature_errors(rows).argmax(1) == 3)
 
 
-def test_early_stopping_and_epoch_budget(array_problem):
+def test_budgets_and_patience_count_optimiser_steps(array_problem):
     train, _, _ = array_problem
-    det = VAEDetector(
-        seed=0, max_epochs=200, max_steps=None, patience=2, batch_size=512, hidden=(16,)
-    )
-    det.fit(train[:400])
-    assert det.stop_reason_ == "early_stopping" and det.n_epochs_ < 200
+    # 100 rows are one batch: an epoch is one step. A flow overfits them within a few hundred
+    # steps at this learning rate, so its validation loss turns and early stopping ends training.
+    steps = {"max_epochs": 10**6, "max_steps": 3000, "validate_every": 10, "lr": 1e-2}
+    det = FlowDetector(seed=0, min_steps=0, patience=50, **steps).fit(train[:100])
+    assert det.stop_reason_ == "early_stopping" and det.n_steps_ < 3000
+    assert det.n_steps_ - det.best_step_ >= 50
+    held = FlowDetector(seed=0, min_steps=1500, patience=1, **steps).fit(train[:100])
+    assert held.stop_reason_ == "early_stopping" and held.n_steps_ >= 1500
+    assert held.best_step_ < 1500  # the best weights of the whole run are restored
     capped = FlowDetector(
         seed=0, max_epochs=3, max_steps=None, min_steps=0, hidden=(16,), transforms=2
-    ).fit(train[:400])
-    assert capped.n_epochs_ == 3 and capped.stop_reason_ == "max_epochs"
+    ).fit(train[:400])  # 360 training rows: two steps an epoch
+    assert capped.n_steps_ == 6 and capped.stop_reason_ == "max_steps"
+    assert capped.planned_steps(2000) == 3 * 8  # 2,000 rows in batches of 256
     timed = GANDetector(
-        seed=0, max_epochs=10_000, max_steps=None, time_budget_s=0.5, patience=10_000, hidden=(16,)
+        seed=0, max_epochs=10**6, max_steps=None, time_budget_s=0.5, patience=10**6, hidden=(16,)
     )
     timed.fit(train[:400])
     assert timed.stop_reason_ == "time_budget"
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_validation_loss_is_deterministic(array_problem, fitted, name):
+    """Early stopping compares validation losses: each must be the same number every pass
+    (the VAE's sampled latent and the GAN's negatives come from a seeded generator)."""
+    _, x_eval, _ = array_problem
+    det = fitted[name]
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(x_eval[:200])
+    with torch.no_grad():
+        assert det._val_loss(det.module_, x) == det._val_loss(det.module_, x)
+
+
+def test_small_data_trains_the_full_step_budget():
+    """300 normal rows (one or two optimiser steps an epoch): training runs at least min_steps
+    (1000) steps and the VAE learns the manifold, not just the marginals."""
+    from .conftest import anomaly_rows, manifold_rows, standardise
+
+    rng = np.random.default_rng(5)
+    train, normal, anomalous = standardise(
+        manifold_rows(300, rng), manifold_rows(600, rng), anomaly_rows(150, rng)
+    )
+    det = VAEDetector(seed=0, threads=1).fit(train)
+    assert det.n_steps_ >= 1000
+    scores = det.decision_function(np.vstack([normal, anomalous]))
+    assert roc_auc_score(np.r_[np.zeros(600), np.ones(150)], scores) > 0.95
 
 
 def test_bad_input_and_unfitted_errors(array_problem):
@@ -119,13 +164,33 @@ def test_bad_input_and_unfitted_errors(array_problem):
         det.decision_function(train[:10, :3])
 
 
-@pytest.mark.parametrize(
-    "module", ["anomaly.detectors.vae", "anomaly.detectors.flow", "anomaly.detectors.gan"]
-)
+MODULES = [f"anomaly.detectors.{name}" for name, _ in CASES]
+
+
+@pytest.mark.parametrize("module", MODULES)
 def test_each_detector_imports_alone(module):
     code = (
-        f"import sys, {module}; others = {{'anomaly.detectors.vae', 'anomaly.detectors.flow', "
-        f"'anomaly.detectors.gan'}} - {{'{module}'}}; assert not others & set(sys.modules), others"
+        f"import sys, {module}; others = {set(MODULES)!r} - {{'{module}'}}; "
+        "assert not others & set(sys.modules), others"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
     assert importlib.import_module(module)
+
+
+def test_gan_generator_shapes_the_discriminator(fitted, array_problem):
+    """The generator is trained onto D's boundary, just outside the normal rows, and its samples
+    change what D learns: the same GAN without them scores rows differently."""
+    import torch
+
+    train, x_eval, y_eval = array_problem
+    gan = fitted["gan"]
+    with torch.no_grad():
+        z = torch.randn(1000, gan.latent_dim, generator=torch.Generator().manual_seed(0))
+        fake = gan.module_.generator(z)
+        fake_scores = gan._score_tensor(fake).numpy()
+    normal_scores = gan.decision_function(x_eval[y_eval == 0])
+    # On the boundary (D near 1/2, score = -logit near 0), not on the data, not far out.
+    assert abs(np.median(fake_scores)) < 2.0
+    assert np.median(fake_scores) > np.quantile(normal_scores, 0.75)
+    without = make("gan", GANDetector, gen_weight=0.0).fit(train)
+    assert not np.allclose(without.decision_function(x_eval), gan.decision_function(x_eval))

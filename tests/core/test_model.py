@@ -13,7 +13,7 @@ from sklearn.metrics import roc_auc_score
 from anomaly import AnomalyModel
 from anomaly.config import config_from_dict
 from anomaly.errors import DataError, NotFittedError
-from anomaly.model import SCORE_COLUMNS
+from anomaly.model import ALL_DETECTORS, SCORE_COLUMNS, SmallDataWarning
 from anomaly.scorer import BatchScorer, EmulatedBf16Warning, cpu_has_native_bf16
 
 from .conftest import SCHEMA
@@ -65,7 +65,7 @@ def test_batch_scorer_matches_model_and_explains_only_alerts(fitted_model, frame
             assert len(result.top_features[i]) == 3
         else:
             assert result.severity[i] is None and result.top_features[i] == ()
-        expected_fired = [d for d in ("vae", "flow", "gan") if expected[f"{d}_p"][i] <= 0.01]
+        expected_fired = [d for d in ALL_DETECTORS if expected[f"{d}_p"][i] <= 0.01]
         assert list(result.fired[i]) == expected_fired
     empty = scorer.score(rows.iloc[:0])
     assert len(empty) == 0
@@ -96,8 +96,8 @@ def test_from_config_and_bad_input(frame_problem):
     with pytest.raises(NotFittedError):
         model.predict(frame_problem[1])
     train = frame_problem[0]
-    with pytest.raises(DataError, match="only 30 normal rows"):
-        model.fit(train.head(30))
+    with pytest.raises(DataError, match="only 19 normal rows"):
+        model.fit(train.head(19))
     bad = train.head(200).astype({"f3": object})
     bad.loc[123, "f3"] = "broken"
     with pytest.raises(DataError, match=r"column 'f3', row 123: 'broken' is not a number"):
@@ -176,3 +176,32 @@ def test_bf16_on_a_cpu_without_bf16_instructions_warns(fitted_model):
     assert len(emulated) == (1 if native is False else 0)
     if emulated:
         assert "serve.bf16: false" in str(emulated[0].message)
+
+
+def test_small_data_fits_with_a_warning_about_calibration(frame_problem):
+    """hepatitis leaves 33 normal training rows: a model must still fit on 20-odd rows, and say
+    what its calibration can promise."""
+    train, normal, anomalous = frame_problem
+    model = AnomalyModel(target_fpr=0.01, seed=0, device="cpu", schema=SCHEMA, max_steps=200)
+    with pytest.warns(SmallDataWarning, match=r"only 24 normal rows: .* 1/11") as caught:
+        model.fit(train.head(24))
+    assert model.training_["n_calibration"] == 10 and model.training_["n_train"] == 14
+    assert any("cannot reach target_fpr" in str(w.message) for w in caught.list)
+    table = model.score_detectors(pd.concat([normal.head(50), anomalous.head(50)]))
+    assert np.isfinite(table[["ensemble", *ALL_DETECTORS]].to_numpy()).all()
+    assert table["ensemble_p"].min() >= 1 / 11
+
+
+def test_ensemble_weights_each_kind_of_evidence_once(fitted_model, frame_problem):
+    """Half the weight to the generative detectors (shared), half to the neighbour distance;
+    the ensemble score is that weighted mean of -log10 of the members' tail p-values."""
+    from anomaly.ensemble import member_weights
+
+    assert member_weights(["vae", "flow", "gan", "knn"]) == [1 / 6, 1 / 6, 1 / 6, 1 / 2]
+    assert member_weights(["vae", "gan"]) == [1 / 2, 1 / 2]
+    assert member_weights(["flow", "knn"]) == [1 / 2, 1 / 2]
+    _, normal, _ = frame_problem
+    raw, _ = fitted_model._raw_scores(fitted_model.transform(normal))
+    logs = [-np.log10(fitted_model.calibrators_[d].tail_pvalues(raw[d])) for d in ALL_DETECTORS]
+    expected = sum(w * v for w, v in zip(fitted_model.ensemble_weights_, logs, strict=True))
+    np.testing.assert_allclose(fitted_model.decision_function(normal), expected, rtol=1e-12)

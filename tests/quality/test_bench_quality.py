@@ -80,13 +80,15 @@ def _result(ds: str, seed: int, auroc: dict[str, float], fp: int, n: int) -> dic
         "methods": {
             m: {"auroc": v, "auprc": v / 2, "fit_s": 1.0, "score_s": 0.1} for m, v in auroc.items()
         },
-        "fpr": {d: {"0.01": [fp, n], "0.001": [0, n]} for d in ("vae", "flow", "gan", "ensemble")},
+        "fpr": {
+            d: {"0.01": [fp, n], "0.001": [0, n]} for d in ("vae", "flow", "gan", "knn", "ensemble")
+        },
     }
 
 
 def test_goals_ranks_and_fpr_table(bench) -> None:
     base = {"IForest": 0.80, "KNN": 0.90, "OCSVM": 0.70, "PyOD-VAE": 0.75}
-    ours = {"vae": 0.85, "flow": 0.78, "gan": 0.95, "ensemble": 0.92}
+    ours = {"vae": 0.85, "flow": 0.78, "gan": 0.95, "knn": 0.91, "ensemble": 0.92}
     results = [
         _result("a", 0, {**base, **ours}, fp=20, n=2000),  # 1.0x target at 0.01
         _result("b", 0, {**base, **ours}, fp=80, n=2000),  # 4.0x: outside
@@ -103,7 +105,10 @@ def test_goals_ranks_and_fpr_table(bench) -> None:
     assert summary["means"]["KNN"]["auroc"] == pytest.approx(0.90)
     assert summary["mean_rank"]["gan"] == 1.0 and summary["mean_rank"]["ensemble"] == 2.0
     text = bench.render(summary, args, "python bench/quality.py", 60.0)
-    assert "Ensemble mean ROC-AUC 92.0 vs the best baseline (KNN) 90.0: **met**" in text
+    assert "Ensemble mean ROC-AUC 92.0 vs the best baseline (KNN) 90.0 + 2.0: **met**" in text
+    assert "Ensemble mean PR-AUC 46.0 vs KNN 45.0: **met**" in text
+    assert "Best mean rank: gan (1.00; ensemble 2.00): **missed**" in text
+    assert "Ensemble at least as good as its best member: 0 of 2 sets" in text
     assert "- flow mean ROC-AUC 78.0 vs IForest 80.0: **missed**" in text
     assert "- vae mean ROC-AUC 85.0 vs IForest 80.0: **met**" in text
     assert "1.00% (1.00x)" in text and "**4.00% (4.00x)**" in text
@@ -132,3 +137,20 @@ def test_write_section_replaces_only_its_own_section(bench, tmp_path: Path) -> N
     fresh = tmp_path / "none.md"
     bench.write_section(fresh, "## Detection quality\n\nx\n")
     assert fresh.read_text().startswith("# Benchmarks") and "x" in fresh.read_text()
+
+
+def test_ablations_get_their_own_table_and_no_rank(bench) -> None:
+    base = {"IForest": 0.80, "KNN": 0.90, "OCSVM": 0.70, "PyOD-VAE": 0.75}
+    ours = {"vae": 0.85, "flow": 0.78, "gan": 0.95, "knn": 0.91, "ensemble": 0.92}
+    ablations = {name: 0.99 for name in bench.ABLATIONS} | {"gan-no-generator": 0.60}
+    results = [_result(ds, 0, {**base, **ours, **ablations}, fp=20, n=2000) for ds in "ab"]
+    args = bench.parse_args(["--ablate"])
+    assert args.methods[-len(bench.ABLATIONS) :] == list(bench.ABLATIONS)
+    summary = bench.summarise(results, args.methods)
+    # 0.99 would top every dataset: ablations must not take part in the ranks.
+    assert "gan-no-generator" not in summary["mean_rank"] and summary["mean_rank"]["gan"] == 1.0
+    text = bench.render(summary, args, "python bench/quality.py --ablate", 60.0)
+    main_table = text.split("### ROC-AUC x100")[1].split("###")[0]
+    assert "gan-no-generator" not in main_table
+    ablation_table = text.split("### Ablations")[1].split("###")[0]
+    assert "| a | 85.0 | 78.0 | 95.0 | 91.0 | 92.0 | 60.0 |" in ablation_table
