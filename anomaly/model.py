@@ -360,7 +360,10 @@ class AnomalyModel:
     # ---------------------------------------------------------------- explaining
     def _feature_contributions(self, xp: np.ndarray, errors: np.ndarray | None) -> np.ndarray:
         """Per input feature contribution, rows sum to 1. VAE error terms when the VAE is fit,
-        else the squared preprocessed deviation from the training median."""
+        else the knn detector's squared differences to the nearest reference row, else the
+        squared preprocessed deviation from the training median."""
+        if errors is None and "knn" in self.detectors_:
+            errors = self.detectors_["knn"].feature_errors(xp)  # type: ignore[attr-defined]
         terms = errors if errors is not None else 0.5 * xp.astype(np.float64) ** 2
         src = self.preprocessor_.output_source_
         agg = np.zeros((terms.shape[0], len(self.preprocessor_.feature_names_in_)))

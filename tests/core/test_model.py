@@ -205,3 +205,25 @@ def test_ensemble_weights_each_kind_of_evidence_once(fitted_model, frame_problem
     logs = [-np.log10(fitted_model.calibrators_[d].tail_pvalues(raw[d])) for d in ALL_DETECTORS]
     expected = sum(w * v for w, v in zip(fitted_model.ensemble_weights_, logs, strict=True))
     np.testing.assert_allclose(fitted_model.decision_function(normal), expected, rtol=1e-12)
+
+
+def test_knn_alone_is_saved_scored_and_explained(frame_problem, tmp_path):
+    """The knn member stands on its own: fit on normal rows, saved in the bundle (reference rows
+    as a tensor), scored by BatchScorer, and explained by the features that put an alert row
+    away from its nearest normal neighbour."""
+    train, normal, anomalous = frame_problem
+    model = AnomalyModel(target_fpr=0.01, seed=0, device="cpu", schema=SCHEMA, detectors=["knn"])
+    model.fit(train)
+    rows = pd.concat([normal.head(300), anomalous.head(50)], ignore_index=True)
+    y = np.r_[np.zeros(300), np.ones(50)]
+    assert roc_auc_score(y, model.decision_function(rows)) > 0.9
+    model.save(tmp_path / "knn")
+    loaded = AnomalyModel.load(tmp_path / "knn")
+    np.testing.assert_array_equal(
+        loaded.score_detectors(rows).to_numpy(), model.score_detectors(rows).to_numpy()
+    )
+    result = BatchScorer(loaded, device="cpu", batch_size=64, threads=1).score(rows)
+    assert result.is_alert[300:].sum() >= 10
+    shifted = normal.head(1).copy()
+    shifted["f4"] += 50.0
+    assert loaded.explain(shifted, top=1)[0][0]["feature"] == "f4"
