@@ -91,6 +91,32 @@ def test_url_from_environment_and_from_pipeline_config(
     assert len(capsys.readouterr().out.splitlines()) == 6
 
 
+def test_db_and_config_together_are_refused(
+    sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Either would silently override the other: a model registered with --db in another database
+    than the config's would never be seen by the pipeline's serve."""
+    config_db = tmp_path / "config.db"
+    config = tmp_path / "cards.yaml"
+    config.write_text(
+        f"name: cards\nschema:\n  numeric: [amount]\ndatabase:\n  url: 'sqlite:///{config_db}'\n",
+        encoding="utf-8",
+    )
+    both = ["--db", sqlite_url, "--config", str(config)]
+    for argv in (
+        ["db", "upgrade"],
+        ["alerts", "list"],
+        ["models", "register", str(tmp_path / "bundle")],
+        ["models", "activate", "v1"],
+    ):
+        assert main([*argv, *both]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --db and --config both name the database: pass one")
+        assert err.count("\n") == 1
+    assert not config_db.exists()
+    assert not Path(sqlite_url.removeprefix("sqlite:///")).exists()
+
+
 def test_models_list_and_activate(
     store: AlertStore, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
