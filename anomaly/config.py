@@ -44,6 +44,12 @@ OTHER_ENV_VARS = frozenset(
 )
 
 
+# Pipeline names are stored in columns of this many characters (storage.schema.PIPELINE_LEN; a
+# storage test checks they agree) and go into Kafka group ids, Prometheus labels and Grafana
+# regex variables, so they are kept to a character set that is plain text in all of them.
+PIPELINE_NAME_MAX_LEN = 200
+_PIPELINE_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
 # The ensemble's members, in score-table order (anomaly.model maps each to its class).
 DETECTOR_NAMES = ("vae", "flow", "gan", "knn")
 
@@ -334,6 +340,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, st
             continue
         if var == NAME_ENV_VAR:
             data["name"] = text
+            sources["name"] = var
             continue
         if var not in known:
             close = difflib.get_close_matches(var, [*known, NAME_ENV_VAR], n=1, cutoff=0.8)
@@ -346,6 +353,23 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, st
             data[section][name] = _from_env(var, get_type_hints(_SECTIONS[section])[name], text)
             sources[f"{section}.{name}"] = var
     return sources
+
+
+def check_pipeline_name(name: Any, where: str = "name") -> str:
+    """``name`` if it can name a pipeline, else a ConfigError naming ``where``."""
+    if name is None or name == "":
+        raise ConfigError(f"{where}: the pipeline name is required")
+    name = _coerce(where, str, name)
+    if len(name) > PIPELINE_NAME_MAX_LEN:
+        raise ConfigError(
+            f"{where}: a pipeline name has at most {PIPELINE_NAME_MAX_LEN} characters, "
+            f"got {len(name)}"
+        )
+    if not _PIPELINE_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{where}: a pipeline name has only letters, digits, '.', '_' and '-', got {name!r}"
+        )
+    return name
 
 
 def _validate(cfg: PipelineConfig) -> None:
@@ -395,9 +419,9 @@ def config_from_dict(
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(unknown)}")
-    name = data.get("name")
-    if not isinstance(name, str) or not name:
-        raise ConfigError("config field 'name' (the pipeline name) is required")
+    name = check_pipeline_name(
+        data.get("name"), f"name (from {sources['name']})" if "name" in sources else "name"
+    )
     sections = {
         key: _build_section(key, cls, data.get(key), sources) for key, cls in _SECTIONS.items()
     }

@@ -323,7 +323,9 @@ def _pipeline(args: argparse.Namespace, command: str) -> str:
 
     _one_database(args)  # before the bundle is loaded
     if args.pipeline:
-        return str(args.pipeline)
+        from anomaly.config import check_pipeline_name
+
+        return check_pipeline_name(args.pipeline, "--pipeline")
     if args.config:
         from anomaly.config import load_config
 

@@ -136,3 +136,27 @@ def test_config_errors_reach_the_cli_as_one_line(
     assert capsys.readouterr().err == (
         "error: kafka.batch_size (from ANOMALY_KAFKA_BATCH_SIZE): expected an integer, got 'abc'\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("p" * 201, "name: a pipeline name has at most 200 characters, got 201"),
+        ("fraud detection", "name: a pipeline name has only letters, digits, '.', '_' and '-'"),
+        ("cards/eu", "name: a pipeline name has only letters"),
+        ("cartes-\u00e9t\u00e9", "name: a pipeline name has only letters"),
+        ("", "name: the pipeline name is required"),
+        (None, "name: the pipeline name is required"),
+        (123, "name: expected a string, got a number (quote it in YAML)"),
+    ],
+)
+def test_pipeline_name_is_checked_where_the_config_is_loaded(name: object, message: str) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        config_from_dict({**BASE, "name": name}, environ={})
+
+
+def test_pipeline_name_limits_accept_the_longest_plain_name() -> None:
+    longest = "Fraud_eu-1." + "p" * 189
+    assert config_from_dict({**BASE, "name": longest}, environ={}).name == longest
+    with pytest.raises(ConfigError, match=r"^name \(from ANOMALY_PIPELINE_NAME\): .* got 201$"):
+        config_from_dict(BASE, environ={"ANOMALY_PIPELINE_NAME": "p" * 201})
