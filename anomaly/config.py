@@ -1,9 +1,14 @@
 """Pipeline configuration: one YAML file per stream, every field overridable from the environment.
 
 A field ``section.field`` is overridden by the variable ``ANOMALY_SECTION_FIELD`` (upper case), for
-example ``ANOMALY_KAFKA_BOOTSTRAP_SERVERS`` or ``ANOMALY_DATABASE_URL``. Values from the environment
-are parsed as YAML scalars, so ``ANOMALY_MODEL_TARGET_FPR=0.01`` is a float and
-``ANOMALY_SCHEMA_NUMERIC='[a, b]'`` a list. Secrets (passwords, SASL credentials) belong in the
+example ``ANOMALY_KAFKA_BOOTSTRAP_SERVERS`` or ``ANOMALY_DATABASE_URL``; ``ANOMALY_PIPELINE_NAME``
+sets ``name``. Every value, from the file or the environment, is checked against the field's
+declared type: text fields (URLs, passwords, topics) take the variable verbatim, so
+``ANOMALY_KAFKA_SASL_PASSWORD=0123`` stays ``"0123"``; numbers and booleans are parsed strictly
+(booleans: true/false, yes/no, on/off, 1/0); only list and mapping fields parse the variable as
+YAML or JSON (``ANOMALY_SCHEMA_NUMERIC='[a, b]'``). An empty variable unsets an optional field.
+Any other ``ANOMALY_*`` variable (outside :data:`OTHER_ENV_VARS`) is an error, so a misspelled
+override is never silently ignored. Secrets (passwords, SASL credentials) belong in the
 environment or in a file named by ``*_file`` fields, never in the YAML that is committed.
 
 This module is plain dataclasses and YAML: it imports neither Kafka nor SQL, so every subsystem can
@@ -12,19 +17,38 @@ read its own section of the same file.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import difflib
+import math
 import os
+import re
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
 from anomaly.errors import ConfigError
 
 ENV_PREFIX = "ANOMALY_"
+NAME_ENV_VAR = "ANOMALY_PIPELINE_NAME"
+# ANOMALY_* variables that are not config fields; every other one must name a field.
+OTHER_ENV_VARS = frozenset(
+    {
+        "ANOMALY_GRAFANA_DB_PASSWORD",  # the Grafana role's password (dashboards, db grafana-role)
+        "ANOMALY_TEST_PG",  # the test suite's PostgreSQL server
+    }
+)
 
+
+# Pipeline names are stored in columns of this many characters (storage.schema.PIPELINE_LEN; a
+# storage test checks they agree) and go into Kafka group ids, Prometheus labels and Grafana
+# regex variables, so they are kept to a character set that is plain text in all of them.
+PIPELINE_NAME_MAX_LEN = 200
+_PIPELINE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 # The ensemble's members, in score-table order (anomaly.model maps each to its class).
 DETECTOR_NAMES = ("vae", "flow", "gan", "knn")
@@ -169,7 +193,7 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-def _build_section(section: str, cls: type, raw: Any) -> Any:
+def _build_section(section: str, cls: type, raw: Any, sources: Mapping[str, str]) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, Mapping):
@@ -181,24 +205,171 @@ def _build_section(section: str, cls: type, raw: Any) -> Any:
             f"unknown field(s) in section '{section}': {', '.join(unknown)} "
             f"(known: {', '.join(sorted(known))})"
         )
-    try:
-        return cls(**raw)
-    except TypeError as exc:  # pragma: no cover - guarded by the unknown-field check above
-        raise ConfigError(f"section '{section}': {exc}") from exc
+    hints = get_type_hints(cls)
+    values = {}
+    for name, value in raw.items():
+        where = f"{section}.{name}"
+        if where in sources:
+            where += f" (from {sources[where]})"
+        values[name] = _coerce(where, hints[name], value)
+    return cls(**values)
 
 
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> None:
-    for section, cls in _SECTIONS.items():
-        for f in fields(cls):
-            var = f"{ENV_PREFIX}{section}_{f.name}".upper()
-            if var in environ:
-                data.setdefault(section, {})
-                if data[section] is None:
-                    data[section] = {}
-                data[section][f.name] = yaml.safe_load(environ[var])
-    name_var = f"{ENV_PREFIX}PIPELINE_NAME"
-    if name_var in environ:
-        data["name"] = environ[name_var]
+# Text a boolean field accepts (case-insensitive), from the environment or quoted in the file.
+_BOOLS = {"true": True, "yes": True, "on": True, "1": True}
+_BOOLS |= {"false": False, "no": False, "off": False, "0": False}
+_INT = re.compile(r"[+-]?[0-9]+(?:_[0-9]+)*")
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "a mapping"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def _shown(value: Any) -> str:
+    """A bad value in an error message: a short scalar as written, anything else by its kind."""
+    if isinstance(value, str | int | float) and len(repr(value)) <= 40:
+        return repr(value)
+    return _kind(value)
+
+
+def _optional(hint: Any) -> tuple[Any, bool]:
+    """``X | None`` as ``(X, True)``; any other type as ``(type, False)``."""
+    if get_origin(hint) in (Union, types.UnionType) and type(None) in get_args(hint):
+        rest = [a for a in get_args(hint) if a is not type(None)]
+        if len(rest) == 1:
+            return rest[0], True
+    return hint, False
+
+
+def _coerce(where: str, hint: Any, value: Any) -> Any:
+    """``value`` as the declared type ``hint``, or a ConfigError naming ``where``.
+
+    Strings reach number and boolean fields from the environment (and from quoted YAML) and are
+    parsed strictly. Text fields never take a number or a boolean: YAML has already mangled it
+    (``0123`` is 83, ``12:30`` is 750, ``no`` is False) and what the user meant is lost.
+    """
+    hint, optional = _optional(hint)
+    if value is None and optional:
+        return None
+    origin, args = get_origin(hint), get_args(hint)
+    if hint is Any:
+        return value
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        choices = " or ".join(repr(a) for a in args)
+        raise ConfigError(f"{where}: expected {choices}, got {_shown(value)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {_kind(value)}")
+        return [_coerce(f"{where}[{i}]", args[0], item) for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {_kind(value)}")
+        return {
+            _coerce(f"{where} key", args[0], k): _coerce(f"{where}.{k}", args[1], v)
+            for k, v in value.items()
+        }
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        # Not the value itself: a text field may be a password.
+        raise ConfigError(f"{where}: expected a string, got {_kind(value)} (quote it in YAML)")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str | int) and str(value).strip().lower() in _BOOLS:
+            return _BOOLS[str(value).strip().lower()]
+        raise ConfigError(f"{where}: expected true or false, got {_shown(value)}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and _INT.fullmatch(value.strip()):
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {_shown(value)}")
+    if hint is float:
+        number = None
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None or not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a number, got {_shown(value)}")
+        return number
+    raise TypeError(f"{where}: no conversion for the declared type {hint!r}")  # a new field type
+
+
+def _env_vars() -> dict[str, tuple[str, str]]:
+    """Every override variable: ``ANOMALY_SECTION_FIELD`` -> (section, field)."""
+    return {
+        f"{ENV_PREFIX}{section}_{f.name}".upper(): (section, f.name)
+        for section, cls in _SECTIONS.items()
+        for f in fields(cls)
+    }
+
+
+def _from_env(var: str, hint: Any, text: str) -> Any:
+    """A variable's text as the value the YAML file would hold; scalars stay text for _coerce."""
+    base, optional = _optional(hint)
+    if optional and text == "":
+        return None
+    if get_origin(base) in (list, dict):
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError:
+            # Not the text itself: kafka.settings may carry a password.
+            raise ConfigError(f"{var}: not valid YAML or JSON") from None
+    return text
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Merge the overrides into ``data``; returns which variable set each ``section.field``."""
+    known = _env_vars()
+    sources: dict[str, str] = {}
+    for var, text in sorted(environ.items()):
+        if not var.startswith(ENV_PREFIX) or var in OTHER_ENV_VARS:
+            continue
+        if var == NAME_ENV_VAR:
+            data["name"] = text
+            sources["name"] = var
+            continue
+        if var not in known:
+            close = difflib.get_close_matches(var, [*known, NAME_ENV_VAR], n=1, cutoff=0.8)
+            hint = f"did you mean {close[0]}?" if close else "overrides: ANOMALY_<SECTION>_<FIELD>"
+            raise ConfigError(f"unknown environment variable {var} ({hint})")
+        section, name = known[var]
+        if data.get(section) is None:
+            data[section] = {}
+        if isinstance(data[section], dict):  # otherwise _build_section reports the section
+            data[section][name] = _from_env(var, get_type_hints(_SECTIONS[section])[name], text)
+            sources[f"{section}.{name}"] = var
+    return sources
+
+
+def check_pipeline_name(name: Any, where: str = "name") -> str:
+    """``name`` if it can name a pipeline, else a ConfigError naming ``where``."""
+    if name is None or name == "":
+        raise ConfigError(f"{where}: the pipeline name is required")
+    name = _coerce(where, str, name)
+    if len(name) > PIPELINE_NAME_MAX_LEN:
+        raise ConfigError(
+            f"{where}: a pipeline name has at most {PIPELINE_NAME_MAX_LEN} characters, "
+            f"got {len(name)}"
+        )
+    if not _PIPELINE_NAME.fullmatch(name):
+        raise ConfigError(
+            f"{where}: a pipeline name has only letters, digits, '.', '_' and '-', got {name!r}"
+        )
+    return name
 
 
 def _validate(cfg: PipelineConfig) -> None:
@@ -214,8 +385,6 @@ def _validate(cfg: PipelineConfig) -> None:
         value = getattr(s, role)
         if value is not None and value in seen:
             raise ConfigError(f"schema.{role} '{value}' is also listed as a feature")
-    if s.missing not in ("impute", "reject"):
-        raise ConfigError(f"schema.missing must be 'impute' or 'reject', got {s.missing!r}")
     if not 0.0 < cfg.model.target_fpr < 0.5:
         raise ConfigError(f"model.target_fpr must be in (0, 0.5), got {cfg.model.target_fpr}")
     unknown = set(cfg.model.detectors) - set(DETECTOR_NAMES)
@@ -229,25 +398,15 @@ def _validate(cfg: PipelineConfig) -> None:
     if cfg.kafka.max_wait_s <= 0:
         raise ConfigError("kafka.max_wait_s must be > 0")
     k = cfg.kafka
-    if k.format not in ("json", "avro"):
-        raise ConfigError(f"kafka.format must be 'json' or 'avro', got {k.format!r}")
-    if k.avro_framing not in ("confluent", "none"):
-        raise ConfigError(
-            f"kafka.avro_framing must be 'confluent' or 'none', got {k.avro_framing!r}"
-        )
     if k.format == "avro" and not k.avro_schema:
         raise ConfigError("kafka.format is 'avro': set kafka.avro_schema to the .avsc file")
-    if not isinstance(k.avro_schema_ids, list) or not all(
-        isinstance(i, int) and 0 <= i < 2**32 for i in k.avro_schema_ids
-    ):
+    if not all(0 <= i < 2**32 for i in k.avro_schema_ids):
         raise ConfigError("kafka.avro_schema_ids must be a list of schema ids (0 to 2**32-1)")
     if k.schema_registry_url and (k.format != "avro" or k.avro_framing != "confluent"):
         raise ConfigError(
             "kafka.schema_registry_url needs kafka.format: avro with kafka.avro_framing: "
             "confluent (the schema id is read from the value's header)"
         )
-    if not isinstance(k.schema_registry_settings, dict):
-        raise ConfigError("kafka.schema_registry_settings must be a mapping of client settings")
 
 
 def config_from_dict(
@@ -255,15 +414,17 @@ def config_from_dict(
 ) -> PipelineConfig:
     """Build a validated config from a mapping, applying ``ANOMALY_*`` overrides."""
     data = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in data.items()}
-    _apply_env(data, os.environ if environ is None else environ)
+    sources = _apply_env(data, os.environ if environ is None else environ)
     allowed = {"name", "source_path", *_SECTIONS}
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(unknown)}")
-    name = data.get("name")
-    if not isinstance(name, str) or not name:
-        raise ConfigError("config field 'name' (the pipeline name) is required")
-    sections = {key: _build_section(key, cls, data.get(key)) for key, cls in _SECTIONS.items()}
+    name = check_pipeline_name(
+        data.get("name"), f"name (from {sources['name']})" if "name" in sources else "name"
+    )
+    sections = {
+        key: _build_section(key, cls, data.get(key), sources) for key, cls in _SECTIONS.items()
+    }
     cfg = PipelineConfig(name=name, source_path=data.get("source_path"), **sections)
     _validate(cfg)
     return cfg

@@ -1,8 +1,11 @@
 """The three dashboards: Alerts, Service and Models.
 
 SQL panels read the tables of docs/architecture.md ("SQL schema") through the read-only role;
-Prometheus panels use the metric names of streams/metrics.py. Multi-value variables expand in SQL
-to a quoted list (``pipeline IN ($pipeline)``) and in PromQL to a regex (``pipeline=~"$pipeline"``).
+Prometheus panels use the metric names of streams/metrics.py. Text variables go into SQL only as
+``${name:sqlstring}`` (each value single-quoted, inner quotes doubled: ``pipeline IN
+(${pipeline:sqlstring})``, ``CASE ${detector:sqlstring}``), never as a bare ``$name``, which Grafana
+inserts without quotes for a single-value variable; in PromQL multi-value variables expand to a
+regex (``pipeline=~"$pipeline"``).
 Every query that shows data from the dashboard's time range filters with ``$__timeFilter``.
 """
 
@@ -42,8 +45,9 @@ PIPELINE_PROM = QueryVariable(
 )
 DETECTOR = CustomVariable(name="detector", label="Detector", values=DETECTORS)
 
-# The chosen detector's score column ($detector is single-valued, so it is not quoted by Grafana).
-DETECTOR_SCORE = """CASE '$detector'
+# The chosen detector's score column. sqlstring quotes the value itself: a bare '$detector' would
+# let a value with a quote (from the URL, var-detector=...) end the string and append SQL.
+DETECTOR_SCORE = """CASE ${detector:sqlstring}
     WHEN 'vae' THEN a.vae_score
     WHEN 'flow' THEN a.flow_score
     WHEN 'gan' THEN a.gan_score
@@ -157,7 +161,7 @@ def _count_bars(
                   {series} AS metric,
                   count(*) AS {value}
                 FROM {table}
-                WHERE $__timeFilter({time_column}) AND pipeline IN ($pipeline)
+                WHERE $__timeFilter({time_column}) AND pipeline IN (${{pipeline:sqlstring}})
                 GROUP BY 1, 2
                 ORDER BY 1, 2
                 """,
@@ -197,7 +201,7 @@ def alerts_dashboard() -> Dashboard:
                 """
                 SELECT count(*) AS alerts
                 FROM alerts
-                WHERE $__timeFilter(ingest_time) AND pipeline IN ($pipeline)
+                WHERE $__timeFilter(ingest_time) AND pipeline IN (${pipeline:sqlstring})
                 """,
                 columns=("alerts",),
             ),
@@ -209,7 +213,7 @@ def alerts_dashboard() -> Dashboard:
                 """
                 SELECT coalesce(sum(records_scored), 0) AS records
                 FROM stream_stats
-                WHERE $__timeFilter(minute) AND pipeline IN ($pipeline)
+                WHERE $__timeFilter(minute) AND pipeline IN (${pipeline:sqlstring})
                 """,
                 columns=("records",),
             ),
@@ -220,7 +224,7 @@ def alerts_dashboard() -> Dashboard:
                 """
                 SELECT sum(records_alerted)::float8 / NULLIF(sum(records_scored), 0) AS alert_rate
                 FROM stream_stats
-                WHERE $__timeFilter(minute) AND pipeline IN ($pipeline)
+                WHERE $__timeFilter(minute) AND pipeline IN (${pipeline:sqlstring})
                 """,
                 columns=("alert_rate",),
             ),
@@ -235,7 +239,8 @@ def alerts_dashboard() -> Dashboard:
                 """
                 SELECT count(*) AS open_incidents
                 FROM incidents
-                WHERE status = 'open' AND $__timeFilter(last_seen) AND pipeline IN ($pipeline)
+                WHERE status = 'open' AND $__timeFilter(last_seen)
+                  AND pipeline IN (${pipeline:sqlstring})
                 """,
                 columns=("open_incidents",),
             ),
@@ -247,7 +252,7 @@ def alerts_dashboard() -> Dashboard:
                 """
                 SELECT count(*) AS critical
                 FROM alerts
-                WHERE $__timeFilter(ingest_time) AND pipeline IN ($pipeline)
+                WHERE $__timeFilter(ingest_time) AND pipeline IN (${pipeline:sqlstring})
                   AND severity = 'critical'
                 """,
                 columns=("critical",),
@@ -260,7 +265,7 @@ def alerts_dashboard() -> Dashboard:
                 """
                 SELECT count(*) AS dead_letters
                 FROM dead_letters
-                WHERE $__timeFilter(created_at) AND pipeline IN ($pipeline)
+                WHERE $__timeFilter(created_at) AND pipeline IN (${pipeline:sqlstring})
                 """,
                 columns=("dead_letters",),
             ),
@@ -282,7 +287,7 @@ def alerts_dashboard() -> Dashboard:
                       s.pipeline || ' observed' AS metric,
                       sum(s.records_alerted)::float8 / NULLIF(sum(s.records_scored), 0) AS rate
                     FROM stream_stats s
-                    WHERE $__timeFilter(s.minute) AND s.pipeline IN ($pipeline)
+                    WHERE $__timeFilter(s.minute) AND s.pipeline IN (${pipeline:sqlstring})
                     GROUP BY 1, 2
                     UNION ALL
                     SELECT
@@ -291,7 +296,7 @@ def alerts_dashboard() -> Dashboard:
                       max((m.metrics ->> 'target_fpr')::float8) AS rate
                     FROM stream_stats s
                     JOIN model_versions m ON m.pipeline = s.pipeline AND m.active
-                    WHERE $__timeFilter(s.minute) AND s.pipeline IN ($pipeline)
+                    WHERE $__timeFilter(s.minute) AND s.pipeline IN (${pipeline:sqlstring})
                     GROUP BY 1, 2
                     ORDER BY 1, 2
                     """,
@@ -329,7 +334,7 @@ def alerts_dashboard() -> Dashboard:
                       max((m.metrics ->> 'threshold')::float8) AS threshold
                     FROM stream_stats s
                     LEFT JOIN model_versions m ON m.pipeline = s.pipeline AND m.active
-                    WHERE $__timeFilter(s.minute) AND s.pipeline IN ($pipeline)
+                    WHERE $__timeFilter(s.minute) AND s.pipeline IN (${pipeline:sqlstring})
                     GROUP BY 1, 2
                     ORDER BY 1, 2
                     """,
@@ -362,7 +367,7 @@ def alerts_dashboard() -> Dashboard:
                     f"""
                     SELECT {DETECTOR_SCORE} AS score
                     FROM alerts a
-                    WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN ($pipeline)
+                    WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN (${{pipeline:sqlstring}})
                     """,
                     columns=("score",),
                 )
@@ -383,7 +388,7 @@ def alerts_dashboard() -> Dashboard:
                   max(ensemble_score) AS max_score,
                   max(ingest_time) AS last_alert
                 FROM alerts
-                WHERE $__timeFilter(ingest_time) AND pipeline IN ($pipeline)
+                WHERE $__timeFilter(ingest_time) AND pipeline IN (${pipeline:sqlstring})
                   AND entity IS NOT NULL
                 GROUP BY entity, pipeline
                 ORDER BY alerts DESC, max_score DESC
@@ -408,7 +413,8 @@ def alerts_dashboard() -> Dashboard:
                   first_seen,
                   last_seen
                 FROM incidents
-                WHERE status = 'open' AND $__timeFilter(last_seen) AND pipeline IN ($pipeline)
+                WHERE status = 'open' AND $__timeFilter(last_seen)
+                  AND pipeline IN (${{pipeline:sqlstring}})
                 ORDER BY {SEVERITY_RANK.format(col="max_severity")} DESC, last_seen DESC
                 LIMIT 100
                 """,
@@ -438,7 +444,7 @@ def alerts_dashboard() -> Dashboard:
                     FROM alerts a
                     CROSS JOIN LATERAL jsonb_array_elements_text(a.fired_detectors::jsonb)
                       AS d(detector)
-                    WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN ($pipeline)
+                    WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN (${pipeline:sqlstring})
                     GROUP BY d.detector
                     ORDER BY d.detector
                     """,
@@ -479,7 +485,7 @@ def alerts_dashboard() -> Dashboard:
                   a.incident_id AS incident,
                   a.model_version
                 FROM alerts a
-                WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN ($pipeline)
+                WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN (${{pipeline:sqlstring}})
                 ORDER BY a.ingest_time DESC, a.id DESC
                 LIMIT 200
                 """,
@@ -539,7 +545,7 @@ def alerts_dashboard() -> Dashboard:
                   kafka_partition AS partition,
                   kafka_offset AS "offset"
                 FROM dead_letters
-                WHERE $__timeFilter(created_at) AND pipeline IN ($pipeline)
+                WHERE $__timeFilter(created_at) AND pipeline IN (${pipeline:sqlstring})
                 ORDER BY created_at DESC, id DESC
                 LIMIT 100
                 """,
@@ -795,7 +801,7 @@ def service_dashboard() -> Dashboard:
                       pipeline AS metric,
                       sum(records_seen)::float8 / greatest($__interval_ms / 1000.0, 60) AS records
                     FROM stream_stats
-                    WHERE $__timeFilter(minute) AND pipeline IN ($pipeline)
+                    WHERE $__timeFilter(minute) AND pipeline IN (${pipeline:sqlstring})
                     GROUP BY 1, 2
                     ORDER BY 1, 2
                     """,
@@ -818,7 +824,7 @@ def service_dashboard() -> Dashboard:
                       sum(latency_ms_sum) / NULLIF(sum(latency_count), 0) AS mean_ms,
                       max(latency_ms_max) AS max_ms
                     FROM stream_stats
-                    WHERE $__timeFilter(minute) AND pipeline IN ($pipeline)
+                    WHERE $__timeFilter(minute) AND pipeline IN (${pipeline:sqlstring})
                     GROUP BY 1, 2
                     ORDER BY 1, 2
                     """,
@@ -841,7 +847,7 @@ def service_dashboard() -> Dashboard:
                   next_offset,
                   updated_at
                 FROM consumer_offsets
-                WHERE pipeline IN ($pipeline)
+                WHERE pipeline IN (${pipeline:sqlstring})
                 ORDER BY pipeline, kafka_topic, kafka_partition
                 """,
                 columns=("pipeline", "topic", "partition", "next_offset", "updated_at"),
@@ -886,7 +892,7 @@ def models_dashboard() -> Dashboard:
                   left(bundle_sha256, 12) AS bundle_sha256,
                   bundle_path
                 FROM model_versions
-                WHERE active AND pipeline IN ($pipeline)
+                WHERE active AND pipeline IN (${pipeline:sqlstring})
                 ORDER BY pipeline
                 """,
                 columns=(
@@ -911,7 +917,8 @@ def models_dashboard() -> Dashboard:
                 SELECT m.pipeline, m.version, kv.key AS metric, kv.value::text::float8 AS value
                 FROM model_versions m
                 CROSS JOIN LATERAL jsonb_each(m.metrics::jsonb) AS kv(key, value)
-                WHERE m.active AND m.pipeline IN ($pipeline) AND jsonb_typeof(kv.value) = 'number'
+                WHERE m.active
+                  AND m.pipeline IN (${pipeline:sqlstring}) AND jsonb_typeof(kv.value) = 'number'
                 UNION ALL
                 SELECT m.pipeline, m.version, kv.key || '.' || sub.key, sub.value::text::float8
                 FROM model_versions m
@@ -919,7 +926,8 @@ def models_dashboard() -> Dashboard:
                 CROSS JOIN LATERAL jsonb_each(
                   CASE WHEN jsonb_typeof(kv.value) = 'object' THEN kv.value ELSE '{}'::jsonb END
                 ) AS sub(key, value)
-                WHERE m.active AND m.pipeline IN ($pipeline) AND jsonb_typeof(sub.value) = 'number'
+                WHERE m.active
+                  AND m.pipeline IN (${pipeline:sqlstring}) AND jsonb_typeof(sub.value) = 'number'
                 ORDER BY 1, 3
                 """,
                 columns=("pipeline", "version", "metric", "value"),
@@ -943,7 +951,7 @@ def models_dashboard() -> Dashboard:
                     sum(score_p90 * records_scored) / NULLIF(sum(records_scored), 0) AS p90,
                     sum(score_p99 * records_scored) / NULLIF(sum(records_scored), 0) AS p99
                   FROM stream_stats
-                  WHERE $__timeFilter(minute) AND pipeline IN ($pipeline)
+                  WHERE $__timeFilter(minute) AND pipeline IN (${pipeline:sqlstring})
                   GROUP BY pipeline
                 )
                 SELECT
@@ -1014,7 +1022,7 @@ def models_dashboard() -> Dashboard:
                         AS calibration_p99
                     FROM stream_stats s
                     LEFT JOIN model_versions m ON m.pipeline = s.pipeline AND m.active
-                    WHERE $__timeFilter(s.minute) AND s.pipeline IN ($pipeline)
+                    WHERE $__timeFilter(s.minute) AND s.pipeline IN (${pipeline:sqlstring})
                     GROUP BY 1, 2
                     ORDER BY 1, 2
                     """,
@@ -1058,7 +1066,7 @@ def models_dashboard() -> Dashboard:
                       a.pipeline || ' ' || a.model_version AS metric,
                       avg({DETECTOR_SCORE}) AS score
                     FROM alerts a
-                    WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN ($pipeline)
+                    WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN (${{pipeline:sqlstring}})
                     GROUP BY 1, 2
                     ORDER BY 1, 2
                     """,
@@ -1083,7 +1091,7 @@ def models_dashboard() -> Dashboard:
                   (metrics ->> 'threshold')::float8 AS threshold,
                   bundle_path
                 FROM model_versions
-                WHERE $__timeFilter(created_at) AND pipeline IN ($pipeline)
+                WHERE $__timeFilter(created_at) AND pipeline IN (${pipeline:sqlstring})
                 ORDER BY created_at DESC
                 """,
                 columns=(

@@ -2,10 +2,14 @@
 does, so a panel's query can be run outside Grafana (tests, ``anomaly dashboards check``).
 
 Covered: ``$__timeFilter(col)``, ``$__timeFrom()``, ``$__timeTo()``, ``$__timeGroup(col, iv)``,
-``$__timeGroupAlias(col, iv)``, ``$__interval``, ``$__interval_ms`` and ``$name`` / ``${name}``
-variables. As in Grafana, a multi-value or include-all variable becomes a comma-separated list of
-single-quoted strings and a single-value variable is inserted as is; variables are interpolated
-first, then macros.
+``$__timeGroupAlias(col, iv)``, ``$__interval``, ``$__interval_ms`` and ``$name`` / ``${name}`` /
+``${name:sqlstring}`` variables; variables are interpolated first, then macros. As in Grafana:
+
+- ``${name:sqlstring}`` quotes each value with single quotes, doubling the quotes inside, and joins
+  the values with commas (``a'b`` -> ``'a''b'``; ``[x, y]`` -> ``'x','y'``);
+- a bare ``$name`` of a multi-value or include-all variable (a list here) becomes the same list;
+- a bare ``$name`` of a single-value variable (a string here) is inserted as is. (Recent Grafana
+  versions double its quotes, older ones do not; neither adds any, so SQL must use sqlstring.)
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from datetime import UTC, datetime
 
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, "y": 31536000}
 _MACRO = re.compile(r"\$__(\w+)\(([^()]*)\)")
-_VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
+_VARIABLE = re.compile(r"\$\{(\w+)(?::(\w+))?\}|\$(\w+)")
 
 
 class MacroError(ValueError):
@@ -55,19 +59,23 @@ def _quote(value: str) -> str:
 
 
 def interpolate(sql: str, variables: Mapping[str, str | Sequence[str]]) -> str:
-    """Replace ``$name``/``${name}``; lists (multi-value variables) become quoted lists."""
+    """Replace ``$name``/``${name}``/``${name:sqlstring}``; a list is a multi-value variable."""
 
     def sub(m: re.Match[str]) -> str:
-        name = m.group(1) or m.group(2)
+        name, fmt = m.group(1) or m.group(3), m.group(2)
         if name.startswith("__"):
             return m.group(0)  # a macro or built-in, handled later
         if name not in variables:
             raise MacroError(f"query uses ${name}, which has no value")
         value = variables[name]
-        if isinstance(value, str):
-            return value.replace("'", "''")
-        if not value:
+        if not isinstance(value, str) and not value:
             raise MacroError(f"multi-value variable ${name} has no values")
+        if fmt == "sqlstring":
+            return ",".join(_quote(v) for v in ([value] if isinstance(value, str) else value))
+        if fmt is not None:
+            raise MacroError(f"unsupported variable format ${{{name}:{fmt}}}")
+        if isinstance(value, str):
+            return value  # unquoted, as Grafana does for a single-value variable
         return ",".join(_quote(v) for v in value)
 
     return _VARIABLE.sub(sub, sql)

@@ -2,7 +2,9 @@
 
 Only argparse is imported here; each handler imports SQLAlchemy and the store when it runs.
 The database URL comes from ``--db``, else ``--config PIPELINE.yaml`` (its ``database`` section,
-where ``ANOMALY_DATABASE_URL`` overrides the file), else ``ANOMALY_DATABASE_URL``.
+where ``ANOMALY_DATABASE_URL`` overrides the file), else ``ANOMALY_DATABASE_URL``. ``--db`` and
+``--config`` together are refused: one of them would be ignored, and a model registered in another
+database than the pipeline's ``serve`` reads is silently never used.
 """
 
 from __future__ import annotations
@@ -104,8 +106,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
 
 
 def _db_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", metavar="URL", help="database URL (default: from --config or env)")
-    p.add_argument("--config", metavar="PIPELINE.yaml", help="take the URL from a pipeline config")
+    p.add_argument(
+        "--db", metavar="URL", help="database URL (not with --config; default ANOMALY_DATABASE_URL)"
+    )
+    p.add_argument(
+        "--config",
+        metavar="PIPELINE.yaml",
+        help="use the pipeline config's database (ANOMALY_DATABASE_URL overrides its URL) and, "
+        "for models, its name; not with --db (use --db URL --pipeline NAME instead)",
+    )
 
 
 # ---------------------------------------------------------------------- helpers
@@ -116,6 +125,7 @@ def resolve_url(args: argparse.Namespace) -> Any:
     from storage.errors import DatabaseURLError
     from storage.store import config_database_url, normalize_url
 
+    _one_database(args)
     if getattr(args, "db", None):
         return normalize_url(args.db)
     if getattr(args, "config", None):
@@ -128,6 +138,17 @@ def resolve_url(args: argparse.Namespace) -> Any:
     raise DatabaseURLError(
         "no database given: pass --db URL or --config PIPELINE.yaml, or set ANOMALY_DATABASE_URL"
     )
+
+
+def _one_database(args: argparse.Namespace) -> None:
+    """Refuse ``--db`` with ``--config``: either would silently override the other's database."""
+    from storage.errors import InvalidArgumentError
+
+    if getattr(args, "db", None) and getattr(args, "config", None):
+        raise InvalidArgumentError(
+            "--db and --config both name the database: pass one (--db URL --pipeline NAME, or "
+            "--config with ANOMALY_DATABASE_URL to point the config at another database)"
+        )
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -300,8 +321,11 @@ def _models_list(args: argparse.Namespace) -> int:
 def _pipeline(args: argparse.Namespace, command: str) -> str:
     from storage.errors import InvalidArgumentError
 
+    _one_database(args)  # before the bundle is loaded
     if args.pipeline:
-        return str(args.pipeline)
+        from anomaly.config import check_pipeline_name
+
+        return check_pipeline_name(args.pipeline, "--pipeline")
     if args.config:
         from anomaly.config import load_config
 

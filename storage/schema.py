@@ -45,7 +45,7 @@ ALERT_STATUSES = ("open", "acknowledged", "resolved")
 INCIDENT_STATUSES = ("open", "resolved")
 
 # Length limits of text columns (characters). Longer values are truncated by the store.
-PIPELINE_LEN = 200
+PIPELINE_LEN = 200  # = anomaly.config.PIPELINE_NAME_MAX_LEN, the names a config accepts
 TOPIC_LEN = 255  # Kafka allows 249
 RECORD_ID_LEN = 512
 ENTITY_LEN = 512

@@ -9,13 +9,14 @@ against what was seeded.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
 from dashboards.builder import SQLTarget
 from dashboards.definitions import all_dashboards
-from dashboards.macros import TimeRange, expand
+from dashboards.macros import MacroError, TimeRange, expand, interpolate
 
 pytestmark = pytest.mark.postgres
 
@@ -317,6 +318,45 @@ def test_panel_values_match_the_seeded_rows(grafana_conn):
     # A time range with no data gives empty panels, not errors.
     empty = TimeRange(END + timedelta(days=30), END + timedelta(days=31), 60)
     assert _query(conn, "anomaly-alerts", "Latest alerts", time_range=empty) == []
+
+
+def test_sqlstring_variables_are_quoted_as_grafana_does():
+    # Grafana's sqlstring format: each value in single quotes, inner quotes doubled, commas between.
+    assert interpolate("CASE ${d:sqlstring}", {"d": "it's"}) == "CASE 'it''s'"
+    assert interpolate("IN (${p:sqlstring})", {"p": ["a", "b'c"]}) == "IN ('a','b''c')"
+    # A bare single-value variable gets no quotes from Grafana: only sqlstring is safe for text.
+    assert interpolate("CASE $d", {"d": "it's"}) == "CASE it's"
+    assert interpolate("IN ($p)", {"p": ["a", "b'c"]}) == "IN ('a','b''c')"
+    with pytest.raises(MacroError, match="unsupported variable format"):
+        interpolate("${d:csv}", {"d": "x"})
+
+
+def test_every_text_variable_in_panel_sql_is_a_sqlstring():
+    for dashboard, panel, target in _sql_targets():
+        uses = re.findall(r"\$\{?(\w+)(:\w+)?\}?", target.sql)
+        bare = [name for name, fmt in uses if not name.startswith("__") and fmt != ":sqlstring"]
+        assert not bare, f"{dashboard.uid} / {panel.title}: use ${{{bare[0]}:sqlstring}}"
+
+
+def test_a_quote_in_a_variable_cannot_break_out_of_the_string(grafana_conn):
+    conn, _ = grafana_conn
+    # Were it inserted unquoted, this would close the CASE and add a subquery of its own.
+    hostile = "x' WHEN 'x' THEN (SELECT count(*) FROM model_versions) ELSE 0 END + CASE 'x"
+    checked = 0
+    for dashboard, panel, target in _sql_targets():
+        if not re.search(r"\$\{?detector\b", target.sql):
+            continue
+        where = f"{dashboard.uid} / {panel.title}"
+        sql = expand(target.sql, RANGE, {**VARIABLES, "detector": hostile})
+        assert "'x'' WHEN ''x'' THEN" in sql, where
+        # An unknown detector is the ELSE branch: the ensemble score, as for "ensemble".
+        expected = _run(conn, expand(target.sql, RANGE, {**VARIABLES, "detector": "ensemble"}))
+        assert _run(conn, sql) == expected, where
+        checked += 1
+    assert checked == 3
+    # A pipeline value with a quote is one value that matches nothing, not a widened filter.
+    hostile_pipeline = {**VARIABLES, "pipeline": ["fraud') OR ('1'='1"]}
+    assert _query(conn, "anomaly-alerts", "Alerts", hostile_pipeline) == [(0,)]
 
 
 def test_the_grafana_role_cannot_write(grafana_conn):

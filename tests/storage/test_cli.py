@@ -91,6 +91,73 @@ def test_url_from_environment_and_from_pipeline_config(
     assert len(capsys.readouterr().out.splitlines()) == 6
 
 
+def test_db_and_config_together_are_refused(
+    sqlite_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Either would silently override the other: a model registered with --db in another database
+    than the config's would never be seen by the pipeline's serve."""
+    config_db = tmp_path / "config.db"
+    config = tmp_path / "cards.yaml"
+    config.write_text(
+        f"name: cards\nschema:\n  numeric: [amount]\ndatabase:\n  url: 'sqlite:///{config_db}'\n",
+        encoding="utf-8",
+    )
+    both = ["--db", sqlite_url, "--config", str(config)]
+    for argv in (
+        ["db", "upgrade"],
+        ["alerts", "list"],
+        ["models", "register", str(tmp_path / "bundle")],
+        ["models", "activate", "v1"],
+    ):
+        assert main([*argv, *both]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: --db and --config both name the database: pass one")
+        assert err.count("\n") == 1
+    assert not config_db.exists()
+    assert not Path(sqlite_url.removeprefix("sqlite:///")).exists()
+
+
+def test_pipeline_names_fit_the_pipeline_columns(
+    pg_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The config's name limit is the migrated columns' length: the longest accepted name is
+    stored whole (registered versions are found again, offsets are written), a longer one is a
+    one-line error before anything is written."""
+    from sqlalchemy import text
+
+    from anomaly.config import PIPELINE_NAME_MAX_LEN
+    from storage.records import OffsetRecord
+    from storage.schema import PIPELINE_LEN
+
+    assert PIPELINE_LEN == PIPELINE_NAME_MAX_LEN
+    with AlertStore(pg_url) as store:
+        store.upgrade()
+        with store.engine.connect() as conn:
+            lengths = conn.execute(
+                text(
+                    "SELECT DISTINCT character_maximum_length FROM information_schema.columns "
+                    "WHERE table_schema = current_schema() AND column_name = 'pipeline'"
+                )
+            ).scalars()
+            assert set(lengths) == {PIPELINE_NAME_MAX_LEN}
+        longest = "p" * PIPELINE_NAME_MAX_LEN
+        store.register_model_version(ModelVersionRecord(longest, "v1", "/m/v1", "0" * 64))
+        assert store.active_model_version(longest).version == "v1"
+        store.write_batch(SinkBatch(longest, offsets=[OffsetRecord(longest, "t", 0, 5)]))
+        assert store.load_offsets(longest, "t") == {0: 5}
+
+    config = tmp_path / "long.yaml"
+    config.write_text(f"name: {'p' * 201}\nschema:\n  numeric: [amount]\n", encoding="utf-8")
+    for argv in (
+        ["models", "register", str(tmp_path / "bundle"), "--config", str(config)],
+        ["models", "activate", "v1", "--db", pg_url, "--pipeline", "p" * 201],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "a pipeline name has at most 200 characters, got 201\n" in err
+        assert err.startswith("error: ") and err.count("\n") == 1
+
+
 def test_models_list_and_activate(
     store: AlertStore, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -112,7 +112,7 @@ def test_avro_config_errors_name_the_problem(fraud_schema, tmp_path):
         config_from_dict(
             {"name": "p", "schema": fraud_schema, "kafka": {"format": "avro"}}, environ={}
         )
-    with pytest.raises(ConfigError, match=r"kafka\.format must be"):
+    with pytest.raises(ConfigError, match=r"kafka\.format: expected .json. or .avro., got .xml."):
         config_from_dict(
             {"name": "p", "schema": fraud_schema, "kafka": {"format": "xml"}}, environ={}
         )

@@ -1,0 +1,162 @@
+"""Pipeline config: values checked against each field's declared type, from the file and from the
+``ANOMALY_*`` environment, with one-line errors that name the field or the variable."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from anomaly.cli import main
+from anomaly.config import config_from_dict, load_config
+from anomaly.errors import ConfigError
+
+BASE = {"name": "cards", "schema": {"numeric": ["amount"]}}
+
+
+def build(environ: dict[str, str], **sections: dict) -> object:
+    return config_from_dict({**BASE, **sections}, environ=environ)
+
+
+def test_text_fields_from_the_environment_are_taken_verbatim() -> None:
+    cfg = build(
+        {
+            "ANOMALY_KAFKA_SASL_PASSWORD": "0123",  # YAML: the octal number 83
+            "ANOMALY_KAFKA_TOPIC": "12:30",  # YAML: the sexagesimal number 750
+            "ANOMALY_KAFKA_GROUP_ID": "no",  # YAML: False
+            "ANOMALY_DATABASE_URL": "sqlite:///x.db",
+            "ANOMALY_SERVE_MODEL_DIR": "",  # empty: unset
+        }
+    )
+    assert cfg.kafka.sasl_password == "0123"
+    assert cfg.kafka.topic == "12:30"
+    assert cfg.group_id == "no"
+    assert cfg.database.url == "sqlite:///x.db"
+    assert cfg.serve.model_dir is None
+
+
+def test_numbers_booleans_lists_and_mappings_from_the_environment() -> None:
+    cfg = build(
+        {
+            "ANOMALY_KAFKA_BATCH_SIZE": "2000",
+            "ANOMALY_MODEL_TARGET_FPR": "1e-3",
+            "ANOMALY_SERVE_BF16": "yes",
+            "ANOMALY_MODEL_PROGRESS": "false",
+            "ANOMALY_SERVE_METRICS_PORT": "",
+            "ANOMALY_SCHEMA_NUMERIC": "[amount, hour]",
+            "ANOMALY_KAFKA_SETTINGS": '{"fetch.min.bytes": 1024}',
+        }
+    )
+    assert cfg.kafka.batch_size == 2000 and cfg.model.target_fpr == 0.001
+    assert cfg.serve.bf16 is True and cfg.model.progress is False
+    assert cfg.serve.metrics_port is None
+    assert cfg.schema.numeric == ["amount", "hour"]
+    assert cfg.kafka.settings == {"fetch.min.bytes": 1024}
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        (
+            {"ANOMALY_KAFKA_BATCH_SIZE": "abc"},
+            "kafka.batch_size (from ANOMALY_KAFKA_BATCH_SIZE): expected an integer, got 'abc'",
+        ),
+        ({"ANOMALY_KAFKA_BATCH_SIZE": "1.5"}, "kafka.batch_size (from "),
+        ({"ANOMALY_SERVE_METRICS_PORT": "12:30"}, "serve.metrics_port (from "),
+        ({"ANOMALY_MODEL_TARGET_FPR": "nan"}, "model.target_fpr (from "),
+        ({"ANOMALY_SERVE_BF16": "maybe"}, "expected true or false, got 'maybe'"),
+        ({"ANOMALY_KAFKA_FORMAT": "xml"}, "kafka.format (from ANOMALY_KAFKA_FORMAT): expected"),
+        ({"ANOMALY_SCHEMA_NUMERIC": "amount"}, "schema.numeric (from "),
+        ({"ANOMALY_KAFKA_SETTINGS": "{a: ["}, "ANOMALY_KAFKA_SETTINGS: not valid YAML or JSON"),
+    ],
+)
+def test_wrong_types_from_the_environment_name_field_and_variable(
+    environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        build(environ)
+    assert message in str(raised.value)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"model": {"target_fpr": "abc"}}, "model.target_fpr: expected a number, got 'abc'"),
+        ({"kafka": {"batch_size": None}}, "kafka.batch_size: expected an integer, got null"),
+        ({"serve": {"bf16": 2}}, "serve.bf16: expected true or false, got 2"),
+        ({"schema": {"numeric": ["amount", 2024]}}, "schema.numeric[1]: expected a string"),
+        ({"kafka": {"avro_schema_ids": [1, "x"]}}, "kafka.avro_schema_ids[1]: expected an int"),
+        ({"kafka": {"settings": ["a"]}}, "kafka.settings: expected a mapping, got a list"),
+        ({"schema": {"numeric": ["amount"], "missing": "drop"}}, "schema.missing: expected"),
+    ],
+)
+def test_wrong_types_in_the_file_name_the_field(sections: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        build({}, **sections)
+
+
+def test_a_secret_of_the_wrong_type_is_not_echoed(tmp_path: Path) -> None:
+    config = tmp_path / "cards.yaml"
+    config.write_text(
+        "name: cards\nschema:\n  numeric: [amount]\nkafka:\n  sasl_password: 0123\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(ConfigError) as raised:
+        load_config(config, environ={})
+    assert str(raised.value) == (
+        "kafka.sasl_password: expected a string, got a number (quote it in YAML)"
+    )
+
+
+def test_misspelled_environment_variable_is_an_error_naming_it() -> None:
+    with pytest.raises(ConfigError) as raised:
+        build({"ANOMALY_KAFKA_BATCHSIZE": "50"})
+    assert str(raised.value) == (
+        "unknown environment variable ANOMALY_KAFKA_BATCHSIZE "
+        "(did you mean ANOMALY_KAFKA_BATCH_SIZE?)"
+    )
+    with pytest.raises(ConfigError, match="unknown environment variable ANOMALY_KAFAK_TOPIC"):
+        build({"ANOMALY_KAFAK_TOPIC": "t"})
+    with pytest.raises(ConfigError, match="unknown environment variable ANOMALY_NOPE "):
+        build({"ANOMALY_NOPE": "1"})
+    # The project's variables that are not config fields, and other programs' variables.
+    build({"ANOMALY_GRAFANA_DB_PASSWORD": "x", "ANOMALY_TEST_PG": "x", "HOME": "/root"})
+
+
+def test_config_errors_reach_the_cli_as_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "cards.yaml"
+    config.write_text("name: cards\nschema:\n  numeric: [amount]\n", encoding="utf-8")
+    monkeypatch.setenv("ANOMALY_KAFKA_BATCH_SIZE", "abc")
+    argv = ["train", "--config", str(config), "--data", "x.csv", "--out", str(tmp_path / "m")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        "error: kafka.batch_size (from ANOMALY_KAFKA_BATCH_SIZE): expected an integer, got 'abc'\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("p" * 201, "name: a pipeline name has at most 200 characters, got 201"),
+        ("fraud detection", "name: a pipeline name has only letters, digits, '.', '_' and '-'"),
+        ("cards/eu", "name: a pipeline name has only letters"),
+        ("cartes-\u00e9t\u00e9", "name: a pipeline name has only letters"),
+        ("", "name: the pipeline name is required"),
+        (None, "name: the pipeline name is required"),
+        (123, "name: expected a string, got a number (quote it in YAML)"),
+    ],
+)
+def test_pipeline_name_is_checked_where_the_config_is_loaded(name: object, message: str) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        config_from_dict({**BASE, "name": name}, environ={})
+
+
+def test_pipeline_name_limits_accept_the_longest_plain_name() -> None:
+    longest = "Fraud_eu-1." + "p" * 189
+    assert config_from_dict({**BASE, "name": longest}, environ={}).name == longest
+    with pytest.raises(ConfigError, match=r"^name \(from ANOMALY_PIPELINE_NAME\): .* got 201$"):
+        config_from_dict(BASE, environ={"ANOMALY_PIPELINE_NAME": "p" * 201})
