@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -148,3 +150,33 @@ def test_user_errors_print_without_traceback(config_file, frame_problem, tmp_pat
         )
         == 2
     )
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    """The CLI's stderr, checked to be the single `error: ...` line a user error prints."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err.strip()
+
+
+def test_an_os_error_of_any_command_is_one_line(tmp_path, capsys):
+    # The dispatcher's rule, through a command that checks nothing itself: pandas' OSError for
+    # a missing directory.
+    out = tmp_path / "nodir" / "x.csv"
+    assert main(["generate", "--example", "fraud", "--rows", "50", "--out", str(out)]) == 2
+    assert "non-existent directory" in _one_line_error(capsys)
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(saved_bundle):
+    """`anomaly inspect | head -3`: the reader goes away; no traceback, no 'Exception ignored'."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anomaly.cli", "inspect", "--model", str(saved_bundle), "--full"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # long before the command has its output ready (it imports torch)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1, err
+    assert err == ""
