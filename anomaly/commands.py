@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+# Torch devices a command can score on; resolve_device says why one is unusable on this machine.
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
 
 def register(subparsers: Any) -> None:
     train = subparsers.add_parser(
@@ -32,7 +35,12 @@ def register(subparsers: Any) -> None:
     score.add_argument("--data", required=True, help="records to score: .csv or .parquet")
     score.add_argument("--out", required=True, help="output file: .csv or .parquet")
     score.add_argument("--batch-size", type=int, default=8192)
-    score.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    score.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICE_CHOICES,
+        help="where torch scores (default auto: CUDA, then MPS, then CPU)",
+    )
     score.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     score.set_defaults(handler=_score)
 

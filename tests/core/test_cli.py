@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from anomaly.cli import main
@@ -165,6 +166,21 @@ def test_an_os_error_of_any_command_is_one_line(tmp_path, capsys):
     out = tmp_path / "nodir" / "x.csv"
     assert main(["generate", "--example", "fraud", "--rows", "50", "--out", str(out)]) == 2
     assert "non-existent directory" in _one_line_error(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unusable_device_is_one_line_error(saved_bundle, frame_problem, tmp_path, capsys):
+    data = tmp_path / "rows.csv"
+    frame_problem[1].head(50).to_csv(data, index=False)
+    score = ["score", "--model", str(saved_bundle), "--data", str(data), "--out"]
+    assert main([*score, str(tmp_path / "s.csv"), "--device", "cuda"]) == 2
+    assert _one_line_error(capsys).startswith("error: device 'cuda': ")
+    # Not a device at all: argparse names the choices.
+    with pytest.raises(SystemExit) as exit_info:
+        main([*score, str(tmp_path / "s.csv"), "--device", "tpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'tpu'" in err and "'mps'" in err and "Traceback" not in err
 
 
 def test_a_reader_that_stops_early_ends_the_command_quietly(saved_bundle):
