@@ -160,6 +160,41 @@ def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
     return err.strip()
 
 
+def test_output_and_data_paths_are_one_line_errors(saved_bundle, frame_problem, tmp_path, capsys):
+    rows = frame_problem[1]
+    data = tmp_path / "rows.csv"
+    rows.to_csv(data, index=False)
+    score = ["score", "--model", str(saved_bundle)]
+    # A missing output directory is found before any scoring, and named.
+    out = tmp_path / "nodir" / "s.csv"
+    assert main([*score, "--data", str(data), "--out", str(out)]) == 2
+    assert _one_line_error(capsys) == (
+        f"error: output file {out}: directory {out.parent} does not exist"
+    )
+    # A directory where a data file belongs is called a directory, not a missing file.
+    assert main([*score, "--data", str(tmp_path), "--out", str(tmp_path / "s.csv")]) == 2
+    assert "is a directory" in _one_line_error(capsys)
+    # A missing column is every row's problem: said once, with the rows, never "(and N more)"
+    # after the field name (which read as N more missing fields).
+    no_amount = tmp_path / "no_amount.csv"
+    rows.drop(columns=["amount"]).to_csv(no_amount, index=False)
+    assert main([*score, "--data", str(no_amount), "--out", str(tmp_path / "s.csv")]) == 2
+    err = _one_line_error(capsys)
+    assert err.endswith(f"missing field(s): amount (in all {len(rows)} rows)"), err
+    # Other problems: the first row shown, with how many rows have one.
+    bad = rows.astype({"amount": object, "f1": object})
+    bad.loc[5, "amount"] = "x"
+    bad.loc[9, "f1"] = "y"
+    bad_csv = tmp_path / "bad.csv"
+    bad.to_csv(bad_csv, index=False)
+    assert main([*score, "--data", str(bad_csv), "--out", str(tmp_path / "s.csv")]) == 2
+    err = _one_line_error(capsys)
+    assert err.endswith(
+        "row 5: not_a_number: field 'amount': 'x' is not a number (first of 2 rows with problems)"
+    ), err
+    assert not (tmp_path / "s.csv").exists()
+
+
 def test_an_os_error_of_any_command_is_one_line(tmp_path, capsys):
     # The dispatcher's rule, through a command that checks nothing itself: pandas' OSError for
     # a missing directory.
