@@ -226,6 +226,24 @@ def _is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
 
 
+@contextmanager
+def _revision_errors(action: str, revision: str) -> Iterator[None]:
+    """Alembic's CommandError (an unknown or ambiguous revision, a downgrade target above the
+    current one) as an InvalidArgumentError naming the revisions there are; raised inside the
+    transaction, so nothing is migrated."""
+    from alembic.util import CommandError
+
+    try:
+        yield
+    except CommandError as exc:
+        from storage import migrate
+
+        known = ", ".join(migrate.revisions())
+        raise InvalidArgumentError(
+            f"database {action} to {revision!r}: {exc} (revisions: {known}; or head, base)"
+        ) from None
+
+
 class _LostRace(Exception):
     """A concurrent transaction inserted alert positions this batch was about to insert."""
 
@@ -377,13 +395,13 @@ class AlertStore:
 
     def upgrade(self, revision: str = "head") -> None:
         """Run the Alembic migrations up to ``revision`` (concurrent callers serialize)."""
+        from alembic import command
+
         from storage import migrate
 
-        with self._transaction("database upgrade") as conn:
+        with self._transaction("database upgrade") as conn, _revision_errors("upgrade", revision):
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(7301240591)"))
-            from alembic import command
-
             command.upgrade(migrate.alembic_config(conn), revision)
 
     def downgrade(self, revision: str) -> None:
@@ -391,7 +409,10 @@ class AlertStore:
 
         from storage import migrate
 
-        with self._transaction("database downgrade") as conn:
+        with (
+            self._transaction("database downgrade") as conn,
+            _revision_errors("downgrade", revision),
+        ):
             command.downgrade(migrate.alembic_config(conn), revision)
 
     def current_revision(self) -> str | None:

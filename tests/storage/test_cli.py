@@ -156,3 +156,21 @@ def test_models_register_verifies_and_records_a_real_bundle(
     (bundle / "vae.safetensors").write_bytes(b"tampered")
     assert main(args) == 2
     assert "bundle" in capsys.readouterr().err
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_an_unknown_revision_is_a_one_line_error(
+    store: AlertStore, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from storage.migrate import head_revision
+
+    for action in ("upgrade", "downgrade"):
+        assert main(["db", action, "--db", db_url, "--to", "bogus"]) == 2
+        err = _one_line_error(capsys)
+        assert f"database {action} to 'bogus'" in err and head_revision() in err, err
+    assert store.current_revision() == head_revision()  # nothing was migrated
