@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -54,11 +55,13 @@ from sqlalchemy.engine import URL, make_url
 
 from storage import schema as s
 from storage.errors import (
+    DatabaseAccessError,
     DatabaseURLError,
     InvalidArgumentError,
     ModelVersionConflict,
     NotFoundError,
     RetryableStorageError,
+    SchemaMissingError,
     StorageError,
 )
 from storage.records import (
@@ -188,6 +191,21 @@ def make_engine(url: str | URL) -> Engine:
     )
 
 
+def _require_sqlite_file(url: URL) -> None:
+    """SchemaMissingError if ``url`` is a SQLite file that does not exist (SQLite would create
+    it empty on the first connection, and the command then fail on the missing tables)."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return
+    from pathlib import Path
+
+    path = Path(url.database)
+    if not path.exists():
+        raise SchemaMissingError(
+            f"no database at {url.render_as_string(hide_password=True)}: {path} does not exist "
+            "(`anomaly db upgrade` creates it)"
+        )
+
+
 def _sqlite_transactions(engine: Engine, memory: bool) -> None:
     """Let SQLAlchemy, not pysqlite, issue BEGIN, so writers can take the write lock up front.
 
@@ -212,6 +230,39 @@ def _sqlite_transactions(engine: Engine, memory: bool) -> None:
     def _begin(conn: Connection) -> None:
         immediate = conn.get_execution_options().get("sqlite_immediate", False)
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+# What the server or SQLite says when a table is missing: the schema was never migrated (or is
+# older than this code). SQLite reports it as an OperationalError, which would read as "retry".
+_NO_SUCH_TABLE = re.compile(r'no such table: ([\w.]+)|relation "([\w.]+)" does not exist')
+# Connection refusals that retrying cannot fix (PostgreSQL gives no SQLSTATE for them, only the
+# server's message). Without these, a typo in the URL's role or database read as "unreachable".
+_NO_SUCH_ROLE = re.compile(r'FATAL:\s+role "([^"]*)" does not exist')
+_NO_SUCH_DATABASE = re.compile(r'FATAL:\s+database "([^"]*)" does not exist')
+
+
+def _not_retryable(orig: BaseException, what: str, where: str) -> StorageError | None:
+    """The error for a failure that retrying cannot fix, whatever its driver class, or None."""
+    reason = " ".join(str(orig).split())
+    # PostgreSQL's undefined_table SQLSTATE; SQLite has only its message.
+    no_table = getattr(orig, "sqlstate", None) == "42P01" or reason.startswith("no such table")
+    if no_table and (match := _NO_SUCH_TABLE.search(reason)):
+        table = match.group(1) or match.group(2)
+        return SchemaMissingError(
+            f"{what} on {where} failed: the database has no {table} table (not migrated, or "
+            "migrated by an older version): run `anomaly db upgrade` first"
+        )
+    if match := _NO_SUCH_ROLE.search(reason):
+        return DatabaseAccessError(
+            f"{what} on {where} failed: no such role {match.group(1)!r} on the server "
+            "(the user in the database URL)"
+        )
+    if match := _NO_SUCH_DATABASE.search(reason):
+        return DatabaseAccessError(
+            f"{what} on {where} failed: no such database {match.group(1)!r} on the server "
+            "(create it, or fix the database name in the URL)"
+        )
+    return None
 
 
 def _is_retryable(exc: BaseException) -> bool:
@@ -284,6 +335,10 @@ class AlertStore:
         stored, see ``_copy_alerts``), ``"executemany"`` (SQLAlchemy Core multi-row VALUES with
         ON CONFLICT DO NOTHING) or ``"auto"`` (COPY, the faster in bench/storage.py). SQLite
         always uses executemany.
+    create:
+        False: a SQLite file that does not exist raises ``SchemaMissingError`` here instead of
+        being created empty by the first connection (for commands that use an existing
+        database; only a migration should create one).
     """
 
     def __init__(
@@ -292,12 +347,15 @@ class AlertStore:
         incident_window_s: float = 600.0,
         *,
         alert_insert: AlertInsert = "auto",
+        create: bool = True,
     ) -> None:
         if incident_window_s < 0:
             raise ValueError(f"incident_window_s must be >= 0, got {incident_window_s}")
         if alert_insert not in ("auto", "copy", "executemany"):
             raise ValueError(f"alert_insert must be auto, copy or executemany: {alert_insert!r}")
         self.url = normalize_url(url)
+        if not create:
+            _require_sqlite_file(self.url)
         self.incident_window = timedelta(seconds=incident_window_s)
         self.engine = make_engine(self.url)
         self.dialect = self.engine.dialect.name
@@ -377,6 +435,9 @@ class AlertStore:
         orig = getattr(exc, "orig", None) or exc
         reason = " ".join(str(orig).split()) or type(orig).__name__
         where = self.url.render_as_string(hide_password=True)
+        unfixable = _not_retryable(orig, what, where)
+        if unfixable is not None:
+            return unfixable
         if _is_retryable(exc) and committing:
             return RetryableStorageError(
                 f"{what} on {where} failed while committing ({type(orig).__name__}: {reason}): "
