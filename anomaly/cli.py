@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -50,6 +51,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_error_message(exc: BaseException) -> str | None:
+    """The one-line message for an error the user can act on, or None for a bug (traceback).
+
+    Errors of our own code meant for the user subclass UserFacingError. An OSError comes from
+    the user's environment (a missing output directory, no permission, a full disk): its message
+    names the file and the reason, which is all the user needs.
+    """
+    if isinstance(exc, UserFacingError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        if exc.filename is not None and exc.strerror:
+            return f"{exc.filename}: {exc.strerror}"
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def _silence_stdout() -> None:
+    """After the reader of stdout went away (``anomaly inspect | head -3``): point stdout at
+    /dev/null, so the interpreter's final flush of what is still buffered fails no more (the
+    way Python's docs on SIGPIPE recommend for command-line tools)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # stdout is not a file descriptor (tests capture it): nothing is left to flush
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -64,16 +92,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         result = handler(args)
+        # Inside the try: output still buffered when the reader has gone must fail here, where
+        # it is handled, not at interpreter exit.
+        sys.stdout.flush()
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader stopped reading (`| head`): that is not an error worth a message. Exit 1,
+        # as Python itself does on EPIPE.
+        _silence_stdout()
+        return 1
     except Exception as exc:
-        # Errors meant for the user (bad config, bad data, tampered bundle) carry a clear message
-        # and subclass UserFacingError. Anything else is a bug: show the trace.
-        if isinstance(exc, UserFacingError):
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        raise
+        # Errors meant for the user (bad config, bad data, tampered bundle, a missing directory)
+        # get one line; anything else is a bug: show the trace.
+        message = user_error_message(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     return int(result or 0)
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+# Torch devices a command can score on; resolve_device says why one is unusable on this machine.
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
 
 def register(subparsers: Any) -> None:
     train = subparsers.add_parser(
@@ -32,7 +35,12 @@ def register(subparsers: Any) -> None:
     score.add_argument("--data", required=True, help="records to score: .csv or .parquet")
     score.add_argument("--out", required=True, help="output file: .csv or .parquet")
     score.add_argument("--batch-size", type=int, default=8192)
-    score.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    score.add_argument(
+        "--device",
+        default="auto",
+        choices=DEVICE_CHOICES,
+        help="where torch scores (default auto: CUDA, then MPS, then CPU)",
+    )
     score.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     score.set_defaults(handler=_score)
 
@@ -56,6 +64,8 @@ def read_table(path: str) -> Any:
     from anomaly.errors import DataError
 
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"data file {p} is a directory: pass a .csv or .parquet file")
     if not p.is_file():
         raise DataError(f"data file {p} does not exist")
     suffix = p.suffix.lower()
@@ -75,6 +85,39 @@ def read_table(path: str) -> Any:
     if len(frame) == 0:
         raise DataError(f"data file {p} has no records")
     return frame
+
+
+def check_output_file(path: str) -> None:
+    """Raise DataError now if ``path`` cannot be written as a .csv or .parquet output file, so
+    the command fails before the work rather than after it (scoring takes minutes)."""
+    from pathlib import Path
+
+    from anomaly.errors import DataError
+
+    p = Path(path)
+    if p.suffix.lower() not in (".csv", ".parquet"):
+        raise DataError(f"output file {p}: use .csv or .parquet")
+    if p.is_dir():
+        raise DataError(f"output file {p} is a directory")
+    parent = p.parent
+    if not parent.is_dir():
+        state = "is not a directory" if parent.exists() else "does not exist"
+        raise DataError(f"output file {p}: directory {parent} {state}")
+
+
+def problems_message(problems: list[tuple[int, str, str]], n_rows: int) -> str:
+    """One line for ``Preprocessor.validate_frame``'s per-row problems.
+
+    A missing column is reported once per row; saying "(and 2999 more)" after the field's name
+    read as 2999 more missing fields, so it is said once with the number of rows. Otherwise the
+    first problem row is shown with how many rows have one.
+    """
+    row, kind, message = problems[0]
+    if kind == "missing_column":
+        return f"{message} (in all {n_rows} rows)"
+    rows = len({p[0] for p in problems})
+    more = f" (first of {rows} rows with problems)" if rows > 1 else ""
+    return f"row {row}: {kind}: {message}{more}"
 
 
 def write_table(frame: Any, path: str) -> None:
@@ -118,15 +161,12 @@ def _score(args: argparse.Namespace) -> int:
     from anomaly.model import AnomalyModel
     from anomaly.scorer import BatchScorer
 
-    if not args.out.lower().endswith((".csv", ".parquet")):
-        raise DataError(f"output file {args.out}: use .csv or .parquet")
+    check_output_file(args.out)
     model = AnomalyModel.load(args.model)
     frame = read_table(args.data)
     problems = model.preprocessor_.validate_frame(frame)
     if problems:
-        row, kind, message = problems[0]
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise DataError(f"row {row}: {kind}: {message}{more}")
+        raise DataError(f"data file {args.data}: {problems_message(problems, len(frame))}")
     scorer = BatchScorer(
         model, device=args.device, batch_size=args.batch_size, threads=args.threads
     )

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from anomaly.calibration import Calibrator
+from anomaly.knot_lookup import segment_slopes
 from anomaly.preprocess import Preprocessor
 
 
@@ -69,8 +70,9 @@ class DevicePreprocessor:
                 quantile[i] = True
                 knots[i, : len(kn)] = kn
                 normal[i, : len(nv)] = nv
-                # The slope of each segment as KnotLookup computes it (same expression).
-                slope[i, : len(kn)] = np.append(np.diff(nv) / np.diff(kn), 0.0)
+                # The slope of each segment as KnotLookup computes it (the same function: a
+                # segment too narrow for a finite slope gets 0, never inf).
+                slope[i, : len(kn)] = segment_slopes(kn, nv)
                 ends[i] = (kn[0], kn[-1], nv[0], nv[-1])
                 max_segment[i] = len(kn) - 2
         as_t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731

@@ -21,3 +21,7 @@ class BundleError(UserFacingError, ValueError):
 
 class NotFittedError(UserFacingError, RuntimeError):
     """A model used before ``fit``."""
+
+
+class DeviceError(UserFacingError, ValueError):
+    """A torch device that is not a device name, or that this torch build or machine lacks."""

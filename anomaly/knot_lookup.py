@@ -69,9 +69,15 @@ class SortedSearch:
         per_unit = size / span
         edges = v[0] + np.arange(size + 1) / per_unit
         pos = np.searchsorted(v, edges, side=self.side)
+        # Where a cell's counting starts. On the raw values an entry equal to the cell's lower edge
+        # is at or below every value in the cell, so side="right" may start past it. After asinh,
+        # distinct values can round to one point (0, 5e-324 and 1e-323 all map to asinh(-c/s)):
+        # an entry equal to the edge there may still be above a value in the cell, so counting
+        # starts before every such entry.
+        low = pos if not asinh or self.side == "left" else np.searchsorted(v, edges, side="left")
         # One entry of slack on each side: a value's cell is computed in floating point and may
         # land one cell off at a boundary; the raw-space comparisons then still count right.
-        start = np.clip(pos[:-1] - 1, 0, len(v))
+        start = np.clip(low[:-1] - 1, 0, len(v))
         stop = np.clip(pos[1:] + 1, 0, len(v))
         window = int(np.max(stop - start))
         return float(v[0]), float(per_unit), start.astype(np.int32), window
@@ -115,9 +121,32 @@ class SortedSearch:
         return pos
 
 
+def segment_slopes(knots: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """The slope of each knot segment, then 0 for the last knot: what ``KnotLookup`` (and the
+    torch mirror in ``anomaly.device_scoring``) multiplies the offset from the segment's left
+    knot by.
+
+    A segment narrower than about 1e-300 (knots of subnormal values, e.g. ``[0, 5e-324]``) or of
+    zero width makes the division overflow to inf (or give NaN for 0/0); ``0 * inf`` at its left
+    knot is then NaN, and a NaN scores as the most anomalous row. Such a segment gets slope 0
+    instead: the lookup holds the left knot's value up to the next knot, where it takes that
+    knot's value. That stays finite and increasing, equals ``np.interp`` at every knot, and moves
+    nothing else (only a value strictly inside a segment that narrow, where ``np.interp`` itself
+    gives inf, gets a different answer).
+    """
+    knots = np.asarray(knots, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        slope = np.diff(values) / np.diff(knots)
+    slope[~np.isfinite(slope)] = 0.0
+    return np.append(slope, 0.0)
+
+
 class KnotLookup:
     """``lookup(x)`` == ``np.interp(x, knots, values)`` for strictly increasing ``knots``
-    (outside the knots' range the end values, as ``np.interp``; NaN stays NaN)."""
+    (outside the knots' range the end values, as ``np.interp``; NaN stays NaN), except inside a
+    segment too narrow for its slope to be finite, where it is the left knot's value (see
+    ``segment_slopes``): finite where ``np.interp`` gives inf."""
 
     def __init__(self, knots: np.ndarray, values: np.ndarray, center: float, scale: float):
         self.knots = np.asarray(knots, dtype=np.float64)
@@ -125,7 +154,11 @@ class KnotLookup:
         if self.knots.ndim != 1 or len(self.knots) != len(self.values) or len(self.knots) < 2:
             raise ValueError("need at least two knots and one value per knot")
         self._search = SortedSearch(self.knots, "right", center, scale)
-        self._slope = np.append(np.diff(self.values) / np.diff(self.knots), 0.0)
+        self._slope = segment_slopes(self.knots, self.values)
+        # Segments whose slope overflowed (set to 0 above); np.interp, used where no grid helps,
+        # gives inf strictly inside them, so its answer there is replaced (see _interp).
+        self._steps = np.flatnonzero(self._slope[:-1] == 0.0)
+        self._steps = self._steps[self.values[self._steps + 1] != self.values[self._steps]]
 
     @property
     def use_grid(self) -> bool:
@@ -134,12 +167,22 @@ class KnotLookup:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
         if not self.use_grid:
-            return np.interp(x, self.knots, self.values)
+            return self._interp(x)
         inside = np.clip(x, self.knots[0], self.knots[-1])
         j = self._search(inside)
         j -= 1  # last knot at or below the value
         np.clip(j, 0, len(self.knots) - 2, out=j)
         return self.values.take(j) + (inside - self.knots.take(j)) * self._slope.take(j)
+
+    def _interp(self, x: np.ndarray) -> np.ndarray:
+        """``np.interp``, with a value strictly inside a segment too narrow for a finite slope
+        given the segment's left value, as the grid path gives it (``segment_slopes``)."""
+        out = np.interp(x, self.knots, self.values)
+        if len(self._steps):
+            j = np.searchsorted(self.knots, x, side="right") - 1
+            inside_step = np.isin(j, self._steps)
+            out[inside_step] = self.values[j[inside_step]]
+        return out
 
 
 @contextmanager
@@ -239,7 +282,7 @@ class KnotLookupBlock:
                 zt[self._grid_cols] = self._grid_lookup(xt[self._grid_cols])
         for i in self._interp_cols:
             lk = self.lookups[i]
-            zt[i] = np.interp(xt[i], lk.knots, lk.values)
+            zt[i] = lk._interp(xt[i])
         return zt.T
 
     def _grid_lookup(self, xt: np.ndarray) -> np.ndarray:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 
+from anomaly.commands import DEVICE_CHOICES
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -41,7 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=10,
         help="explain this many highest-scoring rows (default 10; 0 to skip)",
     )
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
+    p.add_argument(
+        "--device", default="auto", choices=DEVICE_CHOICES, help="where torch scores (default auto)"
+    )
     p.set_defaults(handler=_evaluate)
 
 

@@ -151,10 +151,12 @@ def _one_database(args: argparse.Namespace) -> None:
         )
 
 
-def _store(args: argparse.Namespace) -> Any:
+def _store(args: argparse.Namespace, create: bool = False) -> Any:
+    """The store at the URL the arguments give. Only ``db upgrade`` may create a SQLite file:
+    any other command on a file that is not there says to run it, and creates nothing."""
     from storage.store import AlertStore
 
-    return AlertStore(resolve_url(args))
+    return AlertStore(resolve_url(args), create=create)
 
 
 def parse_age(value: str, what: str = "--older-than") -> Any:
@@ -198,7 +200,7 @@ def _quiet_alembic(args: argparse.Namespace) -> None:
 
 def _db_upgrade(args: argparse.Namespace) -> int:
     _quiet_alembic(args)
-    with _store(args) as store:
+    with _store(args, create=True) as store:
         store.upgrade(args.to)
         _print(f"database {store.url.render_as_string()} at revision {store.current_revision()}")
     return 0

@@ -30,3 +30,14 @@ class DatabaseURLError(StorageError, UserFacingError, ValueError):
 
 class InvalidArgumentError(StorageError, UserFacingError, ValueError):
     """An argument the store cannot use (a role name, a duration, ...); the message says which."""
+
+
+class SchemaMissingError(StorageError, UserFacingError):
+    """The database lacks the tables (never migrated, or older than this code), or, for a SQLite
+    file a command would otherwise create empty, does not exist: ``anomaly db upgrade`` fixes it.
+    Retrying does not, so this is not a RetryableStorageError."""
+
+
+class DatabaseAccessError(StorageError, UserFacingError):
+    """The server refused the connection for a reason that retrying will not fix: the role or
+    the database named in the URL does not exist. The message says which."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -54,11 +55,13 @@ from sqlalchemy.engine import URL, make_url
 
 from storage import schema as s
 from storage.errors import (
+    DatabaseAccessError,
     DatabaseURLError,
     InvalidArgumentError,
     ModelVersionConflict,
     NotFoundError,
     RetryableStorageError,
+    SchemaMissingError,
     StorageError,
 )
 from storage.records import (
@@ -188,6 +191,21 @@ def make_engine(url: str | URL) -> Engine:
     )
 
 
+def _require_sqlite_file(url: URL) -> None:
+    """SchemaMissingError if ``url`` is a SQLite file that does not exist (SQLite would create
+    it empty on the first connection, and the command then fail on the missing tables)."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return
+    from pathlib import Path
+
+    path = Path(url.database)
+    if not path.exists():
+        raise SchemaMissingError(
+            f"no database at {url.render_as_string(hide_password=True)}: {path} does not exist "
+            "(`anomaly db upgrade` creates it)"
+        )
+
+
 def _sqlite_transactions(engine: Engine, memory: bool) -> None:
     """Let SQLAlchemy, not pysqlite, issue BEGIN, so writers can take the write lock up front.
 
@@ -214,6 +232,39 @@ def _sqlite_transactions(engine: Engine, memory: bool) -> None:
         conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
+# What the server or SQLite says when a table is missing: the schema was never migrated (or is
+# older than this code). SQLite reports it as an OperationalError, which would read as "retry".
+_NO_SUCH_TABLE = re.compile(r'no such table: ([\w.]+)|relation "([\w.]+)" does not exist')
+# Connection refusals that retrying cannot fix (PostgreSQL gives no SQLSTATE for them, only the
+# server's message). Without these, a typo in the URL's role or database read as "unreachable".
+_NO_SUCH_ROLE = re.compile(r'FATAL:\s+role "([^"]*)" does not exist')
+_NO_SUCH_DATABASE = re.compile(r'FATAL:\s+database "([^"]*)" does not exist')
+
+
+def _not_retryable(orig: BaseException, what: str, where: str) -> StorageError | None:
+    """The error for a failure that retrying cannot fix, whatever its driver class, or None."""
+    reason = " ".join(str(orig).split())
+    # PostgreSQL's undefined_table SQLSTATE; SQLite has only its message.
+    no_table = getattr(orig, "sqlstate", None) == "42P01" or reason.startswith("no such table")
+    if no_table and (match := _NO_SUCH_TABLE.search(reason)):
+        table = match.group(1) or match.group(2)
+        return SchemaMissingError(
+            f"{what} on {where} failed: the database has no {table} table (not migrated, or "
+            "migrated by an older version): run `anomaly db upgrade` first"
+        )
+    if match := _NO_SUCH_ROLE.search(reason):
+        return DatabaseAccessError(
+            f"{what} on {where} failed: no such role {match.group(1)!r} on the server "
+            "(the user in the database URL)"
+        )
+    if match := _NO_SUCH_DATABASE.search(reason):
+        return DatabaseAccessError(
+            f"{what} on {where} failed: no such database {match.group(1)!r} on the server "
+            "(create it, or fix the database name in the URL)"
+        )
+    return None
+
+
 def _is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, sa_exc.DBAPIError):
         if exc.connection_invalidated:
@@ -224,6 +275,24 @@ def _is_retryable(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - SQLite-only install
         return False
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+@contextmanager
+def _revision_errors(action: str, revision: str) -> Iterator[None]:
+    """Alembic's CommandError (an unknown or ambiguous revision, a downgrade target above the
+    current one) as an InvalidArgumentError naming the revisions there are; raised inside the
+    transaction, so nothing is migrated."""
+    from alembic.util import CommandError
+
+    try:
+        yield
+    except CommandError as exc:
+        from storage import migrate
+
+        known = ", ".join(migrate.revisions())
+        raise InvalidArgumentError(
+            f"database {action} to {revision!r}: {exc} (revisions: {known}; or head, base)"
+        ) from None
 
 
 class _LostRace(Exception):
@@ -266,6 +335,10 @@ class AlertStore:
         stored, see ``_copy_alerts``), ``"executemany"`` (SQLAlchemy Core multi-row VALUES with
         ON CONFLICT DO NOTHING) or ``"auto"`` (COPY, the faster in bench/storage.py). SQLite
         always uses executemany.
+    create:
+        False: a SQLite file that does not exist raises ``SchemaMissingError`` here instead of
+        being created empty by the first connection (for commands that use an existing
+        database; only a migration should create one).
     """
 
     def __init__(
@@ -274,12 +347,15 @@ class AlertStore:
         incident_window_s: float = 600.0,
         *,
         alert_insert: AlertInsert = "auto",
+        create: bool = True,
     ) -> None:
         if incident_window_s < 0:
             raise ValueError(f"incident_window_s must be >= 0, got {incident_window_s}")
         if alert_insert not in ("auto", "copy", "executemany"):
             raise ValueError(f"alert_insert must be auto, copy or executemany: {alert_insert!r}")
         self.url = normalize_url(url)
+        if not create:
+            _require_sqlite_file(self.url)
         self.incident_window = timedelta(seconds=incident_window_s)
         self.engine = make_engine(self.url)
         self.dialect = self.engine.dialect.name
@@ -359,6 +435,9 @@ class AlertStore:
         orig = getattr(exc, "orig", None) or exc
         reason = " ".join(str(orig).split()) or type(orig).__name__
         where = self.url.render_as_string(hide_password=True)
+        unfixable = _not_retryable(orig, what, where)
+        if unfixable is not None:
+            return unfixable
         if _is_retryable(exc) and committing:
             return RetryableStorageError(
                 f"{what} on {where} failed while committing ({type(orig).__name__}: {reason}): "
@@ -377,13 +456,13 @@ class AlertStore:
 
     def upgrade(self, revision: str = "head") -> None:
         """Run the Alembic migrations up to ``revision`` (concurrent callers serialize)."""
+        from alembic import command
+
         from storage import migrate
 
-        with self._transaction("database upgrade") as conn:
+        with self._transaction("database upgrade") as conn, _revision_errors("upgrade", revision):
             if self.dialect == "postgresql":
                 conn.execute(text("SELECT pg_advisory_xact_lock(7301240591)"))
-            from alembic import command
-
             command.upgrade(migrate.alembic_config(conn), revision)
 
     def downgrade(self, revision: str) -> None:
@@ -391,7 +470,10 @@ class AlertStore:
 
         from storage import migrate
 
-        with self._transaction("database downgrade") as conn:
+        with (
+            self._transaction("database downgrade") as conn,
+            _revision_errors("downgrade", revision),
+        ):
             command.downgrade(migrate.alembic_config(conn), revision)
 
     def current_revision(self) -> str | None:

@@ -23,22 +23,40 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from anomaly.errors import DataError, NotFittedError
+from anomaly.errors import DataError, DeviceError, NotFittedError
 
 # Scores are capped here: finite, far beyond anything a calibration set produces.
 SCORE_CAP = 1e30
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU."""
+    """``auto`` picks CUDA, then MPS, then CPU. A device that cannot be used here raises
+    ``DeviceError`` now, with the reason, rather than an AssertionError from deep inside torch
+    at the first tensor moved there."""
+    mps = getattr(torch.backends, "mps", None)
+    mps_available = mps is not None and mps.is_available()
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
+        return torch.device("mps" if mps_available else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"device {device!r}: use auto, cpu, cuda (or cuda:N) or mps") from None
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise DeviceError(
+                f"device {device!r}: this torch ({torch.__version__}) is built without CUDA; "
+                "use --device cpu or install a CUDA build of torch"
+            )
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeviceError(f"device {device!r}: no CUDA GPU is visible to torch")
+        if dev.index is not None and dev.index >= count:
+            raise DeviceError(f"device {device!r}: torch sees {count} CUDA GPU(s), 0-{count - 1}")
+    elif dev.type == "mps" and not mps_available:
+        raise DeviceError(f"device {device!r}: MPS (Apple GPU) is not available here")
+    return dev
 
 
 @contextlib.contextmanager

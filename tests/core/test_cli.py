@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from anomaly.cli import main
@@ -148,3 +151,83 @@ def test_user_errors_print_without_traceback(config_file, frame_problem, tmp_pat
         )
         == 2
     )
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    """The CLI's stderr, checked to be the single `error: ...` line a user error prints."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err.strip()
+
+
+def test_output_and_data_paths_are_one_line_errors(saved_bundle, frame_problem, tmp_path, capsys):
+    rows = frame_problem[1]
+    data = tmp_path / "rows.csv"
+    rows.to_csv(data, index=False)
+    score = ["score", "--model", str(saved_bundle)]
+    # A missing output directory is found before any scoring, and named.
+    out = tmp_path / "nodir" / "s.csv"
+    assert main([*score, "--data", str(data), "--out", str(out)]) == 2
+    assert _one_line_error(capsys) == (
+        f"error: output file {out}: directory {out.parent} does not exist"
+    )
+    # A directory where a data file belongs is called a directory, not a missing file.
+    assert main([*score, "--data", str(tmp_path), "--out", str(tmp_path / "s.csv")]) == 2
+    assert "is a directory" in _one_line_error(capsys)
+    # A missing column is every row's problem: said once, with the rows, never "(and N more)"
+    # after the field name (which read as N more missing fields).
+    no_amount = tmp_path / "no_amount.csv"
+    rows.drop(columns=["amount"]).to_csv(no_amount, index=False)
+    assert main([*score, "--data", str(no_amount), "--out", str(tmp_path / "s.csv")]) == 2
+    err = _one_line_error(capsys)
+    assert err.endswith(f"missing field(s): amount (in all {len(rows)} rows)"), err
+    # Other problems: the first row shown, with how many rows have one.
+    bad = rows.astype({"amount": object, "f1": object})
+    bad.loc[5, "amount"] = "x"
+    bad.loc[9, "f1"] = "y"
+    bad_csv = tmp_path / "bad.csv"
+    bad.to_csv(bad_csv, index=False)
+    assert main([*score, "--data", str(bad_csv), "--out", str(tmp_path / "s.csv")]) == 2
+    err = _one_line_error(capsys)
+    assert err.endswith(
+        "row 5: not_a_number: field 'amount': 'x' is not a number (first of 2 rows with problems)"
+    ), err
+    assert not (tmp_path / "s.csv").exists()
+
+
+def test_an_os_error_of_any_command_is_one_line(tmp_path, capsys):
+    # The dispatcher's rule, through a command that checks nothing itself: pandas' OSError for
+    # a missing directory.
+    out = tmp_path / "nodir" / "x.csv"
+    assert main(["generate", "--example", "fraud", "--rows", "50", "--out", str(out)]) == 2
+    assert "non-existent directory" in _one_line_error(capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_an_unusable_device_is_one_line_error(saved_bundle, frame_problem, tmp_path, capsys):
+    data = tmp_path / "rows.csv"
+    frame_problem[1].head(50).to_csv(data, index=False)
+    score = ["score", "--model", str(saved_bundle), "--data", str(data), "--out"]
+    assert main([*score, str(tmp_path / "s.csv"), "--device", "cuda"]) == 2
+    assert _one_line_error(capsys).startswith("error: device 'cuda': ")
+    # Not a device at all: argparse names the choices.
+    with pytest.raises(SystemExit) as exit_info:
+        main([*score, str(tmp_path / "s.csv"), "--device", "tpu"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'tpu'" in err and "'mps'" in err and "Traceback" not in err
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(saved_bundle):
+    """`anomaly inspect | head -3`: the reader goes away; no traceback, no 'Exception ignored'."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anomaly.cli", "inspect", "--model", str(saved_bundle), "--full"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # long before the command has its output ready (it imports torch)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 1, err
+    assert err == ""

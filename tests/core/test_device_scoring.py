@@ -122,3 +122,24 @@ def test_device_preprocessing_on_cuda_matches_the_host(frame_problem):
     )
     # Searches and interpolation are exact; only log1p in the tails may round differently.
     np.testing.assert_allclose(got.cpu().numpy(), pre.transform(rows), rtol=1e-6, atol=1e-6)
+
+
+def test_device_preprocessing_of_subnormal_knots_is_finite_and_equals_the_host(frame_problem):
+    """Knots closer than ~1e-300 overflow the segment slope; both paths must give the same
+    finite values (see anomaly.knot_lookup.segment_slopes)."""
+    train, normal, _ = frame_problem
+    train = train.copy()
+    tiny = np.array([0.0, 5e-324, 1e-323, 1e-310])
+    train["f3"] = np.r_[np.repeat(tiny, 100), np.linspace(0.1, 1.0, len(train) - 400)]
+    pre = Preprocessor(schema=SCHEMA, numeric_transform="quantile", n_quantiles=200).fit(train)
+    knots = np.asarray(pre.numeric_params_["f3"].knots)
+    assert set(tiny) <= set(knots)
+    rows = normal.copy()
+    probes = np.r_[knots, np.nextafter(knots, np.inf), [5e-311]][: len(rows)]
+    rows["f3"] = np.resize(probes, len(rows))
+    values, codes = host_inputs(pre, rows)
+    device = DevicePreprocessor(pre, torch.device("cpu"))
+    got = device.transform(torch.from_numpy(values), [torch.from_numpy(c) for c in codes])
+    host = pre.transform(rows)
+    assert np.isfinite(host).all()
+    np.testing.assert_array_equal(got.numpy(), host)

@@ -157,3 +157,64 @@ def test_block_of_columns_without_a_grid_is_np_interp() -> None:
     got = KnotLookupBlock([lookup, lookup])(np.stack([x, x[::-1]], axis=1))
     np.testing.assert_array_equal(got[:, 0], np.interp(x, wild, values), strict=True)
     np.testing.assert_array_equal(got[:, 1], np.interp(x[::-1], wild, values), strict=True)
+
+
+# Knots closer together than ~1e-300: the segment slopes overflow to inf (0 * inf at the left knot
+# was NaN, and a NaN scores as the most anomalous row). One set the grid serves, one it cannot
+# (spread over 600 decades).
+TINY_SEGMENT_KNOTS = {
+    "subnormal_grid": np.array([0.0, 5e-324, 1e-323, 1e-310, 1e-310 + 1e-316, 0.5, 1.0]),
+    "subnormal_no_grid": np.concatenate(
+        [[0.0, 5e-324, 1e-323, 1e-310, 1e-310 + 1e-316], 10.0 ** np.linspace(-300, 300, 999)]
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TINY_SEGMENT_KNOTS))
+def test_knots_closer_than_1e_300_give_finite_increasing_values(name: str) -> None:
+    knots = TINY_SEGMENT_KNOTS[name]
+    values = np.linspace(-3.0, 3.0, len(knots))
+    lookup = KnotLookup(knots, values, center=0.5, scale=1.0)
+    assert lookup.use_grid == (name == "subnormal_grid")
+    x = np.sort(
+        np.concatenate(
+            [
+                knots,
+                np.nextafter(knots, np.inf),
+                np.nextafter(knots, -np.inf),
+                (knots[1:] + knots[:-1]) / 2,
+                [knots[0] - 1.0, knots[-1] + 1.0, -np.inf, np.inf],
+            ]
+        )
+    )
+    got = lookup(x)
+    assert np.isfinite(got).all()
+    assert (np.diff(got) >= 0).all()  # monotone, as the quantile transform must be
+    # np.interp's answer at every knot and outside the knots ...
+    np.testing.assert_array_equal(lookup(knots), values, strict=True)
+    np.testing.assert_array_equal(lookup(np.array([-np.inf, np.inf])), values[[0, -1]])
+    # ... and wherever np.interp is finite (it gives inf strictly inside a segment whose slope
+    # overflows; there the lookup holds the left knot's value).
+    with np.errstate(over="ignore", invalid="ignore"):
+        expected = np.interp(x, knots, values)
+    finite = np.isfinite(expected)
+    assert not finite.all()  # the probes do reach inside such a segment
+    np.testing.assert_allclose(got[finite], expected[finite], rtol=1e-12, atol=1e-12)
+    # The block gives each column's answer.
+    block = KnotLookupBlock([lookup, lookup])(np.stack([x, x[::-1]], axis=1))
+    np.testing.assert_array_equal(block[:, 0], got, strict=True)
+    np.testing.assert_array_equal(block[:, 1], got[::-1], strict=True)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_sorted_search_of_values_that_asinh_rounds_together(side: str) -> None:
+    # 0, 5e-324 and 1e-323 are distinct, but asinh((x - median) / 1) gives one number for all
+    # three; the heavy tail makes the grid on that domain the one chosen, and it must still count
+    # them apart.
+    rng = np.random.default_rng(0)
+    amounts = np.exp(1.5 * rng.normal(size=50_000) + 2.0)
+    values = np.r_[[0.0, 5e-324, 1e-323], _knots_from(amounts)[0]]
+    search = SortedSearch(values, side, center=float(np.median(amounts)), scale=1.0)
+    assert search.use_grid and search.asinh
+    x = np.concatenate([values, np.nextafter(values, np.inf), np.nextafter(values, -np.inf)])
+    np.testing.assert_array_equal(search(x), np.searchsorted(values, x, side=side))

@@ -47,6 +47,11 @@ def test_short_demo_runs_end_to_end(tmp_path, capsys):
                 ).group_by(s.stream_stats.c.pipeline)
             ).all()
         )
+        incidents = dict(
+            conn.execute(
+                select(s.incidents.c.pipeline, func.count()).group_by(s.incidents.c.pipeline)
+            ).all()
+        )
     engine.dispose()
     assert set(active) == {"fraud", "manufacturing"}
     # Every replayed record was scored exactly once.
@@ -55,9 +60,10 @@ def test_short_demo_runs_end_to_end(tmp_path, capsys):
     for line in text.splitlines():
         parts = line.split()
         if parts and parts[0] in ("fraud", "manufacturing") and len(parts) >= 8:
-            name, records, n_scored, n_alerts = parts[0], *map(int, parts[1:4])
+            name, records, n_scored, n_alerts, n_incidents = parts[0], *map(int, parts[1:5])
             assert (records, n_scored) == (1500, 1500)
             assert n_alerts == alerts.get(name, 0)
+            assert n_incidents == incidents.get(name, 0)
     # Manufacturing anomalies are learnable even from the short run: most are found.
     mfg = next(line for line in text.splitlines() if line.startswith("manufacturing "))
     recall = float(mfg.split()[6].rstrip("%"))

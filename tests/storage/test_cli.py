@@ -223,3 +223,90 @@ def test_models_register_verifies_and_records_a_real_bundle(
     (bundle / "vae.safetensors").write_bytes(b"tampered")
     assert main(args) == 2
     assert "bundle" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import numpy as np
+
+    from anomaly.model import AnomalyModel
+
+    model = AnomalyModel(
+        target_fpr=0.05, seed=0, device="cpu", detectors=["vae"], max_epochs=1, min_steps=0
+    )
+    model.fit(np.random.default_rng(0).normal(size=(300, 3)).astype("float32"))
+    bundle = tmp_path_factory.mktemp("tiny") / "bundle"
+    model.save(bundle)
+    return bundle
+
+
+def _commands_on(url: str, bundle: Path) -> list[list[str]]:
+    return [
+        ["alerts", "list", "--db", url],
+        ["alerts", "ack", "1", "--db", url],
+        ["models", "register", str(bundle), "--db", url, "--pipeline", "cards"],
+    ]
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_commands_on_a_database_never_migrated_say_to_run_db_upgrade(
+    db_url: str, tiny_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An existing database without the tables (a fresh PostgreSQL database, an empty SQLite
+    # file): "retry once the database is reachable" was wrong advice.
+    if db_url.startswith("sqlite"):
+        Path(db_url.removeprefix("sqlite:///")).touch()
+    for command in _commands_on(db_url, tiny_bundle):
+        assert main(command) == 2, command
+        err = _one_line_error(capsys)
+        assert "run `anomaly db upgrade`" in err and "reachable" not in err, err
+
+
+def test_commands_on_a_sqlite_file_that_is_not_there_create_nothing(
+    tmp_path: Path, tiny_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "anomaly.db"
+    for command in [*_commands_on(f"sqlite:///{path}", tiny_bundle), ["db", "current"]]:
+        if command[0] == "db":
+            command += ["--db", f"sqlite:///{path}"]
+        assert main(command) == 2, command
+        err = _one_line_error(capsys)
+        assert f"{path} does not exist" in err and "`anomaly db upgrade`" in err, err
+        assert not list(tmp_path.iterdir()), command
+    # The migration is what creates it.
+    assert main(["db", "upgrade", "--db", f"sqlite:///{path}"]) == 0
+    assert path.exists()
+
+
+def test_an_unknown_revision_is_a_one_line_error(
+    store: AlertStore, db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from storage.migrate import head_revision
+
+    for action in ("upgrade", "downgrade"):
+        assert main(["db", action, "--db", db_url, "--to", "bogus"]) == 2
+        err = _one_line_error(capsys)
+        assert f"database {action} to 'bogus'" in err and head_revision() in err, err
+    assert store.current_revision() == head_revision()  # nothing was migrated
+
+
+@pytest.mark.postgres
+def test_a_role_or_database_that_does_not_exist_is_named(
+    pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg_url)
+    no_role = url.set(username="no_such_role_17").render_as_string(hide_password=False)
+    no_db = url.set(database="no_such_db_17").render_as_string(hide_password=False)
+    assert main(["alerts", "list", "--db", no_role]) == 2
+    err = _one_line_error(capsys)
+    assert "no such role 'no_such_role_17'" in err and "reachable" not in err, err
+    assert main(["alerts", "list", "--db", no_db]) == 2
+    err = _one_line_error(capsys)
+    assert "no such database 'no_such_db_17'" in err and "reachable" not in err, err
