@@ -1,8 +1,13 @@
 """Nearest-neighbour distance detector, the ensemble's non-generative member.
 
-Score: the Euclidean distance from a row to its ``n_neighbors``-th nearest *reference* row, in the
-preprocessed feature space. The reference rows are the detector's training rows (a seeded random
-subset of at most ``max_reference`` of them, which bounds scoring cost and the bundle's size).
+Score: the Euclidean distance from a row to its k-th nearest *reference* row, in the preprocessed
+feature space. The reference rows are the detector's training rows, or a seeded uniform random
+subset of at most ``max_reference`` of them, which bounds scoring cost and the bundle's size.
+``n_neighbors`` counts neighbours among *all* training rows: a uniform subsample holding a fraction
+``f`` of them has ``f`` times the density everywhere, so the same neighbourhood holds about
+``f * n_neighbors`` reference rows, and k is scaled to that (at least 1). With 3,750 training rows
+and 1,024 reference rows, k = 1: the nearest reference row, whose distance is also the cheapest to
+find (a minimum instead of a top-k selection).
 
 Why it is in the ensemble: k-th neighbour distance is the strongest plain one-class baseline in
 the literature (ADBench, DTE) and in ``bench/quality.py``, and it fails in other places than the
@@ -26,23 +31,44 @@ from torch import nn
 from anomaly.detectors._base import BaseDetector, check_array, torch_threads
 
 
+CHUNK_ROWS = 1024
+
+
 class _Neighbours(nn.Module):
     def __init__(self, n_reference: int, n_features: int, k: int) -> None:
         super().__init__()
         self.register_buffer("reference", torch.zeros(n_reference, n_features))
         self.k = k
 
-    def squared_distances(self, x: torch.Tensor) -> torch.Tensor:
+    def _partial(self, x: torch.Tensor) -> torch.Tensor:
+        """``|r|^2 - 2 x.r`` for every reference row ``r``: the squared distance less ``|x|^2``,
+        which is the same for the whole row, so selections can skip it."""
         ref = self.reference.to(x.dtype)
-        ref_sq = (ref * ref).sum(1)
-        x_sq = (x * x).sum(1, keepdim=True)
-        # Rounding can make a tiny squared distance negative: clamp before the square root.
-        return torch.addmm(ref_sq, x, ref.T, alpha=-2.0).add_(x_sq).clamp_min_(0.0)
+        return torch.addmm((ref * ref).sum(1), x, ref.T, alpha=-2.0)
+
+    def squared_distances(self, x: torch.Tensor) -> torch.Tensor:
+        # Rounding can make a tiny squared distance negative: clamp at zero.
+        return self._partial(x).add_((x * x).sum(1, keepdim=True)).clamp_min_(0.0)
 
     def kth_distance(self, x: torch.Tensor) -> torch.Tensor:
-        d2 = self.squared_distances(x.float())
-        k = min(self.k, d2.shape[1])
-        return torch.topk(d2, k, dim=1, largest=False, sorted=True).values[:, -1].sqrt()
+        # In chunks of rows, so that the rows x references block stays in the CPU's cache between
+        # the product and the selection: 1,024 reference rows, 8,192-row batches, one core,
+        # 3.45 -> 1.66 us/row (chunks of 2,048 rows: 1.70; 256: 2.01).
+        x = x.float()
+        if len(x) <= CHUNK_ROWS:
+            return self._kth(x)
+        return torch.cat([self._kth(x[i : i + CHUNK_ROWS]) for i in range(0, len(x), CHUNK_ROWS)])
+
+    def _kth(self, x: torch.Tensor) -> torch.Tensor:
+        partial = self._partial(x)
+        k = min(self.k, partial.shape[1])
+        if k == 1:
+            # bench/scoring.py, 1,024 reference rows: min 0.9 us/row, topk 2.5 us/row.
+            kth = partial.min(1).values
+        else:
+            kth = torch.topk(partial, k, dim=1, largest=False, sorted=True).values[:, -1]
+        # |x|^2 added after the selection: one pass over the rows, not over rows x references.
+        return (kth + (x * x).sum(1)).clamp_min(0.0).sqrt()
 
 
 class KNNDetector(BaseDetector):
@@ -50,12 +76,14 @@ class KNNDetector(BaseDetector):
 
     Parameters (beyond the shared ones, of which only ``seed``, ``threads``, ``device`` and
     ``score_batch_size`` apply: nothing is trained): ``n_neighbors`` (k, default 5 as in PyOD and
-    ADBench) and ``max_reference`` (rows kept; a seeded random subset when there are more).
+    ADBench; neighbours among all training rows, see the module docstring) and ``max_reference``
+    (rows kept; a seeded random subset when there are more). Learned: ``k_``, the k used among
+    the reference rows.
     """
 
     name = "knn"
 
-    def __init__(self, n_neighbors: int = 5, max_reference: int = 2048, **kwargs: Any) -> None:
+    def __init__(self, n_neighbors: int = 5, max_reference: int = 1024, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if n_neighbors < 1:
             raise ValueError(f"n_neighbors must be >= 1, got {n_neighbors}")
@@ -65,8 +93,12 @@ class KNNDetector(BaseDetector):
     def architecture(self) -> dict[str, Any]:
         return {
             "n_neighbors": self.n_neighbors,
+            "k": self.k_,
             "n_reference": int(self.module_.reference.shape[0]),
         }
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"k": self.k_}
 
     def fit(self, X: Any, y: Any = None) -> KNNDetector:
         """Keep (a seeded subset of) the normal rows as the reference set."""
@@ -81,8 +113,10 @@ class KNNDetector(BaseDetector):
         if n > self.max_reference:
             keep = np.sort(np.random.default_rng(self.seed).choice(n, self.max_reference, False))
             arr = arr[keep]
+        # k among the reference rows for n_neighbors among all training rows (module docstring).
+        self.k_ = max(1, round(self.n_neighbors * arr.shape[0] / n))
         self.n_features_in_ = arr.shape[1]
-        module = _Neighbours(arr.shape[0], arr.shape[1], self.n_neighbors)
+        module = _Neighbours(arr.shape[0], arr.shape[1], self.k_)
         module.reference.copy_(torch.from_numpy(arr))
         self.module_ = module.to(self.device).eval()
         # What AnomalyModel.training_ reports for every detector.
@@ -124,7 +158,11 @@ class KNNDetector(BaseDetector):
                 f"tensor 'reference' has shape {tuple(ref.shape)} {ref.dtype}, "
                 f"expected (rows, {n_features}) torch.float32"
             )
-        module = _Neighbours(ref.shape[0], n_features, det.n_neighbors)
+        k = (extra or {}).get("k")
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"extra state 'k' must be a positive integer, got {k!r}")
+        det.k_ = k
+        module = _Neighbours(ref.shape[0], n_features, k)
         module.load_state_dict(tensors, strict=True)
         det.n_features_in_ = n_features
         det.module_ = module.eval()
