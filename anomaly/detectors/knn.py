@@ -30,7 +30,6 @@ from torch import nn
 
 from anomaly.detectors._base import BaseDetector, check_array, torch_threads
 
-
 CHUNK_ROWS = 1024
 
 
