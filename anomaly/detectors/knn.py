@@ -50,11 +50,12 @@ class _Neighbours(nn.Module):
         return self._partial(x).add_((x * x).sum(1, keepdim=True)).clamp_min_(0.0)
 
     def kth_distance(self, x: torch.Tensor) -> torch.Tensor:
-        # In chunks of rows, so that the rows x references block stays in the CPU's cache between
-        # the product and the selection: 1,024 reference rows, 8,192-row batches, one core,
-        # 3.45 -> 1.66 us/row (chunks of 2,048 rows: 1.70; 256: 2.01).
+        # On the CPU in chunks of rows, so that the rows x references block stays in the cache
+        # between the product and the selection: 1,024 reference rows, 8,192-row batches, one
+        # core, 3.45 -> 1.66 us/row (chunks of 2,048 rows: 1.70; 256: 2.01). A GPU wants the
+        # whole batch in one kernel.
         x = x.float()
-        if len(x) <= CHUNK_ROWS:
+        if len(x) <= CHUNK_ROWS or x.device.type != "cpu":
             return self._kth(x)
         return torch.cat([self._kth(x[i : i + CHUNK_ROWS]) for i in range(0, len(x), CHUNK_ROWS)])
 
