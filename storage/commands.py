@@ -241,6 +241,9 @@ def _db_grafana_role(args: argparse.Namespace) -> int:
         password = os.environ.get(args.password_env)
         if not password:
             raise InvalidArgumentError(f"--password-env: ${args.password_env} is not set")
+    if resolve_url(args).get_backend_name() == "sqlite":
+        # Said before the store is opened: "no such file" would hide the real problem.
+        raise InvalidArgumentError("a read-only role needs PostgreSQL (SQLite has no roles)")
     with _store(args) as store:
         store.grant_read_only(args.role, password)
     _print(
