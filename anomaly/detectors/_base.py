@@ -339,6 +339,8 @@ class BaseDetector:
     ) -> BaseDetector:
         det = cls(**params)
         det.n_features_in_ = n_features
+        # Before the build: the knn detector's extra state sizes its module.
+        det._restore_extra(extra or {})
         module = det._build(n_features)
         expected = module.state_dict()
         if set(expected) != set(tensors):
@@ -355,7 +357,6 @@ class BaseDetector:
         module.load_state_dict(tensors, strict=True)
         module.eval()
         det.module_ = module
-        det._restore_extra(extra or {})
         return det
 
     def _restore_extra(self, extra: dict[str, Any]) -> None:

@@ -98,7 +98,18 @@ class KNNDetector(BaseDetector):
         }
 
     def extra_state(self) -> dict[str, Any]:
-        return {"k": self.k_}
+        return {"k": self.k_, "n_reference": int(self.module_.reference.shape[0])}
+
+    def _restore_extra(self, extra: dict[str, Any]) -> None:
+        for key in ("k", "n_reference"):
+            value = extra.get(key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"extra state '{key}' must be a positive integer, got {value!r}")
+        self.k_, self._n_reference = extra["k"], extra["n_reference"]
+
+    def _build(self, n_features: int) -> nn.Module:
+        """An empty module of the saved size, for ``from_state`` to load the rows into."""
+        return _Neighbours(self._n_reference, n_features, self.k_)
 
     def fit(self, X: Any, y: Any = None) -> KNNDetector:
         """Keep (a seeded subset of) the normal rows as the reference set."""
@@ -140,30 +151,3 @@ class KNNDetector(BaseDetector):
             nearest = self.module_.squared_distances(x).argmin(1)
             diff = x - self.module_.reference[nearest]
             return (diff * diff).double().cpu().numpy()
-
-    @classmethod
-    def from_state(
-        cls,
-        params: dict[str, Any],
-        n_features: int,
-        tensors: dict[str, torch.Tensor],
-        extra: dict[str, Any] | None = None,
-    ) -> KNNDetector:
-        det = cls(**params)
-        ref = tensors.get("reference")
-        if set(tensors) != {"reference"} or ref is None:
-            raise ValueError(f"tensor names differ: expected ['reference'], got {sorted(tensors)}")
-        if ref.ndim != 2 or ref.shape[1] != n_features or ref.dtype != torch.float32:
-            raise ValueError(
-                f"tensor 'reference' has shape {tuple(ref.shape)} {ref.dtype}, "
-                f"expected (rows, {n_features}) torch.float32"
-            )
-        k = (extra or {}).get("k")
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"extra state 'k' must be a positive integer, got {k!r}")
-        det.k_ = k
-        module = _Neighbours(ref.shape[0], n_features, k)
-        module.load_state_dict(tensors, strict=True)
-        det.n_features_in_ = n_features
-        det.module_ = module.eval()
-        return det
