@@ -254,7 +254,7 @@ def run_one(data_dir: str, name: str, seed: int, args: argparse.Namespace) -> di
             out["fpr"][det] = _fpr_counts(scores[f"{det}_p"].to_numpy(dtype=np.float64)[normal])
         out["calibration_rows"] = _calibration_rows(model)
         if args.ablate:
-            _ablations(model, split, seed, args, out)
+            _ablations(model, scores, split, seed, args, out)
         # A rate of 0.001 needs thousands of calibration rows; where the training half has more
         # rows than the cap, fit our model once more on up to --fpr-max-train of them and measure
         # only the false-positive rate (same seed, same test rows).
@@ -273,8 +273,11 @@ def run_one(data_dir: str, name: str, seed: int, args: argparse.Namespace) -> di
     return out
 
 
-def _ablations(model, split, seed: int, args: argparse.Namespace, out: dict[str, Any]) -> None:
-    """``--ablate``: the ABLATIONS columns, on the same split and seed."""
+def _ablations(
+    model, scores, split, seed: int, args: argparse.Namespace, out: dict[str, Any]
+) -> None:
+    """``--ablate``: the ABLATIONS columns, on the same split and seed; the ensemble variants
+    recombine the members' raw scores already in ``scores`` (the model's score table)."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     from anomaly.ensemble import combine, member_weights
@@ -287,8 +290,10 @@ def _ablations(model, split, seed: int, args: argparse.Namespace, out: dict[str,
             "score_s": None,
         }
 
-    raw, _ = model._raw_scores(model.transform(split.x_test))
-    tails = {d: model.calibrators_[d].tail_pvalues(raw[d]) for d in model.detectors}
+    tails = {
+        d: model.calibrators_[d].tail_pvalues(scores[d].to_numpy(dtype=np.float64))
+        for d in model.detectors
+    }
     record("ens-equal-weights", combine(list(tails.values())))
     for left_out in model.detectors:
         rest = [d for d in model.detectors if d != left_out]

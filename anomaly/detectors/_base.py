@@ -257,9 +257,7 @@ class BaseDetector:
         n = x_train.shape[0]
         bs = self._batch_size(n)
         planned = self.planned_steps(n)
-        # Visible to subclasses whose loss changes over training.
-        self._planned_steps = planned
-        self._step_count = 0
+        steps_done = 0
         best = math.inf
         best_state: dict[str, torch.Tensor] | None = None
         best_step = 0
@@ -274,7 +272,7 @@ class BaseDetector:
             module.train()
             total += self._step(module, opts, x_train[next(batches)], gen)
             count += 1
-            self._step_count = step
+            steps_done = step
             bar.update(1)
             if step % every and step != planned:
                 continue
@@ -298,9 +296,9 @@ class BaseDetector:
             module.load_state_dict(best_state)
         self.history_ = history
         self.best_val_loss_ = best
-        self.n_steps_ = self._step_count
+        self.n_steps_ = steps_done
         self.best_step_ = best_step
-        self.n_epochs_ = math.ceil(self._step_count * bs / n)
+        self.n_epochs_ = math.ceil(steps_done * bs / n)
         self.fit_seconds_ = time.monotonic() - start
 
     def _check_fitted(self) -> None:

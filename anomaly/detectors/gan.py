@@ -52,9 +52,9 @@ class _GAN(nn.Module):
         self.disc_head = nn.Linear(hidden[-1], 1)
         self.latent = latent
 
-    def disc(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.disc_body(x)
-        return self.disc_head(features).squeeze(1), features
+    def disc(self, x: torch.Tensor) -> torch.Tensor:
+        """D's logit that ``x`` is a normal row."""
+        return self.disc_head(self.disc_body(x)).squeeze(1)
 
 
 class GANDetector(BaseDetector):
@@ -127,13 +127,15 @@ class GANDetector(BaseDetector):
             adam(module.generator.parameters(), lr=self.lr, betas=(0.5, 0.999)),
         ]
 
-    def _disc_loss(self, module: _GAN, x: torch.Tensor, negs: list[torch.Tensor], weights):
-        real_logit, real_feat = module.disc(x)
+    def _disc_loss(
+        self, module: _GAN, x: torch.Tensor, negs: list[torch.Tensor], weights: list[float]
+    ) -> torch.Tensor:
+        real_logit = module.disc(x)
         loss = F.binary_cross_entropy_with_logits(real_logit, torch.ones_like(real_logit))
         for neg, w in zip(negs, weights, strict=True):
-            logit, _ = module.disc(neg)
+            logit = module.disc(neg)
             loss = loss + w * F.binary_cross_entropy_with_logits(logit, torch.zeros_like(logit))
-        return loss, real_feat
+        return loss
 
     def _step(self, module: nn.Module, opts: list, xb: torch.Tensor, gen) -> float:
         d_opt, g_opt = opts
@@ -147,7 +149,7 @@ class GANDetector(BaseDetector):
         # Discriminator step: real rows against the noise negatives and the generator's samples.
         rest = 1.0 - self.gen_weight
         d_opt.zero_grad(set_to_none=True)
-        d_loss, _ = self._disc_loss(
+        d_loss = self._disc_loss(
             module, xb, [boundary, box, fake.detach()], [0.7 * rest, 0.3 * rest, self.gen_weight]
         )
         d_loss.backward()
@@ -160,7 +162,7 @@ class GANDetector(BaseDetector):
     def _generator_step(self, module: _GAN, g_opt: torch.optim.Optimizer, fake: torch.Tensor):
         """Move the samples onto D's boundary (encirclement) and apart (dispersion)."""
         g_opt.zero_grad(set_to_none=True)
-        logit, _ = module.disc(fake)
+        logit = module.disc(fake)
         target = torch.full_like(logit, self.boundary)
         encircle = F.binary_cross_entropy_with_logits(logit, target)
         spread = (fake - fake.mean(0, keepdim=True)).norm(dim=1).mean()
@@ -173,9 +175,8 @@ class GANDetector(BaseDetector):
 
     def _val_loss(self, module: nn.Module, xv: torch.Tensor) -> float:
         negatives = self._negatives(xv, self._validation_generator())
-        loss, _ = self._disc_loss(module, xv, list(negatives), [0.7, 0.3])
+        loss = self._disc_loss(module, xv, list(negatives), [0.7, 0.3])
         return float(loss)
 
     def _score_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        logit, _ = self.module_.disc(x)
-        return -logit
+        return -self.module_.disc(x)

@@ -91,11 +91,7 @@ class KNNDetector(BaseDetector):
         self.max_reference = max_reference
 
     def architecture(self) -> dict[str, Any]:
-        return {
-            "n_neighbors": self.n_neighbors,
-            "k": self.k_,
-            "n_reference": int(self.module_.reference.shape[0]),
-        }
+        return {"n_neighbors": self.n_neighbors, **self.extra_state()}
 
     def extra_state(self) -> dict[str, Any]:
         return {"k": self.k_, "n_reference": int(self.module_.reference.shape[0])}
