@@ -19,6 +19,17 @@
    its first batch started and its last commit ended, and the rate is all records over the span
    from the earliest start to the latest end. Use PostgreSQL: SQLite takes one writer at a time.
 
+5. Fixed rate (``--rate N --seconds S``, nothing else runs): the default configuration at N
+   records/s for S seconds from a paced producer process that is already connected; p50, p95
+   and p99 for the records of the first 2 s after the service holds its partitions and for the
+   rest, the group join time on its own, and the mean time of each stage per batch.
+   ``--kafka KEY=VALUE`` changes a kafka setting or a librdkafka one for this run.
+
+``--baseline REV`` first runs the same command on git revision REV from a temporary worktree: a
+before/after in one run (``python bench/stream.py --rate 1000 --baseline main``).
+
+Everything runs with the default configuration (``--batch-size`` sets ``kafka.batch_size``).
+
 With ``--device cuda`` the service scores on the GPU (preprocessing, networks and p-values there,
 see ``anomaly.device_scoring``); ``bench/scoring_step.py`` gives the scoring step's own rate.
 """
@@ -46,7 +57,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=100_000)
     parser.add_argument("--partitions", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=2000)
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="kafka.batch_size (default: the config's)"
+    )
     parser.add_argument("--db-url", default=None, help="default: a temporary SQLite file")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the scorer")
     parser.add_argument("--device", default="cpu", help="scoring device: cpu, cuda or auto")
@@ -58,24 +71,49 @@ def main() -> int:
     )
     parser.add_argument("--latency-seconds", type=float, default=15.0)
     parser.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="only the fixed-rate latency run: this many records/s, default configuration",
+    )
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of the --rate run")
+    parser.add_argument(
+        "--kafka",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--rate run: a kafka field (max_wait_s=0.5) or a librdkafka setting",
+    )
+    parser.add_argument(
         "--scale-out",
         type=int,
         default=0,
         metavar="N",
         help="also run the stream with 1 and with N serve processes in one group",
     )
+    parser.add_argument(
+        "--baseline",
+        metavar="REV",
+        help="first run the same benchmark on git revision REV (a temporary worktree)",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one serve process
+    parser.add_argument("--produce-child", help=argparse.SUPPRESS)  # internal: paced producer
     parser.add_argument("--status", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return _serve_child(Path(args.child), Path(args.status))
+    if args.produce_child:
+        return _produce_child(Path(args.produce_child), Path(args.status), args.rate)
+
+    if args.baseline:
+        _run_baseline(args.baseline)
 
     import torch
     from confluent_kafka import Consumer, Producer
 
     from anomaly.config import config_from_dict
     from anomaly.model import AnomalyModel
-    from anomaly.synthetic import generate_fraud, write_frame
+    from anomaly.synthetic import generate_fraud
     from streams.broker import EmbeddedBroker, create_topic
     from streams.kafka import consumer_settings
     from streams.replay import encode_values
@@ -114,6 +152,8 @@ def main() -> int:
         create_topic(broker.bootstrap_servers, topic, partitions=args.partitions)
 
         def config(group: str, topic_name: str = topic):
+            # The default configuration: only the connection, the database and the model set.
+            tuning = {"batch_size": args.batch_size} if args.batch_size else {}
             return config_from_dict(
                 {
                     "name": "bench",
@@ -122,8 +162,7 @@ def main() -> int:
                         "bootstrap_servers": broker.bootstrap_servers,
                         "topic": topic_name,
                         "group_id": group,
-                        "batch_size": args.batch_size,
-                        "max_wait_s": 0.25,
+                        **tuning,
                         **kafka_format,
                     },
                     "database": {"url": db_url},
@@ -137,6 +176,19 @@ def main() -> int:
                 },
                 environ={},
             )
+
+        if args.rate:
+            cfg = config("bench-rate")
+            _override_kafka(cfg, args.kafka)
+            n = int(args.rate * args.seconds)
+            report = _latency_run(cfg, records.iloc[:n], args.rate, broker, tmp, args.partitions)
+            print(
+                f"fixed rate {args.rate:,.0f} records/s for {args.seconds:.0f} s, kafka settings "
+                f"max_wait_s={cfg.kafka.max_wait_s}, batch_size={cfg.kafka.batch_size}"
+                + (f", {cfg.kafka.settings}" if cfg.kafka.settings else "")
+                + f", db {db_url.split(':')[0]}\n{report}"
+            )
+            return 0
 
         t = time.perf_counter()
         _produce_all(Producer, broker.bootstrap_servers, topic, keys, values)
@@ -153,7 +205,7 @@ def main() -> int:
             got, first = 0, None
             deadline = time.monotonic() + 120
             while got < len(values) and time.monotonic() < deadline:
-                batch = consumer.consume(args.batch_size, 0.25)
+                batch = consumer.consume(args.batch_size or 1000, 0.25)
                 if batch and first is None:
                     first = time.perf_counter()
                 for m in batch:
@@ -195,37 +247,9 @@ def main() -> int:
         # 3. Latency at half the end-to-end rate.
         rate = e2e_rate / 2
         n_lat = int(rate * args.latency_seconds)
-        lat_topic = f"{topic}-lat"
-        create_topic(broker.bootstrap_servers, lat_topic, partitions=args.partitions)
-        data = tmp / "latency.csv"
-        write_frame(records.iloc[:n_lat], str(data))
-        cfg = config("bench-lat", lat_topic)
-        pipeline = tmp / "lat.yaml"
-        pipeline.write_text(yaml.safe_dump(cfg.to_dict()))
-        service = ScoringService(cfg)
-        latencies: list[np.ndarray] = []
-        _instrument(service, latencies)
-        runner = threading.Thread(target=service.run)
-        runner.start()
-        time.sleep(5.0)  # group join
-        replay = subprocess.run(
-            [sys.executable, "-m", "anomaly.cli", "replay", "--config", str(pipeline),
-             "--data", str(data), "--rate", f"{rate:.0f}", "--no-progress"],
-            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while service.totals.consumed < n_lat and time.monotonic() < deadline:
-            time.sleep(0.1)
-        service.stop()
-        runner.join()
-        if replay.returncode:
-            print(replay.stdout, replay.stderr)
-        lat = np.concatenate(latencies) if latencies else np.empty(0)
-        p50, p99 = np.percentile(lat, [50, 99]) * 1000 if len(lat) else (float("nan"),) * 2
-        print(
-            f"latency at {rate:,.0f} records/s (half the end-to-end rate), {len(lat):,} records: "
-            f"p50 {p50:.0f} ms, p99 {p99:.0f} ms (produce call -> Kafka commit done)"
-        )
+        cfg = config("bench-lat", f"{topic}-lat")
+        report = _latency_run(cfg, records.iloc[:n_lat], rate, broker, tmp, args.partitions)
+        print(f"latency at {rate:,.0f} records/s (half the end-to-end rate):\n{report}")
 
         # 4. Scale-out: 1 and N serve processes in one group.
         if args.scale_out:
@@ -249,6 +273,138 @@ def main() -> int:
                     f"{rates[args.scale_out] / rates[1]:.2f}x"
                 )
     return 0
+
+
+def _run_baseline(rev: str) -> None:
+    """This script with the same arguments, importing ``anomaly``, ``streams`` and ``storage``
+    from a worktree of ``rev``: a before/after in one run, on the same machine and load."""
+    repo = _HERE.parent
+    tree = Path(tempfile.mkdtemp(prefix="bench-baseline-")) / "tree"
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "--detach", str(tree), rev],
+                   check=True, capture_output=True)  # fmt: skip
+    argv = [a for a in sys.argv[1:]]
+    i = argv.index("--baseline")
+    del argv[i : i + 2]
+    try:
+        print(f"== baseline {rev} ==", flush=True)
+        subprocess.run([sys.executable, __file__, *argv],
+                       env={**os.environ, "PYTHONPATH": str(tree)}, check=True)  # fmt: skip
+        print("== this tree ==", flush=True)
+    finally:
+        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)],
+                       check=False, capture_output=True)  # fmt: skip
+
+
+def _override_kafka(cfg, pairs: list[str]) -> None:
+    """``--kafka KEY=VALUE``: a field of the kafka section, or else a librdkafka setting."""
+    import dataclasses
+
+    fields = {f.name: f.type for f in dataclasses.fields(cfg.kafka)}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key in fields:
+            setattr(cfg.kafka, key, type(getattr(cfg.kafka, key))(value))
+        else:
+            cfg.kafka.settings[key] = value
+
+
+def _latency_run(cfg, records, rate: float, broker, tmp: Path, partitions: int) -> str:
+    """Serve ``cfg`` on a fresh topic; once it holds its partitions, ``anomaly replay`` produces
+    ``records`` at ``rate`` per second in another process. Latency per record: the service's
+    Kafka commit done - the record's CreateTime (librdkafka sets it in the produce call).
+    Reported for the records created in the first 2 s after the first one (start-up) and for
+    the rest (steady state), with the group join time on its own."""
+    import yaml
+
+    from anomaly.synthetic import write_frame
+    from streams.broker import create_topic
+    from streams.service import ScoringService
+
+    create_topic(broker.bootstrap_servers, cfg.kafka.topic, partitions=partitions)
+    data = tmp / f"{cfg.kafka.topic}.csv"
+    write_frame(records, str(data))
+    pipeline = tmp / f"{cfg.kafka.topic}.yaml"
+    pipeline.write_text(yaml.safe_dump(cfg.to_dict()))
+    service = ScoringService(cfg)
+    latencies: list[np.ndarray] = []
+    created: list[np.ndarray] = []
+    _instrument(service, latencies, created=created)
+    started = time.monotonic()
+    runner = threading.Thread(target=service.run)
+    runner.start()
+    while not service.state.assigned and time.monotonic() - started < 60:
+        time.sleep(0.01)
+    join_s = time.monotonic() - started
+    replay = subprocess.run(
+        [sys.executable, __file__, "--produce-child", str(pipeline), "--status", str(data),
+         "--rate", f"{rate:.0f}"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while service.totals.consumed < len(records) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    service.stop()
+    runner.join()
+    if replay.returncode:
+        print(replay.stdout, replay.stderr)
+    if not latencies:
+        return "  no records were processed"
+    lat = np.concatenate(latencies) * 1000
+    born = np.concatenate(created)
+    early = born < born.min() + 2.0
+    sizes = np.array([len(x) for x in latencies])
+    lines = [
+        f"  service start to partitions assigned (group join included): {join_s:.1f} s",
+        f"  batches: {len(sizes):,}, records per batch median {np.median(sizes):.0f}, "
+        f"max {sizes.max()}",
+    ]
+    stages = {
+        name: (h._sum.get(), sum(b.get() for b in h._buckets))
+        for name, h in service.metrics.stage.items()
+    }
+    lines.append(
+        "  mean ms per batch: "
+        + ", ".join(f"{k} {1000 * total / max(1, n):.2f}" for k, (total, n) in stages.items())
+    )
+    for label, part in (("first 2 s", lat[early]), ("after 2 s", lat[~early])):
+        if len(part):
+            p50, p95, p99 = np.percentile(part, [50, 95, 99])
+            lines.append(
+                f"  {label}: {len(part):,} records, p50 {p50:.1f} ms, p95 {p95:.1f} ms, "
+                f"p99 {p99:.1f} ms, max {part.max():.1f} ms (produce call -> Kafka commit done)"
+            )
+    return "\n".join(lines)
+
+
+def _produce_child(pipeline: Path, data: Path, rate: float) -> int:
+    """The records of ``data`` into the pipeline's topic at ``rate`` per second, as a running
+    application would send them: with the service's producer settings (idempotent, linger 5 ms)
+    and a producer that is already connected. A new producer holds its first records for
+    ~0.5 s while it fetches metadata and its producer id; that is the sender's start-up, not
+    the service's, and is kept out of the latencies by one record to a warm-up topic first."""
+    from confluent_kafka import Producer
+
+    from anomaly.config import load_config
+    from streams.kafka import producer_settings
+    from streams.replay import encode_values, read_records
+
+    cfg = load_config(pipeline, environ={})
+    frame = read_records(data, cfg)
+    values = encode_values(frame, cfg)
+    keys = [str(k).encode() for k in frame[cfg.schema.entity_field]]
+    producer = Producer(producer_settings(cfg.kafka))
+    producer.produce(f"{cfg.kafka.topic}-warm-up", value=b"{}")
+    producer.flush(30)
+    step = max(1, int(rate // 200))  # pace every 5 ms, as `anomaly replay` does
+    start = time.monotonic()
+    for i, (key, value) in enumerate(zip(keys, values, strict=True)):
+        producer.produce(cfg.kafka.topic, value=value, key=key)
+        if (i + 1) % step == 0:
+            producer.poll(0)
+            ahead = start + (i + 1) / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+    return 1 if producer.flush(60) else 0
 
 
 def _produce_all(producer_cls, bootstrap: str, topic: str, keys: list, values: list) -> None:
@@ -338,8 +494,11 @@ def _serve_child(pipeline: Path, status: Path) -> int:
     return 0
 
 
-def _instrument(service, latencies: list | None = None, clock=time.perf_counter) -> dict:
-    """Time from the first batch's start to the last batch's commit; per-record latency."""
+def _instrument(
+    service, latencies: list | None = None, clock=time.perf_counter, created: list | None = None
+) -> dict:
+    """Time from the first batch's start to the last batch's commit; per-record latency (and
+    the records' creation times, seconds since the epoch)."""
     span: dict[str, float] = {}
     process = service.process
 
@@ -348,9 +507,16 @@ def _instrument(service, latencies: list | None = None, clock=time.perf_counter)
         span.setdefault("first", start)
         outcome = process(messages)
         span["last"] = clock()
+        if os.environ.get("BENCH_TRACE"):
+            born = [m.timestamp_ms / 1000 for m in messages if m.timestamp_ms]
+            wait = 1000 * (time.time() - min(born)) if born else 0.0
+            took = 1000 * (span["last"] - start)
+            print(f"batch {len(messages)} records {took:.1f} ms, oldest {wait:.0f} ms")
         if latencies is not None:
-            created = np.array([m.timestamp_ms or 0 for m in messages], dtype=np.float64) / 1000
-            latencies.append(time.time() - created)
+            born = np.array([m.timestamp_ms or 0 for m in messages], dtype=np.float64) / 1000
+            latencies.append(time.time() - born)
+            if created is not None:
+                created.append(born)
         return outcome
 
     service.process = timed

@@ -2,7 +2,8 @@
 
 One loop, in clean steps (after Sentry Arroyo: the Kafka commit comes only after the sink wrote):
 
-1. ``consume``: at most ``kafka.batch_size`` records, waiting at most ``kafka.max_wait_s``.
+1. ``consume``: whatever the consumer has ready, up to ``kafka.batch_size`` records; only when
+   nothing at all is ready does it wait, for the first record (``_next_batch``).
 2. ``decode``: columnar decode and schema validation (``streams.decode``), then the model's own
    checks (``preprocessor_.validate_frame``); bad records become dead letters with their reason.
 3. ``score``: ``BatchScorer.score`` on the valid records, one call per batch.
@@ -59,6 +60,11 @@ DETECTORS = ("vae", "flow", "gan")
 # --stop-when-idle counts from the first assignment; a consumer that never gets one (more
 # consumers than partitions) waits this much longer before it gives up.
 JOIN_GRACE_S = 15.0
+# How long one wait for a first record may block while the stream is idle: the loop looks at its
+# stop flag, the idle clock and the active model version at least this often.
+IDLE_POLL_S = 0.5
+# Records in the scorer's warm-up batch (a few alert, so the explanation path warms up too).
+WARM_UP_ROWS = 64
 
 
 class ProduceError(RuntimeError):
@@ -224,8 +230,7 @@ class ScoringService:
         ever_assigned = False
         while not self._stop.is_set():
             self._maybe_switch_model()
-            raw = self._consumer.consume(kafka.batch_size, kafka.max_wait_s)
-            messages = self._messages(raw)
+            messages = self._messages(self._next_batch(kafka.batch_size, kafka.max_wait_s))
             ever_assigned = ever_assigned or bool(self.state.assigned)
             if not messages:
                 idle = time.monotonic() - self.state.last_activity
@@ -239,6 +244,25 @@ class ScoringService:
                 continue
             self.state.last_activity = time.monotonic()
             self.process(messages)
+
+    def _next_batch(self, batch_size: int, max_wait_s: float) -> list[Any]:
+        """Adaptive micro-batching, latency first (Triton's dynamic batcher with no queue delay):
+        take what the consumer has fetched, up to ``batch_size``, without waiting; wait only
+        while nothing at all is there, and then only for the first record. Under load the
+        batches grow by themselves (records pile up while the previous batch is processed); at
+        light load a record goes almost alone. ``max_wait_s`` > 0 waits that much longer after
+        the first record for a fuller batch (throughput over latency)."""
+        consume = self._consumer.consume
+        raw = consume(batch_size, 0)
+        if not raw:
+            raw = consume(1, IDLE_POLL_S)
+            if not raw:
+                return raw
+            # What arrived with the first record (one fetch brings many) is ready now.
+            raw += consume(batch_size - 1, 0)
+        if max_wait_s > 0 and len(raw) < batch_size:
+            raw += consume(batch_size - len(raw), max_wait_s)
+        return raw
 
     def _messages(self, raw: list[Any]) -> list[_Message]:
         out: list[_Message] = []
@@ -327,12 +351,15 @@ class ScoringService:
         )
         return outcome
 
-    def _model_checks(self, decoded: DecodedBatch, messages: list[_Message]) -> DecodedBatch:
+    def _model_checks(
+        self, decoded: DecodedBatch, messages: list[_Message], loaded: LoadedModel | None = None
+    ) -> DecodedBatch:
         """The model's own per-row checks (e.g. values its preprocessor cannot use)."""
         if not decoded.n_valid:
             return decoded
-        assert self.loaded is not None
-        problems = self.loaded.model.preprocessor_.validate_frame(decoded.frame)
+        loaded = loaded or self.loaded
+        assert loaded is not None
+        problems = loaded.model.preprocessor_.validate_frame(decoded.frame)
         if not problems:
             return decoded
         drop = np.zeros(decoded.n_valid, dtype=bool)
@@ -733,7 +760,9 @@ class ScoringService:
             bf16=serve.bf16,
             threads=serve.threads,
         )
-        self.loaded = LoadedModel(model=model, scorer=scorer, version=version, source=str(path))
+        loaded = LoadedModel(model=model, scorer=scorer, version=version, source=str(path))
+        self._warm_up(loaded)
+        self.loaded = loaded
         self._last_model_poll = time.monotonic()
         self.metrics.set_device(scorer.device)
         self.metrics.set_model_version(version)
@@ -742,6 +771,27 @@ class ScoringService:
             "model loaded" if initial else "model switched",
             extra={"fields": {"version": version, "bundle": str(path), "device": scorer.device}},
         )
+
+    def _warm_up(self, loaded: LoadedModel) -> None:
+        """Decode, check, score and build the sink batch of made-up records once, before the
+        first real batch: the first calls into torch, pandas and the decoder cost ~200 ms
+        (bench/stream.py --rate 1000: the first batch took 214 ms against ~20 ms later), which
+        every record of the first seconds would otherwise wait for. Nothing is written."""
+        from streams.replay import encode_values
+
+        started = time.perf_counter()
+        try:
+            frame = typical_records(loaded.model, self.cfg.schema, WARM_UP_ROWS)
+            values = encode_values(frame, self.cfg)
+            messages = [_Message(self.topic, 0, i, v, None) for i, v in enumerate(values)]
+            decoded = self._model_checks(self._decode(messages), messages, loaded)
+            result = loaded.scorer.score(decoded.frame) if decoded.n_valid else None
+            self._sink_batch(messages, decoded, result, loaded, datetime.now(UTC))
+        except Exception as exc:  # a warm-up must never keep the service from starting
+            log.warning("scorer warm-up failed (the first batch will be slower): %s", exc)
+            return
+        ms = round((time.perf_counter() - started) * 1000, 1)
+        log.info("scorer warmed up", extra={"fields": {"records": len(values), "ms": ms}})
 
     def _maybe_switch_model(self) -> None:
         """At a batch boundary: is another version active now? Then score with it from here."""
@@ -765,6 +815,27 @@ class ScoringService:
 
 
 # -- helpers ------------------------------------------------------------------------------------
+
+
+def typical_records(model: Any, schema: Any, n: int) -> Any:
+    """``n`` made-up records from what the model learned: each numeric feature swept from 10
+    scales below its training median to 10 above (so some rows alert and are explained too),
+    each categorical one at its first known category."""
+    import pandas as pd
+
+    pre = model.preprocessor_
+    sweep = np.linspace(-10.0, 10.0, n)
+    data: dict[str, Any] = {schema.id_field: [f"warm-up-{i}" for i in range(n)]}
+    if schema.time_field:
+        data[schema.time_field] = pd.Timestamp.now(tz="UTC")
+    if schema.entity_field:
+        data[schema.entity_field] = "warm-up"
+    for name in pre.numeric_:
+        params = pre.numeric_params_[name]
+        data[name] = params.median + params.scale * sweep
+    for name in pre.categorical_:
+        data[name] = (pre.categories_[name] or ["warm-up"])[0]
+    return pd.DataFrame(data)
 
 
 def _entities(frame: Any, entity_field: str | None, rows: np.ndarray) -> list[str | None]:

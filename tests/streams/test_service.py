@@ -357,3 +357,61 @@ def test_database_outage_pauses_then_resumes_and_model_switches_live(
     assert set(before) == {trained_model.version}
     assert sql(pg_url, "SELECT sum(records_seen) FROM stream_stats") == [(600 + len(alerting),)]
     assert committed_offsets(kafka_bootstrap, topic_name, cfg.group_id) == {0: 600 + len(alerting)}
+
+
+def test_micro_batches_take_what_is_ready_and_wait_only_for_a_first_record(
+    sqlite_url, kafka_bootstrap, topic_name, pipeline_file, trained_model, fraud_records
+):
+    """Latency first (max_wait_s 0, the default): a lone record is a batch at once, without
+    waiting for the batch to fill; a backlog comes in batches cut at batch_size; max_wait_s > 0
+    waits that long after the first record for more."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from streams.kafka import consumer_settings
+    from streams.replay import encode_values
+
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    cfg = load_config(pipeline_file(sqlite_url, trained_model.bundle, kafka={"batch_size": 300}))
+    values = encode_values(fraud_records.drop(columns=LABELS).iloc[:501], cfg)
+    service = ScoringService(cfg)
+    service._consumer = Consumer(consumer_settings(cfg))
+    service._consumer.assign([TopicPartition(topic_name, 0, 0)])
+    try:
+        produce(kafka_bootstrap, topic_name, values[:1])
+        started = time.monotonic()
+        assert len(service._next_batch(300, 0.0)) == 1
+        # Nothing more is there: the call blocks at most one idle poll, then returns nothing.
+        assert service._next_batch(300, 0.0) == []
+        produce(kafka_bootstrap, topic_name, values[1:])
+        sizes = []
+        while sum(sizes) < 500 and time.monotonic() - started < 30:
+            sizes.append(len(service._next_batch(300, 0.0)))
+        assert sum(sizes) == 500
+        assert max(sizes) == 300  # the backlog is cut at batch_size
+        # With max_wait_s the batch waits for more after its first record.
+        produce(kafka_bootstrap, topic_name, values[:1])
+        waited = time.monotonic()
+        assert len(service._next_batch(300, 1.0)) == 1
+        assert time.monotonic() - waited >= 1.0
+    finally:
+        service._consumer.close()
+
+
+def test_warm_up_records_pass_every_check_and_reach_the_alert_path(trained_model, fraud_schema):
+    """The made-up warm-up batch exercises what a real batch does: all records decode and pass
+    the model's checks, and some alert (so the explanation path is warmed too)."""
+    from anomaly.config import config_from_dict
+    from streams.avro import make_decoder
+    from streams.replay import encode_values
+    from streams.service import WARM_UP_ROWS, typical_records
+
+    cfg = config_from_dict({"name": "warm", "schema": fraud_schema}, environ={})
+    frame = typical_records(trained_model.model, cfg.schema, WARM_UP_ROWS)
+    values = encode_values(frame, cfg)
+    decoded = make_decoder(cfg).decode(
+        values, partitions=[0] * len(values), offsets=list(range(len(values)))
+    )
+    assert decoded.n_valid == WARM_UP_ROWS and not decoded.rejected
+    assert not trained_model.model.preprocessor_.validate_frame(decoded.frame)
+    alerts = trained_model.model.predict(decoded.frame)
+    assert 0 < alerts.sum() < WARM_UP_ROWS
