@@ -134,7 +134,8 @@ def main() -> int:
     model = AnomalyModel.from_config(
         base, max_epochs=3, max_steps=300, progress=False, device="cpu"
     )
-    model.fit(generate_fraud(5000, anomaly_fraction=0.0, seed=1).drop(columns=labels))
+    train = generate_fraud(5000, anomaly_fraction=0.0, seed=1).drop(columns=labels)
+    model.fit(train)
     bundle = tmp / "model"
     model.save(bundle)
 
@@ -232,6 +233,18 @@ def main() -> int:
             f"{e2e_rate:,.0f} records/s ({service.totals.alerts} alerts, db {db_url.split(':')[0]})"
         )
         print(f"ratio end-to-end / raw consume: {e2e_rate / raw_rate:.2f} (goal >= 0.5)")
+        ours_precision = _precision(_alerted_ids(db_url, "bench"), records)
+        peer_rate, peer_ids = float("nan"), []
+        if args.format == "json":  # the peer reads JSON values only
+            peer_rate, peer_ids = _naive_peer(
+                broker.bootstrap_servers, topic, args.partitions, db_url, train, schema,
+                model.target_fpr,
+            )  # fmt: skip
+        print(
+            f"naive peer:   {peer_rate:,.0f} records/s, {len(peer_ids)} alerts, precision "
+            f"{_precision(peer_ids, records):.3f} (ours {ours_precision:.3f}); "
+            f"ours / peer: {e2e_rate / peer_rate:.2f}x (goal >= 4)"
+        )
         stages = {
             name: (h._sum.get(), sum(b.get() for b in h._buckets))
             for name, h in service.metrics.stage.items()
@@ -293,6 +306,93 @@ def _run_baseline(rev: str) -> None:
     finally:
         subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)],
                        check=False, capture_output=True)  # fmt: skip
+
+
+def _naive_peer(
+    bootstrap: str, topic: str, partitions: int, db_url: str, train, schema: dict, target: float
+) -> tuple[float, list[str]]:
+    """The pipeline a user would write instead of ``anomaly serve``, on the same records,
+    broker and database: a confluent-kafka consumer, ``json.loads`` per message into a pandas
+    frame, one-hot categoricals, scikit-learn's IsolationForest (threshold: the training rows'
+    score quantile at the target false-positive rate), an SQLAlchemy insert of the alerts, and
+    a Kafka commit per batch of 1,000. Returns records/s (first batch to last commit) and the
+    alerted record ids."""
+    import json
+
+    import pandas as pd
+    import sqlalchemy as sa
+    from confluent_kafka import Consumer, TopicPartition
+    from sklearn.ensemble import IsolationForest
+
+    features = [*schema["numeric"], *schema["categorical"]]
+
+    def encode(frame):
+        return pd.get_dummies(frame[features], columns=schema["categorical"], dtype=float)
+
+    x_train = encode(train)
+    forest = IsolationForest(random_state=0).fit(x_train.to_numpy())
+    threshold = np.quantile(-forest.score_samples(x_train.to_numpy()), 1 - target)
+    engine = sa.create_engine(db_url)
+    table = sa.Table(
+        "naive_peer_alerts",
+        sa.MetaData(),
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("record_id", sa.String(64)),
+        sa.Column("score", sa.Float),
+        sa.Column("ingest_time", sa.DateTime(timezone=True)),
+    )
+    table.drop(engine, checkfirst=True)
+    table.create(engine)
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": "naive-peer", "enable.auto.commit": False}
+    )
+    consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+    alerted: list[str] = []
+    first = last = None
+    seen, idle_since = 0, time.monotonic()
+    while time.monotonic() - idle_since < 3.0:
+        batch = [m for m in consumer.consume(1000, 0.25) if m.error() is None]
+        if not batch:
+            continue
+        idle_since = time.monotonic()
+        first = first or time.perf_counter()
+        frame = pd.DataFrame([json.loads(m.value()) for m in batch])
+        x = encode(frame).reindex(columns=x_train.columns, fill_value=0.0)
+        scores = -forest.score_samples(x.to_numpy())
+        hits = frame.loc[scores > threshold, schema["id_field"]].tolist()
+        if hits:
+            now = pd.Timestamp.now(tz="UTC").to_pydatetime()
+            rows = [
+                {"record_id": r, "score": float(v), "ingest_time": now}
+                for r, v in zip(hits, scores[scores > threshold], strict=True)
+            ]
+            with engine.begin() as conn:
+                conn.execute(table.insert(), rows)
+        consumer.commit(asynchronous=False)
+        alerted += hits
+        seen += len(batch)
+        last = time.perf_counter()
+    consumer.close()
+    engine.dispose()
+    return seen / (last - first), alerted
+
+
+def _alerted_ids(db_url: str, pipeline: str) -> list[str]:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(db_url)
+    with engine.connect() as conn:
+        ids = conn.execute(
+            sa.text("SELECT record_id FROM alerts WHERE pipeline = :p"), {"p": pipeline}
+        )
+        out = [r[0] for r in ids]
+    engine.dispose()
+    return out
+
+
+def _precision(ids: list[str], records) -> float:
+    labels = records.set_index("id")["is_anomaly"]
+    return float(labels.loc[ids].mean()) if ids else float("nan")
 
 
 def _override_kafka(cfg, pairs: list[str]) -> None:
