@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+from scipy.special import ndtri
 
 from anomaly.config import SchemaConfig
 from anomaly.errors import DataError, NotFittedError
@@ -66,14 +67,6 @@ class NumericParams:
     # Quantile transform knots (unique, increasing) and their standard-normal images.
     knots: list[float] = field(default_factory=list)
     normal: list[float] = field(default_factory=list)
-
-
-def _ndtri(p: np.ndarray) -> np.ndarray:
-    """Standard normal quantile function (inverse CDF), vectorised, without scipy."""
-    from statistics import NormalDist
-
-    nd = NormalDist()
-    return np.array([nd.inv_cdf(float(v)) for v in p])
 
 
 def _to_frame(data: Any, feature_names: list[str] | None = None) -> pd.DataFrame:
@@ -260,7 +253,7 @@ class Preprocessor:
             # Keep the extreme knots strictly inside (0, 1) so their normal image is finite.
             eps = 0.5 / len(values)
             mid_probs = np.clip(mid_probs, eps, 1 - eps)
-            normal = np.zeros(1) if len(uniq) == 1 else _ndtri(mid_probs)
+            normal = np.zeros(1) if len(uniq) == 1 else ndtri(mid_probs)
             params.knots = [float(v) for v in uniq]
             params.normal = [float(v) for v in normal]
         return params
