@@ -295,6 +295,12 @@ def one_class_split(
     pool = np.ones(len(x), bool) if train_pool is None else np.asarray(train_pool, bool)[order]
     keep = np.flatnonzero(~pd.DataFrame(np.column_stack([x, y])).duplicated().to_numpy())
     n_dup = len(x) - len(keep)
+    # Shuffled again after the deduplication: the copy kept is each row's first in the shuffled
+    # order, so a row with many copies sits early far more often than a unique one, and a split
+    # by position would give training the common rows and test the rare ones. Test normals then
+    # are not exchangeable with calibration rows (celeba, knn member, seed 1: 2.9x the target
+    # false-positive rate at 0.01 by position, 1.2x after this shuffle).
+    keep = keep[rng.permutation(len(keep))]
     x, y, pool = x[keep], y[keep], pool[keep]
 
     candidates = np.flatnonzero((y == 0) & pool)

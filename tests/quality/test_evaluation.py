@@ -120,6 +120,24 @@ def test_one_class_split_protocol() -> None:
     assert np.array_equal(capped.x_test, split.x_test)
 
 
+def test_one_class_split_halves_are_exchangeable_when_rows_repeat() -> None:
+    """Half the normal rows are copies of 20 common rows, half are unique. After deduplication
+    the 20 common rows must split between training and test like any others (a split by the
+    position of each row's first copy gives nearly all of them to training)."""
+    rng = np.random.default_rng(2)
+    common = rng.normal(size=(20, 3)).astype(np.float32)
+    unique = rng.normal(size=(2000, 3)).astype(np.float32)
+    x = np.vstack([common[rng.integers(0, 20, 2000)], unique])
+    y = np.zeros(len(x), np.int8)
+    common_keys = {r.tobytes() for r in common}
+    in_train = []
+    for seed in range(10):
+        split = one_class_split(x, y, seed=seed)
+        in_train.append(sum(r.tobytes() in common_keys for r in split.x_train))
+    # 20 of 2,020 distinct rows; a random half holds 10 of them on average.
+    assert 7 <= np.mean(in_train) <= 13
+
+
 def test_one_class_split_train_pool_and_test_copies_of_training_rows() -> None:
     # SKAB-like: recording 0 is the anomaly-free pool; another recording repeats some of its rows.
     rng = np.random.default_rng(1)
