@@ -11,191 +11,29 @@ Every query that shows data from the dashboard's time range filters with ``$__ti
 
 from __future__ import annotations
 
-from typing import Any
-
-from dashboards.builder import (
-    CustomVariable,
-    Dashboard,
-    Panel,
-    PromTarget,
-    QueryVariable,
-    SQLTarget,
-    row,
-)
+from dashboards.builder import Dashboard, Panel, PromTarget, SQLTarget, row
 from dashboards.datasources import POSTGRES, PROMETHEUS
-
-TAGS = ["anomaly-monitor"]
-DETECTORS = ["ensemble", "vae", "flow", "gan"]
-
-SEVERITY_COLORS = {"low": "blue", "medium": "yellow", "high": "orange", "critical": "red"}
-
-PIPELINE_SQL = QueryVariable(
-    name="pipeline",
-    label="Pipeline",
-    datasource=POSTGRES,
-    # model_versions and stream_stats are small (a row per version, a row per pipeline-minute);
-    # alerts can be large, so they are not scanned for the list.
-    query="SELECT pipeline FROM model_versions UNION SELECT pipeline FROM stream_stats ORDER BY 1",
+from dashboards.panels import (
+    DETECTOR,
+    DETECTOR_SCORE,
+    LINKS,
+    PIPELINE_PROM,
+    PIPELINE_SQL,
+    SEVERITY_RANK,
+    TAGS,
+    count_bars,
+    severity_overrides,
+    stat,
+    table,
+    timeseries,
 )
-PIPELINE_PROM = QueryVariable(
-    name="pipeline",
-    label="Pipeline",
-    datasource=PROMETHEUS,
-    query="label_values(anomaly_records_consumed_total, pipeline)",
-)
-DETECTOR = CustomVariable(name="detector", label="Detector", values=DETECTORS)
-
-# The chosen detector's score column. sqlstring quotes the value itself: a bare '$detector' would
-# let a value with a quote (from the URL, var-detector=...) end the string and append SQL.
-DETECTOR_SCORE = """CASE ${detector:sqlstring}
-    WHEN 'vae' THEN a.vae_score
-    WHEN 'flow' THEN a.flow_score
-    WHEN 'gan' THEN a.gan_score
-    ELSE a.ensemble_score
-  END"""
-
-SEVERITY_RANK = """CASE {col}
-    WHEN 'critical' THEN 4 WHEN 'high' THEN 3 WHEN 'medium' THEN 2 ELSE 1
-  END"""
-
-LINKS = [
-    {
-        "asDropdown": False,
-        "icon": "external link",
-        "includeVars": True,
-        "keepTime": True,
-        "tags": TAGS,
-        "targetBlank": False,
-        "title": "Anomaly monitor",
-        "type": "dashboards",
-    }
-]
-
-
-def _severity_overrides(field_name: str = "severity") -> list[dict]:
-    return [
-        {
-            "matcher": {"id": "byName", "options": field_name},
-            "properties": [
-                {"id": "custom.cellOptions", "value": {"type": "color-text"}},
-                {
-                    "id": "mappings",
-                    "value": [
-                        {
-                            "options": {
-                                sev: {"color": color, "index": i}
-                                for i, (sev, color) in enumerate(SEVERITY_COLORS.items())
-                            },
-                            "type": "value",
-                        }
-                    ],
-                },
-            ],
-        }
-    ]
-
-
-def _stat(title: str, target: SQLTarget, unit: str = "short", **kw) -> Panel:
-    return Panel(
-        title=title,
-        type="stat",
-        datasource=POSTGRES,
-        targets=[target],
-        width=kw.pop("width", 4),
-        height=4,
-        unit=unit,
-        options={
-            "colorMode": "value",
-            "graphMode": "none",
-            "justifyMode": "auto",
-            "orientation": "auto",
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            "textMode": "auto",
-        },
-        **kw,
-    )
-
-
-def _timeseries(title: str, targets: list, **kw) -> Panel:
-    custom = {
-        "drawStyle": "line",
-        "fillOpacity": kw.pop("fill", 10),
-        "lineWidth": 1,
-        "showPoints": "never",
-        "spanNulls": False,
-        "stacking": {"group": "A", "mode": kw.pop("stacking", "none")},
-    }
-    custom.update(kw.pop("custom", {}))
-    return Panel(
-        title=title,
-        type="timeseries",
-        targets=targets,
-        custom=custom,
-        options={
-            "legend": {"calcs": [], "displayMode": "list", "placement": "bottom"},
-            "tooltip": {"mode": "multi", "sort": "desc"},
-        },
-        **kw,
-    )
-
-
-def _count_bars(
-    title: str,
-    series: str,
-    description: str,
-    *,
-    table: str = "alerts",
-    time_column: str = "ingest_time",
-    value: str = "alerts",
-    **kw: Any,
-) -> Panel:
-    """Stacked bars of row counts of ``table`` per time bucket, one series per value of
-    ``series`` (an SQL expression)."""
-    return _timeseries(
-        title,
-        [
-            SQLTarget(
-                f"""
-                SELECT
-                  $__timeGroupAlias({time_column}, $__interval),
-                  {series} AS metric,
-                  count(*) AS {value}
-                FROM {table}
-                WHERE $__timeFilter({time_column}) AND pipeline IN (${{pipeline:sqlstring}})
-                GROUP BY 1, 2
-                ORDER BY 1, 2
-                """,
-                columns=("time", "metric", value),
-                format="time_series",
-            )
-        ],
-        datasource=POSTGRES,
-        stacking="normal",
-        fill=60,
-        custom={"drawStyle": "bars"},
-        description=description,
-        **kw,
-    )
-
-
-def _table(title: str, target: SQLTarget, **kw) -> Panel:
-    return Panel(
-        title=title,
-        type="table",
-        datasource=POSTGRES,
-        targets=[target],
-        options={"cellHeight": "sm", "footer": {"show": False}, "showHeader": True},
-        custom={"align": "auto", "filterable": True},
-        **kw,
-    )
-
 
 # ---------------------------------------------------------------------------------------- alerts
 
 
 def alerts_dashboard() -> Dashboard:
     panels = [
-        _stat(
+        stat(
             "Alerts",
             SQLTarget(
                 """
@@ -207,7 +45,7 @@ def alerts_dashboard() -> Dashboard:
             ),
             description="Alerts raised in the time range.",
         ),
-        _stat(
+        stat(
             "Records scored",
             SQLTarget(
                 """
@@ -218,7 +56,7 @@ def alerts_dashboard() -> Dashboard:
                 columns=("records",),
             ),
         ),
-        _stat(
+        stat(
             "Alert rate",
             SQLTarget(
                 """
@@ -233,7 +71,7 @@ def alerts_dashboard() -> Dashboard:
             description="Alerted records / scored records. With few true anomalies it should be "
             "close to the target false-positive rate of the active model.",
         ),
-        _stat(
+        stat(
             "Open incidents",
             SQLTarget(
                 """
@@ -246,7 +84,7 @@ def alerts_dashboard() -> Dashboard:
             ),
             thresholds=[(None, "green"), (1, "orange"), (10, "red")],
         ),
-        _stat(
+        stat(
             "Critical alerts",
             SQLTarget(
                 """
@@ -259,7 +97,7 @@ def alerts_dashboard() -> Dashboard:
             ),
             thresholds=[(None, "green"), (1, "red")],
         ),
-        _stat(
+        stat(
             "Dead letters",
             SQLTarget(
                 """
@@ -272,12 +110,12 @@ def alerts_dashboard() -> Dashboard:
             thresholds=[(None, "green"), (1, "orange")],
         ),
         row("Alerts over time"),
-        _count_bars(
+        count_bars(
             "Alerts by pipeline and severity",
             "pipeline || ' ' || severity",
             "Alerts per time bucket, stacked by pipeline and severity.",
         ),
-        _timeseries(
+        timeseries(
             "Observed alert rate vs expected false-positive rate",
             [
                 SQLTarget(
@@ -320,7 +158,7 @@ def alerts_dashboard() -> Dashboard:
                 }
             ],
         ),
-        _timeseries(
+        timeseries(
             "Ensemble score quantiles and alert threshold",
             [
                 SQLTarget(
@@ -377,7 +215,7 @@ def alerts_dashboard() -> Dashboard:
             custom={"fillOpacity": 80, "lineWidth": 1},
         ),
         row("Who and what"),
-        _table(
+        table(
             "Top entities",
             SQLTarget(
                 """
@@ -400,7 +238,7 @@ def alerts_dashboard() -> Dashboard:
             height=9,
             description="Cards or machines with the most alerts in range.",
         ),
-        _table(
+        table(
             "Open incidents",
             SQLTarget(
                 f"""
@@ -430,7 +268,7 @@ def alerts_dashboard() -> Dashboard:
             ),
             width=8,
             height=9,
-            overrides=_severity_overrides(),
+            overrides=severity_overrides(),
             description="Alerts on the same entity close together form one incident.",
         ),
         Panel(
@@ -457,7 +295,7 @@ def alerts_dashboard() -> Dashboard:
             "alert: detectors that agree make an alert more credible.",
             options={"orientation": "horizontal", "showValue": "auto", "xField": "detector"},
         ),
-        _table(
+        table(
             "Latest alerts",
             SQLTarget(
                 f"""
@@ -510,7 +348,7 @@ def alerts_dashboard() -> Dashboard:
             description="Newest alerts first. top_features: feature=value (contribution to the "
             "score); detector_score: the score of the detector chosen above.",
             overrides=[
-                *_severity_overrides(),
+                *severity_overrides(),
                 {
                     "matcher": {"id": "byName", "options": "p_value"},
                     "properties": [{"id": "unit", "value": "sci"}],
@@ -522,7 +360,7 @@ def alerts_dashboard() -> Dashboard:
             ],
         ),
         row("Dead letters"),
-        _count_bars(
+        count_bars(
             "Dead letters by reason",
             "error_kind",
             "Records that could not be decoded or validated, by reason; each is kept "
@@ -532,7 +370,7 @@ def alerts_dashboard() -> Dashboard:
             value="dead_letters",
             width=10,
         ),
-        _table(
+        table(
             "Latest dead letters",
             SQLTarget(
                 """
@@ -691,7 +529,7 @@ def service_dashboard() -> Dashboard:
             "retries instead of dead-lettering it.",
         ),
         row("Throughput"),
-        _timeseries(
+        timeseries(
             "Records per second",
             [
                 PromTarget(
@@ -705,7 +543,7 @@ def service_dashboard() -> Dashboard:
             unit="reqps",
             width=8,
         ),
-        _timeseries(
+        timeseries(
             "Alerts per second by severity",
             [
                 PromTarget(
@@ -718,7 +556,7 @@ def service_dashboard() -> Dashboard:
             stacking="normal",
             width=8,
         ),
-        _timeseries(
+        timeseries(
             "Dead letters per second by reason",
             [
                 PromTarget(
@@ -732,7 +570,7 @@ def service_dashboard() -> Dashboard:
             width=8,
         ),
         row("Lag and latency"),
-        _timeseries(
+        timeseries(
             "Consumer lag per partition",
             [
                 PromTarget(
@@ -745,7 +583,7 @@ def service_dashboard() -> Dashboard:
             description="Records behind the end of each partition. A lag that keeps growing means "
             "the scorer cannot keep up: add partitions and scorers, or score on a GPU.",
         ),
-        _timeseries(
+        timeseries(
             "Stage latency (p50, p99)",
             [
                 PromTarget(
@@ -762,7 +600,7 @@ def service_dashboard() -> Dashboard:
             description="Per micro-batch: decode, score, write (one database transaction) and "
             "commit (Kafka offsets).",
         ),
-        _timeseries(
+        timeseries(
             "End-to-end latency (p50, p99)",
             [
                 PromTarget(
@@ -776,7 +614,7 @@ def service_dashboard() -> Dashboard:
             unit="s",
             description="From a record's Kafka timestamp to its alert being committed.",
         ),
-        _timeseries(
+        timeseries(
             "Mean batch size",
             [
                 PromTarget(
@@ -791,7 +629,7 @@ def service_dashboard() -> Dashboard:
             "cutting them short.",
         ),
         row("From the database (works without Prometheus)"),
-        _timeseries(
+        timeseries(
             "Records per second (stream_stats)",
             [
                 SQLTarget(
@@ -813,7 +651,7 @@ def service_dashboard() -> Dashboard:
             unit="reqps",
             width=8,
         ),
-        _timeseries(
+        timeseries(
             "Batch latency (stream_stats)",
             [
                 SQLTarget(
@@ -836,7 +674,7 @@ def service_dashboard() -> Dashboard:
             unit="ms",
             width=8,
         ),
-        _table(
+        table(
             "Committed offsets",
             SQLTarget(
                 """
@@ -878,7 +716,7 @@ def service_dashboard() -> Dashboard:
 
 def models_dashboard() -> Dashboard:
     panels = [
-        _table(
+        table(
             "Active model per pipeline",
             SQLTarget(
                 """
@@ -910,7 +748,7 @@ def models_dashboard() -> Dashboard:
             width=14,
             height=6,
         ),
-        _table(
+        table(
             "Evaluation metrics of the active model",
             SQLTarget(
                 """
@@ -940,7 +778,7 @@ def models_dashboard() -> Dashboard:
             "evaluation results on held-out data.",
             decimals=4,
         ),
-        _table(
+        table(
             "Score drift: live traffic vs calibration",
             SQLTarget(
                 """
@@ -1000,7 +838,7 @@ def models_dashboard() -> Dashboard:
             ],
         ),
         row("Drift over time"),
-        _timeseries(
+        timeseries(
             "Live score quantiles vs calibration quantiles",
             [
                 SQLTarget(
@@ -1051,12 +889,12 @@ def models_dashboard() -> Dashboard:
                 }
             ],
         ),
-        _count_bars(
+        count_bars(
             "Alerts by model version",
             "pipeline || ' ' || model_version",
             "A new version rolling out shows as a change of colour.",
         ),
-        _timeseries(
+        timeseries(
             "Mean $detector score of alerts by model version",
             [
                 SQLTarget(
@@ -1077,7 +915,7 @@ def models_dashboard() -> Dashboard:
             datasource=POSTGRES,
             fill=0,
         ),
-        _table(
+        table(
             "Model versions created in range",
             SQLTarget(
                 """
