@@ -1,0 +1,394 @@
+"""The Service dashboard: throughput, lag, latency and scoring device, from Prometheus, with a row
+of the same from PostgreSQL (stream_stats, consumer_offsets) for when Prometheus is not there.
+
+Each panel is a function (an SQL panel's query a named constant above it); ``service_dashboard``
+lists them in layout order. PromQL uses the metric names of streams/metrics.py; the rules for
+SQL are in dashboards/panels.py.
+"""
+
+from __future__ import annotations
+
+from dashboards.builder import Dashboard, Panel, PromTarget, SQLTarget, row
+from dashboards.datasources import POSTGRES, PROMETHEUS
+from dashboards.panels import LINKS, PIPELINE_PROM, TAGS, table, timeseries
+
+# ------------------------------------------------------------------------------------- PromQL
+
+# The pipeline variable is multi-value: in PromQL it expands to a regex.
+_PROM_PIPE = '{pipeline=~"$pipeline"}'
+
+
+def _rate(metric: str, by: str) -> str:
+    return f"sum by ({by}) (rate({metric}{_PROM_PIPE}[$__rate_interval]))"
+
+
+def _quantile(q: float, metric: str, by: str) -> str:
+    return (
+        f"histogram_quantile({q}, sum by (le, {by}) "
+        f"(rate({metric}_bucket{_PROM_PIPE}[$__rate_interval])))"
+    )
+
+
+def _info_stat(title: str, metric: str, label: str, description: str) -> Panel:
+    """The ``label`` of an info gauge per pipeline, as text."""
+    return Panel(
+        title=title,
+        type="stat",
+        datasource=PROMETHEUS,
+        targets=[
+            PromTarget(
+                f"max by (pipeline, {label}) ({metric}{_PROM_PIPE})",
+                legend="{{pipeline}}",
+                instant=True,
+                format="table",
+            )
+        ],
+        width=6,
+        height=4,
+        description=description,
+        options={
+            "colorMode": "none",
+            "graphMode": "none",
+            "justifyMode": "auto",
+            "orientation": "auto",
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": f"/^{label}$/", "values": True},
+            "textMode": "value_and_name",
+        },
+    )
+
+
+def _up_stat(title: str, metric: str, description: str) -> Panel:
+    """A red/green stat of a 0/1 gauge per pipeline."""
+    return Panel(
+        title=title,
+        type="stat",
+        datasource=PROMETHEUS,
+        targets=[PromTarget(f"min by (pipeline) ({metric}{_PROM_PIPE})", "{{pipeline}}")],
+        width=6,
+        height=4,
+        defaults={
+            "mappings": [
+                {
+                    "options": {
+                        "0": {"color": "red", "index": 0, "text": "down"},
+                        "1": {"color": "green", "index": 1, "text": "up"},
+                    },
+                    "type": "value",
+                }
+            ]
+        },
+        options={
+            "colorMode": "background",
+            "graphMode": "none",
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "textMode": "value_and_name",
+        },
+        description=description,
+    )
+
+
+# ------------------------------------------------------------------------------------- top stats
+
+
+def scoring_device_stat() -> Panel:
+    return _info_stat(
+        "Scoring device",
+        "anomaly_scoring_device_info",
+        "device",
+        "Where each pipeline's scorer runs: cuda, mps or cpu.",
+    )
+
+
+def model_version_stat() -> Panel:
+    return _info_stat(
+        "Model version",
+        "anomaly_model_version_info",
+        "version",
+        "The model version each scorer is serving.",
+    )
+
+
+def database_up_stat() -> Panel:
+    return _up_stat(
+        "Database up",
+        "anomaly_database_up",
+        "0 while the scorer cannot reach the database (it backs off and retries; Kafka "
+        "offsets are not committed meanwhile, so nothing is lost).",
+    )
+
+
+def total_lag_stat() -> Panel:
+    return Panel(
+        title="Total consumer lag",
+        type="stat",
+        datasource=PROMETHEUS,
+        targets=[
+            PromTarget(f"sum by (pipeline) (anomaly_consumer_lag{_PROM_PIPE})", "{{pipeline}}")
+        ],
+        width=6,
+        height=4,
+        thresholds=[(None, "green"), (10000, "orange"), (100000, "red")],
+        options={
+            "colorMode": "value",
+            "graphMode": "area",
+            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+            "textMode": "value_and_name",
+        },
+    )
+
+
+def schema_registry_up_stat() -> Panel:
+    return _up_stat(
+        "Schema registry up",
+        "anomaly_schema_registry_up",
+        "Pipelines reading Avro with kafka.schema_registry_url only (no data for the "
+        "others): 0 while the registry cannot be asked; the scorer holds the batch and "
+        "retries instead of dead-lettering it.",
+    )
+
+
+# ------------------------------------------------------------------------------------ throughput
+
+
+def records_per_second() -> Panel:
+    return timeseries(
+        "Records per second",
+        [
+            PromTarget(
+                _rate("anomaly_records_consumed_total", "pipeline"), "{{pipeline}} consumed"
+            ),
+            PromTarget(_rate("anomaly_records_scored_total", "pipeline"), "{{pipeline}} scored"),
+        ],
+        datasource=PROMETHEUS,
+        unit="reqps",
+        width=8,
+    )
+
+
+def alerts_per_second() -> Panel:
+    return timeseries(
+        "Alerts per second by severity",
+        [
+            PromTarget(
+                _rate("anomaly_records_alerted_total", "pipeline, severity"),
+                "{{pipeline}} {{severity}}",
+            )
+        ],
+        datasource=PROMETHEUS,
+        unit="reqps",
+        stacking="normal",
+        width=8,
+    )
+
+
+def dead_letters_per_second() -> Panel:
+    return timeseries(
+        "Dead letters per second by reason",
+        [
+            PromTarget(
+                _rate("anomaly_records_dead_lettered_total", "pipeline, reason"),
+                "{{pipeline}} {{reason}}",
+            )
+        ],
+        datasource=PROMETHEUS,
+        unit="reqps",
+        stacking="normal",
+        width=8,
+    )
+
+
+# ------------------------------------------------------------------------------- lag and latency
+
+
+def lag_per_partition() -> Panel:
+    return timeseries(
+        "Consumer lag per partition",
+        [
+            PromTarget(
+                f"max by (pipeline, topic, partition) (anomaly_consumer_lag{_PROM_PIPE})",
+                "{{pipeline}} {{topic}}[{{partition}}]",
+            )
+        ],
+        datasource=PROMETHEUS,
+        unit="short",
+        description="Records behind the end of each partition. A lag that keeps growing means "
+        "the scorer cannot keep up: add partitions and scorers, or score on a GPU.",
+    )
+
+
+def stage_latency() -> Panel:
+    return timeseries(
+        "Stage latency (p50, p99)",
+        [
+            PromTarget(
+                _quantile(0.5, "anomaly_stage_seconds", "pipeline, stage"),
+                "{{pipeline}} {{stage}} p50",
+            ),
+            PromTarget(
+                _quantile(0.99, "anomaly_stage_seconds", "pipeline, stage"),
+                "{{pipeline}} {{stage}} p99",
+            ),
+        ],
+        datasource=PROMETHEUS,
+        unit="s",
+        description="Per micro-batch: decode, score, write (one database transaction) and "
+        "commit (Kafka offsets).",
+    )
+
+
+def end_to_end_latency() -> Panel:
+    return timeseries(
+        "End-to-end latency (p50, p99)",
+        [
+            PromTarget(
+                _quantile(0.5, "anomaly_end_to_end_seconds", "pipeline"), "{{pipeline}} p50"
+            ),
+            PromTarget(
+                _quantile(0.99, "anomaly_end_to_end_seconds", "pipeline"), "{{pipeline}} p99"
+            ),
+        ],
+        datasource=PROMETHEUS,
+        unit="s",
+        description="From a record's Kafka timestamp to its alert being committed.",
+    )
+
+
+def batch_size() -> Panel:
+    return timeseries(
+        "Mean batch size",
+        [
+            PromTarget(
+                f"{_rate('anomaly_batch_size_sum', 'pipeline')} / "
+                f"{_rate('anomaly_batch_size_count', 'pipeline')}",
+                "{{pipeline}}",
+            )
+        ],
+        datasource=PROMETHEUS,
+        unit="short",
+        description="Records per micro-batch: small batches under load mean max_wait_s is "
+        "cutting them short.",
+    )
+
+
+# --------------------------------------------------------------------------- from the database
+
+DB_RECORDS_PER_SECOND_SQL = """
+SELECT
+  $__timeGroupAlias(minute, $__interval),
+  pipeline AS metric,
+  sum(records_seen)::float8 / greatest($__interval_ms / 1000.0, 60) AS records
+FROM stream_stats
+WHERE $__timeFilter(minute) AND pipeline IN (${pipeline:sqlstring})
+GROUP BY 1, 2
+ORDER BY 1, 2
+"""
+
+
+def db_records_per_second() -> Panel:
+    return timeseries(
+        "Records per second (stream_stats)",
+        [
+            SQLTarget(
+                DB_RECORDS_PER_SECOND_SQL,
+                columns=("time", "metric", "records"),
+                format="time_series",
+            )
+        ],
+        datasource=POSTGRES,
+        unit="reqps",
+        width=8,
+    )
+
+
+DB_BATCH_LATENCY_SQL = """
+SELECT
+  $__timeGroupAlias(minute, $__interval),
+  pipeline AS metric,
+  sum(latency_ms_sum) / NULLIF(sum(latency_count), 0) AS mean_ms,
+  max(latency_ms_max) AS max_ms
+FROM stream_stats
+WHERE $__timeFilter(minute) AND pipeline IN (${pipeline:sqlstring})
+GROUP BY 1, 2
+ORDER BY 1, 2
+"""
+
+
+def db_batch_latency() -> Panel:
+    return timeseries(
+        "Batch latency (stream_stats)",
+        [
+            SQLTarget(
+                DB_BATCH_LATENCY_SQL,
+                columns=("time", "metric", "mean_ms", "max_ms"),
+                format="time_series",
+            )
+        ],
+        datasource=POSTGRES,
+        unit="ms",
+        width=8,
+    )
+
+
+COMMITTED_OFFSETS_SQL = """
+SELECT
+  pipeline,
+  kafka_topic AS topic,
+  kafka_partition AS partition,
+  next_offset,
+  updated_at
+FROM consumer_offsets
+WHERE pipeline IN (${pipeline:sqlstring})
+ORDER BY pipeline, kafka_topic, kafka_partition
+"""
+
+
+def committed_offsets() -> Panel:
+    return table(
+        "Committed offsets",
+        SQLTarget(
+            COMMITTED_OFFSETS_SQL,
+            columns=("pipeline", "topic", "partition", "next_offset", "updated_at"),
+            time_bound=False,  # the current position of each partition
+        ),
+        width=8,
+        description="Next offset to read per partition, as stored with the alerts in the "
+        "same transaction.",
+    )
+
+
+# ------------------------------------------------------------------------------------ dashboard
+
+
+def service_dashboard() -> Dashboard:
+    # This dashboard's pipeline list comes from Prometheus, but its SQL panels use it too: a
+    # multi-value variable expands to a quoted list in SQL whatever datasource filled it.
+    return Dashboard(
+        uid="anomaly-service",
+        title="Anomaly monitor / Service",
+        description="Throughput, lag, latency and scoring device of the anomaly-monitor scorers.",
+        panels=[
+            scoring_device_stat(),
+            model_version_stat(),
+            database_up_stat(),
+            total_lag_stat(),
+            schema_registry_up_stat(),
+            row("Throughput"),
+            records_per_second(),
+            alerts_per_second(),
+            dead_letters_per_second(),
+            row("Lag and latency"),
+            lag_per_partition(),
+            stage_latency(),
+            end_to_end_latency(),
+            batch_size(),
+            row("From the database (works without Prometheus)"),
+            db_records_per_second(),
+            db_batch_latency(),
+            committed_offsets(),
+        ],
+        variables=[PIPELINE_PROM],
+        tags=TAGS,
+        time_from="now-1h",
+        refresh="10s",
+        links=LINKS,
+    )
