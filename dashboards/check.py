@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from dashboards.builder import SQLTarget
-from dashboards.definitions import PIPELINE_SQL, all_dashboards
+from dashboards.definitions import all_dashboards
 from dashboards.macros import TimeRange, expand
+from dashboards.panels import PIPELINE_SQL
 
 
 @dataclass
