@@ -18,7 +18,30 @@ name, shape or dtype differs from what the manifest and the detector's architect
 hashed and parsed from the same read, and nothing loaded can run code: safetensors holds only raw
 tensors and JSON holds only data.
 
-The model version is the first 12 hex digits of the manifest's sha256 (unless set in the manifest).
+Identity. A bundle's identity is the sha256 of its manifest.json bytes (``model.bundle_sha256_``,
+what ``anomaly models register`` records in ``model_versions.bundle_sha256``). It covers every byte
+that affects a score: the manifest holds the preprocessing, thresholds, calibration summaries,
+ensemble weights and detector parameters itself, and pins every other file by sha256 and size.
+The model version is the first 12 hex digits of it (unless set in the manifest). Why this and not a
+new digest over the content: the registered sha256 of every bundle saved so far stays valid, so no
+row of ``model_versions`` needs rewriting, and any edit of manifest.json, even one that only
+reformats it, changes the identity.
+
+Two checks use it, for two threats:
+
+* Against the registry (``expected_sha256``): ``serve`` passes the sha256 registered for the active
+  version, and a bundle whose manifest differs is refused before anything else is read. This is
+  the check that stops a deliberate swap or edit: the expected value lives in the database, outside
+  the bundle directory, so whoever can write the directory cannot update it too.
+* Self-check (``content_sha256`` in the manifest): the sha256 of the manifest's canonical JSON
+  (sorted keys, no whitespace) without that key. A manifest edited by hand or damaged (a threshold
+  changed by one byte) no longer matches and is refused even where no registry is involved
+  (``serve.model_dir``, ``anomaly score``, ``anomaly inspect``), instead of loading as a silently
+  "new" version. It is a checksum, not a signature: someone who edits the manifest on purpose can
+  recompute it, which is why ``serve`` also compares the registered identity. It is computed over
+  the parsed JSON, so the same manifest pretty-printed differently passes (its identity changes).
+  Bundles saved before it existed have no ``content_sha256``: they still load, but only the
+  registered identity can detect an edit of their manifest (re-save them to add it).
 """
 
 from __future__ import annotations
@@ -28,6 +51,7 @@ import json
 import os
 import platform
 import re
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +61,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from anomaly.errors import BundleError
+from anomaly.errors import BundleError, IdentityError
 
 if TYPE_CHECKING:
     from anomaly.model import AnomalyModel
@@ -45,12 +69,32 @@ if TYPE_CHECKING:
 FORMAT = "anomaly-monitor-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+CONTENT_KEY = "content_sha256"  # the manifest's self-check (see the module docstring)
 MAX_MANIFEST_BYTES = 256 * 1024 * 1024
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,120}$")
 
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def content_sha256(manifest: dict[str, Any]) -> str:
+    """The manifest's self-check: sha256 of its canonical JSON without ``content_sha256``.
+
+    Canonical = sorted keys, no whitespace, over the parsed values: Python writes each parsed
+    float back as the same shortest text, so a saved manifest gives the same digest when loaded.
+    """
+    body = {k: v for k, v in manifest.items() if k != CONTENT_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return _sha256(text.encode())
+
+
+def seal_manifest(manifest: dict[str, Any]) -> bytes:
+    """manifest.json bytes with ``content_sha256`` set (what ``save_bundle`` writes)."""
+    # Through JSON and back first: the digest must be of what a loader will parse.
+    parsed = json.loads(json.dumps(_json_safe(manifest)))
+    parsed[CONTENT_KEY] = content_sha256(parsed)
+    return json.dumps(parsed, indent=2, sort_keys=True).encode()
 
 
 def _library_versions() -> dict[str, str]:
@@ -135,7 +179,7 @@ def save_bundle(model: AnomalyModel, path: str | os.PathLike[str]) -> str:
     }
     for fname, data in files.items():
         (out / fname).write_bytes(data)
-    manifest_bytes = json.dumps(_json_safe(manifest), indent=2, sort_keys=True).encode()
+    manifest_bytes = seal_manifest(manifest)
     (out / MANIFEST).write_bytes(manifest_bytes)
     model._bundle_version = _sha256(manifest_bytes)[:12]
     model.bundle_path_ = str(out)
@@ -143,7 +187,65 @@ def save_bundle(model: AnomalyModel, path: str | os.PathLike[str]) -> str:
     return str(model.version)
 
 
-def _read_verified(root: Path) -> tuple[dict[str, Any], dict[str, bytes], str]:
+def _read_file(root: Path, fname: str, *, expected: int | None = None, limit: int = 0) -> bytes:
+    """``root/fname``, its size checked before it is read: a multi-gigabyte file swapped into a
+    bundle is refused by its size, never read whole into memory. One byte more than allowed is
+    read, so a file that grew after the check is caught too. Something put in its place after
+    the directory was listed is refused: ``O_NOFOLLOW`` a symlink, ``O_NONBLOCK`` (no effect on
+    regular files) keeps a FIFO from blocking the open, and fstat then sees it is no file."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(root / fname, flags)
+    except OSError as exc:
+        raise BundleError(f"bundle {root}: cannot open '{fname}' ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise BundleError(f"bundle {root}: '{fname}' is not a regular file; refused")
+        _check_size(root, fname, st.st_size, expected, limit)
+        raw = f.read((limit if expected is None else expected) + 1)
+    _check_size(root, fname, len(raw), expected, limit)
+    return raw
+
+
+def _check_size(root: Path, fname: str, size: int, expected: int | None, limit: int) -> None:
+    if expected is not None and size != expected:
+        raise BundleError(
+            f"bundle {root}: '{fname}' has {size} bytes, the manifest says {expected} "
+            "(truncated or modified)"
+        )
+    if expected is None and size > limit:
+        raise BundleError(f"bundle {root}: {fname} is implausibly large ({size} bytes)")
+
+
+def _check_registered(
+    root: Path, sha: str, expected: str | None, registered_as: str | None
+) -> None:
+    """First of all: the registered identity lives outside the bundle, so whoever swapped or
+    edited the directory could not update it too."""
+    if expected is not None and sha != expected:
+        raise IdentityError(
+            f"bundle {root}: identity (manifest sha256) {sha} differs from the registered "
+            f"{expected}{f' ({registered_as})' if registered_as else ''}; refused (another "
+            "bundle, or an edited one, is in its place)"
+        )
+
+
+def _check_self(root: Path, manifest: dict[str, Any]) -> None:
+    recorded = manifest.get(CONTENT_KEY)
+    if recorded is None:
+        return  # saved before the self-check existed: only a registered identity protects it
+    computed = content_sha256(manifest)
+    if recorded != computed:
+        raise IdentityError(
+            f"bundle {root}: {MANIFEST} was edited after it was saved: its content sha256 is "
+            f"{computed}, it records {recorded}; refused"
+        )
+
+
+def _read_verified(
+    root: Path, expected_sha256: str | None = None, registered_as: str | None = None
+) -> tuple[dict[str, Any], dict[str, bytes], str]:
     if not root.is_dir():
         raise BundleError(f"model bundle {root} is not a directory")
     entries = {}
@@ -153,15 +255,16 @@ def _read_verified(root: Path) -> tuple[dict[str, Any], dict[str, bytes], str]:
         entries[entry.name] = entry
     if MANIFEST not in entries:
         raise BundleError(f"bundle {root}: {MANIFEST} is missing")
-    if entries[MANIFEST].stat().st_size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"bundle {root}: {MANIFEST} is implausibly large")
-    manifest_bytes = (root / MANIFEST).read_bytes()
+    manifest_bytes = _read_file(root, MANIFEST, limit=MAX_MANIFEST_BYTES)
+    sha = _sha256(manifest_bytes)
+    _check_registered(root, sha, expected_sha256, registered_as)
     try:
         manifest = json.loads(manifest_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"bundle {root}: {MANIFEST} is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"bundle {root}: {MANIFEST} is not an anomaly-monitor bundle manifest")
+    _check_self(root, manifest)
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(
             f"bundle {root}: format_version {manifest.get('format_version')!r} is not supported "
@@ -187,18 +290,14 @@ def _read_verified(root: Path) -> tuple[dict[str, Any], dict[str, bytes], str]:
     for fname, meta in listed.items():
         if fname not in entries:
             raise BundleError(f"bundle {root}: file '{fname}' listed in the manifest is missing")
-        if not isinstance(meta, dict):
+        size = meta.get("bytes") if isinstance(meta, dict) else None
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise BundleError(f"bundle {root}: manifest entry for '{fname}' is malformed")
-        raw = (root / fname).read_bytes()
-        if len(raw) != meta.get("bytes"):
-            raise BundleError(
-                f"bundle {root}: '{fname}' has {len(raw)} bytes, the manifest says "
-                f"{meta.get('bytes')} (truncated or modified)"
-            )
+        raw = _read_file(root, fname, expected=size)
         if _sha256(raw) != meta.get("sha256"):
             raise BundleError(f"bundle {root}: sha256 of '{fname}' does not match the manifest")
         data[fname] = raw
-    return manifest, data, _sha256(manifest_bytes)
+    return manifest, data, sha
 
 
 def _tensors(root: Path, fname: str, data: dict[str, bytes]) -> dict[str, torch.Tensor]:
@@ -212,7 +311,16 @@ def _tensors(root: Path, fname: str, data: dict[str, bytes]) -> dict[str, torch.
         ) from None
 
 
-def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> AnomalyModel:
+def load_bundle(
+    path: str | os.PathLike[str],
+    device: str = "cpu",
+    *,
+    expected_sha256: str | None = None,
+    registered_as: str | None = None,
+) -> AnomalyModel:
+    """Load and verify a bundle. With ``expected_sha256`` (the registered identity) a bundle
+    whose manifest.json has another sha256 is refused before anything else is read;
+    ``registered_as`` (e.g. "model version 'v3' of pipeline 'cards'") goes into that error."""
     from anomaly.calibration import Calibrator
     from anomaly.config import SchemaConfig
     from anomaly.detectors._base import resolve_device
@@ -220,7 +328,7 @@ def load_bundle(path: str | os.PathLike[str], device: str = "cpu") -> AnomalyMod
     from anomaly.preprocess import Preprocessor
 
     root = Path(path)
-    manifest, data, version = _read_verified(root)
+    manifest, data, version = _read_verified(root, expected_sha256, registered_as)
     try:
         schema = SchemaConfig(**manifest["schema"]) if manifest["schema"] else None
         names = [str(d) for d in manifest["detectors"]]
@@ -308,4 +416,14 @@ def inspect_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:
     info = dict(manifest)
     info["version"] = manifest.get("version") or manifest_sha[:12]
     info["manifest_sha256"] = manifest_sha
+    info["identity"] = {
+        # What `anomaly models register` records and `serve` compares before loading.
+        "sha256": manifest_sha,
+        # The manifest's self-check, verified above; None for bundles saved before it existed.
+        CONTENT_KEY: manifest.get(CONTENT_KEY),
+        "self_check": "ok"
+        if manifest.get(CONTENT_KEY) is not None
+        else "absent (saved before content_sha256 existed: an edited manifest is detected only "
+        "against the registered sha256; re-save the bundle to add it)",
+    }
     return info

@@ -47,8 +47,10 @@ def register(subparsers: Any) -> None:
     inspect = subparsers.add_parser(
         "inspect",
         help="verify a model bundle and print its manifest summary",
-        description="Verify every file's sha256 and print version, schema, thresholds, "
-        "calibration quantiles and training summary as JSON.",
+        description="Verify every file's sha256 and the manifest's own content_sha256, and print "
+        "version, identity (the manifest sha256 that `anomaly models register` records and "
+        "`serve` compares), schema, thresholds, calibration quantiles and training summary "
+        "as JSON.",
     )
     inspect.add_argument("--model", required=True, help="model bundle directory")
     inspect.add_argument("--full", action="store_true", help="print the whole manifest")
@@ -197,6 +199,7 @@ def _inspect(args: argparse.Namespace) -> int:
         keep = (
             "version",
             "manifest_sha256",
+            "identity",
             "created_at",
             "libraries",
             "target_fpr",

@@ -19,6 +19,11 @@ class BundleError(UserFacingError, ValueError):
     """A model bundle that is missing, tampered, truncated or otherwise unsafe to load."""
 
 
+class IdentityError(BundleError):
+    """A bundle that is not the one it claims or is registered to be: its manifest.json differs
+    from the registered sha256, or was edited after it was saved (its content_sha256)."""
+
+
 class NotFittedError(UserFacingError, RuntimeError):
     """A model used before ``fit``."""
 

@@ -442,8 +442,18 @@ class AnomalyModel:
         return save_bundle(self, path)
 
     @classmethod
-    def load(cls, path: str | PathLike[str], device: str = "cpu") -> AnomalyModel:
-        """Load and verify a bundle (hashes, shapes); raises BundleError if anything is off."""
+    def load(
+        cls,
+        path: str | PathLike[str],
+        device: str = "cpu",
+        *,
+        expected_sha256: str | None = None,
+        registered_as: str | None = None,
+    ) -> AnomalyModel:
+        """Load and verify a bundle (identity, hashes, shapes); raises BundleError if anything is
+        off. ``expected_sha256``: the registered identity the bundle must have (see bundle.py)."""
         from anomaly.bundle import load_bundle
 
-        return load_bundle(path, device=device)
+        return load_bundle(
+            path, device=device, expected_sha256=expected_sha256, registered_as=registered_as
+        )

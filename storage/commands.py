@@ -339,7 +339,6 @@ def _pipeline(args: argparse.Namespace, command: str) -> str:
 
 
 def _models_register(args: argparse.Namespace) -> int:
-    import hashlib
     from pathlib import Path
 
     from anomaly.model import AnomalyModel
@@ -348,7 +347,9 @@ def _models_register(args: argparse.Namespace) -> int:
     pipeline = _pipeline(args, "register")
     root = Path(args.bundle).resolve()
     model = AnomalyModel.load(root)  # verifies every file against the manifest
-    sha = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()
+    # The identity of the very bytes that were verified (reading manifest.json again here
+    # could register a manifest swapped in meanwhile).
+    sha = model.bundle_sha256_
     metrics = {k: v for k, v in model.metrics_.items() if k != "training"}
     rec = ModelVersionRecord(
         pipeline=pipeline,

@@ -14,7 +14,6 @@ Ctrl-C stops it at any point: the services finish the batch in flight, the broke
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -175,8 +174,7 @@ def _train_and_register(cfg: Any, train: Any, model_dir: Path, store: Any) -> tu
     model = AnomalyModel.from_config(cfg)
     model.fit(train)
     version = model.save(model_dir)
-    manifest = model_dir / "manifest.json"
-    sha = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else "0" * 64
+    sha = model.bundle_sha256_  # the identity serve compares with the bundle on disk
     metrics = {k: v for k, v in model.metrics_.items() if k != "training"}
     store.register_model_version(
         ModelVersionRecord(

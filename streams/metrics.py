@@ -77,6 +77,17 @@ class ServiceMetrics:
             "anomaly_model_version_info", "The model version that scores", [*p, "version"],
             registry=r,
         )  # fmt: skip
+        # 0 while the active version's bundle is refused because it is not the bundle that was
+        # registered (or its manifest was edited): the service scores with an older model, or
+        # (at start) not at all. A gauge, not a counter of refusals: the switch is retried every
+        # serve.model_poll_s, so a counter would count polls rather than bad bundles.
+        # No series until a bundle was checked (a 0 before the first load would read as a refusal).
+        self._model_identity_ok = Gauge(
+            "anomaly_model_identity_ok",
+            "1 while the loaded bundle is the one registered for the active model version",
+            p,
+            registry=r,
+        )
         self.database_up = Gauge(
             "anomaly_database_up", "1 while the alert database is reachable", p, registry=r
         ).labels(pipeline)
@@ -105,6 +116,9 @@ class ServiceMetrics:
     def set_schema_registry_up(self, up: bool) -> None:
         self._schema_registry_up.labels(self.pipeline).set(1 if up else 0)
 
+    def set_model_identity_ok(self, ok: bool) -> None:
+        self._model_identity_ok.labels(self.pipeline).set(1 if ok else 0)
+
     def set_model_version(self, version: str) -> None:
         self._version.clear()
         self._version.labels(self.pipeline, version).set(1)
@@ -127,16 +141,31 @@ class ServiceMetrics:
 
 @dataclass
 class Health:
-    """What ``/healthz`` and ``/readyz`` report. ``ready`` needs every condition true."""
+    """What ``/healthz`` and ``/readyz`` report. ``ready`` needs every condition true;
+    ``details`` are one-line explanations for an operator that do not change readiness (e.g. a
+    refused model switch while the service still scores with the model it has)."""
 
     conditions: dict[str, bool] = field(
         default_factory=lambda: {"model_loaded": False, "database_up": False, "assigned": False}
     )
+    details: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def set(self, name: str, value: bool) -> None:
         with self._lock:
             self.conditions[name] = value
+
+    def set_detail(self, name: str, text: str | None) -> None:
+        """Show ``text`` under ``detail`` in /readyz; ``None`` removes it."""
+        with self._lock:
+            if text is None:
+                self.details.pop(name, None)
+            else:
+                self.details[name] = text
+
+    def detail_snapshot(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self.details)
 
     @property
     def ready(self) -> bool:
@@ -162,7 +191,11 @@ class MetricsServer:
                 elif path == "/healthz":
                     self._send(200, b'{"status": "ok"}\n', "application/json")
                 elif path == "/readyz":
-                    body = {"ready": health.ready, "conditions": health.snapshot()}
+                    body = {
+                        "ready": health.ready,
+                        "conditions": health.snapshot(),
+                        "detail": health.detail_snapshot(),
+                    }
                     status = 200 if body["ready"] else 503
                     self._send(status, (json.dumps(body) + "\n").encode(), "application/json")
                 else:

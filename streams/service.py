@@ -37,7 +37,7 @@ import msgspec
 import numpy as np
 
 from anomaly.config import DETECTOR_NAMES, PipelineConfig
-from anomaly.errors import ConfigError
+from anomaly.errors import BundleError, ConfigError, IdentityError
 from storage.errors import RetryableStorageError
 from storage.records import (
     AlertRecord,
@@ -734,6 +734,7 @@ class ScoringService:
     # -- model versions -------------------------------------------------------------------
 
     def _load_model(self, initial: bool = False) -> None:
+        from anomaly.bundle import CONTENT_KEY
         from anomaly.model import AnomalyModel
         from anomaly.scorer import BatchScorer
 
@@ -741,8 +742,9 @@ class ScoringService:
         record = self._with_db_retry(
             lambda: self.store.active_model_version(self.pipeline), "reading the model version"
         )
+        expected: str | None = None
         if record is not None:
-            path, version = record.bundle_path, record.version
+            path, version, expected = record.bundle_path, record.version, record.bundle_sha256
         elif serve.model_dir:
             path, version = serve.model_dir, None
         else:
@@ -750,7 +752,23 @@ class ScoringService:
                 f"pipeline {self.pipeline!r} has no active model version in the database and "
                 "serve.model_dir is not set: train a model and register it, or set serve.model_dir"
             )
-        model = AnomalyModel.load(path)
+        try:
+            # The registered sha256 is compared before anything else is read: a directory
+            # swapped for another (self-consistent) bundle must not score under this version.
+            model = AnomalyModel.load(
+                path,
+                expected_sha256=expected,
+                registered_as=f"model version {version!r} of pipeline {self.pipeline!r}",
+            )
+        except BundleError as exc:
+            self._model_refused(version, exc)
+            raise
+        if expected is None and model.manifest_.get(CONTENT_KEY) is None:
+            log.warning(
+                "bundle has neither a registered identity nor a content_sha256 (saved before "
+                "it existed): an edited manifest.json cannot be detected; register the bundle",
+                extra={"fields": {"bundle": str(path)}},
+            )
         version = version or model.version or "unversioned"
         model.version = version
         scorer = BatchScorer(
@@ -766,11 +784,20 @@ class ScoringService:
         self._last_model_poll = time.monotonic()
         self.metrics.set_device(scorer.device)
         self.metrics.set_model_version(version)
+        self.metrics.set_model_identity_ok(True)
         self.health.set("model_loaded", True)
+        self.health.set_detail("model", None)
         log.info(
             "model loaded" if initial else "model switched",
             extra={"fields": {"version": version, "bundle": str(path), "device": scorer.device}},
         )
+
+    def _model_refused(self, version: str | None, exc: BundleError) -> None:
+        """Tell the operator (/readyz detail, metric) why the active version is not scoring."""
+        if isinstance(exc, IdentityError):
+            self.metrics.set_model_identity_ok(False)
+        current = f"scoring with {self.loaded.version!r}" if self.loaded else "nothing loaded"
+        self.health.set_detail("model", f"model version {version!r} refused ({current}): {exc}")
 
     def _warm_up(self, loaded: LoadedModel) -> None:
         """Decode, check, score and build the sink batch of made-up records once, before the

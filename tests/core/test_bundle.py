@@ -15,8 +15,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from anomaly import AnomalyModel
-from anomaly.bundle import MANIFEST, inspect_bundle
-from anomaly.errors import BundleError
+from anomaly.bundle import CONTENT_KEY, MANIFEST, inspect_bundle, seal_manifest
+from anomaly.cli import main
+from anomaly.errors import BundleError, IdentityError
 
 
 @pytest.fixture
@@ -25,13 +26,20 @@ def bundle(saved_bundle, tmp_path) -> Path:
     return Path(shutil.copytree(saved_bundle, tmp_path / "copy"))
 
 
+def write_manifest(bundle: Path, manifest: dict) -> None:
+    """An attacker who edits the manifest and recomputes its content_sha256 too (it is a checksum,
+    not a signature): what only the registered identity can catch, and what lets these tests
+    reach the checks behind the self-check."""
+    (bundle / MANIFEST).write_bytes(seal_manifest(manifest))
+
+
 def rewrite(bundle: Path, name: str, data: bytes, *, fix_manifest: bool) -> None:
     """Replace a file; with ``fix_manifest`` the attacker also updates its hash and size."""
     (bundle / name).write_bytes(data)
     if fix_manifest:
         manifest = json.loads((bundle / MANIFEST).read_text())
         manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
-        (bundle / MANIFEST).write_text(json.dumps(manifest))
+        write_manifest(bundle, manifest)
 
 
 def test_save_load_gives_identical_scores(fitted_model, saved_bundle, frame_problem):
@@ -123,7 +131,7 @@ def test_shapes_consistent_with_manifest_but_not_architecture_are_refused(bundle
     rewrite(bundle, "gan.safetensors", st_save(tensors), fix_manifest=True)
     manifest = json.loads((bundle / MANIFEST).read_text())
     manifest["detector_params"]["gan"]["tensors"][key]["shape"] = list(tensors[key].shape)
-    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(bundle, manifest)
     with pytest.raises(BundleError, match=r"disc_head\.weight"):
         AnomalyModel.load(bundle)
 
@@ -134,7 +142,7 @@ def test_shapes_consistent_with_manifest_but_not_architecture_are_refused(bundle
 def test_path_traversal_names_are_refused(bundle, name):
     manifest = json.loads((bundle / MANIFEST).read_text())
     manifest["files"][name] = {"sha256": "0" * 64, "bytes": 1}
-    (bundle / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(bundle, manifest)
     with pytest.raises(BundleError, match="is not allowed"):
         AnomalyModel.load(bundle)
 
@@ -168,3 +176,118 @@ def test_explicit_version_survives_save_and_load(saved_bundle, tmp_path):
     again = AnomalyModel.load(tmp_path / "named")
     assert again.version == "cards-2026-11-24"
     assert inspect_bundle(tmp_path / "named")["version"] == "cards-2026-11-24"
+
+
+# -- identity: the manifest is covered, the registered sha256 is compared -----------------------
+
+
+def _threshold_edited_by_one_byte(bundle: Path) -> tuple[bytes, bytes]:
+    """Change one digit of the ensemble threshold in manifest.json's bytes, nothing else."""
+    raw = (bundle / MANIFEST).read_bytes()
+    manifest = json.loads(raw)
+    text = json.dumps(manifest["calibration"]["ensemble"]["threshold"]).encode()
+    at = raw.index(b'"threshold": ' + text) + len(b'"threshold": ') + len(text) - 1
+    edited = raw[:at] + (b"1" if raw[at : at + 1] != b"1" else b"2") + raw[at + 1 :]
+    (bundle / MANIFEST).write_bytes(edited)
+    return raw, edited
+
+
+def test_manifest_edited_by_one_byte_is_refused(bundle):
+    raw, edited = _threshold_edited_by_one_byte(bundle)
+    before = json.loads(raw)["calibration"]["ensemble"]["threshold"]
+    assert json.loads(edited)["calibration"]["ensemble"]["threshold"] != before
+    with pytest.raises(IdentityError, match=r"^bundle .*manifest\.json was edited") as info:
+        AnomalyModel.load(bundle)
+    from anomaly.bundle import content_sha256
+
+    recorded, computed = json.loads(raw)[CONTENT_KEY], content_sha256(json.loads(edited))
+    assert str(info.value) == (
+        f"bundle {bundle}: manifest.json was edited after it was saved: its content sha256 is "
+        f"{computed}, it records {recorded}; refused"
+    )
+
+
+def test_anomaly_inspect_refuses_an_edited_manifest_in_one_line(bundle, capsys):
+    _threshold_edited_by_one_byte(bundle)
+    assert main(["inspect", "--model", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: bundle {bundle}: manifest.json was edited")
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_registered_identity_is_compared_before_anything_else(bundle, saved_bundle):
+    """A manifest edited *and* re-sealed passes its self-check (it is not a signature) and is a
+    different bundle: its identity differs, so loading it as the registered one is refused."""
+    registered = AnomalyModel.load(saved_bundle).bundle_sha256_
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["calibration"]["ensemble"]["threshold"] *= 1.5
+    write_manifest(bundle, manifest)
+    impostor = AnomalyModel.load(bundle)
+    assert impostor.bundle_sha256_ != registered and impostor.version != registered[:12]
+    with pytest.raises(IdentityError) as info:
+        AnomalyModel.load(bundle, expected_sha256=registered, registered_as="model version 'v1'")
+    assert str(info.value) == (
+        f"bundle {bundle}: identity (manifest sha256) {impostor.bundle_sha256_} differs from the "
+        f"registered {registered} (model version 'v1'); refused (another bundle, or an edited "
+        "one, is in its place)"
+    )
+    # Compared before the files are read: a bundle with broken weights reports the identity.
+    (bundle / "vae.safetensors").write_bytes(b"garbage")
+    with pytest.raises(IdentityError, match="differs from the registered"):
+        AnomalyModel.load(bundle, expected_sha256=registered)
+    assert AnomalyModel.load(saved_bundle, expected_sha256=registered).bundle_sha256_ == registered
+
+
+def test_saved_bundle_records_a_content_sha256_over_the_whole_manifest(saved_bundle):
+    from anomaly.bundle import content_sha256
+
+    manifest = json.loads((saved_bundle / MANIFEST).read_bytes())
+    assert manifest[CONTENT_KEY] == content_sha256(manifest)
+    for key in ("calibration", "preprocessing", "ensemble_weights", "files", "version", "metrics"):
+        changed = dict(manifest)
+        changed[key] = "other"
+        assert content_sha256(changed) != manifest[CONTENT_KEY], key
+    info = inspect_bundle(saved_bundle)
+    sha = hashlib.sha256((saved_bundle / MANIFEST).read_bytes()).hexdigest()
+    assert info["identity"]["sha256"] == sha == info["manifest_sha256"]
+    assert info["identity"][CONTENT_KEY] == manifest[CONTENT_KEY]
+    assert info["identity"]["self_check"] == "ok"
+
+
+def test_bundle_saved_before_content_sha256_still_loads(bundle, saved_bundle):
+    """Older bundles have no self-check: they load, and only the registered identity (the sha256
+    of their manifest.json, unchanged by this) can catch an edit of their manifest."""
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    del manifest[CONTENT_KEY]
+    old_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    (bundle / MANIFEST).write_bytes(old_bytes)
+    old_sha = hashlib.sha256(old_bytes).hexdigest()
+    model = AnomalyModel.load(bundle, expected_sha256=old_sha)
+    assert model.bundle_sha256_ == old_sha and model.version == old_sha[:12]
+    assert inspect_bundle(bundle)["identity"]["self_check"].startswith("absent")
+    _threshold_edited_by_one_byte(bundle)
+    assert AnomalyModel.load(bundle).bundle_sha256_ != old_sha  # undetectable on its own
+    with pytest.raises(IdentityError, match="differs from the registered"):
+        AnomalyModel.load(bundle, expected_sha256=old_sha)
+
+
+def _bytes_read() -> int:
+    """Bytes this process has read through read(2) so far (Linux)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/self/io")
+
+
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io")
+def test_a_file_larger_than_the_manifest_says_is_refused_without_reading_it(bundle):
+    grown = 256 * 1024 * 1024
+    path = bundle / "vae.safetensors"
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        f.truncate(size + grown)  # sparse: costs no disk
+    before = _bytes_read()
+    with pytest.raises(BundleError, match=rf"'vae\.safetensors' has {size + grown} bytes"):
+        AnomalyModel.load(bundle)
+    read = _bytes_read() - before
+    assert read < grown // 16, f"{read} bytes read to refuse a file {grown} bytes too large"

@@ -11,6 +11,7 @@ bundle, which must keep scoring with the model it has.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import shutil
@@ -26,7 +27,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from anomaly import AnomalyModel
-from anomaly.bundle import MANIFEST
+from anomaly.bundle import MANIFEST, seal_manifest
 from anomaly.config import load_config
 from anomaly.errors import BundleError
 from streams.broker import create_topic, free_port
@@ -90,7 +91,7 @@ def poison(kind: str, bundle: Path, marker: Path) -> str:
     if kind == "path_traversal":
         manifest = json.loads((bundle / MANIFEST).read_text())
         manifest["files"]["../../outside.safetensors"] = manifest["files"].pop("vae.safetensors")
-        (bundle / MANIFEST).write_text(json.dumps(manifest))
+        (bundle / MANIFEST).write_bytes(seal_manifest(manifest))  # with its self-check redone
         return "is not allowed"
     raise ValueError(kind)
 
@@ -147,6 +148,48 @@ def test_serve_refuses_to_start_on_a_poisoned_bundle(
 
 
 @pytest.mark.kafka
+def test_serve_refuses_a_registered_version_whose_directory_was_swapped(
+    sqlite_url, tmp_path, kafka_bootstrap, topic_name, pipeline_file, trained_model
+):
+    """`models register` recorded the bundle's identity; then the directory was replaced by
+    another self-consistent bundle. `anomaly serve` exits 2 with one line naming the bundle and
+    both identities, instead of scoring with it under the registered version."""
+    from storage.records import ModelVersionRecord
+    from storage.store import AlertStore
+
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    config = pipeline_file(sqlite_url, None)
+    cfg = load_config(config)
+    bundle = Path(shutil.copytree(trained_model.bundle, tmp_path / "registered"))
+    registered = hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest()
+    store = AlertStore.from_config(cfg)
+    store.upgrade()
+    rec = ModelVersionRecord(cfg.name, "v1", str(bundle), registered)
+    store.register_model_version(rec, activate=True)
+    store.close()
+    impostor = AnomalyModel.load(bundle)
+    impostor.version = "impostor"
+    shutil.rmtree(bundle)
+    impostor.save(bundle)
+    on_disk = hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest()
+
+    serve = ServeProcess(config, tmp_path / "serve.log")
+    try:
+        assert serve.wait(120) == 2  # before the check, it served the impostor until stopped
+    finally:
+        if serve.alive():
+            serve.kill()
+    text = serve.log_text()
+    assert "Traceback" not in text
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: bundle {bundle}: identity (manifest sha256) {on_disk} differs from the "
+        f"registered {registered} (model version 'v1' of pipeline {cfg.name!r}); refused "
+        "(another bundle, or an edited one, is in its place)"
+    ]
+
+
+@pytest.mark.kafka
 @pytest.mark.postgres
 def test_running_service_refuses_to_switch_to_poisoned_bundles(
     pg_url, tmp_path, kafka_bootstrap, topic_name, pipeline_file, trained_model, marker, sql
@@ -180,7 +223,8 @@ def test_running_service_refuses_to_switch_to_poisoned_bundles(
                     pipeline=cfg.name,
                     version=f"bad-{kind}",
                     bundle_path=str(bundle),
-                    bundle_sha256="0" * 64,
+                    # Its own identity: the refusal must come from the check behind it.
+                    bundle_sha256=hashlib.sha256((bundle / MANIFEST).read_bytes()).hexdigest(),
                 ),
                 activate=True,
             )

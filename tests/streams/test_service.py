@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pandas as pd
 import pytest
 
 from anomaly.config import load_config
+from anomaly.errors import BundleError
 from anomaly.synthetic import write_frame
 from storage.store import AlertStore
 from streams.broker import create_topic
@@ -250,6 +252,41 @@ def _get(url: str) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+def _manifest_sha256(bundle: Path) -> str:
+    """A bundle's identity, as `anomaly models register` records it."""
+    import hashlib
+
+    return hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+
+
+def _impostor(trained_model, path: Path) -> Path:
+    """Another self-consistent bundle (every hash in order) at ``path``: same weights, saved
+    again under another explicit version, so its manifest, and so its identity, differ."""
+    from anomaly.model import AnomalyModel
+
+    model = AnomalyModel.load(trained_model.bundle)
+    model.version = "impostor"
+    model.save(path)
+    assert _manifest_sha256(path) != _manifest_sha256(trained_model.bundle)
+    return path
+
+
+def _register(cfg, version: str, bundle: Path, sha: str, *, activate: bool = True) -> None:
+    from storage.records import ModelVersionRecord
+
+    store = AlertStore.from_config(cfg)
+    try:
+        store.upgrade()
+        store.register_model_version(
+            ModelVersionRecord(
+                pipeline=cfg.name, version=version, bundle_path=str(bundle), bundle_sha256=sha
+            ),
+            activate=activate,
+        )
+    finally:
+        store.close()
+
+
 def _wait(condition, timeout_s: float = 60.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -324,7 +361,7 @@ def test_database_outage_pauses_then_resumes_and_model_switches_live(
                 pipeline=cfg.name,
                 version="v2-live",
                 bundle_path=str(trained_model.bundle),
-                bundle_sha256="0" * 64,
+                bundle_sha256=_manifest_sha256(trained_model.bundle),
             ),
             activate=True,
         )
@@ -415,3 +452,101 @@ def test_warm_up_records_pass_every_check_and_reach_the_alert_path(trained_model
     assert not trained_model.model.preprocessor_.validate_frame(decoded.frame)
     alerts = trained_model.model.predict(decoded.frame)
     assert 0 < alerts.sum() < WARM_UP_ROWS
+
+
+def _identity_error(bundle: Path, on_disk: str, registered: str, version: str, cfg) -> str:
+    return (
+        f"bundle {bundle}: identity (manifest sha256) {on_disk} differs from the registered "
+        f"{registered} (model version {version!r} of pipeline {cfg.name!r}); refused (another "
+        "bundle, or an edited one, is in its place)"
+    )
+
+
+def test_serve_refuses_to_start_when_the_bundle_is_not_the_registered_one(
+    sqlite_url, tmp_path, kafka_bootstrap, topic_name, pipeline_file, trained_model, sql
+):
+    """The registered directory was swapped for another self-consistent bundle: without the
+    check it was served, and its alerts were labelled with the registered version."""
+    from prometheus_client import generate_latest
+
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    cfg = load_config(pipeline_file(sqlite_url, None))
+    bundle = tmp_path / "registered"
+    shutil.copytree(trained_model.bundle, bundle)
+    registered = _manifest_sha256(bundle)
+    _register(cfg, "v1", bundle, registered)
+    shutil.rmtree(bundle)
+    _impostor(trained_model, bundle)
+
+    service = ScoringService(cfg, stop_when_idle_s=1.0)
+    with pytest.raises(BundleError) as info:
+        service.run()
+    assert str(info.value) == _identity_error(
+        bundle, _manifest_sha256(bundle), registered, "v1", cfg
+    )
+    assert service.loaded is None and not service.health.ready
+    assert service.health.detail_snapshot()["model"] == (
+        f"model version 'v1' refused (nothing loaded): {info.value}"
+    )
+    metrics = generate_latest(service.metrics.registry).decode()
+    assert f'anomaly_model_identity_ok{{pipeline="{cfg.name}"}} 0.0' in metrics
+
+
+def test_running_service_keeps_its_model_when_the_active_bundle_is_not_the_registered_one(
+    sqlite_url, tmp_path, kafka_bootstrap, topic_name, pipeline_file, trained_model, caplog
+):
+    """A live switch to a version whose bundle on disk is not the registered one is refused: the
+    service keeps scoring with its model, logs an error, says why in /readyz (still ready: it
+    scores with a verified model) and sets anomaly_model_identity_ok to 0; once the registered
+    bundle is back in place the switch happens and both clear."""
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    cfg = load_config(pipeline_file(sqlite_url, trained_model.bundle))
+    bundle = tmp_path / "v2"
+    shutil.copytree(trained_model.bundle, bundle)
+    registered = _manifest_sha256(bundle)
+    _register(cfg, "v2", bundle, registered, activate=False)
+    shutil.rmtree(bundle)
+    _impostor(trained_model, bundle)
+
+    service = ScoringService(cfg)
+    runner = threading.Thread(target=service.run, daemon=True)
+    runner.start()
+    gauge = f'anomaly_model_identity_ok{{pipeline="{cfg.name}"}}'
+    try:
+        _wait(lambda: service.metrics_server is not None and service.health.ready, what="ready")
+        url = service.metrics_server.url
+        assert f"{gauge} 1.0" in _get(f"{url}/metrics")[1]
+        store = AlertStore.from_config(cfg)
+        store.activate_model_version(cfg.name, "v2")
+        _wait(
+            lambda: (
+                json.loads(_get(f"{url}/readyz")[1]).get("detail")
+                or service.loaded.version != trained_model.version
+            ),
+            what="the switch to be refused",
+        )
+        assert service.loaded.version == trained_model.version
+        status, body = _get(f"{url}/readyz")
+        expected = _identity_error(bundle, _manifest_sha256(bundle), registered, "v2", cfg)
+        assert status == 200
+        assert json.loads(body)["detail"] == {
+            "model": f"model version 'v2' refused (scoring with {trained_model.version!r}): "
+            + expected
+        }
+        assert f"{gauge} 0.0" in _get(f"{url}/metrics")[1]
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert errors and errors[0].getMessage() == (
+            "cannot switch model version, keeping the current one"
+        )
+        assert errors[0].fields == {"version": "v2", "error": expected}
+
+        shutil.rmtree(bundle)
+        shutil.copytree(trained_model.bundle, bundle)  # the registered bundle is back
+        _wait(lambda: service.loaded.version == "v2", what="the switch")
+        assert json.loads(_get(f"{url}/readyz")[1])["detail"] == {}
+        assert f"{gauge} 1.0" in _get(f"{url}/metrics")[1]
+        store.close()
+    finally:
+        service.stop()
+        runner.join(30)
+    assert not runner.is_alive()
