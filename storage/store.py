@@ -479,6 +479,7 @@ class AlertStore:
     def upgrade(self, revision: str = "head") -> None:
         """Run the Alembic migrations up to ``revision`` (concurrent callers serialize)."""
         from alembic import command
+        from alembic.runtime.migration import MigrationContext
 
         from storage import migrate
 
@@ -494,7 +495,9 @@ class AlertStore:
             ):
                 if self.dialect == "postgresql":
                     conn.execute(text("SELECT pg_advisory_xact_lock(7301240591)"))
+                before = MigrationContext.configure(conn).get_current_heads()
                 command.upgrade(migrate.alembic_config(conn), revision)
+                after = MigrationContext.configure(conn).get_current_heads()
         except BaseException:
             # Nothing was migrated (one transaction), so the file this call created holds no
             # table: leave no empty database behind.
@@ -502,6 +505,14 @@ class AlertStore:
                 self.engine.dispose()
                 _remove_if_no_tables(new_file)
             raise
+        if after != before:  # Alembic's own step-by-step lines are INFO of logger "alembic"
+            old, new = ",".join(before) or "base", ",".join(after) or "base"
+            log.info(
+                "database migrated from %s to %s",
+                old,
+                new,
+                extra={"fields": {"from_revision": old, "to_revision": new}},
+            )
 
     def downgrade(self, revision: str) -> None:
         from alembic import command
