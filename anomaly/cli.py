@@ -86,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:
+        # Alembic logs each of its plugins and migration steps at INFO (a dozen lines at every
+        # `serve` start): detail for --verbose. The store logs one line when it migrates.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()

@@ -191,15 +191,7 @@ def _print(line: str) -> None:
 # ---------------------------------------------------------------------- handlers
 
 
-def _quiet_alembic(args: argparse.Namespace) -> None:
-    import logging
-
-    if not getattr(args, "verbose", False):  # alembic logs every plugin at INFO
-        logging.getLogger("alembic").setLevel(logging.WARNING)
-
-
 def _db_upgrade(args: argparse.Namespace) -> int:
-    _quiet_alembic(args)
     with _store(args, create=True) as store:
         store.upgrade(args.to)
         _print(f"database {store.url.render_as_string()} at revision {store.current_revision()}")
@@ -207,7 +199,6 @@ def _db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _db_downgrade(args: argparse.Namespace) -> int:
-    _quiet_alembic(args)
     with _store(args) as store:
         store.downgrade(args.to)
         revision = store.current_revision() or "base (no tables)"

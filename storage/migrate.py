@@ -44,3 +44,11 @@ def revisions() -> list[str]:
     """Every migration's revision id, oldest first."""
     script = ScriptDirectory.from_config(alembic_config())
     return [rev.revision for rev in reversed(list(script.walk_revisions()))]
+
+
+def check_revision(revision: str) -> None:
+    """Alembic's CommandError for a revision name no migration has, found without a database.
+    Relative steps (``+1``, ``-1``, ``0002+1``) depend on the database and are left to Alembic."""
+    if "+" in revision or "-" in revision:
+        return
+    ScriptDirectory.from_config(alembic_config()).get_revisions(revision)

@@ -33,6 +33,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from operator import itemgetter
+from pathlib import Path
 from typing import Any, Literal
 
 from sqlalchemy import (
@@ -191,19 +192,40 @@ def make_engine(url: str | URL) -> Engine:
     )
 
 
+def _sqlite_file(url: URL) -> Path | None:
+    """The file of a SQLite URL; None for other databases and in-memory SQLite."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return None
+    return Path(url.database)
+
+
 def _require_sqlite_file(url: URL) -> None:
     """SchemaMissingError if ``url`` is a SQLite file that does not exist (SQLite would create
     it empty on the first connection, and the command then fail on the missing tables)."""
-    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
-        return
-    from pathlib import Path
-
-    path = Path(url.database)
-    if not path.exists():
+    path = _sqlite_file(url)
+    if path is not None and not path.exists():
         raise SchemaMissingError(
             f"no database at {url.render_as_string(hide_password=True)}: {path} does not exist "
             "(`anomaly db upgrade` creates it)"
         )
+
+
+def _remove_if_no_tables(path: Path) -> None:
+    """Delete a SQLite file (and its WAL files) that holds no table; one that another process
+    has migrated meanwhile, or that cannot be read, stays."""
+    import sqlite3
+    from contextlib import closing
+
+    try:
+        with closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as conn:
+            (objects,) = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error:
+        return
+    if objects:
+        return
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with suppress(OSError):
+            p.unlink(missing_ok=True)
 
 
 def _sqlite_transactions(engine: Engine, memory: bool) -> None:
@@ -457,13 +479,40 @@ class AlertStore:
     def upgrade(self, revision: str = "head") -> None:
         """Run the Alembic migrations up to ``revision`` (concurrent callers serialize)."""
         from alembic import command
+        from alembic.runtime.migration import MigrationContext
 
         from storage import migrate
 
-        with self._transaction("database upgrade") as conn, _revision_errors("upgrade", revision):
-            if self.dialect == "postgresql":
-                conn.execute(text("SELECT pg_advisory_xact_lock(7301240591)"))
-            command.upgrade(migrate.alembic_config(conn), revision)
+        # An unknown name fails here, before the first connection creates a SQLite file.
+        with _revision_errors("upgrade", revision):
+            migrate.check_revision(revision)
+        path = _sqlite_file(self.url)
+        new_file = path if path is not None and not path.exists() else None
+        try:
+            with (
+                self._transaction("database upgrade") as conn,
+                _revision_errors("upgrade", revision),
+            ):
+                if self.dialect == "postgresql":
+                    conn.execute(text("SELECT pg_advisory_xact_lock(7301240591)"))
+                before = MigrationContext.configure(conn).get_current_heads()
+                command.upgrade(migrate.alembic_config(conn), revision)
+                after = MigrationContext.configure(conn).get_current_heads()
+        except BaseException:
+            # Nothing was migrated (one transaction), so the file this call created holds no
+            # table: leave no empty database behind.
+            if new_file is not None:
+                self.engine.dispose()
+                _remove_if_no_tables(new_file)
+            raise
+        if after != before:  # Alembic's own step-by-step lines are INFO of logger "alembic"
+            old, new = ",".join(before) or "base", ",".join(after) or "base"
+            log.info(
+                "database migrated from %s to %s",
+                old,
+                new,
+                extra={"fields": {"from_revision": old, "to_revision": new}},
+            )
 
     def downgrade(self, revision: str) -> None:
         from alembic import command

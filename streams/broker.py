@@ -67,8 +67,16 @@ class EmbeddedBroker:
             stderr=log,
             stdin=subprocess.DEVNULL,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+            # Its own process group: a terminal's Ctrl-C (SIGINT to the foreground group) reaches
+            # only the program using the broker, which stops its clients and then the broker.
+            # Otherwise the broker died first and every client logged "connection refused".
+            process_group=0,
         )
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:  # Ctrl-C while it starts: __exit__ would not run
+            self.stop()
+            raise
         return self
 
     def _wait_ready(self) -> None:

@@ -9,14 +9,18 @@
 5. prints a summary: records, alerts, incidents, precision and recall against the injected
    labels, throughput; writes the Grafana dashboards; says where everything is.
 
-Ctrl-C stops it at any point: the services finish the batch in flight, the broker is shut down.
+Ctrl-C stops it at any point: the services finish the batch in flight, the broker is shut down
+last. ``_Interrupts`` is the one place that handles it (and SIGTERM, SIGHUP).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -144,6 +148,59 @@ def _say(message: str) -> None:
     print(message, flush=True)
 
 
+class _Interrupts:
+    """The demo's one handler of Ctrl-C, SIGTERM and SIGHUP, installed while it runs.
+
+    A signal sets ``event``; the demo looks at it between steps (``check``) and the serving loop
+    while the services run, and stops: the services finish the batch in flight, the broker goes
+    last, and KeyboardInterrupt leaves ``run_demo`` (``anomaly``: "interrupted", status 130).
+    Only inside ``interruptible()`` (generating, training, evaluating, replaying: long steps
+    with nothing to clean up) does the signal also raise KeyboardInterrupt at once, and only
+    the first time. Anywhere else it could land inside a library's cleanup (SQLAlchemy logs a
+    traceback when it interrupts closing a connection) or in a finalizer, where Python drops it:
+    the demo then ran on to its summary and exited 0.
+    """
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._raise = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():  # signal.signal needs it
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    signum = getattr(signal, name)
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, _signum: int, _frame: object) -> None:
+        self.event.set()
+        if self._raise:
+            self._raise = False  # a second Ctrl-C must not interrupt the cleanup
+            raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        self.check()
+        self._raise = True
+        try:
+            yield
+        finally:
+            self._raise = False
+
+
 def _prepare_data(name: str, size: DemoSize, data_dir: Path, seed: int) -> tuple[Any, Path, Any]:
     """Normal training frame, the label-free stream file, and the stream's labels (by id)."""
     from anomaly.synthetic import generate, split_train_stream
@@ -163,16 +220,22 @@ def _prepare_data(name: str, size: DemoSize, data_dir: Path, seed: int) -> tuple
     return train, stream_path, labels
 
 
-def _train_and_register(cfg: Any, train: Any, model_dir: Path, store: Any) -> tuple[Any, str]:
+def _train(cfg: Any, train: Any) -> Any:
     from anomaly.model import AnomalyModel
+
+    model = AnomalyModel.from_config(cfg)
+    model.fit(train)
+    return model
+
+
+def _register(cfg: Any, model: Any, model_dir: Path, store: Any) -> str:
+    """Save the bundle and register it as the pipeline's active model version."""
     from storage.records import ModelVersionRecord
 
     if model_dir.exists():
         import shutil
 
         shutil.rmtree(model_dir)
-    model = AnomalyModel.from_config(cfg)
-    model.fit(train)
     version = model.save(model_dir)
     sha = model.bundle_sha256_  # the identity serve compares with the bundle on disk
     metrics = {k: v for k, v in model.metrics_.items() if k != "training"}
@@ -186,7 +249,7 @@ def _train_and_register(cfg: Any, train: Any, model_dir: Path, store: Any) -> tu
         ),
         activate=True,
     )
-    return model, version
+    return version
 
 
 def _evaluate(model_dir: Path, labeled: Path, report_dir: Path) -> tuple[str, dict[str, Any]]:
@@ -204,8 +267,9 @@ def _evaluate(model_dir: Path, labeled: Path, report_dir: Path) -> tuple[str, di
     return str(html_path), ({"auroc": ens.auroc, "auprc": ens.auprc} if ens else {})
 
 
-def _serve_all(services: dict[str, Any]) -> dict[str, float | None]:
-    """Run every service in its own thread until idle; Ctrl-C stops them cleanly."""
+def _serve_all(services: dict[str, Any], interrupted: threading.Event) -> dict[str, float | None]:
+    """Run every service in its own thread until idle, or until ``interrupted`` is set: then
+    they finish the batch in flight, and KeyboardInterrupt is raised once they have stopped."""
     threads = {
         name: threading.Thread(target=svc.run, name=f"serve-{name}", daemon=True)
         for name, svc in services.items()
@@ -217,12 +281,11 @@ def _serve_all(services: dict[str, Any]) -> dict[str, float | None]:
     last: dict[str, float] = {}
     seen = dict.fromkeys(services, 0)
     try:
-        # Started inside the try: a Ctrl-C that lands while the threads start must still stop
-        # the ones already running (otherwise the interpreter exits under them and aborts).
+        # Started inside the try: whatever happens, the ones already running are stopped and
+        # waited for (otherwise the interpreter exits under them and aborts).
         for t in threads.values():
             t.start()
-        while any(t.is_alive() for t in threads.values()):
-            time.sleep(0.02)
+        while any(t.is_alive() for t in threads.values()) and not interrupted.wait(0.02):
             now = time.monotonic()
             for name, svc in services.items():
                 scored = svc.totals.scored
@@ -230,14 +293,16 @@ def _serve_all(services: dict[str, Any]) -> dict[str, float | None]:
                     first.setdefault(name, (now, scored))
                     last[name] = now
                     seen[name] = scored
-    except KeyboardInterrupt:
-        _say("\nstopping: finishing the batches in flight ...")
+    finally:
+        if interrupted.is_set():
+            _say("\nstopping: finishing the batches in flight ...")
         for svc in services.values():
             svc.stop()
         for t in threads.values():
             if t.ident is not None:  # started
                 t.join(60)
-        raise
+    if interrupted.is_set():
+        raise KeyboardInterrupt
     rates: dict[str, float | None] = {}
     for name in services:
         if name in first and last[name] > first[name][0]:
@@ -338,6 +403,58 @@ def format_summary(result: DemoResult) -> str:
     return "\n".join(lines)
 
 
+def _prepare(
+    bootstrap: str,
+    out: Path,
+    db_url: str,
+    size: DemoSize,
+    seed: int,
+    run_id: str,
+    progress: bool,
+    interrupts: _Interrupts,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, str], dict[str, str]]:
+    """Per example: data, training, registration, offline evaluation, replay into its topic.
+    Returns the configs, the stream labels, the model versions and the report paths."""
+    from storage.store import AlertStore
+    from streams.broker import create_topic
+    from streams.replay import replay
+
+    configs, labels, versions, reports = {}, {}, {}, {}
+    with AlertStore(db_url) as store:
+        store.upgrade()
+        for i, name in enumerate(EXAMPLES):
+            interrupts.check()
+            cfg = _config(name, bootstrap, db_url, size, run_id, progress)
+            configs[name] = cfg
+            _say(
+                f"\n[{name}] generating {size.train_rows} training + {size.stream_rows} stream rows"
+            )
+            with interrupts.interruptible():
+                train, stream_path, labels[name] = _prepare_data(
+                    name, size, out / "data", seed + 10 * i
+                )
+            _say(f"[{name}] training VAE, flow and GAN (target FPR {cfg.model.target_fpr:g})")
+            with interrupts.interruptible():
+                model = _train(cfg, train)
+            model_dir = out / "models" / name
+            versions[name] = _register(cfg, model, model_dir, store)
+            _say(f"[{name}] model {versions[name]} registered as the active version")
+            with interrupts.interruptible():
+                reports[name], ev = _evaluate(
+                    model_dir, out / "data" / f"{name}-labeled.parquet", out / "reports" / name
+                )
+            if ev:
+                _say(
+                    f"[{name}] offline evaluation: AUROC {ev['auroc']:.3f}, AUPRC {ev['auprc']:.3f}"
+                )
+            interrupts.check()
+            create_topic(bootstrap, cfg.kafka.topic, partitions=2)
+            with interrupts.interruptible():
+                result = replay(cfg, stream_path, progress=progress)
+            _say(f"[{name}] replayed {result.produced} records into {cfg.kafka.topic}")
+    return configs, labels, versions, reports
+
+
 def run_demo(
     out_dir: str | Path = "demo-output",
     short: bool = False,
@@ -353,9 +470,7 @@ def run_demo(
     import sys
 
     from dashboards.generate import write_dashboards, write_provisioning
-    from storage.store import AlertStore
-    from streams.broker import EmbeddedBroker, create_topic
-    from streams.replay import replay
+    from streams.broker import EmbeddedBroker
     from streams.service import ScoringService
 
     size = SHORT if short else FULL
@@ -373,52 +488,40 @@ def run_demo(
     run_id = started.strftime("%Y%m%d%H%M%S")
 
     _say(f"anomaly demo ({'short' if short else 'full'}): output in {out}")
-    with EmbeddedBroker(log_path=out / "broker.log") as broker:
-        _say(f"embedded Kafka-protocol broker on {broker.bootstrap_servers}")
-        store = AlertStore(db_url)
-        store.upgrade()
-        configs, labels, versions, reports = {}, {}, {}, {}
-        for i, name in enumerate(EXAMPLES):
-            cfg = _config(name, broker.bootstrap_servers, db_url, size, run_id, progress)
-            configs[name] = cfg
-            _say(
-                f"\n[{name}] generating {size.train_rows} training + {size.stream_rows} stream rows"
-            )
-            train, stream_path, labels[name] = _prepare_data(
-                name, size, out / "data", seed + 10 * i
-            )
-            _say(f"[{name}] training VAE, flow and GAN (target FPR {cfg.model.target_fpr:g})")
-            model_dir = out / "models" / name
-            _, versions[name] = _train_and_register(cfg, train, model_dir, store)
-            _say(f"[{name}] model {versions[name]} registered as the active version")
-            reports[name], ev = _evaluate(
-                model_dir, out / "data" / f"{name}-labeled.parquet", out / "reports" / name
-            )
-            if ev:
-                _say(
-                    f"[{name}] offline evaluation: AUROC {ev['auroc']:.3f}, AUPRC {ev['auprc']:.3f}"
-                )
-            create_topic(broker.bootstrap_servers, cfg.kafka.topic, partitions=2)
-            result = replay(cfg, stream_path, progress=progress)
-            _say(f"[{name}] replayed {result.produced} records into {cfg.kafka.topic}")
-        store.close()
+    with _Interrupts() as interrupts:
+        broker = EmbeddedBroker(log_path=out / "broker.log")
+        try:
+            broker.start()
+            _say(f"embedded Kafka-protocol broker on {broker.bootstrap_servers}")
+            bootstrap = broker.bootstrap_servers
+            prepared = _prepare(bootstrap, out, db_url, size, seed, run_id, progress, interrupts)
+            configs, labels, versions, reports = prepared
+            interrupts.check()
+            _say(f"\nserving both pipelines until idle for {size.idle_s:g} s ...")
+            services = {
+                name: ScoringService(cfg, stop_when_idle_s=size.idle_s)
+                for name, cfg in configs.items()
+            }
+            rates = _serve_all(services, interrupts.event)
+        finally:
+            broker.stop()  # last: the services have stopped (or never started)
+        interrupts.check()
 
-        _say(f"\nserving both pipelines until idle for {size.idle_s:g} s ...")
-        services = {
-            name: ScoringService(cfg, stop_when_idle_s=size.idle_s) for name, cfg in configs.items()
-        }
-        rates = _serve_all(services)
-
-    summaries = {}
-    for name in EXAMPLES:
-        summary = _summarize(
-            configs[name], versions[name], labels[name], services[name].totals.scored, rates[name]
-        )
-        summary.report = reports[name]
-        summaries[name] = summary
-    dash_dir = out / "dashboards"
-    write_dashboards(dash_dir)
-    write_provisioning(dash_dir / "provisioning")
+        summaries = {}
+        for name in EXAMPLES:
+            summary = _summarize(
+                configs[name],
+                versions[name],
+                labels[name],
+                services[name].totals.scored,
+                rates[name],
+            )
+            summary.report = reports[name]
+            summaries[name] = summary
+        dash_dir = out / "dashboards"
+        write_dashboards(dash_dir)
+        write_provisioning(dash_dir / "provisioning")
+        interrupts.check()
     result = DemoResult(
         out_dir=out, database_url=db_url, pipelines=summaries, dashboards_dir=dash_dir
     )

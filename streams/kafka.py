@@ -7,16 +7,38 @@ written to a log line.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from anomaly.config import KafkaConfig, PipelineConfig, read_secret
+from streams.metrics import RepeatFilter
 
 _SECRET_KEYS = ("sasl.password", "ssl.key.password", "ssl.keystore.password")
 
+# librdkafka's own log lines ("FAIL [rdkafka#consumer-1] ... Connection refused") go through
+# Python logging, so they come out in the service's JSON format instead of as raw ``%3|`` lines
+# on stderr; they are served from the client's poll/consume/flush calls. Errors reported to
+# ``error_cb`` are logged on ``streams.kafka``. With the broker down librdkafka retries the
+# bootstrap connection every ~50 ms: each distinct line is let through once per 30 s.
+librdkafka_log = logging.getLogger("librdkafka")
+librdkafka_log.addFilter(RepeatFilter(30.0))
+log = logging.getLogger("streams.kafka")
+log.addFilter(RepeatFilter(30.0))
+
+
+def log_error(err: Any) -> None:
+    """librdkafka's ``error_cb``: a warning, repeats rate-limited."""
+    log.warning("kafka error: %s", err)
+
 
 def client_settings(kafka: KafkaConfig) -> dict[str, Any]:
-    """Connection and security settings shared by consumers, producers and admin clients."""
-    conf: dict[str, Any] = {"bootstrap.servers": kafka.bootstrap_servers}
+    """Connection and security settings shared by consumers, producers and admin clients, and
+    where their logs and errors go."""
+    conf: dict[str, Any] = {
+        "bootstrap.servers": kafka.bootstrap_servers,
+        "logger": librdkafka_log,
+        "error_cb": log_error,
+    }
     if kafka.security_protocol:
         conf["security.protocol"] = kafka.security_protocol
     if kafka.sasl_mechanism:
@@ -77,4 +99,9 @@ def _consumer_only(key: str) -> bool:
 
 
 def redacted(conf: dict[str, Any]) -> dict[str, Any]:
-    return {k: ("***" if k in _SECRET_KEYS else v) for k, v in conf.items()}
+    """The settings fit for a log line: secrets hidden, callbacks and the logger left out."""
+    return {
+        k: ("***" if k in _SECRET_KEYS else v)
+        for k, v in conf.items()
+        if v is None or isinstance(v, str | int | float | bool)
+    }

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -259,3 +261,64 @@ def use_json_logs(level: int | None = None) -> None:
         handler.setFormatter(JsonFormatter())
     if level is not None:
         root.setLevel(level)
+
+
+# The parts of a message that change between repeats of the same problem: librdkafka's
+# "(after 0ms in state CONNECT)" and "N identical error(s) suppressed".
+_VARYING = re.compile(r"\b\d+ms\b|\b\d+ identical error\(s\) suppressed")
+
+
+def repeat_key(record: logging.LogRecord) -> Hashable:
+    """Records are repeats of each other when logger, level and message (but for durations and
+    librdkafka's own suppression counts) are equal."""
+    return record.name, record.levelno, _VARYING.sub("#", record.getMessage())
+
+
+class RepeatFilter(logging.Filter):
+    """Lets the same message through at most once per ``interval_s``; the first one after the
+    interval carries how many were held back: ``... (repeated 57 times in the last 30 s)``, and
+    ``"repeated": 57`` in the JSON fields.
+
+    Attach it to the logger the noisy lines come from (``logger.addFilter``): a broker or
+    database that stays down then costs a line per interval, not dozens a second. Thread-safe.
+    """
+
+    MAX_KEYS = 512  # a flood of distinct messages must not grow the table without bound
+
+    def __init__(
+        self,
+        interval_s: float = 30.0,
+        key: Callable[[logging.LogRecord], Hashable] = repeat_key,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self.key = key
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._seen: dict[Hashable, list[float]] = {}  # key -> [last let through, held back]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = self.key(record)
+        now = self.clock()
+        with self._lock:
+            entry = self._seen.get(key)
+            if entry is not None and now - entry[0] < self.interval_s:
+                entry[1] += 1
+                return False
+            if entry is None and len(self._seen) >= self.MAX_KEYS:
+                self._forget(now)
+            held = int(entry[1]) if entry is not None else 0
+            since = now - entry[0] if entry is not None else 0.0
+            self._seen[key] = [now, 0]
+        if held:
+            record.msg = f"{record.getMessage()} (repeated {held} times in the last {since:.0f} s)"
+            record.args = None
+            fields = getattr(record, "fields", None)
+            record.fields = {**(fields if isinstance(fields, dict) else {}), "repeated": held}
+        return True
+
+    def _forget(self, now: float) -> None:
+        stale = [k for k, (last, held) in self._seen.items() if now - last >= self.interval_s]
+        for k in stale or list(self._seen)[: self.MAX_KEYS // 2]:
+            del self._seen[k]

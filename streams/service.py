@@ -723,7 +723,9 @@ class ScoringService:
         self.health.set("assigned", bool(self.state.assigned))
 
     def _on_kafka_error(self, err: Any) -> None:
-        log.warning("kafka error: %s", err)
+        from streams.kafka import log_error
+
+        log_error(err)  # rate-limited: a broker that is down reports every ~50 ms
 
     @staticmethod
     def _partitions(keys: set[tuple[str, int]]) -> list[Any]:

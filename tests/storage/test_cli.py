@@ -295,6 +295,24 @@ def test_an_unknown_revision_is_a_one_line_error(
     assert store.current_revision() == head_revision()  # nothing was migrated
 
 
+@pytest.mark.parametrize("to", ["bogus", "+5"])
+def test_a_failed_first_upgrade_leaves_no_sqlite_file_behind(
+    to: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unknown revision (found before connecting) and one Alembic only rejects once it has
+    the database (a relative step past the head) both leave the directory as it was."""
+    path = tmp_path / "new.db"
+    assert main(["db", "upgrade", "--db", f"sqlite:///{path}", "--to", to]) == 2
+    err = _one_line_error(capsys)
+    assert f"database upgrade to {to!r}" in err, err
+    assert not list(tmp_path.iterdir())
+    # A file that was there stays.
+    path.touch()
+    assert main(["db", "upgrade", "--db", f"sqlite:///{path}", "--to", to]) == 2
+    capsys.readouterr()
+    assert path.exists()
+
+
 @pytest.mark.postgres
 def test_a_role_or_database_that_does_not_exist_is_named(
     pg_url: str, capsys: pytest.CaptureFixture[str]
