@@ -404,10 +404,29 @@ def _validate(cfg: PipelineConfig) -> None:
         raise ConfigError("kafka.format is 'avro': set kafka.avro_schema to the .avsc file")
     if not all(0 <= i < 2**32 for i in k.avro_schema_ids):
         raise ConfigError("kafka.avro_schema_ids must be a list of schema ids (0 to 2**32-1)")
+    _check_rebalance_protocol(k.settings)
     if k.schema_registry_url and (k.format != "avro" or k.avro_framing != "confluent"):
         raise ConfigError(
             "kafka.schema_registry_url needs kafka.format: avro with kafka.avro_framing: "
             "confluent (the schema id is read from the value's header)"
+        )
+
+
+def _check_rebalance_protocol(settings: Mapping[str, Any]) -> None:
+    """The service's rebalance callbacks assign and revoke whole assignments (the eager
+    protocol): an incremental one (cooperative-sticky, or KIP-848's group.protocol consumer)
+    would hand them partial lists they treat as the whole."""
+    strategy = settings.get("partition.assignment.strategy")
+    if strategy is not None and "cooperative" in str(strategy).lower():
+        raise ConfigError(
+            f"kafka.settings: partition.assignment.strategy {str(strategy)!r} is not supported: "
+            "the service rebalances eagerly; use range or roundrobin (or leave it unset)"
+        )
+    protocol = settings.get("group.protocol")
+    if protocol is not None and str(protocol).lower() != "classic":
+        raise ConfigError(
+            f"kafka.settings: group.protocol {str(protocol)!r} is not supported: the service "
+            "rebalances eagerly; use classic (or leave it unset)"
         )
 
 

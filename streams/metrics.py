@@ -100,6 +100,25 @@ class ServiceMetrics:
             p,
             registry=r,
         )
+        # Stream safety (docs/reliability.md, "Offset gaps"): a partition whose records would be
+        # skipped is stopped, never read past.
+        self._offset_gaps = Counter(
+            "anomaly_offset_gaps",
+            "Partitions stopped because records would have been skipped (kind: beyond_end, "
+            "below_start, skipped, unverified)",
+            [*p, "topic", "partition", "kind"],
+            registry=r,
+        )
+        self._partitions_stopped = Gauge(
+            "anomaly_partitions_stopped", "Assigned partitions stopped for an offset gap", p,
+            registry=r,
+        ).labels(pipeline)  # fmt: skip
+        self.producer_rebuilds = Counter(
+            "anomaly_producer_rebuilds",
+            "Output producers replaced after a fatal librdkafka error",
+            p,
+            registry=r,
+        ).labels(pipeline)
         self.stage = {
             name: self._stage.labels(pipeline, name)
             for name in ("decode", "score", "write", "commit")
@@ -110,6 +129,12 @@ class ServiceMetrics:
 
     def dead_lettered(self, reason: str, n: int = 1) -> None:
         self._dead.labels(self.pipeline, reason).inc(n)
+
+    def offset_gap(self, topic: str, partition: int, kind: str) -> None:
+        self._offset_gaps.labels(self.pipeline, topic, str(partition), kind).inc()
+
+    def set_partitions_stopped(self, n: int) -> None:
+        self._partitions_stopped.set(n)
 
     def set_device(self, device: str) -> None:
         self._device.clear()

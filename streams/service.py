@@ -20,6 +20,13 @@ scores again (consumers of the scores topic key on the record id).
 
 When the database is unreachable the consumer pauses its partitions and retries the same batch
 with exponential backoff; nothing is committed meanwhile and ``/readyz`` reports not ready.
+
+Offsets are checked, never trusted blindly (docs/reliability.md, "Offset gaps"): an assigned
+partition stays paused until the loop (not the rebalance callback) has read its stored offset from
+the database and found it inside the log; a stored offset beyond the log's end (the topic was
+recreated or truncated) or below its start (records deleted), and a batch that starts past the
+partition's next offset with records in between, stop that partition: paused, an error log line,
+``anomaly_offset_gaps_total`` and ``/readyz`` not ready. Nothing is skipped silently.
 """
 
 from __future__ import annotations
@@ -65,6 +72,8 @@ JOIN_GRACE_S = 15.0
 IDLE_POLL_S = 0.5
 # Records in the scorer's warm-up batch (a few alert, so the explanation path warms up too).
 WARM_UP_ROWS = 64
+# How long a throwaway consumer may read to verify an offset (the log's end, a gap).
+PROBE_TIMEOUT_S = 10.0
 
 
 class ProduceError(RuntimeError):
@@ -108,6 +117,15 @@ class ServiceState:
     generation: int = 0
     # When a record last arrived or partitions were last assigned (the idle clock).
     last_activity: float = 0.0
+    # Assigned but not yet positioned at the database's offset: paused, their records ignored.
+    unpositioned: set[tuple[str, int]] = field(default_factory=set)
+    # Partitions stopped for an offset gap (paused until the next assignment): why.
+    stopped: dict[tuple[str, int], str] = field(default_factory=dict)
+    # The next offset each positioned partition must continue from (known once stored).
+    position: dict[tuple[str, int], int] = field(default_factory=dict)
+    # When to try positioning again after the database was unreachable (monotonic time).
+    position_retry_at: float = 0.0
+    position_delay: float = 0.0
 
 
 class ScoringService:
@@ -139,6 +157,7 @@ class ScoringService:
         self._last_model_poll = 0.0
         self.metrics_server: MetricsServer | None = None
         self.totals = BatchOutcome(0, 0, 0, 0)
+        self.health.set("no_partition_stopped", True)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -159,9 +178,9 @@ class ScoringService:
         signal.signal(signal.SIGINT, self.stop)
 
     def run(self) -> int:
-        from confluent_kafka import Consumer, Producer
+        from confluent_kafka import Consumer
 
-        from streams.kafka import consumer_settings, producer_settings, redacted
+        from streams.kafka import consumer_settings, redacted
 
         serve = self.cfg.serve
         if serve.metrics_port is not None:
@@ -182,9 +201,7 @@ class ScoringService:
                 extra={"fields": {"topic": self.topic, "config": redacted(conf)}},
             )
             self._consumer = Consumer(conf)
-            self._producer = Producer(
-                producer_settings(self.cfg.kafka) | {"error_cb": self._on_kafka_error}
-            )
+            self._producer = self._new_producer()
             self._consumer.subscribe(
                 [self.topic],
                 on_assign=self._on_assign,
@@ -230,6 +247,8 @@ class ScoringService:
         ever_assigned = False
         while not self._stop.is_set():
             self._maybe_switch_model()
+            if self.state.unpositioned:
+                self._position_partitions()
             messages = self._messages(self._next_batch(kafka.batch_size, kafka.max_wait_s))
             ever_assigned = ever_assigned or bool(self.state.assigned)
             if not messages:
@@ -267,6 +286,8 @@ class ScoringService:
     def _messages(self, raw: list[Any]) -> list[_Message]:
         out: list[_Message] = []
         assigned = self.state.assigned
+        if self.state.unpositioned or self.state.stopped:
+            assigned = assigned - self.state.unpositioned - set(self.state.stopped)
         for m in raw:
             err = m.error()
             if err is not None:
@@ -274,7 +295,8 @@ class ScoringService:
                 continue
             key = (m.topic(), m.partition())
             # A rebalance served inside consume() can revoke a partition whose records were
-            # already fetched: they belong to the new owner now.
+            # already fetched: they belong to the new owner now. Records of a partition not yet
+            # positioned at its stored offset, or stopped for a gap, are not read either.
             if key not in assigned:
                 continue
             ts_type, ts = m.timestamp()
@@ -283,6 +305,9 @@ class ScoringService:
 
     def process(self, messages: list[_Message]) -> BatchOutcome | None:
         """Decode, score, write and commit one micro-batch; ``None`` if it was abandoned."""
+        messages = self._check_continuity(messages)
+        if not messages:
+            return None
         generation = self.state.generation
         ingest = datetime.now(UTC)
         t0 = time.perf_counter()
@@ -309,6 +334,10 @@ class ScoringService:
         if write is None:
             return None
         t4 = time.perf_counter()
+        for o in batch.offsets:
+            key = (o.kafka_topic, o.kafka_partition)
+            if key in self.state.assigned:
+                self.state.position[key] = o.next_offset
         self._commit(batch.offsets)
         t5 = time.perf_counter()
         self.metrics.stage["write"].observe(t4 - t3)
@@ -536,8 +565,8 @@ class ScoringService:
                         return None
                     delay = min(delay * 2, self.cfg.serve.db_retry_max_s)
         finally:
-            if paused and self._consumer is not None and self.state.assigned:
-                self._consumer.resume(self._partitions(self.state.assigned))
+            if paused and self._consumer is not None and self._active():
+                self._consumer.resume(self._partitions(self._active()))
 
     def _wait_paused(self, seconds: float, generation: int, messages: list[_Message]) -> bool:
         """Keep serving the group (heartbeats, rebalances) while waiting; ``False`` if the batch
@@ -564,25 +593,67 @@ class ScoringService:
         for m in messages:
             key = (m.topic, m.partition)
             first[key] = min(first.get(key, m.offset), m.offset)
-        for (topic, partition), offset in first.items():
-            if (topic, partition) in self.state.assigned:
+        for key, offset in first.items():
+            if key in self._active():
                 try:
-                    self._consumer.seek(TopicPartition(topic, partition, offset))
+                    self._consumer.seek(TopicPartition(key[0], key[1], offset))
                 except Exception as exc:
-                    log.warning("seek %s[%d]@%d failed: %s", topic, partition, offset, exc)
+                    # Reading on from wherever the consumer is would skip the held records:
+                    # position the partition again from the database before it is read.
+                    log.error(
+                        "seek failed; the partition is paused until positioned again at its "
+                        "stored offset",
+                        extra={
+                            "fields": {
+                                "topic": key[0],
+                                "partition": key[1],
+                                "offset": offset,
+                                "error": str(exc),
+                            }
+                        },
+                    )
+                    self._unposition({key})
 
     def _produce(
         self, dead_letters: list[DeadLetterRecord], scores_out: list[tuple[bytes, bytes]]
     ) -> None:
         if not dead_letters and not scores_out:
             return
-        producer = self._producer
-        failures: list[str] = []
+        failures: list[Any] = []
 
         def delivered(err: Any, _msg: Any) -> None:
             if err is not None:
-                failures.append(str(err))
+                failures.append(err)  # formatted later: str() here can fail on a fatal error
 
+        try:
+            remaining = self._produce_all(dead_letters, scores_out, delivered)
+        except Exception as exc:
+            # After a fatal error (an idempotent producer whose sequence numbers the broker no
+            # longer accepts, e.g. OUT_OF_ORDER_SEQUENCE_NUMBER after a broker restart) the
+            # producer refuses everything: replace it and retry the batch.
+            fatal = _kafka_error(exc)
+            if fatal is None or not fatal.fatal():
+                raise
+            self._replace_producer(fatal)
+            raise ProduceError(
+                f"fatal producer error {fatal.name()}, producer replaced: {fatal.str()}"
+            ) from exc
+        fatal = next((e for e in failures if getattr(e, "fatal", lambda: False)()), None)
+        if fatal is not None:
+            self._replace_producer(fatal)
+        if remaining or failures:
+            raise ProduceError(
+                f"{remaining} undelivered, {len(failures)} failed"
+                + (f": {failures[0]}" if failures else "")
+            )
+
+    def _produce_all(
+        self,
+        dead_letters: list[DeadLetterRecord],
+        scores_out: list[tuple[bytes, bytes]],
+        delivered: Callable[[Any, Any], None],
+    ) -> int:
+        """Produce the batch's dead letters and scores and flush; the number undelivered."""
         dlq = self.cfg.dead_letter_topic
         # A value larger than the producer may send (librdkafka's message.max.bytes, 1 MB by
         # default) would fail every retry and stop the stream: its head goes to the topic with the
@@ -605,12 +676,28 @@ class ScoringService:
         scores_topic = self.cfg.kafka.scores_topic
         for key, value in scores_out:
             self._produce_one(scores_topic, value, key, None, delivered)
-        remaining = producer.flush(30)
-        if remaining or failures:
-            raise ProduceError(
-                f"{remaining} undelivered, {len(failures)} failed"
-                + (f": {failures[0]}" if failures else "")
-            )
+        return self._producer.flush(30)
+
+    def _new_producer(self) -> Any:
+        from confluent_kafka import Producer
+
+        from streams.kafka import producer_settings
+
+        return Producer(producer_settings(self.cfg.kafka) | {"error_cb": self._on_kafka_error})
+
+    def _replace_producer(self, error: Any) -> None:
+        log.error(
+            "fatal producer error: replacing the producer (a new producer id), the batch is "
+            "retried",
+            extra={"fields": {"error": error.str(), "code": error.name()}},
+        )
+        old, self._producer = self._producer, self._new_producer()
+        self.metrics.producer_rebuilds.inc()
+        try:
+            old.purge()  # what it still holds is retried with the batch
+            old.flush(0)
+        except Exception as exc:  # a dead producer may refuse even this
+            log.debug("purging the old producer failed: %s", exc)
 
     def _produce_one(self, topic: str, value: bytes, key: bytes | None, headers: Any, cb: Any):
         while True:
@@ -671,22 +758,259 @@ class ScoringService:
     # -- rebalance callbacks (run inside consume()) -------------------------------------------
 
     def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
-        stored = self._with_db_retry(
-            lambda: self.store.load_offsets(self.pipeline, self.topic), "loading offsets"
-        )
-        stored = stored or {}
-        for tp in partitions:
-            if tp.topic == self.topic and tp.partition in stored:
-                tp.offset = stored[tp.partition]
+        # Assigned paused: the loop seeks each partition to its stored offset once it has read
+        # it from the database and checked it against the log (``_position_partitions``). The
+        # database and the broker are not waited for here, inside the rebalance callback.
         consumer.assign(partitions)
+        if partitions:
+            consumer.pause(partitions)
+        keys = {(tp.topic, tp.partition) for tp in partitions}
         self.state.generation += 1
-        self.state.assigned = {(tp.topic, tp.partition) for tp in partitions}
+        self.state.assigned = keys
+        self.state.unpositioned = set(keys)
+        self.state.stopped.clear()
+        self.state.position.clear()
+        self.state.position_retry_at = 0.0
+        self.state.position_delay = self.cfg.serve.db_retry_initial_s
+        self._stopped_changed()
         self.state.last_activity = time.monotonic()
         self.health.set("assigned", bool(partitions))
         log.info(
             "partitions assigned",
             extra={"fields": {"partitions": [[tp.partition, tp.offset] for tp in partitions]}},
         )
+
+    # -- positioning and offset checks ----------------------------------------------------
+
+    def _active(self) -> set[tuple[str, int]]:
+        """Assigned partitions that are positioned and not stopped: the ones being read."""
+        s = self.state
+        if not s.unpositioned and not s.stopped:
+            return s.assigned
+        return s.assigned - s.unpositioned - set(s.stopped)
+
+    def _unposition(self, keys: set[tuple[str, int]]) -> None:
+        keys = keys & self.state.assigned
+        if not keys:
+            return
+        try:
+            self._consumer.pause(self._partitions(keys))
+        except Exception as exc:  # its records are ignored while unpositioned anyway
+            log.warning("pause failed: %s", exc)
+        self.state.unpositioned |= keys
+
+    def _position_partitions(self) -> None:
+        """Seek the partitions assigned since the last call to their stored offsets, after
+        checking each against the log; then resume them. Called from the loop, so a database
+        outage only delays it (with backoff; the group keeps being served by ``consume``)."""
+        state = self.state
+        if time.monotonic() < state.position_retry_at:
+            return
+        try:
+            stored = self.store.load_offsets(self.pipeline, self.topic)
+        except RetryableStorageError as exc:
+            self._database_up(False)
+            delay = state.position_delay or self.cfg.serve.db_retry_initial_s
+            log.warning(
+                "database unavailable",
+                extra={
+                    "fields": {"while": "loading offsets", "error": str(exc), "retry_in_s": delay}
+                },
+            )
+            state.position_retry_at = time.monotonic() + delay
+            state.position_delay = min(delay * 2, self.cfg.serve.db_retry_max_s)
+            return
+        self._database_up(True)
+        from confluent_kafka import KafkaException, TopicPartition
+
+        positioned: list[tuple[int, int | None]] = []
+        for key in sorted(state.unpositioned):
+            topic, partition = key
+            offset = stored.get(partition) if topic == self.topic else None
+            try:
+                if offset is not None:
+                    problem = self._check_stored_offset(topic, partition, offset)
+                    if problem is not None:
+                        self._stop_partition(key, *problem)
+                        state.unpositioned.discard(key)
+                        continue
+                    self._consumer.seek(TopicPartition(topic, partition, offset))
+                    state.position[key] = offset
+                self._consumer.resume([TopicPartition(topic, partition)])
+            except KafkaException as exc:
+                # The broker did not answer (or the seek failed): try again shortly.
+                log.warning(
+                    "cannot position partition yet, retrying",
+                    extra={
+                        "fields": {
+                            "topic": topic,
+                            "partition": partition,
+                            "offset": offset,
+                            "error": str(exc),
+                        }
+                    },
+                )
+                state.position_retry_at = time.monotonic() + self.cfg.serve.db_retry_initial_s
+                continue
+            state.unpositioned.discard(key)
+            positioned.append((partition, offset))
+        if positioned:
+            log.info(
+                "partitions positioned",
+                extra={"fields": {"partitions": [list(p) for p in positioned]}},
+            )
+
+    def _check_stored_offset(
+        self, topic: str, partition: int, offset: int
+    ) -> tuple[str, str, dict[str, Any]] | None:
+        """Is the stored next offset inside the log? ``None``, or (kind, message, fields);
+        ``KafkaException`` if the broker did not tell."""
+        from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+        low, high = self._consumer.get_watermark_offsets(
+            TopicPartition(topic, partition), timeout=PROBE_TIMEOUT_S, cached=False
+        )
+        if offset < low:
+            return (
+                "below_start",
+                f"the stored next offset {offset} is below the start of the log ({low}): "
+                f"records {offset}..{low - 1} were deleted before they were read",
+                {"stored_offset": offset, "log_start": low},
+            )
+        if offset <= high:
+            return None
+        # Some brokers (Tansu) answer the last record batch's base offset + 1 as the high
+        # watermark: read to the end to know it.
+        end = self._probe(topic, partition, max(low, high - 1), to_end=True)
+        if end is None:
+            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "the log's end is unknown"))
+        if offset <= end:
+            return None
+        return (
+            "beyond_end",
+            f"the stored next offset {offset} is beyond the end of the log ({end}): the topic "
+            "was recreated or truncated",
+            {"stored_offset": offset, "log_end": end},
+        )
+
+    def _check_continuity(self, messages: list[_Message]) -> list[_Message]:
+        """The batch without the records of partitions where it does not continue at the next
+        offset: records between would be skipped (a gap), or the log restarted below it."""
+        state = self.state
+        if not state.position:
+            return messages
+        first: dict[tuple[str, int], int] = {}
+        for m in messages:
+            key = (m.topic, m.partition)
+            if key not in first:
+                first[key] = m.offset
+        bad: set[tuple[str, int]] = set()
+        for key, offset in first.items():
+            expected = state.position.get(key)
+            if expected is None or offset == expected:
+                continue
+            problem = self._check_jump(key, expected, offset)
+            if problem is not None:
+                self._stop_partition(key, *problem)
+                bad.add(key)
+        if not bad:
+            return messages
+        return [m for m in messages if (m.topic, m.partition) not in bad]
+
+    def _check_jump(
+        self, key: tuple[str, int], expected: int, offset: int
+    ) -> tuple[str, str, dict[str, Any]] | None:
+        """A batch of ``key`` starts at ``offset``, not at ``expected``: is anything lost?"""
+        from confluent_kafka import KafkaException
+
+        topic, partition = key
+        fields: dict[str, Any] = {"next_offset": expected, "batch_first_offset": offset}
+        try:
+            if offset < expected:
+                # Behind the written position: a replay the offset fencing drops, unless the
+                # log itself restarted below it (the consumer was reset to a new log's start).
+                problem = self._check_stored_offset(topic, partition, expected)
+                if problem is None:
+                    return None
+                return problem[0], problem[1], fields | problem[2]
+            # Ahead: offsets without a readable record in between (transaction markers,
+            # compaction) are fine; a record there, or a log that starts later, is a gap.
+            first = self._probe(topic, partition, expected, to_end=False)
+        except KafkaException as exc:
+            return (
+                "unverified",
+                f"the batch starts at offset {offset} but the partition's next offset is "
+                f"{expected}, and the broker could not be asked what lies between ({exc})",
+                fields,
+            )
+        if first is not None and first >= offset:
+            return None
+        readable = "none: the log starts later" if first is None else f"offset {first}"
+        return (
+            "skipped",
+            f"the batch starts at offset {offset} but the partition's next offset is "
+            f"{expected}: records {expected}..{offset - 1} would be skipped (first readable "
+            f"from {expected}: {readable})",
+            fields | {"first_readable": first},
+        )
+
+    def _probe(self, topic: str, partition: int, start: int, *, to_end: bool) -> int | None:
+        """Read ``topic[partition]`` from ``start`` with a throwaway consumer (no group join):
+        the offset of the first readable record (or the end, if none), or with ``to_end`` the
+        log's end (the offset after its last record). ``None`` if the broker does not tell in
+        time or ``start`` is outside the log."""
+        from confluent_kafka import Consumer, KafkaError, TopicPartition
+
+        from streams.kafka import consumer_settings
+
+        conf = consumer_settings(self.cfg, stats_interval_ms=0) | {
+            "enable.partition.eof": True,
+            "auto.offset.reset": "error",
+        }
+        probe = Consumer(conf)
+        try:
+            probe.assign([TopicPartition(topic, partition, start)])
+            deadline = time.monotonic() + PROBE_TIMEOUT_S
+            last: int | None = None
+            while time.monotonic() < deadline:
+                for m in probe.consume(500, 0.2):
+                    err = m.error()
+                    if err is None:
+                        if not to_end:
+                            return m.offset()
+                        last = m.offset()
+                    elif err.code() == KafkaError._PARTITION_EOF:
+                        return m.offset() if m.offset() >= 0 else (last or start - 1) + 1
+                    elif err.code() in (
+                        KafkaError._AUTO_OFFSET_RESET,
+                        KafkaError.OFFSET_OUT_OF_RANGE,
+                    ):
+                        return None
+            return None
+        finally:
+            probe.close()
+
+    def _stop_partition(
+        self, key: tuple[str, int], kind: str, message: str, fields: dict[str, Any]
+    ) -> None:
+        topic, partition = key
+        try:
+            self._consumer.pause(self._partitions({key}))
+        except Exception as exc:  # its records are ignored while stopped anyway
+            log.warning("pause failed: %s", exc)
+        self.state.stopped[key] = message
+        self.state.position.pop(key, None)
+        self.metrics.offset_gap(topic, partition, kind)
+        self._stopped_changed()
+        log.error(
+            f"partition {topic}[{partition}] stopped: {message}. Nothing of it is read until "
+            "an operator decides (docs/reliability.md, 'Offset gaps')",
+            extra={"fields": {"topic": topic, "partition": partition, "kind": kind, **fields}},
+        )
+
+    def _stopped_changed(self) -> None:
+        self.metrics.set_partitions_stopped(len(self.state.stopped))
+        self.health.set("no_partition_stopped", not self.state.stopped)
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
         # Batches are written and committed before consume() is called again, so nothing is in
@@ -718,9 +1042,15 @@ class ScoringService:
         log.warning("partitions lost", extra={"fields": {"partitions": sorted(lost)}})
 
     def _drop(self, keys: set[tuple[str, int]]) -> None:
-        self.state.assigned -= keys
-        self.state.generation += 1
-        self.health.set("assigned", bool(self.state.assigned))
+        state = self.state
+        state.assigned -= keys
+        state.unpositioned -= keys
+        for key in keys:
+            state.stopped.pop(key, None)
+            state.position.pop(key, None)
+        self._stopped_changed()
+        state.generation += 1
+        self.health.set("assigned", bool(state.assigned))
 
     def _on_kafka_error(self, err: Any) -> None:
         from streams.kafka import log_error
@@ -881,6 +1211,18 @@ def _detector_scores(columns: dict[str, np.ndarray], row: int) -> dict[str, floa
         out[f"{name}_score"] = None if score is None else _finite(score[row])
         out[f"{name}_p"] = None if p is None else _finite(p[row])
     return out
+
+
+def _kafka_error(exc: BaseException) -> Any:
+    """The ``KafkaError`` behind ``exc`` (or its causes), if any."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KafkaException) and seen.args and isinstance(seen.args[0], KafkaError):
+            return seen.args[0]
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _finite(x: Any) -> float | None:

@@ -160,3 +160,34 @@ def test_pipeline_name_limits_accept_the_longest_plain_name() -> None:
     assert config_from_dict({**BASE, "name": longest}, environ={}).name == longest
     with pytest.raises(ConfigError, match=r"^name \(from ANOMALY_PIPELINE_NAME\): .* got 201$"):
         config_from_dict(BASE, environ={"ANOMALY_PIPELINE_NAME": "p" * 201})
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"partition.assignment.strategy": "cooperative-sticky"},
+            "kafka.settings: partition.assignment.strategy 'cooperative-sticky' is not "
+            "supported: the service rebalances eagerly; use range or roundrobin (or leave it "
+            "unset)",
+        ),
+        (
+            {"partition.assignment.strategy": "range,cooperative-sticky"},
+            "kafka.settings: partition.assignment.strategy 'range,cooperative-sticky' is not",
+        ),
+        (
+            {"group.protocol": "consumer"},
+            "kafka.settings: group.protocol 'consumer' is not supported: the service "
+            "rebalances eagerly; use classic (or leave it unset)",
+        ),
+    ],
+)
+def test_an_incremental_rebalance_protocol_is_refused(settings: dict, message: str) -> None:
+    """The rebalance callbacks treat each assignment as the whole one (eager protocol)."""
+    with pytest.raises(ConfigError, match="^" + re.escape(message)):
+        build({}, kafka={"settings": settings})
+    for fine in (
+        {"partition.assignment.strategy": "range,roundrobin"},
+        {"group.protocol": "classic"},
+    ):
+        build({}, kafka={"settings": fine})

@@ -1,0 +1,220 @@
+"""Stream safety: the service never skips records silently (docs/reliability.md, "Offset gaps").
+
+Real broker (an embedded Tansu of the test's own, so it can be restarted), real database, real
+model; the service runs in-process on a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from anomaly.config import load_config
+from storage.store import AlertStore
+from streams.broker import EmbeddedBroker, create_topic
+from streams.service import ScoringService
+
+from .conftest import LABELS, bad_records, consume_all
+
+pytestmark = [pytest.mark.kafka]
+
+
+def _values(fraud_records, n: int, start: int = 0) -> list[bytes]:
+    rows = json.loads(
+        fraud_records.drop(columns=LABELS)
+        .iloc[start : start + n]
+        .to_json(orient="records", date_format="iso")
+    )
+    return [json.dumps(r).encode() for r in rows]
+
+
+def _idempotent_produce(bootstrap: str, topic: str, values: list[bytes], partition: int) -> None:
+    """As ``anomaly replay`` produces: an idempotent producer (it gets a producer id)."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    for value in values:
+        producer.produce(topic, value=value, partition=partition)
+    assert producer.flush(30) == 0
+
+
+def _wait(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+class Running:
+    """``ScoringService.run()`` on a thread; ``stop()`` returns its exit status."""
+
+    def __init__(self, config: Path) -> None:
+        self.service = ScoringService(load_config(config))
+        self.result: list[object] = []
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result.append(self.service.run())
+        except BaseException as exc:  # the test asserts on it
+            self.result.append(exc)
+
+    def alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self) -> object:
+        self.service.stop()
+        self.thread.join(60)
+        assert not self.thread.is_alive(), "the service did not stop"
+        return self.result[0]
+
+
+def _metric(service: ScoringService, name: str, **labels: str) -> float:
+    labels = {"pipeline": service.pipeline, **labels}
+    value = service.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def test_recreated_topic_stops_the_partition_loudly_and_the_others_go_on(
+    tmp_path, pipeline_file, topic_name, trained_model, fraud_records, caplog
+):
+    """The issue's scenario: the broker restarts empty, the topic is recreated and filled again
+    by an idempotent producer. Partition 0 (stored offset 303, new log shorter) must stop with
+    an error, a metric and /readyz down, never read; partition 1 (new) is scored and its dead
+    letters reach the new broker. (On main partition 0 waits silently for offset 303.)"""
+    caplog.set_level(logging.INFO)
+    broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
+    bootstrap = broker.bootstrap_servers
+    db_url = f"sqlite:///{tmp_path / 'anomaly.db'}"
+    config = pipeline_file(db_url, trained_model.bundle, kafka={"bootstrap_servers": bootstrap})
+    cfg = load_config(config)
+    store = AlertStore.from_config(cfg)
+    store.upgrade()
+    first = json.loads(_values(fraud_records, 1)[0])
+    bad = [value for value, _ in bad_records(first | {"id": "bad"})][:3]
+    running = None
+    try:
+        create_topic(bootstrap, topic_name, partitions=2)
+        _idempotent_produce(bootstrap, topic_name, _values(fraud_records, 300) + bad, 0)
+        running = Running(config)
+        service = running.service
+        _wait(lambda: store.load_offsets(cfg.name, topic_name) == {0: 303}, 60, "first 303")
+
+        # The broker restarts with nothing (memory only); the topic is created again.
+        broker.stop()
+        broker = EmbeddedBroker(port=broker.port, log_path=tmp_path / "tansu2.log").start()
+        create_topic(bootstrap, topic_name, partitions=2)
+        _idempotent_produce(bootstrap, topic_name, _values(fraud_records, 100, 300), 0)
+        _idempotent_produce(bootstrap, topic_name, _values(fraud_records, 50, 400) + bad, 1)
+
+        _wait(
+            lambda: store.load_offsets(cfg.name, topic_name).get(1) == 53 or not running.alive(),
+            90,
+            "partition 1 of the new topic to be written",
+        )
+        assert running.alive(), f"the service ended: {running.result}"
+        # Partition 0 stopped loudly, and never read.
+        assert (
+            _metric(
+                service,
+                "anomaly_offset_gaps_total",
+                topic=topic_name,
+                partition="0",
+                kind="beyond_end",
+            )
+            == 1
+        )
+        assert _metric(service, "anomaly_partitions_stopped") == 1
+        assert service.health.snapshot()["no_partition_stopped"] is False
+        assert not service.health.ready
+        assert store.load_offsets(cfg.name, topic_name) == {0: 303, 1: 53}
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        stopped = [m for m in errors if m.startswith(f"partition {topic_name}[0] stopped")]
+        assert stopped, errors
+        assert "the stored next offset 303 is beyond the end of the log" in stopped[0]
+        assert "the topic was recreated or truncated" in stopped[0]
+        assert service.totals.consumed == 303 + 53
+        # The new partition's dead letters reached the new broker's dead-letter topic.
+        dlq = consume_all(bootstrap, cfg.dead_letter_topic, 3)
+        assert sorted(dict(m.headers())["source_partition"] for m in dlq) == [b"1"] * 3
+        assert running.stop() == 0
+        running = None
+    finally:
+        if running is not None:
+            running.service.stop()
+            running.thread.join(60)
+        broker.stop()
+        store.close()
+
+
+def test_a_fatal_idempotent_producer_error_replaces_the_producer(
+    tmp_path, pipeline_file, trained_model
+):
+    """After a broker restart another idempotent producer gets the service producer's id; the
+    service producer's next batch is refused with the fatal OUT_OF_ORDER_SEQUENCE_NUMBER. The
+    batch must fail as a retryable ``ProduceError`` (not crash the service), and the retry go
+    out on a new producer. On main ``_produce`` raised out of the loop and ``serve`` exited."""
+    from datetime import UTC, datetime
+
+    from confluent_kafka import Producer
+
+    from storage.records import DeadLetterRecord
+    from streams.kafka import producer_settings
+    from streams.service import ProduceError
+
+    broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
+    bootstrap = broker.bootstrap_servers
+    config = pipeline_file(
+        f"sqlite:///{tmp_path / 'a.db'}",
+        trained_model.bundle,
+        kafka={"bootstrap_servers": bootstrap},
+    )
+    service = ScoringService(load_config(config))
+    dlq = service.cfg.dead_letter_topic
+
+    def dead(n: int, start: int) -> list[DeadLetterRecord]:
+        return [
+            DeadLetterRecord(
+                pipeline=service.pipeline,
+                kafka_topic=service.topic,
+                kafka_partition=0,
+                kafka_offset=start + i,
+                raw=b"{not json",
+                error_kind="invalid_json",
+                error_message="not JSON",
+                created_at=datetime.now(UTC),
+            )
+            for i in range(n)
+        ]
+
+    try:
+        create_topic(bootstrap, dlq, partitions=1)
+        service._producer = Producer(producer_settings(service.cfg.kafka))
+        service._produce(dead(50, 0), [])
+        broker.stop()
+        broker = EmbeddedBroker(port=broker.port, log_path=tmp_path / "tansu2.log").start()
+        create_topic(bootstrap, dlq, partitions=1)
+        # A new idempotent producer: the restarted broker hands it producer id 1 again.
+        _idempotent_produce(bootstrap, dlq, [b"other"] * 20, 0)
+        old = service._producer
+        with pytest.raises(ProduceError, match="OUT_OF_ORDER_SEQUENCE_NUMBER"):
+            service._produce(dead(5, 50), [])
+        assert service._producer is not old
+        assert _metric(service, "anomaly_producer_rebuilds_total") == 1
+        service._produce(dead(5, 50), [])  # the retry, on the new producer
+        # The new broker's topic: the other producer's 20 and the retried 5, each once.
+        messages = consume_all(bootstrap, dlq, 25)
+        retried = sorted(int(dict(m.headers())["source_offset"]) for m in messages if m.headers())
+        assert retried == [50, 51, 52, 53, 54] and len(messages) == 25
+    finally:
+        if service._producer is not None:
+            service._producer.flush(5)
+        broker.stop()
