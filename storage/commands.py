@@ -97,6 +97,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     p.set_defaults(handler=_models_register)
 
     p = models_sub.add_parser(
+        "verify",
+        help="compare a registered version's bundle on disk with the identity registered for it",
+        description="Verify the bundle of VERSION (default: the active one) file by file and "
+        "print, as JSON, the sha256 registered for it beside the one on disk (what `serve` "
+        "compares). Exit status 0 when they match, 1 when they differ.",
+    )
+    p.add_argument("version", nargs="?", help="default: the active version")
+    _db_args(p)
+    p.add_argument("--pipeline", help="default: the name in --config")
+    p.set_defaults(handler=_models_verify)
+
+    p = models_sub.add_parser(
         "activate", help="make VERSION the pipeline's active model (the service switches to it)"
     )
     p.add_argument("version")
@@ -354,6 +366,34 @@ def _models_register(args: argparse.Namespace) -> int:
     state = "active" if rec.active else "registered (not active)"
     _print(f"pipeline {rec.pipeline}: model version {rec.version} {state}")
     return 0
+
+
+def _models_verify(args: argparse.Namespace) -> int:
+    import json
+
+    from anomaly.bundle import inspect_bundle
+    from storage.errors import InvalidArgumentError
+
+    pipeline = _pipeline(args, "verify")
+    with _store(args) as store:
+        versions = store.list_model_versions(pipeline)
+    wanted = [v for v in versions if (v.version == args.version if args.version else v.active)]
+    if not wanted:
+        what = f"model version {args.version!r}" if args.version else "active model version"
+        raise InvalidArgumentError(f"pipeline {pipeline!r} has no {what} registered")
+    rec = wanted[0]
+    on_disk = inspect_bundle(rec.bundle_path)["manifest_sha256"]  # every file checked first
+    match = on_disk == rec.bundle_sha256
+    report = {
+        "pipeline": pipeline,
+        "version": rec.version,
+        "bundle_path": rec.bundle_path,
+        "registered_sha256": rec.bundle_sha256,
+        "on_disk_sha256": on_disk,
+        "match": match,
+    }
+    _print(json.dumps(report, indent=2))
+    return 0 if match else 1
 
 
 def _models_activate(args: argparse.Namespace) -> int:

@@ -225,6 +225,43 @@ def test_models_register_verifies_and_records_a_real_bundle(
     assert "bundle" in capsys.readouterr().err
 
 
+def test_models_verify_shows_the_registered_identity_beside_the_one_on_disk(
+    store: AlertStore, db_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from anomaly.model import AnomalyModel
+
+    def fit(seed: int) -> AnomalyModel:
+        model = AnomalyModel(
+            target_fpr=0.05, seed=seed, device="cpu", detectors=["vae"], max_epochs=1, min_steps=0
+        )
+        return model.fit(np.random.default_rng(seed).normal(size=(300, 3)).astype("float32"))
+
+    bundle = tmp_path / "bundle"
+    version = fit(0).save(bundle)
+    db = ["--db", db_url, "--pipeline", "cards"]
+    assert main(["models", "register", str(bundle), *db]) == 0
+    capsys.readouterr()
+    assert main(["models", "verify", *db]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["version"] == version and report["match"] is True
+    assert report["registered_sha256"] == report["on_disk_sha256"]
+
+    # Another self-consistent bundle in its place: it verifies on its own, but is not the one
+    # registered, and the two identities are shown side by side.
+    other = tmp_path / "other"
+    fit(1).save(other)
+    for name in ("manifest.json", "vae.safetensors", "calibration.safetensors"):
+        (bundle / name).write_bytes((other / name).read_bytes())
+    assert main(["models", "verify", version, *db]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["match"] is False
+    assert report["registered_sha256"] != report["on_disk_sha256"]
+    assert main(["models", "verify", "v9", *db]) == 2
+    assert "no model version 'v9' registered" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import numpy as np
