@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "AnomalyModel": "anomaly.model",
-    "VAEDetector": "anomaly.detectors.vae",
-    "FlowDetector": "anomaly.detectors.flow",
-    "GANDetector": "anomaly.detectors.gan",
-    "Preprocessor": "anomaly.preprocess",
+    "AnomalyModel": "anomaly.estimator.model",
+    "VAEDetector": "anomaly.estimator.detectors.vae",
+    "FlowDetector": "anomaly.estimator.detectors.flow",
+    "GANDetector": "anomaly.estimator.detectors.gan",
+    "Preprocessor": "anomaly.features.preprocess",
     "PipelineConfig": "anomaly.config",
     "load_config": "anomaly.config",
 }
@@ -34,11 +34,11 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from anomaly.config import PipelineConfig, load_config
-    from anomaly.detectors.flow import FlowDetector
-    from anomaly.detectors.gan import GANDetector
-    from anomaly.detectors.vae import VAEDetector
-    from anomaly.model import AnomalyModel
-    from anomaly.preprocess import Preprocessor
+    from anomaly.estimator.detectors.flow import FlowDetector
+    from anomaly.estimator.detectors.gan import GANDetector
+    from anomaly.estimator.detectors.vae import VAEDetector
+    from anomaly.estimator.model import AnomalyModel
+    from anomaly.features.preprocess import Preprocessor
 
 
 def __getattr__(name: str) -> Any:

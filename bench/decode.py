@@ -42,7 +42,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from anomaly.config import SchemaConfig  # noqa: E402
-from anomaly.synthetic import generate_fraud  # noqa: E402
+from anomaly.synthetic.datasets import generate_fraud  # noqa: E402
 from streams.decode import RecordDecoder  # noqa: E402
 from streams.replay import encode_rows  # noqa: E402
 

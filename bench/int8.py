@@ -39,8 +39,8 @@ def main() -> int:
     import torch
     from scipy.stats import spearmanr
 
-    from anomaly.detectors.gan import GANDetector
-    from anomaly.detectors.vae import VAEDetector
+    from anomaly.estimator.detectors.gan import GANDetector
+    from anomaly.estimator.detectors.vae import VAEDetector
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -80,7 +80,7 @@ def scores(detector, rows):
     import numpy as np
     import torch
 
-    from anomaly.detectors._base import finite_scores
+    from anomaly.estimator.detectors._base import finite_scores
 
     with torch.inference_mode():
         return np.concatenate(

@@ -200,7 +200,7 @@ def run_one(data_dir: str, name: str, seed: int, args: argparse.Namespace) -> di
     from sklearn.metrics import average_precision_score, roc_auc_score
     from sklearn.preprocessing import StandardScaler
 
-    from anomaly.evaluation import one_class_split
+    from anomaly.evaluation.metrics import one_class_split
 
     x, y, pool = load_dataset(Path(data_dir), name)
     split = one_class_split(x, y, seed, train_pool=pool, max_train=args.max_train)
@@ -280,7 +280,7 @@ def _ablations(
     recombine the members' raw scores already in ``scores`` (the model's score table)."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from anomaly.ensemble import combine, member_weights
+    from anomaly.estimator.ensemble import combine, member_weights
 
     def record(name: str, s: np.ndarray) -> None:
         out["methods"][name] = {
@@ -627,7 +627,7 @@ def render(summary: dict[str, Any], args: argparse.Namespace, command: str, wall
 
 
 def _fpr_table(add, summary, key: str, cal_key: str, ds_list: list[str], dets: list[str]) -> dict:
-    from anomaly.evaluation import enough_to_tell
+    from anomaly.evaluation.metrics import enough_to_tell
 
     by_ds = summary["by_ds"]
     head = " | ".join(f"{d} @{t:g}" for t in TARGETS for d in dets)

@@ -53,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from anomaly import AnomalyModel
-    from anomaly.scorer import BatchScorer
+    from anomaly.scoring.scorer import BatchScorer
 
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(args.seed)

@@ -49,9 +49,9 @@ def best_rate(fn, rows: int, repeat: int, sync) -> float:
 
 
 def measure(model, device: torch.device, rows: np.ndarray, args, bf16: bool, sync) -> dict:
-    from anomaly.device_scoring import DeviceScorer, host_inputs
-    from anomaly.preprocess import _to_frame
-    from anomaly.scorer import BatchScorer
+    from anomaly.features.preprocess import _to_frame
+    from anomaly.scoring.device_scoring import DeviceScorer, host_inputs
+    from anomaly.scoring.scorer import BatchScorer
 
     tag = "_bf16" if bf16 else ""
     out = {}
@@ -101,7 +101,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from anomaly import AnomalyModel
-    from anomaly.detectors._base import resolve_device
+    from anomaly.estimator.detectors._base import resolve_device
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

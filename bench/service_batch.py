@@ -38,8 +38,8 @@ def worker(sizes: list[int]) -> None:
     import yaml
 
     from anomaly.config import config_from_dict
-    from anomaly.model import AnomalyModel
-    from anomaly.synthetic import generate_fraud
+    from anomaly.estimator.model import AnomalyModel
+    from anomaly.synthetic.datasets import generate_fraud
     from streams.replay import encode_rows
     from streams.service import ScoringService, _Message
 

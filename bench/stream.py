@@ -31,7 +31,8 @@ before/after in one run (``python bench/stream.py --rate 1000 --baseline main``)
 Everything runs with the default configuration (``--batch-size`` sets ``kafka.batch_size``).
 
 With ``--device cuda`` the service scores on the GPU (preprocessing, networks and p-values there,
-see ``anomaly.device_scoring``); ``bench/scoring_step.py`` gives the scoring step's own rate.
+see ``anomaly.scoring.device_scoring``); ``bench/scoring_step.py`` gives the scoring step's own
+rate.
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ def main() -> int:
     from confluent_kafka import Consumer, Producer
 
     from anomaly.config import config_from_dict
-    from anomaly.model import AnomalyModel
-    from anomaly.synthetic import generate_fraud
+    from anomaly.estimator.model import AnomalyModel
+    from anomaly.synthetic.datasets import generate_fraud
     from streams.broker import EmbeddedBroker, create_topic
     from streams.kafka import consumer_settings
     from streams.replay import encode_values
@@ -416,7 +417,7 @@ def _latency_run(cfg, records, rate: float, broker, tmp: Path, partitions: int) 
     the rest (steady state), with the group join time on its own."""
     import yaml
 
-    from anomaly.synthetic import write_frame
+    from anomaly.synthetic.datasets import write_frame
     from streams.broker import create_topic
     from streams.service import ScoringService
 

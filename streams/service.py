@@ -82,8 +82,8 @@ class ProduceError(RuntimeError):
 
 @dataclass
 class LoadedModel:
-    model: Any  # anomaly.model.AnomalyModel
-    scorer: Any  # anomaly.scorer.BatchScorer
+    model: Any  # anomaly.estimator.model.AnomalyModel
+    scorer: Any  # anomaly.scoring.scorer.BatchScorer
     version: str
     source: str  # where it came from: a bundle path
 
@@ -1066,9 +1066,9 @@ class ScoringService:
     # -- model versions -------------------------------------------------------------------
 
     def _load_model(self, initial: bool = False) -> None:
-        from anomaly.bundle import CONTENT_KEY
-        from anomaly.model import AnomalyModel
-        from anomaly.scorer import BatchScorer
+        from anomaly.estimator.bundle import CONTENT_KEY
+        from anomaly.estimator.model import AnomalyModel
+        from anomaly.scoring.scorer import BatchScorer
 
         serve = self.cfg.serve
         record = self._with_db_retry(

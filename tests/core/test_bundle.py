@@ -15,9 +15,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from anomaly import AnomalyModel
-from anomaly.bundle import CONTENT_KEY, MANIFEST, inspect_bundle, seal_manifest
 from anomaly.cli import main
 from anomaly.errors import BundleError, IdentityError
+from anomaly.estimator.bundle import CONTENT_KEY, MANIFEST, inspect_bundle, seal_manifest
 
 
 @pytest.fixture
@@ -198,7 +198,7 @@ def test_manifest_edited_by_one_byte_is_refused(bundle):
     assert json.loads(edited)["calibration"]["ensemble"]["threshold"] != before
     with pytest.raises(IdentityError, match=r"^bundle .*manifest\.json was edited") as info:
         AnomalyModel.load(bundle)
-    from anomaly.bundle import content_sha256
+    from anomaly.estimator.bundle import content_sha256
 
     recorded, computed = json.loads(raw)[CONTENT_KEY], content_sha256(json.loads(edited))
     assert str(info.value) == (
@@ -239,7 +239,7 @@ def test_registered_identity_is_compared_before_anything_else(bundle, saved_bund
 
 
 def test_saved_bundle_records_a_content_sha256_over_the_whole_manifest(saved_bundle):
-    from anomaly.bundle import content_sha256
+    from anomaly.estimator.bundle import content_sha256
 
     manifest = json.loads((saved_bundle / MANIFEST).read_bytes())
     assert manifest[CONTENT_KEY] == content_sha256(manifest)

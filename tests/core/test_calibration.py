@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from anomaly import AnomalyModel
-from anomaly.calibration import CalibrationWarning, Calibrator
-from anomaly.ensemble import combine
+from anomaly.estimator.calibration import CalibrationWarning, Calibrator
+from anomaly.estimator.ensemble import combine
 
 from .conftest import SMALL, SMALL_PARAMS, manifold_rows
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from anomaly.detectors.flow import FlowDetector
-from anomaly.detectors.gan import GANDetector
-from anomaly.detectors.knn import KNNDetector
-from anomaly.detectors.vae import VAEDetector
 from anomaly.errors import DataError, NotFittedError
+from anomaly.estimator.detectors.flow import FlowDetector
+from anomaly.estimator.detectors.gan import GANDetector
+from anomaly.estimator.detectors.knn import KNNDetector
+from anomaly.estimator.detectors.vae import VAEDetector
 
 from .conftest import SMALL, SMALL_PARAMS
 
@@ -164,7 +164,7 @@ def test_bad_input_and_unfitted_errors(array_problem):
         det.decision_function(train[:10, :3])
 
 
-MODULES = [f"anomaly.detectors.{name}" for name, _ in CASES]
+MODULES = [f"anomaly.estimator.detectors.{name}" for name, _ in CASES]
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 import torch
 
-from anomaly.device_scoring import DevicePreprocessor, host_inputs
 from anomaly.errors import DataError
-from anomaly.preprocess import Preprocessor
-from anomaly.scorer import BatchScorer
+from anomaly.features.preprocess import Preprocessor
+from anomaly.scoring.device_scoring import DevicePreprocessor, host_inputs
+from anomaly.scoring.scorer import BatchScorer
 
 from .conftest import SCHEMA
 
@@ -126,7 +126,7 @@ def test_device_preprocessing_on_cuda_matches_the_host(frame_problem):
 
 def test_device_preprocessing_of_subnormal_knots_is_finite_and_equals_the_host(frame_problem):
     """Knots closer than ~1e-300 overflow the segment slope; both paths must give the same
-    finite values (see anomaly.knot_lookup.segment_slopes)."""
+    finite values (see anomaly.features.knot_lookup.segment_slopes)."""
     train, normal, _ = frame_problem
     train = train.copy()
     tiny = np.array([0.0, 5e-324, 1e-323, 1e-310])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from anomaly.knot_lookup import KnotLookup, KnotLookupBlock, SortedSearch
+from anomaly.features.knot_lookup import KnotLookup, KnotLookupBlock, SortedSearch
 
 
 def _knots_from(sample: np.ndarray, n: int = 1000) -> tuple[np.ndarray, np.ndarray]:

@@ -13,8 +13,8 @@ from sklearn.metrics import roc_auc_score
 from anomaly import AnomalyModel
 from anomaly.config import config_from_dict
 from anomaly.errors import DataError, NotFittedError
-from anomaly.model import ALL_DETECTORS, SCORE_COLUMNS, SmallDataWarning
-from anomaly.scorer import BatchScorer, EmulatedBf16Warning, cpu_has_native_bf16
+from anomaly.estimator.model import ALL_DETECTORS, SCORE_COLUMNS, SmallDataWarning
+from anomaly.scoring.scorer import BatchScorer, EmulatedBf16Warning, cpu_has_native_bf16
 
 from .conftest import SCHEMA
 
@@ -195,7 +195,7 @@ def test_small_data_fits_with_a_warning_about_calibration(frame_problem):
 def test_ensemble_weights_each_kind_of_evidence_once(fitted_model, frame_problem):
     """Half the weight to the generative detectors (shared), half to the neighbour distance;
     the ensemble score is that weighted mean of -log10 of the members' tail p-values."""
-    from anomaly.ensemble import member_weights
+    from anomaly.estimator.ensemble import member_weights
 
     assert member_weights(["vae", "flow", "gan", "knn"]) == [1 / 6, 1 / 6, 1 / 6, 1 / 2]
     assert member_weights(["vae", "gan"]) == [1 / 2, 1 / 2]

@@ -8,7 +8,7 @@ import pytest
 
 from anomaly.config import SchemaConfig
 from anomaly.errors import DataError
-from anomaly.preprocess import UNSEEN, ConstantColumnWarning, Preprocessor
+from anomaly.features.preprocess import UNSEEN, ConstantColumnWarning, Preprocessor
 
 SCHEMA = SchemaConfig(
     id_field="id", time_field=None, numeric=["amount", "temp"], categorical=["kind"]

@@ -8,7 +8,7 @@ import pytest
 
 from anomaly.cli import main
 from anomaly.config import load_config
-from anomaly.synthetic import (
+from anomaly.synthetic.datasets import (
     FRAUD_KINDS,
     MANUFACTURING_KINDS,
     generate_fraud,
@@ -167,7 +167,7 @@ def test_generate_command_writes_csv_and_parquet(tmp_path, capsys):
 
 
 def test_split_train_stream_keeps_one_fleet(tmp_path):
-    from anomaly.synthetic import split_train_stream
+    from anomaly.synthetic.datasets import split_train_stream
 
     frame = generate_manufacturing(6000, 0.05, seed=5)
     train, stream = split_train_stream(frame, 4000)

@@ -49,7 +49,7 @@ def trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from anomaly.config import SchemaConfig
-    from anomaly.model import AnomalyModel
+    from anomaly.estimator.model import AnomalyModel
 
     torch.set_num_threads(1)
     train = make_records(1600, 0, seed=1).drop(columns=["is_anomaly"])

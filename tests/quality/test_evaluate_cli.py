@@ -49,7 +49,7 @@ def report(trained_model_dir: Path, labeled_csv: Path, tmp_path_factory) -> Path
 
 @pytest.fixture(scope="module")
 def expected(trained_model_dir: Path, labeled_csv: Path) -> tuple[pd.DataFrame, np.ndarray]:
-    from anomaly.model import AnomalyModel
+    from anomaly.estimator.model import AnomalyModel
 
     frame = pd.read_csv(labeled_csv)
     y = frame.pop("is_anomaly").to_numpy()

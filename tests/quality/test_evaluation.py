@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from anomaly.errors import DataError, UserFacingError
-from anomaly.evaluation import (
+from anomaly.evaluation.metrics import (
     LabelError,
     enough_to_tell,
     evaluate_scores,

@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
-with atheris.instrument_imports(include=["streams.decode", "anomaly.preprocess"]):
+with atheris.instrument_imports(include=["streams.decode", "anomaly.features.preprocess"]):
     from streams.decode import ERROR_KINDS, RecordDecoder
 
 import numpy as np  # noqa: E402
@@ -48,8 +48,8 @@ SCORER = None
 if os.environ.get("FUZZ_BUNDLE"):
     import torch
 
-    from anomaly.model import AnomalyModel
-    from anomaly.scorer import BatchScorer
+    from anomaly.estimator.model import AnomalyModel
+    from anomaly.scoring.scorer import BatchScorer
 
     torch.set_num_threads(1)
     MODEL = AnomalyModel.load(os.environ["FUZZ_BUNDLE"])
@@ -84,7 +84,7 @@ def check(data: bytes) -> None:
 def seeds(directory: Path) -> None:
     from malformed import MUTATIONS
 
-    from anomaly.synthetic import generate_fraud
+    from anomaly.synthetic.datasets import generate_fraud
     from streams.replay import encode_rows
 
     frame = generate_fraud(40, anomaly_fraction=0.1, seed=1).drop(

@@ -438,7 +438,7 @@ class Stream:
 def make_stream(model, n: int, *, bad_every: int = 100, seed: int = 21) -> Stream:
     """``n`` fraud records (2% injected anomalies) and one hand-made bad value every
     ``bad_every`` records; the expected alerts are the model's own predictions on the valid ones."""
-    from anomaly.synthetic import generate_fraud
+    from anomaly.synthetic.datasets import generate_fraud
     from streams.replay import encode_rows
 
     records = generate_fraud(n, anomaly_fraction=0.02, seed=seed)

@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable
 
 # Dead-letter kinds of the decoder (streams.decode.ERROR_KINDS) and the model's own checks
-# (anomaly.preprocess.Preprocessor.validate_frame).
+# (anomaly.features.preprocess.Preprocessor.validate_frame).
 VALIDATOR_KINDS = ("missing_column", "not_a_number", "infinite", "missing_value")
 
 FIVE_MB = 5 * 1024 * 1024

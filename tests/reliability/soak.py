@@ -55,7 +55,7 @@ class SoakResult:
 
 
 def chunk_values(start: int, n: int, seed: int) -> list[bytes]:
-    from anomaly.synthetic import generate_fraud
+    from anomaly.synthetic.datasets import generate_fraud
     from streams.replay import encode_rows
 
     frame = generate_fraud(n, anomaly_fraction=0.02, seed=seed).drop(
@@ -219,8 +219,8 @@ def train_bundle(path: Path) -> Path:
     import yaml
 
     from anomaly.config import config_from_dict
-    from anomaly.model import AnomalyModel
-    from anomaly.synthetic import generate_fraud
+    from anomaly.estimator.model import AnomalyModel
+    from anomaly.synthetic.datasets import generate_fraud
 
     torch.set_num_threads(1)
     schema = yaml.safe_load((HERE.parents[1] / "examples" / "fraud.yaml").read_text())["schema"]

@@ -49,7 +49,7 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def base_records(trained_model) -> list[dict]:
-    from anomaly.synthetic import generate_fraud
+    from anomaly.synthetic.datasets import generate_fraud
     from streams.replay import encode_rows
 
     frame = generate_fraud(200, anomaly_fraction=0.05, seed=3).drop(columns=streams_fixtures.LABELS)
@@ -58,7 +58,7 @@ def base_records(trained_model) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def scorer(trained_model):
-    from anomaly.scorer import BatchScorer
+    from anomaly.scoring.scorer import BatchScorer
 
     return BatchScorer(trained_model.model, device="cpu", threads=1)
 

@@ -144,7 +144,7 @@ def test_serve_without_a_broker_writes_a_few_json_lines(tmp_path, trained_model,
 
 
 def test_replay_without_a_broker_writes_a_few_lines(tmp_path, fraud_schema):
-    from anomaly.synthetic import generate_fraud, write_frame
+    from anomaly.synthetic.datasets import generate_fraud, write_frame
 
     config = _pipeline(tmp_path, fraud_schema, None)
     data = tmp_path / "records.csv"

@@ -27,9 +27,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from anomaly import AnomalyModel
-from anomaly.bundle import MANIFEST, seal_manifest
 from anomaly.config import load_config
 from anomaly.errors import BundleError
+from anomaly.estimator.bundle import MANIFEST, seal_manifest
 from streams.broker import create_topic, free_port
 
 pytestmark = [pytest.mark.reliability]

@@ -200,7 +200,7 @@ def test_models_register_verifies_and_records_a_real_bundle(
 ) -> None:
     import numpy as np
 
-    from anomaly.model import AnomalyModel
+    from anomaly.estimator.model import AnomalyModel
 
     rng = np.random.default_rng(0)
     model = AnomalyModel(
@@ -230,7 +230,7 @@ def test_models_verify_shows_the_registered_identity_beside_the_one_on_disk(
 ) -> None:
     import numpy as np
 
-    from anomaly.model import AnomalyModel
+    from anomaly.estimator.model import AnomalyModel
 
     def fit(seed: int) -> AnomalyModel:
         model = AnomalyModel(
@@ -266,7 +266,7 @@ def test_models_verify_shows_the_registered_identity_beside_the_one_on_disk(
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import numpy as np
 
-    from anomaly.model import AnomalyModel
+    from anomaly.estimator.model import AnomalyModel
 
     model = AnomalyModel(
         target_fpr=0.05, seed=0, device="cpu", detectors=["vae"], max_epochs=1, min_steps=0

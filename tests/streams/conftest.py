@@ -36,8 +36,8 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory, fraud_schema: dict) 
     import torch
 
     from anomaly.config import config_from_dict
-    from anomaly.model import AnomalyModel
-    from anomaly.synthetic import generate_fraud
+    from anomaly.estimator.model import AnomalyModel
+    from anomaly.synthetic.datasets import generate_fraud
 
     torch.set_num_threads(1)
     cfg = config_from_dict({"name": "fraud-test", "schema": fraud_schema}, environ={})
@@ -55,7 +55,7 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory, fraud_schema: dict) 
 @pytest.fixture(scope="session")
 def fraud_records() -> pd.DataFrame:
     """Generated transactions with labeled anomalies (labels travel along as extra fields)."""
-    from anomaly.synthetic import generate_fraud
+    from anomaly.synthetic.datasets import generate_fraud
 
     return generate_fraud(1200, anomaly_fraction=0.03, seed=5)
 

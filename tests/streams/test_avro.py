@@ -16,7 +16,7 @@ import pytest
 
 from anomaly.config import config_from_dict, load_config
 from anomaly.errors import ConfigError
-from anomaly.synthetic import generate_fraud, write_frame
+from anomaly.synthetic.datasets import generate_fraud, write_frame
 from streams.avro import (
     AvroRecordDecoder,
     SchemaRegistryUnavailable,

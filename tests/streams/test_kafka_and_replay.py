@@ -8,7 +8,7 @@ import pytest
 
 from anomaly.cli import main as cli_main
 from anomaly.config import config_from_dict, load_config
-from anomaly.synthetic import write_frame
+from anomaly.synthetic.datasets import write_frame
 from streams.broker import create_topic
 from streams.kafka import consumer_settings, producer_settings, redacted
 

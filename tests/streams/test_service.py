@@ -17,7 +17,7 @@ import pytest
 
 from anomaly.config import load_config
 from anomaly.errors import BundleError
-from anomaly.synthetic import write_frame
+from anomaly.synthetic.datasets import write_frame
 from storage.store import AlertStore
 from streams.broker import create_topic
 from streams.replay import replay
@@ -262,7 +262,7 @@ def _manifest_sha256(bundle: Path) -> str:
 def _impostor(trained_model, path: Path) -> Path:
     """Another self-consistent bundle (every hash in order) at ``path``: same weights, saved
     again under another explicit version, so its manifest, and so its identity, differ."""
-    from anomaly.model import AnomalyModel
+    from anomaly.estimator.model import AnomalyModel
 
     model = AnomalyModel.load(trained_model.bundle)
     model.version = "impostor"

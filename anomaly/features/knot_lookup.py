@@ -123,8 +123,8 @@ class SortedSearch:
 
 def segment_slopes(knots: np.ndarray, values: np.ndarray) -> np.ndarray:
     """The slope of each knot segment, then 0 for the last knot: what ``KnotLookup`` (and the
-    torch mirror in ``anomaly.device_scoring``) multiplies the offset from the segment's left
-    knot by.
+    torch mirror in ``anomaly.scoring.device_scoring``) multiplies the offset from the segment's
+    left knot by.
 
     A segment narrower than about 1e-300 (knots of subnormal values, e.g. ``[0, 5e-324]``) or of
     zero width makes the division overflow to inf (or give NaN for 0/0); ``0 * inf`` at its left

@@ -141,7 +141,7 @@ def _train(args: argparse.Namespace) -> int:
     import sys
 
     from anomaly.config import load_config
-    from anomaly.model import AnomalyModel
+    from anomaly.estimator.model import AnomalyModel
 
     cfg = load_config(args.config)
     frame = read_table(args.data)
@@ -160,8 +160,8 @@ def _score(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from anomaly.errors import DataError
-    from anomaly.model import AnomalyModel
-    from anomaly.scorer import BatchScorer
+    from anomaly.estimator.model import AnomalyModel
+    from anomaly.scoring.scorer import BatchScorer
 
     check_output_file(args.out)
     model = AnomalyModel.load(args.model)
@@ -192,7 +192,7 @@ def _score(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     import json
 
-    from anomaly.bundle import inspect_bundle
+    from anomaly.estimator.bundle import inspect_bundle
 
     info = inspect_bundle(args.model)
     if not args.full:

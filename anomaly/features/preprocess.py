@@ -46,7 +46,7 @@ from scipy.special import ndtri
 
 from anomaly.config import SchemaConfig
 from anomaly.errors import DataError, NotFittedError
-from anomaly.knot_lookup import KnotLookup, KnotLookupBlock, row_sized_ufunc_buffers
+from anomaly.features.knot_lookup import KnotLookup, KnotLookupBlock, row_sized_ufunc_buffers
 
 UNSEEN = "__unseen__"
 NUMERIC_TRANSFORMS = ("quantile", "robust", "signed_log")
@@ -408,7 +408,7 @@ class Preprocessor:
         return np.ascontiguousarray(out)
 
     # The host's part of transform, for scoring paths that do the arithmetic elsewhere (the GPU
-    # path of anomaly.device_scoring): the same checks and errors, nothing transformed.
+    # path of anomaly.scoring.device_scoring): the same checks and errors, nothing transformed.
     def checked_frame(self, data: Any) -> pd.DataFrame:
         """``data`` as a frame holding every input feature (DataError naming the missing ones)."""
         self._check_fitted()

@@ -19,7 +19,7 @@ import torch
 import zuko
 from torch import nn
 
-from anomaly.detectors._base import BaseDetector
+from anomaly.estimator.detectors._base import BaseDetector
 
 
 class _Flow(nn.Module):

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from anomaly.detectors._base import (
+from anomaly.estimator.detectors._base import (
     BaseDetector,
     check_array,
     finite_scores,

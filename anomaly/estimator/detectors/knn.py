@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from anomaly.detectors._base import BaseDetector, check_array, torch_threads
+from anomaly.estimator.detectors._base import BaseDetector, check_array, torch_threads
 
 CHUNK_ROWS = 1024
 

@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _generate(args: argparse.Namespace) -> int:
     from anomaly.errors import UserFacingError
-    from anomaly.synthetic import generate, split_train_stream, write_frame
+    from anomaly.synthetic.datasets import generate, split_train_stream, write_frame
 
     for path in (args.out, args.train_out):
         if path is not None and not path.lower().endswith((".csv", ".parquet")):

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomaly.detectors._base import BaseDetector, adam, mlp
+from anomaly.estimator.detectors._base import BaseDetector, adam, mlp
 
 
 class _GAN(nn.Module):

@@ -384,8 +384,8 @@ def run_evaluation(
     """What ``anomaly evaluate`` does: load, score, measure, explain the top rows, write."""
     from pathlib import Path
 
-    from anomaly.model import AnomalyModel
-    from anomaly.report import TopRow, top_scoring_rows, write_report
+    from anomaly.estimator.model import AnomalyModel
+    from anomaly.evaluation.report import TopRow, top_scoring_rows, write_report
 
     if target_fpr is not None and not 0.0 < target_fpr < 1.0:
         raise DataError(f"--target-fpr must be in (0, 1), got {target_fpr}")

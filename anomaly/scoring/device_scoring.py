@@ -9,7 +9,7 @@ comes back.
 
 The arithmetic mirrors ``Preprocessor`` and ``Calibrator`` operation for operation, in float64:
 ``torch.searchsorted`` finds the same positions as ``np.searchsorted`` (and so as the exact grid
-searches of ``anomaly.knot_lookup``), and the interpolation and tail formulas are the same
+searches of ``anomaly.features.knot_lookup``), and the interpolation and tail formulas are the same
 expressions. On the CPU this path therefore gives the numpy path's results (tests check it); on a
 GPU they match within rounding of the transcendental functions.
 
@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from anomaly.calibration import Calibrator
-from anomaly.knot_lookup import segment_slopes
-from anomaly.preprocess import Preprocessor
+from anomaly.estimator.calibration import Calibrator
+from anomaly.features.knot_lookup import segment_slopes
+from anomaly.features.preprocess import Preprocessor
 
 
 @dataclass
@@ -166,7 +166,8 @@ class DeviceCalibrator:
 
 
 def combine(tails: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """``anomaly.ensemble.combine`` in torch: weighted mean of ``-log10(p)`` over detectors."""
+    """``anomaly.estimator.ensemble.combine`` in torch: weighted mean of ``-log10(p)`` over
+    detectors."""
     stacked = torch.stack([p.clamp(min=1e-300) for p in tails])
     if len(set(weights)) == 1:
         return -torch.log10(stacked).mean(0)
@@ -210,8 +211,8 @@ class DeviceScorer:
     ) -> DeviceScores:
         """``values``: validated float64 numeric block (NaN = missing); ``codes``: per
         categorical feature, the one-hot position of each row (unseen -> the last bucket)."""
-        from anomaly.detectors._base import finite_scores, torch_threads
-        from anomaly.model import SCORE_COLUMNS
+        from anomaly.estimator.detectors._base import finite_scores, torch_threads
+        from anomaly.estimator.model import SCORE_COLUMNS
 
         model = self.model
         n = values.shape[0]

@@ -4,7 +4,7 @@ Fitting splits the normal rows (seeded) into a training part and a calibration p
 (``calibration_fraction``, default 0.25). The preprocessor and the detectors see only the training
 part (each detector holds out a further validation split of it for early stopping); the calibration
 part turns every detector's score into a conformal p-value and calibrates the ensemble (see
-``anomaly.calibration`` and ``anomaly.ensemble``). ``predict`` alerts when
+``anomaly.estimator.calibration`` and ``anomaly.estimator.ensemble``). ``predict`` alerts when
 ``ensemble_p <= target_fpr``.
 """
 
@@ -21,21 +21,26 @@ import numpy as np
 import pandas as pd
 import torch
 
-from anomaly.calibration import Calibrator
 from anomaly.config import DETECTOR_NAMES, PipelineConfig, SchemaConfig
-from anomaly.detectors._base import BaseDetector, finite_scores, resolve_device, torch_threads
-from anomaly.ensemble import combine, member_weights
 from anomaly.errors import DataError, NotFittedError
-from anomaly.preprocess import ConstantColumnWarning, Preprocessor, _to_frame
+from anomaly.estimator.calibration import Calibrator
+from anomaly.estimator.detectors._base import (
+    BaseDetector,
+    finite_scores,
+    resolve_device,
+    torch_threads,
+)
+from anomaly.estimator.ensemble import combine, member_weights
+from anomaly.features.preprocess import ConstantColumnWarning, Preprocessor, _to_frame
 
 if TYPE_CHECKING:
     from os import PathLike
 
 DETECTOR_CLASSES = {
-    "vae": ("anomaly.detectors.vae", "VAEDetector"),
-    "flow": ("anomaly.detectors.flow", "FlowDetector"),
-    "gan": ("anomaly.detectors.gan", "GANDetector"),
-    "knn": ("anomaly.detectors.knn", "KNNDetector"),
+    "vae": ("anomaly.estimator.detectors.vae", "VAEDetector"),
+    "flow": ("anomaly.estimator.detectors.flow", "FlowDetector"),
+    "gan": ("anomaly.estimator.detectors.gan", "GANDetector"),
+    "knn": ("anomaly.estimator.detectors.knn", "KNNDetector"),
 }
 ALL_DETECTORS = DETECTOR_NAMES
 SCORE_COLUMNS = [
@@ -84,10 +89,10 @@ class AnomalyModel:
     detectors: subset of ``("vae", "flow", "gan", "knn")``.
     schema: feature columns (``None``: numpy input, every column numeric).
     numeric_transform: preprocessing of numeric columns (``"quantile"``, ``"robust"``,
-        ``"signed_log"``); see ``anomaly.preprocess``.
+        ``"signed_log"``); see ``anomaly.features.preprocess``.
     calibration_fraction: share of the normal rows held out for calibration.
     max_epochs / min_steps / max_steps / time_budget_s / batch_size: training budgets for each
-        detector (see ``anomaly.detectors._base.BaseDetector``).
+        detector (see ``anomaly.estimator.detectors._base.BaseDetector``).
     threads: torch intra-op threads while fitting and scoring.
     progress: tqdm progress bars with the loss.
     detector_params: per-detector keyword overrides, e.g. ``{"flow": {"kind": "nsf"}}``.
@@ -437,7 +442,7 @@ class AnomalyModel:
     # ------------------------------------------------------------------ bundles
     def save(self, path: str | PathLike[str]) -> str:
         """Write a bundle directory; returns (and sets) the model version."""
-        from anomaly.bundle import save_bundle
+        from anomaly.estimator.bundle import save_bundle
 
         return save_bundle(self, path)
 
@@ -452,7 +457,7 @@ class AnomalyModel:
     ) -> AnomalyModel:
         """Load and verify a bundle (identity, hashes, shapes); raises BundleError if anything is
         off. ``expected_sha256``: the registered identity the bundle must have (see bundle.py)."""
-        from anomaly.bundle import load_bundle
+        from anomaly.estimator.bundle import load_bundle
 
         return load_bundle(
             path, device=device, expected_sha256=expected_sha256, registered_as=registered_as

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from anomaly.evaluation import EvaluationResult
+from anomaly.evaluation.metrics import EvaluationResult
 
 HTML_NAME = "report.html"
 JSON_NAME = "report.json"

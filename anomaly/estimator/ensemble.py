@@ -1,7 +1,7 @@
 """Combining the detectors' calibrated p-values into one score and one p-value.
 
 Rule: the ensemble score of a row is a weighted mean over the detectors of ``-log10(q_d)``, where
-``q_d`` is detector ``d``'s tail-extended calibrated p-value (see ``anomaly.calibration``). That
+``q_d`` is detector ``d``'s tail-extended calibrated p-value (see ``estimator.calibration``). That
 is Fisher's combination statistic ``-2 sum ln q_d`` rescaled to "decades of surprise": a score of
 3 means the detectors' p-values average 0.001 on a log scale, and one detector that is extremely
 sure can carry the row on its own.

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from anomaly.knot_lookup import SortedSearch
+from anomaly.features.knot_lookup import SortedSearch
 
 SEVERITIES = ("low", "medium", "high", "critical")
 

@@ -19,12 +19,12 @@ from anomaly.errors import UserFacingError
 
 # Sub-command modules, in the order their commands appear in --help.
 COMMAND_MODULES = (
-    "anomaly.commands",  # train, score, inspect
-    "anomaly.quality_commands",  # evaluate
+    "anomaly.cli.model_commands",  # train, score, inspect
+    "anomaly.cli.quality_commands",  # evaluate
     "storage.commands",  # db upgrade/prune, alerts list/ack
     "streams.commands",  # serve, replay, demo
     "dashboards.commands",  # dashboards build/push
-    "anomaly.synthetic_commands",  # generate (example datasets)
+    "anomaly.cli.synthetic_commands",  # generate (example datasets)
 )
 
 
@@ -116,7 +116,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         return 2
     return int(result or 0)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -6,7 +6,7 @@ networks under bfloat16 autocast (scores are returned as float64 either way).
 
 On the CPU the per-row steps around the networks (preprocessing, conformal p-values, the
 ensemble) are vectorised numpy. On CUDA they run as torch ops on the GPU too
-(``anomaly.device_scoring``): on the host they run at ~1.5M rows/s for 30 features, which
+(``anomaly.scoring.device_scoring``): on the host they run at ~1.5M rows/s for 30 features, which
 would cap scoring there however fast the GPU's networks; ``device_steps`` chooses explicitly.
 The explanations are built only for alert rows.
 """
@@ -21,10 +21,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from anomaly.detectors._base import resolve_device
-from anomaly.device_scoring import DeviceScorer, host_inputs
-from anomaly.model import SCORE_COLUMNS, AnomalyModel, score_frame
-from anomaly.preprocess import _to_frame
+from anomaly.estimator.detectors._base import resolve_device
+from anomaly.estimator.model import SCORE_COLUMNS, AnomalyModel, score_frame
+from anomaly.features.preprocess import _to_frame
+from anomaly.scoring.device_scoring import DeviceScorer, host_inputs
 
 
 class EmulatedBf16Warning(RuntimeWarning):

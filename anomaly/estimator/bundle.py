@@ -64,7 +64,7 @@ from safetensors.torch import save as st_save
 from anomaly.errors import BundleError, IdentityError
 
 if TYPE_CHECKING:
-    from anomaly.model import AnomalyModel
+    from anomaly.estimator.model import AnomalyModel
 
 FORMAT = "anomaly-monitor-bundle"
 FORMAT_VERSION = 1
@@ -321,11 +321,11 @@ def load_bundle(
     """Load and verify a bundle. With ``expected_sha256`` (the registered identity) a bundle
     whose manifest.json has another sha256 is refused before anything else is read;
     ``registered_as`` (e.g. "model version 'v3' of pipeline 'cards'") goes into that error."""
-    from anomaly.calibration import Calibrator
     from anomaly.config import SchemaConfig
-    from anomaly.detectors._base import resolve_device
-    from anomaly.model import ALL_DETECTORS, AnomalyModel, detector_class
-    from anomaly.preprocess import Preprocessor
+    from anomaly.estimator.calibration import Calibrator
+    from anomaly.estimator.detectors._base import resolve_device
+    from anomaly.estimator.model import ALL_DETECTORS, AnomalyModel, detector_class
+    from anomaly.features.preprocess import Preprocessor
 
     root = Path(path)
     manifest, data, version = _read_verified(root, expected_sha256, registered_as)

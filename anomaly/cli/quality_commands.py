@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from anomaly.commands import DEVICE_CHOICES
+from anomaly.cli.model_commands import DEVICE_CHOICES
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from anomaly.evaluation import run_evaluation
+    from anomaly.evaluation.metrics import run_evaluation
 
     result, html_path, json_path = run_evaluation(
         model_dir=args.model,

@@ -1,2 +1,0 @@
-"""The three detectors. Each module imports on its own: ``from anomaly.detectors.vae import
-VAEDetector`` does not import the flow or GAN code."""
