@@ -54,7 +54,7 @@ import re
 import stat
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -63,8 +63,9 @@ from safetensors.torch import save as st_save
 
 from anomaly.errors import BundleError, IdentityError
 
-if TYPE_CHECKING:
-    from anomaly.estimator.model import AnomalyModel
+# The model class (``AnomalyModel``) ``load_bundle`` builds: passed in by ``AnomalyModel.load``, so
+# this module, which the model imports, never imports the model.
+Model = TypeVar("Model")
 
 FORMAT = "anomaly-monitor-bundle"
 FORMAT_VERSION = 1
@@ -101,7 +102,7 @@ def _library_versions() -> dict[str, str]:
     import safetensors
     import zuko
 
-    from anomaly import __version__
+    from anomaly.version import __version__
 
     return {
         "anomaly-monitor": __version__,
@@ -125,8 +126,9 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def save_bundle(model: AnomalyModel, path: str | os.PathLike[str]) -> str:
-    """Write ``model`` to the directory ``path`` (created; must be empty if it exists)."""
+def save_bundle(model: Any, path: str | os.PathLike[str]) -> str:
+    """Write ``model`` (a fitted ``AnomalyModel``) to the directory ``path`` (created; must be
+    empty if it exists)."""
     model._check_fitted()
     out = Path(path)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -313,18 +315,19 @@ def _tensors(root: Path, fname: str, data: dict[str, bytes]) -> dict[str, torch.
 
 def load_bundle(
     path: str | os.PathLike[str],
+    model_cls: type[Model],
     device: str = "cpu",
     *,
     expected_sha256: str | None = None,
     registered_as: str | None = None,
-) -> AnomalyModel:
-    """Load and verify a bundle. With ``expected_sha256`` (the registered identity) a bundle
-    whose manifest.json has another sha256 is refused before anything else is read;
-    ``registered_as`` (e.g. "model version 'v3' of pipeline 'cards'") goes into that error."""
+) -> Model:
+    """Load and verify a bundle into a new ``model_cls`` (``AnomalyModel``). With
+    ``expected_sha256`` (the registered identity) a bundle whose manifest.json has another sha256
+    is refused before anything else is read; ``registered_as`` (e.g. "model version 'v3' of
+    pipeline 'cards'") goes into that error."""
     from anomaly.config import SchemaConfig
-    from anomaly.estimator.calibration import Calibrator
     from anomaly.estimator.detectors._base import resolve_device
-    from anomaly.estimator.model import ALL_DETECTORS, AnomalyModel, detector_class
+    from anomaly.estimator.detectors.registry import ALL_DETECTORS
     from anomaly.features.preprocess import Preprocessor
 
     root = Path(path)
@@ -334,7 +337,7 @@ def load_bundle(
         names = [str(d) for d in manifest["detectors"]]
         if not names or set(names) - set(ALL_DETECTORS):
             raise BundleError(f"bundle {root}: unknown detectors {names}")
-        model = AnomalyModel(
+        model: Any = model_cls(
             target_fpr=float(manifest["target_fpr"]),
             seed=int(manifest["seed"]),
             device=device,
@@ -347,46 +350,11 @@ def load_bundle(
         model.detectors_ = {}
         for name in model.detectors:
             spec = manifest["detector_params"][name]
-            cls = detector_class(name)
-            if spec["class"] != cls.__name__:
-                raise BundleError(f"bundle {root}: detector '{name}' has class {spec['class']!r}")
-            if int(spec["n_features"]) != n_out:
-                raise BundleError(
-                    f"bundle {root}: detector '{name}' expects {spec['n_features']} features, "
-                    f"the preprocessing produces {n_out}"
-                )
-            tensors = _tensors(root, f"{name}.safetensors", data)
-            for key, meta in spec["tensors"].items():
-                got = tensors.get(key)
-                if got is None or list(got.shape) != list(meta["shape"]):
-                    raise BundleError(
-                        f"bundle {root}: tensor '{key}' of '{name}' has shape "
-                        f"{None if got is None else list(got.shape)}, manifest says {meta['shape']}"
-                    )
-            params = dict(spec["params"])
-            for key in ("hidden",):
-                if key in params and isinstance(params[key], list):
-                    params[key] = tuple(params[key])
-            try:
-                det = cls.from_state(params, n_out, tensors, spec.get("extra"))
-            except (ValueError, RuntimeError, TypeError) as exc:
-                raise BundleError(f"bundle {root}: detector '{name}': {exc}") from None
-            model.detectors_[name] = det
-        cal_tensors = _tensors(root, "calibration.safetensors", data)
-        model.calibrators_ = {}
-        for name in [*model.detectors, "ensemble"]:
-            scores = cal_tensors.get(name)
-            if scores is None or scores.ndim != 1 or len(scores) == 0:
-                raise BundleError(f"bundle {root}: calibration scores for '{name}' are missing")
-            arr = scores.double().numpy()
-            if not np.isfinite(arr).all() or np.any(np.diff(arr) < 0):
-                raise BundleError(f"bundle {root}: calibration scores for '{name}' are invalid")
-            model.calibrators_[name] = Calibrator.from_scores(model.target_fpr, arr)
-        # Bundles written before the weights were saved combined their members with equal ones.
-        weights = manifest.get("ensemble_weights", [1.0 / len(names)] * len(names))
-        if len(weights) != len(names) or not all(float(w) > 0 for w in weights):
-            raise BundleError(f"bundle {root}: ensemble_weights {weights} do not fit {names}")
-        model.ensemble_weights_ = [float(w) for w in weights]
+            model.detectors_[name] = _load_detector(root, name, spec, n_out, data)
+        model.calibrators_ = _load_calibrators(
+            root, [*model.detectors, "ensemble"], model.target_fpr, data
+        )
+        model.ensemble_weights_ = _ensemble_weights(root, manifest, names)
         model.n_features_in_ = len(model.preprocessor_.feature_names_in_)
         model.feature_names_in_ = list(model.preprocessor_.feature_names_in_)
         model.training_ = dict(manifest.get("training_data", {}))
@@ -408,6 +376,65 @@ def load_bundle(
     model.bundle_path_ = str(root)
     model.bundle_sha256_ = version  # sha256 of manifest.json, which pins every other file
     return model
+
+
+def _load_detector(
+    root: Path, name: str, spec: dict[str, Any], n_out: int, data: dict[str, bytes]
+) -> Any:
+    """Detector ``name`` from its manifest entry and safetensors file, shapes checked."""
+    from anomaly.estimator.detectors.registry import detector_class
+
+    cls = detector_class(name)
+    if spec["class"] != cls.__name__:
+        raise BundleError(f"bundle {root}: detector '{name}' has class {spec['class']!r}")
+    if int(spec["n_features"]) != n_out:
+        raise BundleError(
+            f"bundle {root}: detector '{name}' expects {spec['n_features']} features, "
+            f"the preprocessing produces {n_out}"
+        )
+    tensors = _tensors(root, f"{name}.safetensors", data)
+    for key, meta in spec["tensors"].items():
+        got = tensors.get(key)
+        if got is None or list(got.shape) != list(meta["shape"]):
+            raise BundleError(
+                f"bundle {root}: tensor '{key}' of '{name}' has shape "
+                f"{None if got is None else list(got.shape)}, manifest says {meta['shape']}"
+            )
+    params = dict(spec["params"])
+    for key in ("hidden",):
+        if key in params and isinstance(params[key], list):
+            params[key] = tuple(params[key])
+    try:
+        return cls.from_state(params, n_out, tensors, spec.get("extra"))
+    except (ValueError, RuntimeError, TypeError) as exc:
+        raise BundleError(f"bundle {root}: detector '{name}': {exc}") from None
+
+
+def _load_calibrators(
+    root: Path, names: list[str], target_fpr: float, data: dict[str, bytes]
+) -> dict[str, Any]:
+    """A ``Calibrator`` per detector and the ensemble, from the sorted calibration scores."""
+    from anomaly.estimator.calibration import Calibrator
+
+    cal_tensors = _tensors(root, "calibration.safetensors", data)
+    calibrators = {}
+    for name in names:
+        scores = cal_tensors.get(name)
+        if scores is None or scores.ndim != 1 or len(scores) == 0:
+            raise BundleError(f"bundle {root}: calibration scores for '{name}' are missing")
+        arr = scores.double().numpy()
+        if not np.isfinite(arr).all() or np.any(np.diff(arr) < 0):
+            raise BundleError(f"bundle {root}: calibration scores for '{name}' are invalid")
+        calibrators[name] = Calibrator.from_scores(target_fpr, arr)
+    return calibrators
+
+
+def _ensemble_weights(root: Path, manifest: dict[str, Any], names: list[str]) -> list[float]:
+    # Bundles written before the weights were saved combined their members with equal ones.
+    weights = manifest.get("ensemble_weights", [1.0 / len(names)] * len(names))
+    if len(weights) != len(names) or not all(float(w) > 0 for w in weights):
+        raise BundleError(f"bundle {root}: ensemble_weights {weights} do not fit {names}")
+    return [float(w) for w in weights]
 
 
 def inspect_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -11,7 +11,6 @@ part turns every detector's score into a conformal p-value and calibrates the en
 from __future__ import annotations
 
 import hashlib
-import importlib
 import time
 import warnings
 from dataclasses import asdict
@@ -21,7 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from anomaly.config import DETECTOR_NAMES, PipelineConfig, SchemaConfig
+from anomaly.config import PipelineConfig, SchemaConfig
 from anomaly.errors import DataError, NotFittedError
 from anomaly.estimator.calibration import Calibrator
 from anomaly.estimator.detectors._base import (
@@ -30,19 +29,13 @@ from anomaly.estimator.detectors._base import (
     resolve_device,
     torch_threads,
 )
+from anomaly.estimator.detectors.registry import ALL_DETECTORS, detector_class
 from anomaly.estimator.ensemble import combine, member_weights
 from anomaly.features.preprocess import ConstantColumnWarning, Preprocessor, _to_frame
 
 if TYPE_CHECKING:
     from os import PathLike
 
-DETECTOR_CLASSES = {
-    "vae": ("anomaly.estimator.detectors.vae", "VAEDetector"),
-    "flow": ("anomaly.estimator.detectors.flow", "FlowDetector"),
-    "gan": ("anomaly.estimator.detectors.gan", "GANDetector"),
-    "knn": ("anomaly.estimator.detectors.knn", "KNNDetector"),
-}
-ALL_DETECTORS = DETECTOR_NAMES
 SCORE_COLUMNS = [
     *ALL_DETECTORS,
     "ensemble",
@@ -62,11 +55,6 @@ def score_frame(block: np.ndarray) -> pd.DataFrame:
     """The score table from ``_score_block``'s ``(len(SCORE_COLUMNS), n)`` block, without a
     copy: pandas keeps a frame's float columns as one such block."""
     return pd.DataFrame(block.T, columns=SCORE_COLUMNS, copy=False)
-
-
-def detector_class(name: str) -> type[BaseDetector]:
-    module, cls = DETECTOR_CLASSES[name]
-    return getattr(importlib.import_module(module), cls)
 
 
 def frame_fingerprint(frame: pd.DataFrame, columns: list[str]) -> str:
@@ -460,5 +448,5 @@ class AnomalyModel:
         from anomaly.estimator.bundle import load_bundle
 
         return load_bundle(
-            path, device=device, expected_sha256=expected_sha256, registered_as=registered_as
+            path, cls, device=device, expected_sha256=expected_sha256, registered_as=registered_as
         )

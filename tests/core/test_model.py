@@ -13,7 +13,8 @@ from sklearn.metrics import roc_auc_score
 from anomaly import AnomalyModel
 from anomaly.config import config_from_dict
 from anomaly.errors import DataError, NotFittedError
-from anomaly.estimator.model import ALL_DETECTORS, SCORE_COLUMNS, SmallDataWarning
+from anomaly.estimator.detectors.registry import ALL_DETECTORS
+from anomaly.estimator.model import SCORE_COLUMNS, SmallDataWarning
 from anomaly.scoring.scorer import BatchScorer, EmulatedBf16Warning, cpu_has_native_bf16
 
 from .conftest import SCHEMA
