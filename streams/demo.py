@@ -253,7 +253,7 @@ def _register(cfg: Any, model: Any, model_dir: Path, store: Any) -> str:
 
 
 def _evaluate(model_dir: Path, labeled: Path, report_dir: Path) -> tuple[str, dict[str, Any]]:
-    from anomaly.evaluation.metrics import run_evaluation
+    from anomaly.evaluation.run import run_evaluation
 
     result, html_path, _ = run_evaluation(
         model_dir=str(model_dir),

@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from anomaly.evaluation.metrics import run_evaluation
+    from anomaly.evaluation.run import run_evaluation
 
     result, html_path, json_path = run_evaluation(
         model_dir=args.model,

@@ -1,2 +1,3 @@
-"""Detection quality on labelled data: metrics (``metrics``) and the HTML / JSON report
-(``report``) behind ``anomaly evaluate``."""
+"""Detection quality on labelled data, behind ``anomaly evaluate``: the metrics (``metrics``),
+the report's plots (``plots``) and HTML / JSON (``report``, template ``report.html.j2``), and the
+command's steps from model to report (``run``)."""

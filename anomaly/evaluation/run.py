@@ -1,0 +1,107 @@
+"""``anomaly evaluate``: load a model, score labelled data, measure, explain the top rows and
+write the report."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from anomaly.errors import DataError
+from anomaly.estimator.model import AnomalyModel
+from anomaly.evaluation.metrics import (
+    EvaluationResult,
+    TopRow,
+    evaluate_scores,
+    model_thresholds,
+    read_labeled,
+)
+from anomaly.evaluation.report import top_scoring_rows, write_report
+
+
+def run_evaluation(
+    model_dir: str,
+    data_path: str,
+    label: str,
+    report_dir: str,
+    target_fpr: float | None = None,
+    top_rows: int = 10,
+    device: str = "auto",
+) -> tuple[EvaluationResult, Path, Path]:
+    """What ``anomaly evaluate`` does: load, score, measure, explain the top rows, write."""
+    if target_fpr is not None and not 0.0 < target_fpr < 1.0:
+        raise DataError(f"--target-fpr must be in (0, 1), got {target_fpr}")
+    if top_rows < 0:
+        raise DataError(f"--top-rows must be >= 0, got {top_rows}")
+    if not Path(model_dir).exists():
+        raise DataError(f"model directory not found: {model_dir}")
+    frame, labels = read_labeled(data_path, label)
+    model = AnomalyModel.load(model_dir, device=device)
+    frame, ignored = _model_columns(model, frame)
+    if ignored:
+        logging.getLogger(__name__).info(
+            "ignoring column(s) not in the model's schema: %s", ", ".join(ignored)
+        )
+    target = float(target_fpr if target_fpr is not None else model.target_fpr)
+    scores = model.score_detectors(frame)
+    result = evaluate_scores(scores, labels, target, thresholds=model_thresholds(model, target))
+
+    tops: list[TopRow] = []
+    idx = top_scoring_rows(scores, labels, min(top_rows, len(frame)))
+    if idx:
+        explanations = model.explain(frame.iloc[idx], top=3)
+        p_col = "ensemble_p" if "ensemble_p" in scores.columns else None
+        for i, feats in zip(idx, explanations, strict=True):
+            tops.append(
+                TopRow(
+                    row=i,
+                    label=int(labels[i]),
+                    score=float(scores["ensemble"].iloc[i]),
+                    p_value=float(scores[p_col].iloc[i]) if p_col else None,
+                    features=[_plain(f) for f in feats],
+                )
+            )
+    meta = {
+        "model": str(model_dir),
+        "model_version": getattr(model, "version", None),
+        "data": str(data_path),
+        "label_column": label,
+        "ignored_columns": ignored,
+        "calibration_rows": _calibration_rows(model),
+    }
+    html_path, json_path = write_report(report_dir, result, scores, labels, tops, meta)
+    return result, html_path, json_path
+
+
+def _calibration_rows(model: Any) -> int | None:
+    cal = (getattr(model, "calibrators_", None) or {}).get("ensemble")
+    n = getattr(cal, "n_", None)
+    return None if n is None else int(n)
+
+
+def _model_columns(model: Any, frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """Keep the columns the model's schema knows; labeled files often carry extra ones (the kind
+    of anomaly, a comment) that the model must not see. A missing feature is left for the
+    model's own check, which names it."""
+    schema = getattr(model, "schema", None)
+    if schema is None or not getattr(schema, "features", None):
+        return frame, []
+    known = [*schema.features, schema.id_field, schema.time_field, schema.entity_field]
+    keep = [c for c in frame.columns if c in known]
+    ignored = [str(c) for c in frame.columns if c not in known]
+    return frame[keep], ignored
+
+
+def _plain(feature: Mapping[str, Any]) -> dict[str, Any]:
+    value = feature.get("value")
+    if isinstance(value, np.generic):
+        value = value.item()
+    return {
+        "feature": str(feature["feature"]),
+        "value": value,
+        "contribution": float(feature["contribution"]),
+    }
