@@ -49,7 +49,7 @@ def best_rate(fn, rows: int, repeat: int, sync) -> float:
 
 
 def measure(model, device: torch.device, rows: np.ndarray, args, bf16: bool, sync) -> dict:
-    from anomaly.features.preprocess import _to_frame
+    from anomaly.features.columns import to_frame
     from anomaly.scoring.device_scoring import DeviceScorer, host_inputs
     from anomaly.scoring.scorer import BatchScorer
 
@@ -64,7 +64,7 @@ def measure(model, device: torch.device, rows: np.ndarray, args, bf16: bool, syn
     out[f"score_device_steps{tag}_rows_per_s"] = best_rate(
         lambda: dev.score(rows), len(rows), args.repeat, sync
     )
-    frame = _to_frame(rows, model.preprocessor_.feature_names_in_)
+    frame = to_frame(rows, model.preprocessor_.feature_names_in_)
     values, codes = host_inputs(model.preprocessor_, frame)
     scorer = DeviceScorer(model, device)
     out[f"device_pass{tag}_rows_per_s"] = best_rate(

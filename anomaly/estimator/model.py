@@ -31,7 +31,9 @@ from anomaly.estimator.detectors._base import (
 )
 from anomaly.estimator.detectors.registry import ALL_DETECTORS, detector_class
 from anomaly.estimator.ensemble import combine, member_weights
-from anomaly.features.preprocess import ConstantColumnWarning, Preprocessor, _to_frame
+from anomaly.features.columns import to_frame
+from anomaly.features.numeric import ConstantColumnWarning
+from anomaly.features.preprocess import Preprocessor
 
 if TYPE_CHECKING:
     from os import PathLike
@@ -182,7 +184,7 @@ class AnomalyModel:
         """Fit on normal rows only (DataFrame per the schema, or a numpy array)."""
         started = time.monotonic()
         names = self.schema.features if self.schema is not None and self.schema.features else None
-        frame = _to_frame(X, names)
+        frame = to_frame(X, names)
         # Validate the whole input first, so error messages name rows of what the user passed
         # (warnings come once, from the fit on the training part below).
         with warnings.catch_warnings():
@@ -400,7 +402,7 @@ class AnomalyModel:
         ``[{"feature", "value", "contribution"}]``, contribution = share of the row's VAE
         reconstruction error (one-hot columns summed back into their categorical feature)."""
         self._check_fitted()
-        frame = _to_frame(X, self.preprocessor_.feature_names_in_)
+        frame = to_frame(X, self.preprocessor_.feature_names_in_)
         xp = self.preprocessor_.transform(frame)
         errors = None
         if "vae" in self.detectors_:

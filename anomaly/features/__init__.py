@@ -1,2 +1,4 @@
-"""Records to features: the schema checks and the numeric and categorical transforms
-(``preprocess``), with the knot lookups behind the quantile transform (``knot_lookup``)."""
+"""Records to features: the ``Preprocessor`` (``preprocess``: schema checks, the numeric and
+categorical transforms), reading a frame's columns and naming bad rows (``columns``), the numeric
+transforms' parameters and block arithmetic (``numeric``), and the knot lookups behind the
+quantile transform (``knot_lookup``)."""

@@ -34,112 +34,34 @@ dead-letter bad rows before scoring the rest.
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from scipy.special import ndtri
 
 from anomaly.config import SchemaConfig
 from anomaly.errors import DataError, NotFittedError
-from anomaly.features.knot_lookup import KnotLookup, KnotLookupBlock, row_sized_ufunc_buffers
+from anomaly.features.columns import (
+    arrow_strings,
+    finite_or_missing_column,
+    row_label,
+    row_problems,
+    to_frame,
+)
+from anomaly.features.knot_lookup import KnotLookup, row_sized_ufunc_buffers
+from anomaly.features.numeric import (
+    NUMERIC_TRANSFORMS,
+    NumericBlockTransform,
+    NumericParams,
+    fit_numeric_params,
+)
 
 UNSEEN = "__unseen__"
-NUMERIC_TRANSFORMS = ("quantile", "robust", "signed_log")
-_GAUSS_IQR = 1.349  # IQR of a standard normal
 # Rows per step of the block transform: its 2-D temporaries (rows x numeric columns) stay in the
 # CPU cache between the dozen passes over them instead of streaming through memory each time.
 BLOCK_ROWS = 2048
-
-
-class ConstantColumnWarning(UserWarning):
-    """A numeric feature had a single value in the training data."""
-
-
-@dataclass
-class NumericParams:
-    median: float
-    scale: float
-    # Quantile transform knots (unique, increasing) and their standard-normal images.
-    knots: list[float] = field(default_factory=list)
-    normal: list[float] = field(default_factory=list)
-
-
-def _to_frame(data: Any, feature_names: list[str] | None = None) -> pd.DataFrame:
-    if isinstance(data, pd.DataFrame):
-        return data
-    if isinstance(data, np.ndarray | list):
-        arr = np.asarray(data)
-        if arr.ndim == 1:
-            arr = arr.reshape(-1, 1)
-        if arr.ndim != 2:
-            raise DataError(f"expected a 2-D array of records, got an array of shape {arr.shape}")
-        names = feature_names or [f"f{i}" for i in range(arr.shape[1])]
-        if len(names) != arr.shape[1]:
-            raise DataError(
-                f"array has {arr.shape[1]} columns but the model expects {len(names)} "
-                f"({', '.join(names[:10])}{'...' if len(names) > 10 else ''})"
-            )
-        # A view of the caller's array, not a copy (~10 ms per 100k x 30 rows): nothing here
-        # writes into the frames it builds.
-        return pd.DataFrame(arr, columns=names, copy=False)
-    raise DataError(f"expected a pandas DataFrame or a numpy array, got {type(data).__name__}")
-
-
-def _numeric_column(frame: pd.DataFrame, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """Column as float64 and a mask of rows whose value was present but not a number."""
-    col = frame[name]
-    if pd.api.types.is_bool_dtype(col.dtype):
-        return col.to_numpy(dtype=np.float64), np.zeros(len(col), dtype=bool)
-    if pd.api.types.is_numeric_dtype(col.dtype):
-        return col.to_numpy(dtype=np.float64, na_value=np.nan), np.zeros(len(col), dtype=bool)
-    converted = pd.to_numeric(col, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    bad = np.isnan(converted) & col.notna().to_numpy()
-    if bad.any():
-        # Strings like "nan" or "inf" are parsed by to_numeric and handled as NaN/inf later.
-        as_text = col[bad].astype(str).str.strip().str.lower()
-        textual_nan = as_text.isin(["", "nan", "none", "null", "na"]).to_numpy()
-        idx = np.flatnonzero(bad)
-        bad[idx[textual_nan]] = False
-    return converted, bad
-
-
-def _finite_or_missing_column(frame: pd.DataFrame, name: str) -> np.ndarray:
-    """A numeric column as floats (NaN where missing); DataError naming the first row that holds
-    text or an infinite value."""
-    values, bad = _numeric_column(frame, name)
-    if bad.any():
-        pos = int(np.flatnonzero(bad)[0])
-        raise DataError(
-            f"column '{name}', {_row_label(frame, pos)}: {frame[name].iloc[pos]!r} is not a number"
-        )
-    if np.isinf(values).any():
-        pos = int(np.flatnonzero(np.isinf(values))[0])
-        raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is infinite")
-    return values
-
-
-def _arrow_strings(column: pd.Series) -> Any:
-    """The Arrow data of a column of strings held by Arrow (pandas' ``str`` dtype with pyarrow,
-    ``string[pyarrow]``), as one chunked array without a copy; None for any other column."""
-    array = column.array
-    if not isinstance(array, pd.arrays.ArrowStringArray):
-        return None
-    data = array.__arrow_array__()
-    if not (pa.types.is_string(data.type) or pa.types.is_large_string(data.type)):
-        return None
-    return data
-
-
-def _row_label(frame: pd.DataFrame, pos: int) -> str:
-    label = frame.index[pos]
-    if isinstance(label, np.generic):  # pandas 2 hands out NumPy scalars: np.int64(4900)
-        label = label.item()
-    return f"row {pos}" if label == pos else f"row {pos} (index {label!r})"
 
 
 class Preprocessor:
@@ -182,7 +104,7 @@ class Preprocessor:
 
     # ------------------------------------------------------------------ fitting
     def fit(self, data: Any) -> Preprocessor:
-        frame = _to_frame(data, self._schema_feature_names())
+        frame = to_frame(data, self._schema_feature_names())
         if len(frame) == 0:
             raise DataError("no records to train on: the input is empty")
         if self.schema is None or not self.schema.features:
@@ -200,63 +122,28 @@ class Preprocessor:
             )
         self.numeric_params_: dict[str, NumericParams] = {}
         for name in self.numeric_:
-            values = _finite_or_missing_column(frame, name)
+            values = finite_or_missing_column(frame, name)
             finite = values[~np.isnan(values)]
             if self.missing_ == "reject" and len(finite) < len(values):
                 pos = int(np.flatnonzero(np.isnan(values))[0])
-                raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
+                raise DataError(f"column '{name}', {row_label(frame, pos)}: value is missing")
             if len(finite) == 0:
                 raise DataError(f"column '{name}': every training value is missing")
-            self.numeric_params_[name] = self._fit_numeric(name, finite)
+            self.numeric_params_[name] = fit_numeric_params(
+                name, finite, self.numeric_transform, self.n_quantiles
+            )
         self.categories_: dict[str, list[str]] = {}
         for name in self.categorical_:
             col = frame[name]
             if self.missing_ == "reject" and col.isna().any():
                 pos = int(np.flatnonzero(col.isna().to_numpy())[0])
-                raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
+                raise DataError(f"column '{name}', {row_label(frame, pos)}: value is missing")
             counts = col.dropna().astype(str).value_counts(sort=False)
             # Most frequent first, ties by name, so the vocabulary is deterministic.
             ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
             self.categories_[name] = sorted(k for k, _ in ordered[: self.max_categories])
         self._build_output_layout()
         return self
-
-    def _fit_numeric(self, name: str, values: np.ndarray) -> NumericParams:
-        median = float(np.median(values))
-        q25, q75 = np.quantile(values, [0.25, 0.75])
-        scale = float(q75 - q25) / _GAUSS_IQR
-        if not scale > 0:
-            scale = float(np.std(values))
-        if not scale > 0:
-            warnings.warn(
-                f"numeric column '{name}' is constant ({median:g}) in the training data; it is "
-                "kept, and any other value at scoring time counts as a deviation of scale 1",
-                ConstantColumnWarning,
-                stacklevel=3,
-            )
-            scale = 1.0
-        params = NumericParams(median=median, scale=scale)
-        if self.numeric_transform == "quantile" and len(np.unique(values)) == 2:
-            # An indicator column: standardised (centre = mean, scale = std), not mapped onto
-            # normal quantiles. The quantile map gives its two values a gap that shrinks as the
-            # rarer value gets rarer (0.06 and 1.96 at 5%); the z-score's gap, 1/sqrt(p(1-p)),
-            # grows with rarity, so a rare flag counts as the surprise it is.
-            params.median, params.scale = float(np.mean(values)), float(np.std(values))
-            return params
-        if self.numeric_transform == "quantile":
-            n_q = int(min(self.n_quantiles, len(values)))
-            probs = np.linspace(0.0, 1.0, max(n_q, 2))
-            knots = np.quantile(values, probs)
-            # Ties (discrete columns) collapse to one knot at the middle of their probability span.
-            uniq, inverse = np.unique(knots, return_inverse=True)
-            mid_probs = np.bincount(inverse, weights=probs) / np.bincount(inverse)
-            # Keep the extreme knots strictly inside (0, 1) so their normal image is finite.
-            eps = 0.5 / len(values)
-            mid_probs = np.clip(mid_probs, eps, 1 - eps)
-            normal = np.zeros(1) if len(uniq) == 1 else ndtri(mid_probs)
-            params.knots = [float(v) for v in uniq]
-            params.normal = [float(v) for v in normal]
-        return params
 
     def _build_output_layout(self) -> None:
         names: list[str] = []
@@ -273,7 +160,7 @@ class Preprocessor:
         # For each output column, the input feature it came from (explanations sum over these).
         self.output_source_ = np.asarray(source, dtype=np.int64)
         self.n_features_out_ = len(names)
-        self._numeric_block_transform: _NumericBlockTransform | None = None
+        self._numeric_block_transform: NumericBlockTransform | None = None
         self._category_index: dict[str, pd.Index] = {}
         self._category_arrow: dict[tuple[str, Any], Any] = {}
 
@@ -318,9 +205,8 @@ class Preprocessor:
         not an error here (a stream may carry more fields than the model uses).
         """
         self._check_fitted()
-        frame = _to_frame(data, self.feature_names_in_)
+        frame = to_frame(data, self.feature_names_in_)
         n = len(frame)
-        errors: list[tuple[int, str, str]] = []
         present = {str(c) for c in frame.columns}
         missing_cols = [c for c in self.feature_names_in_ if c not in present]
         if missing_cols:
@@ -328,37 +214,8 @@ class Preprocessor:
             return [(i, "missing_column", msg) for i in range(n)]
         reject = self.missing_ == "reject"
         if self._clean(frame, reject):
-            return errors
-        seen: set[int] = set()
-        for name in self.numeric_:
-            values, bad = _numeric_column(frame, name)
-            for pos in np.flatnonzero(bad):
-                if int(pos) not in seen:
-                    seen.add(int(pos))
-                    errors.append(
-                        (
-                            int(pos),
-                            "not_a_number",
-                            f"field '{name}': {frame[name].iloc[pos]!r} is not a number",
-                        )
-                    )
-            for pos in np.flatnonzero(np.isinf(values)):
-                if int(pos) not in seen:
-                    seen.add(int(pos))
-                    errors.append((int(pos), "infinite", f"field '{name}': value is infinite"))
-            if reject:
-                for pos in np.flatnonzero(np.isnan(values) & ~bad):
-                    if int(pos) not in seen:
-                        seen.add(int(pos))
-                        errors.append((int(pos), "missing_value", f"field '{name}' is missing"))
-        if reject:
-            for name in self.categorical_:
-                for pos in np.flatnonzero(frame[name].isna().to_numpy()):
-                    if int(pos) not in seen:
-                        seen.add(int(pos))
-                        errors.append((int(pos), "missing_value", f"field '{name}' is missing"))
-        errors.sort(key=lambda e: e[0])
-        return errors
+            return []
+        return row_problems(frame, self.numeric_, self.categorical_, reject)
 
     def _clean(self, frame: pd.DataFrame, reject: bool) -> bool:
         """True when ``validate_frame`` has nothing to report, found in one pass over the
@@ -373,7 +230,7 @@ class Preprocessor:
         if reject:
             for name in self.categorical_:
                 column = frame[name]
-                arrow = _arrow_strings(column)
+                arrow = arrow_strings(column)
                 if arrow is not None:
                     if arrow.null_count:
                         return False
@@ -412,7 +269,7 @@ class Preprocessor:
     def checked_frame(self, data: Any) -> pd.DataFrame:
         """``data`` as a frame holding every input feature (DataError naming the missing ones)."""
         self._check_fitted()
-        frame = _to_frame(data, self.feature_names_in_)
+        frame = to_frame(data, self.feature_names_in_)
         present = {str(c) for c in frame.columns}
         missing_cols = [c for c in self.feature_names_in_ if c not in present]
         if missing_cols:
@@ -435,11 +292,11 @@ class Preprocessor:
         out = []
         for name in self.categorical_:
             raw = frame[name]
-            arrow = _arrow_strings(raw)
+            arrow = arrow_strings(raw)
             missing = arrow.null_count if arrow is not None else raw.isna().any()
             if self.missing_ == "reject" and missing:
                 pos = int(np.flatnonzero(raw.isna().to_numpy())[0])
-                raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
+                raise DataError(f"column '{name}', {row_label(frame, pos)}: value is missing")
             if arrow is not None:
                 codes = self._arrow_category_codes(name, arrow)
             else:
@@ -456,12 +313,12 @@ class Preprocessor:
         Column-major, as ``_numeric_block`` gives it: each feature's values contiguous."""
         values = np.empty((len(frame), len(self.numeric_)), dtype=np.float64, order="F")
         for i, name in enumerate(self.numeric_):
-            column = _finite_or_missing_column(frame, name)
+            column = finite_or_missing_column(frame, name)
             if self.missing_ == "reject":
                 nan = np.isnan(column)
                 if nan.any():
                     pos = int(np.flatnonzero(nan)[0])
-                    raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
+                    raise DataError(f"column '{name}', {row_label(frame, pos)}: value is missing")
             values[:, i] = column
         return values
 
@@ -493,7 +350,7 @@ class Preprocessor:
         self, frame: pd.DataFrame, block: np.ndarray, out: np.ndarray
     ) -> None:
         """The numeric features of ``block`` (rows x columns) into ``out``: missing values take
-        the column's median, then ``_NumericBlockTransform``; errors as the per-column checks.
+        the column's median, then ``NumericBlockTransform``; errors as the per-column checks.
 
         Worked on transposed, one feature per row: the block and ``out`` are column-major, so
         each feature's values stay contiguous."""
@@ -531,13 +388,13 @@ class Preprocessor:
             inf = np.isinf(values)
             if inf.any():
                 pos = int(np.flatnonzero(inf)[0])
-                raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is infinite")
+                raise DataError(f"column '{name}', {row_label(frame, pos)}: value is infinite")
             nan = np.isnan(values)
             if self.missing_ == "reject" and nan.any():
                 pos = int(np.flatnonzero(nan)[0])
-                raise DataError(f"column '{name}', {_row_label(frame, pos)}: value is missing")
+                raise DataError(f"column '{name}', {row_label(frame, pos)}: value is missing")
 
-    def _block_plan(self) -> _NumericBlockTransform:
+    def _block_plan(self) -> NumericBlockTransform:
         # Derived on first use and never saved, as the knot lookups it is built from.
         if self._numeric_block_transform is None:
             params = [self.numeric_params_[name] for name in self.numeric_]
@@ -546,7 +403,7 @@ class Preprocessor:
                 for i, p in enumerate(params)
                 if self.numeric_transform == "quantile" and len(p.knots) > 1
             }
-            self._numeric_block_transform = _NumericBlockTransform(
+            self._numeric_block_transform = NumericBlockTransform(
                 params, lookups, self.numeric_transform == "signed_log", self.clip
             )
         return self._numeric_block_transform
@@ -632,79 +489,3 @@ class Preprocessor:
             raise DataError("preprocessing parameters do not match the listed columns")
         pre._build_output_layout()
         return pre
-
-
-class _NumericBlockTransform:
-    """The numeric transform (module docstring) of every numeric column at once.
-
-    Called on a finite ``(columns, rows)`` block, one feature per row; returns the clipped
-    float64 result in the same layout. Columns with quantile knots go through one
-    ``KnotLookupBlock`` (== ``np.interp`` on each column's knots) and the log1p tails beyond
-    their knots; the rest (robust, signed_log, and quantile columns that were constant in
-    training) through ``(x - median) / scale``. Each element meets the same floating-point
-    operations as a column-by-column computation would, and log1p always runs over contiguous
-    arrays, so results do not depend on the batch's layout.
-    """
-
-    def __init__(
-        self,
-        params: list[NumericParams],
-        lookups: dict[int, KnotLookup],
-        signed_log: bool,
-        clip: float,
-    ) -> None:
-        def column(v: list[float]) -> np.ndarray:
-            return np.asarray(v, dtype=np.float64).reshape(-1, 1)  # broadcasts over rows
-
-        self.n = len(params)
-        self.clip = clip
-        self.signed_log = signed_log
-        self.median = column([p.median for p in params])
-        quantile = sorted(lookups)
-        self.quantile = np.asarray(quantile, dtype=np.intp)
-        self.linear = np.asarray([i for i in range(self.n) if i not in lookups], dtype=np.intp)
-        self.lookup = KnotLookupBlock([lookups[i] for i in quantile]) if quantile else None
-        self.lo_knot = column([lookups[i].knots[0] for i in quantile])
-        self.hi_knot = column([lookups[i].knots[-1] for i in quantile])
-        # 1-D: indexed by each tail value's column
-        self.lo_normal = np.asarray([lookups[i].values[0] for i in quantile])
-        self.hi_normal = np.asarray([lookups[i].values[-1] for i in quantile])
-        self.q_scale = np.asarray([params[i].scale for i in quantile])
-        self.lin_median = column([params[i].median for i in self.linear])
-        self.lin_scale = column([params[i].scale for i in self.linear])
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        if len(self.quantile) == self.n:
-            z = self._quantile(x)
-        elif len(self.linear) == self.n:
-            z = self._linear(x)
-        else:
-            z = np.empty(x.shape)
-            z[self.quantile] = self._quantile(x[self.quantile])
-            z[self.linear] = self._linear(x[self.linear])
-        return np.clip(z, -self.clip, self.clip, out=z)
-
-    def _quantile(self, x: np.ndarray) -> np.ndarray:
-        assert self.lookup is not None
-        z = np.ascontiguousarray(self.lookup(x.T).T)
-        # Values beyond the knots are few: found by flat position, then handled one by one.
-        rows = x.shape[1]
-        hi = x > self.hi_knot
-        if hi.any():
-            at = np.flatnonzero(hi)
-            col = at // rows
-            excess = (x.take(at) - self.hi_knot[col, 0]) / self.q_scale[col]
-            z.put(at, self.hi_normal[col] + np.log1p(excess))
-        lo = x < self.lo_knot
-        if lo.any():
-            at = np.flatnonzero(lo)
-            col = at // rows
-            excess = (self.lo_knot[col, 0] - x.take(at)) / self.q_scale[col]
-            z.put(at, self.lo_normal[col] - np.log1p(excess))
-        return z
-
-    def _linear(self, x: np.ndarray) -> np.ndarray:
-        z = (x - self.lin_median) / self.lin_scale
-        if self.signed_log:
-            z = np.sign(z) * np.log1p(np.abs(z))
-        return z

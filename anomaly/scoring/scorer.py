@@ -23,7 +23,7 @@ import torch
 
 from anomaly.estimator.detectors._base import resolve_device
 from anomaly.estimator.model import SCORE_COLUMNS, AnomalyModel, score_frame
-from anomaly.features.preprocess import _to_frame
+from anomaly.features.columns import to_frame
 from anomaly.scoring.device_scoring import DeviceScorer, host_inputs
 
 
@@ -101,7 +101,7 @@ class BatchScorer:
 
     def score(self, frame: Any) -> ScoredBatch:
         model = self.model
-        frame = _to_frame(frame, model.preprocessor_.feature_names_in_)
+        frame = to_frame(frame, model.preprocessor_.feature_names_in_)
         n = len(frame)
         if n == 0:
             block = np.empty((len(SCORE_COLUMNS), 0))

@@ -8,7 +8,8 @@ import pytest
 
 from anomaly.config import SchemaConfig
 from anomaly.errors import DataError
-from anomaly.features.preprocess import UNSEEN, ConstantColumnWarning, Preprocessor
+from anomaly.features.numeric import ConstantColumnWarning
+from anomaly.features.preprocess import UNSEEN, Preprocessor
 
 SCHEMA = SchemaConfig(
     id_field="id", time_field=None, numeric=["amount", "temp"], categorical=["kind"]
