@@ -30,10 +30,13 @@ Anomalies are labeled by kind. Several are invisible to per-feature range checks
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy.signal import lfilter
+
+from anomaly.synthetic.timelines import amount_to_card_median, velocity_1h
 
 FRAUD_NUMERIC = [
     "amount",
@@ -113,41 +116,21 @@ def _finish(frame: pd.DataFrame, id_prefix: str, columns: list[str]) -> pd.DataF
     return frame[["id", "event_time", *columns, "is_anomaly", "anomaly_kind"]]
 
 
+class _FreeRows:
+    """The rows no anomaly has been put in yet; ``take(k)`` picks ``k`` of them at random."""
+
+    def __init__(self, n: int, rng: np.random.Generator) -> None:
+        self.free = np.ones(n, dtype=bool)
+        self.rng = rng
+
+    def take(self, k: int) -> np.ndarray:
+        free = self.free
+        idx = self.rng.choice(np.flatnonzero(free), k, replace=False) if k else np.array([], int)
+        free[idx] = False
+        return idx
+
+
 # --------------------------------------------------------------------------------------- fraud
-
-
-def _velocity_1h(cards: np.ndarray, times_s: np.ndarray) -> np.ndarray:
-    """For each transaction, how many earlier transactions of the same card in the last hour."""
-    order = np.lexsort((times_s, cards))
-    c, t = cards[order], times_s[order]
-    out = np.zeros(len(c), dtype=np.int64)
-    starts = np.flatnonzero(np.r_[True, c[1:] != c[:-1]])
-    ends = np.r_[starts[1:], len(c)]
-    for s, e in zip(starts, ends, strict=True):
-        seg = t[s:e]
-        first = np.searchsorted(seg, seg - 3600.0, side="left")
-        out[s:e] = np.arange(e - s) - first
-    result = np.empty_like(out)
-    result[order] = out
-    return result
-
-
-def _to_card_median(cards: pd.Series, seconds: np.ndarray, amount: pd.Series) -> np.ndarray:
-    """Amount over the median of the card's previous (up to 20) amounts; 1 until it has five.
-
-    The kind of per-entity profile feature a fraud pipeline computes upstream: it lets a global
-    model see that a purchase is large *for this card*.
-    """
-    order = np.lexsort((seconds, cards.to_numpy()))
-    ordered = pd.Series(amount.to_numpy()[order])
-    keys = cards.to_numpy()[order]
-    previous = ordered.groupby(keys).transform(
-        lambda a: a.shift(1).rolling(20, min_periods=5).median()
-    )
-    ratio = (ordered / previous).fillna(1.0).to_numpy()
-    out = np.empty_like(ratio)
-    out[order] = ratio
-    return np.round(out, 4)
 
 
 def generate_fraud(n: int, anomaly_fraction: float = 0.01, seed: int = 0) -> pd.DataFrame:
@@ -156,34 +139,70 @@ def generate_fraud(n: int, anomaly_fraction: float = 0.01, seed: int = 0) -> pd.
     rng = np.random.default_rng(seed)
     n_cards = int(np.clip(n // 40, 20, 5000))
     days = max(2, int(np.ceil(n / (n_cards * 4.0))))
+    cards = _CardHabits.draw(rng, n_cards)
+    frame = _transactions(rng, n, days, cards)
+    quotas = _quotas(round(n * anomaly_fraction), FRAUD_KINDS)
+    free = _FreeRows(n, rng)
+    _card_testing_runs(frame, rng, free, quotas["burst"], days, cards)
+    _single_fraud(frame, rng, free, quotas, cards)
+    return _fraud_columns(frame, cards)
 
-    # Per-card habits.
-    home = rng.choice(len(_COUNTRIES), n_cards, p=_COUNTRY_WEIGHTS)
-    amount_mu = rng.normal(3.0, 0.5, n_cards)  # log scale of the card's usual purchase
-    amount_sigma = rng.uniform(0.5, 0.9, n_cards)
-    peak_hour = rng.normal(14.0, 3.0, n_cards)
-    hour_sd = rng.uniform(2.0, 4.0, n_cards)
-    cat_pref = rng.dirichlet(_CATEGORY_WEIGHTS * 12.0, n_cards)
-    contactless = rng.uniform(0.2, 0.8, n_cards)  # share of in-store purchases paid contactless
-    travel_rate = rng.beta(1.0, 30.0, n_cards)
-    activity = rng.gamma(4.0, 0.25, n_cards)
 
-    card = rng.choice(n_cards, n, p=activity / activity.sum())
+@dataclass
+class _CardHabits:
+    """Each card's habits (one value per card)."""
+
+    home: np.ndarray  # index into _COUNTRIES
+    amount_mu: np.ndarray  # log scale of the card's usual purchase
+    amount_sigma: np.ndarray
+    peak_hour: np.ndarray
+    hour_sd: np.ndarray
+    cat_pref: np.ndarray  # (cards, categories)
+    contactless: np.ndarray  # share of in-store purchases paid contactless
+    travel_rate: np.ndarray
+    activity: np.ndarray
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, n_cards: int) -> _CardHabits:
+        return cls(
+            home=rng.choice(len(_COUNTRIES), n_cards, p=_COUNTRY_WEIGHTS),
+            amount_mu=rng.normal(3.0, 0.5, n_cards),
+            amount_sigma=rng.uniform(0.5, 0.9, n_cards),
+            peak_hour=rng.normal(14.0, 3.0, n_cards),
+            hour_sd=rng.uniform(2.0, 4.0, n_cards),
+            cat_pref=rng.dirichlet(_CATEGORY_WEIGHTS * 12.0, n_cards),
+            contactless=rng.uniform(0.2, 0.8, n_cards),
+            travel_rate=rng.beta(1.0, 30.0, n_cards),
+            activity=rng.gamma(4.0, 0.25, n_cards),
+        )
+
+    @property
+    def n(self) -> int:
+        return len(self.home)
+
+
+def _transactions(rng: np.random.Generator, n: int, days: int, cards: _CardHabits) -> pd.DataFrame:
+    """``n`` normal transactions of the cards over ``days`` days."""
+    card = rng.choice(cards.n, n, p=cards.activity / cards.activity.sum())
     day = rng.integers(0, days, n)
-    hour_f = np.mod(rng.normal(peak_hour[card], hour_sd[card]), 24.0)
+    hour_f = np.mod(rng.normal(cards.peak_hour[card], cards.hour_sd[card]), 24.0)
     seconds = day * 86400.0 + hour_f * 3600.0
-    cum = np.cumsum(cat_pref, axis=1)
+    cum = np.cumsum(cards.cat_pref, axis=1)
     cat = (rng.random(n)[:, None] > cum[card]).sum(axis=1).clip(0, len(_CATEGORIES) - 1)
     online = rng.random(n) < _CATEGORY_ONLINE[cat]
     atm = (~online) & (rng.random(n) < 0.06)
     channel = np.where(
         online,
         "online",
-        np.where(atm, "atm", np.where(rng.random(n) < contactless[card], "contactless", "pos")),
+        np.where(
+            atm, "atm", np.where(rng.random(n) < cards.contactless[card], "contactless", "pos")
+        ),
     )
-    amount = np.exp(rng.normal(amount_mu[card], amount_sigma[card])) * _CATEGORY_SCALE[cat]
+    amount = np.exp(rng.normal(cards.amount_mu[card], cards.amount_sigma[card]))
+    amount = amount * _CATEGORY_SCALE[cat]
     amount = np.where(atm, rng.choice([20.0, 40.0, 50.0, 100.0, 200.0], n), amount)
-    traveling = rng.random(n) < travel_rate[card]
+    home = cards.home
+    traveling = rng.random(n) < cards.travel_rate[card]
     abroad = rng.choice(len(_COUNTRIES), n, p=_COUNTRY_WEIGHTS)
     abroad = np.where(abroad == home[card], (abroad + 1) % len(_COUNTRIES), abroad)
     country_idx = np.where(traveling, abroad, home[card])
@@ -196,8 +215,7 @@ def generate_fraud(n: int, anomaly_fraction: float = 0.01, seed: int = 0) -> pd.
             np.minimum(rng.lognormal(np.log(6.0), 1.0, n), 250.0),
         ),
     )
-
-    frame = pd.DataFrame(
+    return pd.DataFrame(
         {
             "card": card,
             "seconds": seconds,
@@ -210,24 +228,25 @@ def generate_fraud(n: int, anomaly_fraction: float = 0.01, seed: int = 0) -> pd.
         }
     )
 
-    quotas = _quotas(round(n * anomaly_fraction), FRAUD_KINDS)
-    free = np.ones(n, dtype=bool)
 
-    def take(k: int) -> np.ndarray:
-        idx = rng.choice(np.flatnonzero(free), k, replace=False) if k else np.array([], int)
-        free[idx] = False
-        return idx
-
-    # Card testing: runs of 11 to 23 tiny online purchases within ten minutes on one card. The first
-    # three of a run look like any small online purchase and stay normal; once the run is under
-    # way (velocity_1h >= 3) the records are labeled.
-    remaining = quotas["burst"]
+def _card_testing_runs(
+    frame: pd.DataFrame,
+    rng: np.random.Generator,
+    free: _FreeRows,
+    quota: int,
+    days: int,
+    cards: _CardHabits,
+) -> None:
+    """Card testing: runs of 11 to 23 tiny online purchases within ten minutes on one card. The
+    first three of a run look like any small online purchase and stay normal; once the run is
+    under way (velocity_1h >= 3) the records are labeled."""
+    remaining = quota
     while remaining > 0:
         labeled = int(min(remaining, rng.integers(8, 21)))
-        rows = take(labeled + 3)
+        rows = free.take(labeled + 3)
         if len(rows) < labeled + 3:
             break
-        c = rng.integers(n_cards)
+        c = rng.integers(cards.n)
         t0 = rng.integers(0, days) * 86400.0 + rng.uniform(0, 86400.0 - 3600.0)
         offsets = np.sort(rng.uniform(0, 10 * 60.0, len(rows)))
         frame.loc[rows, "card"] = c
@@ -235,22 +254,32 @@ def generate_fraud(n: int, anomaly_fraction: float = 0.01, seed: int = 0) -> pd.
         frame.loc[rows, "amount"] = rng.uniform(0.5, 3.0, len(rows))
         frame.loc[rows, "merchant_category"] = "digital_goods"
         frame.loc[rows, "channel"] = "online"
-        frame.loc[rows, "country"] = _COUNTRIES[home[c]]
+        frame.loc[rows, "country"] = _COUNTRIES[cards.home[c]]
         frame.loc[rows, "distance_from_home_km"] = 0.0
         frame.loc[rows[3:], "anomaly_kind"] = "burst"
         remaining -= labeled
 
-    rows = take(quotas["spike"])
-    scale = np.exp(amount_mu[frame.loc[rows, "card"].to_numpy()])
+
+def _single_fraud(
+    frame: pd.DataFrame,
+    rng: np.random.Generator,
+    free: _FreeRows,
+    quotas: dict[str, int],
+    cards: _CardHabits,
+) -> None:
+    """The anomalies of one record each: spikes, unseen categories, broken correlations."""
+    rows = free.take(quotas["spike"])
+    scale = np.exp(cards.amount_mu[frame.loc[rows, "card"].to_numpy()])
     frame.loc[rows, "amount"] = scale * rng.uniform(60.0, 200.0, len(rows))
     frame.loc[rows, "merchant_category"] = rng.choice(["electronics", "travel"], len(rows))
     frame.loc[rows, "anomaly_kind"] = "spike"
 
-    rows = take(quotas["rare_category"])
+    rows = free.take(quotas["rare_category"])
     frame.loc[rows, "merchant_category"] = rng.choice(_UNSEEN_CATEGORIES, len(rows))
     frame.loc[rows, "anomaly_kind"] = "rare_category"
 
-    rows = take(quotas["broken_correlation"])
+    rows = free.take(quotas["broken_correlation"])
+    home = cards.home
     cards_of = frame.loc[rows, "card"].to_numpy()
     far_at_home = rng.random(len(rows)) < 0.5
     other = (home[cards_of] + rng.integers(1, len(_COUNTRIES), len(rows))) % len(_COUNTRIES)
@@ -261,16 +290,19 @@ def generate_fraud(n: int, anomaly_fraction: float = 0.01, seed: int = 0) -> pd.
     )
     frame.loc[rows, "anomaly_kind"] = "broken_correlation"
 
+
+def _fraud_columns(frame: pd.DataFrame, cards: _CardHabits) -> pd.DataFrame:
+    """The published columns: event time, the derived features, the card id; sorted by time."""
     seconds = frame["seconds"].to_numpy()
     frame["event_time"] = START + pd.to_timedelta(np.round(seconds, 3), unit="s")
     frame["hour"] = frame["event_time"].dt.hour.astype("int64")
-    frame["velocity_1h"] = _velocity_1h(frame["card"].to_numpy(), seconds)
+    frame["velocity_1h"] = velocity_1h(frame["card"].to_numpy(), seconds)
     frame["amount"] = frame["amount"].round(2)
     frame["distance_from_home_km"] = frame["distance_from_home_km"].round(2)
-    frame["amount_to_card_median"] = _to_card_median(frame["card"], seconds, frame["amount"])
-    frame["issuer_country"] = _COUNTRIES[home[frame["card"].to_numpy()]]
+    frame["amount_to_card_median"] = amount_to_card_median(frame["card"], seconds, frame["amount"])
+    frame["issuer_country"] = _COUNTRIES[cards.home[frame["card"].to_numpy()]]
     frame["card_id"] = [f"card-{c:05d}" for c in frame["card"]]
-    frame["_order"] = np.arange(n)
+    frame["_order"] = np.arange(len(frame))
     return _finish(frame, "txn", ["card_id", *FRAUD_NUMERIC, *FRAUD_CATEGORICAL])
 
 
@@ -286,61 +318,67 @@ def generate_manufacturing(n: int, anomaly_fraction: float = 0.01, seed: int = 0
     per[: n % n_machines] += 1
     # Every 30 s, or slower so that each machine's series covers two days (both shifts, nights).
     interval_s = float(max(30.0, np.ceil(2 * 86400.0 / per.min())))
-
-    parts = []
-    for m in range(n_machines):
-        k = int(per[m])
-        t = rng.uniform(0, interval_s) + interval_s * np.arange(k)
-        hour = (t / 3600.0) % 24.0
-        # Two shifts from 06:00 to 22:00 run the line near full load; nights are light.
-        shift = np.where((hour >= 6.0) & (hour < 22.0), 0.85, 0.3)
-        # AR(1) fluctuation of the load (order of minutes).
-        ar = lfilter([1.0], [1.0, -0.97], rng.normal(0, 0.05, k))
-        load = np.clip(shift + ar + 0.05 * np.sin(2 * np.pi * t / 5400.0), 0.05, 1.4)
-        g = rng.normal(1.0, 0.08, 5)  # this machine's gains
-        current = 4.0 + 22.0 * g[0] * load + rng.normal(0, 0.6, k)
-        flow = np.maximum(0.0, 45.0 * g[1] * load + rng.normal(0, 1.2, k))
-        pressure = 1.2 + 0.06 * g[2] * flow + rng.normal(0, 0.08, k)
-        ambient = 21.0 + 3.0 * np.sin(2 * np.pi * (hour - 9.0) / 24.0)
-        temperature = ambient + 0.7 * g[3] * current + rng.normal(0, 0.4, k)
-        vibration = 1.2 * g[4] * (0.5 + load) * rng.lognormal(0.0, 0.12, k)
-        mode = np.where(load < 0.45, "idle", np.where(load > 1.1, "high_load", "run"))
-        parts.append(
-            pd.DataFrame(
-                {
-                    "machine": m,
-                    "seconds": t,
-                    "load": load,
-                    "vibration_rms": vibration,
-                    "current_a": current,
-                    "pressure_bar": pressure,
-                    "temperature_c": temperature,
-                    "flow_lpm": flow,
-                    "mode": mode,
-                }
-            )
-        )
+    parts = [_machine_readings(rng, m, int(per[m]), interval_s) for m in range(n_machines)]
     frame = pd.concat(parts, ignore_index=True)
     frame["anomaly_kind"] = ""
     quotas = _quotas(round(n * anomaly_fraction), MANUFACTURING_KINDS)
-    free = np.ones(n, dtype=bool)
-    bounds = np.r_[0, np.cumsum(per)]
+    free = _FreeRows(n, rng)
+    _drifts(frame, rng, free, quotas["drift"], per)
+    _sensor_faults(frame, rng, free, quotas)
+    return _manufacturing_columns(frame)
 
-    # Drifts: a contiguous run of one machine's readings in which temperature (overheating) or
-    # vibration (bearing wear) creeps away from what the load explains.
-    remaining = quotas["drift"]
+
+def _machine_readings(rng: np.random.Generator, m: int, k: int, interval_s: float) -> pd.DataFrame:
+    """``k`` normal readings of machine ``m``, one every ``interval_s`` seconds."""
+    t = rng.uniform(0, interval_s) + interval_s * np.arange(k)
+    hour = (t / 3600.0) % 24.0
+    # Two shifts from 06:00 to 22:00 run the line near full load; nights are light.
+    shift = np.where((hour >= 6.0) & (hour < 22.0), 0.85, 0.3)
+    # AR(1) fluctuation of the load (order of minutes).
+    ar = lfilter([1.0], [1.0, -0.97], rng.normal(0, 0.05, k))
+    load = np.clip(shift + ar + 0.05 * np.sin(2 * np.pi * t / 5400.0), 0.05, 1.4)
+    g = rng.normal(1.0, 0.08, 5)  # this machine's gains
+    current = 4.0 + 22.0 * g[0] * load + rng.normal(0, 0.6, k)
+    flow = np.maximum(0.0, 45.0 * g[1] * load + rng.normal(0, 1.2, k))
+    pressure = 1.2 + 0.06 * g[2] * flow + rng.normal(0, 0.08, k)
+    ambient = 21.0 + 3.0 * np.sin(2 * np.pi * (hour - 9.0) / 24.0)
+    temperature = ambient + 0.7 * g[3] * current + rng.normal(0, 0.4, k)
+    vibration = 1.2 * g[4] * (0.5 + load) * rng.lognormal(0.0, 0.12, k)
+    mode = np.where(load < 0.45, "idle", np.where(load > 1.1, "high_load", "run"))
+    return pd.DataFrame(
+        {
+            "machine": m,
+            "seconds": t,
+            "load": load,
+            "vibration_rms": vibration,
+            "current_a": current,
+            "pressure_bar": pressure,
+            "temperature_c": temperature,
+            "flow_lpm": flow,
+            "mode": mode,
+        }
+    )
+
+
+def _drifts(
+    frame: pd.DataFrame, rng: np.random.Generator, free: _FreeRows, quota: int, per: np.ndarray
+) -> None:
+    """Drifts: a contiguous run of one machine's readings in which temperature (overheating) or
+    vibration (bearing wear) creeps away from what the load explains."""
+    bounds = np.r_[0, np.cumsum(per)]
+    remaining = quota
     attempts = 0
     while remaining > 0 and attempts < 1000:
         attempts += 1
-        m = int(rng.integers(n_machines))
+        m = int(rng.integers(len(per)))
         length = int(min(remaining, rng.integers(15, 60), per[m] // 2))
         if length < 1:
             continue
         start = bounds[m] + int(rng.integers(0, per[m] - length + 1))
         rows = np.arange(start, start + length)
-        if not free[rows].all():
+        if not free.free[rows].all():
             continue
-        free[rows] = False
+        free.free[rows] = False
         ramp = np.linspace(0.0, 1.0, length)
         if rng.random() < 0.5:
             frame.loc[rows, "temperature_c"] += 3.0 + 9.0 * ramp  # noise sd 0.4
@@ -349,12 +387,12 @@ def generate_manufacturing(n: int, anomaly_fraction: float = 0.01, seed: int = 0
         frame.loc[rows, "anomaly_kind"] = "drift"
         remaining -= length
 
-    def take(k: int) -> np.ndarray:
-        idx = rng.choice(np.flatnonzero(free), k, replace=False) if k else np.array([], int)
-        free[idx] = False
-        return idx
 
-    rows = take(quotas["spike"])
+def _sensor_faults(
+    frame: pd.DataFrame, rng: np.random.Generator, free: _FreeRows, quotas: dict[str, int]
+) -> None:
+    """The anomalies of one reading each: spikes, broken correlations, unseen modes."""
+    rows = free.take(quotas["spike"])
     which = rng.integers(0, 3, len(rows))
     for j, col, factor in ((0, "vibration_rms", (3.0, 7.0)), (1, "current_a", (1.6, 2.2))):
         sel = rows[which == j]
@@ -363,7 +401,7 @@ def generate_manufacturing(n: int, anomaly_fraction: float = 0.01, seed: int = 0
     frame.loc[sel, "pressure_bar"] += rng.uniform(2.0, 4.0, len(sel))
     frame.loc[rows, "anomaly_kind"] = "spike"
 
-    rows = take(quotas["broken_correlation"])
+    rows = free.take(quotas["broken_correlation"])
     blocked = rng.random(len(rows)) < 0.5
     sel, leak = rows[blocked], rows[~blocked]
     # Blocked line: the pump draws its usual current but flow collapses and pressure builds up.
@@ -373,10 +411,13 @@ def generate_manufacturing(n: int, anomaly_fraction: float = 0.01, seed: int = 0
     frame.loc[leak, "pressure_bar"] = 1.2 + rng.uniform(0.0, 0.3, len(leak))
     frame.loc[rows, "anomaly_kind"] = "broken_correlation"
 
-    rows = take(quotas["rare_category"])
+    rows = free.take(quotas["rare_category"])
     frame.loc[rows, "mode"] = rng.choice(_MODES_UNSEEN, len(rows))
     frame.loc[rows, "anomaly_kind"] = "rare_category"
 
+
+def _manufacturing_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """The published columns: event time, readings rounded, the machine id; sorted by time."""
     frame["event_time"] = START + pd.to_timedelta(np.round(frame["seconds"], 3), unit="s")
     for col, digits in (
         ("vibration_rms", 4),
@@ -387,7 +428,7 @@ def generate_manufacturing(n: int, anomaly_fraction: float = 0.01, seed: int = 0
     ):
         frame[col] = frame[col].round(digits)
     frame["machine_id"] = [f"machine-{m:03d}" for m in frame["machine"]]
-    frame["_order"] = np.arange(n)
+    frame["_order"] = np.arange(len(frame))
     return _finish(
         frame, "reading", ["machine_id", *MANUFACTURING_NUMERIC, *MANUFACTURING_CATEGORICAL]
     )
