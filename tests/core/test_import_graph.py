@@ -145,3 +145,13 @@ def test_every_core_module_imports(module: str) -> None:
     if module == "anomaly.cli.__main__":
         pytest.skip("runs the command line when imported")
     importlib.import_module(module)
+
+
+def test_the_public_names_resolve_through_the_lazy_facade() -> None:
+    import anomaly
+
+    for name in anomaly.__all__:
+        assert getattr(anomaly, name) is not None, name
+    assert anomaly.AnomalyModel.__module__ == "anomaly.estimator.model"
+    assert anomaly.Preprocessor.__module__ == "anomaly.features.preprocess"
+    assert anomaly.GANDetector.__module__ == "anomaly.estimator.detectors.gan"
