@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from anomaly.config import SchemaConfig
-from streams.decode import FALLBACK_CHUNK, RecordDecoder, _parse_iso_fast, _parse_times
+from streams.decode import FALLBACK_CHUNK, RecordDecoder
+from streams.times import parse_iso_fast, parse_times
 
 SCHEMA = dict(
     id_field="id",
@@ -198,7 +199,7 @@ def pandas_time(text: str) -> int | None:
 
 
 def assert_times_match_pandas(column: list) -> None:
-    times, bad = _parse_times(column)
+    times, bad = parse_times(column)
     assert times.dtype == np.dtype("datetime64[ns]")
     expected = []
     for value in column:
@@ -283,9 +284,9 @@ def test_fast_time_path_reads_the_common_shapes():
         "2024-03-01T10:00:00",
     ]
     for text in common:
-        _, ok = _parse_iso_fast([text, text])
+        _, ok = parse_iso_fast([text, text])
         assert ok.all(), text
-    _, ok = _parse_iso_fast(common)  # mixed lengths go by length
+    _, ok = parse_iso_fast(common)  # mixed lengths go by length
     assert ok.all()
 
 
@@ -351,7 +352,7 @@ def test_times_with_newlines_cannot_shift_rows():
     column = [a, f"{a}\n{a}", "", a[:-1]]
     assert sum(map(len, column)) == len(a) * len(column)
     assert_times_match_pandas(column)
-    assert _parse_times(column)[1] == [1, 2]
+    assert parse_times(column)[1] == [1, 2]
 
 
 # -- a varied batch against a reference decode -----------------------------------------------------
@@ -561,4 +562,4 @@ def test_naive_times_after_an_offset_keep_utc_off_the_fast_path():
     pandas 2 parses them in one call as if the naive one had the same offset."""
     column = ["2024-03-01T10:00:00.1234567891+02:00", "1970-01-01T00:00:00.0000000000"]
     assert_times_match_pandas(column)
-    assert _parse_times(column)[0][1] == np.datetime64("1970-01-01T00:00:00", "ns")
+    assert parse_times(column)[0][1] == np.datetime64("1970-01-01T00:00:00", "ns")

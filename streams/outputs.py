@@ -1,0 +1,139 @@
+"""The scoring service's output topics: dead letters and (optionally) scores.
+
+``OutputsMixin`` is one part of ``streams.service.ScoringService``. A batch's dead letters and
+scores are produced and flushed before its database write; anything undelivered raises
+``ProduceError`` and the whole batch is retried (nothing committed), so the output topics are
+at-least-once. After a fatal librdkafka error the producer is replaced by a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from storage.records import DeadLetterRecord
+
+log = logging.getLogger("streams.service")
+
+
+class ProduceError(RuntimeError):
+    """Dead letters or scores could not be delivered; the batch is retried, nothing committed."""
+
+
+class OutputsMixin:
+    """Producing of ``ScoringService`` (its attributes: ``cfg``, ``metrics``, ``_producer``)."""
+
+    cfg: Any
+    metrics: Any
+    _producer: Any
+
+    def _produce(
+        self, dead_letters: list[DeadLetterRecord], scores_out: list[tuple[bytes, bytes]]
+    ) -> None:
+        if not dead_letters and not scores_out:
+            return
+        failures: list[Any] = []
+
+        def delivered(err: Any, _msg: Any) -> None:
+            if err is not None:
+                failures.append(err)  # formatted later: str() here can fail on a fatal error
+
+        try:
+            remaining = self._produce_all(dead_letters, scores_out, delivered)
+        except Exception as exc:
+            # After a fatal error (an idempotent producer whose sequence numbers the broker no
+            # longer accepts, e.g. OUT_OF_ORDER_SEQUENCE_NUMBER after a broker restart) the
+            # producer refuses everything: replace it and retry the batch.
+            fatal = _kafka_error(exc)
+            if fatal is None or not fatal.fatal():
+                raise
+            self._replace_producer(fatal)
+            raise ProduceError(
+                f"fatal producer error {fatal.name()}, producer replaced: {fatal.str()}"
+            ) from exc
+        fatal = next((e for e in failures if getattr(e, "fatal", lambda: False)()), None)
+        if fatal is not None:
+            self._replace_producer(fatal)
+        if remaining or failures:
+            raise ProduceError(
+                f"{remaining} undelivered, {len(failures)} failed"
+                + (f": {failures[0]}" if failures else "")
+            )
+
+    def _produce_all(
+        self,
+        dead_letters: list[DeadLetterRecord],
+        scores_out: list[tuple[bytes, bytes]],
+        delivered: Callable[[Any, Any], None],
+    ) -> int:
+        """Produce the batch's dead letters and scores and flush; the number undelivered."""
+        dlq = self.cfg.dead_letter_topic
+        # A value larger than the producer may send (librdkafka's message.max.bytes, 1 MB by
+        # default) would fail every retry and stop the stream: its head goes to the topic with the
+        # original size in a header; the dead_letters table keeps every byte.
+        cap = int(self.cfg.kafka.settings.get("message.max.bytes", 1_000_000)) - 65_536
+        for d in dead_letters:
+            headers = [
+                ("error_kind", d.error_kind.encode()),
+                ("error_message", d.error_message.encode()),
+                ("source_topic", d.kafka_topic.encode()),
+                ("source_partition", str(d.kafka_partition).encode()),
+                ("source_offset", str(d.kafka_offset).encode()),
+                ("pipeline", d.pipeline.encode()),
+            ]
+            raw = d.raw
+            if len(raw) > cap:
+                headers.append(("original_bytes", str(len(raw)).encode()))
+                raw = raw[: max(cap, 0)]
+            self._produce_one(dlq, raw, None, headers, delivered)
+        scores_topic = self.cfg.kafka.scores_topic
+        for key, value in scores_out:
+            self._produce_one(scores_topic, value, key, None, delivered)
+        return self._producer.flush(30)
+
+    def _produce_one(self, topic: str, value: bytes, key: bytes | None, headers: Any, cb: Any):
+        while True:
+            try:
+                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=cb)
+                return
+            except BufferError:
+                self._producer.poll(0.05)
+
+    def _new_producer(self) -> Any:
+        from confluent_kafka import Producer
+
+        from streams.kafka import producer_settings
+
+        return Producer(producer_settings(self.cfg.kafka) | {"error_cb": self._on_kafka_error})
+
+    def _replace_producer(self, error: Any) -> None:
+        log.error(
+            "fatal producer error: replacing the producer (a new producer id), the batch is "
+            "retried",
+            extra={"fields": {"error": error.str(), "code": error.name()}},
+        )
+        old, self._producer = self._producer, self._new_producer()
+        self.metrics.producer_rebuilds.inc()
+        try:
+            old.purge()  # what it still holds is retried with the batch
+            old.flush(0)
+        except Exception as exc:  # a dead producer may refuse even this
+            log.debug("purging the old producer failed: %s", exc)
+
+    def _on_kafka_error(self, err: Any) -> None:
+        from streams.kafka import log_error
+
+        log_error(err)  # rate-limited: a broker that is down reports every ~50 ms
+
+
+def _kafka_error(exc: BaseException) -> Any:
+    """The ``KafkaError`` behind ``exc`` (or its causes), if any."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, KafkaException) and seen.args and isinstance(seen.args[0], KafkaError):
+            return seen.args[0]
+        seen = seen.__cause__ or seen.__context__
+    return None
