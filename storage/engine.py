@@ -30,10 +30,7 @@ from storage.sanitize import dumps
 
 def utc(value: datetime) -> datetime:
     """Aware UTC; a naive datetime is taken to be UTC already."""
-    tz = value.tzinfo
-    if tz is UTC:
-        return value
-    return value.replace(tzinfo=UTC) if tz is None else value.astimezone(UTC)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def normalize_url(url: str | URL) -> URL:

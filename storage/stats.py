@@ -125,7 +125,8 @@ class StatsWriter:
             for st in stats
         ]
         if self._upsert is None:
-            # Built once per store: constructing it costs ~1 ms, as much as running it.
+            # Built once per store: building it for every batch makes the upsert 0.15 -> 2.5 ms
+            # on SQLite, 0.9 -> 4.4 ms on PostgreSQL (bench/storage_rows.py).
             self._upsert = self._build_upsert()
         conn.execute(self._upsert, rows)
 

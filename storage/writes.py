@@ -1,10 +1,9 @@
 """The alert sink's write path: one micro-batch in one transaction (see ``storage.store``).
 
 This is the hot path of the service loop. Per batch: offset fencing, the alert rows not stored
-yet (one index range scan per partition; the usual batch, one partition in offset order, skips
-the sort), incident grouping, the alert insert (PostgreSQL: binary COPY; SQLite: multi-row
-insert), dead letters, statistics and offsets. A COPY that loses a unique-key race to a
-concurrent writer rolls back and the batch is written again.
+yet (one index range scan per partition), incident grouping, the alert insert (PostgreSQL:
+binary COPY; SQLite: multi-row insert), dead letters, statistics and offsets. A COPY that loses
+a unique-key race to a concurrent writer rolls back and the batch is written again.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ from storage.alert_rows import (
     PIPELINE,
     TOPIC,
     alert_row,
-    in_order,
     json_values,
     position,
 )
@@ -113,24 +111,17 @@ class AlertWriter:
         """The rows whose position is neither stored yet nor earlier in the same batch, sorted by
         position: concurrent writers of the same positions then insert them in one order (a wait
         and a retry, never a deadlock)."""
+        unique: dict[tuple[str, str, int, int], list[Any]] = {}
+        for row in rows:
+            unique.setdefault(position(row), row)
+        rows = [unique[key] for key in sorted(unique)]
         ranges: dict[Partition, list[int]] = {}  # [lowest, highest] offset per partition
-        if in_order(rows):  # the usual batch: one partition, offsets rising, no duplicates
-            first, last = rows[0], rows[-1]
-            ranges[Partition(first[PIPELINE], first[TOPIC], first[PARTITION])] = [
-                first[OFFSET],
-                last[OFFSET],
-            ]
-        else:
-            unique: dict[tuple[str, str, int, int], list[Any]] = {}
-            for row in rows:
-                unique.setdefault(position(row), row)
-            rows = [unique[key] for key in sorted(unique)]
-            for row in rows:  # sorted: the first row of a partition has its lowest offset
-                key, offset = Partition(row[PIPELINE], row[TOPIC], row[PARTITION]), row[OFFSET]
-                if key in ranges:
-                    ranges[key][1] = offset
-                else:
-                    ranges[key] = [offset, offset]
+        for row in rows:  # sorted: the first row of a partition has its lowest offset
+            key, offset = Partition(row[PIPELINE], row[TOPIC], row[PARTITION]), row[OFFSET]
+            if key in ranges:
+                ranges[key][1] = offset
+            else:
+                ranges[key] = [offset, offset]
         t = s.alerts
         stored: set[tuple[str, str, int, int]] = set()
         for (p, topic, part), (lo, hi) in ranges.items():  # one range scan of the unique index
@@ -197,14 +188,14 @@ def _copy_alerts(conn: Connection, rows: list[list[Any]]) -> int:
     try:
         with raw.cursor() as cur:
             # For the bytea type psycopg picks the dumper of its DB-API ``Binary`` wrapper,
-            # written in Python; the C one for plain bytes halves psycopg's cost per row.
+            # written in Python; the C one for plain bytes saves 0.6-0.9 us of client CPU per
+            # alert (15.4 instead of 19.7 ms per 5000-row COPY: bench/storage_rows.py).
             cur.adapters.register_dumper(bytes, BytesBinaryDumper)  # this cursor only
             with cur.copy(ALERT_COPY) as copy:
                 copy.set_types(COPY_TYPES)
-                write_row = copy.write_row
                 # Times are aware UTC already and texts are clean (see alert_row).
                 for row in rows:
-                    write_row(json_values(row, json_bytes))
+                    copy.write_row(json_values(row, json_bytes))
     except psycopg.errors.UniqueViolation as exc:
         if exc.diag.constraint_name == "uq_alerts_position":
             raise _LostRace from exc
