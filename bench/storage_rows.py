@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from storage import alert_rows as ar  # noqa: E402
-from storage import sanitize  # noqa: E402
+from storage import sanitize, writes  # noqa: E402
 from storage import schema as s  # noqa: E402
 from storage.engine import utc  # noqa: E402
 from storage.records import AlertRecord, StreamStatRecord  # noqa: E402
@@ -264,12 +264,6 @@ def cpu_figures(alerts: list[AlertRecord], repeat: int) -> list[tuple[str, float
     pending = [(r[ar.INGEST_TIME], i, r) for i, r in enumerate(rows)]
     by_time_index = itemgetter(0, 1)
 
-    def dedupe_and_sort() -> list[list[Any]]:
-        unique = {}
-        for row in rows:
-            unique.setdefault(ar.position(row), row)
-        return [unique[key] for key in sorted(unique)]
-
     def t(store: Callable[[], Any], other: Callable[[], Any]) -> tuple[float, float]:
         return per_alert_us(store, other, n, repeat)
 
@@ -317,8 +311,8 @@ def cpu_figures(alerts: list[AlertRecord], repeat: int) -> list[tuple[str, float
             ),
         ),
         (
-            "dropped: new rows: dedupe + sort / in-order check",
-            *t(dedupe_and_sort, lambda: in_order(rows)),
+            "dropped: new rows: dedupe, sort, ranges / in-order",
+            *t(lambda: writes._by_position(rows), lambda: in_order(rows)),
         ),
         (
             "dropped: incident sort: tuples / key=itemgetter",

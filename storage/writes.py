@@ -29,7 +29,7 @@ from storage.alert_rows import (
 from storage.engine import Database, utc
 from storage.errors import RetryableStorageError
 from storage.incidents import assign_incidents
-from storage.offsets import Partition, StoredOffsets, lock_offsets, merge_offsets, upsert_offsets
+from storage.offsets import StoredOffsets, lock_offsets, merge_offsets, upsert_offsets
 from storage.records import DeadLetterRecord, SinkBatch, WriteResult
 from storage.sanitize import clean_text, json_bytes, json_text
 from storage.stats import StatsWriter, fence_stats
@@ -111,17 +111,7 @@ class AlertWriter:
         """The rows whose position is neither stored yet nor earlier in the same batch, sorted by
         position: concurrent writers of the same positions then insert them in one order (a wait
         and a retry, never a deadlock)."""
-        unique: dict[tuple[str, str, int, int], list[Any]] = {}
-        for row in rows:
-            unique.setdefault(position(row), row)
-        rows = [unique[key] for key in sorted(unique)]
-        ranges: dict[Partition, list[int]] = {}  # [lowest, highest] offset per partition
-        for row in rows:  # sorted: the first row of a partition has its lowest offset
-            key, offset = Partition(row[PIPELINE], row[TOPIC], row[PARTITION]), row[OFFSET]
-            if key in ranges:
-                ranges[key][1] = offset
-            else:
-                ranges[key] = [offset, offset]
+        rows, ranges = _by_position(rows)
         t = s.alerts
         stored: set[tuple[str, str, int, int]] = set()
         for (p, topic, part), (lo, hi) in ranges.items():  # one range scan of the unique index
@@ -203,6 +193,25 @@ def _copy_alerts(conn: Connection, rows: list[list[Any]]) -> int:
     return len(rows)
 
 
+def _by_position(
+    rows: list[list[Any]],
+) -> tuple[list[list[Any]], dict[tuple[str, str, int], list[int]]]:
+    """The rows sorted by position, each position once, and each partition's [lowest, highest]
+    offset among them."""
+    unique: dict[tuple[str, str, int, int], list[Any]] = {}
+    for row in rows:
+        unique.setdefault(position(row), row)
+    rows = [unique[key] for key in sorted(unique)]
+    ranges: dict[tuple[str, str, int], list[int]] = {}
+    for row in rows:  # sorted: the first row of a partition has its lowest offset
+        partition, offset = (row[PIPELINE], row[TOPIC], row[PARTITION]), row[OFFSET]
+        if partition in ranges:
+            ranges[partition][1] = offset
+        else:
+            ranges[partition] = [offset, offset]
+    return rows, ranges
+
+
 def _alert_fenced(row: list[Any], stored: StoredOffsets) -> bool:
     """Is the alert below its partition's stored next offset (written by another consumer)?"""
     next_offset = stored.get((row[PIPELINE], row[TOPIC], row[PARTITION]))
@@ -210,7 +219,7 @@ def _alert_fenced(row: list[Any], stored: StoredOffsets) -> bool:
 
 
 def _dead_letter_fenced(row: dict[str, Any], stored: StoredOffsets) -> bool:
-    key = Partition(row["pipeline"], row["kafka_topic"], row["kafka_partition"])
+    key = (row["pipeline"], row["kafka_topic"], row["kafka_partition"])
     return key in stored and row["kafka_offset"] < stored[key]
 
 
