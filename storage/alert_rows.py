@@ -4,10 +4,10 @@ An alert row is a list in ``ALERT_COLUMNS`` order (no dict or object per alert),
 columns still as Python values: they are encoded while the row is written (``json_values``), by
 msgspec to bytes for PostgreSQL's binary COPY, to text for SQLAlchemy's executemany.
 
-Positional on purpose: a slots dataclass per alert, turned into a tuple for COPY, costs 0.40 to
-0.46 us more per alert to build and encode (3.3-3.7 us instead; ``python bench/storage_rows.py``,
-line "row + COPY values"), about 2% of the ~24 us of client and server CPU per alert in
-bench/storage.py's ``new`` scenario. The indexes below name the columns the store reads.
+Positional on purpose: a slots dataclass per alert, turned into a tuple for COPY, costs
+0.38-0.46 us more per alert to build and encode (on 3.3-3.8 us; ``python bench/storage_rows.py``,
+line "row + COPY values", five quiet runs), about 2% of the ~24 us of client and server CPU per
+alert in bench/storage.py's ``new`` scenario. The indexes below name the columns the store reads.
 """
 
 from __future__ import annotations

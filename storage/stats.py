@@ -125,8 +125,9 @@ class StatsWriter:
             for st in stats
         ]
         if self._upsert is None:
-            # Built once per store: building it for every batch makes the upsert 0.15 -> 2.5 ms
-            # on SQLite, 0.9 -> 4.4 ms on PostgreSQL (bench/storage_rows.py).
+            # Built once per store: building it for every batch makes the upsert ~2 ms slower
+            # (SQLite 0.1 -> 2.3 ms, PostgreSQL 0.5-0.9 -> 1.9-4.4 ms; bench/storage_rows.py),
+            # where a small batch takes ~5 ms in all (bench/storage.py, "small").
             self._upsert = self._build_upsert()
         conn.execute(self._upsert, rows)
 

@@ -178,8 +178,8 @@ def _copy_alerts(conn: Connection, rows: list[list[Any]]) -> int:
     try:
         with raw.cursor() as cur:
             # For the bytea type psycopg picks the dumper of its DB-API ``Binary`` wrapper,
-            # written in Python; the C one for plain bytes saves 0.6-0.9 us of client CPU per
-            # alert (15.4 instead of 19.7 ms per 5000-row COPY: bench/storage_rows.py).
+            # written in Python; the C one for plain bytes saves 0.6-1.0 us of client CPU per
+            # alert (~15 instead of ~20 ms per 5000-row COPY: bench/storage_rows.py).
             cur.adapters.register_dumper(bytes, BytesBinaryDumper)  # this cursor only
             with cur.copy(ALERT_COPY) as copy:
                 copy.set_types(COPY_TYPES)
