@@ -10,9 +10,9 @@ With ``--pg-url`` (and always on a scratch SQLite file) it also times, against a
 binary COPY's client CPU with and without the C dumper for bytes (``writes._copy_alerts``), and
 the statistics upsert with its statement built once per store or per batch (``stats``).
 
-For scale: bench/storage.py's ``new`` scenario writes ~41,000 alerts per CPU second of client
-and server together on the 2-CPU development machine, i.e. ~24 us of CPU per alert; the store
-drops a shortcut that saves less than ~0.4 us (under 2% of that).
+For scale: in bench/storage.py's ``new`` scenario (COPY) the client spends ~6-8 us of CPU per
+alert on the 2-CPU development machine, client and server together ~20-24 us. The store keeps a
+shortcut that saves ~2% of the client's CPU per alert (~0.12 us) or more, and drops the rest.
 
     python bench/storage_rows.py
     python bench/storage_rows.py --pg-url postgresql+psycopg://postgres@127.0.0.1:5432/test
@@ -62,22 +62,6 @@ def fast_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if tz is None else value.astimezone(UTC)
 
 
-def fast_clean_text(value: Any, limit: int | None = None) -> str:
-    """``clean_text`` with the dropped shortcut: ASCII text skips the UTF-8 check."""
-    s_ = value if isinstance(value, str) else str(value)
-    if not s_.isascii():
-        try:
-            s_.encode("utf-8")
-        except UnicodeEncodeError:
-            s_ = s_.encode("utf-8", "backslashreplace").decode("utf-8")
-    if "\x00" in s_:
-        s_ = s_.replace("\x00", "\\u0000")
-    if limit is not None and len(s_) > limit:
-        marker = f"...[truncated {len(s_)} chars]"
-        s_ = s_[: max(0, limit - len(marker))] + marker
-    return s_
-
-
 _PIPELINE_LEN, _RECORD_ID_LEN, _ENTITY_LEN = s.PIPELINE_LEN, s.RECORD_ID_LEN, s.ENTITY_LEN
 _TOPIC_LEN, _MODEL_VERSION_LEN = s.TOPIC_LEN, s.MODEL_VERSION_LEN
 
@@ -117,35 +101,35 @@ def fast_alert_row(a: AlertRecord) -> list[Any]:
     ]
 
 
-_FIRED_JSON: dict[tuple[Callable[[Any], Any], tuple[str, ...]], Any] = {}
+def plain_clean_text(value: Any, limit: int | None = None) -> str:
+    """``clean_text`` without its shortcut: the UTF-8 check for ASCII text too."""
+    s_ = value if isinstance(value, str) else str(value)
+    try:
+        s_.encode("utf-8")
+    except UnicodeEncodeError:
+        s_ = s_.encode("utf-8", "backslashreplace").decode("utf-8")
+    if "\x00" in s_:
+        s_ = s_.replace("\x00", "\\u0000")
+    if limit is not None and len(s_) > limit:
+        marker = f"...[truncated {len(s_)} chars]"
+        s_ = s_[: max(0, limit - len(marker))] + marker
+    return s_
 
 
-def _fired_json(fired: Any, encode: Callable[[Any], Any]) -> Any:
-    """The dropped cache: the few distinct detector lists, encoded once each."""
-    key = (encode, tuple(fired))
-    encoded = _FIRED_JSON.get(key)
-    if encoded is None:
-        encoded = encode(list(key[1]))
-        if len(_FIRED_JSON) < 64:
-            _FIRED_JSON[key] = encoded
-    return encoded
-
-
-def in_order(rows: list[list[Any]]) -> bool:
-    """The dropped check: one partition with strictly rising offsets needs no dedupe and sort."""
-    first = rows[0]
-    pipeline, topic, partition, prev = first[ar.PIPELINE], first[ar.TOPIC], first[ar.PARTITION], -1
+def plain_by_position(rows: list[list[Any]]) -> tuple[list[list[Any]], dict[Any, list[int]]]:
+    """``writes._by_position`` without the in-order check: always dedupe, sort, find ranges."""
+    unique: dict[tuple[str, str, int, int], list[Any]] = {}
     for row in rows:
-        offset = row[ar.OFFSET]
-        if (
-            offset <= prev
-            or row[ar.PARTITION] != partition
-            or row[ar.TOPIC] != topic
-            or row[ar.PIPELINE] != pipeline
-        ):
-            return False
-        prev = offset
-    return True
+        unique.setdefault(ar.position(row), row)
+    rows = [unique[key] for key in sorted(unique)]
+    ranges: dict[tuple[str, str, int], list[int]] = {}
+    for row in rows:
+        partition, offset = (row[ar.PIPELINE], row[ar.TOPIC], row[ar.PARTITION]), row[ar.OFFSET]
+        if partition in ranges:
+            ranges[partition][1] = offset
+        else:
+            ranges[partition] = [offset, offset]
+    return rows, ranges
 
 
 def plain_json_bytes(value: Any) -> bytes:
@@ -283,11 +267,22 @@ def cpu_figures(alerts: list[AlertRecord], repeat: int) -> list[tuple[str, float
             ),
         ),
         (
-            "dropped: detector list: json_bytes / cached",
+            "KEPT detector list: cached / json_bytes each",
             *t(
+                lambda: [ar._fired_json(r[ar.FIRED], json_bytes) for r in rows],
                 lambda: [json_bytes(list(r[ar.FIRED])) for r in rows],
-                lambda: [_fired_json(r[ar.FIRED], json_bytes) for r in rows],
             ),
+        ),
+        (
+            "KEPT clean_text x5: isascii first / always encode",
+            *t(
+                lambda: [[clean_text(x, 256) for _ in range(5)] for x in texts],
+                lambda: [[plain_clean_text(x, 256) for _ in range(5)] for x in texts],
+            ),
+        ),
+        (
+            "KEPT new rows: in-order check / dedupe, sort, ranges",
+            *t(lambda: writes._by_position(rows), lambda: plain_by_position(rows)),
         ),
         (
             "dropped: alert_row: plain / locals + aliases",
@@ -302,17 +297,6 @@ def cpu_figures(alerts: list[AlertRecord], repeat: int) -> list[tuple[str, float
                 lambda: [(utc(x), utc(x)) for x in times],
                 lambda: [(fast_utc(x), fast_utc(x)) for x in times],
             ),
-        ),
-        (
-            "dropped: clean_text x5: encode / isascii first",
-            *t(
-                lambda: [[clean_text(x, 256) for _ in range(5)] for x in texts],
-                lambda: [[fast_clean_text(x, 256) for _ in range(5)] for x in texts],
-            ),
-        ),
-        (
-            "dropped: new rows: dedupe, sort, ranges / in-order",
-            *t(lambda: writes._by_position(rows), lambda: in_order(rows)),
         ),
         (
             "dropped: incident sort: tuples / key=itemgetter",

@@ -24,10 +24,13 @@ _MAX_DEPTH = 64
 def clean_text(value: Any, limit: int | None = None) -> str:
     """``value`` as a string PostgreSQL accepts, at most ``limit`` characters long."""
     s = value if isinstance(value, str) else _to_text(value)
-    try:
-        s.encode("utf-8")
-    except UnicodeEncodeError:  # lone surrogates
-        s = s.encode("utf-8", "backslashreplace").decode("utf-8")
+    # ASCII needs no UTF-8 check: saves ~0.035 us a call, ~0.18 us per alert (five texts;
+    # bench/storage_rows.py, "clean_text"), ~2-3% of the client CPU per alert.
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates
+            s = s.encode("utf-8", "backslashreplace").decode("utf-8")
     if "\x00" in s:
         s = s.replace("\x00", "\\u0000")
     if limit is not None and len(s) > limit:

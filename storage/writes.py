@@ -23,6 +23,7 @@ from storage.alert_rows import (
     PIPELINE,
     TOPIC,
     alert_row,
+    in_order,
     json_values,
     position,
 )
@@ -198,6 +199,14 @@ def _by_position(
 ) -> tuple[list[list[Any]], dict[tuple[str, str, int], list[int]]]:
     """The rows sorted by position, each position once, and each partition's [lowest, highest]
     offset among them."""
+    if in_order(rows):
+        # The usual batch (one partition, offsets rising, no duplicates) is that already: the
+        # check saves ~0.27 us per alert (0.08 instead of 0.35 us; bench/storage_rows.py, "new
+        # rows"), ~4% of the client CPU per alert of bench/storage.py's ``new`` scenario.
+        first, last = rows[0], rows[-1]
+        return rows, {
+            (first[PIPELINE], first[TOPIC], first[PARTITION]): [first[OFFSET], last[OFFSET]]
+        }
     unique: dict[tuple[str, str, int, int], list[Any]] = {}
     for row in rows:
         unique.setdefault(position(row), row)
