@@ -336,11 +336,10 @@ def copy_figures(url: str, alerts: list[AlertRecord], rounds: int) -> tuple[floa
 def stats_figures(url: str, rounds: int) -> tuple[float, float]:
     """Wall ms per statistics upsert (one row, in a transaction rolled back): the statement
     built once per store vs built for every batch."""
-    from storage import AlertStore
+    from storage.engine import Database
     from storage.stats import StatsWriter
 
-    store = AlertStore(url)
-    db = store._db
+    db = Database(url)
     shared = StatsWriter(db)
     stats = [StreamStatRecord("p", bench_storage.T0, records_seen=10, records_scored=10)]
     times: dict[bool, list[float]] = {True: [], False: []}
@@ -353,7 +352,7 @@ def stats_figures(url: str, rounds: int) -> tuple[float, float]:
                         (shared if cached else StatsWriter(db)).upsert(conn, stats)
                         tx.rollback()
                 times[cached].append((time.perf_counter() - start) / 50)
-    store.close()
+    db.close()
     return statistics.median(times[True]) * 1e3, statistics.median(times[False]) * 1e3
 
 

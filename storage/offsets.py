@@ -84,7 +84,10 @@ def lock_offsets(db: Database, conn: Connection, offsets: list[OffsetRecord]) ->
     )
     if db.dialect == "postgresql":
         query = query.with_for_update()
-    return {Partition(r[0], r[1], r[2]): r[3] for r in conn.execute(query)}
+    return {
+        Partition(r.pipeline, r.kafka_topic, r.kafka_partition): r.next_offset
+        for r in conn.execute(query)
+    }
 
 
 def upsert_offsets(db: Database, conn: Connection, offsets: list[OffsetRecord]) -> None:
