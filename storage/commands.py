@@ -20,6 +20,12 @@ _UNIT_S = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    _register_db(subparsers)
+    _register_alerts(subparsers)
+    _register_models(subparsers)
+
+
+def _register_db(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     db = subparsers.add_parser("db", help="database schema and upkeep (migrations, prune)")
     db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
 
@@ -60,6 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     p.set_defaults(handler=_db_grafana_role)
 
+
+def _register_alerts(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     alerts = subparsers.add_parser("alerts", help="list and acknowledge stored alerts")
     alerts_sub = alerts.add_subparsers(dest="alerts_command", metavar="ACTION", required=True)
     p = alerts_sub.add_parser("list", help="newest alerts first")
@@ -77,6 +85,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _db_args(p)
     p.set_defaults(handler=_alerts_ack)
 
+
+def _register_models(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     models = subparsers.add_parser("models", help="registered model versions per pipeline")
     models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     p = models_sub.add_parser("list", help="registered versions (* marks the active one)")
@@ -134,8 +144,8 @@ def _db_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_url(args: argparse.Namespace) -> Any:
     """``--db``, else the pipeline config's database URL, else ``ANOMALY_DATABASE_URL``."""
+    from storage.engine import config_database_url, normalize_url
     from storage.errors import DatabaseURLError
-    from storage.store import config_database_url, normalize_url
 
     _one_database(args)
     if getattr(args, "db", None):

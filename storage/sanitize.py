@@ -24,10 +24,12 @@ _MAX_DEPTH = 64
 def clean_text(value: Any, limit: int | None = None) -> str:
     """``value`` as a string PostgreSQL accepts, at most ``limit`` characters long."""
     s = value if isinstance(value, str) else _to_text(value)
+    # ASCII needs no UTF-8 check: saves ~0.035 us a call, ~0.18 us per alert (five texts;
+    # bench/storage_rows.py, "clean_text"), ~2-3% of the client CPU per alert.
     if not s.isascii():
         try:
             s.encode("utf-8")
-        except UnicodeEncodeError:
+        except UnicodeEncodeError:  # lone surrogates
             s = s.encode("utf-8", "backslashreplace").decode("utf-8")
     if "\x00" in s:
         s = s.replace("\x00", "\\u0000")
@@ -96,7 +98,8 @@ def json_bytes(value: Any) -> bytes:
     The fast path encodes once with msgspec (C) and checks the result: UTF-8 output without NUL
     escapes needs no cleaning (msgspec already writes NaN/Infinity as null and bytes as base64,
     as ``clean_json`` does). Anything else (lone surrogates, NULs, numpy values, unknown types)
-    takes the slow path through ``clean_json``."""
+    takes the slow path through ``clean_json``. The fast path saves ~18 us per alert (the three
+    JSON columns: 2.1 instead of 20.4 us; bench/storage_rows.py)."""
     try:
         data = _msgspec_encode(value)
     except (TypeError, ValueError, NotImplementedError, OverflowError):

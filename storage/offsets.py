@@ -1,0 +1,156 @@
+"""Consumer offsets: stored with each batch, in the batch's transaction, and used to fence out
+records another consumer has written already (see ``writes``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+from typing import NamedTuple
+
+from sqlalchemy import Connection, delete, select, tuple_
+
+from storage import schema as s
+from storage.engine import Database
+from storage.records import OffsetRecord
+
+
+class Partition(NamedTuple):
+    """A Kafka partition of a pipeline: the key of a ``consumer_offsets`` row. Equal to the plain
+    tuple of the same values, so either can look up a ``dict[Partition, int]``."""
+
+    pipeline: str
+    kafka_topic: str
+    kafka_partition: int
+
+
+# The next offsets stored per partition (keys are Partitions; plain tuples look them up too).
+StoredOffsets = dict[tuple[str, str, int], int]
+
+
+def partition_of(o: OffsetRecord) -> Partition:
+    return Partition(o.pipeline, o.kafka_topic, o.kafka_partition)
+
+
+def merge_offsets(offsets: Sequence[OffsetRecord]) -> list[OffsetRecord]:
+    """One record per partition (the highest next offset, the lowest first offset), sorted, so
+    every writer locks rows in the same order."""
+    merged: dict[Partition, OffsetRecord] = {}
+    for o in offsets:
+        key = Partition(o.pipeline, o.kafka_topic, int(o.kafka_partition))
+        prev = merged.get(key)
+        if prev is None:
+            merged[key] = replace(o, kafka_partition=key.kafka_partition)
+            continue
+        firsts = [f for f in (prev.first_offset, o.first_offset) if f is not None]
+        merged[key] = replace(
+            prev,
+            next_offset=max(prev.next_offset, o.next_offset),
+            first_offset=min(firsts) if len(firsts) == 2 else None,
+        )
+    return [merged[k] for k in sorted(merged)]
+
+
+def lock_offsets(db: Database, conn: Connection, offsets: list[OffsetRecord]) -> StoredOffsets:
+    """Create (if missing) and lock the batch's offset rows; their stored next offsets.
+
+    ``offsets`` come from ``merge_offsets`` (one per partition, sorted). The placeholder row
+    (next offset 0) makes a concurrent writer of a partition seen for the first time wait on the
+    unique key instead of racing past the lock; it is replaced by the batch's own offset before
+    the transaction commits.
+    """
+    if not offsets:
+        return {}
+    t = s.consumer_offsets
+    now = datetime.now(UTC)
+    keys = [partition_of(o) for o in offsets]
+    conn.execute(
+        db.insert(t).on_conflict_do_nothing(),
+        [
+            {
+                "pipeline": k.pipeline,
+                "kafka_topic": k.kafka_topic,
+                "kafka_partition": k.kafka_partition,
+                "next_offset": 0,
+                "updated_at": now,
+            }
+            for k in keys
+        ],
+    )
+    query = (
+        select(t.c.pipeline, t.c.kafka_topic, t.c.kafka_partition, t.c.next_offset)
+        .where(tuple_(t.c.pipeline, t.c.kafka_topic, t.c.kafka_partition).in_(keys))
+        .order_by(t.c.pipeline, t.c.kafka_topic, t.c.kafka_partition)
+    )
+    if db.dialect == "postgresql":
+        query = query.with_for_update()
+    return {
+        Partition(r.pipeline, r.kafka_topic, r.kafka_partition): r.next_offset
+        for r in conn.execute(query)
+    }
+
+
+def upsert_offsets(db: Database, conn: Connection, offsets: list[OffsetRecord]) -> None:
+    t = s.consumer_offsets
+    ins = db.insert(t)
+    now = datetime.now(UTC)
+    stmt = ins.on_conflict_do_update(
+        index_elements=["pipeline", "kafka_topic", "kafka_partition"],
+        set_={
+            # Never backwards: a zombie consumer's late batch cannot rewind the stream.
+            "next_offset": db.greatest(t.c.next_offset, ins.excluded.next_offset),
+            "updated_at": ins.excluded.updated_at,
+        },
+    )
+    conn.execute(
+        stmt,
+        [
+            {
+                "pipeline": o.pipeline,
+                "kafka_topic": o.kafka_topic,
+                "kafka_partition": o.kafka_partition,
+                "next_offset": o.next_offset,
+                "updated_at": now,
+            }
+            for o in offsets
+        ],
+    )
+
+
+def load_offsets(db: Database, pipeline: str, topic: str) -> dict[int, int]:
+    """partition -> next offset to read, as committed with the last written batches."""
+    t = s.consumer_offsets
+    with db.transaction("loading consumer offsets", write=False) as conn:
+        rows = conn.execute(
+            select(t.c.kafka_partition, t.c.next_offset).where(
+                t.c.pipeline == pipeline, t.c.kafka_topic == topic
+            )
+        )
+        return {int(p): int(o) for p, o in rows}
+
+
+def reset_offsets(
+    db: Database, pipeline: str, topic: str, offsets: dict[int, int] | None = None
+) -> int:
+    """Rewind or forget stored offsets (see ``AlertStore.reset_offsets``)."""
+    t = s.consumer_offsets
+    with db.transaction("resetting consumer offsets") as conn:
+        where = (t.c.pipeline == pipeline) & (t.c.kafka_topic == topic)
+        if offsets is None:
+            return conn.execute(delete(t).where(where)).rowcount
+        conn.execute(delete(t).where(where & t.c.kafka_partition.in_(list(offsets))))
+        now = datetime.now(UTC)
+        conn.execute(
+            t.insert(),
+            [
+                {
+                    "pipeline": pipeline,
+                    "kafka_topic": topic,
+                    "kafka_partition": p,
+                    "next_offset": o,
+                    "updated_at": now,
+                }
+                for p, o in offsets.items()
+            ],
+        )
+        return len(offsets)

@@ -1,0 +1,112 @@
+"""What the CLI and the dashboards' operators do besides writing batches: list and acknowledge
+alerts, list incidents, prune old rows, create Grafana's read-only role."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, exists, select, update
+
+from storage import schema as s
+from storage.engine import Database, utc
+from storage.errors import InvalidArgumentError, NotFoundError
+
+
+@dataclass(slots=True)
+class PruneResult:
+    alerts: int
+    incidents: int
+    dead_letters: int
+    stream_stats: int
+
+
+def list_alerts(
+    db: Database,
+    pipeline: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    status: str | None,
+    entity: str | None,
+    limit: int | None,
+) -> list[dict[str, Any]]:
+    """Alerts, newest (by ingest time) first, as dicts of the table's columns."""
+    t = s.alerts
+    query = select(t).order_by(t.c.ingest_time.desc(), t.c.id.desc())
+    if pipeline is not None:
+        query = query.where(t.c.pipeline == pipeline)
+    if since is not None:
+        query = query.where(t.c.ingest_time >= utc(since))
+    if until is not None:
+        query = query.where(t.c.ingest_time < utc(until))
+    if status is not None:
+        query = query.where(t.c.status == status)
+    if entity is not None:
+        query = query.where(t.c.entity == entity)
+    if limit is not None:
+        query = query.limit(limit)
+    with db.transaction("listing alerts", write=False) as conn:
+        return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def list_incidents(db: Database, pipeline: str | None, limit: int | None) -> list[dict[str, Any]]:
+    t = s.incidents
+    query = select(t).order_by(t.c.last_seen.desc(), t.c.id.desc())
+    if pipeline is not None:
+        query = query.where(t.c.pipeline == pipeline)
+    if limit is not None:
+        query = query.limit(limit)
+    with db.transaction("listing incidents", write=False) as conn:
+        return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def ack_alert(db: Database, alert_id: int) -> bool:
+    """See ``AlertStore.ack_alert``."""
+    t = s.alerts
+    with db.transaction(f"acknowledging alert {alert_id}") as conn:
+        changed = conn.execute(
+            update(t).where(t.c.id == alert_id, t.c.status == "open").values(status="acknowledged")
+        ).rowcount
+        if changed:
+            return True
+        if conn.execute(select(t.c.id).where(t.c.id == alert_id)).first() is None:
+            raise NotFoundError(f"no alert with id {alert_id}")
+        return False
+
+
+def prune(
+    db: Database, older_than: timedelta | datetime, pipeline: str | None = None
+) -> PruneResult:
+    """See ``AlertStore.prune``."""
+    cutoff = (
+        utc(older_than) if isinstance(older_than, datetime) else (datetime.now(UTC) - older_than)
+    )
+    a, i, d, st = s.alerts, s.incidents, s.dead_letters, s.stream_stats
+
+    def scoped(table: Any, cond: Any) -> Any:
+        return cond if pipeline is None else cond & (table.c.pipeline == pipeline)
+
+    with db.transaction("pruning old rows") as conn:
+        n_alerts = conn.execute(delete(a).where(scoped(a, a.c.ingest_time < cutoff))).rowcount
+        n_dead = conn.execute(delete(d).where(scoped(d, d.c.created_at < cutoff))).rowcount
+        n_stats = conn.execute(delete(st).where(scoped(st, st.c.minute < cutoff))).rowcount
+        n_inc = conn.execute(
+            delete(i).where(
+                scoped(i, i.c.last_seen < cutoff) & ~exists().where(a.c.incident_id == i.c.id)
+            )
+        ).rowcount
+    return PruneResult(alerts=n_alerts, incidents=n_inc, dead_letters=n_dead, stream_stats=n_stats)
+
+
+def grant_read_only(db: Database, role: str, password: str | None) -> None:
+    """See ``AlertStore.grant_read_only``."""
+    if db.dialect != "postgresql":
+        raise InvalidArgumentError("a read-only role needs PostgreSQL (SQLite has no roles)")
+    from storage.grafana import grant_sql
+
+    with db.transaction(f"creating the read-only role {role!r}") as conn:
+        raw = conn.connection.driver_connection
+        with raw.cursor() as cur:
+            for statement in grant_sql(role, password):
+                cur.execute(statement)
