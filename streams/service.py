@@ -98,7 +98,6 @@ __all__ = [
 
 log = logging.getLogger("streams.service")
 T = TypeVar("T")
-_Message = Message  # the name bench/service_batch.py imports (its workers run older trees too)
 
 # --stop-when-idle counts from the first assignment; a consumer that never gets one (more
 # consumers than partitions) waits this much longer before it gives up.
