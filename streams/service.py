@@ -125,7 +125,6 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
         *,
         stop_when_idle_s: float | None = None,
         metrics: ServiceMetrics | None = None,
-        health: Health | None = None,
         store: Any | None = None,
     ) -> None:
         self.cfg = cfg
@@ -133,7 +132,7 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
         self.topic = cfg.kafka.topic
         self.stop_when_idle_s = stop_when_idle_s
         self.metrics = metrics or ServiceMetrics(cfg.name)
-        self.health = health or Health()
+        self.health = Health()
         self._store = store
         self.decoder = make_decoder(cfg)
         self._registry_in_use = getattr(self.decoder, "registry", None) is not None
