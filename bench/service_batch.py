@@ -40,8 +40,10 @@ def worker(sizes: list[int]) -> None:
     from anomaly.config import config_from_dict
     from anomaly.estimator.model import AnomalyModel
     from anomaly.synthetic.datasets import generate_fraud
+    from streams import service as svc  # older revisions name the message class _Message
     from streams.replay import encode_rows
-    from streams.service import ScoringService, _Message
+
+    ScoringService, Message = svc.ScoringService, getattr(svc, "Message", None) or svc._Message
 
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench-service-batch-"))
@@ -80,7 +82,7 @@ def worker(sizes: list[int]) -> None:
     def one_round(size: int) -> float:
         nonlocal next_offset
         now = int(time.time() * 1000)
-        messages = [_Message("t", 0, next_offset + i, value, now) for i, value in enumerate(values)]
+        messages = [Message("t", 0, next_offset + i, value, now) for i, value in enumerate(values)]
         next_offset += len(values)  # new offsets: nothing is fenced as already written
         start = time.perf_counter()
         for lo in range(0, len(messages), size):

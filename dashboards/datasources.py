@@ -3,7 +3,6 @@ provisioning files and ``anomaly dashboards push``."""
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from dashboards.builder import Datasource
@@ -61,7 +60,3 @@ def prometheus_datasource(url: str = "http://prometheus:9090") -> dict[str, Any]
         "uid": PROMETHEUS.uid,
         "url": url,
     }
-
-
-def password_from_env() -> str | None:
-    return os.environ.get(GRAFANA_DB_PASSWORD_ENV)

@@ -76,11 +76,11 @@ ORDER BY 1, 2
 """
 
 
-def severity_overrides(field_name: str = "severity") -> list[dict]:
-    """The ``field_name`` column's text coloured by severity."""
+def severity_overrides() -> list[dict]:
+    """The ``severity`` column's text coloured by severity."""
     return [
         {
-            "matcher": {"id": "byName", "options": field_name},
+            "matcher": {"id": "byName", "options": "severity"},
             "properties": [
                 {"id": "custom.cellOptions", "value": {"type": "color-text"}},
                 {

@@ -8,7 +8,7 @@ versions in Grafana's history, no datasource reloads.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,8 +48,14 @@ class PushResult:
         return "; ".join(parts) or "nothing to do"
 
 
-def _is_not_found(exc: Exception) -> bool:
-    return getattr(exc, "status_code", None) == 404
+def _existing(get: Callable[[str], Any], uid: str) -> Any:
+    """``get(uid)``, or None where Grafana answers 404."""
+    try:
+        return get(uid)
+    except Exception as exc:
+        if getattr(exc, "status_code", None) != 404:
+            raise
+        return None
 
 
 def _subset_equal(ours: Any, theirs: Any) -> bool:
@@ -106,15 +112,11 @@ def push(
 
 def _push_folder(api: Any, uid: str, title: str, result: PushResult) -> None:
     label = f"folder {uid}"
-    try:
-        folder = api.folder.get_folder(uid)
-    except Exception as exc:
-        if not _is_not_found(exc):
-            raise
+    folder = _existing(api.folder.get_folder, uid)
+    if folder is None:
         api.folder.create_folder(title, uid=uid)
         result.created.append(label)
-        return
-    if folder.get("title") != title:
+    elif folder.get("title") != title:
         api.folder.update_folder(uid, title=title, overwrite=True)
         result.updated.append(label)
     else:
@@ -124,11 +126,8 @@ def _push_folder(api: Any, uid: str, title: str, result: PushResult) -> None:
 def _push_datasource(api: Any, ds: dict[str, Any], result: PushResult) -> None:
     uid = ds["uid"]
     label = f"datasource {uid}"
-    try:
-        existing = api.datasource.get_datasource_by_uid(uid)
-    except Exception as exc:
-        if not _is_not_found(exc):
-            raise
+    existing = _existing(api.datasource.get_datasource_by_uid, uid)
+    if existing is None:
         api.datasource.create_datasource(ds)
         result.created.append(label)
         return
@@ -152,12 +151,7 @@ def _push_dashboard(
 ) -> None:
     uid = dashboard["uid"]
     label = f"dashboard {uid}"
-    try:
-        existing = api.dashboard.get_dashboard(uid)
-    except Exception as exc:
-        if not _is_not_found(exc):
-            raise
-        existing = None
+    existing = _existing(api.dashboard.get_dashboard, uid)
     if existing is not None:
         stored = existing.get("dashboard") or {}
         same_folder = (existing.get("meta") or {}).get("folderUid") == folder_uid

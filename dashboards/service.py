@@ -22,11 +22,16 @@ def _rate(metric: str, by: str) -> str:
     return f"sum by ({by}) (rate({metric}{_PROM_PIPE}[$__rate_interval]))"
 
 
-def _quantile(q: float, metric: str, by: str) -> str:
-    return (
-        f"histogram_quantile({q}, sum by (le, {by}) "
-        f"(rate({metric}_bucket{_PROM_PIPE}[$__rate_interval])))"
-    )
+def _p50_p99(metric: str, by: str, legend: str) -> list[PromTarget]:
+    """The median and 99th percentile of a histogram, per ``by``."""
+    return [
+        PromTarget(
+            f"histogram_quantile({q}, sum by (le, {by}) "
+            f"(rate({metric}_bucket{_PROM_PIPE}[$__rate_interval])))",
+            f"{legend} p{round(q * 100)}",
+        )
+        for q in (0.5, 0.99)
+    ]
 
 
 def _info_stat(title: str, metric: str, label: str, description: str) -> Panel:
@@ -219,16 +224,7 @@ def lag_per_partition() -> Panel:
 def stage_latency() -> Panel:
     return timeseries(
         "Stage latency (p50, p99)",
-        [
-            PromTarget(
-                _quantile(0.5, "anomaly_stage_seconds", "pipeline, stage"),
-                "{{pipeline}} {{stage}} p50",
-            ),
-            PromTarget(
-                _quantile(0.99, "anomaly_stage_seconds", "pipeline, stage"),
-                "{{pipeline}} {{stage}} p99",
-            ),
-        ],
+        _p50_p99("anomaly_stage_seconds", "pipeline, stage", "{{pipeline}} {{stage}}"),
         datasource=PROMETHEUS,
         unit="s",
         description="Per micro-batch: decode, score, write (one database transaction) and "
@@ -239,14 +235,7 @@ def stage_latency() -> Panel:
 def end_to_end_latency() -> Panel:
     return timeseries(
         "End-to-end latency (p50, p99)",
-        [
-            PromTarget(
-                _quantile(0.5, "anomaly_end_to_end_seconds", "pipeline"), "{{pipeline}} p50"
-            ),
-            PromTarget(
-                _quantile(0.99, "anomaly_end_to_end_seconds", "pipeline"), "{{pipeline}} p99"
-            ),
-        ],
+        _p50_p99("anomaly_end_to_end_seconds", "pipeline", "{{pipeline}}"),
         datasource=PROMETHEUS,
         unit="s",
         description="From a record's Kafka timestamp to its alert being committed.",

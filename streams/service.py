@@ -98,7 +98,6 @@ __all__ = [
 
 log = logging.getLogger("streams.service")
 T = TypeVar("T")
-_Message = Message  # the name bench/service_batch.py imports (its workers run older trees too)
 
 # --stop-when-idle counts from the first assignment; a consumer that never gets one (more
 # consumers than partitions) waits this much longer before it gives up.
@@ -126,7 +125,6 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
         *,
         stop_when_idle_s: float | None = None,
         metrics: ServiceMetrics | None = None,
-        health: Health | None = None,
         store: Any | None = None,
     ) -> None:
         self.cfg = cfg
@@ -134,7 +132,7 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
         self.topic = cfg.kafka.topic
         self.stop_when_idle_s = stop_when_idle_s
         self.metrics = metrics or ServiceMetrics(cfg.name)
-        self.health = health or Health()
+        self.health = Health()
         self._store = store
         self.decoder = make_decoder(cfg)
         self._registry_in_use = getattr(self.decoder, "registry", None) is not None

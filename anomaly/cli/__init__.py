@@ -28,10 +28,6 @@ COMMAND_MODULES = (
 )
 
 
-class CommandError(UserFacingError):
-    """An error a user can fix; printed without a traceback, exit status 2."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="anomaly",

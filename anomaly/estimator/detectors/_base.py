@@ -16,7 +16,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -370,12 +370,10 @@ def adam(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, **kwargs)
 
 
-def mlp(
-    sizes: list[int], act: Callable[[], torch.nn.Module] = torch.nn.SiLU
-) -> torch.nn.Sequential:
+def mlp(sizes: list[int]) -> torch.nn.Sequential:
     layers: list[torch.nn.Module] = []
     for i in range(len(sizes) - 1):
         layers.append(torch.nn.Linear(sizes[i], sizes[i + 1]))
         if i < len(sizes) - 2:
-            layers.append(act())
+            layers.append(torch.nn.SiLU())
     return torch.nn.Sequential(*layers)
