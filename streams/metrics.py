@@ -100,6 +100,12 @@ class ServiceMetrics:
         self.database_up = new(
             Gauge, "anomaly_database_up", "1 while the alert database is reachable"
         ).labels(p)
+        # The loaded model's model.target_fpr (the alert rate it was calibrated to on normal
+        # records): deploy/prometheus/rules.yml compares the observed alert rate with it.
+        # No series until a model loads.
+        self._target_fpr = new(
+            Gauge, "anomaly_target_fpr", "model.target_fpr of the model that scores"
+        )
         # No series until set: a pipeline without a registry must not show one that is down.
         self._schema_registry_up = new(
             Gauge, "anomaly_schema_registry_up",
@@ -142,6 +148,9 @@ class ServiceMetrics:
 
     def set_model_identity_ok(self, ok: bool) -> None:
         self._model_identity_ok.labels(self.pipeline).set(1 if ok else 0)
+
+    def set_target_fpr(self, target_fpr: float) -> None:
+        self._target_fpr.labels(self.pipeline).set(target_fpr)
 
     def set_model_version(self, version: str) -> None:
         self._version.clear()
