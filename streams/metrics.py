@@ -8,6 +8,7 @@ and ``/readyz`` (partitions assigned, model loaded and the database reachable).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -158,6 +159,12 @@ class ServiceMetrics:
 
     def set_lag(self, topic: str, partition: int, lag: int) -> None:
         self._lag.labels(self.pipeline, topic, str(partition)).set(lag)
+
+    def forget_lag(self, topic: str, partition: int) -> None:
+        """Drop a partition's lag series when it leaves this consumer: a stale last value would
+        keep lag-based rules (deploy/prometheus/rules.yml) firing for a partition read elsewhere."""
+        with contextlib.suppress(KeyError):  # never reported: nothing to remove
+            self._lag.remove(self.pipeline, topic, str(partition))
 
     def on_statistics(self, stats_json: str) -> None:
         """librdkafka's ``stats_cb``: consumer lag per assigned partition."""

@@ -153,3 +153,22 @@ def test_compose_prometheus_config_passes_promtool(tmp_path):
     out = _promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "SUCCESS: 7 rules found" in out.stdout
+
+
+def test_a_partition_that_leaves_the_consumer_takes_its_lag_series_with_it():
+    """AnomalyNoRecordsScored and AnomalyConsumerLagGrowing read anomaly_consumer_lag: a revoked
+    partition's last value must not stay exposed (it would page for a partition read elsewhere)."""
+    from prometheus_client import generate_latest
+
+    from streams.metrics import ServiceMetrics
+
+    m = ServiceMetrics("fraud")
+    m.set_lag("fraud.transactions", 0, 3)
+    m.set_lag("fraud.transactions", 1, 7)
+    m.forget_lag("fraud.transactions", 0)
+    m.forget_lag("fraud.transactions", 5)  # never reported: nothing to remove, no error
+    text = generate_latest(m.registry).decode()
+    lag_lines = [line for line in text.splitlines() if line.startswith("anomaly_consumer_lag{")]
+    assert lag_lines == [
+        'anomaly_consumer_lag{partition="1",pipeline="fraud",topic="fraud.transactions"} 7.0'
+    ]
