@@ -80,8 +80,21 @@ def _register_alerts(subparsers: argparse._SubParsersAction) -> None:  # type: i
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(handler=_alerts_list)
 
-    p = alerts_sub.add_parser("ack", help="acknowledge an alert")
-    p.add_argument("id", type=int)
+    p = alerts_sub.add_parser(
+        "ack",
+        help="acknowledge an alert (or an incident's alerts), optionally with a verdict",
+        description="Acknowledge alert ID, or with --incident every alert of that incident. "
+        "With --verdict, also record the analyst's verdict on each (who: --by, default the OS "
+        "user; when: now); a later verdict replaces an earlier one. The dashboards' precision "
+        "panels and `anomaly evaluate --from-db` read the verdicts.",
+    )
+    p.add_argument("id", type=int, nargs="?", help="the alert's id (alerts list shows it)")
+    p.add_argument("--incident", type=int, metavar="ID", help="all alerts of this incident")
+    p.add_argument(
+        "--verdict", metavar="VERDICT", help="true_positive or false_positive (default: none)"
+    )
+    p.add_argument("--by", metavar="NAME", help="who decided (default: the OS user)")
+    p.add_argument("--note", metavar="TEXT", help="why (with --verdict)")
     _db_args(p)
     p.set_defaults(handler=_alerts_ack)
 
@@ -306,10 +319,48 @@ def _alerts_list(args: argparse.Namespace) -> int:
 
 
 def _alerts_ack(args: argparse.Namespace) -> int:
+    from storage.errors import InvalidArgumentError
+    from storage.verdicts import check_verdict
+
+    if (args.id is None) == (args.incident is None):
+        raise InvalidArgumentError("alerts ack: give an alert ID or --incident ID (one of them)")
+    if args.verdict is None:
+        if args.note is not None or args.by is not None:
+            raise InvalidArgumentError("--note and --by: only with --verdict")
+        if args.id is not None:  # the acknowledgement as it always was
+            with _store(args) as store:
+                changed = store.ack_alert(args.id)
+            _print(
+                f"alert {args.id} " + ("acknowledged" if changed else "was not open (unchanged)")
+            )
+            return 0
+    by = args.by if args.by is not None else _os_user()
+    if args.verdict is not None:
+        check_verdict(args.verdict, by, args.note)  # before opening the database
     with _store(args) as store:
-        changed = store.ack_alert(args.id)
-    _print(f"alert {args.id} " + ("acknowledged" if changed else "was not open (unchanged)"))
+        result = store.ack(
+            args.id,
+            incident_id=args.incident,
+            verdict=args.verdict,
+            by=by if args.verdict is not None else None,
+            note=args.note,
+        )
+    what = f"alert {args.id}" if args.id is not None else f"incident {args.incident}"
+    line = f"{what}: {len(result.alert_ids)} alert(s), {len(result.acknowledged)} acknowledged"
+    if result.verdict is not None:
+        when = result.verdict_at.isoformat(timespec="seconds")
+        line += f"; verdict {result.verdict} by {result.verdict_by} at {when}"
+    _print(line)
     return 0
+
+
+def _os_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no USER/LOGNAME and no passwd entry (some containers)
+        return "unknown"
 
 
 def _models_list(args: argparse.Namespace) -> int:
