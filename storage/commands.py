@@ -23,6 +23,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _register_db(subparsers)
     _register_alerts(subparsers)
     _register_models(subparsers)
+    evaluate = subparsers.choices.get("evaluate")
+    if evaluate is not None:  # registered by anomaly.cli.quality_commands, before this module
+        _extend_evaluate(evaluate)
+
+
+def _extend_evaluate(p: argparse.ArgumentParser) -> None:
+    """``anomaly evaluate --from-db``: the core command cannot import storage, so storage adds
+    the option to it and answers it; without --from-db the core's handler runs as before."""
+    g = p.add_argument_group(
+        "analyst verdicts as labels (--from-db)",
+        "Labels from `anomaly alerts ack --verdict`: reviewed alerts only, so the report gives "
+        "precision among reviewed alerts (per model version) and, with --model, which of them "
+        "the model still flags; it cannot give recall or the false-positive rate on traffic.",
+    )
+    g.add_argument(
+        "--from-db",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="read the verdicts from this database (no URL: ANOMALY_DATABASE_URL); --data and "
+        "--label are then not used and --model is optional",
+    )
+    g.add_argument("--pipeline", help="whose alerts (default: the one pipeline with verdicts)")
+    g.add_argument("--model-version", metavar="VERSION", help="only alerts this version raised")
+    g.add_argument("--since", metavar="AGE|ISO", help="alerts ingested since, e.g. 30d")
+    g.add_argument("--until", metavar="AGE|ISO", help="alerts ingested before")
+    core = p.get_default("handler")
+
+    def handler(args: argparse.Namespace) -> int:
+        return core(args) if args.from_db is None else _evaluate_from_db(args)
+
+    p.set_defaults(handler=handler)
 
 
 def _register_db(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -361,6 +393,52 @@ def _os_user() -> str:
         return getpass.getuser()
     except (OSError, KeyError):  # no USER/LOGNAME and no passwd entry (some containers)
         return "unknown"
+
+
+def _evaluate_from_db(args: argparse.Namespace) -> int:
+    from anomaly.evaluation.verdicts import run_verdict_evaluation
+    from storage.errors import InvalidArgumentError
+    from storage.verdicts import verdict_data
+
+    for flag, value in (("--data", args.data), ("--label", args.label)):
+        if value is not None:
+            raise InvalidArgumentError(f"{flag}: not with --from-db (the verdicts are the labels)")
+    if args.pipeline is not None:
+        from anomaly.config import check_pipeline_name
+
+        check_pipeline_name(args.pipeline, "--pipeline")
+    since = _cutoff(args.since, "--since") if args.since else None
+    until = _cutoff(args.until, "--until") if args.until else None
+    url = resolve_url(argparse.Namespace(db=args.from_db or None, config=None))
+    from storage.store import AlertStore
+
+    with AlertStore(url) as store:
+        data = verdict_data(store, args.pipeline, args.model_version, since, until)
+    report, html_path, json_path = run_verdict_evaluation(
+        data, args.report, model_dir=args.model, target_fpr=args.target_fpr, device=args.device
+    )
+    _print(
+        f"pipeline {data.scope['pipeline']}: {len(data.labels)} reviewed alerts "
+        "(labels: analyst verdicts; precision among reviewed alerts only, no recall)"
+    )
+    _print(
+        f"{'model_version':<16} {'alerts':>7} {'reviewed':>8} {'TP':>5} {'FP':>5} {'precision':>9}"
+    )
+    for r in report["as_alerted"]:
+        precision = "-" if r["precision"] is None else f"{r['precision']:.3f}"
+        _print(
+            f"{r['model_version']:<16} {r['alerts']:>7} {r['reviewed']:>8} "
+            f"{r['true_positives']:>5} {r['false_positives']:>5} {precision:>9}"
+        )
+    if report["rescored"]:
+        r = report["rescored"]
+        _print(
+            f"re-scored by {r['model_version']}: flags {r['flagged']} of {len(data.labels)} "
+            f"({r['flagged_true_positives']} confirmed, {r['flagged_false_positives']} rejected)"
+        )
+    _print(f"report: {html_path}")
+    _print(f"json:   {json_path}")
+    return 0
 
 
 def _models_list(args: argparse.Namespace) -> int:

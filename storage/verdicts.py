@@ -185,3 +185,44 @@ def alert_counts(
     query = _scoped(query, pipeline, model_version, since, until)
     with db.transaction("counting alerts", write=False) as conn:
         return {(p, mv): int(n) for p, mv, n in conn.execute(query)}
+
+
+def verdict_data(
+    store: Any,
+    pipeline: str | None = None,
+    model_version: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> Any:
+    """The reviewed alerts of one pipeline as ``anomaly.evaluation.verdicts.VerdictData``: the
+    stored records as the frame, the verdicts as 0/1 labels, the alert counts per model version
+    for review coverage. Without ``pipeline``, the one pipeline that has verdicts (records of
+    different pipelines have different fields)."""
+    import numpy as np
+    import pandas as pd
+
+    from anomaly.evaluation.verdicts import VerdictData
+
+    rows = store.reviewed_alerts(pipeline, model_version, since, until)
+    pipelines = sorted({r["pipeline"] for r in rows})
+    if pipeline is None and len(pipelines) > 1:
+        raise InvalidArgumentError(
+            f"--pipeline: verdicts of several pipelines in scope ({', '.join(pipelines)}); "
+            "pass one (their records have different fields)"
+        )
+    chosen = pipeline if pipeline is not None else (pipelines[0] if pipelines else None)
+    counts = store.alert_counts(chosen, model_version, since, until)
+    return VerdictData(
+        frame=pd.DataFrame([r["record"] for r in rows]),
+        labels=np.array([r["verdict"] == "true_positive" for r in rows], dtype=np.int8),
+        model_versions=[r["model_version"] for r in rows],
+        alerts={mv: n for (p, mv), n in counts.items() if chosen is None or p == chosen},
+        scope={
+            "database": store.url.render_as_string(hide_password=True),
+            "pipeline": chosen,
+            "model_version": model_version,
+            "since": since.isoformat(timespec="seconds") if since else None,
+            "until": until.isoformat(timespec="seconds") if until else None,
+            "reviewed_alerts": len(rows),
+        },
+    )

@@ -173,3 +173,106 @@ def test_reviewed_alerts_and_counts_are_scoped(store: AlertStore, seeded: str) -
     assert [r["verdict"] for r in store.reviewed_alerts(since=since)] == ["false_positive"]
     assert store.alert_counts() == {("cards", "v1"): 5}
     assert store.alert_counts(since=since) == {("cards", "v1"): 2}
+
+
+@pytest.fixture(scope="module")
+def small_bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
+    import numpy as np
+    import pandas as pd
+
+    from anomaly.estimator.model import AnomalyModel
+
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame(rng.normal(size=(300, 3)), columns=["amount", "n_tx", "hour"])
+    model = AnomalyModel(
+        target_fpr=0.05, seed=0, device="cpu", detectors=["vae"], max_epochs=1, min_steps=0
+    )
+    model.fit(frame)
+    bundle = tmp_path_factory.mktemp("verdicts") / "bundle"
+    model.save(bundle)
+    return str(bundle)
+
+
+def test_evaluate_from_db_reports_precision_among_reviewed_alerts(
+    store: AlertStore,
+    db_url: str,
+    small_bundle: str,
+    tmp_path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import dataclasses
+    import json
+
+    far = {"amount": 9.0, "n_tx": 8.0, "hour": 7.0}
+    near = {"amount": 0.1, "n_tx": -0.2, "hour": 0.0}
+    rows = [
+        alert(i, record={"id": f"r{i}", **(far if i < 3 else near)}, ingest_time=NOW)
+        for i in range(6)
+    ]
+    rows.append(dataclasses.replace(alert(6, record={"id": "r6", **far}), model_version="v2"))
+    store.write_batch(SinkBatch("cards", alerts=rows))
+    store.write_batch(SinkBatch("machines", alerts=[alert(7, pipeline="machines")]))
+    ids = {a["kafka_offset"]: a["id"] for a in store.list_alerts(limit=None)}
+    for i in (0, 1, 2):
+        store.ack(ids[i], verdict="true_positive", by="ana")
+    for i in (3, 4):  # alert 5 is not reviewed
+        store.ack(ids[i], verdict="false_positive", by="ana")
+    store.ack(ids[6], verdict="true_positive", by="ana")
+    store.ack(ids[7], verdict="false_positive", by="bo")
+
+    out = tmp_path / "report"
+    argv = ["evaluate", "--from-db", db_url, "--report", str(out)]
+    # Verdicts of two pipelines: which one is asked.
+    assert main(argv) == 2
+    assert "--pipeline: verdicts of several pipelines in scope (cards, machines)" in (
+        capsys.readouterr().err
+    )
+    assert main([*argv, "--pipeline", "cards"]) == 0
+    text = capsys.readouterr().out
+    assert "precision among reviewed alerts only, no recall" in text
+    report = json.loads((out / "report.json").read_text())
+    assert report["kind"] == "verdicts" and report["rescored"] is None
+    assert set(report["cannot_measure"]) == {
+        "recall",
+        "false_positive_rate",
+        "auroc_auprc_over_all_records",
+    }
+    by_version = {r["model_version"]: r for r in report["as_alerted"]}
+    v1 = by_version["v1"]
+    assert (v1["alerts"], v1["reviewed"], v1["true_positives"], v1["false_positives"]) == (
+        6,
+        5,
+        3,
+        2,
+    )
+    assert v1["precision"] == pytest.approx(0.6) and v1["review_coverage"] == pytest.approx(5 / 6)
+    low, high = v1["precision_95ci"]
+    assert low < 0.6 < high
+    assert by_version["v2"]["precision"] == 1.0
+    assert by_version["all"]["reviewed"] == 6 and by_version["all"]["precision"] == 4 / 6
+    page = (out / "report.html").read_text()
+    assert "precision among reviewed alerts" in page and "recall" in page
+
+    # With a model: the reviewed alerts re-scored; one pipeline's version only.
+    argv = [*argv, "--pipeline", "cards", "--model-version", "v1", "--model", small_bundle]
+    assert main(argv) == 0
+    rescored = json.loads((out / "report.json").read_text())["rescored"]
+    assert rescored["flagged_true_positives"] == 3 and rescored["flagged_false_positives"] == 0
+    assert rescored["confirmed_still_flagged"] == 1.0
+    assert rescored["auroc_among_reviewed_alerts"] == 1.0
+    assert [
+        r["model_version"] for r in json.loads((out / "report.json").read_text())["as_alerted"]
+    ] == ["v1", "all"]
+
+    # Nothing reviewed in scope, and labels that are not verdicts: one-line errors.
+    assert main([*argv[:5], "--pipeline", "nobody"]) == 2
+    assert capsys.readouterr().err.startswith("error: no reviewed alerts in scope")
+    assert main([*argv, "--data", "x.csv"]) == 2
+    assert "error: --data: not with --from-db" in capsys.readouterr().err
+
+
+def test_evaluate_without_from_db_still_needs_model_data_and_label(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["evaluate", "--report", str(tmp_path), "--data", "x.csv"]) == 2
+    assert capsys.readouterr().err == "error: evaluate: --model, --label required\n"
