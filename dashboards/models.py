@@ -15,8 +15,11 @@ from dashboards.panels import (
     LINKS,
     PIPELINE_SQL,
     TAGS,
+    VERDICT_COLUMNS,
+    VERDICTS_NOTE,
     count_bars,
     dashed_override,
+    precision_unit_override,
     table,
     timeseries,
 )
@@ -260,6 +263,36 @@ def detector_score_by_version() -> Panel:
     )
 
 
+PRECISION_BY_VERSION_SQL = """
+SELECT
+  a.pipeline,
+  a.model_version,
+  count(*) AS alerts,
+  count(v.alert_id) AS reviewed,
+  count(*) FILTER (WHERE v.verdict = 'true_positive') AS true_positives,
+  count(*) FILTER (WHERE v.verdict = 'false_positive') AS false_positives,
+  (count(*) FILTER (WHERE v.verdict = 'true_positive'))::float8 / NULLIF(count(v.alert_id), 0)
+    AS precision
+FROM alerts a
+LEFT JOIN verdicts v ON v.alert_id = a.id
+WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN (${pipeline:sqlstring})
+GROUP BY a.pipeline, a.model_version
+ORDER BY a.pipeline, a.model_version
+"""
+
+
+def precision_by_version() -> Panel:
+    return table(
+        "Precision from verdicts by model version",
+        SQLTarget(
+            PRECISION_BY_VERSION_SQL, columns=("pipeline", "model_version", *VERDICT_COLUMNS)
+        ),
+        width=24,
+        description=VERDICTS_NOTE,
+        overrides=[precision_unit_override()],
+    )
+
+
 VERSIONS_CREATED_SQL = """
 SELECT
   created_at AS time,
@@ -311,6 +344,7 @@ def models_dashboard() -> Dashboard:
             quantiles_over_time(),
             alerts_by_model_version(),
             detector_score_by_version(),
+            precision_by_version(),
             versions_created(),
         ],
         variables=[PIPELINE_SQL, DETECTOR],

@@ -23,6 +23,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _register_db(subparsers)
     _register_alerts(subparsers)
     _register_models(subparsers)
+    evaluate = subparsers.choices.get("evaluate")
+    if evaluate is not None:  # registered by anomaly.cli.quality_commands, before this module
+        _extend_evaluate(evaluate)
+
+
+def _extend_evaluate(p: argparse.ArgumentParser) -> None:
+    """``anomaly evaluate --from-db``: the core command cannot import storage, so storage adds
+    the option to it and answers it; without --from-db the core's handler runs as before."""
+    g = p.add_argument_group(
+        "analyst verdicts as labels (--from-db)",
+        "Labels from `anomaly alerts ack --verdict`: reviewed alerts only, so the report gives "
+        "precision among reviewed alerts (per model version) and, with --model, which of them "
+        "the model still flags; it cannot give recall or the false-positive rate on traffic.",
+    )
+    g.add_argument(
+        "--from-db",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="read the verdicts from this database (no URL: ANOMALY_DATABASE_URL); --data and "
+        "--label are then not used and --model is optional",
+    )
+    g.add_argument("--pipeline", help="whose alerts (default: the one pipeline with verdicts)")
+    g.add_argument("--model-version", metavar="VERSION", help="only alerts this version raised")
+    g.add_argument("--since", metavar="AGE|ISO", help="alerts ingested since, e.g. 30d")
+    g.add_argument("--until", metavar="AGE|ISO", help="alerts ingested before")
+    core = p.get_default("handler")
+
+    def handler(args: argparse.Namespace) -> int:
+        return core(args) if args.from_db is None else _evaluate_from_db(args)
+
+    p.set_defaults(handler=handler)
 
 
 def _register_db(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -80,8 +112,21 @@ def _register_alerts(subparsers: argparse._SubParsersAction) -> None:  # type: i
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(handler=_alerts_list)
 
-    p = alerts_sub.add_parser("ack", help="acknowledge an alert")
-    p.add_argument("id", type=int)
+    p = alerts_sub.add_parser(
+        "ack",
+        help="acknowledge an alert (or an incident's alerts), optionally with a verdict",
+        description="Acknowledge alert ID, or with --incident every alert of that incident. "
+        "With --verdict, also record the analyst's verdict on each (who: --by, default the OS "
+        "user; when: now); a later verdict replaces an earlier one. The dashboards' precision "
+        "panels and `anomaly evaluate --from-db` read the verdicts.",
+    )
+    p.add_argument("id", type=int, nargs="?", help="the alert's id (alerts list shows it)")
+    p.add_argument("--incident", type=int, metavar="ID", help="all alerts of this incident")
+    p.add_argument(
+        "--verdict", metavar="VERDICT", help="true_positive or false_positive (default: none)"
+    )
+    p.add_argument("--by", metavar="NAME", help="who decided (default: the OS user)")
+    p.add_argument("--note", metavar="TEXT", help="why (with --verdict)")
     _db_args(p)
     p.set_defaults(handler=_alerts_ack)
 
@@ -306,9 +351,93 @@ def _alerts_list(args: argparse.Namespace) -> int:
 
 
 def _alerts_ack(args: argparse.Namespace) -> int:
+    from storage.errors import InvalidArgumentError
+    from storage.verdicts import check_verdict
+
+    if (args.id is None) == (args.incident is None):
+        raise InvalidArgumentError("alerts ack: give an alert ID or --incident ID (one of them)")
+    if args.verdict is None:
+        if args.note is not None or args.by is not None:
+            raise InvalidArgumentError("--note and --by: only with --verdict")
+        if args.id is not None:  # the acknowledgement as it always was
+            with _store(args) as store:
+                changed = store.ack_alert(args.id)
+            _print(
+                f"alert {args.id} " + ("acknowledged" if changed else "was not open (unchanged)")
+            )
+            return 0
+    by = args.by if args.by is not None else _os_user()
+    if args.verdict is not None:
+        check_verdict(args.verdict, by, args.note)  # before opening the database
     with _store(args) as store:
-        changed = store.ack_alert(args.id)
-    _print(f"alert {args.id} " + ("acknowledged" if changed else "was not open (unchanged)"))
+        result = store.ack(
+            args.id,
+            incident_id=args.incident,
+            verdict=args.verdict,
+            by=by if args.verdict is not None else None,
+            note=args.note,
+        )
+    what = f"alert {args.id}" if args.id is not None else f"incident {args.incident}"
+    line = f"{what}: {len(result.alert_ids)} alert(s), {len(result.acknowledged)} acknowledged"
+    if result.verdict is not None:
+        when = result.verdict_at.isoformat(timespec="seconds")
+        line += f"; verdict {result.verdict} by {result.verdict_by} at {when}"
+    _print(line)
+    return 0
+
+
+def _os_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no USER/LOGNAME and no passwd entry (some containers)
+        return "unknown"
+
+
+def _evaluate_from_db(args: argparse.Namespace) -> int:
+    from anomaly.evaluation.verdicts import run_verdict_evaluation
+    from storage.errors import InvalidArgumentError
+    from storage.verdicts import verdict_data
+
+    for flag, value in (("--data", args.data), ("--label", args.label)):
+        if value is not None:
+            raise InvalidArgumentError(f"{flag}: not with --from-db (the verdicts are the labels)")
+    if args.pipeline is not None:
+        from anomaly.config import check_pipeline_name
+
+        check_pipeline_name(args.pipeline, "--pipeline")
+    since = _cutoff(args.since, "--since") if args.since else None
+    until = _cutoff(args.until, "--until") if args.until else None
+    url = resolve_url(argparse.Namespace(db=args.from_db or None, config=None))
+    from storage.store import AlertStore
+
+    with AlertStore(url) as store:
+        data = verdict_data(store, args.pipeline, args.model_version, since, until)
+    report, html_path, json_path = run_verdict_evaluation(
+        data, args.report, model_dir=args.model, target_fpr=args.target_fpr, device=args.device
+    )
+    _print(
+        f"pipeline {data.scope['pipeline']}: {len(data.labels)} reviewed alerts "
+        "(labels: analyst verdicts; precision among reviewed alerts only, no recall)"
+    )
+    _print(
+        f"{'model_version':<16} {'alerts':>7} {'reviewed':>8} {'TP':>5} {'FP':>5} {'precision':>9}"
+    )
+    for r in report["as_alerted"]:
+        precision = "-" if r["precision"] is None else f"{r['precision']:.3f}"
+        _print(
+            f"{r['model_version']:<16} {r['alerts']:>7} {r['reviewed']:>8} "
+            f"{r['true_positives']:>5} {r['false_positives']:>5} {precision:>9}"
+        )
+    if report["rescored"]:
+        r = report["rescored"]
+        _print(
+            f"re-scored by {r['model_version']}: flags {r['flagged']} of {len(data.labels)} "
+            f"({r['flagged_true_positives']} confirmed, {r['flagged_false_positives']} rejected)"
+        )
+    _print(f"report: {html_path}")
+    _print(f"json:   {json_path}")
     return 0
 
 

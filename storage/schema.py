@@ -43,6 +43,7 @@ from storage.records import SEVERITIES
 
 ALERT_STATUSES = ("open", "acknowledged", "resolved")
 INCIDENT_STATUSES = ("open", "resolved")
+VERDICTS = ("true_positive", "false_positive")
 
 # Length limits of text columns (characters). Longer values are truncated by the store.
 PIPELINE_LEN = 200  # = anomaly.config.PIPELINE_NAME_MAX_LEN, the names a config accepts
@@ -54,6 +55,8 @@ ERROR_KIND_LEN = 64
 ERROR_MESSAGE_LEN = 8000
 BUNDLE_PATH_LEN = 4096
 SHA256_LEN = 64
+VERDICT_BY_LEN = 128
+VERDICT_NOTE_LEN = 2000
 
 # Stable constraint names, so migrations can refer to them on both dialects.
 metadata = MetaData(
@@ -175,6 +178,27 @@ alerts = Table(
     ),
 )
 
+# An analyst's verdict on an alert (``anomaly alerts ack --verdict``), at most one per alert (a
+# later verdict replaces it). A table of its own rather than columns on ``alerts``: the alert
+# write path (storage/writes.py) neither writes nor indexes anything more, and pruning an alert
+# deletes its verdict (ON DELETE CASCADE, migration 0003).
+verdicts = Table(
+    "verdicts",
+    metadata,
+    Column(
+        "alert_id",
+        BigInteger().with_variant(Integer(), "sqlite"),
+        ForeignKey("alerts.id", ondelete="CASCADE"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    Column("verdict", String(16), nullable=False),
+    Column("verdict_by", String(VERDICT_BY_LEN), nullable=False),
+    Column("verdict_at", UTCDateTime(), nullable=False),
+    Column("note", Text),
+    CheckConstraint(_in("verdict", VERDICTS), name="verdict"),
+)
+
 dead_letters = Table(
     "dead_letters",
     metadata,
@@ -250,4 +274,12 @@ consumer_offsets = Table(
     PrimaryKeyConstraint("pipeline", "kafka_topic", "kafka_partition"),
 )
 
-TABLES = (alerts, incidents, dead_letters, model_versions, stream_stats, consumer_offsets)
+TABLES = (
+    alerts,
+    incidents,
+    verdicts,
+    dead_letters,
+    model_versions,
+    stream_stats,
+    consumer_offsets,
+)
