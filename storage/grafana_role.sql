@@ -19,7 +19,8 @@ BEGIN
 END
 $$;
 GRANT USAGE ON SCHEMA public TO anomaly_grafana;
-GRANT SELECT ON alerts, incidents, dead_letters, model_versions, stream_stats, consumer_offsets
+GRANT SELECT ON alerts, incidents, dead_letters, model_versions, stream_stats, consumer_offsets,
+  drift_windows
   TO anomaly_grafana;
 -- Tables added by later migrations (run by the same owner) are readable too.
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO anomaly_grafana;
