@@ -169,6 +169,7 @@ class DriftMonitor:
         self.pipeline = pipeline
         self.model_version = model_version
         self.alpha = window_alpha(cfg)
+        self.model = model
         pre = model.preprocessor_
         self._pre = pre
         ens = model.calibrators_["ensemble"]
