@@ -46,3 +46,46 @@ def test_windows_are_written_and_listed(store: AlertStore) -> None:
     assert rows[2]["ks_p"] is None and rows[2]["records"] == 5
     assert len(store.list_drift_windows("p", since=T0 + timedelta(minutes=30))) == 2
     assert len(store.list_drift_windows()) == 4
+
+
+def test_drift_command_names_the_features_that_moved(
+    store: AlertStore, db_url: str, tmp_path, capsys
+) -> None:
+    import json
+
+    import yaml
+
+    from anomaly.cli import main
+
+    now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    hour = timedelta(hours=1)
+    for i, drifted in enumerate([False, True, True]):
+        start = now - (3 - i) * hour
+        store.write_drift_window(
+            report(0, drifted=drifted, window_start=start, window_end=start + hour)
+        )
+    old = now - timedelta(days=3)
+    store.write_drift_window(report(0, True, window_start=old, window_end=old + hour))
+
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"name": "p", "schema": {"numeric": ["amount"]}, "database": {"url": db_url}}
+        )
+    )
+    assert main(["drift", "--config", str(config), "--since", "24h"]) == 0
+    out = capsys.readouterr().out
+    assert "pipeline p: 3 windows" in out and "2 drifted" in out
+    assert "features that moved (PSI > 0.2):" in out
+    assert "amount: 2 window(s), max PSI 0.310" in out
+
+    assert main(["drift", "--db", db_url, "--pipeline", "p", "--since", "7d", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(rows) == 4
+
+    assert main(["drift", "--db", db_url, "--pipeline", "nobody"]) == 0
+    assert "no drift windows for pipeline nobody" in capsys.readouterr().out
+
+    assert main(["drift", "--config", str(config), "--since", "yesterday"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--since 'yesterday'" in err[0]
