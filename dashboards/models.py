@@ -1,5 +1,5 @@
 """The Models dashboard: active model versions, their evaluation, and drift of live scores, from
-PostgreSQL (model_versions, stream_stats, alerts).
+PostgreSQL (model_versions, stream_stats, alerts, drift_windows).
 
 Each panel is a function below its query; ``models_dashboard`` lists them in layout order. The
 rules for SQL (``${name:sqlstring}``, ``$__timeFilter``) are in dashboards/panels.py.
@@ -328,6 +328,93 @@ def versions_created() -> Panel:
     )
 
 
+# ------------------------------------------------------------------------- drift windows (SQL)
+
+# One row per closed window of the service's DriftMonitor (README, "Drift"), newest first.
+DRIFT_WINDOWS_SQL = """
+SELECT
+  d.window_start AS time,
+  d.pipeline,
+  d.model_version,
+  d.records,
+  d.alerts,
+  d.alert_rate_p,
+  d.ks_stat,
+  d.ks_p,
+  d.drifted,
+  (
+    SELECT string_agg(
+      (f ->> 'feature') || ' (' || round((f ->> 'psi')::numeric, 3) || ')', ', ' ORDER BY n
+    )
+    FROM jsonb_array_elements(d.top_features::jsonb) WITH ORDINALITY AS e(f, n)
+  ) AS top_features_psi
+FROM drift_windows d
+WHERE $__timeFilter(d.window_start) AND d.pipeline IN (${pipeline:sqlstring})
+ORDER BY d.window_start DESC, d.pipeline
+LIMIT 500
+"""
+
+DRIFT_WINDOWS_COLUMNS = (
+    "time",
+    "pipeline",
+    "model_version",
+    "records",
+    "alerts",
+    "alert_rate_p",
+    "ks_stat",
+    "ks_p",
+    "drifted",
+    "top_features_psi",
+)
+
+
+def drift_windows() -> Panel:
+    return table(
+        "Drift windows",
+        SQLTarget(DRIFT_WINDOWS_SQL, columns=DRIFT_WINDOWS_COLUMNS),
+        width=24,
+        height=8,
+        decimals=4,
+        description="Per closed window: the alert count tested against the model's rate "
+        "(alert_rate_p), the uniformity of the ensemble p-values (KS), and the features with "
+        "the highest PSI against their training deciles. drifted: a test below its "
+        "Bonferroni level or a PSI above drift.psi_threshold (0.2). `anomaly drift` prints "
+        "the same.",
+    )
+
+
+DRIFT_SIGNALS_SQL = """
+SELECT
+  $__timeGroupAlias(d.window_start, $__interval),
+  d.pipeline AS metric,
+  max(d.ks_stat) AS ks_stat,
+  max((d.top_features::jsonb -> 0 ->> 'psi')::float8) AS top_psi,
+  max(CASE WHEN d.drifted THEN 1 ELSE 0 END) AS drifted
+FROM drift_windows d
+WHERE $__timeFilter(d.window_start) AND d.pipeline IN (${pipeline:sqlstring})
+GROUP BY 1, 2
+ORDER BY 1, 2
+"""
+
+
+def drift_signals() -> Panel:
+    return timeseries(
+        "Drift signals per window: KS of p-values, highest feature PSI",
+        [
+            SQLTarget(
+                DRIFT_SIGNALS_SQL,
+                columns=("time", "metric", "ks_stat", "top_psi", "drifted"),
+                format="time_series",
+            )
+        ],
+        datasource=POSTGRES,
+        fill=0,
+        width=24,
+        description="PSI above 0.2 is the usual sign that a feature moved; drifted is 1 in "
+        "windows the monitor flagged.",
+    )
+
+
 # ------------------------------------------------------------------------------------ dashboard
 
 
@@ -346,6 +433,8 @@ def models_dashboard() -> Dashboard:
             detector_score_by_version(),
             precision_by_version(),
             versions_created(),
+            drift_windows(),
+            drift_signals(),
         ],
         variables=[PIPELINE_SQL, DETECTOR],
         tags=TAGS,

@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _register_db(subparsers)
     _register_alerts(subparsers)
     _register_models(subparsers)
+    _register_drift(subparsers)
     evaluate = subparsers.choices.get("evaluate")
     if evaluate is not None:  # registered by anomaly.cli.quality_commands, before this module
         _extend_evaluate(evaluate)
@@ -170,6 +171,23 @@ def _register_models(subparsers: argparse._SubParsersAction) -> None:  # type: i
     _db_args(p)
     p.add_argument("--pipeline", help="default: the name in --config")
     p.set_defaults(handler=_models_activate)
+
+
+def _register_drift(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "drift",
+        help="stored drift windows: which windows drifted and which features moved",
+        description="Print the drift windows the service stored (README, 'Drift'): per window "
+        "the alert-rate and p-value uniformity tests and the features whose PSI passed the "
+        "threshold, then the features that moved over the whole period.",
+    )
+    _db_args(p)
+    p.add_argument("--pipeline", help="default: the name in --config (else every pipeline)")
+    p.add_argument(
+        "--since", metavar="AGE|ISO", default="24h", help="e.g. 24h (default), 7d or an ISO time"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per window")
+    p.set_defaults(handler=_drift)
 
 
 def _db_args(p: argparse.ArgumentParser) -> None:
@@ -540,6 +558,57 @@ def _models_activate(args: argparse.Namespace) -> int:
     with _store(args) as store:
         rec = store.activate_model_version(pipeline, args.version)
     _print(f"pipeline {rec.pipeline}: model version {rec.version} is active")
+    return 0
+
+
+def _drift(args: argparse.Namespace) -> int:
+    import json
+
+    from anomaly.config import DriftConfig, check_pipeline_name, load_config
+
+    since = _cutoff(args.since, "--since")
+    _one_database(args)
+    drift_cfg, pipeline = DriftConfig(), None
+    if args.config:
+        cfg = load_config(args.config)
+        drift_cfg, pipeline = cfg.drift, cfg.name
+    if args.pipeline:
+        pipeline = check_pipeline_name(args.pipeline, "--pipeline")
+    with _store(args) as store:
+        rows = store.list_drift_windows(pipeline, since)
+    if args.json:
+        for row in rows:
+            _print(json.dumps(row, default=_json_default, ensure_ascii=False))
+        return 0
+    where = f"pipeline {pipeline}" if pipeline else "all pipelines"
+    if not rows:
+        _print(f"no drift windows for {where} since {since.isoformat(timespec='seconds')}")
+        return 0
+    threshold = drift_cfg.psi_threshold
+    drifted = [r for r in rows if r["drifted"]]
+    tested = sum(r["ks_p"] is not None for r in rows)
+    _print(
+        f"{where}: {len(rows)} windows since {since.isoformat(timespec='seconds')} "
+        f"({tested} with enough records to test), {len(drifted)} drifted"
+    )
+    moved: dict[str, list[float]] = {}
+    for r in rows:
+        for item in r["top_features"]:
+            if item["psi"] > threshold:
+                moved.setdefault(item["feature"], []).append(item["psi"])
+    for r in drifted:
+        start = r["window_start"].isoformat(timespec="seconds")
+        _print(
+            f"  DRIFT {r['pipeline']} {start} ({r['records']} records, {r['alerts']} alerts, "
+            f"model {r['model_version'] or '-'}): {'; '.join(r['reasons'])}"
+        )
+    if moved:
+        ranked = sorted(moved.items(), key=lambda kv: -max(kv[1]))
+        _print(f"features that moved (PSI > {threshold:g}):")
+        for name, values in ranked:
+            _print(f"  {name}: {len(values)} window(s), max PSI {max(values):.3f}")
+    else:
+        _print(f"no feature moved (PSI > {threshold:g} in no window)")
     return 0
 
 

@@ -274,6 +274,29 @@ consumer_offsets = Table(
     PrimaryKeyConstraint("pipeline", "kafka_topic", "kafka_partition"),
 )
 
+# One row per pipeline and closed drift window (anomaly.monitoring.drift, migration 0004).
+drift_windows = Table(
+    "drift_windows",
+    metadata,
+    _id(),
+    Column("pipeline", String(PIPELINE_LEN), nullable=False),
+    Column("model_version", String(MODEL_VERSION_LEN)),
+    Column("window_start", UTCDateTime(), nullable=False),
+    Column("window_end", UTCDateTime(), nullable=False),
+    Column("records", BigInteger, nullable=False),
+    Column("alerts", BigInteger, nullable=False),
+    Column("expected_alert_rate", Double),
+    # NULL: fewer records than drift.min_records, no tests run.
+    Column("alert_rate_p", Double),
+    Column("ks_stat", Double),
+    Column("ks_p", Double),
+    # [{"feature": name, "psi": value}, ...], highest PSI first.
+    Column("top_features", _json(), nullable=False),
+    Column("drifted", Boolean, nullable=False),
+    Column("reasons", _json(), nullable=False),
+    Index(None, "pipeline", "window_start"),
+)
+
 TABLES = (
     alerts,
     incidents,
@@ -282,4 +305,5 @@ TABLES = (
     model_versions,
     stream_stats,
     consumer_offsets,
+    drift_windows,
 )

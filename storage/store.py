@@ -29,6 +29,7 @@ call finds its positions and offsets already stored and adds nothing (the messag
   ``write_batch``;
 - ``migrate``: ``upgrade``, ``downgrade``, ``current_revision``;
 - ``registry``: model versions;
+- ``drift``: drift windows (one row per closed window, outside the batch transaction);
 - ``queries``: listing and acknowledging alerts, listing incidents, pruning, Grafana's role.
 - ``verdicts``: acknowledging with analyst verdicts, reading reviewed alerts back.
 """
@@ -41,7 +42,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
-from storage import queries, registry, verdicts
+from storage import drift, queries, registry, verdicts
 from storage.alert_rows import ALERT_COLUMNS
 from storage.engine import (
     Database,
@@ -266,6 +267,16 @@ class AlertStore:
         older than the cutoff, and incidents whose last alert is older and that no remaining
         alert refers to. Model versions and consumer offsets are kept."""
         return queries.prune(self._db, older_than, pipeline)
+
+    def write_drift_window(self, report: Any) -> None:
+        """Store one closed drift window (an ``anomaly.monitoring.drift.DriftReport``)."""
+        drift.write_window(self._db, report)
+
+    def list_drift_windows(
+        self, pipeline: str | None = None, since: datetime | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Drift windows started at or after ``since``, oldest first."""
+        return drift.list_windows(self._db, pipeline, since, limit)
 
     def grant_read_only(self, role: str = "anomaly_grafana", password: str | None = None) -> None:
         """PostgreSQL: create (if missing) a role that can only SELECT the tables, for Grafana.

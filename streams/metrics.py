@@ -45,6 +45,7 @@ class ServiceMetrics:
         self.registry = registry or CollectorRegistry()
         self._records_and_stages()
         self._service_state()
+        self._drift_state()
 
     def _new(self, kind: type[T], name: str, doc: str, *labels: str, **kwargs: Any) -> T:
         """A metric of this registry, labelled with the pipeline and ``labels``."""
@@ -127,6 +128,41 @@ class ServiceMetrics:
             Counter, "anomaly_producer_rebuilds",
             "Output producers replaced after a fatal librdkafka error",
         ).labels(p)  # fmt: skip
+
+    def _drift_state(self) -> None:
+        """The last closed drift window (anomaly.monitoring.drift; README, "Drift"). No series
+        until a window closed."""
+        new = self._new
+        self._drift_ks = new(
+            Gauge, "anomaly_drift_ks", "KS statistic of the ensemble p-values, last window"
+        )
+        self._drift_rate_p = new(
+            Gauge, "anomaly_drift_alert_rate_pvalue",
+            "p-value of the alert count against the model's rate, last window",
+        )  # fmt: skip
+        self._drift_psi = new(
+            Gauge, "anomaly_drift_feature_psi",
+            "PSI over the training deciles, last window (the top drift.top_features)", "feature",
+        )  # fmt: skip
+        self._drift_detected = new(
+            Gauge, "anomaly_drift_detected", "1 when the last closed window drifted"
+        )
+        self._drift_windows = new(
+            Counter, "anomaly_drift_windows", "Closed drift windows", "drifted"
+        )
+
+    def drift_window(self, report: Any) -> None:
+        """Export a closed window (an ``anomaly.monitoring.drift.DriftReport``)."""
+        p = self.pipeline
+        if report.ks_stat is not None:
+            self._drift_ks.labels(p).set(report.ks_stat)
+        if report.alert_rate_p is not None:
+            self._drift_rate_p.labels(p).set(report.alert_rate_p)
+        self._drift_psi.clear()  # only this window's top features
+        for item in report.features:
+            self._drift_psi.labels(p, item["feature"]).set(item["psi"])
+        self._drift_detected.labels(p).set(1 if report.drifted else 0)
+        self._drift_windows.labels(p, "true" if report.drifted else "false").inc()
 
     def alerted(self, severity: str, n: int = 1) -> None:
         self._alerted.labels(self.pipeline, severity).inc(n)

@@ -195,6 +195,10 @@ def _seed(url: str) -> dict:
                     )
                 )
         conn.execute(insert(s.stream_stats), stats)
+        if hasattr(s, "drift_windows"):  # hourly drift windows; the fourth one drifted
+            conn.execute(
+                insert(s.drift_windows), [_drift_row(p, h) for p in PIPELINES for h in range(6)]
+            )
         conn.execute(
             insert(s.consumer_offsets),
             [
@@ -210,6 +214,28 @@ def _seed(url: str) -> dict:
         )
     engine.dispose()
     return {"alerts_in_range": len(alerts), "stats_rows_per_pipeline": 360}
+
+
+def _drift_row(pipeline: str, hour: int) -> dict:
+    drifted = hour == 3
+    return dict(
+        pipeline=pipeline,
+        model_version="v1",
+        window_start=RANGE.start + timedelta(hours=hour),
+        window_end=RANGE.start + timedelta(hours=hour + 1),
+        records=1000,
+        alerts=30 if drifted else 2,
+        expected_alert_rate=0.001,
+        alert_rate_p=1e-9 if drifted else 0.5,
+        ks_stat=0.2 if drifted else 0.02,
+        ks_p=1e-8 if drifted else 0.6,
+        top_features=[
+            {"feature": "amount", "psi": 0.45 if drifted else 0.01},
+            {"feature": "hour", "psi": 0.005},
+        ],
+        drifted=drifted,
+        reasons=["amount: PSI 0.450"] if drifted else [],
+    )
 
 
 def _grant_readonly(conn) -> None:
@@ -353,6 +379,15 @@ def test_panel_values_match_the_seeded_rows(grafana_conn):
     ]
     assert [r[6] for r in rows[1:]] == [1.0, 0.0, None]
     assert rows[0][6] == pytest.approx(2 / 3)
+    # Drift: one row per window, the top features rendered; the drifted window stands out.
+    rows = _query(conn, "anomaly-models", "Drift windows")
+    assert len(rows) == 12 and rows[0][0] == RANGE.start + timedelta(hours=5)
+    drifted = [r for r in rows if r[8]]
+    assert [r[1] for r in drifted] == PIPELINES
+    assert drifted[0][9] == "amount (0.450), hour (0.005)"
+    title = "Drift signals per window: KS of p-values, highest feature PSI"
+    rows = _query(conn, "anomaly-models", title)
+    assert max(r[3] for r in rows) == 0.45 and sum(r[4] for r in rows) == 2
     # A time range with no data gives empty panels, not errors.
     empty = TimeRange(END + timedelta(days=30), END + timedelta(days=31), 60)
     assert _query(conn, "anomaly-alerts", "Latest alerts", time_range=empty) == []
