@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,7 @@ def test_every_rule_has_a_test_that_fires_and_one_that_stays_quiet():
         for check in case["alert_rule_test"]:
             (fired if check["exp_alerts"] else quiet).add(check["alertname"])
     alerts = {rule["alert"] for rule in _rules()}
-    assert len(alerts) == 7
+    assert len(alerts) == 8
     assert alerts == fired, alerts ^ fired
     assert alerts == quiet, alerts ^ quiet
     for rule in _rules():
@@ -87,6 +88,7 @@ def test_rules_use_the_metrics_the_service_exposes():
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
+    from anomaly.monitoring.drift import DriftReport
     from streams.metrics import ServiceMetrics
 
     contract = set(re.findall(r"`(anomaly_\w+)`", (ROOT / "docs" / "architecture.md").read_text()))
@@ -99,6 +101,14 @@ def test_rules_use_the_metrics_the_service_exposes():
     m.database_up.set(1)
     m.set_schema_registry_up(True)
     m.set_target_fpr(0.001)
+    now = datetime.now(UTC)
+    m.drift_window(
+        DriftReport(
+            pipeline="fraud", model_version="v1", window_start=now, window_end=now, records=1000,
+            alerts=3, expected_alert_rate=0.001, alert_rate_p=0.5, ks_stat=0.01, ks_p=0.9,
+            features=[{"feature": "amount", "psi": 0.01}], drifted=False,
+        )
+    )  # fmt: skip
     exposed: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(generate_latest(m.registry).decode()):
         for sample in family.samples:
@@ -152,7 +162,7 @@ def test_compose_prometheus_config_passes_promtool(tmp_path):
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     out = _promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 7 rules found" in out.stdout
+    assert "SUCCESS: 8 rules found" in out.stdout
 
 
 def test_a_partition_that_leaves_the_consumer_takes_its_lag_series_with_it():
