@@ -16,6 +16,7 @@ from dashboards.panels import (
     SEVERITY_RANK,
     TAGS,
     VERDICT_COLUMNS,
+    VERDICT_COUNTS_SQL,
     VERDICTS_NOTE,
     count_bars,
     dashed_override,
@@ -413,19 +414,10 @@ def precision_from_verdicts_stat() -> Panel:
     )
 
 
-VERDICTS_BY_PIPELINE_SQL = """
+VERDICTS_BY_PIPELINE_SQL = f"""
 SELECT
   a.pipeline,
-  count(*) AS alerts,
-  count(v.alert_id) AS reviewed,
-  count(*) FILTER (WHERE v.verdict = 'true_positive') AS true_positives,
-  count(*) FILTER (WHERE v.verdict = 'false_positive') AS false_positives,
-  (count(*) FILTER (WHERE v.verdict = 'true_positive'))::float8 / NULLIF(count(v.alert_id), 0)
-    AS precision
-FROM alerts a
-LEFT JOIN verdicts v ON v.alert_id = a.id
-WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN (${pipeline:sqlstring})
-GROUP BY a.pipeline
+{VERDICT_COUNTS_SQL}GROUP BY a.pipeline
 ORDER BY a.pipeline
 """
 

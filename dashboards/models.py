@@ -16,6 +16,7 @@ from dashboards.panels import (
     PIPELINE_SQL,
     TAGS,
     VERDICT_COLUMNS,
+    VERDICT_COUNTS_SQL,
     VERDICTS_NOTE,
     count_bars,
     dashed_override,
@@ -263,20 +264,11 @@ def detector_score_by_version() -> Panel:
     )
 
 
-PRECISION_BY_VERSION_SQL = """
+PRECISION_BY_VERSION_SQL = f"""
 SELECT
   a.pipeline,
   a.model_version,
-  count(*) AS alerts,
-  count(v.alert_id) AS reviewed,
-  count(*) FILTER (WHERE v.verdict = 'true_positive') AS true_positives,
-  count(*) FILTER (WHERE v.verdict = 'false_positive') AS false_positives,
-  (count(*) FILTER (WHERE v.verdict = 'true_positive'))::float8 / NULLIF(count(v.alert_id), 0)
-    AS precision
-FROM alerts a
-LEFT JOIN verdicts v ON v.alert_id = a.id
-WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN (${pipeline:sqlstring})
-GROUP BY a.pipeline, a.model_version
+{VERDICT_COUNTS_SQL}GROUP BY a.pipeline, a.model_version
 ORDER BY a.pipeline, a.model_version
 """
 
