@@ -250,4 +250,34 @@ consumer_offsets = Table(
     PrimaryKeyConstraint("pipeline", "kafka_topic", "kafka_partition"),
 )
 
-TABLES = (alerts, incidents, dead_letters, model_versions, stream_stats, consumer_offsets)
+# What the Alertmanager notifier last sent for an incident (migration 0003; the notifier):
+# a row per incident that was sent at least once. ``labels`` is the label set sent (a new one
+# resolves the old in Alertmanager), ``alert_count`` the incident's count at that send.
+NOTIFICATION_STATES = ("firing", "resolved")
+
+incident_notifications = Table(
+    "incident_notifications",
+    metadata,
+    Column(
+        "incident_id",
+        BigInteger().with_variant(Integer(), "sqlite"),
+        ForeignKey("incidents.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("state", String(16), nullable=False),
+    Column("labels", _json(), nullable=False),
+    Column("alert_count", Integer, nullable=False),
+    Column("first_sent_at", UTCDateTime(), nullable=False),
+    Column("sent_at", UTCDateTime(), nullable=False),
+    CheckConstraint(_in("state", NOTIFICATION_STATES), name="state"),
+)
+
+TABLES = (
+    alerts,
+    incidents,
+    dead_letters,
+    model_versions,
+    stream_stats,
+    consumer_offsets,
+    incident_notifications,
+)

@@ -1,0 +1,50 @@
+"""incident_notifications: what the Alertmanager notifier last sent for each incident.
+
+One row per incident sent at least once (streams/alertmanager.py): the state sent (firing or
+resolved), the label set sent, the incident's alert count at that send, and when it was first and
+last sent. The notifier reads what is due from here, so a restart or an Alertmanager outage
+catches up. Deleting an incident (``anomaly db prune``) deletes its row.
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-12-04
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+from sqlalchemy.dialects import postgresql
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "incident_notifications",
+        sa.Column("incident_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite")),
+        sa.Column("state", sa.String(16), nullable=False),
+        sa.Column(
+            "labels", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False
+        ),
+        sa.Column("alert_count", sa.Integer(), nullable=False),
+        sa.Column("first_sent_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("sent_at", sa.DateTime(timezone=True), nullable=False),
+        sa.CheckConstraint(
+            "state IN ('firing', 'resolved')", name="ck_incident_notifications_state"
+        ),
+        sa.ForeignKeyConstraint(
+            ["incident_id"],
+            ["incidents.id"],
+            name="fk_incident_notifications_incident_id_incidents",
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("incident_id", name="pk_incident_notifications"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("incident_notifications")
