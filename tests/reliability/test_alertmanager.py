@@ -16,6 +16,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
+from datetime import datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -45,24 +46,28 @@ pytestmark = [
 ]
 DOWN_S = 20.0
 GRAFANA = "http://grafana.test:3000"
-ATTACKED = "card-under-attack"
+ATTACKED = "card-under-attack"  # during the outage
+ATTACKED_LATER = "card-attacked-later"  # while Alertmanager is up
 
 
-def fraud_stream(model, n: int = 300, burst: int = 4, seed: int = 41):
-    """Generated transactions in which ``burst`` of the alerting ones are moved onto one card
+def fraud_stream(
+    model, n: int, card: str, *, burst: int = 4, seed: int = 41, prefix: str = ""
+) -> tuple[list[bytes], set[str]]:
+    """Generated transactions in which ``burst`` of the alerting ones are moved onto ``card``
     within two seconds (card testing: one incident of several alerts); returns the encoded
-    values and the ids the model alerts on."""
+    values and the ids the model alerts on (ids start with ``prefix``)."""
     from harness import LABELS
 
     from anomaly.synthetic.datasets import generate_fraud
     from streams.replay import encode_rows
 
     features = generate_fraud(n, anomaly_fraction=0.03, seed=seed).drop(columns=LABELS)
+    features["id"] = prefix + features["id"].astype(str)
     alerting = model.predict(features) == 1
     rows = features.index[alerting][:burst]
     assert len(rows) == burst, "too few alerts in the generated stream"
     start = features.loc[rows[0], "event_time"]
-    features.loc[rows, "card_id"] = ATTACKED
+    features.loc[rows, "card_id"] = card
     for i, row in enumerate(rows):
         features.loc[row, "event_time"] = start + pd.Timedelta(seconds=0.5 * i)
     expected = set(features["id"].astype(str)[model.predict(features) == 1])
@@ -81,6 +86,7 @@ class Webhook:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length))
+                body["received_at"] = time.time()
                 with lock:
                     bodies.append(body)
                 self.send_response(200)
@@ -163,7 +169,10 @@ def test_incidents_reach_alertmanager_once_firing_once_resolved_after_an_outage(
     pg_url, tmp_path, kafka_bootstrap, topic_name, pipeline_file, trained_model
 ):
     t_start = time.monotonic()
-    values, expected_alert_ids = fraud_stream(trained_model.model)
+    values, expected_alert_ids = fraud_stream(trained_model.model, 300, ATTACKED)
+    later, later_alert_ids = fraud_stream(
+        trained_model.model, 150, ATTACKED_LATER, seed=42, prefix="later-"
+    )
     create_topic(kafka_bootstrap, topic_name, partitions=1)
     am_port, metrics_port = free_port(), free_port()
     webhook = Webhook()
@@ -171,7 +180,7 @@ def test_incidents_reach_alertmanager_once_firing_once_resolved_after_an_outage(
         pg_url,
         trained_model.bundle,
         serve={"metrics_port": metrics_port},
-        incidents={"window_s": 3},
+        incidents={"window_s": 4},
         alerting={
             "alertmanager_url": f"http://127.0.0.1:{am_port}",
             "grafana_url": GRAFANA,
@@ -214,6 +223,15 @@ def test_incidents_reach_alertmanager_once_firing_once_resolved_after_an_outage(
         wait_for(all_resolved, 60, "every incident resolved at the webhook")
         caught_up_s = time.monotonic() - t_up
         assert metric("anomaly_alertmanager_up") == 1
+
+        # With Alertmanager up: an incident is sent while open, and resolved once it closes.
+        StreamProducer(kafka_bootstrap, topic_name, later).start()
+        total += len(later)
+        expected_alert_ids |= later_alert_ids
+        wait_for(lambda: records_seen(pg_url, cfg.name) == total, 60, "the second stream")
+        incidents = _incidents(pg_url, cfg.name)
+        [later_incident] = [k for k, i in incidents.items() if i[2] == ATTACKED_LATER]
+        wait_for(all_resolved, 60, "the new incidents resolved at the webhook")
         time.sleep(2.5)  # a duplicate would come within a group_interval or two
         assert serve.stop() == 0, serve.log_text()[-3000:]
     finally:
@@ -228,10 +246,25 @@ def test_incidents_reach_alertmanager_once_firing_once_resolved_after_an_outage(
     # Every incident closed in SQL, reached the webhook exactly once firing and once resolved.
     incidents = _incidents(pg_url, cfg.name)
     assert {i[0] for i in incidents.values()} == {"resolved"}
-    # The card under attack is one incident of all its alerts.
-    [attack] = [i for i in incidents.values() if i[2] == ATTACKED]
-    assert attack[3] == 4
+    # A card under attack is one incident of all its alerts.
+    for card in (ATTACKED, ATTACKED_LATER):
+        [attack] = [i for i in incidents.values() if i[2] == card]
+        assert attack[3] == 4
     delivered = webhook.alerts()
+    # The later incident reached the webhook firing before the service closed it.
+    [fired_at] = [
+        body["received_at"]
+        for body in webhook.bodies
+        for a in body["alerts"]
+        if a["labels"]["incident"] == later_incident and a["status"] == "firing"
+    ]
+    [closed] = [
+        e
+        for e in serve.log_lines()
+        if e.get("message") == "incidents closed" and int(later_incident) in e["incidents"]
+    ]
+    closed_at = datetime.fromisoformat(closed["ts"].replace("Z", "+00:00")).timestamp()
+    assert fired_at < closed_at
     counts = Counter((a["labels"]["incident"], a["status"]) for a in delivered)
     for incident in incidents:
         assert counts[(incident, "firing")] == 1, (incident, counts)
