@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, union, update
 
 from storage import schema as s
 from storage.engine import Database
@@ -45,19 +45,31 @@ class DueIncident:
     sent: dict[str, Any] | None  # its incident_notifications row, if it was ever sent
 
 
-def close_stale(db: Database, pipeline: str, now: datetime, window: timedelta) -> list[int]:
-    """Close the pipeline's open incidents without an alert ingested since ``now - window``;
-    returns their ids."""
+def close_stale(
+    db: Database, pipeline: str, now: datetime, window: timedelta, max_rounds: int = 100
+) -> list[int]:
+    """Close the pipeline's open incidents without an alert ingested since ``now - window``
+    (in transactions of up to 1000, at most ``max_rounds`` of them); returns their ids."""
+    closed: list[int] = []
+    for _ in range(max_rounds):
+        done, found = _close_some(db, pipeline, now - window)
+        closed += done
+        if found < _CHUNK:
+            break
+    return sorted(closed)
+
+
+def _close_some(db: Database, pipeline: str, cutoff: datetime) -> tuple[list[int], int]:
     i, a = s.incidents, s.alerts
     stale = and_(
         i.c.pipeline == pipeline,
         i.c.status == "open",
-        ~exists().where(a.c.incident_id == i.c.id, a.c.ingest_time >= now - window),
+        ~exists().where(a.c.incident_id == i.c.id, a.c.ingest_time >= cutoff),
     )
     with db.transaction("finding stale incidents", write=False) as conn:
         found = conn.execute(select(i.c.id, i.c.entity).where(stale).limit(_CHUNK)).all()
     if not found:
-        return []
+        return [], 0
     with db.transaction("closing stale incidents") as conn:
         if db.dialect == "postgresql":
             _lock_entities(conn, sorted({(pipeline, r.entity) for r in found}))
@@ -67,7 +79,7 @@ def close_stale(db: Database, pipeline: str, now: datetime, window: timedelta) -
             .values(status="resolved")
             .returning(i.c.id)
         ).all()
-    return sorted(r.id for r in closed)
+    return [r.id for r in closed], len(found)
 
 
 def due(
@@ -75,7 +87,7 @@ def due(
     pipeline: str,
     now: datetime,
     resend: timedelta,
-    catch_up: timedelta,
+    since: datetime,
     limit: int = 500,
 ) -> list[DueIncident]:
     """The incidents to send now, oldest first:
@@ -83,8 +95,13 @@ def due(
     - open ones never sent, sent longer than ``resend`` ago, or with alerts added since;
     - closed ones last sent firing, at least ``resend`` after their first send (so Alertmanager's
       group_wait has passed and the firing notification went out before the resolved one);
-    - closed ones never sent whose last alert is within ``catch_up`` (they are sent firing
-      first, then resolved as above).
+    - closed ones never sent with an alert ingested at or after ``since`` (they are sent
+      firing first, then resolved as above). Only an outage or a restart leaves such incidents:
+      the notifier passes the time of its last successful cycle (less a margin), so this looks
+      at the alerts of minutes, not of the whole history.
+
+    The candidates come from three index lookups (open incidents, firing notifications, recent
+    alerts), never from a scan of all incidents.
     """
     i, n, a = s.incidents, s.incident_notifications, s.alerts
     never = n.c.incident_id.is_(None)
@@ -101,16 +118,24 @@ def due(
         i.c.status == "resolved",
         or_(
             and_(n.c.state == "firing", n.c.first_sent_at <= now - resend),
-            and_(
-                never,
-                exists().where(a.c.incident_id == i.c.id, a.c.ingest_time >= now - catch_up),
-            ),
+            never,  # candidates below: only those with recent alerts
         ),
     )
+    candidates = union(
+        select(i.c.id).where(i.c.pipeline == pipeline, i.c.status == "open"),
+        select(n.c.incident_id).where(n.c.state == "firing"),
+        select(a.c.incident_id).where(
+            a.c.pipeline == pipeline, a.c.ingest_time >= since, a.c.incident_id.is_not(None)
+        ),
+    ).subquery()
     query = (
         select(i, n.c.state, n.c.labels, n.c.alert_count.label("sent_count"), n.c.first_sent_at)
         .select_from(i.outerjoin(n, n.c.incident_id == i.c.id))
-        .where(i.c.pipeline == pipeline, or_(open_due, resolved_due))
+        .where(
+            i.c.id.in_(select(candidates.c[0])),
+            i.c.pipeline == pipeline,
+            or_(open_due, resolved_due),
+        )
         .order_by(i.c.id)
         .limit(limit)
     )

@@ -124,6 +124,13 @@ incidents = Table(
     CheckConstraint(_in("status", INCIDENT_STATUSES), name="status"),
     Index(None, "pipeline", "entity", "last_seen"),
     Index(None, "pipeline", "last_seen"),
+    # The open incidents, which the notifier reads every cycle (migration 0003).
+    Index(
+        "ix_incidents_open",
+        "pipeline",
+        postgresql_where=text("status = 'open'"),
+        sqlite_where=text("status = 'open'"),
+    ),
 )
 
 alerts = Table(
@@ -270,6 +277,13 @@ incident_notifications = Table(
     Column("first_sent_at", UTCDateTime(), nullable=False),
     Column("sent_at", UTCDateTime(), nullable=False),
     CheckConstraint(_in("state", NOTIFICATION_STATES), name="state"),
+    # The incidents sent firing and not yet resolved, which the notifier reads every cycle.
+    Index(
+        "ix_incident_notifications_firing",
+        "incident_id",
+        postgresql_where=text("state = 'firing'"),
+        sqlite_where=text("state = 'firing'"),
+    ),
 )
 
 TABLES = (

@@ -241,10 +241,10 @@ class AlertStore:
         return notifications.close_stale(self._db, pipeline, now, self.incident_window)
 
     def incidents_to_notify(
-        self, pipeline: str, now: datetime, resend: timedelta, catch_up: timedelta
+        self, pipeline: str, now: datetime, resend: timedelta, since: datetime
     ) -> list[notifications.DueIncident]:
         """What the Alertmanager notifier sends now (``storage.notifications.due``)."""
-        return notifications.due(self._db, pipeline, now, resend, catch_up)
+        return notifications.due(self._db, pipeline, now, resend, since)
 
     def mark_notified(
         self, sent: list[tuple[int, str, dict[str, str], int]], now: datetime

@@ -43,6 +43,8 @@ ALERTNAME = "AnomalyIncident"
 # The Grafana dashboard of alerts and incidents (dashboards/alerts.py) and its variable.
 DASHBOARD_UID = "anomaly-alerts"
 POST_CHUNK = 200  # incidents per POST
+DUE_LIMIT = 500  # incidents per cycle (storage.notifications.due)
+CATCH_UP_MARGIN = timedelta(minutes=1)
 
 
 class AlertmanagerError(Exception):
@@ -194,6 +196,8 @@ class Notifier:
         self.window = timedelta(seconds=cfg.incidents.window_s)
         self.resend = timedelta(seconds=self.alerting.resend_interval_s)
         self.catch_up = timedelta(seconds=self.alerting.max_catch_up_s)
+        # When the last cycle that sent everything due began (None: not since the start).
+        self._last_ok: datetime | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="alertmanager", daemon=True)
 
@@ -210,11 +214,17 @@ class Notifier:
         now = self.clock()
         closed = self.store.close_stale_incidents(self.pipeline, now)
         if closed:
-            log.info("incidents closed", extra={"fields": {"incidents": closed}})
+            fields = {"closed": len(closed), "incidents": closed[:100]}
+            log.info("incidents closed", extra={"fields": fields})
         url = self.alerting.alertmanager_url
         if not url:
             return 0
-        due = self.store.incidents_to_notify(self.pipeline, now, self.resend, self.catch_up)
+        # Closed incidents never sent can only hold alerts from after the last complete cycle
+        # (the margin covers a batch ingested before it and committed after).
+        since = now - self.catch_up
+        if self._last_ok is not None:
+            since = max(since, self._last_ok - self.window - CATCH_UP_MARGIN)
+        due = self.store.incidents_to_notify(self.pipeline, now, self.resend, since)
         sent_alerts = 0
         for start in range(0, len(due), POST_CHUNK):
             alerts: list[dict[str, Any]] = []
@@ -236,6 +246,8 @@ class Notifier:
                 firing = datetime.fromisoformat(alert["endsAt"]) > now
                 self.metrics.alertmanager_sent("firing" if firing else "resolved")
             sent_alerts += len(alerts)
+        if len(due) < DUE_LIMIT:
+            self._last_ok = now
         return sent_alerts
 
     def _run(self) -> None:

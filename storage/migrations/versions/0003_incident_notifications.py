@@ -1,5 +1,9 @@
 """incident_notifications: what the Alertmanager notifier last sent for each incident.
 
+Also ``ix_incidents_open`` and ``ix_incident_notifications_firing``: the open incidents of a
+pipeline and those sent firing, which the notifier reads every few seconds, found without
+scanning the closed ones.
+
 One row per incident sent at least once (streams/alertmanager.py): the state sent (firing or
 resolved), the label set sent, the incident's alert count at that send, and when it was first and
 last sent. The notifier reads what is due from here, so a restart or an Alertmanager outage
@@ -44,7 +48,20 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("incident_id", name="pk_incident_notifications"),
     )
+    firing = sa.text("state = 'firing'")
+    op.create_index(
+        "ix_incident_notifications_firing",
+        "incident_notifications",
+        ["incident_id"],
+        postgresql_where=firing,
+        sqlite_where=firing,
+    )
+    where = sa.text("status = 'open'")
+    op.create_index(
+        "ix_incidents_open", "incidents", ["pipeline"], postgresql_where=where, sqlite_where=where
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_incidents_open", table_name="incidents")
     op.drop_table("incident_notifications")
