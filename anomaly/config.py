@@ -168,6 +168,27 @@ class AlertingConfig:
 
 
 @dataclass
+class DriftConfig:
+    """Drift detection on the live stream (anomaly.monitoring.drift; README, "Drift")."""
+
+    enabled: bool = True
+    # Windows are aligned to multiples of window_s since the epoch (hourly by default).
+    window_s: float = 3600.0
+    # Below this many scored records a window is stored without tests (never "drifted").
+    min_records: int = 1000
+    # Family-wise false-alarm budget per day of the two p-value tests (alert rate, KS), split
+    # Bonferroni-style over the tests and the windows of a day.
+    daily_alpha: float = 0.05
+    # PSI above which a feature counts as moved (the common rule of thumb).
+    psi_threshold: float = 0.2
+    # Features kept per window (JSON column, metrics), highest PSI first.
+    top_features: int = 5
+    # Numeric features left out of the PSI: ones that move by design from window to window
+    # (time of day, a counter), which would otherwise "drift" every window.
+    ignore_features: list[str] = field(default_factory=list)
+
+
+@dataclass
 class ServeConfig:
     metrics_port: int | None = 9108
     metrics_host: str = "127.0.0.1"
@@ -192,6 +213,7 @@ class PipelineConfig:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     incidents: IncidentConfig = field(default_factory=IncidentConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     alerting: AlertingConfig = field(default_factory=AlertingConfig)
     source_path: str | None = None
@@ -216,6 +238,7 @@ _SECTIONS: dict[str, type] = {
     "kafka": KafkaConfig,
     "database": DatabaseConfig,
     "incidents": IncidentConfig,
+    "drift": DriftConfig,
     "serve": ServeConfig,
     "alerting": AlertingConfig,
 }
@@ -421,6 +444,11 @@ def _validate(cfg: PipelineConfig) -> None:
             f"model.detectors must be a non-empty subset of {', '.join(DETECTOR_NAMES)}, got "
             f"{unknown or 'none'}"
         )
+    d = cfg.drift
+    if not (d.window_s > 0 and d.min_records >= 1 and 0 < d.daily_alpha < 1):
+        raise ConfigError("drift: window_s > 0, min_records >= 1 and daily_alpha in (0, 1)")
+    if not (d.psi_threshold > 0 and d.top_features >= 1):
+        raise ConfigError("drift: psi_threshold > 0 and top_features >= 1")
     if cfg.kafka.batch_size < 1:
         raise ConfigError("kafka.batch_size must be >= 1")
     if cfg.kafka.max_wait_s < 0:

@@ -15,8 +15,11 @@ from dashboards.panels import (
     PIPELINE_SQL,
     SEVERITY_RANK,
     TAGS,
+    VERDICT_COLUMNS,
+    VERDICTS_NOTE,
     count_bars,
     dashed_override,
+    precision_unit_override,
     severity_overrides,
     stat,
     table,
@@ -385,6 +388,58 @@ def latest_alerts() -> Panel:
     )
 
 
+# ----------------------------------------------------------------------------- analyst verdicts
+
+# Verdicts come from `anomaly alerts ack ID --verdict ...` (the verdicts table, one per alert).
+# The time range selects alerts by ingest time, whenever they were reviewed.
+PRECISION_FROM_VERDICTS_SQL = """
+SELECT
+  (count(*) FILTER (WHERE v.verdict = 'true_positive'))::float8 / NULLIF(count(*), 0)
+    AS precision
+FROM alerts a
+JOIN verdicts v ON v.alert_id = a.id
+WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN (${pipeline:sqlstring})
+"""
+
+
+def precision_from_verdicts_stat() -> Panel:
+    return stat(
+        "Precision from verdicts",
+        SQLTarget(PRECISION_FROM_VERDICTS_SQL, columns=("precision",)),
+        unit="percentunit",
+        decimals=1,
+        width=6,
+        description=VERDICTS_NOTE + " Empty when no alert in the range has a verdict.",
+    )
+
+
+VERDICTS_BY_PIPELINE_SQL = """
+SELECT
+  a.pipeline,
+  count(*) AS alerts,
+  count(v.alert_id) AS reviewed,
+  count(*) FILTER (WHERE v.verdict = 'true_positive') AS true_positives,
+  count(*) FILTER (WHERE v.verdict = 'false_positive') AS false_positives,
+  (count(*) FILTER (WHERE v.verdict = 'true_positive'))::float8 / NULLIF(count(v.alert_id), 0)
+    AS precision
+FROM alerts a
+LEFT JOIN verdicts v ON v.alert_id = a.id
+WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN (${pipeline:sqlstring})
+GROUP BY a.pipeline
+ORDER BY a.pipeline
+"""
+
+
+def verdicts_by_pipeline() -> Panel:
+    return table(
+        "Verdicts and precision by pipeline",
+        SQLTarget(VERDICTS_BY_PIPELINE_SQL, columns=("pipeline", *VERDICT_COLUMNS)),
+        width=18,
+        description=VERDICTS_NOTE,
+        overrides=[precision_unit_override()],
+    )
+
+
 # --------------------------------------------------------------------------------- dead letters
 
 
@@ -451,6 +506,9 @@ def alerts_dashboard() -> Dashboard:
             open_incidents_table(),
             alerts_by_detector(),
             latest_alerts(),
+            row("Analyst verdicts"),
+            precision_from_verdicts_stat(),
+            verdicts_by_pipeline(),
             row("Dead letters"),
             dead_letters_by_reason(),
             latest_dead_letters(),

@@ -1,5 +1,5 @@
 """The Models dashboard: active model versions, their evaluation, and drift of live scores, from
-PostgreSQL (model_versions, stream_stats, alerts).
+PostgreSQL (model_versions, stream_stats, alerts, drift_windows).
 
 Each panel is a function below its query; ``models_dashboard`` lists them in layout order. The
 rules for SQL (``${name:sqlstring}``, ``$__timeFilter``) are in dashboards/panels.py.
@@ -15,8 +15,11 @@ from dashboards.panels import (
     LINKS,
     PIPELINE_SQL,
     TAGS,
+    VERDICT_COLUMNS,
+    VERDICTS_NOTE,
     count_bars,
     dashed_override,
+    precision_unit_override,
     table,
     timeseries,
 )
@@ -260,6 +263,36 @@ def detector_score_by_version() -> Panel:
     )
 
 
+PRECISION_BY_VERSION_SQL = """
+SELECT
+  a.pipeline,
+  a.model_version,
+  count(*) AS alerts,
+  count(v.alert_id) AS reviewed,
+  count(*) FILTER (WHERE v.verdict = 'true_positive') AS true_positives,
+  count(*) FILTER (WHERE v.verdict = 'false_positive') AS false_positives,
+  (count(*) FILTER (WHERE v.verdict = 'true_positive'))::float8 / NULLIF(count(v.alert_id), 0)
+    AS precision
+FROM alerts a
+LEFT JOIN verdicts v ON v.alert_id = a.id
+WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN (${pipeline:sqlstring})
+GROUP BY a.pipeline, a.model_version
+ORDER BY a.pipeline, a.model_version
+"""
+
+
+def precision_by_version() -> Panel:
+    return table(
+        "Precision from verdicts by model version",
+        SQLTarget(
+            PRECISION_BY_VERSION_SQL, columns=("pipeline", "model_version", *VERDICT_COLUMNS)
+        ),
+        width=24,
+        description=VERDICTS_NOTE,
+        overrides=[precision_unit_override()],
+    )
+
+
 VERSIONS_CREATED_SQL = """
 SELECT
   created_at AS time,
@@ -295,6 +328,93 @@ def versions_created() -> Panel:
     )
 
 
+# ------------------------------------------------------------------------- drift windows (SQL)
+
+# One row per closed window of the service's DriftMonitor (README, "Drift"), newest first.
+DRIFT_WINDOWS_SQL = """
+SELECT
+  d.window_start AS time,
+  d.pipeline,
+  d.model_version,
+  d.records,
+  d.alerts,
+  d.alert_rate_p,
+  d.ks_stat,
+  d.ks_p,
+  d.drifted,
+  (
+    SELECT string_agg(
+      (f ->> 'feature') || ' (' || round((f ->> 'psi')::numeric, 3) || ')', ', ' ORDER BY n
+    )
+    FROM jsonb_array_elements(d.top_features::jsonb) WITH ORDINALITY AS e(f, n)
+  ) AS top_features_psi
+FROM drift_windows d
+WHERE $__timeFilter(d.window_start) AND d.pipeline IN (${pipeline:sqlstring})
+ORDER BY d.window_start DESC, d.pipeline
+LIMIT 500
+"""
+
+DRIFT_WINDOWS_COLUMNS = (
+    "time",
+    "pipeline",
+    "model_version",
+    "records",
+    "alerts",
+    "alert_rate_p",
+    "ks_stat",
+    "ks_p",
+    "drifted",
+    "top_features_psi",
+)
+
+
+def drift_windows() -> Panel:
+    return table(
+        "Drift windows",
+        SQLTarget(DRIFT_WINDOWS_SQL, columns=DRIFT_WINDOWS_COLUMNS),
+        width=24,
+        height=8,
+        decimals=4,
+        description="Per closed window: the alert count tested against the model's rate "
+        "(alert_rate_p), the uniformity of the ensemble p-values (KS), and the features with "
+        "the highest PSI against their training deciles. drifted: a test below its "
+        "Bonferroni level or a PSI above drift.psi_threshold (0.2). `anomaly drift` prints "
+        "the same.",
+    )
+
+
+DRIFT_SIGNALS_SQL = """
+SELECT
+  $__timeGroupAlias(d.window_start, $__interval),
+  d.pipeline AS metric,
+  max(d.ks_stat) AS ks_stat,
+  max((d.top_features::jsonb -> 0 ->> 'psi')::float8) AS top_psi,
+  max(CASE WHEN d.drifted THEN 1 ELSE 0 END) AS drifted
+FROM drift_windows d
+WHERE $__timeFilter(d.window_start) AND d.pipeline IN (${pipeline:sqlstring})
+GROUP BY 1, 2
+ORDER BY 1, 2
+"""
+
+
+def drift_signals() -> Panel:
+    return timeseries(
+        "Drift signals per window: KS of p-values, highest feature PSI",
+        [
+            SQLTarget(
+                DRIFT_SIGNALS_SQL,
+                columns=("time", "metric", "ks_stat", "top_psi", "drifted"),
+                format="time_series",
+            )
+        ],
+        datasource=POSTGRES,
+        fill=0,
+        width=24,
+        description="PSI above 0.2 is the usual sign that a feature moved; drifted is 1 in "
+        "windows the monitor flagged.",
+    )
+
+
 # ------------------------------------------------------------------------------------ dashboard
 
 
@@ -311,7 +431,10 @@ def models_dashboard() -> Dashboard:
             quantiles_over_time(),
             alerts_by_model_version(),
             detector_score_by_version(),
+            precision_by_version(),
             versions_created(),
+            drift_windows(),
+            drift_signals(),
         ],
         variables=[PIPELINE_SQL, DETECTOR],
         tags=TAGS,

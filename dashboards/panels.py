@@ -192,3 +192,20 @@ def table(title: str, target: SQLTarget, **kw) -> Panel:
         custom={"align": "auto", "filterable": True},
         **kw,
     )
+
+
+# Analyst verdicts (the verdicts table): shared by the Alerts and Models dashboards.
+VERDICTS_NOTE = (
+    "Among the alerts analysts reviewed (anomaly alerts ack --verdict): true positives / "
+    "reviewed. Says nothing about anomalies that raised no alert (recall), and reviewed "
+    "alerts may not be a random sample of all alerts."
+)
+
+VERDICT_COLUMNS = ("alerts", "reviewed", "true_positives", "false_positives", "precision")
+
+
+def precision_unit_override() -> dict:
+    return {
+        "matcher": {"id": "byName", "options": "precision"},
+        "properties": [{"id": "unit", "value": "percentunit"}, {"id": "decimals", "value": 1}],
+    }

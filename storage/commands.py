@@ -23,6 +23,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _register_db(subparsers)
     _register_alerts(subparsers)
     _register_models(subparsers)
+    _register_drift(subparsers)
+    evaluate = subparsers.choices.get("evaluate")
+    if evaluate is not None:  # registered by anomaly.cli.quality_commands, before this module
+        _extend_evaluate(evaluate)
+
+
+def _extend_evaluate(p: argparse.ArgumentParser) -> None:
+    """``anomaly evaluate --from-db``: the core command cannot import storage, so storage adds
+    the option to it and answers it; without --from-db the core's handler runs as before."""
+    g = p.add_argument_group(
+        "analyst verdicts as labels (--from-db)",
+        "Labels from `anomaly alerts ack --verdict`: reviewed alerts only, so the report gives "
+        "precision among reviewed alerts (per model version) and, with --model, which of them "
+        "the model still flags; it cannot give recall or the false-positive rate on traffic.",
+    )
+    g.add_argument(
+        "--from-db",
+        nargs="?",
+        const="",
+        metavar="URL",
+        help="read the verdicts from this database (no URL: ANOMALY_DATABASE_URL); --data and "
+        "--label are then not used and --model is optional",
+    )
+    g.add_argument("--pipeline", help="whose alerts (default: the one pipeline with verdicts)")
+    g.add_argument("--model-version", metavar="VERSION", help="only alerts this version raised")
+    g.add_argument("--since", metavar="AGE|ISO", help="alerts ingested since, e.g. 30d")
+    g.add_argument("--until", metavar="AGE|ISO", help="alerts ingested before")
+    core = p.get_default("handler")
+
+    def handler(args: argparse.Namespace) -> int:
+        return core(args) if args.from_db is None else _evaluate_from_db(args)
+
+    p.set_defaults(handler=handler)
 
 
 def _register_db(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -80,8 +113,21 @@ def _register_alerts(subparsers: argparse._SubParsersAction) -> None:  # type: i
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.set_defaults(handler=_alerts_list)
 
-    p = alerts_sub.add_parser("ack", help="acknowledge an alert")
-    p.add_argument("id", type=int)
+    p = alerts_sub.add_parser(
+        "ack",
+        help="acknowledge an alert (or an incident's alerts), optionally with a verdict",
+        description="Acknowledge alert ID, or with --incident every alert of that incident. "
+        "With --verdict, also record the analyst's verdict on each (who: --by, default the OS "
+        "user; when: now); a later verdict replaces an earlier one. The dashboards' precision "
+        "panels and `anomaly evaluate --from-db` read the verdicts.",
+    )
+    p.add_argument("id", type=int, nargs="?", help="the alert's id (alerts list shows it)")
+    p.add_argument("--incident", type=int, metavar="ID", help="all alerts of this incident")
+    p.add_argument(
+        "--verdict", metavar="VERDICT", help="true_positive or false_positive (default: none)"
+    )
+    p.add_argument("--by", metavar="NAME", help="who decided (default: the OS user)")
+    p.add_argument("--note", metavar="TEXT", help="why (with --verdict)")
     _db_args(p)
     p.set_defaults(handler=_alerts_ack)
 
@@ -125,6 +171,23 @@ def _register_models(subparsers: argparse._SubParsersAction) -> None:  # type: i
     _db_args(p)
     p.add_argument("--pipeline", help="default: the name in --config")
     p.set_defaults(handler=_models_activate)
+
+
+def _register_drift(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "drift",
+        help="stored drift windows: which windows drifted and which features moved",
+        description="Print the drift windows the service stored (README, 'Drift'): per window "
+        "the alert-rate and p-value uniformity tests and the features whose PSI passed the "
+        "threshold, then the features that moved over the whole period.",
+    )
+    _db_args(p)
+    p.add_argument("--pipeline", help="default: the name in --config (else every pipeline)")
+    p.add_argument(
+        "--since", metavar="AGE|ISO", default="24h", help="e.g. 24h (default), 7d or an ISO time"
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per window")
+    p.set_defaults(handler=_drift)
 
 
 def _db_args(p: argparse.ArgumentParser) -> None:
@@ -306,9 +369,93 @@ def _alerts_list(args: argparse.Namespace) -> int:
 
 
 def _alerts_ack(args: argparse.Namespace) -> int:
+    from storage.errors import InvalidArgumentError
+    from storage.verdicts import check_verdict
+
+    if (args.id is None) == (args.incident is None):
+        raise InvalidArgumentError("alerts ack: give an alert ID or --incident ID (one of them)")
+    if args.verdict is None:
+        if args.note is not None or args.by is not None:
+            raise InvalidArgumentError("--note and --by: only with --verdict")
+        if args.id is not None:  # the acknowledgement as it always was
+            with _store(args) as store:
+                changed = store.ack_alert(args.id)
+            _print(
+                f"alert {args.id} " + ("acknowledged" if changed else "was not open (unchanged)")
+            )
+            return 0
+    by = args.by if args.by is not None else _os_user()
+    if args.verdict is not None:
+        check_verdict(args.verdict, by, args.note)  # before opening the database
     with _store(args) as store:
-        changed = store.ack_alert(args.id)
-    _print(f"alert {args.id} " + ("acknowledged" if changed else "was not open (unchanged)"))
+        result = store.ack(
+            args.id,
+            incident_id=args.incident,
+            verdict=args.verdict,
+            by=by if args.verdict is not None else None,
+            note=args.note,
+        )
+    what = f"alert {args.id}" if args.id is not None else f"incident {args.incident}"
+    line = f"{what}: {len(result.alert_ids)} alert(s), {len(result.acknowledged)} acknowledged"
+    if result.verdict is not None:
+        when = result.verdict_at.isoformat(timespec="seconds")
+        line += f"; verdict {result.verdict} by {result.verdict_by} at {when}"
+    _print(line)
+    return 0
+
+
+def _os_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no USER/LOGNAME and no passwd entry (some containers)
+        return "unknown"
+
+
+def _evaluate_from_db(args: argparse.Namespace) -> int:
+    from anomaly.evaluation.verdicts import run_verdict_evaluation
+    from storage.errors import InvalidArgumentError
+    from storage.verdicts import verdict_data
+
+    for flag, value in (("--data", args.data), ("--label", args.label)):
+        if value is not None:
+            raise InvalidArgumentError(f"{flag}: not with --from-db (the verdicts are the labels)")
+    if args.pipeline is not None:
+        from anomaly.config import check_pipeline_name
+
+        check_pipeline_name(args.pipeline, "--pipeline")
+    since = _cutoff(args.since, "--since") if args.since else None
+    until = _cutoff(args.until, "--until") if args.until else None
+    url = resolve_url(argparse.Namespace(db=args.from_db or None, config=None))
+    from storage.store import AlertStore
+
+    with AlertStore(url) as store:
+        data = verdict_data(store, args.pipeline, args.model_version, since, until)
+    report, html_path, json_path = run_verdict_evaluation(
+        data, args.report, model_dir=args.model, target_fpr=args.target_fpr, device=args.device
+    )
+    _print(
+        f"pipeline {data.scope['pipeline']}: {len(data.labels)} reviewed alerts "
+        "(labels: analyst verdicts; precision among reviewed alerts only, no recall)"
+    )
+    _print(
+        f"{'model_version':<16} {'alerts':>7} {'reviewed':>8} {'TP':>5} {'FP':>5} {'precision':>9}"
+    )
+    for r in report["as_alerted"]:
+        precision = "-" if r["precision"] is None else f"{r['precision']:.3f}"
+        _print(
+            f"{r['model_version']:<16} {r['alerts']:>7} {r['reviewed']:>8} "
+            f"{r['true_positives']:>5} {r['false_positives']:>5} {precision:>9}"
+        )
+    if report["rescored"]:
+        r = report["rescored"]
+        _print(
+            f"re-scored by {r['model_version']}: flags {r['flagged']} of {len(data.labels)} "
+            f"({r['flagged_true_positives']} confirmed, {r['flagged_false_positives']} rejected)"
+        )
+    _print(f"report: {html_path}")
+    _print(f"json:   {json_path}")
     return 0
 
 
@@ -411,6 +558,57 @@ def _models_activate(args: argparse.Namespace) -> int:
     with _store(args) as store:
         rec = store.activate_model_version(pipeline, args.version)
     _print(f"pipeline {rec.pipeline}: model version {rec.version} is active")
+    return 0
+
+
+def _drift(args: argparse.Namespace) -> int:
+    import json
+
+    from anomaly.config import DriftConfig, check_pipeline_name, load_config
+
+    since = _cutoff(args.since, "--since")
+    _one_database(args)
+    drift_cfg, pipeline = DriftConfig(), None
+    if args.config:
+        cfg = load_config(args.config)
+        drift_cfg, pipeline = cfg.drift, cfg.name
+    if args.pipeline:
+        pipeline = check_pipeline_name(args.pipeline, "--pipeline")
+    with _store(args) as store:
+        rows = store.list_drift_windows(pipeline, since)
+    if args.json:
+        for row in rows:
+            _print(json.dumps(row, default=_json_default, ensure_ascii=False))
+        return 0
+    where = f"pipeline {pipeline}" if pipeline else "all pipelines"
+    if not rows:
+        _print(f"no drift windows for {where} since {since.isoformat(timespec='seconds')}")
+        return 0
+    threshold = drift_cfg.psi_threshold
+    drifted = [r for r in rows if r["drifted"]]
+    tested = sum(r["ks_p"] is not None for r in rows)
+    _print(
+        f"{where}: {len(rows)} windows since {since.isoformat(timespec='seconds')} "
+        f"({tested} with enough records to test), {len(drifted)} drifted"
+    )
+    moved: dict[str, list[float]] = {}
+    for r in rows:
+        for item in r["top_features"]:
+            if item["psi"] > threshold:
+                moved.setdefault(item["feature"], []).append(item["psi"])
+    for r in drifted:
+        start = r["window_start"].isoformat(timespec="seconds")
+        _print(
+            f"  DRIFT {r['pipeline']} {start} ({r['records']} records, {r['alerts']} alerts, "
+            f"model {r['model_version'] or '-'}): {'; '.join(r['reasons'])}"
+        )
+    if moved:
+        ranked = sorted(moved.items(), key=lambda kv: -max(kv[1]))
+        _print(f"features that moved (PSI > {threshold:g}):")
+        for name, values in ranked:
+            _print(f"  {name}: {len(values)} window(s), max PSI {max(values):.3f}")
+    else:
+        _print(f"no feature moved (PSI > {threshold:g} in no window)")
     return 0
 
 

@@ -19,8 +19,8 @@ BEGIN
 END
 $$;
 GRANT USAGE ON SCHEMA public TO anomaly_grafana;
-GRANT SELECT ON alerts, incidents, dead_letters, model_versions, stream_stats, consumer_offsets
-  TO anomaly_grafana;
+GRANT SELECT ON alerts, incidents, verdicts, dead_letters, model_versions, stream_stats,
+  consumer_offsets, drift_windows TO anomaly_grafana;
 -- Tables added by later migrations (run by the same owner) are readable too.
 ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT ON TABLES TO anomaly_grafana;
 ALTER ROLE anomaly_grafana SET default_transaction_read_only = on;

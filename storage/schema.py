@@ -43,6 +43,7 @@ from storage.records import SEVERITIES
 
 ALERT_STATUSES = ("open", "acknowledged", "resolved")
 INCIDENT_STATUSES = ("open", "resolved")
+VERDICTS = ("true_positive", "false_positive")
 
 # Length limits of text columns (characters). Longer values are truncated by the store.
 PIPELINE_LEN = 200  # = anomaly.config.PIPELINE_NAME_MAX_LEN, the names a config accepts
@@ -54,6 +55,8 @@ ERROR_KIND_LEN = 64
 ERROR_MESSAGE_LEN = 8000
 BUNDLE_PATH_LEN = 4096
 SHA256_LEN = 64
+VERDICT_BY_LEN = 128
+VERDICT_NOTE_LEN = 2000
 
 # Stable constraint names, so migrations can refer to them on both dialects.
 metadata = MetaData(
@@ -124,7 +127,7 @@ incidents = Table(
     CheckConstraint(_in("status", INCIDENT_STATUSES), name="status"),
     Index(None, "pipeline", "entity", "last_seen"),
     Index(None, "pipeline", "last_seen"),
-    # The open incidents, which the notifier reads every cycle (migration 0003).
+    # The open incidents, which the notifier reads every cycle (migration 0005).
     Index(
         "ix_incidents_open",
         "pipeline",
@@ -180,6 +183,27 @@ alerts = Table(
         postgresql_where=text("incident_id IS NOT NULL"),
         sqlite_where=text("incident_id IS NOT NULL"),
     ),
+)
+
+# An analyst's verdict on an alert (``anomaly alerts ack --verdict``), at most one per alert (a
+# later verdict replaces it). A table of its own rather than columns on ``alerts``: the alert
+# write path (storage/writes.py) neither writes nor indexes anything more, and pruning an alert
+# deletes its verdict (ON DELETE CASCADE, migration 0005).
+verdicts = Table(
+    "verdicts",
+    metadata,
+    Column(
+        "alert_id",
+        BigInteger().with_variant(Integer(), "sqlite"),
+        ForeignKey("alerts.id", ondelete="CASCADE"),
+        primary_key=True,
+        autoincrement=False,
+    ),
+    Column("verdict", String(16), nullable=False),
+    Column("verdict_by", String(VERDICT_BY_LEN), nullable=False),
+    Column("verdict_at", UTCDateTime(), nullable=False),
+    Column("note", Text),
+    CheckConstraint(_in("verdict", VERDICTS), name="verdict"),
 )
 
 dead_letters = Table(
@@ -257,7 +281,7 @@ consumer_offsets = Table(
     PrimaryKeyConstraint("pipeline", "kafka_topic", "kafka_partition"),
 )
 
-# What the Alertmanager notifier last sent for an incident (migration 0003; the notifier):
+# What the Alertmanager notifier last sent for an incident (migration 0005; the notifier):
 # a row per incident that was sent at least once. ``labels`` is the label set sent (a new one
 # resolves the old in Alertmanager), ``alert_count`` the incident's count at that send.
 NOTIFICATION_STATES = ("firing", "resolved")
@@ -286,12 +310,37 @@ incident_notifications = Table(
     ),
 )
 
+# One row per pipeline and closed drift window (anomaly.monitoring.drift, migration 0004).
+drift_windows = Table(
+    "drift_windows",
+    metadata,
+    _id(),
+    Column("pipeline", String(PIPELINE_LEN), nullable=False),
+    Column("model_version", String(MODEL_VERSION_LEN)),
+    Column("window_start", UTCDateTime(), nullable=False),
+    Column("window_end", UTCDateTime(), nullable=False),
+    Column("records", BigInteger, nullable=False),
+    Column("alerts", BigInteger, nullable=False),
+    Column("expected_alert_rate", Double),
+    # NULL: fewer records than drift.min_records, no tests run.
+    Column("alert_rate_p", Double),
+    Column("ks_stat", Double),
+    Column("ks_p", Double),
+    # [{"feature": name, "psi": value}, ...], highest PSI first.
+    Column("top_features", _json(), nullable=False),
+    Column("drifted", Boolean, nullable=False),
+    Column("reasons", _json(), nullable=False),
+    Index(None, "pipeline", "window_start"),
+)
+
 TABLES = (
     alerts,
     incidents,
+    verdicts,
     dead_letters,
     model_versions,
     stream_stats,
     consumer_offsets,
     incident_notifications,
+    drift_windows,
 )

@@ -29,7 +29,9 @@ call finds its positions and offsets already stored and adds nothing (the messag
   ``write_batch``;
 - ``migrate``: ``upgrade``, ``downgrade``, ``current_revision``;
 - ``registry``: model versions;
+- ``drift``: drift windows (one row per closed window, outside the batch transaction);
 - ``queries``: listing and acknowledging alerts, listing incidents, pruning, Grafana's role.
+- ``verdicts``: acknowledging with analyst verdicts, reading reviewed alerts back.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
-from storage import notifications, queries, registry
+from storage import drift, notifications, queries, registry, verdicts
 from storage.alert_rows import ALERT_COLUMNS
 from storage.engine import (
     Database,
@@ -222,11 +224,59 @@ class AlertStore:
         acknowledged or resolved; ``NotFoundError`` if there is no such alert."""
         return queries.ack_alert(self._db, alert_id)
 
+    def ack(
+        self,
+        alert_id: int | None = None,
+        *,
+        incident_id: int | None = None,
+        verdict: str | None = None,
+        by: str | None = None,
+        note: str | None = None,
+        at: datetime | None = None,
+    ) -> verdicts.AckResult:
+        """Acknowledge one alert, or every alert of ``incident_id``, and with ``verdict``
+        (``true_positive``/``false_positive``) record the analyst's verdict on each: ``by`` whom,
+        ``at`` when (default now), with an optional ``note``. Open alerts become acknowledged;
+        a verdict given again replaces the earlier one. ``NotFoundError`` for an unknown id,
+        ``InvalidArgumentError`` naming the field for a bad verdict."""
+        return verdicts.ack(self._db, alert_id, incident_id, verdict, by, note, at)
+
+    def reviewed_alerts(
+        self,
+        pipeline: str | None = None,
+        model_version: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> list[dict[str, Any]]:
+        """Alerts with a verdict (the alert's record and scores, and the verdict), oldest
+        first."""
+        return verdicts.reviewed_alerts(self._db, pipeline, model_version, since, until)
+
+    def alert_counts(
+        self,
+        pipeline: str | None = None,
+        model_version: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> dict[tuple[str, str], int]:
+        """All alerts, reviewed or not, per (pipeline, model version)."""
+        return verdicts.alert_counts(self._db, pipeline, model_version, since, until)
+
     def prune(self, older_than: timedelta | datetime, pipeline: str | None = None) -> PruneResult:
         """Delete alerts (by ingest time), dead letters (by created_at) and statistics (by minute)
         older than the cutoff, and incidents whose last alert is older and that no remaining
         alert refers to. Model versions and consumer offsets are kept."""
         return queries.prune(self._db, older_than, pipeline)
+
+    def write_drift_window(self, report: Any) -> None:
+        """Store one closed drift window (an ``anomaly.monitoring.drift.DriftReport``)."""
+        drift.write_window(self._db, report)
+
+    def list_drift_windows(
+        self, pipeline: str | None = None, since: datetime | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Drift windows started at or after ``since``, oldest first."""
+        return drift.list_windows(self._db, pipeline, since, limit)
 
     def grant_read_only(self, role: str = "anomaly_grafana", password: str | None = None) -> None:
         """PostgreSQL: create (if missing) a role that can only SELECT the tables, for Grafana.

@@ -8,6 +8,7 @@ and ``/readyz`` (partitions assigned, model loaded and the database reachable).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -45,6 +46,7 @@ class ServiceMetrics:
         self._records_and_stages()
         self._service_state()
         self._alertmanager()
+        self._drift_state()
 
     def _new(self, kind: type[T], name: str, doc: str, *labels: str, **kwargs: Any) -> T:
         """A metric of this registry, labelled with the pipeline and ``labels``."""
@@ -101,6 +103,12 @@ class ServiceMetrics:
         self.database_up = new(
             Gauge, "anomaly_database_up", "1 while the alert database is reachable"
         ).labels(p)
+        # The loaded model's model.target_fpr (the alert rate it was calibrated to on normal
+        # records): deploy/prometheus/rules.yml compares the observed alert rate with it.
+        # No series until a model loads.
+        self._target_fpr = new(
+            Gauge, "anomaly_target_fpr", "model.target_fpr of the model that scores"
+        )
         # No series until set: a pipeline without a registry must not show one that is down.
         self._schema_registry_up = new(
             Gauge, "anomaly_schema_registry_up",
@@ -146,6 +154,41 @@ class ServiceMetrics:
     def alertmanager_error(self) -> None:
         self.alertmanager_errors.inc()
 
+    def _drift_state(self) -> None:
+        """The last closed drift window (anomaly.monitoring.drift; README, "Drift"). No series
+        until a window closed."""
+        new = self._new
+        self._drift_ks = new(
+            Gauge, "anomaly_drift_ks", "KS statistic of the ensemble p-values, last window"
+        )
+        self._drift_rate_p = new(
+            Gauge, "anomaly_drift_alert_rate_pvalue",
+            "p-value of the alert count against the model's rate, last window",
+        )  # fmt: skip
+        self._drift_psi = new(
+            Gauge, "anomaly_drift_feature_psi",
+            "PSI over the training deciles, last window (the top drift.top_features)", "feature",
+        )  # fmt: skip
+        self._drift_detected = new(
+            Gauge, "anomaly_drift_detected", "1 when the last closed window drifted"
+        )
+        self._drift_windows = new(
+            Counter, "anomaly_drift_windows", "Closed drift windows", "drifted"
+        )
+
+    def drift_window(self, report: Any) -> None:
+        """Export a closed window (an ``anomaly.monitoring.drift.DriftReport``)."""
+        p = self.pipeline
+        if report.ks_stat is not None:
+            self._drift_ks.labels(p).set(report.ks_stat)
+        if report.alert_rate_p is not None:
+            self._drift_rate_p.labels(p).set(report.alert_rate_p)
+        self._drift_psi.clear()  # only this window's top features
+        for item in report.features:
+            self._drift_psi.labels(p, item["feature"]).set(item["psi"])
+        self._drift_detected.labels(p).set(1 if report.drifted else 0)
+        self._drift_windows.labels(p, "true" if report.drifted else "false").inc()
+
     def alerted(self, severity: str, n: int = 1) -> None:
         self._alerted.labels(self.pipeline, severity).inc(n)
 
@@ -168,12 +211,21 @@ class ServiceMetrics:
     def set_model_identity_ok(self, ok: bool) -> None:
         self._model_identity_ok.labels(self.pipeline).set(1 if ok else 0)
 
+    def set_target_fpr(self, target_fpr: float) -> None:
+        self._target_fpr.labels(self.pipeline).set(target_fpr)
+
     def set_model_version(self, version: str) -> None:
         self._version.clear()
         self._version.labels(self.pipeline, version).set(1)
 
     def set_lag(self, topic: str, partition: int, lag: int) -> None:
         self._lag.labels(self.pipeline, topic, str(partition)).set(lag)
+
+    def forget_lag(self, topic: str, partition: int) -> None:
+        """Drop a partition's lag series when it leaves this consumer: a stale last value would
+        keep lag-based rules (deploy/prometheus/rules.yml) firing for a partition read elsewhere."""
+        with contextlib.suppress(KeyError):  # never reported: nothing to remove
+            self._lag.remove(self.pipeline, topic, str(partition))
 
     def on_statistics(self, stats_json: str) -> None:
         """librdkafka's ``stats_cb``: consumer lag per assigned partition."""

@@ -131,6 +131,7 @@ class ModelsMixin:
         self._last_model_poll = time.monotonic()
         self.metrics.set_device(scorer.device)
         self.metrics.set_model_version(version)
+        self.metrics.set_target_fpr(model.target_fpr)
         self.metrics.set_model_identity_ok(True)
         self.health.set("model_loaded", True)
         self.health.set_detail("model", None)

@@ -123,6 +123,7 @@ class PartitionsMixin:
         for key in keys:
             state.stopped.pop(key, None)
             state.position.pop(key, None)
+            self.metrics.forget_lag(*key)
         self._stopped_changed()
         state.generation += 1  # a held batch is dropped (streams.service)
         self.health.set("assigned", bool(state.assigned))

@@ -76,6 +76,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from anomaly.config import PipelineConfig
+from anomaly.monitoring.drift import DriftMonitor, DriftReport
 from storage.errors import RetryableStorageError
 from storage.records import OffsetRecord, SinkBatch, WriteResult
 from streams.alertmanager import Notifier
@@ -147,6 +148,7 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
         self._notifier: Notifier | None = None
         self.totals = BatchOutcome(0, 0, 0, 0)
         self.health.set("no_partition_stopped", True)
+        self._drift: DriftMonitor | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -246,6 +248,8 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
             messages = self._messages(self._next_batch(kafka.batch_size, kafka.max_wait_s))
             ever_assigned = ever_assigned or bool(self.state.assigned)
             if not messages:
+                if self._drift is not None:  # a window closes on the clock, traffic or not
+                    self._drift_windows(self._drift.tick(datetime.now(UTC)))
                 idle = time.monotonic() - self.state.last_activity
                 # The group join itself takes seconds: before the first assignment allow for it.
                 limit = self.stop_when_idle_s
@@ -324,6 +328,8 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
             write=write,
         )
         self._count(outcome, batch, latencies, ingest)
+        if result is not None:
+            self._observe_drift(decoded, result, loaded, ingest)
         log.debug(
             "batch",
             extra={
@@ -373,6 +379,40 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
         return build_sink_batch(
             self.cfg, messages, decoded, result, loaded.version, ingest, self.decoder.record_fields
         )
+
+    def _observe_drift(
+        self, decoded: DecodedBatch, result: Any, loaded: LoadedModel, now: datetime
+    ) -> None:
+        """Count a committed batch into the drift window (by processing time; a new model
+        version starts new windows, the open one of the old version is not stored)."""
+        if not self.cfg.drift.enabled:
+            return
+        monitor = self._drift
+        if monitor is None or monitor.model is not loaded.model:
+            monitor = DriftMonitor(loaded.model, self.cfg.drift, self.pipeline, loaded.version)
+            self._drift = monitor
+        self._drift_windows(monitor.observe(decoded.frame, result.columns["ensemble_p"], now))
+
+    def _drift_windows(self, reports: list[DriftReport]) -> None:
+        """Export and store closed drift windows; a window the database refuses is logged and
+        lost (scoring does not wait for it)."""
+        for report in reports:
+            self.metrics.drift_window(report)
+            fields = {
+                "window_start": report.window_start.isoformat(),
+                "records": report.records,
+                "drifted": report.drifted,
+                "reasons": report.reasons,
+            }
+            log.log(
+                logging.WARNING if report.drifted else logging.INFO,
+                "drift window",
+                extra={"fields": fields},
+            )
+            try:
+                self.store.write_drift_window(report)
+            except RetryableStorageError as exc:
+                log.warning("drift window not stored: %s", exc)
 
     # -- sink and commit ------------------------------------------------------------------
 

@@ -20,15 +20,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "false-positive rate at the calibrated threshold. Writes DIR/report.html (self-contained, "
         "with plots) and DIR/report.json (the same numbers).",
     )
-    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="a saved model bundle")
-    p.add_argument(
-        "--data", required=True, metavar="LABELED", help="labeled records, .csv or .parquet"
-    )
+    # --model, --data and --label are checked by the handler, not argparse: storage's
+    # `--from-db` (added to this command when storage is installed) uses none of the last two.
+    p.add_argument("--model", metavar="MODEL_DIR", help="a saved model bundle (required)")
+    p.add_argument("--data", metavar="LABELED", help="labeled records, .csv or .parquet (required)")
     p.add_argument(
         "--label",
-        required=True,
         metavar="COLUMN",
-        help="the label column: 1 = anomaly, 0 = normal",
+        help="the label column: 1 = anomaly, 0 = normal (required)",
     )
     p.add_argument("--report", required=True, metavar="DIR", help="output directory")
     p.add_argument(
@@ -50,7 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from anomaly.errors import DataError
     from anomaly.evaluation.run import run_evaluation
+
+    missing = [f"--{k}" for k in ("model", "data", "label") if getattr(args, k) is None]
+    if missing:
+        raise DataError(f"evaluate: {', '.join(missing)} required")
 
     result, html_path, json_path = run_evaluation(
         model_dir=args.model,

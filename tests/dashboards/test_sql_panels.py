@@ -44,7 +44,7 @@ def _create_schema(url: str) -> None:
 
 
 def _seed(url: str) -> dict:
-    from sqlalchemy import create_engine, insert
+    from sqlalchemy import create_engine, insert, select
 
     from storage import schema as s
 
@@ -69,7 +69,7 @@ def _seed(url: str) -> dict:
                 kafka_topic="t",
                 kafka_partition=i % 2,
                 kafka_offset=i,
-                model_version="v1",
+                model_version="v1" if i < 8 else "v2",
                 vae_score=5.0 + i,
                 vae_p=1e-4,
                 flow_score=3.0,
@@ -122,6 +122,26 @@ def _seed(url: str) -> dict:
         outside["ingest_time"] = t0 - timedelta(days=1)
         other = dict(alerts[0], pipeline="other", record_id="x", kafka_offset=101)
         conn.execute(insert(s.alerts), [*alerts, outside, other])
+        # Analyst verdicts (record_id -> verdict): fraud v1 2 TP 1 FP of 4 alerts, fraud v2 1 TP
+        # of 2, manufacturing v1 1 FP of 4, manufacturing v2 none of 2; the alert outside the
+        # range and the one of pipeline "other" have verdicts that must not count.
+        ids = dict(conn.execute(select(s.alerts.c.record_id, s.alerts.c.id)).all())
+        verdicts = {
+            "r0": "true_positive",
+            "r2": "true_positive",
+            "r4": "false_positive",
+            "r8": "true_positive",
+            "r1": "false_positive",
+            "old": "true_positive",
+            "x": "true_positive",
+        }
+        conn.execute(
+            insert(s.verdicts),
+            [
+                dict(alert_id=ids[r], verdict=v, verdict_by="ana", verdict_at=END, note=None)
+                for r, v in verdicts.items()
+            ],
+        )
         conn.execute(
             insert(s.dead_letters),
             [
@@ -175,6 +195,10 @@ def _seed(url: str) -> dict:
                     )
                 )
         conn.execute(insert(s.stream_stats), stats)
+        if hasattr(s, "drift_windows"):  # hourly drift windows; the fourth one drifted
+            conn.execute(
+                insert(s.drift_windows), [_drift_row(p, h) for p in PIPELINES for h in range(6)]
+            )
         conn.execute(
             insert(s.consumer_offsets),
             [
@@ -190,6 +214,28 @@ def _seed(url: str) -> dict:
         )
     engine.dispose()
     return {"alerts_in_range": len(alerts), "stats_rows_per_pipeline": 360}
+
+
+def _drift_row(pipeline: str, hour: int) -> dict:
+    drifted = hour == 3
+    return dict(
+        pipeline=pipeline,
+        model_version="v1",
+        window_start=RANGE.start + timedelta(hours=hour),
+        window_end=RANGE.start + timedelta(hours=hour + 1),
+        records=1000,
+        alerts=30 if drifted else 2,
+        expected_alert_rate=0.001,
+        alert_rate_p=1e-9 if drifted else 0.5,
+        ks_stat=0.2 if drifted else 0.02,
+        ks_p=1e-8 if drifted else 0.6,
+        top_features=[
+            {"feature": "amount", "psi": 0.45 if drifted else 0.01},
+            {"feature": "hour", "psi": 0.005},
+        ],
+        drifted=drifted,
+        reasons=["amount: PSI 0.450"] if drifted else [],
+    )
 
 
 def _grant_readonly(conn) -> None:
@@ -315,6 +361,33 @@ def test_panel_values_match_the_seeded_rows(grafana_conn):
     ratios = {(r[0], r[1]): r[4] for r in rows}
     assert ratios[("fraud", "p50")] == pytest.approx(1.1)
     assert ratios[("manufacturing", "p99")] == pytest.approx(1.1)
+    # Analyst verdicts: precision among reviewed alerts in range, per pipeline and version.
+    assert _query(conn, "anomaly-alerts", "Precision from verdicts") == [(0.6,)]
+    fraud = {**VARIABLES, "pipeline": ["fraud"]}
+    (precision,) = _query(conn, "anomaly-alerts", "Precision from verdicts", fraud)[0]
+    assert precision == pytest.approx(0.75)
+    assert _query(conn, "anomaly-alerts", "Verdicts and precision by pipeline") == [
+        ("fraud", 6, 4, 3, 1, 0.75),
+        ("manufacturing", 6, 1, 0, 1, 0.0),
+    ]
+    rows = _query(conn, "anomaly-models", "Precision from verdicts by model version")
+    assert [r[:6] for r in rows] == [
+        ("fraud", "v1", 4, 3, 2, 1),
+        ("fraud", "v2", 2, 1, 1, 0),
+        ("manufacturing", "v1", 4, 1, 0, 1),
+        ("manufacturing", "v2", 2, 0, 0, 0),
+    ]
+    assert [r[6] for r in rows[1:]] == [1.0, 0.0, None]
+    assert rows[0][6] == pytest.approx(2 / 3)
+    # Drift: one row per window, the top features rendered; the drifted window stands out.
+    rows = _query(conn, "anomaly-models", "Drift windows")
+    assert len(rows) == 12 and rows[0][0] == RANGE.start + timedelta(hours=5)
+    drifted = [r for r in rows if r[8]]
+    assert [r[1] for r in drifted] == PIPELINES
+    assert drifted[0][9] == "amount (0.450), hour (0.005)"
+    title = "Drift signals per window: KS of p-values, highest feature PSI"
+    rows = _query(conn, "anomaly-models", title)
+    assert max(r[3] for r in rows) == 0.45 and sum(r[4] for r in rows) == 2
     # A time range with no data gives empty panels, not errors.
     empty = TimeRange(END + timedelta(days=30), END + timedelta(days=31), 60)
     assert _query(conn, "anomaly-alerts", "Latest alerts", time_range=empty) == []

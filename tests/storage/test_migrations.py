@@ -147,3 +147,50 @@ def test_cli_upgrade_works_from_any_directory(
     assert main(["db", "downgrade", "--db", db_url, "--to", "base"]) == 0
     with AlertStore(db_url) as store:
         assert _tables(store) == set()
+
+
+def test_verdicts_migration_goes_down_and_up_leaving_the_alerts_alone(db_url: str) -> None:
+    """0003 adds the verdicts table only; its downgrade drops it (and the verdicts) and keeps
+    every alert; pruning an alert deletes its verdict (ON DELETE CASCADE on both dialects)."""
+    from datetime import timedelta
+
+    from sqlalchemy import insert
+    from storage_testlib import range_batch
+
+    from storage import schema as s
+
+    with AlertStore(db_url) as store:
+        store.upgrade()
+        assert "verdicts" in _tables(store)
+        store.write_batch(range_batch(0, 5))
+        before = sorted(store.list_alerts(limit=None), key=lambda a: a["id"])
+        first = before[0]
+        with store.engine.begin() as conn:
+            conn.execute(
+                insert(s.verdicts),
+                dict(
+                    alert_id=first["id"],
+                    verdict="true_positive",
+                    verdict_by="ana",
+                    verdict_at=first["ingest_time"],
+                ),
+            )
+        store.downgrade("0002")
+        assert "verdicts" not in _tables(store)
+        assert sorted(store.list_alerts(limit=None), key=lambda a: a["id"]) == before
+        store.upgrade()
+        assert store.current_revision() == head_revision()
+        with store.engine.begin() as conn:
+            conn.execute(
+                insert(s.verdicts),
+                dict(
+                    alert_id=first["id"],
+                    verdict="false_positive",
+                    verdict_by="ana",
+                    verdict_at=first["ingest_time"],
+                ),
+            )
+        store.prune(first["ingest_time"] + timedelta(days=3650))
+        assert store.list_alerts(limit=None) == []
+        with store.engine.connect() as conn:
+            assert conn.execute(s.verdicts.select()).all() == []

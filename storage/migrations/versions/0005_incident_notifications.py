@@ -9,8 +9,8 @@ resolved), the label set sent, the incident's alert count at that send, and when
 last sent. The notifier reads what is due from here, so a restart or an Alertmanager outage
 catches up. Deleting an incident (``anomaly db prune``) deletes its row.
 
-Revision ID: 0003
-Revises: 0002
+Revision ID: 0005
+Revises: 0004
 Create Date: 2026-12-04
 """
 
@@ -20,8 +20,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision = "0003"
-down_revision = "0002"
+revision = "0005"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,1 @@
+"""Monitoring of a deployed model on its live stream (drift)."""
