@@ -144,6 +144,30 @@ class IncidentConfig:
 
 
 @dataclass
+class AlertingConfig:
+    """Open incidents to Alertmanager (README, "Alerts to people: Alertmanager")."""
+
+    # e.g. http://alertmanager:9093; unset: nothing is sent (incidents still close).
+    # Credentials may be in the URL, so it can come from ANOMALY_ALERTING_ALERTMANAGER_URL.
+    alertmanager_url: str | None = None
+    # Base URL of Grafana for the dashboard link in each alert's annotations.
+    grafana_url: str | None = None
+    # How often the notifier looks for incidents to close and alerts to send.
+    poll_s: float = 5.0
+    # Open incidents are sent again this often (Alertmanager forgets alerts that are not
+    # re-sent); a resolved one is sent no sooner than this after its first firing send, so keep
+    # it above Alertmanager's group_wait.
+    resend_interval_s: float = 60.0
+    # Backoff (doubling, up to max) while Alertmanager does not answer.
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 60.0
+    timeout_s: float = 5.0
+    # Incidents that closed longer ago than this and were never sent are not sent any more
+    # (e.g. when alerting is switched on for a database with history).
+    max_catch_up_s: float = 86400.0
+
+
+@dataclass
 class DriftConfig:
     """Drift detection on the live stream (anomaly.monitoring.drift; README, "Drift")."""
 
@@ -191,6 +215,7 @@ class PipelineConfig:
     incidents: IncidentConfig = field(default_factory=IncidentConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    alerting: AlertingConfig = field(default_factory=AlertingConfig)
     source_path: str | None = None
 
     @property
@@ -215,6 +240,7 @@ _SECTIONS: dict[str, type] = {
     "incidents": IncidentConfig,
     "drift": DriftConfig,
     "serve": ServeConfig,
+    "alerting": AlertingConfig,
 }
 
 
@@ -427,6 +453,10 @@ def _validate(cfg: PipelineConfig) -> None:
         raise ConfigError("kafka.batch_size must be >= 1")
     if cfg.kafka.max_wait_s < 0:
         raise ConfigError("kafka.max_wait_s must be >= 0")
+    a = cfg.alerting
+    for name in ("poll_s", "resend_interval_s", "retry_initial_s", "retry_max_s", "timeout_s"):
+        if getattr(a, name) <= 0:
+            raise ConfigError(f"alerting.{name} must be > 0, got {getattr(a, name)}")
     k = cfg.kafka
     if k.format == "avro" and not k.avro_schema:
         raise ConfigError("kafka.format is 'avro': set kafka.avro_schema to the .avsc file")

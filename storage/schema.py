@@ -127,6 +127,13 @@ incidents = Table(
     CheckConstraint(_in("status", INCIDENT_STATUSES), name="status"),
     Index(None, "pipeline", "entity", "last_seen"),
     Index(None, "pipeline", "last_seen"),
+    # The open incidents, which the notifier reads every cycle (migration 0005).
+    Index(
+        "ix_incidents_open",
+        "pipeline",
+        postgresql_where=text("status = 'open'"),
+        sqlite_where=text("status = 'open'"),
+    ),
 )
 
 alerts = Table(
@@ -181,7 +188,7 @@ alerts = Table(
 # An analyst's verdict on an alert (``anomaly alerts ack --verdict``), at most one per alert (a
 # later verdict replaces it). A table of its own rather than columns on ``alerts``: the alert
 # write path (storage/writes.py) neither writes nor indexes anything more, and pruning an alert
-# deletes its verdict (ON DELETE CASCADE, migration 0003).
+# deletes its verdict (ON DELETE CASCADE, migration 0005).
 verdicts = Table(
     "verdicts",
     metadata,
@@ -274,6 +281,35 @@ consumer_offsets = Table(
     PrimaryKeyConstraint("pipeline", "kafka_topic", "kafka_partition"),
 )
 
+# What the Alertmanager notifier last sent for an incident (migration 0005; the notifier):
+# a row per incident that was sent at least once. ``labels`` is the label set sent (a new one
+# resolves the old in Alertmanager), ``alert_count`` the incident's count at that send.
+NOTIFICATION_STATES = ("firing", "resolved")
+
+incident_notifications = Table(
+    "incident_notifications",
+    metadata,
+    Column(
+        "incident_id",
+        BigInteger().with_variant(Integer(), "sqlite"),
+        ForeignKey("incidents.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("state", String(16), nullable=False),
+    Column("labels", _json(), nullable=False),
+    Column("alert_count", Integer, nullable=False),
+    Column("first_sent_at", UTCDateTime(), nullable=False),
+    Column("sent_at", UTCDateTime(), nullable=False),
+    CheckConstraint(_in("state", NOTIFICATION_STATES), name="state"),
+    # The incidents sent firing and not yet resolved, which the notifier reads every cycle.
+    Index(
+        "ix_incident_notifications_firing",
+        "incident_id",
+        postgresql_where=text("state = 'firing'"),
+        sqlite_where=text("state = 'firing'"),
+    ),
+)
+
 # One row per pipeline and closed drift window (anomaly.monitoring.drift, migration 0004).
 drift_windows = Table(
     "drift_windows",
@@ -305,5 +341,6 @@ TABLES = (
     model_versions,
     stream_stats,
     consumer_offsets,
+    incident_notifications,
     drift_windows,
 )

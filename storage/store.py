@@ -42,7 +42,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
-from storage import drift, queries, registry, verdicts
+from storage import drift, notifications, queries, registry, verdicts
 from storage.alert_rows import ALERT_COLUMNS
 from storage.engine import (
     Database,
@@ -283,3 +283,20 @@ class AlertStore:
 
         Runs ``storage/grafana_role.sql``; with a password the role can log in."""
         queries.grant_read_only(self._db, role, password)
+
+    # ------------------------------------------------------------------ incident notifications
+
+    def close_stale_incidents(self, pipeline: str, now: datetime) -> list[int]:
+        """Close open incidents no alert joined for the incident window (by ingest time)."""
+        return notifications.close_stale(self._db, pipeline, now, self.incident_window)
+
+    def incidents_to_notify(
+        self, pipeline: str, now: datetime, resend: timedelta, since: datetime
+    ) -> list[notifications.DueIncident]:
+        """What the Alertmanager notifier sends now (``storage.notifications.due``)."""
+        return notifications.due(self._db, pipeline, now, resend, since)
+
+    def mark_notified(
+        self, sent: list[tuple[int, str, dict[str, str], int]], now: datetime
+    ) -> None:
+        notifications.mark_sent(self._db, sent, now)

@@ -45,6 +45,7 @@ class ServiceMetrics:
         self.registry = registry or CollectorRegistry()
         self._records_and_stages()
         self._service_state()
+        self._alertmanager()
         self._drift_state()
 
     def _new(self, kind: type[T], name: str, doc: str, *labels: str, **kwargs: Any) -> T:
@@ -128,6 +129,30 @@ class ServiceMetrics:
             Counter, "anomaly_producer_rebuilds",
             "Output producers replaced after a fatal librdkafka error",
         ).labels(p)  # fmt: skip
+
+    def _alertmanager(self) -> None:
+        """Incidents to Alertmanager (streams/alertmanager.py)."""
+        p, new = self.pipeline, self._new
+        # No series until the first post: a pipeline without alerting must not show one down.
+        self._alertmanager_up = new(
+            Gauge, "anomaly_alertmanager_up", "1 while the last post to Alertmanager succeeded"
+        )
+        self._alertmanager_sent = new(
+            Counter, "anomaly_alertmanager_notifications",
+            "Alerts posted to Alertmanager (result: firing, resolved, failed)", "result",
+        )  # fmt: skip
+        self.alertmanager_errors = new(
+            Counter, "anomaly_alertmanager_errors", "Posts to Alertmanager that failed"
+        ).labels(p)
+
+    def set_alertmanager_up(self, up: bool) -> None:
+        self._alertmanager_up.labels(self.pipeline).set(1 if up else 0)
+
+    def alertmanager_sent(self, result: str, n: int = 1) -> None:
+        self._alertmanager_sent.labels(self.pipeline, result).inc(n)
+
+    def alertmanager_error(self) -> None:
+        self.alertmanager_errors.inc()
 
     def _drift_state(self) -> None:
         """The last closed drift window (anomaly.monitoring.drift; README, "Drift"). No series

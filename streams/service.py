@@ -79,6 +79,7 @@ from anomaly.config import PipelineConfig
 from anomaly.monitoring.drift import DriftMonitor, DriftReport
 from storage.errors import RetryableStorageError
 from storage.records import OffsetRecord, SinkBatch, WriteResult
+from streams.alertmanager import Notifier
 from streams.avro import SchemaRegistryUnavailable, make_decoder
 from streams.batch import Message, build_sink_batch
 from streams.decode import DecodedBatch
@@ -144,6 +145,7 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
         self.loaded: LoadedModel | None = None
         self._last_model_poll = 0.0
         self.metrics_server: MetricsServer | None = None
+        self._notifier: Notifier | None = None
         self.totals = BatchOutcome(0, 0, 0, 0)
         self.health.set("no_partition_stopped", True)
         self._drift: DriftMonitor | None = None
@@ -181,6 +183,8 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
             self._with_db_retry(self.store.upgrade, "migrating the database")
             if self._stop.is_set():
                 return 0
+            # Closes stale incidents and sends them to Alertmanager, from SQL, apart from the loop.
+            self._notifier = Notifier(self.cfg, self.store, self.metrics).start()
             self._load_model(initial=True)
             conf = consumer_settings(self.cfg)
             conf["stats_cb"] = self.metrics.on_statistics
@@ -214,6 +218,9 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
         return 0
 
     def _shutdown(self) -> None:
+        if self._notifier is not None:
+            self._notifier.stop()
+            self._notifier = None
         if self._consumer is not None:
             try:
                 # Leaving the group runs on_revoke (which commits what is written) first.

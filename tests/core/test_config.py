@@ -191,3 +191,19 @@ def test_an_incremental_rebalance_protocol_is_refused(settings: dict, message: s
         {"group.protocol": "classic"},
     ):
         build({}, kafka={"settings": fine})
+
+
+def test_alerting_section_from_the_file_and_the_environment() -> None:
+    cfg = build(
+        {
+            "ANOMALY_ALERTING_ALERTMANAGER_URL": "http://am:9093",
+            "ANOMALY_ALERTING_RESEND_INTERVAL_S": "30",
+        },
+        alerting={"grafana_url": "http://grafana:3000", "retry_max_s": 120},
+    )
+    a = cfg.alerting
+    assert (a.alertmanager_url, a.grafana_url) == ("http://am:9093", "http://grafana:3000")
+    assert (a.resend_interval_s, a.retry_max_s, a.poll_s) == (30.0, 120.0, 5.0)
+    assert build({}).alerting.alertmanager_url is None  # off unless configured
+    with pytest.raises(ConfigError, match=re.escape("alerting.resend_interval_s must be > 0")):
+        build({}, alerting={"resend_interval_s": 0})

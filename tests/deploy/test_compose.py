@@ -68,6 +68,7 @@ def test_services_health_checks_and_profiles():
         "train",
         "replay",
         "prometheus",
+        "alertmanager",
         "grafana",
         "schema-registry",
     }
@@ -133,7 +134,7 @@ def test_scorers_prometheus_and_grafana_fit_together():
         seen.add(target)
     assert seen == targets
     # Every file Grafana and Prometheus mount exists in the tree.
-    for svc in ("grafana", "prometheus"):
+    for svc in ("grafana", "prometheus", "alertmanager"):
         for volume in services[svc]["volumes"]:
             source = volume["source"] if isinstance(volume, dict) else volume.split(":")[0]
             if source.startswith("/"):
@@ -190,3 +191,25 @@ def test_every_anomaly_command_in_the_stack_parses():
             assert getattr(args, "handler", None) is not None, (name, argv)
             checked += 1
     assert checked >= 8
+
+
+@needs_compose
+def test_scorers_post_incidents_to_the_alertmanager_service():
+    services = _resolved()["services"]
+    am = services["alertmanager"]
+    assert am["image"].startswith("prom/alertmanager:")
+    assert "9093" in str(am["ports"])
+    for name in ("scorer-fraud", "scorer-manufacturing"):
+        url = services[name]["environment"]["ANOMALY_ALERTING_ALERTMANAGER_URL"]
+        assert url == "http://alertmanager:9093"
+
+
+@pytest.mark.skipif(shutil.which("amtool") is None, reason="amtool is absent")
+def test_the_example_alertmanager_config_is_valid():
+    out = subprocess.run(
+        ["amtool", "check-config", str(ROOT / "deploy" / "alertmanager" / "alertmanager.yml")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr

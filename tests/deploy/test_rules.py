@@ -148,9 +148,8 @@ def test_compose_prometheus_loads_the_rules_and_sends_to_alertmanager():
         for t in sc["targets"]
     ]  # fmt: skip
     assert targets == ["alertmanager:9093"]
-    # The `alertmanager` service itself comes with a parallel change (issue #16, Alertmanager
-    # delivery); tolerated as absent here. At merge, tighten with:
-    #     assert "alertmanager" in yaml.safe_load(compose)["services"]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert "9093:9093" in compose["services"]["alertmanager"]["ports"]
 
 
 @needs_promtool
