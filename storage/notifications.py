@@ -103,6 +103,16 @@ def due(
     The candidates come from three index lookups (open incidents, firing notifications, recent
     alerts), never from a scan of all incidents.
     """
+    with db.transaction("finding incidents to notify", write=False) as conn:
+        rows = conn.execute(_due_query(pipeline, now, resend, since, limit)).mappings().all()
+        times, strongest = _alert_facts(conn, [r["id"] for r in rows])
+    return [
+        _due_incident(r, times.get(r["id"], (None, None)), strongest.get(r["id"])) for r in rows
+    ]
+
+
+def _due_query(pipeline: str, now: datetime, resend: timedelta, since: datetime, limit: int):
+    """The due incidents of ``due``'s docstring with their last notification, if any."""
     i, n, a = s.incidents, s.incident_notifications, s.alerts
     never = n.c.incident_id.is_(None)
     open_due = and_(
@@ -128,7 +138,7 @@ def due(
             a.c.pipeline == pipeline, a.c.ingest_time >= since, a.c.incident_id.is_not(None)
         ),
     ).subquery()
-    query = (
+    return (
         select(i, n.c.state, n.c.labels, n.c.alert_count.label("sent_count"), n.c.first_sent_at)
         .select_from(i.outerjoin(n, n.c.incident_id == i.c.id))
         .where(
@@ -139,69 +149,74 @@ def due(
         .order_by(i.c.id)
         .limit(limit)
     )
-    with db.transaction("finding incidents to notify", write=False) as conn:
-        rows = conn.execute(query).mappings().all()
-        ids = [r["id"] for r in rows]
-        times: dict[int, tuple[datetime, datetime]] = {}
-        strongest: dict[int, dict[str, Any]] = {}
-        for chunk in _chunks(ids, _CHUNK):
-            spans = select(
-                a.c.incident_id, func.min(a.c.ingest_time), func.max(a.c.ingest_time)
-            ).where(a.c.incident_id.in_(chunk))
-            for r in conn.execute(spans.group_by(a.c.incident_id)):
-                times[r[0]] = (r[1], r[2])  # min and max keep the column's type: aware UTC
-            rank = (
-                func.row_number()
-                .over(
-                    partition_by=a.c.incident_id,
-                    order_by=(a.c.ensemble_score.desc(), a.c.id.desc()),
-                )
-                .label("rank")
-            )
-            ranked = (
-                select(
-                    a.c.incident_id,
-                    a.c.record_id,
-                    a.c.model_version,
-                    a.c.ensemble_score,
-                    a.c.ensemble_p,
-                    a.c.severity,
-                    a.c.top_features,
-                    rank,
-                )
-                .where(a.c.incident_id.in_(chunk))
-                .subquery()
-            )
-            for r in conn.execute(select(ranked).where(ranked.c.rank == 1)).mappings():
-                strongest[r["incident_id"]] = dict(r)
-    out = []
-    for r in rows:
-        started, last = times.get(r["id"], (None, None))
-        sent = None
-        if r["state"] is not None:
-            sent = {
-                "state": r["state"],
-                "labels": r["labels"],
-                "alert_count": r["sent_count"],
-                "first_sent_at": r["first_sent_at"],
-            }
-        out.append(
-            DueIncident(
-                id=r["id"],
-                pipeline=r["pipeline"],
-                entity=r["entity"],
-                status=r["status"],
-                first_seen=r["first_seen"],
-                last_seen=r["last_seen"],
-                alert_count=r["alert_count"],
-                max_severity=r["max_severity"],
-                started_at=started,
-                last_alert_at=last,
-                strongest=strongest.get(r["id"]),
-                sent=sent,
-            )
+
+
+def _alert_facts(
+    conn: Any, ids: list[int]
+) -> tuple[dict[int, tuple[datetime, datetime]], dict[int, dict[str, Any]]]:
+    """Per incident: the first and last alert's ingest time, and its strongest alert (highest
+    ensemble score; the latest among equals)."""
+    a = s.alerts
+    times: dict[int, tuple[datetime, datetime]] = {}
+    strongest: dict[int, dict[str, Any]] = {}
+    for chunk in _chunks(ids, _CHUNK):
+        spans = select(a.c.incident_id, func.min(a.c.ingest_time), func.max(a.c.ingest_time)).where(
+            a.c.incident_id.in_(chunk)
         )
-    return out
+        for r in conn.execute(spans.group_by(a.c.incident_id)):
+            times[r[0]] = (r[1], r[2])  # min and max keep the column's type: aware UTC
+        rank = (
+            func.row_number()
+            .over(
+                partition_by=a.c.incident_id,
+                order_by=(a.c.ensemble_score.desc(), a.c.id.desc()),
+            )
+            .label("rank")
+        )
+        ranked = (
+            select(
+                a.c.incident_id,
+                a.c.record_id,
+                a.c.model_version,
+                a.c.ensemble_score,
+                a.c.ensemble_p,
+                a.c.severity,
+                a.c.top_features,
+                rank,
+            )
+            .where(a.c.incident_id.in_(chunk))
+            .subquery()
+        )
+        for r in conn.execute(select(ranked).where(ranked.c.rank == 1)).mappings():
+            strongest[r["incident_id"]] = dict(r)
+    return times, strongest
+
+
+def _due_incident(
+    r: Any, span: tuple[datetime | None, datetime | None], strongest: dict[str, Any] | None
+) -> DueIncident:
+    sent = None
+    if r["state"] is not None:
+        sent = {
+            "state": r["state"],
+            "labels": r["labels"],
+            "alert_count": r["sent_count"],
+            "first_sent_at": r["first_sent_at"],
+        }
+    return DueIncident(
+        id=r["id"],
+        pipeline=r["pipeline"],
+        entity=r["entity"],
+        status=r["status"],
+        first_seen=r["first_seen"],
+        last_seen=r["last_seen"],
+        alert_count=r["alert_count"],
+        max_severity=r["max_severity"],
+        started_at=span[0],
+        last_alert_at=span[1],
+        strongest=strongest,
+        sent=sent,
+    )
 
 
 Sent = tuple[int, str, dict[str, str], int]  # incident id, state, labels, alert count
