@@ -15,17 +15,14 @@ from dashboards.panels import (
     PIPELINE_SQL,
     SEVERITY_RANK,
     TAGS,
-    VERDICT_COLUMNS,
-    VERDICT_COUNTS_SQL,
-    VERDICTS_NOTE,
     count_bars,
     dashed_override,
-    precision_unit_override,
     severity_overrides,
     stat,
     table,
     timeseries,
 )
+from dashboards.verdicts import precision_from_verdicts_stat, verdicts_by_pipeline
 
 # ------------------------------------------------------------------------------------ top stats
 
@@ -386,49 +383,6 @@ def latest_alerts() -> Panel:
                 "properties": [{"id": "custom.width", "value": 420}],
             },
         ],
-    )
-
-
-# ----------------------------------------------------------------------------- analyst verdicts
-
-# Verdicts come from `anomaly alerts ack ID --verdict ...` (the verdicts table, one per alert).
-# The time range selects alerts by ingest time, whenever they were reviewed.
-PRECISION_FROM_VERDICTS_SQL = """
-SELECT
-  (count(*) FILTER (WHERE v.verdict = 'true_positive'))::float8 / NULLIF(count(*), 0)
-    AS precision
-FROM alerts a
-JOIN verdicts v ON v.alert_id = a.id
-WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN (${pipeline:sqlstring})
-"""
-
-
-def precision_from_verdicts_stat() -> Panel:
-    return stat(
-        "Precision from verdicts",
-        SQLTarget(PRECISION_FROM_VERDICTS_SQL, columns=("precision",)),
-        unit="percentunit",
-        decimals=1,
-        width=6,
-        description=VERDICTS_NOTE + " Empty when no alert in the range has a verdict.",
-    )
-
-
-VERDICTS_BY_PIPELINE_SQL = f"""
-SELECT
-  a.pipeline,
-{VERDICT_COUNTS_SQL}GROUP BY a.pipeline
-ORDER BY a.pipeline
-"""
-
-
-def verdicts_by_pipeline() -> Panel:
-    return table(
-        "Verdicts and precision by pipeline",
-        SQLTarget(VERDICTS_BY_PIPELINE_SQL, columns=("pipeline", *VERDICT_COLUMNS)),
-        width=18,
-        description=VERDICTS_NOTE,
-        overrides=[precision_unit_override()],
     )
 
 

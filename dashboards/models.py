@@ -15,15 +15,12 @@ from dashboards.panels import (
     LINKS,
     PIPELINE_SQL,
     TAGS,
-    VERDICT_COLUMNS,
-    VERDICT_COUNTS_SQL,
-    VERDICTS_NOTE,
     count_bars,
     dashed_override,
-    precision_unit_override,
     table,
     timeseries,
 )
+from dashboards.verdicts import precision_by_version
 
 # ------------------------------------------------------------------------------- active models
 
@@ -261,27 +258,6 @@ def detector_score_by_version() -> Panel:
         ],
         datasource=POSTGRES,
         fill=0,
-    )
-
-
-PRECISION_BY_VERSION_SQL = f"""
-SELECT
-  a.pipeline,
-  a.model_version,
-{VERDICT_COUNTS_SQL}GROUP BY a.pipeline, a.model_version
-ORDER BY a.pipeline, a.model_version
-"""
-
-
-def precision_by_version() -> Panel:
-    return table(
-        "Precision from verdicts by model version",
-        SQLTarget(
-            PRECISION_BY_VERSION_SQL, columns=("pipeline", "model_version", *VERDICT_COLUMNS)
-        ),
-        width=24,
-        description=VERDICTS_NOTE,
-        overrides=[precision_unit_override()],
     )
 
 

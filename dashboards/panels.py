@@ -192,32 +192,3 @@ def table(title: str, target: SQLTarget, **kw) -> Panel:
         custom={"align": "auto", "filterable": True},
         **kw,
     )
-
-
-# Analyst verdicts (the verdicts table): shared by the Alerts and Models dashboards.
-VERDICTS_NOTE = (
-    "Among the alerts analysts reviewed (anomaly alerts ack --verdict): true positives / "
-    "reviewed. Says nothing about anomalies that raised no alert (recall), and reviewed "
-    "alerts may not be a random sample of all alerts."
-)
-
-VERDICT_COLUMNS = ("alerts", "reviewed", "true_positives", "false_positives", "precision")
-# The SELECT list's verdict counts (VERDICT_COLUMNS) and their FROM/WHERE: every alert in the range
-# with its verdict, if any; the panels prepend their GROUP BY columns and append the GROUP BY.
-VERDICT_COUNTS_SQL = """  count(*) AS alerts,
-  count(v.alert_id) AS reviewed,
-  count(*) FILTER (WHERE v.verdict = 'true_positive') AS true_positives,
-  count(*) FILTER (WHERE v.verdict = 'false_positive') AS false_positives,
-  (count(*) FILTER (WHERE v.verdict = 'true_positive'))::float8 / NULLIF(count(v.alert_id), 0)
-    AS precision
-FROM alerts a
-LEFT JOIN verdicts v ON v.alert_id = a.id
-WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN (${pipeline:sqlstring})
-"""
-
-
-def precision_unit_override() -> dict:
-    return {
-        "matcher": {"id": "byName", "options": "precision"},
-        "properties": [{"id": "unit", "value": "percentunit"}, {"id": "decimals", "value": 1}],
-    }
