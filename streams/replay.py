@@ -8,10 +8,13 @@ entity's records stay in order on one partition.
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pandas as pd
@@ -144,7 +147,7 @@ def replay(
                 ahead = start + (i + 1) / rate - time.monotonic()
                 if ahead > 0:
                     time.sleep(ahead)
-    remaining = producer.flush(60)
+    remaining = flush_interruptibly(producer, 60.0)
     bar.update(len(values) - bar.n)
     bar.close()
     seconds = time.monotonic() - start
@@ -156,3 +159,35 @@ def replay(
         extra={"fields": {"topic": topic, "produced": result.produced, "failed": failed}},
     )
     return result
+
+
+def flush_interruptibly(producer: Any, timeout_s: float) -> int:
+    """``producer.flush(timeout_s)`` that Ctrl-C interrupts cleanly; returns what is left unsent.
+
+    Why not one ``flush``: with no broker it waits the whole timeout inside librdkafka, and a
+    SIGINT landing there runs Python's handler inside one of its callbacks (delivery, logs),
+    where confluent-kafka loses the KeyboardInterrupt (``SystemError: ... returned NULL without
+    setting an exception``) and the wait goes on. So SIGINT only sets a flag while short flushes
+    run, and the interrupt is delivered afterwards, in plain Python, by the handler that was in
+    place (Python's own raises KeyboardInterrupt; the demo's records it first).
+    """
+    interrupted = threading.Event()
+    previous: Any = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
+    try:
+        deadline = time.monotonic() + timeout_s
+        remaining = len(producer)
+        while remaining and not interrupted.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            remaining = producer.flush(min(0.2, left))
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if interrupted.is_set():
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        raise KeyboardInterrupt
+    return remaining
