@@ -297,6 +297,30 @@ drift_windows = Table(
     Index(None, "pipeline", "window_start"),
 )
 
+# A sample of recent scored records (alerting or not: ``alerted``) for ``anomaly retrain``
+# (migration 0005): the rows of the highest ``priority`` (streams.reservoir), at most
+# retraining.reservoir_size per pipeline, written in the batch transaction (storage.reservoir).
+reservoir = Table(
+    "reservoir",
+    metadata,
+    _id(),
+    Column("pipeline", String(PIPELINE_LEN), nullable=False),
+    Column("kafka_topic", String(TOPIC_LEN), nullable=False),
+    Column("kafka_partition", Integer, nullable=False),
+    Column("kafka_offset", BigInteger, nullable=False),
+    Column("priority", Double, nullable=False),
+    Column("alerted", Boolean, nullable=False),
+    Column("model_version", String(MODEL_VERSION_LEN), nullable=False),
+    Column("event_time", UTCDateTime()),
+    Column("sampled_at", UTCDateTime(), nullable=False),
+    Column("record", _json_text(), nullable=False),
+    UniqueConstraint(
+        "pipeline", "kafka_topic", "kafka_partition", "kafka_offset", name="uq_reservoir_position"
+    ),
+    Index(None, "pipeline", "priority"),
+    Index(None, "pipeline", "sampled_at"),
+)
+
 TABLES = (
     alerts,
     incidents,
@@ -306,4 +330,5 @@ TABLES = (
     stream_stats,
     consumer_offsets,
     drift_windows,
+    reservoir,
 )
