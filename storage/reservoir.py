@@ -8,8 +8,11 @@ reservoir is full, see streams.reservoir). It
    replayed or zombie batch samples nothing) and inserts the rest with ON CONFLICT DO NOTHING on
    the Kafka position (a record is in the reservoir at most once);
 2. deletes the pipeline's rows sampled more than ``retention_s`` ago;
-3. keeps the ``reservoir_size`` rows of the highest priority: finds the lowest priority kept (one
-   walk of the (pipeline, priority) index) and deletes those below it.
+3. keeps the ``reservoir_size`` rows of the highest priority. While the service has not seen the
+   reservoir full (``SinkBatch.reservoir_threshold`` is -inf), and after retention deleted rows:
+   finds the lowest priority kept (a walk of ``reservoir_size`` entries of the (pipeline,
+   priority) index) and deletes those below it. Once full: deletes as many of the lowest rows as
+   it inserted (a walk of that many entries), so the count stays at ``reservoir_size``.
 
 It returns that lowest priority (``None`` while the reservoir is not full): the service samples
 only records above it from then on.
@@ -17,10 +20,11 @@ only records above it from then on.
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, exists, select
+from sqlalchemy import Connection, and_, delete, exists, func, select
 
 from storage import schema as s
 from storage.engine import Database, utc
@@ -50,17 +54,41 @@ def write_reservoir(
         for r in batch.reservoir
         if not _fenced(r.pipeline, r.kafka_topic, r.kafka_partition, r.kafka_offset, stored)
     ]
+    inserted = 0
+    trim_all = batch.reservoir_threshold == -math.inf  # the service has not seen it full
     if rows:  # else a replay: nothing to add, the threshold is still worth returning
-        conn.execute(
-            db.insert(t).on_conflict_do_nothing(
-                index_elements=["pipeline", "kafka_topic", "kafka_partition", "kafka_offset"]
-            ),
-            rows,
+        inserted = len(
+            conn.execute(
+                db.insert(t)
+                .on_conflict_do_nothing(
+                    index_elements=["pipeline", "kafka_topic", "kafka_partition", "kafka_offset"]
+                )
+                .returning(t.c.id),
+                rows,
+            ).all()
         )
         if batch.reservoir_retention_s > 0:
             newest = max(r["sampled_at"] for r in rows)
             cutoff = newest - timedelta(seconds=batch.reservoir_retention_s)
-            conn.execute(delete(t).where(t.c.pipeline == pipeline, t.c.sampled_at < cutoff))
+            expired = conn.execute(
+                delete(t).where(t.c.pipeline == pipeline, t.c.sampled_at < cutoff)
+            ).rowcount
+            trim_all = trim_all or expired > 0
+    if not trim_all:
+        # Full before this batch (the service saw it so): as many rows leave as came in, the
+        # lowest priorities (a walk of ``inserted`` index entries, not of the whole reservoir).
+        if inserted:
+            lowest = (
+                select(t.c.id)
+                .where(t.c.pipeline == pipeline)
+                .order_by(t.c.priority)
+                .limit(inserted)
+                .scalar_subquery()
+            )
+            conn.execute(delete(t).where(t.c.id.in_(lowest)))
+        kept = conn.execute(select(func.min(t.c.priority)).where(t.c.pipeline == pipeline))
+        value = kept.scalar()
+        return None if value is None else float(value)
     lowest_kept = conn.execute(
         select(t.c.priority)
         .where(t.c.pipeline == pipeline)
@@ -109,8 +137,6 @@ def reservoir_rows(
 
 
 def reservoir_count(db: Database, pipeline: str) -> int:
-    from sqlalchemy import func
-
     t = s.reservoir
     with db.transaction("counting the retraining reservoir", write=False) as conn:
         return int(conn.execute(select(func.count()).where(t.c.pipeline == pipeline)).scalar())
