@@ -54,12 +54,14 @@ class RetrainReport:
 
 
 def reservoir_frame(
-    store: Any, pipeline: str, since: datetime | None, exclude_alerts: bool
+    store: Any, cfg: Any, since: datetime | None, exclude_alerts: bool
 ) -> tuple[Any, int]:
-    """The reservoir's records as a DataFrame (oldest sample first) and how many alerting
-    records ``exclude_alerts`` left out."""
+    """The reservoir's records as a DataFrame of the schema's fields (oldest sample first; the
+    records hold every field their producer wrote) and how many alerting records
+    ``exclude_alerts`` left out."""
     import pandas as pd
 
+    pipeline = cfg.name
     rows = store.reservoir_rows(pipeline, since)
     if not rows and not store.list_model_versions(pipeline) and not store.reservoir_count(pipeline):
         raise InvalidArgumentError(
@@ -77,7 +79,10 @@ def reservoir_frame(
             "running with retraining.enabled, and migrated to revision 0005?)"
         )
     rows.sort(key=lambda r: (r["sampled_at"], r["kafka_partition"], r["kafka_offset"]))
-    return pd.DataFrame([r["record"] for r in rows]), excluded
+    frame = pd.DataFrame([r["record"] for r in rows])
+    s = cfg.schema
+    wanted = dict.fromkeys(c for c in (s.id_field, s.time_field, s.entity_field, *s.features) if c)
+    return frame[[c for c in wanted if c in frame.columns]], excluded
 
 
 def _load_active(store: Any, cfg: Any) -> tuple[Any, str, Path] | None:
@@ -118,7 +123,7 @@ def retrain(
 
     if not 0.0 <= holdout < 1.0:
         raise InvalidArgumentError(f"--holdout must be in [0, 1), got {holdout}")
-    frame, excluded = reservoir_frame(store, cfg.name, since, exclude_alerts)
+    frame, excluded = reservoir_frame(store, cfg, since, exclude_alerts)
     n_hold = int(len(frame) * holdout)
     train, shadow = frame.iloc[: len(frame) - n_hold], frame.iloc[len(frame) - n_hold :]
     if len(train) < MIN_TRAIN_ROWS:
