@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+from storage_testlib import alert
 
 from anomaly.config import config_from_dict
 from storage import AlertStore
@@ -118,3 +119,17 @@ def test_priorities_are_uniform_without_a_half_life() -> None:
     # The top tenth is spread evenly over the offsets (no order effect).
     counts = np.bincount(top * 10 // n, minlength=10)
     assert counts.min() > 150 and counts.max() < 250
+
+
+def test_records_confirmed_as_anomalies_are_not_trained_on(store: AlertStore) -> None:
+    sampler = ReservoirSampler(config(size=1000))
+    batch = batch_of(sampler, 0, 20, alerts={3, 4})
+    batch.alerts = [alert(o, pipeline="p", topic="t") for o in (3, 4)]
+    write(store, sampler, batch)
+    ids = {a["kafka_offset"]: a["id"] for a in store.list_alerts("p")}
+    store.ack(ids[3], verdict="true_positive", by="ana")
+    store.ack(ids[4], verdict="false_positive", by="ana")
+    rows = store.reservoir_rows("p")
+    assert store.reservoir_count("p") == 20 and len(rows) == 19
+    assert 3 not in {r["kafka_offset"] for r in rows}
+    assert [r["alerted"] for r in rows if r["kafka_offset"] == 4] == [True]
