@@ -189,6 +189,21 @@ class DriftConfig:
 
 
 @dataclass
+class RetrainingConfig:
+    """The reservoir of recent non-alerting records that ``anomaly retrain`` trains on (README,
+    "Retraining")."""
+
+    enabled: bool = True
+    # Rows kept per pipeline (a weighted sample without replacement, see streams.reservoir).
+    reservoir_size: int = 20000
+    # Rows sampled longer ago than this are deleted by the service's reservoir writes.
+    retention_s: float = 7 * 86400.0
+    # A record's sampling weight doubles every half_life_s of record time, so the sample leans
+    # towards recent traffic; 0: every record equally likely (a uniform sample, as Algorithm R).
+    half_life_s: float = 86400.0
+
+
+@dataclass
 class ServeConfig:
     metrics_port: int | None = 9108
     metrics_host: str = "127.0.0.1"
@@ -214,6 +229,7 @@ class PipelineConfig:
     database: DatabaseConfig = field(default_factory=DatabaseConfig)
     incidents: IncidentConfig = field(default_factory=IncidentConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
+    retraining: RetrainingConfig = field(default_factory=RetrainingConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     alerting: AlertingConfig = field(default_factory=AlertingConfig)
     source_path: str | None = None
@@ -239,6 +255,7 @@ _SECTIONS: dict[str, type] = {
     "database": DatabaseConfig,
     "incidents": IncidentConfig,
     "drift": DriftConfig,
+    "retraining": RetrainingConfig,
     "serve": ServeConfig,
     "alerting": AlertingConfig,
 }
@@ -449,6 +466,9 @@ def _validate(cfg: PipelineConfig) -> None:
         raise ConfigError("drift: window_s > 0, min_records >= 1 and daily_alpha in (0, 1)")
     if not (d.psi_threshold > 0 and d.top_features >= 1):
         raise ConfigError("drift: psi_threshold > 0 and top_features >= 1")
+    r = cfg.retraining
+    if not (r.reservoir_size >= 1 and r.retention_s > 0 and r.half_life_s >= 0):
+        raise ConfigError("retraining: reservoir_size >= 1, retention_s > 0, half_life_s >= 0")
     if cfg.kafka.batch_size < 1:
         raise ConfigError("kafka.batch_size must be >= 1")
     if cfg.kafka.max_wait_s < 0:

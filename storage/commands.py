@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _register_alerts(subparsers)
     _register_models(subparsers)
     _register_drift(subparsers)
+    _register_retrain(subparsers)
     evaluate = subparsers.choices.get("evaluate")
     if evaluate is not None:  # registered by anomaly.cli.quality_commands, before this module
         _extend_evaluate(evaluate)
@@ -188,6 +189,35 @@ def _register_drift(subparsers: argparse._SubParsersAction) -> None:  # type: ig
     )
     p.add_argument("--json", action="store_true", help="one JSON object per window")
     p.set_defaults(handler=_drift)
+
+
+def _register_retrain(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = subparsers.add_parser(
+        "retrain",
+        help="train a new model version on the recent traffic the service sampled",
+        description="Train a new model version on the pipeline's retraining reservoir (README, "
+        "'Retraining'), less records confirmed as anomalies; shadow-score the most recent "
+        "reservoir records (held out) with the active and the new version and print both alert "
+        "rates beside target_fpr; register the new version (inactive unless --activate).",
+    )
+    p.add_argument("--config", required=True, metavar="PIPELINE.yaml", help="pipeline config")
+    p.add_argument(
+        "--since", metavar="AGE|ISO", help="only records sampled since, e.g. 7d (default: all)"
+    )
+    p.add_argument("--out", metavar="DIR", help="bundle directory (default: beside the active)")
+    p.add_argument("--activate", action="store_true", help="make the new version active")
+    p.add_argument(
+        "--exclude-alerts",
+        action="store_true",
+        help="leave out every record that alerted (default: only confirmed anomalies)",
+    )
+    p.add_argument(
+        "--holdout",
+        type=float,
+        default=0.2,
+        help="share of the most recent records held out for shadow scoring (default 0.2)",
+    )
+    p.set_defaults(handler=_retrain)
 
 
 def _db_args(p: argparse.ArgumentParser) -> None:
@@ -558,6 +588,29 @@ def _models_activate(args: argparse.Namespace) -> int:
     with _store(args) as store:
         rec = store.activate_model_version(pipeline, args.version)
     _print(f"pipeline {rec.pipeline}: model version {rec.version} is active")
+    return 0
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    from anomaly.config import load_config
+    from storage.engine import config_database_url
+    from storage.retrain import format_report, retrain
+    from storage.store import AlertStore
+
+    since = _cutoff(args.since, "--since") if args.since else None
+    cfg = load_config(args.config)
+    with AlertStore(config_database_url(cfg), create=False) as store:
+        report = retrain(
+            cfg,
+            store,
+            since=since,
+            out=args.out,
+            activate=args.activate,
+            exclude_alerts=args.exclude_alerts,
+            holdout=args.holdout,
+        )
+    for line in format_report(report):
+        _print(line)
     return 0
 
 

@@ -83,12 +83,33 @@ class OffsetRecord:
 
 
 @dataclass(slots=True)
+class ReservoirRecord:
+    """A scored record sampled for retraining (storage.reservoir)."""
+
+    pipeline: str
+    kafka_topic: str
+    kafka_partition: int
+    kafka_offset: int
+    priority: float  # the reservoir keeps the highest priorities (streams.reservoir)
+    alerted: bool
+    model_version: str
+    sampled_at: datetime
+    event_time: datetime | None = None
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class SinkBatch:
     pipeline: str
     alerts: list[AlertRecord] = field(default_factory=list)
     dead_letters: list[DeadLetterRecord] = field(default_factory=list)
     stats: list[StreamStatRecord] = field(default_factory=list)
     offsets: list[OffsetRecord] = field(default_factory=list)
+    # Reservoir candidates and the reservoir's size and retention (0: no reservoir).
+    reservoir: list[ReservoirRecord] = field(default_factory=list)
+    reservoir_size: int = 0
+    reservoir_retention_s: float = 0.0
+    reservoir_threshold: float = float("-inf")  # the service's: -inf until it saw it full
 
 
 @dataclass(slots=True)
@@ -97,6 +118,8 @@ class WriteResult:
     dead_letters_written: int
     incidents_opened: int
     records_fenced: int  # records dropped because the stored offset was already past them
+    # The lowest priority the full reservoir keeps (None: not full, or nothing sampled).
+    reservoir_threshold: float | None = None
 
 
 @dataclass(slots=True)

@@ -188,7 +188,7 @@ alerts = Table(
 # An analyst's verdict on an alert (``anomaly alerts ack --verdict``), at most one per alert (a
 # later verdict replaces it). A table of its own rather than columns on ``alerts``: the alert
 # write path (storage/writes.py) neither writes nor indexes anything more, and pruning an alert
-# deletes its verdict (ON DELETE CASCADE, migration 0005).
+# deletes its verdict (ON DELETE CASCADE, migration 0003).
 verdicts = Table(
     "verdicts",
     metadata,
@@ -333,6 +333,30 @@ drift_windows = Table(
     Index(None, "pipeline", "window_start"),
 )
 
+# A sample of recent scored records (alerting or not: ``alerted``) for ``anomaly retrain``
+# (migration 0006): the rows of the highest ``priority`` (streams.reservoir), at most
+# retraining.reservoir_size per pipeline, written in the batch transaction (storage.reservoir).
+reservoir = Table(
+    "reservoir",
+    metadata,
+    _id(),
+    Column("pipeline", String(PIPELINE_LEN), nullable=False),
+    Column("kafka_topic", String(TOPIC_LEN), nullable=False),
+    Column("kafka_partition", Integer, nullable=False),
+    Column("kafka_offset", BigInteger, nullable=False),
+    Column("priority", Double, nullable=False),
+    Column("alerted", Boolean, nullable=False),
+    Column("model_version", String(MODEL_VERSION_LEN), nullable=False),
+    Column("event_time", UTCDateTime()),
+    Column("sampled_at", UTCDateTime(), nullable=False),
+    Column("record", _json_text(), nullable=False),
+    UniqueConstraint(
+        "pipeline", "kafka_topic", "kafka_partition", "kafka_offset", name="uq_reservoir_position"
+    ),
+    Index(None, "pipeline", "priority"),
+    Index(None, "pipeline", "sampled_at"),
+)
+
 TABLES = (
     alerts,
     incidents,
@@ -343,4 +367,5 @@ TABLES = (
     consumer_offsets,
     incident_notifications,
     drift_windows,
+    reservoir,
 )

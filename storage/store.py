@@ -32,6 +32,7 @@ call finds its positions and offsets already stored and adds nothing (the messag
 - ``drift``: drift windows (one row per closed window, outside the batch transaction);
 - ``queries``: listing and acknowledging alerts, listing incidents, pruning, Grafana's role.
 - ``verdicts``: acknowledging with analyst verdicts, reading reviewed alerts back.
+- ``reservoir``: the retraining sample, written in the batch transaction, read by ``retrain``.
 """
 
 from __future__ import annotations
@@ -277,6 +278,17 @@ class AlertStore:
     ) -> list[dict[str, Any]]:
         """Drift windows started at or after ``since``, oldest first."""
         return drift.list_windows(self._db, pipeline, since, limit)
+
+    def reservoir_rows(self, pipeline: str, since: datetime | None = None) -> list[dict[str, Any]]:
+        """The retraining reservoir's rows (storage.reservoir), less confirmed anomalies."""
+        from storage import reservoir
+
+        return reservoir.reservoir_rows(self._db, pipeline, since)
+
+    def reservoir_count(self, pipeline: str) -> int:
+        from storage import reservoir
+
+        return reservoir.reservoir_count(self._db, pipeline)
 
     def grant_read_only(self, role: str = "anomaly_grafana", password: str | None = None) -> None:
         """PostgreSQL: create (if missing) a role that can only SELECT the tables, for Grafana.

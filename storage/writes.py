@@ -32,6 +32,7 @@ from storage.errors import RetryableStorageError
 from storage.incidents import assign_incidents
 from storage.offsets import StoredOffsets, lock_offsets, merge_offsets, upsert_offsets
 from storage.records import DeadLetterRecord, SinkBatch, WriteResult
+from storage.reservoir import write_reservoir
 from storage.sanitize import clean_text, json_bytes, json_text
 from storage.stats import StatsWriter, fence_stats
 
@@ -95,6 +96,8 @@ class AlertWriter:
         if new_rows and self._insert_alerts(conn, new_rows) != len(new_rows):
             raise _LostRace
         dead_written = self._insert_dead_letters(conn, dead_rows) if dead_rows else 0
+        # Retraining samples (storage.reservoir): most batches have none.
+        threshold = write_reservoir(self.db, conn, batch, stored) if batch.reservoir else None
 
         stats = fence_stats(batch.stats, offsets, stored)
         if stats:
@@ -106,6 +109,7 @@ class AlertWriter:
             dead_letters_written=dead_written,
             incidents_opened=incidents_opened,
             records_fenced=records_fenced,
+            reservoir_threshold=threshold,
         )
 
     def _new_alert_rows(self, conn: Connection, rows: list[list[Any]]) -> list[list[Any]]:

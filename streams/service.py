@@ -87,6 +87,7 @@ from streams.metrics import Health, MetricsServer, ServiceMetrics, observe_many
 from streams.models import WARM_UP_ROWS, LoadedModel, ModelsMixin, typical_records
 from streams.outputs import OutputsMixin, ProduceError
 from streams.partitions import PartitionsMixin, ServiceState
+from streams.reservoir import ReservoirSampler
 
 __all__ = [
     "WARM_UP_ROWS",
@@ -149,6 +150,7 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
         self.totals = BatchOutcome(0, 0, 0, 0)
         self.health.set("no_partition_stopped", True)
         self._drift: DriftMonitor | None = None
+        self._reservoir = ReservoirSampler(cfg)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -311,6 +313,7 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
         write = self._write(batch, messages, scores_out, generation)
         if write is None:
             return None
+        self._reservoir.written(batch, write)
         t4 = time.perf_counter()
         for o in batch.offsets:
             key = (o.kafka_topic, o.kafka_partition)
@@ -376,9 +379,14 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
         loaded: LoadedModel,
         ingest: datetime,
     ) -> tuple[SinkBatch, list[tuple[bytes, bytes]], np.ndarray | None]:
-        return build_sink_batch(
+        out = build_sink_batch(
             self.cfg, messages, decoded, result, loaded.version, ingest, self.decoder.record_fields
         )
+        self._reservoir.fill(
+            out[0], messages, decoded, result, loaded.version, ingest,
+            self.decoder.record_fields, self.cfg.schema.time_field,
+        )  # fmt: skip
+        return out
 
     def _observe_drift(
         self, decoded: DecodedBatch, result: Any, loaded: LoadedModel, now: datetime

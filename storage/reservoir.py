@@ -1,0 +1,147 @@
+"""The retraining reservoir in SQL (migration 0006): written with the batch, read by retrain.
+
+``write_reservoir`` runs inside ``AlertWriter``'s batch transaction, after the offsets are locked,
+and only for a batch with candidates (``SinkBatch.reservoir``; most batches have none once the
+reservoir is full, see streams.reservoir). It
+
+1. drops candidates below their partition's stored next offset (the alerts' fencing rule: a
+   replayed or zombie batch samples nothing) and inserts the rest with ON CONFLICT DO NOTHING on
+   the Kafka position (a record is in the reservoir at most once);
+2. deletes the pipeline's rows sampled more than ``retention_s`` ago;
+3. keeps the ``reservoir_size`` rows of the highest priority. While the service has not seen the
+   reservoir full (``SinkBatch.reservoir_threshold`` is -inf), and after retention deleted rows:
+   finds the lowest priority kept (a walk of ``reservoir_size`` entries of the (pipeline,
+   priority) index) and deletes those below it. Once full: deletes as many of the lowest rows as
+   it inserted (a walk of that many entries), so the count stays at ``reservoir_size``.
+
+It returns that lowest priority (``None`` while the reservoir is not full): the service samples
+only records above it from then on.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, and_, delete, exists, func, select
+
+from storage import schema as s
+from storage.engine import Database, utc
+from storage.offsets import StoredOffsets
+from storage.records import SinkBatch
+from storage.sanitize import clean_text
+
+
+def write_reservoir(
+    db: Database, conn: Connection, batch: SinkBatch, stored: StoredOffsets
+) -> float | None:
+    t = s.reservoir
+    pipeline = batch.pipeline
+    rows = [
+        {
+            "pipeline": r.pipeline,
+            "kafka_topic": clean_text(r.kafka_topic, s.TOPIC_LEN),
+            "kafka_partition": int(r.kafka_partition),
+            "kafka_offset": int(r.kafka_offset),
+            "priority": float(r.priority),
+            "alerted": bool(r.alerted),
+            "model_version": clean_text(r.model_version, s.MODEL_VERSION_LEN),
+            "event_time": utc(r.event_time) if r.event_time is not None else None,
+            "sampled_at": utc(r.sampled_at),
+            "record": r.record,
+        }
+        for r in batch.reservoir
+        if not _fenced(r.pipeline, r.kafka_topic, r.kafka_partition, r.kafka_offset, stored)
+    ]
+    inserted = 0
+    trim_all = batch.reservoir_threshold == -math.inf  # the service has not seen it full
+    if rows:  # else a replay: nothing to add, the threshold is still worth returning
+        inserted = len(
+            conn.execute(
+                db.insert(t)
+                .on_conflict_do_nothing(
+                    index_elements=["pipeline", "kafka_topic", "kafka_partition", "kafka_offset"]
+                )
+                .returning(t.c.id),
+                rows,
+            ).all()
+        )
+        if batch.reservoir_retention_s > 0:
+            newest = max(r["sampled_at"] for r in rows)
+            cutoff = newest - timedelta(seconds=batch.reservoir_retention_s)
+            expired = conn.execute(
+                delete(t).where(t.c.pipeline == pipeline, t.c.sampled_at < cutoff)
+            ).rowcount
+            trim_all = trim_all or expired > 0
+    if not trim_all:
+        # Full before this batch (the service saw it so): as many rows leave as came in, the
+        # lowest priorities (a walk of ``inserted`` index entries, not of the whole reservoir).
+        deleted = 0
+        if inserted:
+            lowest = (
+                select(t.c.id)
+                .where(t.c.pipeline == pipeline)
+                .order_by(t.c.priority)
+                .limit(inserted)
+                .scalar_subquery()
+            )
+            deleted = conn.execute(delete(t).where(t.c.id.in_(lowest))).rowcount
+        # Fewer deleted than inserted: a concurrent writer (another partition's consumer, on
+        # PostgreSQL) deleted some of the same rows first; the exact trim below settles it.
+        if deleted >= inserted:
+            kept = conn.execute(select(func.min(t.c.priority)).where(t.c.pipeline == pipeline))
+            value = kept.scalar()
+            return None if value is None else float(value)
+    lowest_kept = conn.execute(
+        select(t.c.priority)
+        .where(t.c.pipeline == pipeline)
+        .order_by(t.c.priority.desc())
+        .limit(1)
+        .offset(batch.reservoir_size - 1)
+    ).scalar()
+    if lowest_kept is None:
+        return None
+    conn.execute(delete(t).where(t.c.pipeline == pipeline, t.c.priority < lowest_kept))
+    return float(lowest_kept)
+
+
+def _fenced(pipeline: str, topic: str, partition: int, offset: int, stored: StoredOffsets) -> bool:
+    next_offset = stored.get((pipeline, topic, partition))
+    return next_offset is not None and offset < next_offset
+
+
+def reservoir_rows(
+    db: Database, pipeline: str, since: datetime | None = None
+) -> list[dict[str, Any]]:
+    """The pipeline's reservoir rows sampled at or after ``since``, oldest record first, without
+    the records an analyst confirmed as anomalies: an alert at the same Kafka position with a
+    ``true_positive`` verdict (table ``verdicts``, migration 0003). Alerting records without
+    such a verdict stay (``alerted`` says which; ``anomaly retrain --exclude-alerts`` drops
+    them)."""
+    t, a, v = s.reservoir, s.alerts, s.verdicts
+    confirmed = exists(
+        select(1)
+        .select_from(a.join(v, v.c.alert_id == a.c.id))
+        .where(
+            and_(
+                a.c.pipeline == t.c.pipeline,
+                a.c.kafka_topic == t.c.kafka_topic,
+                a.c.kafka_partition == t.c.kafka_partition,
+                a.c.kafka_offset == t.c.kafka_offset,
+                v.c.verdict == "true_positive",
+            )
+        )
+    )
+    query = select(t).where(t.c.pipeline == pipeline, ~confirmed)
+    if since is not None:
+        query = query.where(t.c.sampled_at >= utc(since))
+    query = query.order_by(t.c.event_time, t.c.kafka_partition, t.c.kafka_offset)
+    with db.transaction("reading the retraining reservoir", write=False) as conn:
+        return [dict(r) for r in conn.execute(query).mappings()]
+
+
+def reservoir_count(db: Database, pipeline: str) -> int:
+    t = s.reservoir
+    with db.transaction("counting the retraining reservoir", write=False) as conn:
+        return int(conn.execute(select(func.count()).where(t.c.pipeline == pipeline)).scalar())
