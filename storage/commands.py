@@ -23,40 +23,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
     _register_db(subparsers)
     _register_alerts(subparsers)
     _register_models(subparsers)
-    _register_drift(subparsers)
-    _register_retrain(subparsers)
-    evaluate = subparsers.choices.get("evaluate")
-    if evaluate is not None:  # registered by anomaly.cli.quality_commands, before this module
-        _extend_evaluate(evaluate)
-
-
-def _extend_evaluate(p: argparse.ArgumentParser) -> None:
-    """``anomaly evaluate --from-db``: the core command cannot import storage, so storage adds
-    the option to it and answers it; without --from-db the core's handler runs as before."""
-    g = p.add_argument_group(
-        "analyst verdicts as labels (--from-db)",
-        "Labels from `anomaly alerts ack --verdict`: reviewed alerts only, so the report gives "
-        "precision among reviewed alerts (per model version) and, with --model, which of them "
-        "the model still flags; it cannot give recall or the false-positive rate on traffic.",
-    )
-    g.add_argument(
-        "--from-db",
-        nargs="?",
-        const="",
-        metavar="URL",
-        help="read the verdicts from this database (no URL: ANOMALY_DATABASE_URL); --data and "
-        "--label are then not used and --model is optional",
-    )
-    g.add_argument("--pipeline", help="whose alerts (default: the one pipeline with verdicts)")
-    g.add_argument("--model-version", metavar="VERSION", help="only alerts this version raised")
-    g.add_argument("--since", metavar="AGE|ISO", help="alerts ingested since, e.g. 30d")
-    g.add_argument("--until", metavar="AGE|ISO", help="alerts ingested before")
-    core = p.get_default("handler")
-
-    def handler(args: argparse.Namespace) -> int:
-        return core(args) if args.from_db is None else _evaluate_from_db(args)
-
-    p.set_defaults(handler=handler)
 
 
 def _register_db(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -64,23 +30,23 @@ def _register_db(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
     db_sub = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
 
     p = db_sub.add_parser("upgrade", help="run the migrations up to the latest (or --to REV)")
-    _db_args(p)
+    db_args(p)
     p.add_argument("--to", default="head", metavar="REV", help="target revision (default head)")
     p.set_defaults(handler=_db_upgrade)
 
     p = db_sub.add_parser("downgrade", help="undo migrations down to REV ('base': drop all)")
-    _db_args(p)
+    db_args(p)
     p.add_argument("--to", required=True, metavar="REV", help="target revision, or base")
     p.set_defaults(handler=_db_downgrade)
 
     p = db_sub.add_parser("current", help="print the database's schema revision")
-    _db_args(p)
+    db_args(p)
     p.set_defaults(handler=_db_current)
 
     p = db_sub.add_parser(
         "prune", help="delete alerts, dead letters, statistics and incidents older than a cutoff"
     )
-    _db_args(p)
+    db_args(p)
     p.add_argument(
         "--older-than", required=True, metavar="AGE", help="e.g. 30d, 12h, 90m, 2w, or ISO time"
     )
@@ -91,7 +57,7 @@ def _register_db(subparsers: argparse._SubParsersAction) -> None:  # type: ignor
         "grafana-role",
         help="PostgreSQL: create a read-only role for Grafana (storage/grafana_role.sql)",
     )
-    _db_args(p)
+    db_args(p)
     p.add_argument("--role", default="anomaly_grafana", help="role name (default %(default)s)")
     p.add_argument(
         "--password-env",
@@ -105,7 +71,7 @@ def _register_alerts(subparsers: argparse._SubParsersAction) -> None:  # type: i
     alerts = subparsers.add_parser("alerts", help="list and acknowledge stored alerts")
     alerts_sub = alerts.add_subparsers(dest="alerts_command", metavar="ACTION", required=True)
     p = alerts_sub.add_parser("list", help="newest alerts first")
-    _db_args(p)
+    db_args(p)
     p.add_argument("--pipeline")
     p.add_argument("--since", metavar="AGE|ISO", help="e.g. 2h, 7d or 2026-01-31T12:00:00Z")
     p.add_argument("--status", choices=("open", "acknowledged", "resolved"))
@@ -129,7 +95,7 @@ def _register_alerts(subparsers: argparse._SubParsersAction) -> None:  # type: i
     )
     p.add_argument("--by", metavar="NAME", help="who decided (default: the OS user)")
     p.add_argument("--note", metavar="TEXT", help="why (with --verdict)")
-    _db_args(p)
+    db_args(p)
     p.set_defaults(handler=_alerts_ack)
 
 
@@ -137,7 +103,7 @@ def _register_models(subparsers: argparse._SubParsersAction) -> None:  # type: i
     models = subparsers.add_parser("models", help="registered model versions per pipeline")
     models_sub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     p = models_sub.add_parser("list", help="registered versions (* marks the active one)")
-    _db_args(p)
+    db_args(p)
     p.add_argument("--pipeline")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_models_list)
@@ -146,7 +112,7 @@ def _register_models(subparsers: argparse._SubParsersAction) -> None:  # type: i
         "register", help="verify a model bundle and record it as a version of a pipeline"
     )
     p.add_argument("bundle", metavar="BUNDLE_DIR")
-    _db_args(p)
+    db_args(p)
     p.add_argument("--pipeline", help="default: the name in --config")
     p.add_argument(
         "--no-activate", action="store_true", help="register only; keep the active version"
@@ -161,7 +127,7 @@ def _register_models(subparsers: argparse._SubParsersAction) -> None:  # type: i
         "compares). Exit status 0 when they match, 1 when they differ.",
     )
     p.add_argument("version", nargs="?", help="default: the active version")
-    _db_args(p)
+    db_args(p)
     p.add_argument("--pipeline", help="default: the name in --config")
     p.set_defaults(handler=_models_verify)
 
@@ -169,58 +135,12 @@ def _register_models(subparsers: argparse._SubParsersAction) -> None:  # type: i
         "activate", help="make VERSION the pipeline's active model (the service switches to it)"
     )
     p.add_argument("version")
-    _db_args(p)
+    db_args(p)
     p.add_argument("--pipeline", help="default: the name in --config")
     p.set_defaults(handler=_models_activate)
 
 
-def _register_drift(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = subparsers.add_parser(
-        "drift",
-        help="stored drift windows: which windows drifted and which features moved",
-        description="Print the drift windows the service stored (README, 'Drift'): per window "
-        "the alert-rate and p-value uniformity tests and the features whose PSI passed the "
-        "threshold, then the features that moved over the whole period.",
-    )
-    _db_args(p)
-    p.add_argument("--pipeline", help="default: the name in --config (else every pipeline)")
-    p.add_argument(
-        "--since", metavar="AGE|ISO", default="24h", help="e.g. 24h (default), 7d or an ISO time"
-    )
-    p.add_argument("--json", action="store_true", help="one JSON object per window")
-    p.set_defaults(handler=_drift)
-
-
-def _register_retrain(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    p = subparsers.add_parser(
-        "retrain",
-        help="train a new model version on the recent traffic the service sampled",
-        description="Train a new model version on the pipeline's retraining reservoir (README, "
-        "'Retraining'), less records confirmed as anomalies; shadow-score the most recent "
-        "reservoir records (held out) with the active and the new version and print both alert "
-        "rates beside target_fpr; register the new version (inactive unless --activate).",
-    )
-    p.add_argument("--config", required=True, metavar="PIPELINE.yaml", help="pipeline config")
-    p.add_argument(
-        "--since", metavar="AGE|ISO", help="only records sampled since, e.g. 7d (default: all)"
-    )
-    p.add_argument("--out", metavar="DIR", help="bundle directory (default: beside the active)")
-    p.add_argument("--activate", action="store_true", help="make the new version active")
-    p.add_argument(
-        "--exclude-alerts",
-        action="store_true",
-        help="leave out every record that alerted (default: only confirmed anomalies)",
-    )
-    p.add_argument(
-        "--holdout",
-        type=float,
-        default=0.2,
-        help="share of the most recent records held out for shadow scoring (default 0.2)",
-    )
-    p.set_defaults(handler=_retrain)
-
-
-def _db_args(p: argparse.ArgumentParser) -> None:
+def db_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--db", metavar="URL", help="database URL (not with --config; default ANOMALY_DATABASE_URL)"
     )
@@ -240,7 +160,7 @@ def resolve_url(args: argparse.Namespace) -> Any:
     from storage.engine import config_database_url, normalize_url
     from storage.errors import DatabaseURLError
 
-    _one_database(args)
+    one_database(args)
     if getattr(args, "db", None):
         return normalize_url(args.db)
     if getattr(args, "config", None):
@@ -255,7 +175,7 @@ def resolve_url(args: argparse.Namespace) -> Any:
     )
 
 
-def _one_database(args: argparse.Namespace) -> None:
+def one_database(args: argparse.Namespace) -> None:
     """Refuse ``--db`` with ``--config``: either would silently override the other's database."""
     from storage.errors import InvalidArgumentError
 
@@ -266,7 +186,7 @@ def _one_database(args: argparse.Namespace) -> None:
         )
 
 
-def _store(args: argparse.Namespace, create: bool = False) -> Any:
+def open_store(args: argparse.Namespace, create: bool = False) -> Any:
     """The store at the URL the arguments give. Only ``db upgrade`` may create a SQLite file:
     any other command on a file that is not there says to run it, and creates nothing."""
     from storage.store import AlertStore
@@ -292,14 +212,14 @@ def parse_age(value: str, what: str = "--older-than") -> Any:
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when
 
 
-def _cutoff(value: str, what: str) -> Any:
+def cutoff_time(value: str, what: str) -> Any:
     from datetime import UTC, datetime, timedelta
 
     age = parse_age(value, what)
     return datetime.now(UTC) - age if isinstance(age, timedelta) else age
 
 
-def _print(line: str) -> None:
+def emit(line: str) -> None:
     sys.stdout.write(line + "\n")
 
 
@@ -307,31 +227,31 @@ def _print(line: str) -> None:
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
-    with _store(args, create=True) as store:
+    with open_store(args, create=True) as store:
         store.upgrade(args.to)
-        _print(f"database {store.url.render_as_string()} at revision {store.current_revision()}")
+        emit(f"database {store.url.render_as_string()} at revision {store.current_revision()}")
     return 0
 
 
 def _db_downgrade(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    with open_store(args) as store:
         store.downgrade(args.to)
         revision = store.current_revision() or "base (no tables)"
-        _print(f"database {store.url.render_as_string()} at revision {revision}")
+        emit(f"database {store.url.render_as_string()} at revision {revision}")
     return 0
 
 
 def _db_current(args: argparse.Namespace) -> int:
-    with _store(args) as store:
-        _print(str(store.current_revision() or "none (empty database: run anomaly db upgrade)"))
+    with open_store(args) as store:
+        emit(str(store.current_revision() or "none (empty database: run anomaly db upgrade)"))
     return 0
 
 
 def _db_prune(args: argparse.Namespace) -> int:
-    cutoff = _cutoff(args.older_than, "--older-than")
-    with _store(args) as store:
+    cutoff = cutoff_time(args.older_than, "--older-than")
+    with open_store(args) as store:
         result = store.prune(cutoff, pipeline=args.pipeline)
-    _print(
+    emit(
         f"deleted {result.alerts} alerts, {result.incidents} incidents, "
         f"{result.dead_letters} dead letters, {result.stream_stats} statistics rows "
         f"older than {cutoff.isoformat(timespec='seconds')}"
@@ -350,9 +270,9 @@ def _db_grafana_role(args: argparse.Namespace) -> int:
     if resolve_url(args).get_backend_name() == "sqlite":
         # Said before the store is opened: "no such file" would hide the real problem.
         raise InvalidArgumentError("a read-only role needs PostgreSQL (SQLite has no roles)")
-    with _store(args) as store:
+    with open_store(args) as store:
         store.grant_read_only(args.role, password)
-    _print(
+    emit(
         f"role {args.role} can read the monitoring tables"
         + (" and log in" if password else " (NOLOGIN: set a password to use it)")
     )
@@ -362,8 +282,8 @@ def _db_grafana_role(args: argparse.Namespace) -> int:
 def _alerts_list(args: argparse.Namespace) -> int:
     import json
 
-    since = _cutoff(args.since, "--since") if args.since else None
-    with _store(args) as store:
+    since = cutoff_time(args.since, "--since") if args.since else None
+    with open_store(args) as store:
         rows = store.list_alerts(
             pipeline=args.pipeline,
             since=since,
@@ -373,10 +293,10 @@ def _alerts_list(args: argparse.Namespace) -> int:
         )
     if args.json:
         for row in rows:
-            _print(json.dumps(row, default=_json_default, ensure_ascii=False))
+            emit(json.dumps(row, default=json_default, ensure_ascii=False))
         return 0
     if not rows:
-        _print("no alerts")
+        emit("no alerts")
         return 0
     header = ("id", "ingest_time", "pipeline", "entity", "severity", "score", "status", "record")
     table = [
@@ -394,7 +314,7 @@ def _alerts_list(args: argparse.Namespace) -> int:
     ]
     widths = [max(len(h), *(len(row[i]) for row in table)) for i, h in enumerate(header)]
     for row in (header, *table):
-        _print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+        emit("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
@@ -408,16 +328,14 @@ def _alerts_ack(args: argparse.Namespace) -> int:
         if args.note is not None or args.by is not None:
             raise InvalidArgumentError("--note and --by: only with --verdict")
         if args.id is not None:  # the acknowledgement as it always was
-            with _store(args) as store:
+            with open_store(args) as store:
                 changed = store.ack_alert(args.id)
-            _print(
-                f"alert {args.id} " + ("acknowledged" if changed else "was not open (unchanged)")
-            )
+            emit(f"alert {args.id} " + ("acknowledged" if changed else "was not open (unchanged)"))
             return 0
     by = args.by if args.by is not None else _os_user()
     if args.verdict is not None:
         check_verdict(args.verdict, by, args.note)  # before opening the database
-    with _store(args) as store:
+    with open_store(args) as store:
         result = store.ack(
             args.id,
             incident_id=args.incident,
@@ -430,7 +348,7 @@ def _alerts_ack(args: argparse.Namespace) -> int:
     if result.verdict is not None:
         when = result.verdict_at.isoformat(timespec="seconds")
         line += f"; verdict {result.verdict} by {result.verdict_by} at {when}"
-    _print(line)
+    emit(line)
     return 0
 
 
@@ -443,80 +361,34 @@ def _os_user() -> str:
         return "unknown"
 
 
-def _evaluate_from_db(args: argparse.Namespace) -> int:
-    from anomaly.evaluation.verdicts import run_verdict_evaluation
-    from storage.errors import InvalidArgumentError
-    from storage.verdicts import verdict_data
-
-    for flag, value in (("--data", args.data), ("--label", args.label)):
-        if value is not None:
-            raise InvalidArgumentError(f"{flag}: not with --from-db (the verdicts are the labels)")
-    if args.pipeline is not None:
-        from anomaly.config import check_pipeline_name
-
-        check_pipeline_name(args.pipeline, "--pipeline")
-    since = _cutoff(args.since, "--since") if args.since else None
-    until = _cutoff(args.until, "--until") if args.until else None
-    url = resolve_url(argparse.Namespace(db=args.from_db or None, config=None))
-    from storage.store import AlertStore
-
-    with AlertStore(url) as store:
-        data = verdict_data(store, args.pipeline, args.model_version, since, until)
-    report, html_path, json_path = run_verdict_evaluation(
-        data, args.report, model_dir=args.model, target_fpr=args.target_fpr, device=args.device
-    )
-    _print(
-        f"pipeline {data.scope['pipeline']}: {len(data.labels)} reviewed alerts "
-        "(labels: analyst verdicts; precision among reviewed alerts only, no recall)"
-    )
-    _print(
-        f"{'model_version':<16} {'alerts':>7} {'reviewed':>8} {'TP':>5} {'FP':>5} {'precision':>9}"
-    )
-    for r in report["as_alerted"]:
-        precision = "-" if r["precision"] is None else f"{r['precision']:.3f}"
-        _print(
-            f"{r['model_version']:<16} {r['alerts']:>7} {r['reviewed']:>8} "
-            f"{r['true_positives']:>5} {r['false_positives']:>5} {precision:>9}"
-        )
-    if report["rescored"]:
-        r = report["rescored"]
-        _print(
-            f"re-scored by {r['model_version']}: flags {r['flagged']} of {len(data.labels)} "
-            f"({r['flagged_true_positives']} confirmed, {r['flagged_false_positives']} rejected)"
-        )
-    _print(f"report: {html_path}")
-    _print(f"json:   {json_path}")
-    return 0
-
-
 def _models_list(args: argparse.Namespace) -> int:
     import json
 
-    with _store(args) as store:
+    with open_store(args) as store:
         versions = store.list_model_versions(args.pipeline)
     if args.json:
         for v in versions:
-            _print(
+            emit(
                 json.dumps(
                     {f: getattr(v, f) for f in v.__slots__},
-                    default=_json_default,
+                    default=json_default,
                     ensure_ascii=False,
                 )
             )
         return 0
     if not versions:
-        _print("no model versions registered")
+        emit("no model versions registered")
         return 0
     for v in versions:
         created = v.created_at.isoformat(timespec="seconds") if v.created_at else "-"
-        _print(f"{'*' if v.active else ' '} {v.pipeline}  {v.version}  {created}  {v.bundle_path}")
+        emit(f"{'*' if v.active else ' '} {v.pipeline}  {v.version}  {created}  {v.bundle_path}")
     return 0
 
 
 def _pipeline(args: argparse.Namespace, command: str) -> str:
     from storage.errors import InvalidArgumentError
 
-    _one_database(args)  # before the bundle is loaded
+    one_database(args)  # before the bundle is loaded
     if args.pipeline:
         from anomaly.config import check_pipeline_name
 
@@ -548,10 +420,10 @@ def _models_register(args: argparse.Namespace) -> int:
         bundle_sha256=sha,
         metrics=metrics,
     )
-    with _store(args) as store:
+    with open_store(args) as store:
         rec = store.register_model_version(rec, activate=not args.no_activate)
     state = "active" if rec.active else "registered (not active)"
-    _print(f"pipeline {rec.pipeline}: model version {rec.version} {state}")
+    emit(f"pipeline {rec.pipeline}: model version {rec.version} {state}")
     return 0
 
 
@@ -562,7 +434,7 @@ def _models_verify(args: argparse.Namespace) -> int:
     from storage.errors import InvalidArgumentError
 
     pipeline = _pipeline(args, "verify")
-    with _store(args) as store:
+    with open_store(args) as store:
         versions = store.list_model_versions(pipeline)
     wanted = [v for v in versions if (v.version == args.version if args.version else v.active)]
     if not wanted:
@@ -579,93 +451,19 @@ def _models_verify(args: argparse.Namespace) -> int:
         "on_disk_sha256": on_disk,
         "match": match,
     }
-    _print(json.dumps(report, indent=2))
+    emit(json.dumps(report, indent=2))
     return 0 if match else 1
 
 
 def _models_activate(args: argparse.Namespace) -> int:
     pipeline = _pipeline(args, "activate")
-    with _store(args) as store:
+    with open_store(args) as store:
         rec = store.activate_model_version(pipeline, args.version)
-    _print(f"pipeline {rec.pipeline}: model version {rec.version} is active")
+    emit(f"pipeline {rec.pipeline}: model version {rec.version} is active")
     return 0
 
 
-def _retrain(args: argparse.Namespace) -> int:
-    from anomaly.config import load_config
-    from storage.engine import config_database_url
-    from storage.retrain import format_report, retrain
-    from storage.store import AlertStore
-
-    since = _cutoff(args.since, "--since") if args.since else None
-    cfg = load_config(args.config)
-    with AlertStore(config_database_url(cfg), create=False) as store:
-        report = retrain(
-            cfg,
-            store,
-            since=since,
-            out=args.out,
-            activate=args.activate,
-            exclude_alerts=args.exclude_alerts,
-            holdout=args.holdout,
-        )
-    for line in format_report(report):
-        _print(line)
-    return 0
-
-
-def _drift(args: argparse.Namespace) -> int:
-    import json
-
-    from anomaly.config import DriftConfig, check_pipeline_name, load_config
-
-    since = _cutoff(args.since, "--since")
-    _one_database(args)
-    drift_cfg, pipeline = DriftConfig(), None
-    if args.config:
-        cfg = load_config(args.config)
-        drift_cfg, pipeline = cfg.drift, cfg.name
-    if args.pipeline:
-        pipeline = check_pipeline_name(args.pipeline, "--pipeline")
-    with _store(args) as store:
-        rows = store.list_drift_windows(pipeline, since)
-    if args.json:
-        for row in rows:
-            _print(json.dumps(row, default=_json_default, ensure_ascii=False))
-        return 0
-    where = f"pipeline {pipeline}" if pipeline else "all pipelines"
-    if not rows:
-        _print(f"no drift windows for {where} since {since.isoformat(timespec='seconds')}")
-        return 0
-    threshold = drift_cfg.psi_threshold
-    drifted = [r for r in rows if r["drifted"]]
-    tested = sum(r["ks_p"] is not None for r in rows)
-    _print(
-        f"{where}: {len(rows)} windows since {since.isoformat(timespec='seconds')} "
-        f"({tested} with enough records to test), {len(drifted)} drifted"
-    )
-    moved: dict[str, list[float]] = {}
-    for r in rows:
-        for item in r["top_features"]:
-            if item["psi"] > threshold:
-                moved.setdefault(item["feature"], []).append(item["psi"])
-    for r in drifted:
-        start = r["window_start"].isoformat(timespec="seconds")
-        _print(
-            f"  DRIFT {r['pipeline']} {start} ({r['records']} records, {r['alerts']} alerts, "
-            f"model {r['model_version'] or '-'}): {'; '.join(r['reasons'])}"
-        )
-    if moved:
-        ranked = sorted(moved.items(), key=lambda kv: -max(kv[1]))
-        _print(f"features that moved (PSI > {threshold:g}):")
-        for name, values in ranked:
-            _print(f"  {name}: {len(values)} window(s), max PSI {max(values):.3f}")
-    else:
-        _print(f"no feature moved (PSI > {threshold:g} in no window)")
-    return 0
-
-
-def _json_default(value: Any) -> Any:
+def json_default(value: Any) -> Any:
     if hasattr(value, "isoformat"):
         return value.isoformat()
     if isinstance(value, bytes | bytearray | memoryview):

@@ -21,7 +21,8 @@ from anomaly.errors import UserFacingError
 COMMAND_MODULES = (
     "anomaly.cli.model_commands",  # train, score, inspect
     "anomaly.cli.quality_commands",  # evaluate
-    "storage.commands",  # db upgrade/prune, alerts list/ack
+    "storage.commands",  # db upgrade/prune, alerts list/ack, models
+    "storage.loop_commands",  # drift, retrain, evaluate --from-db
     "streams.commands",  # serve, replay, demo
     "dashboards.commands",  # dashboards build/push
     "anomaly.cli.synthetic_commands",  # generate (example datasets)
