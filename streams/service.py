@@ -68,7 +68,6 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -76,15 +75,16 @@ from typing import Any, TypeVar
 import numpy as np
 
 from anomaly.config import PipelineConfig
-from anomaly.monitoring.drift import DriftMonitor, DriftReport
-from storage.errors import RetryableStorageError
+from anomaly.monitoring.drift import DriftMonitor
 from storage.records import OffsetRecord, SinkBatch, WriteResult
 from streams.alertmanager import Notifier
-from streams.avro import SchemaRegistryUnavailable, make_decoder
+from streams.avro import make_decoder
 from streams.batch import Message, build_sink_batch
 from streams.decode import DecodedBatch
+from streams.drift_windows import DriftMixin
 from streams.metrics import Health, MetricsServer, ServiceMetrics, observe_many
 from streams.models import WARM_UP_ROWS, LoadedModel, ModelsMixin, typical_records
+from streams.outages import OutagesMixin
 from streams.outputs import OutputsMixin, ProduceError
 from streams.partitions import PartitionsMixin, ServiceState
 from streams.reservoir import ReservoirSampler
@@ -119,7 +119,7 @@ class BatchOutcome:
     write: WriteResult | None = None
 
 
-class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
+class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin, DriftMixin, OutagesMixin):
     """``run()`` until stopped (signal, ``stop()``, or ``stop_when_idle_s`` without records)."""
 
     def __init__(
@@ -388,40 +388,6 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
         )  # fmt: skip
         return out
 
-    def _observe_drift(
-        self, decoded: DecodedBatch, result: Any, loaded: LoadedModel, now: datetime
-    ) -> None:
-        """Count a committed batch into the drift window (by processing time; a new model
-        version starts new windows, the open one of the old version is not stored)."""
-        if not self.cfg.drift.enabled:
-            return
-        monitor = self._drift
-        if monitor is None or monitor.model is not loaded.model:
-            monitor = DriftMonitor(loaded.model, self.cfg.drift, self.pipeline, loaded.version)
-            self._drift = monitor
-        self._drift_windows(monitor.observe(decoded.frame, result.columns["ensemble_p"], now))
-
-    def _drift_windows(self, reports: list[DriftReport]) -> None:
-        """Export and store closed drift windows; a window the database refuses is logged and
-        lost (scoring does not wait for it)."""
-        for report in reports:
-            self.metrics.drift_window(report)
-            fields = {
-                "window_start": report.window_start.isoformat(),
-                "records": report.records,
-                "drifted": report.drifted,
-                "reasons": report.reasons,
-            }
-            log.log(
-                logging.WARNING if report.drifted else logging.INFO,
-                "drift window",
-                extra={"fields": fields},
-            )
-            try:
-                self.store.write_drift_window(report)
-            except RetryableStorageError as exc:
-                log.warning("drift window not stored: %s", exc)
-
     # -- sink and commit ------------------------------------------------------------------
 
     def _decode(self, messages: list[Message]) -> DecodedBatch:
@@ -451,87 +417,6 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
 
         return self._until_done(attempt, generation, messages)
 
-    def _until_done(
-        self,
-        attempt: Callable[[], T],
-        generation: int,
-        messages: list[Message],
-        waiting: str = "batch not written, retrying",
-    ) -> T | None:
-        """``attempt()`` until it returns. While what it needs is down (the database, the
-        output topics' broker, the schema registry) the partitions are paused and it is retried
-        with backoff; ``None`` if the batch must be dropped (see ``_wait_paused``)."""
-        delay = self.cfg.serve.db_retry_initial_s
-        paused = False
-        try:
-            while True:
-                try:
-                    return attempt()
-                except (RetryableStorageError, ProduceError, SchemaRegistryUnavailable) as exc:
-                    if isinstance(exc, RetryableStorageError):
-                        self._database_up(False)
-                    if isinstance(exc, SchemaRegistryUnavailable):
-                        self._registry_up(False)
-                    if not paused and self.state.assigned:
-                        self._consumer.pause(self._partitions(self.state.assigned))
-                        paused = True
-                    log.warning(
-                        waiting,
-                        extra={"fields": {"error": str(exc), "retry_in_s": delay}},
-                    )
-                    if not self._wait_paused(delay, generation, messages):
-                        return None
-                    delay = min(delay * 2, self.cfg.serve.db_retry_max_s)
-        finally:
-            if paused and self._consumer is not None and self._active():
-                self._consumer.resume(self._partitions(self._active()))
-
-    def _wait_paused(self, seconds: float, generation: int, messages: list[Message]) -> bool:
-        """Keep serving the group (heartbeats, rebalances) while waiting; ``False`` if the batch
-        must be dropped: a rebalance happened (the new owner re-reads it from the stored
-        offsets) or the service is stopping (nothing of it was committed)."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self._stop.is_set():
-                log.warning("stopping with an unwritten batch; it will be consumed again")
-                return False
-            got = self._consumer.consume(1, min(0.2, max(0.0, deadline - time.monotonic())))
-            if self.state.generation != generation or got:
-                # Partitions came back unpaused after a rebalance: put the fetched records and
-                # the held batch back, from the stored offsets (seeked in on_assign).
-                self._rewind([*self._messages(got), *messages])
-                log.warning("rebalance while the batch was held; batch dropped")
-                return False
-        return True
-
-    def _rewind(self, messages: list[Message]) -> None:
-        from confluent_kafka import TopicPartition
-
-        first: dict[tuple[str, int], int] = {}
-        for m in messages:
-            key = (m.topic, m.partition)
-            first[key] = min(first.get(key, m.offset), m.offset)
-        for key, offset in first.items():
-            if key in self._active():
-                try:
-                    self._consumer.seek(TopicPartition(key[0], key[1], offset))
-                except Exception as exc:
-                    # Reading on from wherever the consumer is would skip the held records:
-                    # position the partition again from the database before it is read.
-                    log.error(
-                        "seek failed; the partition is paused until positioned again at its "
-                        "stored offset",
-                        extra={
-                            "fields": {
-                                "topic": key[0],
-                                "partition": key[1],
-                                "offset": offset,
-                                "error": str(exc),
-                            }
-                        },
-                    )
-                    self._unposition({key})
-
     def _commit(self, offsets: list[OffsetRecord]) -> None:
         from confluent_kafka import KafkaException, TopicPartition
 
@@ -554,31 +439,6 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin):
             return
         for tp in tps:
             pending.pop((tp.topic, tp.partition), None)
-
-    def _database_up(self, up: bool) -> None:
-        self.metrics.database_up.set(1 if up else 0)
-        self.health.set("database_up", up)
-
-    def _registry_up(self, up: bool) -> None:
-        self.metrics.set_schema_registry_up(up)
-        self.health.set("schema_registry_up", up)
-
-    def _with_db_retry(self, fn: Any, what: str) -> Any:
-        delay = self.cfg.serve.db_retry_initial_s
-        while True:
-            try:
-                value = fn()
-                self._database_up(True)
-                return value
-            except RetryableStorageError as exc:
-                self._database_up(False)
-                log.warning(
-                    "database unavailable",
-                    extra={"fields": {"while": what, "error": str(exc), "retry_in_s": delay}},
-                )
-                if self._stop.wait(delay):
-                    return None
-                delay = min(delay * 2, self.cfg.serve.db_retry_max_s)
 
 
 def run_service(cfg: PipelineConfig, stop_when_idle_s: float | None = None) -> int:
