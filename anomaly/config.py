@@ -17,20 +17,18 @@ read its own section of the same file.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
-import math
 import os
 import re
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
 
 import yaml
 
+from anomaly.config_values import coerce, value_from_env
 from anomaly.errors import ConfigError
 
 ENV_PREFIX = "ANOMALY_"
@@ -279,101 +277,8 @@ def _build_section(section: str, cls: type, raw: Any, sources: Mapping[str, str]
         where = f"{section}.{name}"
         if where in sources:
             where += f" (from {sources[where]})"
-        values[name] = _coerce(where, hints[name], value)
+        values[name] = coerce(where, hints[name], value)
     return cls(**values)
-
-
-# Text a boolean field accepts (case-insensitive), from the environment or quoted in the file.
-_BOOLS = {"true": True, "yes": True, "on": True, "1": True}
-_BOOLS |= {"false": False, "no": False, "off": False, "0": False}
-_INT = re.compile(r"[+-]?[0-9]+(?:_[0-9]+)*")
-
-
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    return {str: "a string", list: "a list", dict: "a mapping"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _shown(value: Any) -> str:
-    """A bad value in an error message: a short scalar as written, anything else by its kind."""
-    if isinstance(value, str | int | float) and len(repr(value)) <= 40:
-        return repr(value)
-    return _kind(value)
-
-
-def _optional(hint: Any) -> tuple[Any, bool]:
-    """``X | None`` as ``(X, True)``; any other type as ``(type, False)``."""
-    if get_origin(hint) in (Union, types.UnionType) and type(None) in get_args(hint):
-        rest = [a for a in get_args(hint) if a is not type(None)]
-        if len(rest) == 1:
-            return rest[0], True
-    return hint, False
-
-
-def _coerce(where: str, hint: Any, value: Any) -> Any:
-    """``value`` as the declared type ``hint``, or a ConfigError naming ``where``.
-
-    Strings reach number and boolean fields from the environment (and from quoted YAML) and are
-    parsed strictly. Text fields never take a number or a boolean: YAML has already mangled it
-    (``0123`` is 83, ``12:30`` is 750, ``no`` is False) and what the user meant is lost.
-    """
-    hint, optional = _optional(hint)
-    if value is None and optional:
-        return None
-    origin, args = get_origin(hint), get_args(hint)
-    if hint is Any:
-        return value
-    if origin is Literal:
-        if isinstance(value, str) and value in args:
-            return value
-        choices = " or ".join(repr(a) for a in args)
-        raise ConfigError(f"{where}: expected {choices}, got {_shown(value)}")
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {_kind(value)}")
-        return [_coerce(f"{where}[{i}]", args[0], item) for i, item in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {_kind(value)}")
-        return {
-            _coerce(f"{where} key", args[0], k): _coerce(f"{where}.{k}", args[1], v)
-            for k, v in value.items()
-        }
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        # Not the value itself: a text field may be a password.
-        raise ConfigError(f"{where}: expected a string, got {_kind(value)} (quote it in YAML)")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str | int) and str(value).strip().lower() in _BOOLS:
-            return _BOOLS[str(value).strip().lower()]
-        raise ConfigError(f"{where}: expected true or false, got {_shown(value)}")
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and _INT.fullmatch(value.strip()):
-            return int(value)
-        raise ConfigError(f"{where}: expected an integer, got {_shown(value)}")
-    if hint is float:
-        number = None
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            number = float(value)
-        elif isinstance(value, str):
-            with contextlib.suppress(ValueError):
-                number = float(value)
-        if number is None or not math.isfinite(number):
-            raise ConfigError(f"{where}: expected a number, got {_shown(value)}")
-        return number
-    raise TypeError(f"{where}: no conversion for the declared type {hint!r}")  # a new field type
 
 
 def _env_vars() -> dict[str, tuple[str, str]]:
@@ -383,20 +288,6 @@ def _env_vars() -> dict[str, tuple[str, str]]:
         for section, cls in _SECTIONS.items()
         for f in fields(cls)
     }
-
-
-def _from_env(var: str, hint: Any, text: str) -> Any:
-    """A variable's text as the value the YAML file would hold; scalars stay text for _coerce."""
-    base, optional = _optional(hint)
-    if optional and text == "":
-        return None
-    if get_origin(base) in (list, dict):
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError:
-            # Not the text itself: kafka.settings may carry a password.
-            raise ConfigError(f"{var}: not valid YAML or JSON") from None
-    return text
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
@@ -418,7 +309,9 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, st
         if data.get(section) is None:
             data[section] = {}
         if isinstance(data[section], dict):  # otherwise _build_section reports the section
-            data[section][name] = _from_env(var, get_type_hints(_SECTIONS[section])[name], text)
+            data[section][name] = value_from_env(
+                var, get_type_hints(_SECTIONS[section])[name], text
+            )
             sources[f"{section}.{name}"] = var
     return sources
 
@@ -427,7 +320,7 @@ def check_pipeline_name(name: Any, where: str = "name") -> str:
     """``name`` if it can name a pipeline, else a ConfigError naming ``where``."""
     if name is None or name == "":
         raise ConfigError(f"{where}: the pipeline name is required")
-    name = _coerce(where, str, name)
+    name = coerce(where, str, name)
     if len(name) > PIPELINE_NAME_MAX_LEN:
         raise ConfigError(
             f"{where}: a pipeline name has at most {PIPELINE_NAME_MAX_LEN} characters, "
