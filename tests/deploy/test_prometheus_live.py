@@ -1,12 +1,14 @@
 """A real Prometheus scrapes a real ``anomaly serve`` and evaluates the shipped alerting rules:
 a stream in which far more records alert than the model's target_fpr drives
-AnomalyAlertRateAboveTarget through pending to firing, read from Prometheus' HTTP API.
+AnomalyAlertRateAboveTarget through pending to firing, read from Prometheus' HTTP API; Prometheus
+sends it to a real Alertmanager, which delivers it to a webhook receiver in the test beside the
+incidents the scorer posts to the same Alertmanager itself (the two paths to people).
 
 The rules Prometheus loads are deploy/prometheus/rules.yml with only its durations shortened
 (every ``[Nm]`` range and ``for: Nm`` becomes N seconds, 60x faster): the expressions, thresholds
 and labels are the shipped ones, but a 15-minute window and a 10-minute ``for:`` cannot run in a
 test. Scrape and evaluation intervals are 1 s. Nothing is mocked: the broker is the embedded
-Tansu, the service the ``anomaly serve`` command, Prometheus the ``prometheus`` binary.
+Tansu, the service the ``anomaly serve`` command, Prometheus and Alertmanager Debian's binaries.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import yaml
 
 from anomaly.config import load_config
 from streams.broker import create_topic, free_port
+from tests.alertmanager_helpers import ALERTMANAGER, Webhook, start_alertmanager
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = shutil.which("prometheus")
@@ -47,9 +50,9 @@ pipeline_file = _fixtures.pipeline_file
 pytestmark = [
     pytest.mark.kafka,
     pytest.mark.skipif(
-        PROMETHEUS is None,
-        reason="the prometheus binary is absent (Debian: apt-get install -y prometheus; "
-        ".ci/run installs it)",
+        PROMETHEUS is None or ALERTMANAGER is None,
+        reason="the prometheus or alertmanager binary is absent (Debian: apt-get install -y "
+        "prometheus prometheus-alertmanager; .ci/run installs them)",
     ),
 ]
 
@@ -132,8 +135,14 @@ def test_real_prometheus_fires_the_alert_rate_rule_on_a_real_scorer(
     values = encode_rows(records)
 
     create_topic(kafka_bootstrap, topic_name, partitions=1)
-    metrics_port, prom_port = free_port(), free_port()
-    config = pipeline_file(sqlite_url, trained_model.bundle, serve={"metrics_port": metrics_port})
+    metrics_port, prom_port, am_port = free_port(), free_port(), free_port()
+    am_url = f"http://127.0.0.1:{am_port}"
+    config = pipeline_file(
+        sqlite_url,
+        trained_model.bundle,
+        serve={"metrics_port": metrics_port},
+        alerting={"alertmanager_url": am_url, "poll_s": 0.5, "resend_interval_s": 2},
+    )
     cfg = load_config(config)
     rules = tmp_path / "rules.yml"
     rules.write_text(shortened_rules((ROOT / "deploy/prometheus/rules.yml").read_text()))
@@ -143,6 +152,7 @@ def test_real_prometheus_fires_the_alert_rate_rule_on_a_real_scorer(
             {
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
                 "rule_files": [str(rules)],
+                "alerting": {"alertmanagers": [{"static_configs": [{"targets": [am_url[7:]]}]}]},
                 "scrape_configs": [
                     {
                         "job_name": "anomaly-scorer",  # the job deploy/prometheus.yml scrapes
@@ -158,6 +168,10 @@ def test_real_prometheus_fires_the_alert_rate_rule_on_a_real_scorer(
         )
     )
 
+    # Both paths to people end at one real Alertmanager and its webhook receiver: Prometheus'
+    # rule alerts, and the scorer's own incidents (alerting.alertmanager_url).
+    webhook = Webhook()
+    alertmanager = start_alertmanager(tmp_path, am_port, webhook.url, group_by=("alertname",))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     # Drift windows close on the hour: one closing mid-test would fire AnomalyDriftDetected
     # beside the rule measured here (it has its own promtool tests).
@@ -227,6 +241,22 @@ def test_real_prometheus_fires_the_alert_rate_rule_on_a_real_scorer(
         assert firing == {"AnomalyAlertRateAboveTarget"}, firing
         groups = _get(f"{api}/rules")["data"]["groups"]
         assert all(r["health"] == "ok" for g in groups for r in g["rules"]), groups
+
+        # Prometheus sent the firing rule to Alertmanager, which delivered it to the receiver,
+        # beside the incidents the scorer posted itself.
+        def delivered(name: str) -> list[dict]:
+            return [a for a in webhook.alerts() if a["labels"]["alertname"] == name]
+
+        _wait(lambda: delivered("AnomalyAlertRateAboveTarget"), 30, "the rule alert delivered")
+        (rule_alert,) = {
+            a["fingerprint"]: a for a in delivered("AnomalyAlertRateAboveTarget")
+        }.values()
+        assert rule_alert["status"] == "firing"
+        assert rule_alert["labels"]["pipeline"] == cfg.name
+        assert rule_alert["labels"]["severity"] == "ticket"
+        _wait(lambda: delivered("AnomalyIncident"), 30, "an incident delivered")
+        incident = delivered("AnomalyIncident")[0]
+        assert incident["labels"]["pipeline"] == cfg.name and incident["status"] == "firing"
     finally:
         producer.stop()
         for proc in (serve, prometheus):
@@ -241,5 +271,8 @@ def test_real_prometheus_fires_the_alert_rate_rule_on_a_real_scorer(
                     proc.wait(10)
         serve_log.close()
         prom_log.close()
+        alertmanager.terminate()
+        alertmanager.wait(30)
+        webhook.close()
     print(f"alert states {states}; {time.monotonic() - started:.1f} s")
     assert serve.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]

@@ -11,14 +11,9 @@ No alert row is lost or duplicated.
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import threading
 import time
 from collections import Counter
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -36,8 +31,8 @@ from sqlalchemy import create_engine, text
 
 from anomaly.config import load_config
 from streams.broker import create_topic, free_port
+from tests.alertmanager_helpers import ALERTMANAGER, Webhook, start_alertmanager
 
-ALERTMANAGER = shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
 pytestmark = [
     pytest.mark.reliability,
     pytest.mark.kafka,
@@ -72,80 +67,6 @@ def fraud_stream(
         features.loc[row, "event_time"] = start + pd.Timedelta(seconds=0.5 * i)
     expected = set(features["id"].astype(str)[model.predict(features) == 1])
     return encode_rows(features), expected
-
-
-class Webhook:
-    """An HTTP server that records the JSON bodies POSTed to it."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict] = []
-        lock = self.lock = threading.Lock()
-        bodies = self.bodies
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers.get("Content-Length", 0))
-                body = json.loads(self.rfile.read(length))
-                body["received_at"] = time.time()
-                with lock:
-                    bodies.append(body)
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def alerts(self) -> list[dict]:
-        """Every alert of every notification received."""
-        with self.lock:
-            return [a for body in self.bodies for a in body["alerts"]]
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-def start_alertmanager(tmp_path: Path, port: int, webhook_url: str) -> subprocess.Popen:
-    config = tmp_path / "alertmanager.yml"
-    config.write_text(
-        json.dumps(
-            {
-                "route": {
-                    "receiver": "webhook",
-                    "group_by": ["incident"],
-                    "group_wait": "1s",
-                    "group_interval": "1s",
-                    "repeat_interval": "1h",
-                },
-                "receivers": [
-                    {
-                        "name": "webhook",
-                        "webhook_configs": [{"url": webhook_url, "send_resolved": True}],
-                    }
-                ],
-            }
-        )
-    )
-    proc = subprocess.Popen(
-        [
-            ALERTMANAGER,
-            f"--config.file={config}",
-            f"--storage.path={tmp_path / 'am-data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--cluster.listen-address=",
-        ],
-        stdout=open(tmp_path / "alertmanager.log", "ab"),  # noqa: SIM115 - the child keeps it
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-    )
-    ready = f"http://127.0.0.1:{port}/-/ready"
-    wait_for(lambda: http_get(ready)[0] == 200, 30, "alertmanager to be ready")
-    return proc
 
 
 def _incidents(db_url: str, pipeline: str) -> dict[str, tuple[str, str, str, int]]:
