@@ -253,7 +253,8 @@ def _db_prune(args: argparse.Namespace) -> int:
         result = store.prune(cutoff, pipeline=args.pipeline)
     emit(
         f"deleted {result.alerts} alerts, {result.incidents} incidents, "
-        f"{result.dead_letters} dead letters, {result.stream_stats} statistics rows "
+        f"{result.dead_letters} dead letters, {result.stream_stats} statistics rows, "
+        f"{result.drift_windows} drift windows, {result.reservoir} reservoir records "
         f"older than {cutoff.isoformat(timespec='seconds')}"
     )
     return 0

@@ -20,6 +20,8 @@ class PruneResult:
     incidents: int
     dead_letters: int
     stream_stats: int
+    drift_windows: int = 0
+    reservoir: int = 0
 
 
 def list_alerts(
@@ -82,7 +84,9 @@ def prune(
     cutoff = (
         utc(older_than) if isinstance(older_than, datetime) else (datetime.now(UTC) - older_than)
     )
-    a, i, d, st = s.alerts, s.incidents, s.dead_letters, s.stream_stats
+    a, i, d, st, dw, r = (
+        s.alerts, s.incidents, s.dead_letters, s.stream_stats, s.drift_windows, s.reservoir
+    )  # fmt: skip
 
     def scoped(table: Any, cond: Any) -> Any:
         return cond if pipeline is None else cond & (table.c.pipeline == pipeline)
@@ -96,7 +100,18 @@ def prune(
                 scoped(i, i.c.last_seen < cutoff) & ~exists().where(a.c.incident_id == i.c.id)
             )
         ).rowcount
-    return PruneResult(alerts=n_alerts, incidents=n_inc, dead_letters=n_dead, stream_stats=n_stats)
+        n_drift = conn.execute(delete(dw).where(scoped(dw, dw.c.window_end < cutoff))).rowcount
+        # The reservoir also ages out by itself (retraining.retention_s, on the service's
+        # writes); prune takes what is older than the cutoff now, e.g. for a stopped pipeline.
+        n_res = conn.execute(delete(r).where(scoped(r, r.c.sampled_at < cutoff))).rowcount
+    return PruneResult(
+        alerts=n_alerts,
+        incidents=n_inc,
+        dead_letters=n_dead,
+        stream_stats=n_stats,
+        drift_windows=n_drift,
+        reservoir=n_res,
+    )
 
 
 def grant_read_only(db: Database, role: str, password: str | None) -> None:

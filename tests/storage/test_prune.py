@@ -68,3 +68,43 @@ def test_prune_removes_only_old_rows(store: AlertStore) -> None:
     assert store.load_offsets("cards", "tx") == {0: 14}
     assert [v.version for v in store.list_model_versions("cards")] == ["v0"]
     assert store.prune(timedelta(days=30)).alerts == 0
+
+
+def test_prune_removes_old_drift_windows_and_reservoir_records(store: AlertStore) -> None:
+    from sqlalchemy import insert
+
+    from anomaly.monitoring.drift import DriftReport
+    from storage import schema as s
+
+    for pipeline in ("cards", "machines"):
+        for when in (OLD, NEW):
+            store.write_drift_window(
+                DriftReport(
+                    pipeline=pipeline, model_version="v1", window_start=when - timedelta(hours=1),
+                    window_end=when, records=10, alerts=0, expected_alert_rate=0.01,
+                    alert_rate_p=None, ks_stat=None, ks_p=None, features=[], drifted=False,
+                )
+            )  # fmt: skip
+    with store.engine.begin() as conn:
+        conn.execute(
+            insert(s.reservoir),
+            [
+                dict(
+                    pipeline=pipeline, kafka_topic="tx", kafka_partition=0, kafka_offset=offset,
+                    priority=1.0, alerted=False, model_version="v1", event_time=when,
+                    sampled_at=when, record={"id": str(offset)},
+                )
+                for offset, (pipeline, when) in enumerate(
+                    [("cards", OLD), ("cards", NEW), ("machines", OLD), ("machines", NEW)]
+                )
+            ],
+        )  # fmt: skip
+
+    result = store.prune(timedelta(days=30), pipeline="cards")
+    assert (result.drift_windows, result.reservoir) == (1, 1)
+    result = store.prune(timedelta(days=30))
+    assert (result.drift_windows, result.reservoir) == (1, 1)  # the other pipeline's old rows
+    assert [w["window_end"] for w in store.list_drift_windows()] == [NEW, NEW]
+    with store.engine.connect() as conn:
+        kept = conn.execute(s.reservoir.select().order_by(s.reservoir.c.id)).mappings().all()
+    assert [(r["pipeline"], r["sampled_at"]) for r in kept] == [("cards", NEW), ("machines", NEW)]
