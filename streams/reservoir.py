@@ -103,9 +103,8 @@ class ReservoirSampler:
         if not self.cfg.enabled or result is None or not len(result.is_alert):
             return
         is_alert = np.asarray(result.is_alert, dtype=bool)
-        rows = np.arange(len(is_alert))
-        index = np.asarray(decoded.index)[rows]
-        picked = [messages[i] for i in index.tolist()]
+        # Scored row i is the record decoded.index[i] of the batch.
+        picked = [messages[i] for i in np.asarray(decoded.index).tolist()]
         # One topic per service (kafka.topic); priorities are vectorised per batch.
         partitions = np.fromiter((m.partition for m in picked), np.int64, len(picked))
         offsets = np.fromiter((m.offset for m in picked), np.int64, len(picked))
@@ -123,7 +122,7 @@ class ReservoirSampler:
             keep = keep[np.argsort(-prio[keep])[: self.cfg.reservoir_size]]
         event_times: list[Any] = [None] * len(keep)
         if time_field:
-            column = decoded.frame[time_field].iloc[rows[keep]]
+            column = decoded.frame[time_field].iloc[keep]
             event_times = [None if t != t else t for t in column.dt.to_pydatetime().tolist()]
         batch.reservoir = [
             ReservoirRecord(
