@@ -303,10 +303,10 @@ class AlertStore:
         return notifications.close_stale(self._db, pipeline, now, self.incident_window)
 
     def incidents_to_notify(
-        self, pipeline: str, now: datetime, resend: timedelta, since: datetime
+        self, pipeline: str, now: datetime, resend: timedelta, since: datetime, limit: int = 500
     ) -> list[notifications.DueIncident]:
-        """What the Alertmanager notifier sends now (``storage.notifications.due``)."""
-        return notifications.due(self._db, pipeline, now, resend, since)
+        """What the Alertmanager notifier sends now, at most ``limit`` (``notifications.due``)."""
+        return notifications.due(self._db, pipeline, now, resend, since, limit)
 
     def mark_notified(
         self, sent: list[tuple[int, str, dict[str, str], int]], now: datetime

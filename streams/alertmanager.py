@@ -43,7 +43,7 @@ ALERTNAME = "AnomalyIncident"
 # The Grafana dashboard of alerts and incidents (dashboards/alerts.py) and its variable.
 DASHBOARD_UID = "anomaly-alerts"
 POST_CHUNK = 200  # incidents per POST
-DUE_LIMIT = 500  # incidents per cycle (storage.notifications.due)
+DUE_LIMIT = 500  # incidents per cycle: fewer due than this means the cycle sent everything
 CATCH_UP_MARGIN = timedelta(minutes=1)
 
 
@@ -224,7 +224,7 @@ class Notifier:
         since = now - self.catch_up
         if self._last_ok is not None:
             since = max(since, self._last_ok - self.window - CATCH_UP_MARGIN)
-        due = self.store.incidents_to_notify(self.pipeline, now, self.resend, since)
+        due = self.store.incidents_to_notify(self.pipeline, now, self.resend, since, DUE_LIMIT)
         sent_alerts = 0
         for start in range(0, len(due), POST_CHUNK):
             alerts: list[dict[str, Any]] = []
