@@ -1,9 +1,11 @@
 """``AnomalyModel``: preprocessing, the detectors, calibration and the ensemble in one object.
 
 Fitting splits the normal rows (seeded) into a training part and a calibration part
-(``calibration_fraction``, default 0.25). The preprocessor and the detectors see only the training
-part (each detector holds out a further validation split of it for early stopping); the calibration
-part turns every detector's score into a conformal p-value and calibrates the ensemble (see
+(``calibration_fraction``, default 0.25). The preprocessor and the trained detectors see only the
+training part (each holds out a further validation split of it for early stopping); the knn
+detector, which trains nothing, keeps both parts as reference rows and scores the calibration rows
+leave-one-out (``anomaly.estimator.detectors.knn``). The calibration part turns every detector's
+score into a conformal p-value and calibrates the ensemble (see
 ``anomaly.estimator.calibration`` and ``anomaly.estimator.ensemble``). ``predict`` alerts when
 ``ensemble_p <= target_fpr``.
 """
@@ -221,9 +223,15 @@ class AnomalyModel:
         x_train = self.preprocessor_.transform(train_frame)
         x_cal = self.preprocessor_.transform(cal_frame)
         self.detectors_: dict[str, BaseDetector] = {}
+        x_both = np.concatenate([x_train, x_cal])
         for name in self.detectors:
-            self.detectors_[name] = self._detector(name).fit(x_train)
+            det = self._detector(name)
+            self.detectors_[name] = det.fit(x_both if det.uses_calibration_rows else x_train)
         raw = self._raw_scores(x_cal)[0]
+        cal_rows = np.arange(len(x_train), len(x_both))
+        for name, det in self.detectors_.items():
+            if det.uses_calibration_rows:
+                raw[name] = det.leave_one_out_scores(x_cal, cal_rows)
         self._calibrate(raw)
         self.n_features_in_ = len(self.preprocessor_.feature_names_in_)
         self.feature_names_in_ = list(self.preprocessor_.feature_names_in_)

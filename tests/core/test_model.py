@@ -130,10 +130,18 @@ def test_cuda_scores_match_cpu(fitted_model, frame_problem, device_steps):
     fitted_model.to("cpu")
     cpu, gpu = cpu_result.scores, gpu_result.scores
     assert np.mean(cpu_result.is_alert != gpu_result.is_alert) < 0.01
-    for col in ("vae", "flow", "gan", "ensemble"):
+    for col in ("vae", "flow", "gan", "knn"):
         np.testing.assert_allclose(gpu[col], cpu[col], rtol=1e-3, atol=1e-3)
     # p-values are ranks: float noise may move a row across one calibration score, rarely.
     assert np.mean(np.abs(gpu["ensemble_p"] - cpu["ensemble_p"]) > 0.01) < 0.01
+    # The ensemble score is a mean of the members' -log10(p): it moves with a member's p-value
+    # where float noise moved the row across one of that member's calibration scores, and agrees
+    # to float precision everywhere else.
+    moved = np.zeros(len(cpu), dtype=bool)
+    for col in fitted_model.detectors:
+        moved |= ~np.isclose(gpu[f"{col}_p"], cpu[f"{col}_p"], rtol=1e-4, atol=0.0)
+    close = np.isclose(gpu["ensemble"], cpu["ensemble"], rtol=1e-3, atol=1e-3)
+    assert np.all(close | moved) and moved.mean() < 0.01
 
 
 def test_bf16_autocast_keeps_the_ranking_and_the_alerts(fitted_model, frame_problem):

@@ -121,6 +121,9 @@ class BaseDetector:
     """
 
     name = "base"
+    # True for a detector that trains nothing (knn): AnomalyModel then fits it on the calibration
+    # rows as well and calibrates it on its ``leave_one_out_scores`` of them.
+    uses_calibration_rows = False
 
     def __init__(
         self,
@@ -300,6 +303,11 @@ class BaseDetector:
         self.best_step_ = best_step
         self.n_epochs_ = math.ceil(steps_done * bs / n)
         self.fit_seconds_ = time.monotonic() - start
+
+    def leave_one_out_scores(self, X: Any, rows: np.ndarray) -> np.ndarray:
+        """Scores of the fit rows at positions ``rows``, each left out of what scores it: only
+        for detectors with ``uses_calibration_rows``."""
+        raise NotImplementedError(f"the {self.name} detector scores no rows leave-one-out")
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "module_"):
