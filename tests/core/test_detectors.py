@@ -194,3 +194,44 @@ def test_gan_generator_shapes_the_discriminator(fitted, array_problem):
     assert np.median(fake_scores) > np.quantile(normal_scores, 0.75)
     without = make("gan", GANDetector, gen_weight=0.0).fit(train)
     assert not np.allclose(without.decision_function(x_eval), gan.decision_function(x_eval))
+
+
+@pytest.mark.parametrize("n_rows", [300, 3000], ids=["all-rows-kept", "subsampled"])
+def test_knn_leave_one_out_scores_leave_out_exactly_the_rows_own_copy(n_rows):
+    """Each fit row's score is its k-th neighbour distance among the *other* reference rows
+    (brute force in float64), and rows that are not reference rows score as a new row would."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(n_rows, 4)).astype(np.float32)
+    det = KNNDetector(n_neighbors=5, max_reference=1000, seed=0).fit(x)
+    rows = np.arange(0, n_rows, 7)
+    got = det.leave_one_out_scores(x[rows], rows)
+    reference = det.module_.reference.numpy().astype(np.float64)
+    d = np.sqrt(((x[rows, None, :].astype(np.float64) - reference[None]) ** 2).sum(-1))
+    own = det.reference_of_row_[rows]
+    d[own >= 0, own[own >= 0]] = np.inf
+    want = np.sort(d, axis=1)[:, det.k_ - 1]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    outside = own < 0
+    assert outside.any() == (n_rows > 1000)
+    if outside.any():
+        new_row = det.decision_function(x[rows][outside])
+        np.testing.assert_allclose(got[outside], new_row, rtol=1e-6)
+
+
+def test_knn_calibrated_leave_one_out_keeps_its_false_positive_rate():
+    """The knn member keeps the calibration rows as reference rows and calibrates on their
+    leave-one-out scores: new normal rows must still alert at the target rate (on average over
+    fits; one fit's rate swings with its 500 calibration rows)."""
+    from anomaly import AnomalyModel
+
+    rates = []
+    for seed in range(8):
+        rng = np.random.default_rng(seed)
+        mixing = rng.normal(size=(6, 6))
+        train = (rng.normal(size=(2000, 6)) @ mixing).astype(np.float32)
+        fresh = (rng.normal(size=(20000, 6)) @ mixing).astype(np.float32)
+        model = AnomalyModel(target_fpr=0.01, seed=seed, device="cpu", detectors=["knn"])
+        p = model.fit(train).score_detectors(fresh)["knn_p"].to_numpy()
+        rates.append(np.mean(p <= 0.01))
+    # Expected floor(0.01 * 501) / 501 = 0.00998; the mean of 8 fits has a spread of ~0.0016.
+    assert 0.006 <= np.mean(rates) <= 0.014, rates
