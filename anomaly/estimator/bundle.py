@@ -120,7 +120,7 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_json_safe(v) for v in value]
     if isinstance(value, np.generic):
-        return value.item()
+        value = value.item()  # and on: a NumPy NaN is as invalid in JSON as a Python one
     if isinstance(value, float) and not np.isfinite(value):
         return None
     return value

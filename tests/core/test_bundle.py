@@ -254,6 +254,19 @@ def test_saved_bundle_records_a_content_sha256_over_the_whole_manifest(saved_bun
     assert info["identity"]["self_check"] == "ok"
 
 
+def test_manifest_is_strict_json_even_for_nan_numbers(saved_bundle):
+    """NaN and infinities are not JSON: a strict parser (any language but Python's default)
+    would refuse the manifest. Missing numbers are written as null, NumPy's as well."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} in the manifest")
+
+    json.loads((saved_bundle / MANIFEST).read_bytes(), parse_constant=refuse)
+    sealed = seal_manifest({"loss": np.float64("nan"), "scores": [np.float32("inf"), 1.5]})
+    parsed = json.loads(sealed, parse_constant=refuse)
+    assert parsed["loss"] is None and parsed["scores"] == [None, 1.5]
+
+
 def test_bundle_saved_before_content_sha256_still_loads(bundle, saved_bundle):
     """Older bundles have no self-check: they load, and only the registered identity (the sha256
     of their manifest.json, unchanged by this) can catch an edit of their manifest."""
