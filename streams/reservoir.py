@@ -85,6 +85,7 @@ class ReservoirSampler:
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg.retraining
         self.pipeline = cfg.name
+        self.time_field: str | None = cfg.schema.time_field
         self.threshold = -math.inf  # the lowest priority the store keeps (-inf: not full)
 
     def fill(
@@ -96,7 +97,6 @@ class ReservoirSampler:
         version: str,
         ingest: datetime,
         record_fields: Callable[[bytes | None], dict[str, Any]],
-        time_field: str | None,
     ) -> None:
         """Put the batch's candidates on ``batch.reservoir``: scored records with a priority
         above the threshold (at most ``reservoir_size`` of the highest), alerting ones marked."""
@@ -121,8 +121,8 @@ class ReservoirSampler:
         if len(keep) > self.cfg.reservoir_size:
             keep = keep[np.argsort(-prio[keep])[: self.cfg.reservoir_size]]
         event_times: list[Any] = [None] * len(keep)
-        if time_field:
-            column = decoded.frame[time_field].iloc[keep]
+        if self.time_field:
+            column = decoded.frame[self.time_field].iloc[keep]
             event_times = [None if t != t else t for t in column.dt.to_pydatetime().tolist()]
         batch.reservoir = [
             ReservoirRecord(

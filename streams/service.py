@@ -383,9 +383,8 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin, DriftMixin, Out
             self.cfg, messages, decoded, result, loaded.version, ingest, self.decoder.record_fields
         )
         self._reservoir.fill(
-            out[0], messages, decoded, result, loaded.version, ingest,
-            self.decoder.record_fields, self.cfg.schema.time_field,
-        )  # fmt: skip
+            out[0], messages, decoded, result, loaded.version, ingest, self.decoder.record_fields
+        )
         return out
 
     # -- sink and commit ------------------------------------------------------------------

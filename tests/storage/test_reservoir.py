@@ -52,7 +52,7 @@ def batch_of(
     batch = SinkBatch(
         pipeline="p", offsets=[OffsetRecord("p", "t", 0, start + n, first_offset=start)]
     )
-    sampler.fill(batch, messages, decoded, result, "v1", t, json.loads, None)
+    sampler.fill(batch, messages, decoded, result, "v1", t, json.loads)
     return batch
 
 

@@ -78,7 +78,7 @@ def serve_into_reservoir(store: AlertStore, cfg, model, frame: pd.DataFrame, ver
             offsets=[OffsetRecord(cfg.name, "in", 0, start + len(part), first_offset=start)],
         )
         decoded = SimpleNamespace(index=np.arange(len(part)), frame=part)
-        sampler.fill(batch, messages, decoded, result, version, ingest, json.loads, None)
+        sampler.fill(batch, messages, decoded, result, version, ingest, json.loads)
         sampler.written(batch, store.write_batch(batch))
 
 
