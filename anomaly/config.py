@@ -79,6 +79,8 @@ class ModelConfig:
     target_fpr: float = 0.001
     seed: int = 0
     detectors: list[str] = field(default_factory=lambda: list(DETECTOR_NAMES))
+    # Fewer normal rows than this: the knn detector alone (see AnomalyModel; 0: fit all).
+    min_generative_rows: int = 200
     max_epochs: int = 60
     # Wall-clock budget for the training of each detector, in seconds (None: epochs only).
     time_budget_s: float | None = None

@@ -165,7 +165,7 @@ def save_bundle(model: Any, path: str | os.PathLike[str]) -> str:
         "libraries": _library_versions(),
         "target_fpr": model.target_fpr,
         "seed": model.seed,
-        "detectors": list(model.detectors),
+        "detectors": list(model.detectors_),
         "schema": model.schema_dict(),
         "preprocessing": model.preprocessor_.to_dict(),
         "detector_params": detectors,

@@ -88,6 +88,11 @@ class AnomalyModel:
     threads: torch intra-op threads while fitting and scoring.
     progress: tqdm progress bars with the loss.
     detector_params: per-detector keyword overrides, e.g. ``{"flow": {"kind": "nsf"}}``.
+    min_generative_rows: with fewer normal rows than this, and the knn detector among
+        ``detectors``, the generative detectors (VAE, flow, GAN) are left out of the fit with a
+        ``SmallDataWarning`` and the knn detector scores alone (``detectors_`` holds what was
+        fit). A density model learnt by gradient descent from a few dozen rows describes those
+        rows, not the normal state; a neighbour distance needs no fit. 0 fits them anyway.
     """
 
     def __init__(
@@ -108,6 +113,7 @@ class AnomalyModel:
         threads: int | None = 1,
         progress: bool = False,
         detector_params: dict[str, dict[str, Any]] | None = None,
+        min_generative_rows: int = SMALL_DATA_ROWS,
     ) -> None:
         if not 0.0 < target_fpr < 0.5:
             raise ValueError(f"target_fpr must be in (0, 0.5), got {target_fpr}")
@@ -131,6 +137,7 @@ class AnomalyModel:
         self.threads = threads
         self.progress = progress
         self.detector_params = detector_params or {}
+        self.min_generative_rows = min_generative_rows
         self._version: str | None = None
 
     @classmethod
@@ -141,6 +148,7 @@ class AnomalyModel:
             "seed": m.seed,
             "device": m.device,
             "detectors": tuple(m.detectors),
+            "min_generative_rows": m.min_generative_rows,
             "schema": cfg.schema,
             "calibration_fraction": m.calibration_fraction,
             "max_epochs": m.max_epochs,
@@ -210,6 +218,7 @@ class AnomalyModel:
                 SmallDataWarning,
                 stacklevel=2,
             )
+        names = self._detectors_for(n)
         self.device_ = resolve_device(self.device)
         rng = np.random.default_rng(self.seed)
         perm = rng.permutation(n)
@@ -224,7 +233,7 @@ class AnomalyModel:
         x_cal = self.preprocessor_.transform(cal_frame)
         self.detectors_: dict[str, BaseDetector] = {}
         x_both = np.concatenate([x_train, x_cal])
-        for name in self.detectors:
+        for name in names:
             det = self._detector(name)
             self.detectors_[name] = det.fit(x_both if det.uses_calibration_rows else x_train)
         raw = self._raw_scores(x_cal)[0]
@@ -254,14 +263,29 @@ class AnomalyModel:
         self._bundle_version = f"unsaved-{self.training_['fingerprint'][:8]}"
         return self
 
+    def _detectors_for(self, n: int) -> tuple[str, ...]:
+        """The detectors a fit on ``n`` normal rows trains (``min_generative_rows``)."""
+        if n >= self.min_generative_rows or "knn" not in self.detectors:
+            return self.detectors
+        left_out = [d for d in self.detectors if d != "knn"]
+        if left_out:
+            warnings.warn(
+                f"only {n} normal rows (min_generative_rows={self.min_generative_rows}): the "
+                f"{', '.join(left_out)} detector(s) are left out and the knn detector scores "
+                "alone; pass min_generative_rows=0 to fit them anyway",
+                SmallDataWarning,
+                stacklevel=3,
+            )
+        return ("knn",)
+
     def _calibrate(self, raw: dict[str, np.ndarray]) -> None:
         self.calibrators_: dict[str, Calibrator] = {}
         tails = []
-        for name in self.detectors:
+        for name in self.detectors_:
             cal = Calibrator(self.target_fpr).fit(raw[name], name=name)
             self.calibrators_[name] = cal
             tails.append(cal.tail_pvalues(raw[name], calibration_rows=True))
-        self.ensemble_weights_ = member_weights(self.detectors)
+        self.ensemble_weights_ = member_weights(list(self.detectors_))
         ens = combine(tails, self.ensemble_weights_)
         self.calibrators_["ensemble"] = Calibrator(self.target_fpr).fit(ens, name="ensemble")
 
@@ -325,7 +349,7 @@ class AnomalyModel:
         block = np.full((len(SCORE_COLUMNS), n), np.nan)
         row = dict(zip(SCORE_COLUMNS, block, strict=True))
         tails = []
-        for name in self.detectors:
+        for name in self.detectors_:
             cal = self.calibrators_[name]
             row[name][:] = raw[name]
             row[f"{name}_p"][:] = p = cal.pvalues(raw[name])
@@ -429,7 +453,7 @@ class AnomalyModel:
             "target_fpr": self.target_fpr,
             "threshold": float(thr) if np.isfinite(thr) else None,
             "calibration_quantiles": ens.quantiles(),
-            "detectors": list(self.detectors),
+            "detectors": list(self.detectors_),
             "n_calibration": ens.n_,
             "training": getattr(self, "training_", {}),
         }

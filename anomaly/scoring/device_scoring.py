@@ -197,7 +197,7 @@ class DeviceScorer:
         self.pre = DevicePreprocessor(model.preprocessor_, device)
         self.calibrators = {
             name: DeviceCalibrator(model.calibrators_[name], device)
-            for name in [*model.detectors, "ensemble"]
+            for name in [*model.detectors_, "ensemble"]
         }
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
@@ -243,7 +243,7 @@ class DeviceScorer:
                         raw[name][start:stop] = score
             columns = {}
             tails = []
-            for name in model.detectors:
+            for name in model.detectors_:
                 cal = self.calibrators[name]
                 s = raw[name]
                 p = cal.pvalues(s)

@@ -129,11 +129,11 @@ class BatchScorer:
         # Which detectors fired, as a bit pattern per row, then one shared tuple per pattern,
         # without looking at rows where none fired.
         bits = np.zeros(n, dtype=np.int64)
-        for i, name in enumerate(model.detectors):
+        for i, name in enumerate(model.detectors_):
             bits |= (columns[f"{name}_p"] <= alpha).astype(np.int64) << i
         patterns = [
-            tuple(name for i, name in enumerate(model.detectors) if code >> i & 1)
-            for code in range(1 << len(model.detectors))
+            tuple(name for i, name in enumerate(model.detectors_) if code >> i & 1)
+            for code in range(1 << len(model.detectors_))
         ]
         fired: list[tuple[str, ...]] = [()] * n
         for r in np.flatnonzero(bits).tolist():

@@ -191,14 +191,42 @@ def test_small_data_fits_with_a_warning_about_calibration(frame_problem):
     """hepatitis leaves 33 normal training rows: a model must still fit on 20-odd rows, and say
     what its calibration can promise."""
     train, normal, anomalous = frame_problem
-    model = AnomalyModel(target_fpr=0.01, seed=0, device="cpu", schema=SCHEMA, max_steps=200)
+    rows = pd.concat([normal.head(50), anomalous.head(50)])
+    model = AnomalyModel(
+        target_fpr=0.01, seed=0, device="cpu", schema=SCHEMA, max_steps=200, min_generative_rows=0
+    )
     with pytest.warns(SmallDataWarning, match=r"only 24 normal rows: .* 1/11") as caught:
         model.fit(train.head(24))
     assert model.training_["n_calibration"] == 10 and model.training_["n_train"] == 14
     assert any("cannot reach target_fpr" in str(w.message) for w in caught.list)
-    table = model.score_detectors(pd.concat([normal.head(50), anomalous.head(50)]))
+    table = model.score_detectors(rows)
     assert np.isfinite(table[["ensemble", *ALL_DETECTORS]].to_numpy()).all()
     assert table["ensemble_p"].min() >= 1 / 11
+
+
+def test_below_min_generative_rows_the_knn_detector_scores_alone(frame_problem, tmp_path):
+    """With fewer normal rows than min_generative_rows (default 200) the generative detectors are
+    left out, with a warning that names them, unless knn is not among the detectors."""
+    train, normal, anomalous = frame_problem
+    rows = pd.concat([normal.head(50), anomalous.head(50)])
+    model = AnomalyModel(target_fpr=0.01, seed=0, device="cpu", schema=SCHEMA, max_steps=50)
+    with pytest.warns(SmallDataWarning, match=r"vae, flow, gan detector\(s\) are left out"):
+        model.fit(train.head(150))
+    assert list(model.detectors_) == ["knn"] and model.ensemble_weights_ == [1.0]
+    table = model.score_detectors(rows)
+    assert table[["vae", "flow", "gan"]].isna().all().all()
+    # The ensemble is the knn member's evidence alone: its score rises with the knn distance.
+    by_knn = table.sort_values("knn")
+    assert (np.diff(by_knn["ensemble"].to_numpy()) >= 0).all()
+    assert table["ensemble"].iloc[50:].mean() > table["ensemble"].iloc[:50].mean()
+    model.save(tmp_path / "small")
+    assert AnomalyModel.load(tmp_path / "small").metrics_["detectors"] == ["knn"]
+    alone = AnomalyModel(seed=0, device="cpu", schema=SCHEMA, detectors=["flow"], max_steps=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SmallDataWarning)
+        assert list(alone.fit(train.head(150)).detectors_) == ["flow"]
+    assert list(AnomalyModel(seed=0, device="cpu", schema=SCHEMA, max_steps=50)
+                .fit(train.head(200)).detectors_) == list(ALL_DETECTORS)  # fmt: skip
 
 
 def test_ensemble_weights_each_kind_of_evidence_once(fitted_model, frame_problem):
