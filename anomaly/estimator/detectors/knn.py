@@ -104,7 +104,8 @@ class KNNDetector(BaseDetector):
     ``score_batch_size`` apply: nothing is trained): ``n_neighbors`` (k, default 5 as in PyOD and
     ADBench; neighbours among all training rows, see the module docstring) and ``max_reference``
     (rows kept; a seeded random subset when there are more). Learned: ``k_``, the k used among
-    the reference rows.
+    the reference rows, and ``reference_of_row_``, each fit row's index among them (-1: not
+    kept), which ``leave_one_out_scores`` needs; it is not saved in the bundle.
     """
 
     name = "knn"
