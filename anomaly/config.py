@@ -38,6 +38,7 @@ OTHER_ENV_VARS = frozenset(
     {
         "ANOMALY_GRAFANA_DB_PASSWORD",  # the Grafana role's password (dashboards, db grafana-role)
         "ANOMALY_TEST_PG",  # the test suite's PostgreSQL server
+        "ANOMALY_FAILPOINT",  # a reliability test's deterministic crash (streams.failpoints)
     }
 )
 

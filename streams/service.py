@@ -82,6 +82,7 @@ from streams.avro import make_decoder
 from streams.batch import Message, build_sink_batch
 from streams.decode import DecodedBatch
 from streams.drift_windows import DriftMixin
+from streams.failpoints import Failpoint
 from streams.metrics import Health, MetricsServer, ServiceMetrics, observe_many
 from streams.models import WARM_UP_ROWS, LoadedModel, ModelsMixin, typical_records
 from streams.outages import OutagesMixin
@@ -151,6 +152,7 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin, DriftMixin, Out
         self.health.set("no_partition_stopped", True)
         self._drift: DriftMonitor | None = None
         self._reservoir = ReservoirSampler(cfg)
+        self._failpoint = Failpoint.from_env()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -300,10 +302,12 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin, DriftMixin, Out
         if decoded is None:
             return None
         decoded = self._model_checks(decoded, messages)
+        self._failpoint.reached("decoded")
         t1 = time.perf_counter()
         loaded = self.loaded
         assert loaded is not None
         result = loaded.scorer.score(decoded.frame) if decoded.n_valid else None
+        self._failpoint.reached("scored")
         t2 = time.perf_counter()
         batch, scores_out, latencies = self._sink_batch(messages, decoded, result, loaded, ingest)
         self.metrics.stage["decode"].observe(t1 - t0)
@@ -314,12 +318,14 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin, DriftMixin, Out
         if write is None:
             return None
         self._reservoir.written(batch, write)
+        self._failpoint.reached("written")
         t4 = time.perf_counter()
         for o in batch.offsets:
             key = (o.kafka_topic, o.kafka_partition)
             if key in self.state.assigned:
                 self.state.position[key] = o.next_offset
         self._commit(batch.offsets)
+        self._failpoint.reached("committed")
         t5 = time.perf_counter()
         self.metrics.stage["write"].observe(t4 - t3)
         self.metrics.stage["commit"].observe(t5 - t4)
