@@ -41,7 +41,11 @@ class DriftMixin:
         if monitor is None or monitor.model is not loaded.model:
             monitor = DriftMonitor(loaded.model, self.cfg.drift, self.pipeline, loaded.version)
             self._drift = monitor
-        self._drift_windows(monitor.observe(decoded.frame, result.columns["ensemble_p"], now))
+        p = result.columns["ensemble_p"]
+        if result.numeric is None:
+            self._drift_windows(monitor.observe(decoded.frame, p, now))
+        else:  # the scorer's numeric block: the same values, not extracted a second time
+            self._drift_windows(monitor.observe_values(result.numeric, p, now))
 
     def _drift_windows(self, reports: list[DriftReport]) -> None:
         """Export and store closed drift windows; a window the database refuses is logged and

@@ -246,6 +246,12 @@ class Preprocessor:
     # -------------------------------------------------------------- transforming
     def transform(self, data: Any) -> np.ndarray:
         """Records -> float32 matrix ``(n_rows, n_features_out_)``; bad input raises DataError."""
+        return self.transform_with_numeric(data)[0]
+
+    def transform_with_numeric(self, data: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``transform``, and the checked numeric features it read (``(rows, numeric_)``, NaN
+        where missing, before imputation; not always float64), which the drift monitor counts
+        without extracting them from the frame a second time."""
         frame = self.checked_frame(data)
         n = len(frame)
         # Filled column by column, so column-major (contiguous writes; row-major took ~1 ms per
@@ -258,11 +264,11 @@ class Preprocessor:
         col = len(self.numeric_)
         for name, codes in zip(self.categorical_, self.category_codes(frame), strict=True):
             width = len(self.categories_[name]) + 1
-            block = out[:, col : col + width]
-            block[:] = 0.0
-            block[np.arange(n), codes] = 1.0
+            one_hot = out[:, col : col + width]
+            one_hot[:] = 0.0
+            one_hot[np.arange(n), codes] = 1.0
             col += width
-        return np.ascontiguousarray(out)
+        return np.ascontiguousarray(out), block
 
     # The host's part of transform, for scoring paths that do the arithmetic elsewhere (the GPU
     # path of anomaly.scoring.device_scoring): the same checks and errors, nothing transformed.

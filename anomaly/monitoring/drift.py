@@ -222,7 +222,8 @@ class DriftMonitor:
     def observe_values(
         self, numeric: np.ndarray, ensemble_p: np.ndarray, now: datetime
     ) -> list[DriftReport]:
-        """``observe`` with the numeric block already extracted (rows x ``numeric_`` columns)."""
+        """``observe`` with the numeric block already extracted (rows x ``numeric_`` columns,
+        NaN where missing; the scorer's block, float, integer or bool)."""
         reports = self.tick(now)
         if self._start is None:
             self._start = self._window_of(now.timestamp())
@@ -234,7 +235,8 @@ class DriftMonitor:
         self._p_counts += np.bincount(levels, minlength=self.n_cal + 2)
         for j, (column, edges) in enumerate(zip(self._columns, self._edges, strict=True)):
             x = numeric[:, column]
-            x = x[~np.isnan(x)]
+            if x.dtype.kind == "f":  # (integer and bool columns hold no missing values)
+                x = x[~np.isnan(x)]
             self._bins[j] += np.bincount(np.searchsorted(edges, x), minlength=len(edges) + 1)
         return reports
 

@@ -55,6 +55,9 @@ class ScoredBatch:
     # The columns of ``scores`` as arrays (the same memory): a frame's column lookup costs
     # ~25 us each, which a micro-batch would pay per column per batch.
     columns: dict[str, np.ndarray]
+    # The checked numeric features the scoring read (rows x the preprocessor's numeric columns,
+    # NaN where missing), for the drift monitor; None for an empty batch.
+    numeric: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -111,13 +114,14 @@ class BatchScorer:
             )  # fmt: skip
         if self._device_scorer is not None:
             values, codes = host_inputs(model.preprocessor_, frame)
+            numeric = values
             out = self._device_scorer.score(values, codes, self.batch_size, self.bf16)
             block = np.full((len(SCORE_COLUMNS), n), np.nan)
             for column, values_ in zip(out.columns, out.table.T, strict=True):
                 block[SCORE_COLUMNS.index(column)] = values_
             ens_tail = out.ensemble_tail
         else:
-            xp = model.preprocessor_.transform(frame)
+            xp, numeric = model.preprocessor_.transform_with_numeric(frame)
             raw, errors = model._raw_scores(
                 xp, batch_size=self.batch_size, bf16=self.bf16, want_errors=True
             )
@@ -155,4 +159,6 @@ class BatchScorer:
                 strict=True,
             ):
                 top_features[r] = tuple(items)
-        return ScoredBatch(score_frame(block), is_alert, severity, fired, top_features, columns)
+        return ScoredBatch(
+            score_frame(block), is_alert, severity, fired, top_features, columns, numeric
+        )

@@ -184,3 +184,29 @@ def test_windows_close_on_the_clock_and_small_windows_are_not_tested(fraud):
     assert report.records == 100 and report.model_version == "v1"
     assert report.alert_rate_p is None and report.ks_p is None and not report.drifted
     assert monitor.tick(start + timedelta(hours=5)) == []  # nothing observed: no window
+
+
+@pytest.mark.parametrize("device_steps", [False, True], ids=["host-steps", "device-steps"])
+def test_scored_batch_carries_the_numeric_block_the_drift_monitor_would_extract(
+    fitted_model, frame_problem, device_steps
+):
+    """serve counts drift from the scorer's numeric block instead of extracting it again: it must
+    hold the same values as the monitor's own extraction (NaN where missing, before imputation),
+    so both give the same window."""
+    from anomaly.scoring.scorer import BatchScorer
+
+    _, normal, anomalous = frame_problem
+    rows = pd.concat([normal.head(300), anomalous.head(30)], ignore_index=True)
+    rows.loc[[3, 17], "amount"] = np.nan
+    result = BatchScorer(fitted_model, device="cpu", device_steps=device_steps).score(rows)
+    pre = fitted_model.preprocessor_
+    expected = pre.checked_numeric(pre.checked_frame(rows))
+    np.testing.assert_array_equal(np.asarray(result.numeric, dtype=np.float64), expected)
+    assert np.isnan(expected[[3, 17], pre.numeric_.index("amount")]).all()
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+    cfg = DriftConfig(enabled=True)
+    by_frame = DriftMonitor(fitted_model, cfg, "p", "v")
+    by_block = DriftMonitor(fitted_model, cfg, "p", "v")
+    by_frame.observe(rows, result.columns["ensemble_p"], now)
+    by_block.observe_values(result.numeric, result.columns["ensemble_p"], now)
+    assert by_frame.report() == by_block.report()
