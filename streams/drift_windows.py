@@ -14,7 +14,6 @@ from typing import Any
 
 from anomaly.monitoring.drift import DriftMonitor, DriftReport
 from storage.errors import RetryableStorageError
-from streams.decode import DecodedBatch
 from streams.models import LoadedModel
 
 log = logging.getLogger("streams.service")
@@ -30,9 +29,7 @@ class DriftMixin:
     store: Any
     _drift: DriftMonitor | None
 
-    def _observe_drift(
-        self, decoded: DecodedBatch, result: Any, loaded: LoadedModel, now: datetime
-    ) -> None:
+    def _observe_drift(self, result: Any, loaded: LoadedModel, now: datetime) -> None:
         """Count a committed batch into the drift window (by processing time; a new model
         version starts new windows, the open one of the old version is not stored)."""
         if not self.cfg.drift.enabled:
@@ -41,11 +38,10 @@ class DriftMixin:
         if monitor is None or monitor.model is not loaded.model:
             monitor = DriftMonitor(loaded.model, self.cfg.drift, self.pipeline, loaded.version)
             self._drift = monitor
-        p = result.columns["ensemble_p"]
-        if result.numeric is None:
-            self._drift_windows(monitor.observe(decoded.frame, p, now))
-        else:  # the scorer's numeric block: the same values, not extracted a second time
-            self._drift_windows(monitor.observe_values(result.numeric, p, now))
+        # The scorer's numeric block: the values observe would extract from the frame again.
+        self._drift_windows(
+            monitor.observe_values(result.numeric, result.columns["ensemble_p"], now)
+        )
 
     def _drift_windows(self, reports: list[DriftReport]) -> None:
         """Export and store closed drift windows; a window the database refuses is logged and

@@ -338,7 +338,7 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin, DriftMixin, Out
         )
         self._count(outcome, batch, latencies, ingest)
         if result is not None:
-            self._observe_drift(decoded, result, loaded, ingest)
+            self._observe_drift(result, loaded, ingest)
         log.debug(
             "batch",
             extra={

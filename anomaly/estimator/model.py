@@ -236,12 +236,15 @@ class AnomalyModel:
         for name in names:
             det = self._detector(name)
             self.detectors_[name] = det.fit(x_both if det.uses_calibration_rows else x_train)
-        raw = self._raw_scores(x_cal)[0]
         cal_rows = np.arange(len(x_train), len(x_both))
-        for name, det in self.detectors_.items():
-            if det.uses_calibration_rows:
-                raw[name] = det.leave_one_out_scores(x_cal, cal_rows)
-        self._calibrate(raw)
+        self._calibrate(
+            {
+                name: det.leave_one_out_scores(x_cal, cal_rows)
+                if det.uses_calibration_rows
+                else det.decision_function(x_cal)
+                for name, det in self.detectors_.items()
+            }
+        )
         self.n_features_in_ = len(self.preprocessor_.feature_names_in_)
         self.feature_names_in_ = list(self.preprocessor_.feature_names_in_)
         self.training_ = {

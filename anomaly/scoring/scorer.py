@@ -56,8 +56,8 @@ class ScoredBatch:
     # ~25 us each, which a micro-batch would pay per column per batch.
     columns: dict[str, np.ndarray]
     # The checked numeric features the scoring read (rows x the preprocessor's numeric columns,
-    # NaN where missing), for the drift monitor; None for an empty batch.
-    numeric: np.ndarray | None = None
+    # NaN where missing), for the drift monitor.
+    numeric: np.ndarray
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -111,11 +111,11 @@ class BatchScorer:
             return ScoredBatch(
                 score_frame(block), np.zeros(0, bool), np.empty(0, object), [], [],
                 dict(zip(SCORE_COLUMNS, block, strict=True)),
+                np.empty((0, len(model.preprocessor_.numeric_))),
             )  # fmt: skip
         if self._device_scorer is not None:
-            values, codes = host_inputs(model.preprocessor_, frame)
-            numeric = values
-            out = self._device_scorer.score(values, codes, self.batch_size, self.bf16)
+            numeric, codes = host_inputs(model.preprocessor_, frame)
+            out = self._device_scorer.score(numeric, codes, self.batch_size, self.bf16)
             block = np.full((len(SCORE_COLUMNS), n), np.nan)
             for column, values_ in zip(out.columns, out.table.T, strict=True):
                 block[SCORE_COLUMNS.index(column)] = values_

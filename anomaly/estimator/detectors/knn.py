@@ -64,29 +64,31 @@ class _Neighbours(nn.Module):
         # Rounding can make a tiny squared distance negative: clamp at zero.
         return self._partial(x).add_((x * x).sum(1, keepdim=True)).clamp_min_(0.0)
 
-    def kth_distance_leaving_out(self, x: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-        """``kth_distance`` of rows that may themselves be reference rows: ``own[i]`` is the
-        reference index of row ``i`` (-1 for none), and that reference row is left out."""
-        partial = self._partial(x.float())
-        rows = torch.nonzero(own >= 0).squeeze(1)
-        partial[rows, own[rows]] = torch.inf
-        k = min(self.k, partial.shape[1] - 1)
-        kth = torch.topk(partial, k, dim=1, largest=False, sorted=True).values[:, -1]
-        return (kth + (x * x).sum(1)).clamp_min(0.0).sqrt()
-
-    def kth_distance(self, x: torch.Tensor) -> torch.Tensor:
+    def kth_distance(self, x: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
+        """Distance from each row to its k-th nearest reference row. ``own``, for rows that may
+        themselves be reference rows, holds each row's reference index (-1: none), and that
+        reference row is left out of its neighbours (leave-one-out)."""
         # On the CPU in chunks of rows, so that the rows x references block stays in the cache
         # between the product and the selection: 1,024 reference rows, 8,192-row batches, one
         # core, 3.45 -> 1.66 us/row (chunks of 2,048 rows: 1.70; 256: 2.01). A GPU wants the
         # whole batch in one kernel.
         x = x.float()
         if len(x) <= CHUNK_ROWS or x.device.type != "cpu":
-            return self._kth(x)
-        return torch.cat([self._kth(x[i : i + CHUNK_ROWS]) for i in range(0, len(x), CHUNK_ROWS)])
+            return self._kth(x, own)
+        return torch.cat(
+            [
+                self._kth(x[i : i + CHUNK_ROWS], None if own is None else own[i : i + CHUNK_ROWS])
+                for i in range(0, len(x), CHUNK_ROWS)
+            ]
+        )
 
-    def _kth(self, x: torch.Tensor) -> torch.Tensor:
+    def _kth(self, x: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
         partial = self._partial(x)
         k = min(self.k, partial.shape[1])
+        if own is not None:
+            rows = torch.nonzero(own >= 0).squeeze(1)
+            partial[rows, own[rows]] = torch.inf
+            k = min(k, partial.shape[1] - 1)
         if k == 1:
             # bench/knn_selection.py, one core, 2,048 reference rows: amin 1.5 us/row in all,
             # min(1).values (which also finds the index) 3.2-4.9, topk for k = 2 4.6-4.9.
@@ -177,11 +179,12 @@ class KNNDetector(BaseDetector):
         device = self.module_.reference.device
         out = []
         with torch_threads(self.threads), torch.inference_mode():
-            for start in range(0, len(arr), CHUNK_ROWS):
-                x = torch.from_numpy(arr[start : start + CHUNK_ROWS]).to(device)
-                own = own_all[start : start + CHUNK_ROWS].to(device)
-                out.append(self.module_.kth_distance_leaving_out(x, own).double().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(0)
+            for start in range(0, len(arr), self.score_batch_size):
+                stop = start + self.score_batch_size
+                x = torch.from_numpy(arr[start:stop]).to(device)
+                own = own_all[start:stop].to(device)
+                out.append(self.module_.kth_distance(x, own).double().cpu().numpy())
+        return np.concatenate(out)
 
     def _score_tensor(self, x: torch.Tensor) -> torch.Tensor:
         return self.module_.kth_distance(x)
