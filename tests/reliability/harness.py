@@ -463,3 +463,23 @@ def make_stream(model, n: int, *, bad_every: int = 100, seed: int = 21) -> Strea
         labeled_anomalies=int(records["is_anomaly"].sum()),
         bad_kinds=kinds,
     )
+
+
+def crash_scenario(
+    pg_url: str, kafka_bootstrap: str, topic: str, pipeline_file, trained_model, n_records: int
+) -> tuple[Stream, Path, str]:
+    """The crash scenarios' set-up: ``n_records`` of the fraud stream, the topic with 2
+    partitions and a pipeline file (batches of 200, records up to 1,500 bytes); returns the
+    stream, the pipeline file and the pipeline's name."""
+    from anomaly.config import load_config
+    from streams.broker import create_topic
+
+    stream = make_stream(trained_model.model, n_records)
+    create_topic(kafka_bootstrap, topic, partitions=2)
+    config = pipeline_file(
+        pg_url,
+        trained_model.bundle,
+        schema={"max_record_bytes": 1500},
+        kafka={"batch_size": 200},
+    )
+    return stream, config, load_config(config).name

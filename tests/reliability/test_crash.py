@@ -17,19 +17,16 @@ from harness import (
     RssSampler,
     ServeProcess,
     StreamProducer,
+    crash_scenario,
     dispose_engines,
     end_offsets,
     env_float,
     env_int,
-    make_stream,
     records_seen,
     report,
     rng,
     wait_for,
 )
-
-from anomaly.config import load_config
-from streams.broker import create_topic
 
 pytestmark = [pytest.mark.reliability, pytest.mark.kafka, pytest.mark.postgres]
 
@@ -41,16 +38,10 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(
     kills = env_int("RELIABILITY_CRASH_KILLS", 5)
     rate = env_float("RELIABILITY_CRASH_RATE", 500.0)
     random = rng()
-    stream = make_stream(trained_model.model, n_records)
-    assert stream.expected_alert_ids and stream.n_bad
-    create_topic(kafka_bootstrap, topic_name, partitions=2)
-    config = pipeline_file(
-        pg_url,
-        trained_model.bundle,
-        schema={"max_record_bytes": 1500},
-        kafka={"batch_size": 200},
+    stream, config, pipeline = crash_scenario(
+        pg_url, kafka_bootstrap, topic_name, pipeline_file, trained_model, n_records
     )
-    pipeline = load_config(config).name
+    assert stream.expected_alert_ids and stream.n_bad
     # The records arrive in kills + 1 tranches: a quarter of one is waiting when a run starts, the
     # rest streams in (at ``rate``) once it has written its first batch, so that the kill lands
     # while records are arriving and being written.

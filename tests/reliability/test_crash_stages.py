@@ -12,15 +12,13 @@ from harness import (
     Ledger,
     ServeProcess,
     StreamProducer,
+    crash_scenario,
     dispose_engines,
     end_offsets,
-    make_stream,
     records_seen,
 )
 
-from anomaly.config import load_config
 from anomaly.errors import ConfigError
-from streams.broker import create_topic
 from streams.failpoints import ENV, POINTS, Failpoint
 
 pytestmark = [pytest.mark.reliability, pytest.mark.kafka, pytest.mark.postgres]
@@ -37,15 +35,9 @@ def test_failpoint_spec_is_checked_in_one_line():
 def test_sigkill_after_each_stage_loses_and_duplicates_nothing(
     pg_url, tmp_path, kafka_bootstrap, topic_name, pipeline_file, trained_model
 ):
-    stream = make_stream(trained_model.model, 3000)
-    create_topic(kafka_bootstrap, topic_name, partitions=2)
-    config = pipeline_file(
-        pg_url,
-        trained_model.bundle,
-        schema={"max_record_bytes": 1500},
-        kafka={"batch_size": 200},
+    stream, config, pipeline = crash_scenario(
+        pg_url, kafka_bootstrap, topic_name, pipeline_file, trained_model, 3000
     )
-    pipeline = load_config(config).name
     producer = StreamProducer(kafka_bootstrap, topic_name, stream.values, rate=100_000.0)
     producer.allow(len(stream.values))
     producer.start()
