@@ -50,7 +50,7 @@ PIPELINE_NAME_MAX_LEN = 200
 _PIPELINE_NAME = re.compile(r"[A-Za-z0-9._-]+")
 
 # The ensemble's members, in score-table order (anomaly.estimator.model maps each to its class).
-DETECTOR_NAMES = ("vae", "flow", "gan", "knn")
+DETECTOR_NAMES = ("vae", "flow", "gan", "knn", "knn_linear")
 
 
 @dataclass

@@ -22,8 +22,8 @@ from storage.records import (
 )
 from streams.decode import DecodedBatch, Rejected
 
-# Detectors with their own score columns in the alerts table (the knn member's score reaches
-# the scores topic and the ensemble, not a column of its own).
+# Detectors with their own score columns in the alerts table (the knn members' scores reach
+# the scores topic and the ensemble, not columns of their own).
 DETECTORS = ("vae", "flow", "gan")
 
 

@@ -61,7 +61,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from anomaly.errors import BundleError, IdentityError
+from anomaly.errors import BundleError, DataError, IdentityError
 
 # The model class (``AnomalyModel``) ``load_bundle`` builds: passed in by ``AnomalyModel.load``, so
 # this module, which the model imports, never imports the model.
@@ -351,6 +351,11 @@ def load_bundle(
         for name in model.detectors:
             spec = manifest["detector_params"][name]
             model.detectors_[name] = _load_detector(root, name, spec, n_out, data)
+        if any(det.view == "linear" for det in model.detectors_.values()):
+            try:
+                model.preprocessor_.linear_plan()
+            except DataError as exc:
+                raise BundleError(f"bundle {root}: {exc}") from None
         model.calibrators_ = _load_calibrators(
             root, [*model.detectors, "ensemble"], model.target_fpr, data
         )

@@ -8,7 +8,8 @@ sure can carry the row on its own.
 
 Weights (``member_weights``): each *kind* of evidence counts once. The VAE, the flow and the GAN
 are one kind, a generative model of the normal rows fit globally by gradient descent, and their
-errors are correlated; the nearest-neighbour distance is another, local and fit-free. With both
+errors are correlated; the nearest-neighbour distance (in the quantile-mapped and in the linear
+view, ``knn`` and ``knn_linear``) is another, local and fit-free. With both
 kinds present, each kind gets half the weight, shared equally within it; otherwise all members
 weigh the same. The weights depend only on which detectors are fit, never on labels, and are
 saved in the bundle.
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 import numpy as np
 
 GENERATIVE = ("vae", "flow", "gan")
-NEIGHBOURHOOD = ("knn",)
+NEIGHBOURHOOD = ("knn", "knn_linear")
 
 
 def member_weights(detectors: Sequence[str]) -> list[float]:

@@ -32,7 +32,7 @@ from anomaly.estimator.detectors._base import (
     torch_threads,
 )
 from anomaly.estimator.detectors.registry import ALL_DETECTORS, detector_class
-from anomaly.estimator.ensemble import combine, member_weights
+from anomaly.estimator.ensemble import NEIGHBOURHOOD, combine, member_weights
 from anomaly.features.columns import to_frame
 from anomaly.features.numeric import ConstantColumnWarning
 from anomaly.features.preprocess import Preprocessor
@@ -71,14 +71,15 @@ def frame_fingerprint(frame: pd.DataFrame, columns: list[str]) -> str:
 
 
 class AnomalyModel:
-    """VAE + flow + GAN + nearest neighbours fit on normal rows, calibrated to ``target_fpr``.
+    """VAE + flow + GAN + nearest neighbours (in two views) fit on normal rows, calibrated to
+    ``target_fpr``.
 
     Parameters
     ----------
     target_fpr: false-positive rate of the alert rule on normal rows (default 0.001).
     seed: seeds the data split and every detector (training is deterministic on CPU).
     device: ``"auto"`` (CUDA, then MPS, then CPU), ``"cpu"``, ``"cuda"``, ``"mps"``.
-    detectors: subset of ``("vae", "flow", "gan", "knn")``.
+    detectors: subset of ``("vae", "flow", "gan", "knn", "knn_linear")``.
     schema: feature columns (``None``: numpy input, every column numeric).
     numeric_transform: preprocessing of numeric columns (``"quantile"``, ``"robust"``,
         ``"signed_log"``); see ``anomaly.features.preprocess``.
@@ -88,11 +89,12 @@ class AnomalyModel:
     threads: torch intra-op threads while fitting and scoring.
     progress: tqdm progress bars with the loss.
     detector_params: per-detector keyword overrides, e.g. ``{"flow": {"kind": "nsf"}}``.
-    min_generative_rows: with fewer normal rows than this, and the knn detector among
-        ``detectors``, the generative detectors (VAE, flow, GAN) are left out of the fit with a
-        ``SmallDataWarning`` and the knn detector scores alone (``detectors_`` holds what was
-        fit). A density model learnt by gradient descent from a few dozen rows describes those
-        rows, not the normal state; a neighbour distance needs no fit. 0 fits them anyway.
+    min_generative_rows: with fewer normal rows than this, and a neighbour detector (knn,
+        knn_linear) among ``detectors``, the generative detectors (VAE, flow, GAN) are left out
+        of the fit with a ``SmallDataWarning`` and the neighbour detectors score alone
+        (``detectors_`` holds what was fit). A density model learnt by gradient descent from a
+        few dozen rows describes those rows, not the normal state; a neighbour distance needs
+        no fit. 0 fits them anyway.
     """
 
     def __init__(
@@ -229,22 +231,30 @@ class AnomalyModel:
         self.preprocessor_ = Preprocessor(self.schema, self.numeric_transform, min_rows=10).fit(
             train_frame
         )
-        x_train = self.preprocessor_.transform(train_frame)
-        x_cal = self.preprocessor_.transform(cal_frame)
+        # Each view of the rows (the detector's ``view``), built once: training, calibration.
+        views = {
+            "quantile": tuple(
+                self.preprocessor_.transform_with_numeric(part) for part in (train_frame, cal_frame)
+            )
+        }
+        detectors = {name: self._detector(name) for name in names}
+        if any(det.view == "linear" for det in detectors.values()):
+            views["linear"] = tuple(
+                (self.preprocessor_.linear_view(x, numeric), numeric)
+                for x, numeric in views["quantile"]
+            )
         self.detectors_: dict[str, BaseDetector] = {}
-        x_both = np.concatenate([x_train, x_cal])
-        for name in names:
-            det = self._detector(name)
-            self.detectors_[name] = det.fit(x_both if det.uses_calibration_rows else x_train)
-        cal_rows = np.arange(len(x_train), len(x_both))
-        self._calibrate(
-            {
-                name: det.leave_one_out_scores(x_cal, cal_rows)
-                if det.uses_calibration_rows
-                else det.decision_function(x_cal)
-                for name, det in self.detectors_.items()
-            }
-        )
+        cal_scores = {}
+        for name, det in detectors.items():
+            (x_train, _), (x_cal, _) = views[det.view]
+            if det.uses_calibration_rows:
+                self.detectors_[name] = det.fit(np.concatenate([x_train, x_cal]))
+                cal_rows = np.arange(len(x_train), len(x_train) + len(x_cal))
+                cal_scores[name] = det.leave_one_out_scores(x_cal, cal_rows)
+            else:
+                self.detectors_[name] = det.fit(x_train)
+                cal_scores[name] = det.decision_function(x_cal)
+        self._calibrate(cal_scores)
         self.n_features_in_ = len(self.preprocessor_.feature_names_in_)
         self.feature_names_in_ = list(self.preprocessor_.feature_names_in_)
         self.training_ = {
@@ -268,18 +278,20 @@ class AnomalyModel:
 
     def _detectors_for(self, n: int) -> tuple[str, ...]:
         """The detectors a fit on ``n`` normal rows trains (``min_generative_rows``)."""
-        if n >= self.min_generative_rows or "knn" not in self.detectors:
+        kept = tuple(d for d in self.detectors if d in NEIGHBOURHOOD)
+        if n >= self.min_generative_rows or not kept:
             return self.detectors
-        left_out = [d for d in self.detectors if d != "knn"]
+        left_out = [d for d in self.detectors if d not in kept]
         if left_out:
             warnings.warn(
                 f"only {n} normal rows (min_generative_rows={self.min_generative_rows}): the "
-                f"{', '.join(left_out)} detector(s) are left out and the knn detector scores "
-                "alone; pass min_generative_rows=0 to fit them anyway",
+                f"{', '.join(left_out)} detector(s) are left out and the neighbour "
+                f"detector(s) {', '.join(kept)} score alone; pass min_generative_rows=0 to fit "
+                "them anyway",
                 SmallDataWarning,
                 stacklevel=3,
             )
-        return ("knn",)
+        return kept
 
     def _calibrate(self, raw: dict[str, np.ndarray]) -> None:
         self.calibrators_: dict[str, Calibrator] = {}
@@ -310,14 +322,20 @@ class AnomalyModel:
     def _raw_scores(
         self,
         xp: np.ndarray,
+        numeric: np.ndarray,
         *,
         batch_size: int = 8192,
         bf16: bool = False,
         want_errors: bool = False,
     ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        """All detectors on preprocessed rows, one pass per batch, under inference mode."""
+        """All detectors on preprocessed rows ``xp`` (and ``numeric``, the numeric block
+        ``transform_with_numeric`` returned with them, for the linear view), one pass per
+        batch, under inference mode."""
         dev = self.device_
         cuda = dev.type == "cuda"
+        views = {"quantile": xp}
+        if any(det.view == "linear" for det in self.detectors_.values()):
+            views["linear"] = self.preprocessor_.linear_view(xp, numeric)
         outs: dict[str, list[np.ndarray]] = {name: [] for name in self.detectors_}
         errs: list[np.ndarray] = []
         with (
@@ -326,9 +344,12 @@ class AnomalyModel:
             torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16),
         ):
             for start in range(0, xp.shape[0], batch_size):
-                xb = torch.from_numpy(np.ascontiguousarray(xp[start : start + batch_size]))
-                xb = xb.pin_memory().to(dev, non_blocking=True) if cuda else xb.to(dev)
+                batch = {}
+                for view, x in views.items():
+                    xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size]))
+                    batch[view] = xb.pin_memory().to(dev, non_blocking=True) if cuda else xb.to(dev)
                 for name, det in self.detectors_.items():
+                    xb = batch[det.view]
                     if name == "vae" and want_errors:
                         score, e = det.score_with_errors(xb)  # type: ignore[attr-defined]
                         errs.append(e.float().cpu().numpy())
@@ -370,7 +391,7 @@ class AnomalyModel:
     def score_detectors(self, X: Any) -> pd.DataFrame:
         """DataFrame: vae, flow, gan, ensemble and their p-values (NaN for disabled detectors)."""
         self._check_fitted()
-        raw, _ = self._raw_scores(self.transform(X))
+        raw, _ = self._raw_scores(*self.preprocessor_.transform_with_numeric(X))
         return self._table(raw)[0]
 
     def decision_function(self, X: Any) -> np.ndarray:

@@ -22,7 +22,7 @@ import pandas as pd
 from anomaly.errors import DataError
 
 # Order in which detectors appear in tables and plots; others follow alphabetically.
-DETECTOR_ORDER = ("vae", "flow", "gan", "knn", "ensemble")
+DETECTOR_ORDER = ("vae", "flow", "gan", "knn", "knn_linear", "ensemble")
 
 
 class LabelError(DataError):

@@ -18,6 +18,7 @@ COLORS = {
     "flow": "#2ca02c",
     "gan": "#9467bd",
     "knn": "#ff7f0e",
+    "knn_linear": "#8c564b",
     "ensemble": "#d62728",
 }
 

@@ -28,6 +28,10 @@ class NumericParams:
     # Quantile transform knots (unique, increasing) and their standard-normal images.
     knots: list[float] = field(default_factory=list)
     normal: list[float] = field(default_factory=list)
+    # Mean and standard deviation of the training values: the column's plain z-score in the
+    # linear view (``Preprocessor.linear_view``). None in bundles from before that view.
+    mean: float | None = None
+    std: float | None = None
 
 
 def fit_numeric_params(
@@ -48,7 +52,10 @@ def fit_numeric_params(
             stacklevel=3,
         )
         scale = 1.0
-    params = NumericParams(median=median, scale=scale)
+    std = float(np.std(values))
+    params = NumericParams(
+        median=median, scale=scale, mean=float(np.mean(values)), std=std if std > 0 else 1.0
+    )
     if numeric_transform == "quantile" and len(np.unique(values)) == 2:
         # An indicator column: standardised (centre = mean, scale = std), not mapped onto
         # normal quantiles. The quantile map gives its two values a gap that shrinks as the

@@ -18,6 +18,14 @@ Numeric columns (``numeric_transform``):
 
 Every output is clipped to ``[-clip, clip]`` so nothing downstream ever sees inf.
 
+The linear view (``linear_view``): the same matrix with every quantile-mapped column replaced by
+its plain z-score, ``(x - mean) / std`` of the training values (clipped the same way). The
+quantile map equalises each column's marginal, which keeps heavy tails and skew from dominating
+distances, but it also squeezes a column's clusters together and stretches the gaps between them
+by their rank, not their size; the z-score keeps the column's geometry. Neighbour distances in
+the two views fail on different data (``anomaly.estimator.detectors.knn``), so the ensemble has a
+neighbour detector in each.
+
 A constant numeric column (IQR and standard deviation both zero) is kept, with a warning: it maps to
 0 for the training value and any other value at scoring time shows up as a deviation with scale 1.
 
@@ -34,6 +42,7 @@ dead-letter bad rows before scoring the rest.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -62,6 +71,18 @@ UNSEEN = "__unseen__"
 # Rows per step of the block transform: its 2-D temporaries (rows x numeric columns) stay in the
 # CPU cache between the dozen passes over them instead of streaming through memory each time.
 BLOCK_ROWS = 2048
+
+
+@dataclass(frozen=True)
+class _LinearPlan:
+    """What ``Preprocessor.linear_view`` replaces: output columns (numeric columns come first,
+    so also their positions in the numeric block) and, for each, the imputation value, the
+    training mean and the standard deviation."""
+
+    columns: np.ndarray
+    median: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
 
 
 class Preprocessor:
@@ -161,6 +182,7 @@ class Preprocessor:
         self.output_source_ = np.asarray(source, dtype=np.int64)
         self.n_features_out_ = len(names)
         self._numeric_block_transform: NumericBlockTransform | None = None
+        self._linear_plan: _LinearPlan | None = None
         self._category_index: dict[str, pd.Index] = {}
         self._category_arrow: dict[tuple[str, Any], Any] = {}
 
@@ -446,6 +468,41 @@ class Preprocessor:
                 codes[i] = index.get_indexer([str(value)])[0]
         return codes
 
+    # ------------------------------------------------------------ the linear view
+    def linear_view(self, xp: np.ndarray, numeric: np.ndarray) -> np.ndarray:
+        """``xp`` (this preprocessor's output for some rows) with each quantile-mapped numeric
+        column replaced by its training z-score, from ``numeric``, the checked numeric block
+        ``transform_with_numeric`` returned for the same rows (module docstring)."""
+        plan = self.linear_plan()
+        if not len(plan.columns):
+            return xp
+        values = np.asarray(numeric, dtype=np.float64)[:, plan.columns]
+        values = np.where(np.isnan(values), plan.median, values)
+        out = xp.copy()
+        out[:, plan.columns] = np.clip((values - plan.mean) / plan.std, -self.clip, self.clip)
+        return out
+
+    def linear_plan(self) -> _LinearPlan:
+        """The columns the linear view replaces and their parameters (DataError for a bundle
+        from before the view, whose parameters lack the training mean and std)."""
+        self._check_fitted()
+        if self._linear_plan is None:
+            quantile = self.numeric_transform == "quantile"
+            names = [
+                (i, params)
+                for i, params in enumerate(self.numeric_params_[name] for name in self.numeric_)
+                if quantile and len(params.knots) > 1
+            ]
+            if any(p.mean is None or p.std is None for _, p in names):
+                raise DataError("these preprocessing parameters predate the linear view")
+            self._linear_plan = _LinearPlan(
+                columns=np.asarray([i for i, _ in names], dtype=np.intp),
+                median=np.asarray([p.median for _, p in names], dtype=np.float64),
+                mean=np.asarray([p.mean for _, p in names], dtype=np.float64),
+                std=np.asarray([p.std for _, p in names], dtype=np.float64),
+            )
+        return self._linear_plan
+
     # ------------------------------------------------------------ (de)serialising
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe parameters (stored in the bundle manifest)."""
@@ -460,7 +517,14 @@ class Preprocessor:
             "numeric": self.numeric_,
             "categorical": self.categorical_,
             "numeric_params": {
-                k: {"median": v.median, "scale": v.scale, "knots": v.knots, "normal": v.normal}
+                k: {
+                    "median": v.median,
+                    "scale": v.scale,
+                    "knots": v.knots,
+                    "normal": v.normal,
+                    "mean": v.mean,
+                    "std": v.std,
+                }
                 for k, v in self.numeric_params_.items()
             },
             "categories": self.categories_,
@@ -485,6 +549,8 @@ class Preprocessor:
                 scale=float(v["scale"]),
                 knots=[float(x) for x in v["knots"]],
                 normal=[float(x) for x in v["normal"]],
+                mean=None if v.get("mean") is None else float(v["mean"]),
+                std=None if v.get("std") is None else float(v["std"]),
             )
             for k, v in data["numeric_params"].items()
         }

@@ -98,6 +98,25 @@ class DevicePreprocessor:
             self.category_offsets.append(col)
             col += len(pre.categories_[name]) + 1
         self.n_out = pre.n_features_out_
+        self._pre = pre
+        self._linear: tuple[torch.Tensor, ...] | None = None
+
+    def linear_view(self, values: torch.Tensor, xp: torch.Tensor) -> torch.Tensor:
+        """``Preprocessor.linear_view`` of the rows ``transform`` made ``xp`` from."""
+        if self._linear is None:
+            plan = self._pre.linear_plan()
+            self._linear = tuple(
+                torch.as_tensor(a, device=self.device)
+                for a in (plan.columns, plan.median, plan.mean, plan.std)
+            )
+        columns, median, mean, std = self._linear
+        if not len(columns):
+            return xp
+        v = values[:, columns]
+        v = torch.where(torch.isnan(v), median, v)
+        out = xp.clone()
+        out[:, columns] = ((v - mean) / std).clamp_(-self.clip, self.clip).float()
+        return out
 
     def numeric(self, values: torch.Tensor) -> torch.Tensor:
         """Validated float64 block ``(n, k)`` with NaN for missing -> transformed ``(k, n)``."""
@@ -217,10 +236,14 @@ class DeviceScorer:
         model = self.model
         n = values.shape[0]
         with torch_threads(model.threads), torch.inference_mode():
+            values_on_device = self._to_device(np.ascontiguousarray(values, dtype=np.float64))
             xp = self.pre.transform(
-                self._to_device(np.ascontiguousarray(values, dtype=np.float64)),
+                values_on_device,
                 [self._to_device(np.ascontiguousarray(c, dtype=np.int64)) for c in codes],
             )
+            views = {"quantile": xp}
+            if any(det.view == "linear" for det in model.detectors_.values()):
+                views["linear"] = self.pre.linear_view(values_on_device, xp)
             raw = {
                 name: torch.empty(n, dtype=torch.float64, device=self.device)
                 for name in model.detectors_
@@ -228,9 +251,9 @@ class DeviceScorer:
             errors = None
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                 for start in range(0, n, batch_size):
-                    xb = xp[start : start + batch_size]
-                    stop = start + xb.shape[0]
+                    stop = min(start + batch_size, n)
                     for name, det in model.detectors_.items():
+                        xb = views[det.view][start:stop]
                         if name == "vae":
                             score, e = det.score_with_errors(xb)
                             if errors is None:

@@ -123,7 +123,7 @@ class BatchScorer:
         else:
             xp, numeric = model.preprocessor_.transform_with_numeric(frame)
             raw, errors = model._raw_scores(
-                xp, batch_size=self.batch_size, bf16=self.bf16, want_errors=True
+                xp, numeric, batch_size=self.batch_size, bf16=self.bf16, want_errors=True
             )
             block, ens_tail = model._score_block(raw)
         columns = dict(zip(SCORE_COLUMNS, block, strict=True))

@@ -57,6 +57,7 @@ def test_save_load_gives_identical_scores(fitted_model, saved_bundle, frame_prob
         "flow.safetensors",
         "gan.safetensors",
         "knn.safetensors",
+        "knn_linear.safetensors",
         "calibration.safetensors",
     }
     assert manifest["libraries"]["torch"] == torch.__version__

@@ -91,7 +91,7 @@ def test_train_score_inspect_end_to_end(config_file, frame_problem, tmp_path, ca
     info = json.loads(capsys.readouterr().out)
     assert info["version"] == summary["version"]
     assert info["schema"]["numeric"] == SCHEMA.numeric
-    assert set(info["thresholds"]) == {"vae", "flow", "gan", "knn", "ensemble"}
+    assert set(info["thresholds"]) == {"vae", "flow", "gan", "knn", "knn_linear", "ensemble"}
 
 
 def test_user_errors_print_without_traceback(config_file, frame_problem, tmp_path, capsys):

@@ -235,3 +235,26 @@ def test_knn_calibrated_leave_one_out_keeps_its_false_positive_rate():
         rates.append(np.mean(p <= 0.01))
     # Expected floor(0.01 * 501) / 501 = 0.00998; the mean of 8 fits has a spread of ~0.0016.
     assert 0.006 <= np.mean(rates) <= 0.014, rates
+
+
+def test_knn_linear_sees_a_gap_between_a_columns_modes_that_the_quantile_map_closes():
+    """Normal rows sit in two tight modes of one column; anomalies lie in the empty gap between
+    them. The quantile map sends the gap to the middle of its normal quantiles, next to both
+    modes' inner edges, so the knn member in that view barely sees them; the linear view keeps
+    the gap, and knn_linear ranks them high. Both are in the default ensemble."""
+    import pandas as pd
+
+    from anomaly import AnomalyModel
+
+    rng = np.random.default_rng(0)
+    n = 1200
+    mode = rng.choice([-5.0, 5.0], n)
+    train = np.c_[mode + rng.normal(0, 0.3, n), rng.normal(0, 1, n)].astype(np.float32)
+    normal = np.c_[rng.choice([-5.0, 5.0], 200) + rng.normal(0, 0.3, 200), rng.normal(0, 1, 200)]
+    gap = np.c_[rng.uniform(-1.5, 1.5, 40), rng.normal(0, 1, 40)]
+    rows = pd.DataFrame(np.r_[normal, gap].astype(np.float32), columns=["f0", "f1"])
+    y = np.r_[np.zeros(200), np.ones(40)]
+    model = AnomalyModel(seed=0, device="cpu", detectors=["knn", "knn_linear"]).fit(train)
+    table = model.score_detectors(rows)
+    assert roc_auc_score(y, table["knn_linear"]) > 0.95
+    assert roc_auc_score(y, table["knn"]) < roc_auc_score(y, table["knn_linear"]) - 0.1

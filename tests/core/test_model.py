@@ -204,23 +204,31 @@ def test_small_data_fits_with_a_warning_about_calibration(frame_problem):
     assert table["ensemble_p"].min() >= 1 / 11
 
 
-def test_below_min_generative_rows_the_knn_detector_scores_alone(frame_problem, tmp_path):
+def test_below_min_generative_rows_the_knn_detectors_score_alone(frame_problem, tmp_path):
     """With fewer normal rows than min_generative_rows (default 200) the generative detectors are
-    left out, with a warning that names them, unless knn is not among the detectors."""
+    left out, with a warning that names them, unless no neighbour detector is among the
+    detectors."""
     train, normal, anomalous = frame_problem
     rows = pd.concat([normal.head(50), anomalous.head(50)])
     model = AnomalyModel(target_fpr=0.01, seed=0, device="cpu", schema=SCHEMA, max_steps=50)
     with pytest.warns(SmallDataWarning, match=r"vae, flow, gan detector\(s\) are left out"):
         model.fit(train.head(150))
-    assert list(model.detectors_) == ["knn"] and model.ensemble_weights_ == [1.0]
+    assert list(model.detectors_) == ["knn", "knn_linear"]
+    assert model.ensemble_weights_ == [0.5, 0.5]
     table = model.score_detectors(rows)
     assert table[["vae", "flow", "gan"]].isna().all().all()
-    # The ensemble is the knn member's evidence alone: its score rises with the knn distance.
-    by_knn = table.sort_values("knn")
-    assert (np.diff(by_knn["ensemble"].to_numpy()) >= 0).all()
+    # The ensemble is the two neighbour members' evidence alone.
+    logs = [
+        -np.log10(model.calibrators_[d].tail_pvalues(table[d].to_numpy())) for d in model.detectors_
+    ]
+    np.testing.assert_allclose(table["ensemble"], (logs[0] + logs[1]) / 2, rtol=1e-12)
     assert table["ensemble"].iloc[50:].mean() > table["ensemble"].iloc[:50].mean()
     model.save(tmp_path / "small")
-    assert AnomalyModel.load(tmp_path / "small").metrics_["detectors"] == ["knn"]
+    assert AnomalyModel.load(tmp_path / "small").metrics_["detectors"] == ["knn", "knn_linear"]
+    one = AnomalyModel(seed=0, device="cpu", schema=SCHEMA, detectors=["gan", "knn"], max_steps=50)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SmallDataWarning)
+        assert list(one.fit(train.head(150)).detectors_) == ["knn"]
     alone = AnomalyModel(seed=0, device="cpu", schema=SCHEMA, detectors=["flow"], max_steps=50)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", SmallDataWarning)
@@ -235,10 +243,11 @@ def test_ensemble_weights_each_kind_of_evidence_once(fitted_model, frame_problem
     from anomaly.estimator.ensemble import member_weights
 
     assert member_weights(["vae", "flow", "gan", "knn"]) == [1 / 6, 1 / 6, 1 / 6, 1 / 2]
+    assert member_weights(ALL_DETECTORS) == [1 / 6, 1 / 6, 1 / 6, 1 / 4, 1 / 4]
     assert member_weights(["vae", "gan"]) == [1 / 2, 1 / 2]
     assert member_weights(["flow", "knn"]) == [1 / 2, 1 / 2]
     _, normal, _ = frame_problem
-    raw, _ = fitted_model._raw_scores(fitted_model.transform(normal))
+    raw, _ = fitted_model._raw_scores(*fitted_model.preprocessor_.transform_with_numeric(normal))
     logs = [-np.log10(fitted_model.calibrators_[d].tail_pvalues(raw[d])) for d in ALL_DETECTORS]
     expected = sum(w * v for w, v in zip(fitted_model.ensemble_weights_, logs, strict=True))
     np.testing.assert_allclose(fitted_model.decision_function(normal), expected, rtol=1e-12)

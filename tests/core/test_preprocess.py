@@ -305,3 +305,37 @@ def test_transform_leaves_the_callers_array_untouched():
     out = pre.transform(rows)
     np.testing.assert_array_equal(rows, before)
     assert np.isfinite(out).all() and out[4, 2] == pre.clip
+
+
+def test_linear_view_replaces_quantile_columns_by_their_training_z_scores():
+    """Quantile-mapped columns become (x - mean) / std of the training values (missing at the
+    median, clipped as the rest); indicator, constant and one-hot columns stay as they are."""
+    train = mixed_frame(500, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantColumnWarning)
+        pre = Preprocessor(MIXED).fit(train)
+    probe = mixed_frame(40, seed=1)
+    probe.loc[3, "temp"] = np.nan
+    probe.loc[4, "amount"] = 1e12
+    xp, numeric = pre.transform_with_numeric(probe)
+    view = pre.linear_view(xp, numeric)
+    replaced = [MIXED.numeric.index(c) for c in ("amount", "temp", "count", "small")]
+    assert pre.linear_plan().columns.tolist() == replaced
+    kept = [i for i in range(xp.shape[1]) if i not in replaced]
+    np.testing.assert_array_equal(view[:, kept], xp[:, kept])
+    for name in ("amount", "temp", "count", "small"):
+        values = train[name].to_numpy(dtype=np.float64)
+        raw = probe[name].to_numpy(dtype=np.float64)
+        raw = np.where(np.isnan(raw), np.median(values), raw)
+        expected = np.clip((raw - values.mean()) / values.std(), -pre.clip, pre.clip)
+        j = MIXED.numeric.index(name)
+        np.testing.assert_allclose(view[:, j], expected, rtol=1e-6, atol=1e-6)
+    assert view[4, 0] == pre.clip
+    # The parameters travel with the preprocessor; ones saved without them cannot give the view.
+    again = Preprocessor.from_dict(pre.to_dict(), MIXED)
+    np.testing.assert_array_equal(again.linear_view(*again.transform_with_numeric(probe)), view)
+    old = pre.to_dict()
+    for params in old["numeric_params"].values():
+        del params["mean"], params["std"]
+    with pytest.raises(DataError, match="predate the linear view"):
+        Preprocessor.from_dict(old, MIXED).linear_view(xp, numeric)

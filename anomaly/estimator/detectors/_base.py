@@ -124,6 +124,9 @@ class BaseDetector:
     # True for a detector that trains nothing (knn): AnomalyModel then fits it on the calibration
     # rows as well and calibrates it on its ``leave_one_out_scores`` of them.
     uses_calibration_rows = False
+    # Which view of the preprocessed rows the detector reads: "quantile" (the preprocessor's
+    # output) or "linear" (``Preprocessor.linear_view``: numeric columns as plain z-scores).
+    view = "quantile"
 
     def __init__(
         self,

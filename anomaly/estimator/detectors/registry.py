@@ -18,6 +18,7 @@ DETECTOR_CLASSES = {
     "flow": ("anomaly.estimator.detectors.flow", "FlowDetector"),
     "gan": ("anomaly.estimator.detectors.gan", "GANDetector"),
     "knn": ("anomaly.estimator.detectors.knn", "KNNDetector"),
+    "knn_linear": ("anomaly.estimator.detectors.knn", "KNNLinearDetector"),
 }
 ALL_DETECTORS = DETECTOR_NAMES
 
