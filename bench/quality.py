@@ -513,7 +513,9 @@ def render(summary: dict[str, Any], args: argparse.Namespace, command: str, wall
         within = _fpr_table(fadd, summary, "fpr", "calibration_rows", ds_list, dets)
     large = [ds for ds in ds_list if summary["fpr_large"].get(ds)]
     if large:
-        n_big = int(_mean([r["n_train_large"] for ds in large for r in by_ds[ds]]))
+        n_big = int(
+            _mean([r["n_train_large"] for ds in large for r in by_ds[ds] if "n_train_large" in r])
+        )
         fadd(
             f"#### The same rates with more calibration rows (up to {args.fpr_max_train} "
             "training rows, our model only)"
@@ -713,7 +715,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated names")
-    p.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1")
+    p.add_argument("--seeds", type=int, default=3, help="seeds F..F+N-1 (F: --first-seed)")
+    p.add_argument("--first-seed", type=int, default=0, help="to add seeds to an earlier run")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--max-train", type=int, default=5000, help="cap on training rows (0: none)")
     p.add_argument(
@@ -770,7 +773,8 @@ def main(argv: list[str] | None = None) -> int:
         results = [json.loads(line) for line in Path(args.from_results).read_text().splitlines()]
         wall = sum(r.get("wall_s", 0.0) for r in results) / max(args.jobs, 1)
     else:
-        tasks = [(ds, seed) for ds in args.datasets for seed in range(args.seeds)]
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        tasks = [(ds, seed) for ds in args.datasets for seed in seeds]
         # Largest datasets first, so the workers finish together.
         sizes = {
             ds: os.path.getsize(Path(args.data_dir) / f"{ds.removesuffix('_free')}.npz")
