@@ -97,6 +97,12 @@ def main() -> int:
         metavar="REV",
         help="first run the same benchmark on git revision REV (a temporary worktree)",
     )
+    parser.add_argument(
+        "--detectors",
+        default=None,
+        help="comma-separated model.detectors (default: the config's), e.g. to compare loops "
+        "with --baseline on the same model",
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one serve process
     parser.add_argument("--produce-child", help=argparse.SUPPRESS)  # internal: paced producer
     parser.add_argument("--status", help=argparse.SUPPRESS)
@@ -130,7 +136,8 @@ def main() -> int:
 
     print(f"training a small fraud model ({args.threads} torch thread(s)) ...", flush=True)
     labels = ["is_anomaly", "anomaly_kind"]
-    base = config_from_dict({"name": "bench", "schema": schema}, environ={})
+    model_section = {"detectors": args.detectors.split(",")} if args.detectors else {}
+    base = config_from_dict({"name": "bench", "schema": schema, "model": model_section}, environ={})
     # Trained on the CPU whatever --device says: the service loads the bundle on its device.
     model = AnomalyModel.from_config(
         base, max_epochs=3, max_steps=300, progress=False, device="cpu"
@@ -599,14 +606,12 @@ def _instrument(
     service, latencies: list | None = None, clock=time.perf_counter, created: list | None = None
 ) -> dict:
     """Time from the first batch's start to the last batch's commit; per-record latency (and
-    the records' creation times, seconds since the epoch)."""
+    the records' creation times, seconds since the epoch). Works on the pipelined loop (a batch
+    starts in ``_prepare`` and ends in ``_write_and_commit``) and on revisions from before it
+    (one ``process`` call per batch), for ``--baseline``."""
     span: dict[str, float] = {}
-    process = service.process
 
-    def timed(messages):
-        start = clock()
-        span.setdefault("first", start)
-        outcome = process(messages)
+    def done(messages, start: float) -> None:
         span["last"] = clock()
         if os.environ.get("BENCH_TRACE"):
             born = [m.timestamp_ms / 1000 for m in messages if m.timestamp_ms]
@@ -618,6 +623,30 @@ def _instrument(
             latencies.append(time.time() - born)
             if created is not None:
                 created.append(born)
+
+    if hasattr(service, "_write_and_commit"):
+        prepare, finish = service._prepare, service._write_and_commit
+
+        def timed_prepare(messages, loaded):
+            span.setdefault("first", clock())
+            return prepare(messages, loaded)
+
+        def timed_finish(prepared, generation, held):
+            start = clock()
+            outcome = finish(prepared, generation, held)
+            done(prepared.messages, start)
+            return outcome
+
+        service._prepare, service._write_and_commit = timed_prepare, timed_finish
+        return span
+
+    process = service.process
+
+    def timed(messages):
+        start = clock()
+        span.setdefault("first", start)
+        outcome = process(messages)
+        done(messages, start)
         return outcome
 
     service.process = timed

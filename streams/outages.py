@@ -99,6 +99,7 @@ class OutagesMixin:
             if key in self._active():
                 try:
                     self._consumer.seek(TopicPartition(key[0], key[1], offset))
+                    self.state.position[key] = offset
                 except Exception as exc:
                     # Reading on from wherever the consumer is would skip the held records:
                     # position the partition again from the database before it is read.

@@ -88,8 +88,8 @@ class PartitionsMixin:
         )
 
     def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
-        # Batches are written and committed before consume() is called again, so nothing is in
-        # flight here; commit what a failed commit left behind for these partitions.
+        # A batch consumed but not yet written (the loop's batch in flight) is dropped by the
+        # loop when it sees the generation change; commit what a failed commit left behind.
         from confluent_kafka import KafkaException, TopicPartition
 
         revoked = {(tp.topic, tp.partition) for tp in partitions}
@@ -263,15 +263,17 @@ class PartitionsMixin:
 
     def _check_continuity(self, messages: list[Message]) -> list[Message]:
         """The batch without the records of partitions where it does not continue at the next
-        offset: records between would be skipped (a gap), or the log restarted below it."""
+        offset: records between would be skipped (a gap), or the log restarted below it. The
+        next offset of each partition the batch keeps moves past it: the loop consumes the
+        next batch before this one is written (``_rewind`` moves it back if it is dropped)."""
         state = self.state
-        if not state.position:
-            return messages
         first: dict[tuple[str, int], int] = {}
+        last: dict[tuple[str, int], int] = {}
         for m in messages:
             key = (m.topic, m.partition)
             if key not in first:
                 first[key] = m.offset
+            last[key] = m.offset
         bad: set[tuple[str, int]] = set()
         for key, offset in first.items():
             expected = state.position.get(key)
@@ -281,6 +283,9 @@ class PartitionsMixin:
             if problem is not None:
                 self._stop_partition(key, *problem)
                 bad.add(key)
+        for key, offset in last.items():
+            if key not in bad:
+                state.position[key] = offset + 1
         if not bad:
             return messages
         return [m for m in messages if (m.topic, m.partition) not in bad]

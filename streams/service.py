@@ -12,6 +12,15 @@ One loop, in clean steps (after Sentry Arroyo: the Kafka commit comes only after
    statistics and the next offset of every partition (``AlertStore.write_batch``).
 5. ``commit``: only now the offsets go to Kafka (synchronously).
 
+The pipeline: steps 2-3 of a batch run on a worker thread (``_prepare``, which touches no
+consumer or partition state) while this thread writes and commits the batch before it (steps
+4-5), so two batches are in the service at once, never more: consume batch N+1, hand it to the
+worker, write and commit batch N, repeat. While a batch waits to be written, the next consume
+takes only what is ready and never waits, so at light load a record is written as soon as it
+is scored. Decoding, scoring and the database driver spend most of their time in C code that
+releases the GIL (numpy, torch, msgspec, the SQLite and libpq calls), which is what lets the
+two threads overlap.
+
 The database holds the truth about progress: on assignment the consumer seeks to the offsets
 stored there, so a lost Kafka commit (crash between steps 4 and 5) neither loses nor re-scores a
 record, and the store's offset fencing keeps a zombie consumer from counting anything twice. The
@@ -46,13 +55,16 @@ dropped exactly when:
    yet positioned at its stored offset, or stopped for an offset gap (``_messages``); or the
    batch does not continue at the partition's next offset, which stops the partition
    (``_check_continuity``).
-2. the batch is held, waiting for the database, the output topics or the schema registry
+2. a rebalance callback ran inside the ``consume()`` that read the batch after it (the batch
+   in flight is dropped, with the records read after it: ``_abandon``).
+3. the batch is held, waiting for the database, the output topics or the schema registry
    (``_until_done``: the partitions are paused, so ``consume`` only serves the group), and
    meanwhile a rebalance callback ran (``_on_assign``, ``_on_revoke`` and ``_on_lost`` all bump
    ``state.generation``), records arrived anyway, or the service was asked to stop
-   (``_wait_paused``). The held batch and the arrived records are sought back to their first
-   offsets on partitions still being read (``_rewind``); a partition that was reassigned is
-   positioned from the database again (``_on_assign``, then ``_position_partitions``).
+   (``_wait_paused``); the batch consumed after it is dropped with it. The held batches and the
+   arrived records are sought back to their first offsets on partitions still being read
+   (``_rewind``); a partition that was reassigned is positioned from the database again
+   (``_on_assign``, then ``_position_partitions``).
 
 Why the database sees every record exactly once: a record counts only through ``write_batch``,
 which stores its partition's next offset in the same transaction and fences anything below the
@@ -64,10 +76,12 @@ are at-least-once: a retried or dropped batch may produce its dead letters and s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -78,7 +92,7 @@ from anomaly.config import PipelineConfig
 from anomaly.monitoring.drift import DriftMonitor
 from storage.records import OffsetRecord, SinkBatch, WriteResult
 from streams.alertmanager import Notifier
-from streams.avro import make_decoder
+from streams.avro import SchemaRegistryUnavailable, make_decoder
 from streams.batch import Message, build_sink_batch
 from streams.decode import DecodedBatch
 from streams.drift_windows import DriftMixin
@@ -109,6 +123,30 @@ JOIN_GRACE_S = 15.0
 # How long one wait for a first record may block while the stream is idle: the loop looks at its
 # stop flag, the idle clock and the active model version at least this often.
 IDLE_POLL_S = 0.5
+
+
+@dataclass
+class Prepared:
+    """A batch decoded, scored and turned into its writes (``_prepare``), not yet written."""
+
+    messages: list[Message]
+    ingest: datetime
+    started: float  # perf_counter() when its preparation began
+    decoded: DecodedBatch
+    result: Any  # ScoredBatch, None when no record was valid
+    loaded: LoadedModel
+    batch: SinkBatch
+    scores_out: list[tuple[bytes, bytes]]
+    latencies: np.ndarray | None
+
+
+@dataclass
+class InFlight:
+    """A consumed batch the worker thread is preparing; ``generation`` as when it was read."""
+
+    messages: list[Message]
+    generation: int
+    future: Future[Prepared]
 
 
 @dataclass
@@ -242,16 +280,48 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin, DriftMixin, Out
     # -- the loop -----------------------------------------------------------------------------
 
     def _loop(self) -> None:
+        """Consume, then hand the batch to the worker thread to decode and score while this
+        thread writes and commits the batch before it (module docstring, "The pipeline")."""
         kafka = self.cfg.kafka
         self.state.last_activity = time.monotonic()
         ever_assigned = False
-        while not self._stop.is_set():
-            self._maybe_switch_model()
-            if self.state.unpositioned:
-                self._position_partitions()
-            messages = self._messages(self._next_batch(kafka.batch_size, kafka.max_wait_s))
-            ever_assigned = ever_assigned or bool(self.state.assigned)
-            if not messages:
+        in_flight: InFlight | None = None
+        with ThreadPoolExecutor(1, thread_name_prefix="prepare") as worker:
+            while not self._stop.is_set():
+                # A new model scores what is consumed from here (a batch in flight keeps its
+                # own); unpositioned partitions have no records in flight (``_messages``).
+                self._maybe_switch_model()
+                if self.state.unpositioned:
+                    self._position_partitions()
+                raw = self._next_batch(kafka.batch_size, kafka.max_wait_s, wait=in_flight is None)
+                messages = self._messages(raw)
+                ever_assigned = ever_assigned or bool(self.state.assigned)
+                if in_flight is not None and self.state.generation != in_flight.generation:
+                    # A rebalance ran inside consume(): the batch in flight and what came after
+                    # it are read again (from the stored offsets, on reassigned partitions).
+                    self._abandon(in_flight, messages)
+                    in_flight = None
+                    continue
+                if messages:
+                    messages = self._check_continuity(messages)
+                following = None
+                if messages:
+                    self.state.last_activity = time.monotonic()
+                    loaded = self.loaded
+                    following = InFlight(
+                        messages,
+                        self.state.generation,
+                        worker.submit(self._prepare, messages, loaded),
+                    )
+                dropped = in_flight is not None and self._finish(in_flight, messages) is None
+                if dropped and following is not None:
+                    # Dropped while held (a rebalance, or stopping): the records after it were
+                    # put back with it.
+                    self._discard(following)
+                    following = None
+                in_flight = following
+                if in_flight is not None or messages:
+                    continue
                 if self._drift is not None:  # a window closes on the clock, traffic or not
                     self._drift_windows(self._drift.tick(datetime.now(UTC)))
                 idle = time.monotonic() - self.state.last_activity
@@ -262,19 +332,21 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin, DriftMixin, Out
                 if limit is not None and idle >= limit:
                     log.info("idle, stopping", extra={"fields": {"idle_s": round(idle, 1)}})
                     break
-                continue
-            self.state.last_activity = time.monotonic()
-            self.process(messages)
+            if in_flight is not None:
+                self._finish(in_flight, [])  # drain: stopping finishes the batch in flight
 
-    def _next_batch(self, batch_size: int, max_wait_s: float) -> list[Any]:
+    def _next_batch(self, batch_size: int, max_wait_s: float, wait: bool = True) -> list[Any]:
         """Adaptive micro-batching, latency first (Triton's dynamic batcher with no queue delay):
         take what the consumer has fetched, up to ``batch_size``, without waiting; wait only
         while nothing at all is there, and then only for the first record. Under load the
         batches grow by themselves (records pile up while the previous batch is processed); at
         light load a record goes almost alone. ``max_wait_s`` > 0 waits that much longer after
-        the first record for a fuller batch (throughput over latency)."""
+        the first record for a fuller batch (throughput over latency). ``wait=False`` (a batch
+        is in flight, waiting to be written) takes what is there and never waits."""
         consume = self._consumer.consume
         raw = consume(batch_size, 0)
+        if not wait:
+            return raw
         if not raw:
             raw = consume(1, IDLE_POLL_S)
             if not raw:
@@ -286,49 +358,95 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin, DriftMixin, Out
         return raw
 
     def process(self, messages: list[Message]) -> BatchOutcome | None:
-        """Decode, score, write and commit one micro-batch; ``None`` if it was abandoned."""
+        """Decode, score, write and commit one micro-batch, one step after another; ``None`` if
+        it was abandoned. (The loop runs the same steps with two batches overlapped.)"""
         messages = self._check_continuity(messages)
         if not messages:
             return None
         generation = self.state.generation
+        prepared = self._prepare_held(messages, self.loaded, generation, [])
+        if prepared is None:
+            return None
+        return self._write_and_commit(prepared, generation, [])
+
+    def _prepare(self, messages: list[Message], loaded: LoadedModel | None) -> Prepared:
+        """Decode, check and score a batch and build what it writes. Touches no consumer or
+        partition state, so it runs on the worker thread beside the write of the batch before
+        (numpy, torch and the decoder's C code release the GIL for most of it)."""
+        assert loaded is not None
         ingest = datetime.now(UTC)
         t0 = time.perf_counter()
-        decoded = self._until_done(
-            lambda: self._decode(messages),
-            generation,
-            messages,
-            waiting="batch not decoded (schema registry unavailable), retrying",
-        )
-        if decoded is None:
-            return None
-        decoded = self._model_checks(decoded, messages)
+        decoded = self._decode(messages)
+        decoded = self._model_checks(decoded, messages, loaded)
         self._failpoint.reached("decoded")
         t1 = time.perf_counter()
-        loaded = self.loaded
-        assert loaded is not None
         result = loaded.scorer.score(decoded.frame) if decoded.n_valid else None
         self._failpoint.reached("scored")
         t2 = time.perf_counter()
         batch, scores_out, latencies = self._sink_batch(messages, decoded, result, loaded, ingest)
         self.metrics.stage["decode"].observe(t1 - t0)
         self.metrics.stage["score"].observe(t2 - t1)
+        return Prepared(messages, ingest, t0, decoded, result, loaded, batch, scores_out, latencies)
 
+    def _prepare_held(
+        self,
+        messages: list[Message],
+        loaded: LoadedModel | None,
+        generation: int,
+        held: list[Message],
+    ) -> Prepared | None:
+        """``_prepare`` on this thread, retried while the schema registry is down (holding the
+        batch and ``held``, the records consumed after it); ``None`` if it was dropped."""
+        return self._until_done(
+            lambda: self._prepare(messages, loaded),
+            generation,
+            [*messages, *held],
+            waiting="batch not decoded (schema registry unavailable), retrying",
+        )
+
+    def _finish(self, flight: InFlight, held: list[Message]) -> BatchOutcome | None:
+        """Wait for the worker's part of ``flight``, then write and commit it; ``held`` are the
+        records consumed after it, put back with it if it is dropped."""
+        try:
+            prepared: Prepared | None = flight.future.result()
+        except SchemaRegistryUnavailable:
+            prepared = self._prepare_held(flight.messages, self.loaded, flight.generation, held)
+            if prepared is None:
+                return None
+        return self._write_and_commit(prepared, flight.generation, held)
+
+    def _abandon(self, flight: InFlight, held: list[Message]) -> None:
+        """Drop the batch in flight after a rebalance: it and the records after it are sought
+        back on the partitions still being read; reassigned ones are positioned from the
+        database."""
+        self._discard(flight)
+        self._rewind([*flight.messages, *held])
+        log.warning("rebalance while a batch was in flight; batch dropped")
+
+    @staticmethod
+    def _discard(flight: InFlight) -> None:
+        # The worker's result is not needed; any error it met comes back when the records are
+        # read again.
+        with contextlib.suppress(Exception):
+            flight.future.result()
+
+    def _write_and_commit(
+        self, prepared: Prepared, generation: int, held: list[Message]
+    ) -> BatchOutcome | None:
+        batch, messages = prepared.batch, prepared.messages
         t3 = time.perf_counter()
-        write = self._write(batch, messages, scores_out, generation)
+        write = self._write(batch, [*messages, *held], prepared.scores_out, generation)
         if write is None:
             return None
         self._reservoir.written(batch, write)
         self._failpoint.reached("written")
         t4 = time.perf_counter()
-        for o in batch.offsets:
-            key = (o.kafka_topic, o.kafka_partition)
-            if key in self.state.assigned:
-                self.state.position[key] = o.next_offset
         self._commit(batch.offsets)
         self._failpoint.reached("committed")
         t5 = time.perf_counter()
         self.metrics.stage["write"].observe(t4 - t3)
         self.metrics.stage["commit"].observe(t5 - t4)
+        decoded = prepared.decoded
         outcome = BatchOutcome(
             consumed=len(messages),
             scored=decoded.n_valid,
@@ -336,9 +454,9 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin, DriftMixin, Out
             dead_letters=len(batch.dead_letters),
             write=write,
         )
-        self._count(outcome, batch, latencies, ingest)
-        if result is not None:
-            self._observe_drift(result, loaded, ingest)
+        self._count(outcome, batch, prepared.latencies, prepared.ingest)
+        if prepared.result is not None:
+            self._observe_drift(prepared.result, prepared.loaded, prepared.ingest)
         log.debug(
             "batch",
             extra={
@@ -346,7 +464,7 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin, DriftMixin, Out
                     "records": outcome.consumed,
                     "alerts": outcome.alerts,
                     "dead_letters": outcome.dead_letters,
-                    "ms": round((t5 - t0) * 1000, 2),
+                    "ms": round((t5 - prepared.started) * 1000, 2),
                 }
             },
         )
