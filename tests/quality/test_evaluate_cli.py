@@ -24,7 +24,7 @@ from anomaly.cli import main
 
 from .conftest import TARGET_FPR
 
-DETECTORS = ("vae", "flow", "gan", "knn", "ensemble")
+DETECTORS = ("vae", "flow", "gan", "knn", "knn_linear", "ensemble")
 
 
 @pytest.fixture(scope="module")
