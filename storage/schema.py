@@ -103,6 +103,13 @@ def _json_text() -> Any:
     return JSON()
 
 
+def _partial_index(name: str | None, *columns: str, where: str, unique: bool = False) -> Index:
+    """An index over the rows where ``where`` holds, on both dialects (both support it)."""
+    return Index(
+        name, *columns, unique=unique, postgresql_where=text(where), sqlite_where=text(where)
+    )
+
+
 def _id() -> Column[int]:
     # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets BIGSERIAL.
     return Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
@@ -128,12 +135,7 @@ incidents = Table(
     Index(None, "pipeline", "entity", "last_seen"),
     Index(None, "pipeline", "last_seen"),
     # The open incidents, which the notifier reads every cycle (migration 0005).
-    Index(
-        "ix_incidents_open",
-        "pipeline",
-        postgresql_where=text("status = 'open'"),
-        sqlite_where=text("status = 'open'"),
-    ),
+    _partial_index("ix_incidents_open", "pipeline", where="status = 'open'"),
 )
 
 alerts = Table(
@@ -171,18 +173,8 @@ alerts = Table(
     Index(None, "pipeline", "ingest_time"),
     # Partial: alerts without an entity (or incident) are never looked up by it, and cost two
     # index insertions less (migration 0002). Equality lookups imply NOT NULL and use them.
-    Index(
-        None,
-        "entity",
-        postgresql_where=text("entity IS NOT NULL"),
-        sqlite_where=text("entity IS NOT NULL"),
-    ),
-    Index(
-        None,
-        "incident_id",
-        postgresql_where=text("incident_id IS NOT NULL"),
-        sqlite_where=text("incident_id IS NOT NULL"),
-    ),
+    _partial_index(None, "entity", where="entity IS NOT NULL"),
+    _partial_index(None, "incident_id", where="incident_id IS NOT NULL"),
 )
 
 # An analyst's verdict on an alert (``anomaly alerts ack --verdict``), at most one per alert (a
@@ -242,13 +234,7 @@ model_versions = Table(
     Column("activated_at", UTCDateTime()),
     UniqueConstraint("pipeline", "version"),
     # At most one active version per pipeline (a partial unique index on both dialects).
-    Index(
-        "uq_model_versions_one_active",
-        "pipeline",
-        unique=True,
-        postgresql_where=text("active"),
-        sqlite_where=text("active"),
-    ),
+    _partial_index("uq_model_versions_one_active", "pipeline", where="active", unique=True),
 )
 
 stream_stats = Table(
@@ -302,12 +288,7 @@ incident_notifications = Table(
     Column("sent_at", UTCDateTime(), nullable=False),
     CheckConstraint(_in("state", NOTIFICATION_STATES), name="state"),
     # The incidents sent firing and not yet resolved, which the notifier reads every cycle.
-    Index(
-        "ix_incident_notifications_firing",
-        "incident_id",
-        postgresql_where=text("state = 'firing'"),
-        sqlite_where=text("state = 'firing'"),
-    ),
+    _partial_index("ix_incident_notifications_firing", "incident_id", where="state = 'firing'"),
 )
 
 # One row per pipeline and closed drift window (anomaly.monitoring.drift, migration 0004).
