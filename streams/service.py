@@ -37,8 +37,10 @@ recreated or truncated) or below its start (records deleted), and a batch that s
 partition's next offset with records in between, stop that partition: paused, an error log line,
 ``anomaly_offset_gaps_total`` and ``/readyz`` not ready. Nothing is skipped silently.
 
-Where things live: this module is the batch loop (consume, decode, score, sink, commit) and the
-retries around it; ``streams.partitions`` the rebalance callbacks, positioning and offset checks;
+Where things live: this module is the batch loop (consume, then decode and score on the worker
+thread); ``streams.sink`` writing and committing a prepared batch; ``streams.outages`` the
+retries while something a batch needs is down; ``streams.partitions`` the rebalance callbacks,
+positioning and offset checks;
 ``streams.outputs`` the dead-letter and scores topics; ``streams.models`` loading, checking,
 warming up and switching the model; ``streams.batch`` what a batch writes (``build_sink_batch``).
 ``ScoringService`` is the one object; the mixins are its parts, split by concern.
@@ -90,19 +92,20 @@ import numpy as np
 
 from anomaly.config import PipelineConfig
 from anomaly.monitoring.drift import DriftMonitor
-from storage.records import OffsetRecord, SinkBatch, WriteResult
+from storage.records import SinkBatch
 from streams.alertmanager import Notifier
 from streams.avro import SchemaRegistryUnavailable, make_decoder
 from streams.batch import Message, build_sink_batch
 from streams.decode import DecodedBatch
 from streams.drift_windows import DriftMixin
 from streams.failpoints import Failpoint
-from streams.metrics import Health, MetricsServer, ServiceMetrics, observe_many
+from streams.metrics import Health, MetricsServer, ServiceMetrics
 from streams.models import WARM_UP_ROWS, LoadedModel, ModelsMixin, typical_records
 from streams.outages import OutagesMixin
 from streams.outputs import OutputsMixin, ProduceError
 from streams.partitions import PartitionsMixin, ServiceState
 from streams.reservoir import ReservoirSampler
+from streams.sink import BatchOutcome, Prepared, SinkMixin
 
 __all__ = [
     "WARM_UP_ROWS",
@@ -126,21 +129,6 @@ IDLE_POLL_S = 0.5
 
 
 @dataclass
-class Prepared:
-    """A batch decoded, scored and turned into its writes (``_prepare``), not yet written."""
-
-    messages: list[Message]
-    ingest: datetime
-    started: float  # perf_counter() when its preparation began
-    decoded: DecodedBatch
-    result: Any  # ScoredBatch, None when no record was valid
-    loaded: LoadedModel
-    batch: SinkBatch
-    scores_out: list[tuple[bytes, bytes]]
-    latencies: np.ndarray | None
-
-
-@dataclass
 class InFlight:
     """A consumed batch the worker thread is preparing; ``generation`` as when it was read."""
 
@@ -149,16 +137,9 @@ class InFlight:
     future: Future[Prepared]
 
 
-@dataclass
-class BatchOutcome:
-    consumed: int
-    scored: int
-    alerts: int
-    dead_letters: int
-    write: WriteResult | None = None
-
-
-class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin, DriftMixin, OutagesMixin):
+class ScoringService(
+    PartitionsMixin, OutputsMixin, ModelsMixin, DriftMixin, OutagesMixin, SinkMixin
+):
     """``run()`` until stopped (signal, ``stop()``, or ``stop_when_idle_s`` without records)."""
 
     def __init__(
@@ -430,71 +411,6 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin, DriftMixin, Out
         with contextlib.suppress(Exception):
             flight.future.result()
 
-    def _write_and_commit(
-        self, prepared: Prepared, generation: int, held: list[Message]
-    ) -> BatchOutcome | None:
-        batch, messages = prepared.batch, prepared.messages
-        t3 = time.perf_counter()
-        write = self._write(batch, [*messages, *held], prepared.scores_out, generation)
-        if write is None:
-            return None
-        self._reservoir.written(batch, write)
-        self._failpoint.reached("written")
-        t4 = time.perf_counter()
-        self._commit(batch.offsets)
-        self._failpoint.reached("committed")
-        t5 = time.perf_counter()
-        self.metrics.stage["write"].observe(t4 - t3)
-        self.metrics.stage["commit"].observe(t5 - t4)
-        decoded = prepared.decoded
-        outcome = BatchOutcome(
-            consumed=len(messages),
-            scored=decoded.n_valid,
-            alerts=len(batch.alerts),
-            dead_letters=len(batch.dead_letters),
-            write=write,
-        )
-        self._count(outcome, batch, prepared.latencies, prepared.ingest)
-        if prepared.result is not None:
-            self._observe_drift(prepared.result, prepared.loaded, prepared.ingest)
-        log.debug(
-            "batch",
-            extra={
-                "fields": {
-                    "records": outcome.consumed,
-                    "alerts": outcome.alerts,
-                    "dead_letters": outcome.dead_letters,
-                    "ms": round((t5 - prepared.started) * 1000, 2),
-                }
-            },
-        )
-        return outcome
-
-    def _count(
-        self,
-        outcome: BatchOutcome,
-        batch: SinkBatch,
-        latencies: np.ndarray | None,
-        ingest: datetime,
-    ) -> None:
-        """Metrics and totals of a committed batch (after the commit: they count work done)."""
-        m = self.metrics
-        m.consumed.inc(outcome.consumed)
-        m.batch_size.observe(outcome.consumed)
-        m.scored.inc(outcome.scored)
-        for dl in batch.dead_letters:
-            m.dead_lettered(dl.error_kind)
-        for alert in batch.alerts:
-            m.alerted(alert.severity)
-        if latencies is not None and len(latencies):
-            now_latency = latencies + (time.time() - ingest.timestamp())
-            observe_many(m.end_to_end, now_latency)
-        t = self.totals
-        t.consumed += outcome.consumed
-        t.scored += outcome.scored
-        t.alerts += outcome.alerts
-        t.dead_letters += outcome.dead_letters
-
     def _sink_batch(
         self,
         messages: list[Message],
@@ -522,46 +438,6 @@ class ScoringService(PartitionsMixin, OutputsMixin, ModelsMixin, DriftMixin, Out
         if self._registry_in_use:
             self._registry_up(True)
         return decoded
-
-    def _write(
-        self,
-        batch: SinkBatch,
-        messages: list[Message],
-        scores_out: list[tuple[bytes, bytes]],
-        generation: int,
-    ) -> WriteResult | None:
-        """Produce to the output topics, then write the database; retry while it is down."""
-
-        def attempt() -> WriteResult:
-            self._produce(batch.dead_letters, scores_out)
-            result = self.store.write_batch(batch)
-            self._database_up(True)
-            return result
-
-        return self._until_done(attempt, generation, messages)
-
-    def _commit(self, offsets: list[OffsetRecord]) -> None:
-        from confluent_kafka import KafkaException, TopicPartition
-
-        pending = self.state.uncommitted
-        for o in offsets:
-            pending[(o.kafka_topic, o.kafka_partition)] = o.next_offset
-        tps = [
-            TopicPartition(t, p, off)
-            for (t, p), off in pending.items()
-            if (t, p) in self.state.assigned
-        ]
-        if not tps:
-            return
-        try:
-            self._consumer.commit(offsets=tps, asynchronous=False)
-        except KafkaException as exc:
-            # The database already holds these offsets and the next assignment seeks to them;
-            # a lost Kafka commit costs nothing but lag accounting. Try again after the next batch.
-            log.warning("Kafka commit failed (offsets are safe in the database): %s", exc)
-            return
-        for tp in tps:
-            pending.pop((tp.topic, tp.partition), None)
 
 
 def run_service(cfg: PipelineConfig, stop_when_idle_s: float | None = None) -> int:

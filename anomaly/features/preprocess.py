@@ -18,13 +18,8 @@ Numeric columns (``numeric_transform``):
 
 Every output is clipped to ``[-clip, clip]`` so nothing downstream ever sees inf.
 
-The linear view (``linear_view``): the same matrix with every quantile-mapped column replaced by
-its plain z-score, ``(x - mean) / std`` of the training values (clipped the same way). The
-quantile map equalises each column's marginal, which keeps heavy tails and skew from dominating
-distances, but it also squeezes a column's clusters together and stretches the gaps between them
-by their rank, not their size; the z-score keeps the column's geometry. Neighbour distances in
-the two views fail on different data (``anomaly.estimator.detectors.knn``), so the ensemble has a
-neighbour detector in each.
+``linear_view`` gives the same matrix with every quantile-mapped column as its plain z-score
+(``anomaly.features.linear_view``), the view of the ensemble's second neighbour detector.
 
 A constant numeric column (IQR and standard deviation both zero) is kept, with a warning: it maps to
 0 for the training value and any other value at scoring time shows up as a deviation with scale 1.
@@ -42,7 +37,6 @@ dead-letter bad rows before scoring the rest.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,6 +54,7 @@ from anomaly.features.columns import (
     to_frame,
 )
 from anomaly.features.knot_lookup import KnotLookup, row_sized_ufunc_buffers
+from anomaly.features.linear_view import LinearPlan
 from anomaly.features.numeric import (
     NUMERIC_TRANSFORMS,
     NumericBlockTransform,
@@ -71,18 +66,6 @@ UNSEEN = "__unseen__"
 # Rows per step of the block transform: its 2-D temporaries (rows x numeric columns) stay in the
 # CPU cache between the dozen passes over them instead of streaming through memory each time.
 BLOCK_ROWS = 2048
-
-
-@dataclass(frozen=True)
-class _LinearPlan:
-    """What ``Preprocessor.linear_view`` replaces: output columns (numeric columns come first,
-    so also their positions in the numeric block) and, for each, the imputation value, the
-    training mean and the standard deviation."""
-
-    columns: np.ndarray
-    median: np.ndarray
-    mean: np.ndarray
-    std: np.ndarray
 
 
 class Preprocessor:
@@ -182,7 +165,7 @@ class Preprocessor:
         self.output_source_ = np.asarray(source, dtype=np.int64)
         self.n_features_out_ = len(names)
         self._numeric_block_transform: NumericBlockTransform | None = None
-        self._linear_plan: _LinearPlan | None = None
+        self._linear_plan: LinearPlan | None = None
         self._category_index: dict[str, pd.Index] = {}
         self._category_arrow: dict[tuple[str, Any], Any] = {}
 
@@ -471,36 +454,16 @@ class Preprocessor:
     # ------------------------------------------------------------ the linear view
     def linear_view(self, xp: np.ndarray, numeric: np.ndarray) -> np.ndarray:
         """``xp`` (this preprocessor's output for some rows) with each quantile-mapped numeric
-        column replaced by its training z-score, from ``numeric``, the checked numeric block
-        ``transform_with_numeric`` returned for the same rows (module docstring)."""
-        plan = self.linear_plan()
-        if not len(plan.columns):
-            return xp
-        values = np.asarray(numeric, dtype=np.float64)[:, plan.columns]
-        values = np.where(np.isnan(values), plan.median, values)
-        out = xp.copy()
-        out[:, plan.columns] = np.clip((values - plan.mean) / plan.std, -self.clip, self.clip)
-        return out
+        column as its training z-score, from ``numeric``, the checked numeric block
+        ``transform_with_numeric`` returned for the same rows (``anomaly.features.linear_view``)."""
+        return self.linear_plan().apply(xp, numeric, self.clip)
 
-    def linear_plan(self) -> _LinearPlan:
-        """The columns the linear view replaces and their parameters (DataError for a bundle
-        from before the view, whose parameters lack the training mean and std)."""
+    def linear_plan(self) -> LinearPlan:
+        """What the linear view replaces (DataError for parameters from before the view)."""
         self._check_fitted()
         if self._linear_plan is None:
-            quantile = self.numeric_transform == "quantile"
-            names = [
-                (i, params)
-                for i, params in enumerate(self.numeric_params_[name] for name in self.numeric_)
-                if quantile and len(params.knots) > 1
-            ]
-            if any(p.mean is None or p.std is None for _, p in names):
-                raise DataError("these preprocessing parameters predate the linear view")
-            self._linear_plan = _LinearPlan(
-                columns=np.asarray([i for i, _ in names], dtype=np.intp),
-                median=np.asarray([p.median for _, p in names], dtype=np.float64),
-                mean=np.asarray([p.mean for _, p in names], dtype=np.float64),
-                std=np.asarray([p.std for _, p in names], dtype=np.float64),
-            )
+            params = [self.numeric_params_[name] for name in self.numeric_]
+            self._linear_plan = LinearPlan.from_params(params, self.numeric_transform == "quantile")
         return self._linear_plan
 
     # ------------------------------------------------------------ (de)serialising
