@@ -142,9 +142,17 @@ def test_recreated_topic_stops_the_partition_loudly_and_the_others_go_on(
         assert "the stored next offset 303 is beyond the end of the log" in stopped[0]
         assert "the topic was recreated or truncated" in stopped[0]
         assert service.totals.consumed == 303 + 53
-        # The new partition's dead letters reached the new broker's dead-letter topic.
+        # The new partition's dead letters reached the new broker's dead-letter topic: each of
+        # its three bad records, nothing of partition 0. Output topics are at-least-once: the
+        # old producer meets a broker that lost its state with a fatal out-of-order-sequence
+        # error, is replaced and the batch produced again, and when part of its first request
+        # was taken before the error, some dead letters arrive twice (seen about once in five
+        # runs since the loop produces while the next batch is scored).
         dlq = consume_all(bootstrap, cfg.dead_letter_topic, 3)
-        assert sorted(dict(m.headers())["source_partition"] for m in dlq) == [b"1"] * 3
+        sources = {
+            (dict(m.headers())["source_partition"], dict(m.headers())["source_offset"]) for m in dlq
+        }
+        assert sources == {(b"1", b"50"), (b"1", b"51"), (b"1", b"52")}, sources
         assert running.stop() == 0
         running = None
     finally:
