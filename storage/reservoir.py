@@ -59,7 +59,7 @@ def write_reservoir(
     if rows:  # else a replay: nothing to add, the threshold is still worth returning
         inserted = _insert(conn, rows)
         if batch.reservoir_retention_s > 0:
-            newest = max(utc(row[_COLUMNS.index("sampled_at")]) for row in rows)
+            newest = max(utc(row[_SAMPLED_AT]) for row in rows)
             cutoff = newest - timedelta(seconds=batch.reservoir_retention_s)
             expired = conn.execute(
                 delete(t).where(t.c.pipeline == pipeline, t.c.sampled_at < cutoff)
@@ -110,6 +110,7 @@ _COLUMNS = (
     "sampled_at",
     "record",
 )
+_SAMPLED_AT = _COLUMNS.index("sampled_at")
 
 
 def _insert(conn: Connection, rows: list[tuple[Any, ...]]) -> int:

@@ -207,7 +207,11 @@ def _finite(x: Any) -> float | None:
 _ENCODE = msgspec.json.Encoder().encode
 
 
-def _offsets(pipeline: str, messages: list[Message]) -> list[OffsetRecord]:
+def partition_bounds(
+    messages: list[Message],
+) -> tuple[dict[tuple[str, int], int], dict[tuple[str, int], int]]:
+    """The first and the last offset of each (topic, partition) in ``messages``, in the order
+    the partitions first appear (a partition's records come in offset order)."""
     first: dict[tuple[str, int], int] = {}
     last: dict[tuple[str, int], int] = {}
     for m in messages:
@@ -215,6 +219,11 @@ def _offsets(pipeline: str, messages: list[Message]) -> list[OffsetRecord]:
         if key not in first:
             first[key] = m.offset
         last[key] = m.offset
+    return first, last
+
+
+def _offsets(pipeline: str, messages: list[Message]) -> list[OffsetRecord]:
+    first, last = partition_bounds(messages)
     return [
         OffsetRecord(pipeline, t, p, next_offset=last[(t, p)] + 1, first_offset=first[(t, p)])
         for (t, p) in first

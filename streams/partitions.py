@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from storage.errors import RetryableStorageError
-from streams.batch import Message
+from streams.batch import Message, partition_bounds
 
 log = logging.getLogger("streams.service")
 
@@ -267,13 +267,7 @@ class PartitionsMixin:
         next offset of each partition the batch keeps moves past it: the loop consumes the
         next batch before this one is written (``_rewind`` moves it back if it is dropped)."""
         state = self.state
-        first: dict[tuple[str, int], int] = {}
-        last: dict[tuple[str, int], int] = {}
-        for m in messages:
-            key = (m.topic, m.partition)
-            if key not in first:
-                first[key] = m.offset
-            last[key] = m.offset
+        first, last = partition_bounds(messages)
         bad: set[tuple[str, int]] = set()
         for key, offset in first.items():
             expected = state.position.get(key)

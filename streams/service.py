@@ -427,8 +427,6 @@ class ScoringService(
         )
         return out
 
-    # -- sink and commit ------------------------------------------------------------------
-
     def _decode(self, messages: list[Message]) -> DecodedBatch:
         decoded = self.decoder.decode(
             [m.value for m in messages],

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
@@ -231,22 +232,16 @@ class AnomalyModel:
         self.preprocessor_ = Preprocessor(self.schema, self.numeric_transform, min_rows=10).fit(
             train_frame
         )
-        # Each view of the rows (the detector's ``view``), built once: training, calibration.
-        views = {
-            "quantile": tuple(
-                self.preprocessor_.transform_with_numeric(part) for part in (train_frame, cal_frame)
-            )
-        }
         detectors = {name: self._detector(name) for name in names}
-        if any(det.view == "linear" for det in detectors.values()):
-            views["linear"] = tuple(
-                (self.preprocessor_.linear_view(x, numeric), numeric)
-                for x, numeric in views["quantile"]
-            )
+        # Each view of the rows the detectors read, built once: training, calibration.
+        train_views, cal_views = (
+            self._views(detectors.values(), *self.preprocessor_.transform_with_numeric(part))
+            for part in (train_frame, cal_frame)
+        )
         self.detectors_: dict[str, BaseDetector] = {}
         cal_scores = {}
         for name, det in detectors.items():
-            (x_train, _), (x_cal, _) = views[det.view]
+            x_train, x_cal = train_views[det.view], cal_views[det.view]
             if det.uses_calibration_rows:
                 self.detectors_[name] = det.fit(np.concatenate([x_train, x_cal]))
                 cal_rows = np.arange(len(x_train), len(x_train) + len(x_cal))
@@ -333,9 +328,7 @@ class AnomalyModel:
         batch, under inference mode."""
         dev = self.device_
         cuda = dev.type == "cuda"
-        views = {"quantile": xp}
-        if any(det.view == "linear" for det in self.detectors_.values()):
-            views["linear"] = self.preprocessor_.linear_view(xp, numeric)
+        views = self._views(self.detectors_.values(), xp, numeric)
         outs: dict[str, list[np.ndarray]] = {name: [] for name in self.detectors_}
         errs: list[np.ndarray] = []
         with (
@@ -359,6 +352,17 @@ class AnomalyModel:
         raw = {name: np.concatenate(v) if v else np.empty(0) for name, v in outs.items()}
         errors = np.concatenate(errs) if errs else None
         return raw, errors
+
+    def _views(
+        self, detectors: Iterable[BaseDetector], xp: np.ndarray, numeric: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """The views of the preprocessed rows ``xp`` that ``detectors`` read (their ``view``):
+        the rows themselves, and their linear view (from ``numeric``, the numeric block
+        ``transform_with_numeric`` returned with them) when a detector reads it."""
+        views = {"quantile": xp}
+        if any(det.view == "linear" for det in detectors):
+            views["linear"] = self.preprocessor_.linear_view(xp, numeric)
+        return views
 
     def _table(self, raw: dict[str, np.ndarray]) -> tuple[pd.DataFrame, np.ndarray]:
         """Scores and p-values per row, plus the ensemble's tail-extended p (for severities)."""

@@ -42,8 +42,9 @@ def fit_numeric_params(
     median = float(np.median(values))
     q25, q75 = np.quantile(values, [0.25, 0.75])
     scale = float(q75 - q25) / _GAUSS_IQR
+    std = float(np.std(values))
     if not scale > 0:
-        scale = float(np.std(values))
+        scale = std
     if not scale > 0:
         warnings.warn(
             f"numeric column '{name}' is constant ({median:g}) in the training data; it is "
@@ -52,7 +53,6 @@ def fit_numeric_params(
             stacklevel=3,
         )
         scale = 1.0
-    std = float(np.std(values))
     params = NumericParams(
         median=median, scale=scale, mean=float(np.mean(values)), std=std if std > 0 else 1.0
     )
