@@ -67,7 +67,8 @@ from streams.avro_schemas import (
     load_schema,
     writer_schema_id,
 )
-from streams.decode import DecodedBatch, RecordDecoder, _json_safe, _validation_reason
+from streams.decode import DecodedBatch, RecordDecoder
+from streams.rejects import json_safe, validation_reason
 
 
 class AvroRecordDecoder(RecordDecoder):
@@ -254,7 +255,7 @@ class AvroRecordDecoder(RecordDecoder):
         writer = self._writer(value) if self._framed and (self._ids or self.registry) else None
         schema = self._parsed_as_written if writer is None else writer.as_written
         record = self._reader(buffer, schema, None)  # the record as its producer wrote it
-        return _json_safe({k: _json_value(v) for k, v in record.items()})
+        return json_safe({k: _json_value(v) for k, v in record.items()})
 
     def _convert(self, value: bytes) -> Any:
         return msgspec.convert(self._read(value), self._struct, from_attributes=False)
@@ -295,7 +296,7 @@ class AvroRecordDecoder(RecordDecoder):
         except _Bad as bad:
             return (bad.kind, bad.message)
         except msgspec.ValidationError as exc:
-            return _validation_reason(str(exc))
+            return validation_reason(str(exc))
 
 
 def _exception_text(exc: Exception) -> str:

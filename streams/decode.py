@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,36 +36,22 @@ import numpy as np
 import pandas as pd
 
 from anomaly.config import SchemaConfig
-from streams.times import parse_times
-
-# Reasons a record is rejected (the `error_kind` of its dead letter).
-OVERSIZED = "oversized"
-EMPTY = "empty"
-INVALID_UTF8 = "invalid_utf8"
-INVALID_JSON = "invalid_json"
-NOT_OBJECT = "not_object"
-TOO_DEEP = "too_deep"
-MISSING_FIELD = "missing_field"
-WRONG_TYPE = "wrong_type"
-MISSING_VALUE = "missing_value"
-NOT_FINITE = "not_finite"
-INVALID_TIME = "invalid_time"
-INVALID_VALUE = "invalid_value"
-
-ERROR_KINDS = (
-    OVERSIZED,
+from streams.rejects import (
     EMPTY,
-    INVALID_UTF8,
     INVALID_JSON,
-    NOT_OBJECT,
-    TOO_DEEP,
-    MISSING_FIELD,
-    WRONG_TYPE,
+    INVALID_TIME,
+    INVALID_UTF8,
     MISSING_VALUE,
     NOT_FINITE,
-    INVALID_TIME,
-    INVALID_VALUE,
+    NOT_OBJECT,
+    OVERSIZED,
+    TOO_DEEP,
+    count_brackets,
+    json_safe,
+    nesting_depth,
+    validation_reason,
 )
+from streams.times import parse_times
 
 DEFAULT_MAX_DEPTH = 64
 _UTC_NS = pd.DatetimeTZDtype("ns", "UTC")
@@ -79,10 +64,8 @@ except ImportError:  # pragma: no cover - older pandas
 # When a batch holds a bad record, it is re-decoded in chunks of this many records and only the
 # chunks that fail go record by record.
 FALLBACK_CHUNK = 128
-_COUNT_SLICE = 1 << 18
 
-_AT_FIELD = re.compile(r" - at `\$\.?(.*)`$")
-_MISSING = re.compile(r"^Object missing required field `(.*)`")
+
 # Tokens Python's json module writes for non-finite floats; msgspec (strict JSON) rejects them.
 _NONSTANDARD = (b"NaN", b"Infinity")
 
@@ -246,7 +229,7 @@ class RecordDecoder:
             return None
         # Every decoded value is an object, so holds at least one bracket: when the batch's
         # brackets beyond one per record are fewer than max_depth, no record can be deeper.
-        if _count_brackets(joined) > n - 1 + self.max_depth and any(
+        if count_brackets(joined) > n - 1 + self.max_depth and any(
             v.count(b"{") + v.count(b"[") > self.max_depth  # type: ignore[union-attr]
             for v in values
         ):
@@ -262,7 +245,7 @@ class RecordDecoder:
             obj = _ANY.decode(value)
         except msgspec.DecodeError:  # NaN/Infinity literals, accepted by the slow path
             obj = json.loads(value)
-        return _json_safe(obj)
+        return json_safe(obj)
 
     # -- one record (slow path: only to find the bad ones) ------------------------------------
 
@@ -288,13 +271,13 @@ class RecordDecoder:
         except UnicodeDecodeError as exc:
             return (INVALID_UTF8, f"invalid UTF-8 at byte {exc.start}: {exc.reason}")
         if value.count(b"{") + value.count(b"[") > self.max_depth:
-            depth = _nesting_depth(value)
+            depth = nesting_depth(value)
             if depth > self.max_depth:
                 return (TOO_DEEP, f"JSON nesting depth {depth} exceeds {self.max_depth}")
         try:
             return self._decoder.decode(value)
         except msgspec.ValidationError as exc:
-            return _validation_reason(str(exc))
+            return validation_reason(str(exc))
         except msgspec.DecodeError as exc:
             if any(token in value for token in _NONSTANDARD):
                 return self._decode_nonstandard(value, exc)
@@ -313,7 +296,7 @@ class RecordDecoder:
         try:
             return msgspec.convert(obj, self._struct, from_attributes=False)
         except msgspec.ValidationError as exc:
-            return _validation_reason(str(exc))
+            return validation_reason(str(exc))
 
     # -- columns ------------------------------------------------------------------------------
 
@@ -414,12 +397,6 @@ class RecordDecoder:
 _ANY = msgspec.json.Decoder()
 
 
-def _json_safe(obj: dict[str, Any]) -> dict[str, Any]:
-    return {
-        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in obj.items()
-    }
-
-
 def _frame_from_columns(
     blocks: list[tuple[Any, np.ndarray]], n: int, names: list[str]
 ) -> pd.DataFrame:
@@ -436,54 +413,6 @@ def _frame_from_columns(
                 columns[int(pos)] = values[i]
     data = {names[pos]: columns[pos] for pos in range(len(names))}
     return pd.DataFrame(data, index=pd.RangeIndex(n), copy=False)
-
-
-def _validation_reason(message: str) -> tuple[str, str]:
-    missing = _MISSING.match(message)
-    if missing:
-        return (MISSING_FIELD, f"field '{missing.group(1)}' is missing")
-    at = _AT_FIELD.search(message)
-    where = at.group(1) if at else ""
-    text = _AT_FIELD.sub("", message).replace("`", "")
-    if not where and text.startswith("Expected object"):
-        return (NOT_OBJECT, f"expected a JSON object, {text.split(', ', 1)[-1]}")
-    if text.startswith("Number out of range"):
-        return (NOT_FINITE, f"field '{where}': number out of range")
-    return (WRONG_TYPE, f"field '{where}': {text[0].lower()}{text[1:]}")
-
-
-def _count_brackets(data: bytes) -> int:
-    """Number of '{' and '[' bytes: one numpy pass, ~5x faster than two bytes.count passes; in
-    slices, so that its temporaries stay small (no fresh pages per call)."""
-    array = np.frombuffer(data, dtype=np.uint8)
-    # '[' (0x5B) and '{' (0x7B) are the only bytes b with b | 0x20 == 0x7B.
-    return sum(
-        int(np.count_nonzero((array[i : i + _COUNT_SLICE] | 0x20) == 0x7B))
-        for i in range(0, len(array), _COUNT_SLICE)
-    )
-
-
-def _nesting_depth(value: bytes) -> int:
-    """Maximum bracket depth outside strings, without recursion (cheap enough for the few
-    records whose bracket count passes the limit)."""
-    depth = best = 0
-    in_string = escaped = False
-    for byte in value:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif byte == 0x5C:  # backslash
-                escaped = True
-            elif byte == 0x22:
-                in_string = False
-        elif byte == 0x22:
-            in_string = True
-        elif byte in (0x7B, 0x5B):
-            depth += 1
-            best = max(best, depth)
-        elif byte in (0x7D, 0x5D):
-            depth -= 1
-    return best
 
 
 def _to_str(out: np.ndarray, column: Sequence[Any], none_ok: bool) -> None:

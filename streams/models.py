@@ -20,7 +20,8 @@ import numpy as np
 from anomaly.errors import BundleError, ConfigError, IdentityError
 from storage.errors import RetryableStorageError
 from streams.batch import Message
-from streams.decode import INVALID_VALUE, DecodedBatch, Rejected
+from streams.decode import DecodedBatch, Rejected
+from streams.rejects import INVALID_VALUE
 
 log = logging.getLogger("streams.service")
 

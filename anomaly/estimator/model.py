@@ -34,6 +34,7 @@ from anomaly.estimator.detectors._base import (
 )
 from anomaly.estimator.detectors.registry import ALL_DETECTORS, detector_class
 from anomaly.estimator.ensemble import NEIGHBOURHOOD, combine, member_weights
+from anomaly.estimator.explain import feature_shares, top_features
 from anomaly.features.columns import to_frame
 from anomaly.features.numeric import ConstantColumnWarning
 from anomaly.features.preprocess import Preprocessor
@@ -420,42 +421,8 @@ class AnomalyModel:
         if errors is None and "knn" in self.detectors_:
             errors = self.detectors_["knn"].feature_errors(xp)  # type: ignore[attr-defined]
         terms = errors if errors is not None else 0.5 * xp.astype(np.float64) ** 2
-        src = self.preprocessor_.output_source_
-        agg = np.zeros((terms.shape[0], len(self.preprocessor_.feature_names_in_)))
-        np.add.at(agg.T, src, terms.T)
-        total = agg.sum(1, keepdims=True)
-        return np.divide(agg, total, out=np.zeros_like(agg), where=total > 0)
-
-    def _explain_rows(
-        self, frame: pd.DataFrame, contributions: np.ndarray, rows: np.ndarray, top: int
-    ) -> list[list[dict[str, Any]]]:
-        names = self.preprocessor_.feature_names_in_
-        orders = np.argsort(-contributions, axis=1, kind="stable")[:, :top]
-        # The needed rows of the columns some row names, column by column from the arrays
-        # themselves (a frame-level take then to_numpy costs ~3x more with Arrow string
-        # columns), then plain Python lookups.
-        take = np.asarray(rows, dtype=np.int64)
-        values = np.empty((len(take), len(names)), dtype=object)
-        for j in np.unique(orders).tolist():
-            values[:, j] = np.asarray(frame[names[j]].array.take(take), dtype=object)
-        out = []
-        for k, (contrib, order) in enumerate(zip(contributions, orders, strict=True)):
-            items = []
-            for j in order.tolist():
-                value = values[k, j]
-                if isinstance(value, np.generic):
-                    value = value.item()
-                if isinstance(value, float) and not np.isfinite(value):
-                    value = None
-                items.append(
-                    {
-                        "feature": names[j],
-                        "value": value,
-                        "contribution": round(float(contrib[j]), 4),
-                    }
-                )
-            out.append(items)
-        return out
+        pre = self.preprocessor_
+        return feature_shares(terms, pre.output_source_, len(pre.feature_names_in_))
 
     def explain(self, X: Any, top: int = 3) -> list[list[dict[str, Any]]]:
         """For each row, the ``top`` input features that drove its score:
@@ -468,7 +435,8 @@ class AnomalyModel:
         if "vae" in self.detectors_:
             errors = self.detectors_["vae"].feature_errors(xp)  # type: ignore[attr-defined]
         contrib = self._feature_contributions(xp, errors)
-        return self._explain_rows(frame, contrib, np.arange(len(frame)), top)
+        names = self.preprocessor_.feature_names_in_
+        return top_features(frame, names, contrib, np.arange(len(frame)), top)
 
     # ------------------------------------------------------------------ metrics
     @property

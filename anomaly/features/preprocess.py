@@ -41,11 +41,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from anomaly.config import SchemaConfig
 from anomaly.errors import DataError, NotFittedError
+from anomaly.features.categories import CategoryLookup, fit_vocabulary
 from anomaly.features.columns import (
     arrow_strings,
     finite_or_missing_column,
@@ -142,10 +141,7 @@ class Preprocessor:
             if self.missing_ == "reject" and col.isna().any():
                 pos = int(np.flatnonzero(col.isna().to_numpy())[0])
                 raise DataError(f"column '{name}', {row_label(frame, pos)}: value is missing")
-            counts = col.dropna().astype(str).value_counts(sort=False)
-            # Most frequent first, ties by name, so the vocabulary is deterministic.
-            ordered = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
-            self.categories_[name] = sorted(k for k, _ in ordered[: self.max_categories])
+            self.categories_[name] = fit_vocabulary(col, self.max_categories)
         self._build_output_layout()
         return self
 
@@ -166,8 +162,9 @@ class Preprocessor:
         self.n_features_out_ = len(names)
         self._numeric_block_transform: NumericBlockTransform | None = None
         self._linear_plan: LinearPlan | None = None
-        self._category_index: dict[str, pd.Index] = {}
-        self._category_arrow: dict[tuple[str, Any], Any] = {}
+        self._category_lookups = {
+            name: CategoryLookup(self.categories_[name]) for name in self.categorical_
+        }
 
     # ---------------------------------------------------------------- checking
     def _schema_feature_names(self) -> list[str] | None:
@@ -302,16 +299,10 @@ class Preprocessor:
         values: the last position), after the missing-value check under ``reject``."""
         out = []
         for name in self.categorical_:
-            raw = frame[name]
-            arrow = arrow_strings(raw)
-            missing = arrow.null_count if arrow is not None else raw.isna().any()
+            codes, missing = self._category_lookups[name].codes(frame[name])
             if self.missing_ == "reject" and missing:
-                pos = int(np.flatnonzero(raw.isna().to_numpy())[0])
+                pos = int(np.flatnonzero(frame[name].isna().to_numpy())[0])
                 raise DataError(f"column '{name}', {row_label(frame, pos)}: value is missing")
-            if arrow is not None:
-                codes = self._arrow_category_codes(name, arrow)
-            else:
-                codes = self._category_codes(name, raw)
             codes[codes < 0] = len(self.categories_[name])  # unseen / missing -> last bucket
             out.append(codes)
         return out
@@ -418,38 +409,6 @@ class Preprocessor:
                 params, lookups, self.numeric_transform == "signed_log", self.clip
             )
         return self._numeric_block_transform
-
-    def _arrow_category_codes(self, name: str, values: Any) -> np.ndarray:
-        """``_category_codes`` for a column of Arrow strings, in Arrow (one hash lookup per value,
-        no Python object per value): the same codes, since both compare the strings."""
-        key = (name, values.type)
-        lookup = self._category_arrow.get(key)
-        if lookup is None:
-            vocab = pa.array(self.categories_[name], type=values.type)
-            lookup = self._category_arrow[key] = pc.SetLookupOptions(vocab)
-        codes = pc.index_in(values, options=lookup)
-        if codes.null_count:  # unseen or missing
-            codes = pc.fill_null(codes, -1)
-        return codes.to_numpy().astype(np.intp)
-
-    def _category_codes(self, name: str, raw: pd.Series) -> np.ndarray:
-        """Position of each value in the column's vocabulary, -1 for unseen or missing.
-
-        Values are compared as strings. Looking the values up as they are first and converting
-        only the misses (numbers, say) gives the same codes as converting every value, without
-        a string copy of the column per batch."""
-        index = self._category_index.get(name)
-        if index is None:
-            index = self._category_index[name] = pd.Index(self.categories_[name], dtype=object)
-        values = raw.to_numpy(dtype=object)
-        # An object Index as the target: a bare array would be inferred into an Arrow string
-        # array first (a copy of every string, most of the cost of this step).
-        codes = index.get_indexer(pd.Index(values, dtype=object, copy=False))
-        for i in np.flatnonzero(codes < 0).tolist():
-            value = values[i]
-            if value is not None and not isinstance(value, str) and not pd.isna(value):
-                codes[i] = index.get_indexer([str(value)])[0]
-        return codes
 
     # ------------------------------------------------------------ the linear view
     def linear_view(self, xp: np.ndarray, numeric: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from anomaly.estimator import explain
 from anomaly.estimator.detectors._base import resolve_device
 from anomaly.estimator.model import SCORE_COLUMNS, AnomalyModel, score_frame
 from anomaly.features.columns import to_frame
@@ -153,11 +154,9 @@ class BatchScorer:
                 xa = xp[alert_rows]
                 err = errors[alert_rows] if errors is not None else None
             contrib = model._feature_contributions(xa, err)
-            for r, items in zip(
-                alert_rows,
-                model._explain_rows(frame, contrib, alert_rows, self.top),
-                strict=True,
-            ):
+            names = model.preprocessor_.feature_names_in_
+            explained = explain.top_features(frame, names, contrib, alert_rows, self.top)
+            for r, items in zip(alert_rows, explained, strict=True):
                 top_features[r] = tuple(items)
         return ScoredBatch(
             score_frame(block), is_alert, severity, fired, top_features, columns, numeric

@@ -32,7 +32,8 @@ ROOT = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 
 with atheris.instrument_imports(include=["streams.decode", "anomaly.features.preprocess"]):
-    from streams.decode import ERROR_KINDS, RecordDecoder
+    from streams.decode import RecordDecoder
+    from streams.rejects import ERROR_KINDS
 
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402

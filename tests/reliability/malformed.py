@@ -11,7 +11,7 @@ import json
 import random
 from collections.abc import Callable
 
-# Dead-letter kinds of the decoder (streams.decode.ERROR_KINDS) and the model's own checks
+# Dead-letter kinds of the decoder (streams.rejects.ERROR_KINDS) and the model's own checks
 # (anomaly.features.preprocess.Preprocessor.validate_frame).
 VALIDATOR_KINDS = ("missing_column", "not_a_number", "infinite", "missing_value")
 

@@ -40,7 +40,8 @@ from malformed import FIVE_MB, MUTATIONS, VALIDATOR_KINDS, five_megabytes
 
 from anomaly.config import SchemaConfig, load_config
 from streams.broker import create_topic
-from streams.decode import ERROR_KINDS, RecordDecoder
+from streams.decode import RecordDecoder
+from streams.rejects import ERROR_KINDS
 
 pytestmark = [pytest.mark.reliability]
 
