@@ -171,30 +171,22 @@ def records_per_second() -> Panel:
 
 
 def alerts_per_second() -> Panel:
-    return timeseries(
-        "Alerts per second by severity",
-        [
-            PromTarget(
-                _rate("anomaly_records_alerted_total", "pipeline, severity"),
-                "{{pipeline}} {{severity}}",
-            )
-        ],
-        datasource=PROMETHEUS,
-        unit="reqps",
-        stacking="normal",
-        width=8,
+    return _stacked_rate_by(
+        "Alerts per second by severity", "anomaly_records_alerted_total", "severity"
     )
 
 
 def dead_letters_per_second() -> Panel:
+    return _stacked_rate_by(
+        "Dead letters per second by reason", "anomaly_records_dead_lettered_total", "reason"
+    )
+
+
+def _stacked_rate_by(title: str, counter: str, label: str) -> Panel:
+    """A counter's rate per pipeline and ``label``, the series stacked."""
     return timeseries(
-        "Dead letters per second by reason",
-        [
-            PromTarget(
-                _rate("anomaly_records_dead_lettered_total", "pipeline, reason"),
-                "{{pipeline}} {{reason}}",
-            )
-        ],
+        title,
+        [PromTarget(_rate(counter, f"pipeline, {label}"), f"{{{{pipeline}}}} {{{{{label}}}}}")],
         datasource=PROMETHEUS,
         unit="reqps",
         stacking="normal",

@@ -110,6 +110,16 @@ def _partial_index(name: str | None, *columns: str, where: str, unique: bool = F
     )
 
 
+def _kafka_position() -> list[Column[Any]]:
+    """Where a record was read: its topic, partition and offset (alerts, dead letters, the
+    reservoir; each table keys its rows on them with the pipeline)."""
+    return [
+        Column("kafka_topic", String(TOPIC_LEN), nullable=False),
+        Column("kafka_partition", Integer, nullable=False),
+        Column("kafka_offset", BigInteger, nullable=False),
+    ]
+
+
 def _id() -> Column[int]:
     # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets BIGSERIAL.
     return Column("id", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True)
@@ -147,9 +157,7 @@ alerts = Table(
     Column("entity", String(ENTITY_LEN)),
     Column("event_time", UTCDateTime()),
     Column("ingest_time", UTCDateTime(), nullable=False),
-    Column("kafka_topic", String(TOPIC_LEN), nullable=False),
-    Column("kafka_partition", Integer, nullable=False),
-    Column("kafka_offset", BigInteger, nullable=False),
+    *_kafka_position(),
     Column("model_version", String(MODEL_VERSION_LEN), nullable=False),
     Column("vae_score", Double),
     Column("vae_p", Double),
@@ -203,9 +211,7 @@ dead_letters = Table(
     metadata,
     _id(),
     Column("pipeline", String(PIPELINE_LEN), nullable=False),
-    Column("kafka_topic", String(TOPIC_LEN), nullable=False),
-    Column("kafka_partition", Integer, nullable=False),
-    Column("kafka_offset", BigInteger, nullable=False),
+    *_kafka_position(),
     Column("raw", LargeBinary, nullable=False),
     Column("error_kind", String(ERROR_KIND_LEN), nullable=False),
     Column("error_message", Text, nullable=False),
@@ -322,9 +328,7 @@ reservoir = Table(
     metadata,
     _id(),
     Column("pipeline", String(PIPELINE_LEN), nullable=False),
-    Column("kafka_topic", String(TOPIC_LEN), nullable=False),
-    Column("kafka_partition", Integer, nullable=False),
-    Column("kafka_offset", BigInteger, nullable=False),
+    *_kafka_position(),
     Column("priority", Double, nullable=False),
     Column("alerted", Boolean, nullable=False),
     Column("model_version", String(MODEL_VERSION_LEN), nullable=False),

@@ -138,29 +138,24 @@ class AlertWriter:
         DO NOTHING; COPY: all of them or an error, see ``_copy_alerts``)."""
         if self.alert_insert == "copy":
             return _copy_alerts(conn, rows)
-        t = s.alerts
-        stmt = (
-            self.db.insert(t)
-            .on_conflict_do_nothing(
-                index_elements=["pipeline", "kafka_topic", "kafka_partition", "kafka_offset"]
-            )
-            .returning(t.c.id)
-        )
         params = [
             dict(zip(ALERT_COLUMNS, json_values(row, json_text), strict=True)) for row in rows
         ]
-        return len(conn.execute(stmt, params).all())
+        return len(conn.execute(self._insert_new(s.alerts), params).all())
 
     def _insert_dead_letters(self, conn: Connection, rows: list[dict[str, Any]]) -> int:
-        t = s.dead_letters
-        stmt = (
-            self.db.insert(t)
+        return len(conn.execute(self._insert_new(s.dead_letters), rows).all())
+
+    def _insert_new(self, table: Any) -> Any:
+        """INSERT of rows keyed by their Kafka position, skipping positions already stored
+        (a replayed batch); RETURNING the new rows' ids, so their count is what was written."""
+        return (
+            self.db.insert(table)
             .on_conflict_do_nothing(
                 index_elements=["pipeline", "kafka_topic", "kafka_partition", "kafka_offset"]
             )
-            .returning(t.c.id)
+            .returning(table.c.id)
         )
-        return len(conn.execute(stmt, rows).all())
 
 
 def _copy_alerts(conn: Connection, rows: list[list[Any]]) -> int:
