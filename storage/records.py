@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from storage.sanitize import JSONText
+
 SEVERITIES = ("low", "medium", "high", "critical")
 
 
@@ -36,7 +38,8 @@ class AlertRecord:
     gan_p: float | None = None
     fired_detectors: list[str] = field(default_factory=list)
     top_features: list[dict[str, Any]] = field(default_factory=list)
-    record: dict[str, Any] = field(default_factory=dict)
+    # The record's fields, or its JSON as it arrived when that is clean (``JSONText``).
+    record: dict[str, Any] | JSONText = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -95,7 +98,7 @@ class ReservoirRecord:
     model_version: str
     sampled_at: datetime
     event_time: datetime | None = None
-    record: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] | JSONText = field(default_factory=dict)  # as AlertRecord.record
 
 
 @dataclass(slots=True)

@@ -135,11 +135,20 @@ def _insert(conn: Connection, rows: list[tuple[Any, ...]]) -> int:
         f"VALUES ({', '.join([marker] * len(_COLUMNS))}) "
         "ON CONFLICT (pipeline, kafka_topic, kafka_partition, kafka_offset) DO NOTHING"
     )
+    # The rows of a batch share one sampled_at: bound once per distinct value.
+    sampled_at = dict(binders).pop(_SAMPLED_AT, None)
+    binders = [(i, bind) for i, bind in binders if i != _SAMPLED_AT]
+    bound_times: dict[Any, Any] = {}
     params = []
     for row in rows:
         values = list(row)
         for i, bind in binders:
             values[i] = bind(values[i])
+        if sampled_at is not None:
+            at = values[_SAMPLED_AT]
+            if at not in bound_times:
+                bound_times[at] = sampled_at(at)
+            values[_SAMPLED_AT] = bound_times[at]
         params.append(tuple(values))
     return conn.exec_driver_sql(sql, params).rowcount
 

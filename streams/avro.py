@@ -257,6 +257,9 @@ class AvroRecordDecoder(RecordDecoder):
         record = self._reader(buffer, schema, None)  # the record as its producer wrote it
         return json_safe({k: _json_value(v) for k, v in record.items()})
 
+    # Avro values are binary: what the store keeps is always the decoded fields.
+    stored_record = record_fields
+
     def _convert(self, value: bytes) -> Any:
         return msgspec.convert(self._read(value), self._struct, from_attributes=False)
 

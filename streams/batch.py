@@ -20,6 +20,7 @@ from storage.records import (
     SinkBatch,
     StreamStatRecord,
 )
+from storage.sanitize import JSONText
 from streams.decode import DecodedBatch, Rejected
 
 # Detectors with their own score columns in the alerts table (the knn members' scores reach
@@ -45,7 +46,7 @@ def build_sink_batch(
     result: Any,
     version: str,
     ingest: datetime,
-    record_fields: Callable[[bytes | None], dict[str, Any]],
+    record_fields: Callable[[bytes | None], dict[str, Any] | JSONText],
 ) -> tuple[SinkBatch, list[tuple[bytes, bytes]], np.ndarray | None]:
     """What one scored batch writes: the ``SinkBatch``, the scores topic's (key, value) messages
     and each scored record's seconds from its event time to ``ingest`` (``None`` without a
@@ -95,7 +96,7 @@ def _alerts(
     ids: np.ndarray,
     times: Any,
     ingest: datetime,
-    record_fields: Callable[[bytes | None], dict[str, Any]],
+    record_fields: Callable[[bytes | None], dict[str, Any] | JSONText],
 ) -> list[AlertRecord]:
     """One ``AlertRecord`` per scored row over the threshold."""
     columns = result.columns

@@ -36,6 +36,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly.config import SchemaConfig
+from storage.sanitize import JSONText
 from streams.rejects import (
     EMPTY,
     INVALID_JSON,
@@ -68,6 +69,8 @@ FALLBACK_CHUNK = 128
 
 # Tokens Python's json module writes for non-finite floats; msgspec (strict JSON) rejects them.
 _NONSTANDARD = (b"NaN", b"Infinity")
+# What keeps a valid value from being stored as it came (``RecordDecoder.stored_record``).
+_NOT_AS_IS = (*_NONSTANDARD, b"\\u0000", b"\\ud", b"\\uD")
 
 
 @dataclass(slots=True)
@@ -246,6 +249,17 @@ class RecordDecoder:
         except msgspec.DecodeError:  # NaN/Infinity literals, accepted by the slow path
             obj = json.loads(value)
         return json_safe(obj)
+
+    def stored_record(self, value: bytes | None) -> dict[str, Any] | JSONText:
+        """A valid record as the store keeps it (an alert's or the reservoir's ``record``): the
+        value itself when it is JSON the store takes as is, else ``record_fields``. Not as is: a
+        NaN/Infinity literal (not JSON), a ``\\u0000`` escape or a surrogate escape
+        (``\\uD800``-``\\uDFFF``, possibly unpaired), which PostgreSQL rejects. A fresh service
+        samples most records into its reservoir, and decoding each value again only to encode
+        it back cost ~9 us per record (cProfile, batches of 500, docs/benchmarks.md)."""
+        if value and not any(token in value for token in _NOT_AS_IS):
+            return JSONText(value.decode("utf-8"))
+        return self.record_fields(value)
 
     # -- one record (slow path: only to find the bad ones) ------------------------------------
 

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from storage.records import ReservoirRecord, SinkBatch, WriteResult
+from storage.sanitize import JSONText
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -96,7 +97,7 @@ class ReservoirSampler:
         result: Any,
         version: str,
         ingest: datetime,
-        record_fields: Callable[[bytes | None], dict[str, Any]],
+        record_fields: Callable[[bytes | None], dict[str, Any] | JSONText],
     ) -> None:
         """Put the batch's candidates on ``batch.reservoir``: scored records with a priority
         above the threshold (at most ``reservoir_size`` of the highest), alerting ones marked."""

@@ -420,10 +420,10 @@ class ScoringService(
         ingest: datetime,
     ) -> tuple[SinkBatch, list[tuple[bytes, bytes]], np.ndarray | None]:
         out = build_sink_batch(
-            self.cfg, messages, decoded, result, loaded.version, ingest, self.decoder.record_fields
+            self.cfg, messages, decoded, result, loaded.version, ingest, self.decoder.stored_record
         )
         self._reservoir.fill(
-            out[0], messages, decoded, result, loaded.version, ingest, self.decoder.record_fields
+            out[0], messages, decoded, result, loaded.version, ingest, self.decoder.stored_record
         )
         return out
 

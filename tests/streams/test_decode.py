@@ -563,3 +563,26 @@ def test_naive_times_after_an_offset_keep_utc_off_the_fast_path():
     column = ["2024-03-01T10:00:00.1234567891+02:00", "1970-01-01T00:00:00.0000000000"]
     assert_times_match_pandas(column)
     assert parse_times(column)[0][1] == np.datetime64("1970-01-01T00:00:00", "ns")
+
+
+def test_stored_record_keeps_clean_json_as_it_came_and_decodes_the_rest():
+    from storage.sanitize import JSONText, json_bytes
+
+    decoder = RecordDecoder(SchemaConfig(**SCHEMA))
+    clean = enc(good(1, note="café"))
+    stored = decoder.stored_record(clean)
+    assert type(stored) is JSONText and json.loads(stored) == good(1, note="café")
+    assert json_bytes(stored) == clean  # written as it came, not encoded again
+    # A NUL or surrogate escape (PostgreSQL rejects a NUL and a lone surrogate) and NaN (not
+    # JSON): those records are decoded and made safe, as record_fields does.
+    for value in (
+        enc(good(1, note="a\u0000b")),
+        enc(good(1, note="\ud800")),
+        enc(good(1, x=math.nan)),
+    ):
+        stored = decoder.stored_record(value)
+        assert isinstance(stored, dict) and stored == decoder.record_fields(value)
+        json.loads(json_bytes(stored))  # and the store can take them
+    assert decoder.stored_record(enc(good(1, x=math.nan)))["x"] is None
+    cleaned = json.loads(json_bytes(decoder.stored_record(enc(good(1, note="a\u0000b")))))
+    assert "\x00" not in cleaned["note"]
