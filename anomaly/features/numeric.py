@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
 
@@ -48,13 +49,18 @@ def fit_numeric_params(
     if not scale > 0:
         warnings.warn(
             f"numeric column '{name}' is constant ({median:g}) in the training data; it is "
-            "kept, and any other value at scoring time counts as a deviation of scale 1",
+            "kept, and any other value at scoring time counts as a value never seen",
             ConstantColumnWarning,
             stacklevel=3,
         )
-        scale = 1.0
+        # A value none of the n training rows showed has, by the rule of succession, a
+        # probability of about p = 1/(n+2): scale it as an indicator column with that rarity
+        # (standard deviation sqrt(p(1-p))), so a unit deviation is as surprising as a flag
+        # never raised in training (z ~ sqrt(n)) rather than as one ordinary standard deviation.
+        p = 1.0 / (len(values) + 2)
+        scale = math.sqrt(p * (1.0 - p))
     params = NumericParams(
-        median=median, scale=scale, mean=float(np.mean(values)), std=std if std > 0 else 1.0
+        median=median, scale=scale, mean=float(np.mean(values)), std=std if std > 0 else scale
     )
     if numeric_transform == "quantile" and len(np.unique(values)) == 2:
         # An indicator column: standardised (centre = mean, scale = std), not mapped onto

@@ -22,7 +22,10 @@ Every output is clipped to ``[-clip, clip]`` so nothing downstream ever sees inf
 (``anomaly.features.linear_view``), the view of the ensemble's second neighbour detector.
 
 A constant numeric column (IQR and standard deviation both zero) is kept, with a warning: it maps to
-0 for the training value and any other value at scoring time shows up as a deviation with scale 1.
+0 for the training value, and any other value at scoring time is a value none of the n training
+rows showed. By the rule of succession its probability is about p = 1/(n+2), so the column is
+scaled like an indicator of that rarity (scale sqrt(p(1-p))): a unit deviation lands about
+sqrt(n) out (at the clip from about 400 rows on), as a flag that training never raised.
 
 Categorical columns are one-hot encoded over the categories seen in training (at most
 ``max_categories``, the most frequent; values are compared as strings) plus one ``__unseen__``

@@ -164,6 +164,22 @@ def test_constant_column_warns_and_deviation_still_shows():
     assert z[0] == 0.0 and z[1] > 1.0
 
 
+def test_a_value_a_constant_column_never_showed_counts_like_a_flag_training_never_raised():
+    """A constant column's other values are as rare as a flag raised once or never in n training
+    rows: a unit deviation lands about sqrt(n) out, where the indicator's rare value lands,
+    instead of one ordinary standard deviation."""
+    n = 300
+    f = pd.DataFrame({"const": np.full(n, 5.0), "flag": np.r_[1.0, np.zeros(n - 1)]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConstantColumnWarning)
+        pre = Preprocessor().fit(f)
+    z = pre.transform(pd.DataFrame({"const": [5.0, 6.0, 4.0], "flag": [0.0, 1.0, 1.0]}))
+    assert z[0, 0] == 0.0 and z[1, 0] == -z[2, 0]
+    flag_z = z[1, 1] - z[0, 1]  # the indicator's rare value, raised once in training
+    assert 0.9 * np.sqrt(n) < z[1, 0] < 1.1 * np.sqrt(n)
+    assert abs(z[1, 0] - flag_z) < 0.1 * flag_z
+
+
 def test_round_trip_through_dict_is_exact():
     pre = Preprocessor(SCHEMA).fit(frame())
     again = Preprocessor.from_dict(pre.to_dict(), SCHEMA)
