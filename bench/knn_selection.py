@@ -2,7 +2,7 @@
 
     python bench/knn_selection.py
 
-Times ``_Neighbours.kth_distance`` (what ``BatchScorer`` runs for the knn member) on 8,192-row
+Times ``Neighbours.kth_distance`` (what ``BatchScorer`` runs for the knn member) on 8,192-row
 batches, best of 9 after a warm-up call, for the reference sizes and k that ``KNNDetector``
 picks: 2,048 rows with k = 1 (from about 7,000 training rows on) or k = 2 (5,000 training rows),
 and the 1,024 rows of the earlier default. Beside it, for k = 1, the selection it replaced
@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from anomaly.estimator.detectors.knn import CHUNK_ROWS, _Neighbours
+from anomaly.estimator.detectors.neighbours import CHUNK_ROWS, Neighbours
 
 
 def best_us_per_row(fn, x: torch.Tensor, repeat: int = 9) -> float:
@@ -34,7 +34,7 @@ def best_us_per_row(fn, x: torch.Tensor, repeat: int = 9) -> float:
     return round(best / len(x) * 1e6, 2)
 
 
-def min_index_selection(module: _Neighbours, x: torch.Tensor) -> torch.Tensor:
+def min_index_selection(module: Neighbours, x: torch.Tensor) -> torch.Tensor:
     out = []
     for i in range(0, len(x), CHUNK_ROWS):
         chunk = x[i : i + CHUNK_ROWS]
@@ -49,7 +49,7 @@ def main() -> None:
     results = {}
     with torch.inference_mode():
         for n_reference, k in ((1024, 1), (2048, 1), (2048, 2)):
-            module = _Neighbours(n_reference, 30, k)
+            module = Neighbours(n_reference, 30, k)
             module.reference.copy_(torch.randn(n_reference, 30, generator=gen))
             results[f"{n_reference} rows, k={k}"] = best_us_per_row(module.kth_distance, x)
             if k == 1:

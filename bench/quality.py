@@ -74,10 +74,11 @@ BASELINES = ("IForest", "KNN", "OCSVM", "PyOD-VAE")
 OURS = ("vae", "flow", "gan", "knn", "knn_linear", "ensemble")
 MEMBERS = ("vae", "flow", "gan", "knn", "knn_linear")
 # --ablate: what each part adds. Refits of one detector without a part (the GAN without its
-# generator, the VAE and the flow without their training noise), and the ensemble recombined from
+# generator or its score's distance part, the VAE and the flow without their training noise), and the ensemble recombined from
 # the same fit without each member or with equal weights.
 REFIT_ABLATIONS = {
     "gan-no-generator": ("gan", {"gen_weight": 0.0}),
+    "gan-logit-only": ("gan", {"feature_reference": 0}),
     "vae-no-noise": ("vae", {"noise_std": 0.0}),
     "flow-no-noise": ("flow", {"noise_std": 0.0}),
 }

@@ -187,13 +187,50 @@ def test_gan_generator_shapes_the_discriminator(fitted, array_problem):
     with torch.no_grad():
         z = torch.randn(1000, gan.latent_dim, generator=torch.Generator().manual_seed(0))
         fake = gan.module_.generator(z)
-        fake_scores = gan._score_tensor(fake).numpy()
-    normal_scores = gan.decision_function(x_eval[y_eval == 0])
+        fake_scores = -gan.module_.disc(fake).numpy()
+        normal_scores = -gan.module_.disc(torch.from_numpy(x_eval[y_eval == 0])).numpy()
     # On the boundary (D near 1/2, score = -logit near 0), not on the data, not far out.
     assert abs(np.median(fake_scores)) < 2.0
     assert np.median(fake_scores) > np.quantile(normal_scores, 0.75)
     without = make("gan", GANDetector, gen_weight=0.0).fit(train)
     assert not np.allclose(without.decision_function(x_eval), gan.decision_function(x_eval))
+
+
+def test_gan_score_sums_its_two_parts_standardised_on_rows_it_did_not_see(fitted, array_problem):
+    """Score = robust z of -logit D(x) + robust z of the log k-th neighbour distance among kept
+    normal rows in D's last hidden layer; each part is centred so that new normal rows sit near
+    0 (a training row's distance to its own copy, 0, must not set the scale)."""
+    import torch
+
+    _, x_eval, y_eval = array_problem
+    gan = fitted["gan"]
+    module = gan.module_
+    n_train = 2000 - round(2000 * gan.validation_fraction)
+    assert module.neighbours.reference.shape == (min(n_train, gan.feature_reference), gan.hidden[-1])
+    assert module.neighbours.k == max(1, round(5 * gan.feature_reference / n_train))
+    with torch.no_grad():
+        x = torch.from_numpy(x_eval)
+        logit = module.disc(x).numpy()
+        features = module.disc_body(x).numpy()
+    reference = module.neighbours.reference.numpy()
+    distances = np.sqrt(((features[:, None, :] - reference[None]) ** 2).sum(2))
+    kth = np.sort(distances, axis=1)[:, module.neighbours.k - 1]
+    parts = np.stack([-logit, np.log(kth)], 1)
+    z = (parts - module.part_center.numpy()) / module.part_scale.numpy()
+    np.testing.assert_allclose(gan.decision_function(x_eval), z.sum(1), rtol=1e-3, atol=1e-3)
+    normal_medians = np.median(z[y_eval == 0], axis=0)
+    assert np.all(np.abs(normal_medians) < 1.0), normal_medians
+    # Each part ranks the anomalies on its own.
+    assert roc_auc_score(y_eval, z[:, 1]) > 0.9
+
+    # Off, or a bundle saved before the distance part: the logit alone, and it still loads.
+    logit_only = make("gan", GANDetector, feature_reference=0).fit(array_problem[0])
+    assert logit_only.module_.neighbours is None and logit_only.extra_state() == {}
+    old = GANDetector.from_state(
+        logit_only.get_params() | {"feature_reference": 512}, 6, logit_only.state_tensors(), {}
+    )
+    expected = -logit_only.module_.disc(torch.from_numpy(x_eval)).detach().numpy()
+    np.testing.assert_allclose(old.decision_function(x_eval), expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("n_rows", [300, 3000], ids=["all-rows-kept", "subsampled"])

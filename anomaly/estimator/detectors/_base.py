@@ -214,11 +214,16 @@ class BaseDetector:
             self.module_ = module
             self._before_training(x_train, gen)
             self._train(module, x_train, x_val, gen)
-        self.module_.eval()
+            self.module_.eval()
+            with torch.inference_mode():
+                self._after_training(x_train, x_val)
         return self
 
     def _before_training(self, x_train: torch.Tensor, gen: torch.Generator) -> None:
         """Hook for data-dependent state (e.g. bounding boxes); default nothing."""
+
+    def _after_training(self, x_train: torch.Tensor, x_val: torch.Tensor) -> None:
+        """Hook for state learned from the trained network (e.g. score scales); default nothing."""
 
     def _validation_generator(self) -> torch.Generator:
         """The same noise at every validation pass of a fit, so validation losses compare."""

@@ -25,8 +25,21 @@ Design (after FenceGAN, Ngo et al. 2019, and SO-GAAL, Liu et al. 2019):
   sharpens it where it matters. ``gen_weight=0`` leaves them alone (``bench/quality.py --ablate``
   measures what the generator adds).
 
-* Score = ``-logit D(x)``: the discriminator's log-odds that ``x`` is *not* a normal row. Higher is
-  more anomalous, finite for any finite input (an MLP logit grows at most linearly).
+* Score: two parts, each standardised (median and interquartile range) on rows after training,
+  then summed; higher is more anomalous, finite for any finite input.
+
+  1. ``-logit D(x)``: the discriminator's log-odds that ``x`` is *not* a normal row;
+  2. the log distance from ``x`` to its k-th nearest normal row in D's last hidden layer
+     (``feature_reference`` training rows kept, k scaled from ``feature_neighbors`` as in the knn
+     member). D's features are what it learned to tell normal rows from the boundary the
+     generator found: a row can fall on the normal side of D's one decision surface yet far from
+     every normal row in the space D built to draw it. Each part misses what the other sees;
+     their sum ranked better than either (``bench/quality_notes.md``).
+
+  The medians and ranges come from the validation rows and the training rows, each training row's
+  distance measured with its own copy left out of the reference rows (so it is no closer than a
+  new row would be). ``feature_reference=0``, and bundles saved before the second part existed,
+  score by the logit alone.
 
 Early stopping watches ``D``'s loss on held-out normal rows against boundary and complementary
 negatives drawn the same way at every validation pass.
@@ -42,19 +55,54 @@ import torch.nn.functional as F
 from torch import nn
 
 from anomaly.estimator.detectors._base import BaseDetector, adam, mlp
+from anomaly.estimator.detectors.neighbours import Neighbours
 
 
 class _GAN(nn.Module):
-    def __init__(self, n_features: int, hidden: list[int], latent: int) -> None:
+    def __init__(
+        self, n_features: int, hidden: list[int], latent: int, n_reference: int = 0, k: int = 1
+    ) -> None:
         super().__init__()
         self.generator = mlp([latent, *hidden, n_features])
         self.disc_body = nn.Sequential(mlp([n_features, *hidden]), nn.SiLU())
         self.disc_head = nn.Linear(hidden[-1], 1)
         self.latent = latent
+        self.neighbours: Neighbours | None = None
+        if n_reference:
+            self.attach_neighbours(torch.zeros(n_reference, hidden[-1]), k)
+
+    def attach_neighbours(self, reference_features: torch.Tensor, k: int) -> None:
+        """Keep D-features of normal rows for the score's distance part; the parts' medians and
+        ranges start at 0 and 1 until ``standardise_parts`` sets them."""
+        device = reference_features.device
+        self.neighbours = Neighbours(*reference_features.shape, k).to(device)
+        self.neighbours.reference.copy_(reference_features)
+        self.register_buffer("part_center", torch.zeros(2, device=device))
+        self.register_buffer("part_scale", torch.ones(2, device=device))
 
     def disc(self, x: torch.Tensor) -> torch.Tensor:
         """D's logit that ``x`` is a normal row."""
         return self.disc_head(self.disc_body(x)).squeeze(1)
+
+    def score_parts(self, x: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows x (-logit, log k-th neighbour distance in D's features), unstandardised;
+        ``own`` as in ``Neighbours.kth_distance``."""
+        features = self.disc_body(x)
+        not_normal = -self.disc_head(features).squeeze(1)
+        distance = self.neighbours.kth_distance(features, own)
+        return torch.stack([not_normal, distance.clamp_min(1e-6).log()], 1)
+
+    def standardise_parts(self, parts: torch.Tensor) -> None:
+        """Median and interquartile range of each part over ``parts`` (rows x 2)."""
+        q25, q50, q75 = torch.quantile(parts.double(), parts.new_tensor([0.25, 0.5, 0.75]).double(), 0)
+        self.part_center.copy_(q50)
+        self.part_scale.copy_((q75 - q25).clamp_min(1e-6))
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        if self.neighbours is None:
+            # Bundles saved before the distance part, and feature_reference=0: the logit alone.
+            return -self.disc(x)
+        return ((self.score_parts(x) - self.part_center) / self.part_scale).sum(1)
 
 
 class GANDetector(BaseDetector):
@@ -62,7 +110,8 @@ class GANDetector(BaseDetector):
 
     Parameters (beyond the shared training ones): ``hidden`` widths (both networks),
     ``latent_dim`` of the generator, ``noise_min`` / ``noise_max`` (boundary-sample noise scales),
-    ``box_margin`` (inflation of the bounding box for complementary samples), ``gen_weight``.
+    ``box_margin`` (inflation of the bounding box for complementary samples), ``gen_weight``,
+    ``feature_neighbors`` and ``feature_reference`` (the score's distance part; 0 turns it off).
     """
 
     name = "gan"
@@ -78,6 +127,8 @@ class GANDetector(BaseDetector):
         boundary: float = 0.5,
         dispersion: float = 0.1,
         real_noise: float = 0.05,
+        feature_neighbors: int = 5,
+        feature_reference: int = 512,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("lr", 5e-4)
@@ -95,12 +146,32 @@ class GANDetector(BaseDetector):
         self.boundary = boundary
         self.dispersion = dispersion
         self.real_noise = real_noise
+        if feature_neighbors < 1:
+            raise ValueError(f"feature_neighbors must be >= 1, got {feature_neighbors}")
+        self.feature_neighbors = feature_neighbors
+        self.feature_reference = feature_reference
 
     def architecture(self) -> dict[str, Any]:
-        return {"hidden": list(self.hidden), "latent": self.latent_dim}
+        return {"hidden": list(self.hidden), "latent": self.latent_dim, **self.extra_state()}
+
+    def extra_state(self) -> dict[str, Any]:
+        neighbours = self.module_.neighbours
+        if neighbours is None:
+            return {}
+        return {"n_reference": int(neighbours.reference.shape[0]), "k": neighbours.k}
+
+    def _restore_extra(self, extra: dict[str, Any]) -> None:
+        # No entries: a bundle saved before the distance part (or with it off).
+        self._n_reference, self._k = extra.get("n_reference", 0), extra.get("k", 1)
+        for key, value in (("n_reference", self._n_reference), ("k", self._k)):
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"extra state '{key}' must be an integer >= 0, got {value!r}")
 
     def _build(self, n_features: int) -> nn.Module:
-        return _GAN(n_features, list(self.hidden), self.latent_dim)
+        # Fit builds without reference rows (_after_training adds them); from_state with the
+        # saved number.
+        n_reference, k = getattr(self, "_n_reference", 0), getattr(self, "_k", 1)
+        return _GAN(n_features, list(self.hidden), self.latent_dim, n_reference, k)
 
     def _before_training(self, x_train: torch.Tensor, gen: torch.Generator) -> None:
         lo = x_train.min(0).values
@@ -178,5 +249,28 @@ class GANDetector(BaseDetector):
         loss = self._disc_loss(module, xv, list(negatives), [0.7, 0.3])
         return float(loss)
 
+    def _after_training(self, x_train: torch.Tensor, x_val: torch.Tensor) -> None:
+        """The distance part: reference rows (a seeded subset of the training rows), k, and both
+        parts' medians and ranges over the validation rows and the training rows, these with
+        their own reference copy left out."""
+        module: _GAN = self.module_
+        module.neighbours = None
+        n = len(x_train)
+        if not self.feature_reference:
+            return
+        count = min(n, self.feature_reference)
+        gen = torch.Generator().manual_seed(self.seed + 2)
+        keep = torch.randperm(n, generator=gen)[:count].sort().values
+        own = torch.full((n,), -1, dtype=torch.long)
+        own[keep] = torch.arange(count)
+        # k among the kept rows for feature_neighbors among all training rows, as in knn.
+        k = max(1, round(self.feature_neighbors * count / n))
+        device = x_train.device
+        module.attach_neighbours(module.disc_body(x_train[keep.to(device)]), k)
+        parts = torch.cat(
+            [module.score_parts(x_val), module.score_parts(x_train, own.to(device))]
+        )
+        module.standardise_parts(parts)
+
     def _score_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        return -self.module_.disc(x)
+        return self.module_.score(x)
