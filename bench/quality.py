@@ -74,8 +74,8 @@ BASELINES = ("IForest", "KNN", "OCSVM", "PyOD-VAE")
 OURS = ("vae", "flow", "gan", "knn", "knn_linear", "ensemble")
 MEMBERS = ("vae", "flow", "gan", "knn", "knn_linear")
 # --ablate: what each part adds. Refits of one detector without a part (the GAN without its
-# generator or its score's distance part, the VAE and the flow without their training noise), and the ensemble recombined from
-# the same fit without each member or with equal weights.
+# generator or its score's distance part, the VAE and the flow without their training noise),
+# and the ensemble recombined from the same fit without each member or with equal weights.
 REFIT_ABLATIONS = {
     "gan-no-generator": ("gan", {"gen_weight": 0.0}),
     "gan-logit-only": ("gan", {"feature_reference": 0}),

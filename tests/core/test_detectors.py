@@ -206,7 +206,8 @@ def test_gan_score_sums_its_two_parts_standardised_on_rows_it_did_not_see(fitted
     gan = fitted["gan"]
     module = gan.module_
     n_train = 2000 - round(2000 * gan.validation_fraction)
-    assert module.neighbours.reference.shape == (min(n_train, gan.feature_reference), gan.hidden[-1])
+    n_reference = min(n_train, gan.feature_reference)
+    assert module.neighbours.reference.shape == (n_reference, gan.hidden[-1])
     assert module.neighbours.k == max(1, round(5 * gan.feature_reference / n_train))
     with torch.no_grad():
         x = torch.from_numpy(x_eval)

@@ -94,7 +94,8 @@ class _GAN(nn.Module):
 
     def standardise_parts(self, parts: torch.Tensor) -> None:
         """Median and interquartile range of each part over ``parts`` (rows x 2)."""
-        q25, q50, q75 = torch.quantile(parts.double(), parts.new_tensor([0.25, 0.5, 0.75]).double(), 0)
+        levels = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64, device=parts.device)
+        q25, q50, q75 = torch.quantile(parts.double(), levels, dim=0)
         self.part_center.copy_(q50)
         self.part_scale.copy_((q75 - q25).clamp_min(1e-6))
 
@@ -267,9 +268,7 @@ class GANDetector(BaseDetector):
         k = max(1, round(self.feature_neighbors * count / n))
         device = x_train.device
         module.attach_neighbours(module.disc_body(x_train[keep.to(device)]), k)
-        parts = torch.cat(
-            [module.score_parts(x_val), module.score_parts(x_train, own.to(device))]
-        )
+        parts = torch.cat([module.score_parts(x_val), module.score_parts(x_train, own.to(device))])
         module.standardise_parts(parts)
 
     def _score_tensor(self, x: torch.Tensor) -> torch.Tensor:

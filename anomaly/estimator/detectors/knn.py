@@ -58,6 +58,7 @@ from torch import nn
 from anomaly.estimator.detectors._base import BaseDetector, check_array, torch_threads
 from anomaly.estimator.detectors.neighbours import Neighbours
 
+
 class KNNDetector(BaseDetector):
     """k-th nearest-neighbour distance to the training rows (scikit-learn style).
 
