@@ -82,7 +82,11 @@ REFIT_ABLATIONS = {
     "vae-no-noise": ("vae", {"noise_std": 0.0}),
     "flow-no-noise": ("flow", {"noise_std": 0.0}),
 }
-ENSEMBLE_ABLATIONS = ("ens-equal-weights", *(f"ens-without-{d}" for d in MEMBERS))
+ENSEMBLE_ABLATIONS = (
+    "ens-equal-weights",
+    "ens-view-balanced",
+    *(f"ens-without-{d}" for d in MEMBERS),
+)
 ABLATIONS = (*REFIT_ABLATIONS, *ENSEMBLE_ABLATIONS)
 METHODS = (*BASELINES, *OURS)
 TARGETS = (0.01, 0.001)
@@ -309,6 +313,7 @@ def _ablations(
         for d in model.detectors_
     }
     record("ens-equal-weights", combine(list(tails.values())))
+    record("ens-view-balanced", combine(list(tails.values()), _view_balanced(model)))
     for left_out in model.detectors_:
         rest = [d for d in model.detectors_ if d != left_out]
         if rest:
@@ -317,6 +322,21 @@ def _ablations(
     for name, (det, params) in REFIT_ABLATIONS.items():
         refit = fit_ours(split.x_train, seed, args, detectors=(det,), detector_params={det: params})
         record(name, refit.score_detectors(split.x_test)[det].to_numpy(dtype=np.float64))
+
+
+def _view_balanced(model) -> list[float]:
+    """Candidate weights: each view of the features (quantile-mapped, linear) half, and within
+    the quantile view each kind of evidence (generative, neighbourhood) half."""
+    from anomaly.estimator.ensemble import member_weights
+
+    by_view: dict[str, list[str]] = {}
+    for name, det in model.detectors_.items():
+        by_view.setdefault(det.view, []).append(name)
+    weight = {}
+    for names in by_view.values():
+        for name, w in zip(names, member_weights(names), strict=True):
+            weight[name] = w / len(by_view)
+    return [weight[d] for d in model.detectors_]
 
 
 def _fpr_counts(p_normal: np.ndarray) -> dict[str, list[int]]:
@@ -586,8 +606,10 @@ def render(summary: dict[str, Any], args: argparse.Namespace, command: str, wall
         add(
             "Refits of one detector without one part, on the same splits and seeds "
             "(`gan-no-generator`: the GAN's discriminator trained against the noise negatives "
-            "alone; `*-no-noise`: no training noise), and the ensemble recombined from the same "
-            "fit with equal weights or without one member."
+            "alone; `gan-logit-only`: the GAN scored by its logit without the distance in its "
+            "features; `*-no-noise`: no training noise), and the ensemble recombined from the same "
+            "fit with equal weights, with each view of the features weighing half "
+            "(`ens-view-balanced`), or without one member."
         )
         add("")
         add("| dataset | " + " | ".join([*ours, *ablations]) + " |")

@@ -33,8 +33,9 @@ Design (after FenceGAN, Ngo et al. 2019, and SO-GAAL, Liu et al. 2019):
      (``feature_reference`` training rows kept, k scaled from ``feature_neighbors`` as in the knn
      member). D's features are what it learned to tell normal rows from the boundary the
      generator found: a row can fall on the normal side of D's one decision surface yet far from
-     every normal row in the space D built to draw it. Each part misses what the other sees;
-     their sum ranked better than either (``bench/quality_notes.md``).
+     every normal row in the space D built to draw it. Each part misses what the other sees
+     (``bench/quality.py --ablate``, 23 sets, 3 seeds, mean ROC-AUC x100: the logit alone 80.2,
+     both parts 82.9, both without the generator 82.3; IForest 80.5).
 
   The medians and ranges come from the validation rows and the training rows, each training row's
   distance measured with its own copy left out of the reference rows (so it is no closer than a
