@@ -84,7 +84,7 @@ REFIT_ABLATIONS = {
 }
 ENSEMBLE_ABLATIONS = (
     "ens-equal-weights",
-    "ens-view-balanced",
+    "ens-kind-weights",
     *(f"ens-without-{d}" for d in MEMBERS),
 )
 ABLATIONS = (*REFIT_ABLATIONS, *ENSEMBLE_ABLATIONS)
@@ -313,7 +313,7 @@ def _ablations(
         for d in model.detectors_
     }
     record("ens-equal-weights", combine(list(tails.values())))
-    record("ens-view-balanced", combine(list(tails.values()), _view_balanced(model)))
+    record("ens-kind-weights", combine(list(tails.values()), _kind_weights(model)))
     for left_out in model.detectors_:
         rest = [d for d in model.detectors_ if d != left_out]
         if rest:
@@ -324,18 +324,13 @@ def _ablations(
         record(name, refit.score_detectors(split.x_test)[det].to_numpy(dtype=np.float64))
 
 
-def _view_balanced(model) -> list[float]:
-    """Candidate weights: each view of the features (quantile-mapped, linear) half, and within
-    the quantile view each kind of evidence (generative, neighbourhood) half."""
-    from anomaly.estimator.ensemble import member_weights
-
-    by_view: dict[str, list[str]] = {}
-    for name, det in model.detectors_.items():
-        by_view.setdefault(det.view, []).append(name)
-    weight = {}
-    for names in by_view.values():
-        for name, w in zip(names, member_weights(names), strict=True):
-            weight[name] = w / len(by_view)
+def _kind_weights(model) -> list[float]:
+    """The weights before the views were counted (until 2026-12-05): the generative kind half,
+    the neighbourhood kind (both views) half, each shared equally by its members."""
+    kinds = [("vae", "flow", "gan"), ("knn", "knn_linear")]
+    present = [[d for d in kind if d in model.detectors_] for kind in kinds]
+    present = [kind for kind in present if kind]
+    weight = {d: 1.0 / (len(present) * len(kind)) for kind in present for d in kind}
     return [weight[d] for d in model.detectors_]
 
 
@@ -608,8 +603,8 @@ def render(summary: dict[str, Any], args: argparse.Namespace, command: str, wall
             "(`gan-no-generator`: the GAN's discriminator trained against the noise negatives "
             "alone; `gan-logit-only`: the GAN scored by its logit without the distance in its "
             "features; `*-no-noise`: no training noise), and the ensemble recombined from the same "
-            "fit with equal weights, with each view of the features weighing half "
-            "(`ens-view-balanced`), or without one member."
+            "fit with equal weights, with the weights before the views were counted "
+            "(`ens-kind-weights`: generative half, both knn members half), or without one member."
         )
         add("")
         add("| dataset | " + " | ".join([*ours, *ablations]) + " |")

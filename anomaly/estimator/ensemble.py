@@ -6,13 +6,19 @@ is Fisher's combination statistic ``-2 sum ln q_d`` rescaled to "decades of surp
 3 means the detectors' p-values average 0.001 on a log scale, and one detector that is extremely
 sure can carry the row on its own.
 
-Weights (``member_weights``): each *kind* of evidence counts once. The VAE, the flow and the GAN
-are one kind, a generative model of the normal rows fit globally by gradient descent, and their
-errors are correlated; the nearest-neighbour distance (in the quantile-mapped and in the linear
-view, ``knn`` and ``knn_linear``) is another, local and fit-free. With both
-kinds present, each kind gets half the weight, shared equally within it; otherwise all members
-weigh the same. The weights depend only on which detectors are fit, never on labels, and are
-saved in the bundle.
+Weights (``member_weights``): each independent piece of evidence counts once, nested two ways.
+First by *view* of the features: the quantile-mapped columns (what the VAE, the flow, the GAN and
+``knn`` read) and the linear view of plain z-scores (``knn_linear``). Each view is right on some
+data, and which one cannot be told from the training rows alone (``detectors.knn``), so each view
+present gets an equal share. Within a view, by *kind*: the VAE, the flow and the GAN are one kind,
+a generative model of the normal rows fit globally by gradient descent, whose errors are
+correlated; the nearest-neighbour distance is another, local and fit-free. Each kind present
+shares its view's weight equally, and its members share the kind's. With all five members: 1/12
+for each generative member, 1/4 for ``knn``, 1/2 for ``knn_linear``. Before the views were
+counted, the quantile view held 3/4 of the weight and the ensemble fell well below ``knn_linear``
+wherever the linear view was the right one (``bench/quality.py --ablate``, ``ens-view-balanced``,
+and ``docs/benchmarks.md``). The weights depend only on which detectors are fit, never on labels,
+and are saved in the bundle (bundles keep the weights they were saved with).
 
 Fisher's statistic is only chi-square distributed for independent p-values, and our detectors are
 correlated, so its chi-square p-value would be wrong. Instead the ensemble score is itself
@@ -30,13 +36,26 @@ import numpy as np
 
 GENERATIVE = ("vae", "flow", "gan")
 NEIGHBOURHOOD = ("knn", "knn_linear")
+# View of the features -> the kinds of evidence read from it (module docstring).
+VIEWS = {
+    "quantile": (GENERATIVE, ("knn",)),
+    "linear": (("knn_linear",),),
+}
 
 
 def member_weights(detectors: Sequence[str]) -> list[float]:
     """Weight of each detector in ``detectors`` (summing to 1); see the module docstring."""
-    kinds = [[d for d in detectors if d in kind] for kind in (GENERATIVE, NEIGHBOURHOOD)]
-    present = [kind for kind in kinds if kind]
-    weight = {d: 1.0 / (len(present) * len(kind)) for kind in present for d in kind}
+    views = [
+        [[d for d in detectors if d in kind] for kind in kinds if set(kind) & set(detectors)]
+        for kinds in VIEWS.values()
+    ]
+    views = [kinds for kinds in views if kinds]
+    weight = {
+        d: 1.0 / (len(views) * len(kinds) * len(kind))
+        for kinds in views
+        for kind in kinds
+        for d in kind
+    }
     if set(weight) != set(detectors):
         unknown = sorted(set(detectors) - set(weight))
         raise ValueError(f"no ensemble weight for detector(s) {unknown}")

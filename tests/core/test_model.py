@@ -237,15 +237,20 @@ def test_below_min_generative_rows_the_knn_detectors_score_alone(frame_problem, 
                 .fit(train.head(200)).detectors_) == list(ALL_DETECTORS)  # fmt: skip
 
 
-def test_ensemble_weights_each_kind_of_evidence_once(fitted_model, frame_problem):
-    """Half the weight to the generative detectors (shared), half to the neighbour distance;
-    the ensemble score is that weighted mean of -log10 of the members' tail p-values."""
+def test_ensemble_weights_each_view_then_each_kind_of_evidence_once(fitted_model, frame_problem):
+    """Half the weight to each view of the features (quantile-mapped, linear); within the
+    quantile view half to the generative detectors (shared), half to the neighbour distance; the
+    ensemble score is that weighted mean of -log10 of the members' tail p-values."""
     from anomaly.estimator.ensemble import member_weights
 
+    assert member_weights(ALL_DETECTORS) == [1 / 12, 1 / 12, 1 / 12, 1 / 4, 1 / 2]
     assert member_weights(["vae", "flow", "gan", "knn"]) == [1 / 6, 1 / 6, 1 / 6, 1 / 2]
-    assert member_weights(ALL_DETECTORS) == [1 / 6, 1 / 6, 1 / 6, 1 / 4, 1 / 4]
+    assert member_weights(["vae", "flow", "knn_linear"]) == [1 / 4, 1 / 4, 1 / 2]
+    assert member_weights(["knn", "knn_linear"]) == [1 / 2, 1 / 2]
     assert member_weights(["vae", "gan"]) == [1 / 2, 1 / 2]
     assert member_weights(["flow", "knn"]) == [1 / 2, 1 / 2]
+    with pytest.raises(ValueError, match="lof"):
+        member_weights(["vae", "lof"])
     _, normal, _ = frame_problem
     raw, _ = fitted_model._raw_scores(*fitted_model.preprocessor_.transform_with_numeric(normal))
     logs = [-np.log10(fitted_model.calibrators_[d].tail_pvalues(raw[d])) for d in ALL_DETECTORS]
