@@ -234,6 +234,22 @@ def test_gan_score_sums_its_two_parts_standardised_on_rows_it_did_not_see(fitted
     np.testing.assert_allclose(old.decision_function(x_eval), expected, rtol=1e-5)
 
 
+def test_gan_loaded_then_refit_without_the_distance_part_saves_and_loads(fitted, array_problem):
+    """A detector loaded from a bundle builds its network with the saved reference rows; a refit
+    with the distance part off must not keep their medians and ranges in its saved tensors."""
+    train, x_eval, _ = array_problem
+    gan = fitted["gan"]
+    loaded = GANDetector.from_state(
+        gan.get_params(), gan.n_features_in_, gan.state_tensors(), gan.extra_state()
+    )
+    loaded.feature_reference = 0
+    loaded.fit(train)
+    again = GANDetector.from_state(
+        loaded.get_params(), loaded.n_features_in_, loaded.state_tensors(), loaded.extra_state()
+    )
+    np.testing.assert_allclose(again.decision_function(x_eval), loaded.decision_function(x_eval))
+
+
 @pytest.mark.parametrize("n_rows", [300, 3000], ids=["all-rows-kept", "subsampled"])
 def test_knn_leave_one_out_scores_leave_out_exactly_the_rows_own_copy(n_rows):
     """Each fit row's score is its k-th neighbour distance among the *other* reference rows

@@ -81,6 +81,13 @@ class _GAN(nn.Module):
         self.register_buffer("part_center", torch.zeros(2, device=device))
         self.register_buffer("part_scale", torch.ones(2, device=device))
 
+    def drop_neighbours(self) -> None:
+        """Back to the logit score: no reference rows, no part medians and ranges."""
+        self.neighbours = None
+        for name in ("part_center", "part_scale"):
+            if name in self._buffers:
+                delattr(self, name)
+
     def disc(self, x: torch.Tensor) -> torch.Tensor:
         """D's logit that ``x`` is a normal row."""
         return self.disc_head(self.disc_body(x)).squeeze(1)
@@ -256,7 +263,8 @@ class GANDetector(BaseDetector):
         parts' medians and ranges over the validation rows and the training rows, these with
         their own reference copy left out."""
         module: _GAN = self.module_
-        module.neighbours = None
+        # A refit of a detector loaded from a bundle was built with the saved reference size.
+        module.drop_neighbours()
         n = len(x_train)
         if not self.feature_reference:
             return
