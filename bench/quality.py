@@ -327,8 +327,9 @@ def _ablations(
 def _kind_weights(model) -> list[float]:
     """The weights before the views were counted (until 2026-12-05): the generative kind half,
     the neighbourhood kind (both views) half, each shared equally by its members."""
-    kinds = [("vae", "flow", "gan"), ("knn", "knn_linear")]
-    present = [[d for d in kind if d in model.detectors_] for kind in kinds]
+    from anomaly.estimator.ensemble import GENERATIVE, NEIGHBOURHOOD
+
+    present = [[d for d in kind if d in model.detectors_] for kind in (GENERATIVE, NEIGHBOURHOOD)]
     present = [kind for kind in present if kind]
     weight = {d: 1.0 / (len(present) * len(kind)) for kind in present for d in kind}
     return [weight[d] for d in model.detectors_]

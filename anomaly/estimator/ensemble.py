@@ -16,9 +16,10 @@ correlated; the nearest-neighbour distance is another, local and fit-free. Each 
 shares its view's weight equally, and its members share the kind's. With all five members: 1/12
 for each generative member, 1/4 for ``knn``, 1/2 for ``knn_linear``. Before the views were
 counted, the quantile view held 3/4 of the weight and the ensemble fell well below ``knn_linear``
-wherever the linear view was the right one (``bench/quality.py --ablate``, ``ens-view-balanced``,
-and ``docs/benchmarks.md``). The weights depend only on which detectors are fit, never on labels,
-and are saved in the bundle (bundles keep the weights they were saved with).
+wherever the linear view was the right one (``docs/benchmarks.md``; in ``bench/quality.py
+--ablate``, ``ens-kind-weights`` is the rule before). The weights depend only on which detectors
+are fit, never on labels, and are saved in the bundle (bundles keep the weights they were saved
+with).
 
 Fisher's statistic is only chi-square distributed for independent p-values, and our detectors are
 correlated, so its chi-square p-value would be wrong. Instead the ensemble score is itself
@@ -45,11 +46,12 @@ VIEWS = {
 
 def member_weights(detectors: Sequence[str]) -> list[float]:
     """Weight of each detector in ``detectors`` (summing to 1); see the module docstring."""
-    views = [
-        [[d for d in detectors if d in kind] for kind in kinds if set(kind) & set(detectors)]
-        for kinds in VIEWS.values()
-    ]
-    views = [kinds for kinds in views if kinds]
+    views = []
+    for kinds in VIEWS.values():
+        present = [[d for d in detectors if d in kind] for kind in kinds]
+        present = [kind for kind in present if kind]
+        if present:
+            views.append(present)
     weight = {
         d: 1.0 / (len(views) * len(kinds) * len(kind))
         for kinds in views
