@@ -3,7 +3,7 @@
     python bench/scoring.py --rows 100000 --features 30
 
 Generates ``rows`` normal rows (correlated Gaussian "sensor" columns plus heavy-tailed log-normal
-"amount" columns), fits ``AnomalyModel`` (VAE + flow + GAN, default settings) on them and reports
+"amount" columns), fits ``AnomalyModel`` (its default detectors and settings) on them and reports
 the fit time of each detector, then scores ``rows`` fresh rows with ``BatchScorer`` (and times its
 preprocessing step alone: records -> float32 matrix) and with a fitted ``pyod.models.vae.VAE``'s
 ``decision_function`` in the same process, with the same number of torch threads, in alternating
@@ -11,6 +11,12 @@ rounds (best of ``--repeat`` each), and prints the ratio; also the same scoring 
 autocast (``serve.bf16``) with how many alerts change. PyOD's VAE is fit on a subsample (its fit
 time is not what is compared); its default architecture and batch size are kept, as a user
 would run it.
+
+``breakdown`` says where a scored row's time goes: each detector's network or search on one batch
+(us/row) with its matrix-product FLOPs per row, and the steps around them. Those FLOPs over this
+core's float32 product rate (a square product, measured in the same run) give
+``matmul_floor_rows_per_s``: the rows/s the products alone allow, which no scoring code reaches
+without dropping work.
 """
 
 from __future__ import annotations
@@ -39,6 +45,44 @@ def best_of(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def gemm_peak_gflops(repeat: int) -> float:
+    """This core's float32 matrix-product rate: a square 1,024 product, best of ``repeat``."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    torch.mm(a, b)
+    return 2 * 1024**3 / best_of(lambda: torch.mm(a, b), max(3, repeat)) / 1e9
+
+
+def step_breakdown(model, rows: np.ndarray, batch_size: int, repeat: int) -> dict:
+    """Where a scored row's time goes: each detector's network or search on one batch of the
+    view it reads (us/row, best of ``repeat``) with its matrix-product FLOPs per row (torch's
+    ``FlopCounterMode``), and the steps around them. The FLOPs over the core's product rate
+    (``gemm_peak_gflops``) are the floor no scoring code can go under without dropping work."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    xp, numeric = model.preprocessor_.transform_with_numeric(rows)
+    views = model._views(model.detectors_.values(), xp, numeric)
+    n = len(rows)
+    out: dict = {"detectors": {}}
+    with torch.inference_mode():
+        for name, det in model.detectors_.items():
+            x = torch.from_numpy(np.ascontiguousarray(views[det.view][:batch_size]))
+            with FlopCounterMode(display=False) as counter:
+                det._score_tensor(x)
+            seconds = best_of(lambda det=det, x=x: det._score_tensor(x), repeat)
+            out["detectors"][name] = {
+                "us_per_row": round(1e6 * seconds / len(x), 3),
+                "matmul_flops_per_row": round(counter.get_total_flops() / len(x)),
+            }
+    raw, _ = model._raw_scores(xp, numeric)
+    steps = {
+        "preprocess": lambda: model.preprocessor_.transform_with_numeric(rows),
+        "views": lambda: model._views(model.detectors_.values(), xp, numeric),
+        "p_values_and_ensemble": lambda: model._score_block(raw),
+    }
+    out["steps_us_per_row"] = {k: round(1e6 * best_of(f, repeat) / n, 3) for k, f in steps.items()}
+    return out
 
 
 def main() -> None:
@@ -103,6 +147,9 @@ def main() -> None:
     # Preprocessing alone: the part of scoring before the networks, on the same rows.
     pre_s = best_of(lambda: model.preprocessor_.transform(score_rows), args.repeat)
     pre_micro_s = best_of(lambda: model.preprocessor_.transform(micro), 20)
+    breakdown = step_breakdown(model, score_rows, args.batch_size, args.repeat)
+    peak = gemm_peak_gflops(args.repeat)
+    flops = sum(d["matmul_flops_per_row"] for d in breakdown["detectors"].values())
     fp32_alerts = scorer.score(score_rows).is_alert
     bf16_alerts = bf16.score(score_rows).is_alert
 
@@ -122,6 +169,11 @@ def main() -> None:
         "bf16_alert_rate": round(float(bf16_alerts.mean()), 5),
         "bf16_alerts_same_as_fp32": round(float((bf16_alerts == fp32_alerts).mean()), 5),
         "pyod_vae_rows_per_s": round(args.rows / pyod_s),
+        "breakdown": breakdown,
+        "gemm_peak_gflops": round(peak, 1),
+        "matmul_flops_per_row": flops,
+        # The rows/s the matrix products alone would allow at the core's peak product rate.
+        "matmul_floor_rows_per_s": round(peak * 1e9 / flops),
         "speedup_vs_pyod_vae": round(pyod_s / ours_s, 1),
         "speedup_vs_pyod_vae_bf16": round(pyod_s / bf16_s, 1),
     }

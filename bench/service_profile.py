@@ -6,6 +6,7 @@ the run measures its fill phase, as a new service's first minutes do.
 
     python bench/service_profile.py                        # 40,000 records in batches of 500
     python bench/service_profile.py --batch 200 --records 20000 --top 60
+    python bench/service_profile.py --batch 20 --records 10000 --db-url postgresql+psycopg://postgres@127.0.0.1:5432/test
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--records", type=int, default=40_000)
     parser.add_argument("--top", type=int, default=45, help="functions listed per ordering")
+    parser.add_argument("--db-url", help="default: a fresh SQLite file")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     import torch
@@ -53,9 +55,10 @@ def main() -> int:
     values = encode_rows(generate_fraud(args.records, anomaly_fraction=0.01, seed=2))
     cfg = config_from_dict(
         {
-            "name": "bench",
+            # A new pipeline name: a PostgreSQL store keeps the rows of earlier runs.
+            "name": f"bench-{time.time_ns()}",
             "schema": schema,
-            "database": {"url": f"sqlite:///{tmp / 'bench.db'}"},
+            "database": {"url": args.db_url or f"sqlite:///{tmp / 'bench.db'}"},
             "kafka": {"topic": "t"},
             "serve": {
                 "metrics_port": None,

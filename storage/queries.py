@@ -12,6 +12,7 @@ from sqlalchemy import delete, exists, select, update
 from storage import schema as s
 from storage.engine import Database, utc
 from storage.errors import InvalidArgumentError, NotFoundError
+from storage.reservoir import prune_reservoir
 
 
 @dataclass(slots=True)
@@ -84,9 +85,7 @@ def prune(
     cutoff = (
         utc(older_than) if isinstance(older_than, datetime) else (datetime.now(UTC) - older_than)
     )
-    a, i, d, st, dw, r = (
-        s.alerts, s.incidents, s.dead_letters, s.stream_stats, s.drift_windows, s.reservoir
-    )  # fmt: skip
+    a, i, d, st, dw = s.alerts, s.incidents, s.dead_letters, s.stream_stats, s.drift_windows
 
     def scoped(table: Any, cond: Any) -> Any:
         return cond if pipeline is None else cond & (table.c.pipeline == pipeline)
@@ -103,7 +102,7 @@ def prune(
         n_drift = conn.execute(delete(dw).where(scoped(dw, dw.c.window_end < cutoff))).rowcount
         # The reservoir also ages out by itself (retraining.retention_s, on the service's
         # writes); prune takes what is older than the cutoff now, e.g. for a stopped pipeline.
-        n_res = conn.execute(delete(r).where(scoped(r, r.c.sampled_at < cutoff))).rowcount
+        n_res = prune_reservoir(conn, cutoff, pipeline)
     return PruneResult(
         alerts=n_alerts,
         incidents=n_inc,

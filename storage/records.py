@@ -112,7 +112,6 @@ class SinkBatch:
     reservoir: list[ReservoirRecord] = field(default_factory=list)
     reservoir_size: int = 0
     reservoir_retention_s: float = 0.0
-    reservoir_threshold: float = float("-inf")  # the service's: -inf until it saw it full
 
 
 @dataclass(slots=True)

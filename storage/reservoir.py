@@ -4,27 +4,30 @@
 and only for a batch with candidates (``SinkBatch.reservoir``; most batches have none once the
 reservoir is full, see streams.reservoir). It
 
-1. drops candidates below their partition's stored next offset (the alerts' fencing rule: a
+1. locks the pipeline's row of ``reservoir_counts`` (migration 0007), which holds how many rows
+   the reservoir has: every change to a pipeline's reservoir rows takes this lock first, so the
+   count is exact and concurrent writers (other partitions' consumers, ``prune``) change them one
+   after another;
+2. drops candidates below their partition's stored next offset (the alerts' fencing rule: a
    replayed or zombie batch samples nothing) and inserts the rest with ON CONFLICT DO NOTHING on
    the Kafka position (a record is in the reservoir at most once);
-2. deletes the pipeline's rows sampled more than ``retention_s`` ago;
-3. keeps the ``reservoir_size`` rows of the highest priority. While the service has not seen the
-   reservoir full (``SinkBatch.reservoir_threshold`` is -inf), and after retention deleted rows:
-   finds the lowest priority kept (a walk of ``reservoir_size`` entries of the (pipeline,
-   priority) index) and deletes those below it. Once full: deletes as many of the lowest rows as
-   it inserted (a walk of that many entries), so the count stays at ``reservoir_size``.
+3. deletes the pipeline's rows sampled more than ``retention_s`` ago;
+4. keeps the ``reservoir_size`` rows of the highest priority: deletes as many of the lowest as
+   the count is over (a walk of that many entries of the (pipeline, priority) index) and stores
+   the new count.
 
-It returns that lowest priority (``None`` while the reservoir is not full): the service samples
-only records above it from then on.
+It returns the lowest priority kept once the reservoir is full (``None`` before): the service
+samples only records above it from then on. Before the count, a batch found out whether the
+reservoir was full by walking ``reservoir_size`` index entries, on every batch until it was.
 """
 
 from __future__ import annotations
 
-import math
+from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, exists, func, select
+from sqlalchemy import Connection, and_, delete, exists, func, select, update
 
 from storage import schema as s
 from storage.engine import Database, utc
@@ -38,6 +41,7 @@ def write_reservoir(
 ) -> float | None:
     t = s.reservoir
     pipeline = batch.pipeline
+    count = lock_count(db, conn, pipeline)
     rows = [
         (
             r.pipeline,
@@ -54,47 +58,66 @@ def write_reservoir(
         for r in batch.reservoir
         if not _fenced(r.pipeline, r.kafka_topic, r.kafka_partition, r.kafka_offset, stored)
     ]
-    inserted = 0
-    trim_all = batch.reservoir_threshold == -math.inf  # the service has not seen it full
+    changed = 0
     if rows:  # else a replay: nothing to add, the threshold is still worth returning
-        inserted = _insert(conn, rows)
+        changed += _insert(conn, rows)
         if batch.reservoir_retention_s > 0:
             newest = max(utc(row[_SAMPLED_AT]) for row in rows)
             cutoff = newest - timedelta(seconds=batch.reservoir_retention_s)
-            expired = conn.execute(
+            changed -= conn.execute(
                 delete(t).where(t.c.pipeline == pipeline, t.c.sampled_at < cutoff)
             ).rowcount
-            trim_all = trim_all or expired > 0
-    if not trim_all:
-        # Full before this batch (the service saw it so): as many rows leave as came in, the
-        # lowest priorities (a walk of ``inserted`` index entries, not of the whole reservoir).
-        deleted = 0
-        if inserted:
-            lowest = (
-                select(t.c.id)
-                .where(t.c.pipeline == pipeline)
-                .order_by(t.c.priority)
-                .limit(inserted)
-                .scalar_subquery()
-            )
-            deleted = conn.execute(delete(t).where(t.c.id.in_(lowest))).rowcount
-        # Fewer deleted than inserted: a concurrent writer (another partition's consumer, on
-        # PostgreSQL) deleted some of the same rows first; the exact trim below settles it.
-        if deleted >= inserted:
-            kept = conn.execute(select(func.min(t.c.priority)).where(t.c.pipeline == pipeline))
-            value = kept.scalar()
-            return None if value is None else float(value)
-    lowest_kept = conn.execute(
-        select(t.c.priority)
-        .where(t.c.pipeline == pipeline)
-        .order_by(t.c.priority.desc())
-        .limit(1)
-        .offset(batch.reservoir_size - 1)
-    ).scalar()
-    if lowest_kept is None:
+    excess = count + changed - batch.reservoir_size
+    if excess > 0:
+        lowest = (
+            select(t.c.id)
+            .where(t.c.pipeline == pipeline)
+            .order_by(t.c.priority)
+            .limit(excess)
+            .scalar_subquery()
+        )
+        changed -= conn.execute(delete(t).where(t.c.id.in_(lowest))).rowcount
+    if changed:
+        count += changed
+        _store_count(conn, pipeline, count)
+    if count < batch.reservoir_size:
         return None
-    conn.execute(delete(t).where(t.c.pipeline == pipeline, t.c.priority < lowest_kept))
-    return float(lowest_kept)
+    lowest_kept = conn.execute(select(func.min(t.c.priority)).where(t.c.pipeline == pipeline))
+    value = lowest_kept.scalar()
+    return None if value is None else float(value)
+
+
+def lock_count(db: Database, conn: Connection, pipeline: str) -> int:
+    """The pipeline's reservoir row count, its ``reservoir_counts`` row locked until the
+    transaction ends (created at 0 for a new pipeline)."""
+    c = s.reservoir_counts
+    upsert = db.insert(c).values(pipeline=pipeline, n_rows=0)
+    # DO UPDATE (to the same value), not DO NOTHING: it locks an existing row and returns it.
+    upsert = upsert.on_conflict_do_update(
+        index_elements=[c.c.pipeline], set_={"n_rows": c.c.n_rows}
+    ).returning(c.c.n_rows)
+    return int(conn.execute(upsert).scalar_one())
+
+
+def prune_reservoir(conn: Connection, cutoff: datetime, pipeline: str | None) -> int:
+    """Delete the reservoir rows sampled before ``cutoff`` (of ``pipeline``, or of all), keeping
+    their pipelines' counts; how many were deleted. The counts are locked first, as a batch's
+    write locks them before it changes rows (``write_reservoir``)."""
+    t, c = s.reservoir, s.reservoir_counts
+    lock = select(c.c.pipeline).with_for_update()
+    old = t.c.sampled_at < cutoff
+    if pipeline is not None:
+        lock, old = lock.where(c.c.pipeline == pipeline), old & (t.c.pipeline == pipeline)
+    conn.execute(lock).all()
+    deleted = Counter(conn.execute(delete(t).where(old).returning(t.c.pipeline)).scalars())
+    for name, n in deleted.items():
+        conn.execute(update(c).where(c.c.pipeline == name).values(n_rows=c.c.n_rows - n))
+    return sum(deleted.values())
+
+
+def _store_count(conn: Connection, pipeline: str, count: int) -> None:
+    c = s.reservoir_counts
+    conn.execute(update(c).where(c.c.pipeline == pipeline).values(n_rows=count))
 
 
 # A reservoir row as ``_insert`` takes it (``write_reservoir`` builds them in this order).

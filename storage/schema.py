@@ -342,6 +342,17 @@ reservoir = Table(
     Index(None, "pipeline", "sampled_at"),
 )
 
+# How many reservoir rows each pipeline has (migration 0007): kept by the batch that changes them
+# (and by prune), under this row's lock, so a batch knows whether the reservoir is full without
+# walking its (pipeline, priority) index (storage.reservoir).
+reservoir_counts = Table(
+    "reservoir_counts",
+    metadata,
+    Column("pipeline", String(PIPELINE_LEN), nullable=False),
+    Column("n_rows", BigInteger, nullable=False),
+    PrimaryKeyConstraint("pipeline"),
+)
+
 TABLES = (
     alerts,
     incidents,
@@ -353,4 +364,5 @@ TABLES = (
     incident_notifications,
     drift_windows,
     reservoir,
+    reservoir_counts,
 )

@@ -141,7 +141,6 @@ class ReservoirSampler:
             for j, k in enumerate(keep.tolist())
         ]
         batch.reservoir_size = self.cfg.reservoir_size
-        batch.reservoir_threshold = self.threshold
         batch.reservoir_retention_s = self.cfg.retention_s
 
     def written(self, batch: SinkBatch, write: WriteResult) -> None:

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
+from sqlalchemy import insert, select
 from storage_testlib import alert
 
 from anomaly.config import config_from_dict
@@ -133,3 +134,62 @@ def test_records_confirmed_as_anomalies_are_not_trained_on(store: AlertStore) ->
     assert store.reservoir_count("p") == 20 and len(rows) == 19
     assert 3 not in {r["kafka_offset"] for r in rows}
     assert [r["alerted"] for r in rows if r["kafka_offset"] == 4] == [True]
+
+
+def _stored_count(store: AlertStore, pipeline: str) -> int | None:
+    from storage import schema as s
+
+    c = s.reservoir_counts
+    with store.engine.connect() as conn:
+        return conn.execute(select(c.c.n_rows).where(c.c.pipeline == pipeline)).scalar()
+
+
+def test_the_stored_count_follows_every_change_to_the_rows(store: AlertStore) -> None:
+    """Fill, trim, a replay, retention, a smaller reservoir_size and prune all keep
+    ``reservoir_counts`` equal to the rows there: the writes decide from it whether the
+    reservoir is full."""
+    sampler = ReservoirSampler(config(size=120, retention_s=3600))
+    thresholds = []
+    for start in range(0, 600, 50):
+        write(store, sampler, batch_of(sampler, start, 50))
+        thresholds.append(sampler.threshold)
+        assert _stored_count(store, "p") == store.reservoir_count("p") <= 120
+    assert thresholds[:2] == [-math.inf, -math.inf] and thresholds[2] > -math.inf
+    assert thresholds == sorted(thresholds)  # a full reservoir's threshold only rises
+    write(store, ReservoirSampler(config(size=120)), batch_of(sampler, 500, 50))  # a replay
+    assert _stored_count(store, "p") == store.reservoir_count("p") == 120
+    # Two hours later: retention empties the old sample, the new candidates are all that is left.
+    later = batch_of(sampler, 600, 30, t=T0 + timedelta(hours=2))
+    write(store, sampler, later)
+    assert _stored_count(store, "p") == store.reservoir_count("p") == len(later.reservoir) > 0
+    assert sampler.threshold == -math.inf
+    smaller = ReservoirSampler(config(size=20, retention_s=3600))
+    write(store, smaller, batch_of(smaller, 630, 10, t=T0 + timedelta(hours=2)))
+    assert _stored_count(store, "p") == store.reservoir_count("p") == 20
+    assert smaller.threshold > -math.inf
+    assert store.prune(T0 + timedelta(days=1)).reservoir == 20
+    assert _stored_count(store, "p") == store.reservoir_count("p") == 0
+
+
+def test_the_count_migration_counts_the_rows_already_there(db_url: str) -> None:
+    from storage import schema as s
+
+    with AlertStore(db_url) as store:
+        store.upgrade("0006")
+        with store.engine.begin() as conn:
+            conn.execute(
+                insert(s.reservoir),
+                [
+                    dict(
+                        pipeline=name, kafka_topic="t", kafka_partition=0, kafka_offset=o,
+                        priority=0.0, alerted=False, model_version="v1", sampled_at=T0,
+                        record={"id": o},
+                    )
+                    for name, n in (("cards", 7), ("machines", 3))
+                    for o in range(n)
+                ],
+            )  # fmt: skip
+        store.upgrade()
+        assert (_stored_count(store, "cards"), _stored_count(store, "machines")) == (7, 3)
+        store.downgrade("0006")
+        assert store.reservoir_count("cards") == 7
