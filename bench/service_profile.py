@@ -17,6 +17,7 @@ import pstats
 import sys
 import tempfile
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -55,8 +56,8 @@ def main() -> int:
     values = encode_rows(generate_fraud(args.records, anomaly_fraction=0.01, seed=2))
     cfg = config_from_dict(
         {
-            # A new pipeline name: a PostgreSQL store keeps the rows of earlier runs.
-            "name": f"bench-{time.time_ns()}",
+            # A PostgreSQL store keeps the rows of earlier runs: a new pipeline there.
+            "name": "bench" if args.db_url is None else f"bench-{uuid.uuid4().hex[:6]}",
             "schema": schema,
             "database": {"url": args.db_url or f"sqlite:///{tmp / 'bench.db'}"},
             "kafka": {"topic": "t"},

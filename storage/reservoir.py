@@ -89,14 +89,17 @@ def write_reservoir(
 
 def lock_count(db: Database, conn: Connection, pipeline: str) -> int:
     """The pipeline's reservoir row count, its ``reservoir_counts`` row locked until the
-    transaction ends (created at 0 for a new pipeline)."""
+    transaction ends (created at 0 for a new pipeline). SQLite ignores FOR UPDATE: its writers
+    take the whole database in turn."""
     c = s.reservoir_counts
-    upsert = db.insert(c).values(pipeline=pipeline, n_rows=0)
-    # DO UPDATE (to the same value), not DO NOTHING: it locks an existing row and returns it.
-    upsert = upsert.on_conflict_do_update(
-        index_elements=[c.c.pipeline], set_={"n_rows": c.c.n_rows}
-    ).returning(c.c.n_rows)
-    return int(conn.execute(upsert).scalar_one())
+    locked = select(c.c.n_rows).where(c.c.pipeline == pipeline).with_for_update()
+    count = conn.execute(locked).scalar()
+    if count is None:
+        # A first batch of the pipeline; a concurrent one may insert the row first (then this
+        # waits for it and inserts nothing).
+        conn.execute(db.insert(c).values(pipeline=pipeline, n_rows=0).on_conflict_do_nothing())
+        count = conn.execute(locked).scalar_one()
+    return int(count)
 
 
 def prune_reservoir(conn: Connection, cutoff: datetime, pipeline: str | None) -> int:
