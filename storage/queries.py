@@ -102,7 +102,7 @@ def prune(
         n_drift = conn.execute(delete(dw).where(scoped(dw, dw.c.window_end < cutoff))).rowcount
         # The reservoir also ages out by itself (retraining.retention_s, on the service's
         # writes); prune takes what is older than the cutoff now, e.g. for a stopped pipeline.
-        n_res = prune_reservoir(conn, cutoff, pipeline)
+        n_res = prune_reservoir(db, conn, cutoff, pipeline)
     return PruneResult(
         alerts=n_alerts,
         incidents=n_inc,

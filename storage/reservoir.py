@@ -23,7 +23,6 @@ reservoir was full by walking ``reservoir_size`` index entries, on every batch u
 
 from __future__ import annotations
 
-from collections import Counter
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -102,20 +101,26 @@ def lock_count(db: Database, conn: Connection, pipeline: str) -> int:
     return int(count)
 
 
-def prune_reservoir(conn: Connection, cutoff: datetime, pipeline: str | None) -> int:
-    """Delete the reservoir rows sampled before ``cutoff`` (of ``pipeline``, or of all), keeping
-    their pipelines' counts; how many were deleted. The counts are locked first, as a batch's
-    write locks them before it changes rows (``write_reservoir``)."""
+def prune_reservoir(db: Database, conn: Connection, cutoff: datetime, pipeline: str | None) -> int:
+    """Delete the reservoir rows sampled before ``cutoff`` (of ``pipeline``, or of all) and
+    count the rows left into ``reservoir_counts``; how many were deleted. The counts are locked
+    first, as a batch's write locks them before it changes rows (``write_reservoir``). Counting
+    (not subtracting) also mends a count that rows written another way put off (an older service
+    during an upgrade, a hand-made insert)."""
     t, c = s.reservoir, s.reservoir_counts
     lock = select(c.c.pipeline).with_for_update()
     old = t.c.sampled_at < cutoff
+    counted = select(t.c.pipeline, func.count()).group_by(t.c.pipeline)
     if pipeline is not None:
         lock, old = lock.where(c.c.pipeline == pipeline), old & (t.c.pipeline == pipeline)
-    conn.execute(lock).all()
-    deleted = Counter(conn.execute(delete(t).where(old).returning(t.c.pipeline)).scalars())
-    for name, n in deleted.items():
-        conn.execute(update(c).where(c.c.pipeline == name).values(n_rows=c.c.n_rows - n))
-    return sum(deleted.values())
+        counted = counted.where(t.c.pipeline == pipeline)
+    known = set(conn.execute(lock).scalars())
+    deleted = conn.execute(delete(t).where(old)).rowcount
+    counts = dict.fromkeys(known, 0) | {name: n for name, n in conn.execute(counted)}
+    for name, n in counts.items():
+        upsert = db.insert(c).values(pipeline=name, n_rows=n)
+        conn.execute(upsert.on_conflict_do_update(index_elements=["pipeline"], set_={"n_rows": n}))
+    return deleted
 
 
 def _store_count(conn: Connection, pipeline: str, count: int) -> None:

@@ -71,7 +71,7 @@ def test_prune_removes_only_old_rows(store: AlertStore) -> None:
 
 
 def test_prune_removes_old_drift_windows_and_reservoir_records(store: AlertStore) -> None:
-    from sqlalchemy import insert
+    from sqlalchemy import insert, select
 
     from anomaly.monitoring.drift import DriftReport
     from storage import schema as s
@@ -108,3 +108,8 @@ def test_prune_removes_old_drift_windows_and_reservoir_records(store: AlertStore
     with store.engine.connect() as conn:
         kept = conn.execute(s.reservoir.select().order_by(s.reservoir.c.id)).mappings().all()
     assert [(r["pipeline"], r["sampled_at"]) for r in kept] == [("cards", NEW), ("machines", NEW)]
+    # The rows above were inserted by hand, past the reservoir's count: prune counts them.
+    counts = s.reservoir_counts
+    with store.engine.connect() as conn:
+        stored = dict(conn.execute(select(counts.c.pipeline, counts.c.n_rows)).all())
+    assert stored == {"cards": 1, "machines": 1}
