@@ -6,8 +6,8 @@ reservoir is full, see streams.reservoir). It
 
 1. locks the pipeline's row of ``reservoir_counts`` (migration 0007), which holds how many rows
    the reservoir has: every change to a pipeline's reservoir rows takes this lock first, so the
-   count is exact and concurrent writers (other partitions' consumers, ``prune``) change them one
-   after another;
+   count is exact and concurrent writers (other partitions' consumers, ``prune``, which counts
+   the rows anew) change them one after another;
 2. drops candidates below their partition's stored next offset (the alerts' fencing rule: a
    replayed or zombie batch samples nothing) and inserts the rest with ON CONFLICT DO NOTHING on
    the Kafka position (a record is in the reservoir at most once);

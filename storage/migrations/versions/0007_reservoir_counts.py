@@ -4,8 +4,8 @@ A batch that samples records needs to know whether the reservoir is full. Withou
 walked ``reservoir_size`` entries of the (pipeline, priority) index to find out, on every batch
 until the reservoir was full: ~3 ms per batch at 5,000 rows on PostgreSQL, most of the write
 time of a new service's small batches (docs/benchmarks.md). The count is kept by the batch
-transaction that changes the rows (storage.reservoir) and by prune; this migration counts the
-rows already there.
+transaction that changes the rows (storage.reservoir); this migration, and every ``anomaly db
+prune``, counts the rows there.
 
 Revision ID: 0007
 Revises: 0006
