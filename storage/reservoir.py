@@ -40,7 +40,7 @@ def write_reservoir(
 ) -> float | None:
     t = s.reservoir
     pipeline = batch.pipeline
-    count = lock_count(db, conn, pipeline)
+    count = _lock_count(db, conn, pipeline)
     rows = [
         (
             r.pipeline,
@@ -86,7 +86,7 @@ def write_reservoir(
     return None if value is None else float(value)
 
 
-def lock_count(db: Database, conn: Connection, pipeline: str) -> int:
+def _lock_count(db: Database, conn: Connection, pipeline: str) -> int:
     """The pipeline's reservoir row count, its ``reservoir_counts`` row locked until the
     transaction ends (created at 0 for a new pipeline). SQLite ignores FOR UPDATE: its writers
     take the whole database in turn."""
