@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing as mp
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import pytest
 from sqlalchemy import insert, select
 from storage_testlib import alert
 
@@ -38,12 +41,17 @@ def config(size: int, half_life_s: float = 3600.0, retention_s: float = 7 * 8640
 
 
 def batch_of(
-    sampler: ReservoirSampler, start: int, n: int, alerts: set[int] = frozenset(), t=T0
+    sampler: ReservoirSampler,
+    start: int,
+    n: int,
+    alerts: set[int] = frozenset(),
+    t=T0,
+    partition: int = 0,
 ) -> SinkBatch:
-    """Records ``start .. start+n-1`` of partition 0, one second apart from ``t``."""
+    """Records ``start .. start+n-1`` of ``partition``, one second apart from ``t``."""
     messages = [
         Message(
-            "t", 0, o, json.dumps({"id": o, "x": float(o)}).encode(),
+            "t", partition, o, json.dumps({"id": o, "x": float(o)}).encode(),
             int((t + timedelta(seconds=o)).timestamp() * 1000),
         )
         for o in range(start, start + n)
@@ -51,7 +59,8 @@ def batch_of(
     decoded = SimpleNamespace(index=np.arange(n), frame=pd.DataFrame({"x": range(n)}))
     result = SimpleNamespace(is_alert=np.array([o in alerts for o in range(start, start + n)]))
     batch = SinkBatch(
-        pipeline="p", offsets=[OffsetRecord("p", "t", 0, start + n, first_offset=start)]
+        pipeline="p",
+        offsets=[OffsetRecord("p", "t", partition, start + n, first_offset=start)],
     )
     sampler.fill(batch, messages, decoded, result, "v1", t, json.loads)
     return batch
@@ -193,3 +202,44 @@ def test_the_count_migration_counts_the_rows_already_there(db_url: str) -> None:
         assert (_stored_count(store, "cards"), _stored_count(store, "machines")) == (7, 3)
         store.downgrade("0006")
         assert store.reservoir_count("cards") == 7
+
+
+def _partition_writer(url: str, partition: int, start: Any, errors: Any) -> None:
+    try:
+        with AlertStore(url) as store:
+            sampler = ReservoirSampler(config(size=100))
+            start.wait(30)
+            for first in range(0, 1000, 25):
+                write(store, sampler, batch_of(sampler, first, 25, partition=partition))
+    except BaseException as exc:  # reported to the parent, which fails the test
+        errors.put(f"{type(exc).__name__}: {exc}")
+        raise
+
+
+@pytest.mark.reliability
+def test_two_consumers_filling_one_reservoir_keep_the_count_and_the_top_k(db_url: str) -> None:
+    """Two processes, one partition each, write the same pipeline's reservoir at once: the
+    count lock makes them take turns, so the count stays exact and the rows are the top 100
+    of both partitions' records."""
+    with AlertStore(db_url) as store:
+        store.upgrade()
+    ctx = mp.get_context("fork")  # after this process closed its connections
+    start, errors = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_partition_writer, args=(db_url, p, start, errors)) for p in (0, 1)]
+    for proc in procs:
+        proc.start()
+    start.set()
+    for proc in procs:
+        proc.join(120)
+    assert all(proc.exitcode == 0 for proc in procs), [errors.get() for _ in range(errors.qsize())]
+    with AlertStore(db_url) as store:
+        rows = store.reservoir_rows("p")
+        assert _stored_count(store, "p") == store.reservoir_count("p") == len(rows) == 100
+    offsets = np.arange(1000)
+    times = np.array([(T0 + timedelta(seconds=int(o))).timestamp() for o in offsets])
+    every = {}
+    for p in (0, 1):
+        prio = priorities("t", np.full(1000, p, np.int64), offsets, times, 3600.0)
+        every.update({(p, int(o)): value for o, value in zip(offsets, prio, strict=True)})
+    top = set(sorted(every, key=every.__getitem__, reverse=True)[:100])
+    assert {(r["kafka_partition"], r["kafka_offset"]) for r in rows} == top
