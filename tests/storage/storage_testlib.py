@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing as mp
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -121,3 +122,28 @@ def table_rows(store: Any, name: str, order_by: str = "") -> list[tuple]:
     with store.engine.connect() as conn:
         sql = f"SELECT * FROM {name}" + (f" ORDER BY {order_by}" if order_by else "")
         return [tuple(r) for r in conn.execute(text(sql))]
+
+
+def reservoir_row(pipeline: str, offset: int, sampled_at: datetime) -> dict[str, Any]:
+    """A reservoir row to insert by hand (``insert(schema.reservoir)``), as a migration or a
+    tool other than the service would leave it."""
+    return dict(
+        pipeline=pipeline, kafka_topic="tx", kafka_partition=0, kafka_offset=offset,
+        priority=1.0, alerted=False, model_version="v1", event_time=sampled_at,
+        sampled_at=sampled_at, record={"id": str(offset)},
+    )  # fmt: skip
+
+
+def run_together(target: Any, args: list[tuple]) -> None:
+    """``target(*a, start, errors)`` in one forked process per ``a``, all released at once;
+    fails with the errors the processes reported. Fork only after this process has closed
+    its connections: the children open their own."""
+    ctx = mp.get_context("fork")
+    start, errors = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*a, start, errors)) for a in args]
+    for proc in procs:
+        proc.start()
+    start.set()
+    for proc in procs:
+        proc.join(120)
+    assert all(p.exitcode == 0 for p in procs), [errors.get() for _ in range(errors.qsize())]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import multiprocessing as mp
 
 import pytest
-from storage_testlib import range_batch, table_rows
+from storage_testlib import range_batch, run_together, table_rows
 
 from storage import AlertStore
 
@@ -34,16 +34,7 @@ def _writer(url: str, chunk: int, start: mp.Event, errors: mp.Queue) -> None:  #
 def test_two_processes_writing_overlapping_batches_do_not_duplicate(db_url: str) -> None:
     with AlertStore(db_url) as store:
         store.upgrade()
-    # fork after every connection of this process is closed: children open their own.
-    ctx = mp.get_context("fork")
-    start, errors = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_writer, args=(db_url, c, start, errors)) for c in (40, 70)]
-    for p in procs:
-        p.start()
-    start.set()
-    for p in procs:
-        p.join(90)
-    assert all(p.exitcode == 0 for p in procs), [errors.get() for _ in range(errors.qsize())]
+    run_together(_writer, [(db_url, 40), (db_url, 70)])
 
     with AlertStore(db_url) as store:
         expected = range_batch(0, END)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from storage_testlib import alert, dead_letter, table_rows
+from storage_testlib import alert, dead_letter, reservoir_row, table_rows
 
 from storage import AlertStore
 from storage.records import ModelVersionRecord, OffsetRecord, SinkBatch, StreamStatRecord
@@ -89,11 +89,7 @@ def test_prune_removes_old_drift_windows_and_reservoir_records(store: AlertStore
         conn.execute(
             insert(s.reservoir),
             [
-                dict(
-                    pipeline=pipeline, kafka_topic="tx", kafka_partition=0, kafka_offset=offset,
-                    priority=1.0, alerted=False, model_version="v1", event_time=when,
-                    sampled_at=when, record={"id": str(offset)},
-                )
+                reservoir_row(pipeline, offset, when)
                 for offset, (pipeline, when) in enumerate(
                     [("cards", OLD), ("cards", NEW), ("machines", OLD), ("machines", NEW)]
                 )

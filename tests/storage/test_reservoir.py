@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -14,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from sqlalchemy import insert, select
-from storage_testlib import alert
+from storage_testlib import alert, reservoir_row, run_together
 
 from anomaly.config import config_from_dict
 from storage import AlertStore
@@ -186,18 +185,8 @@ def test_the_count_migration_counts_the_rows_already_there(db_url: str) -> None:
     with AlertStore(db_url) as store:
         store.upgrade("0006")
         with store.engine.begin() as conn:
-            conn.execute(
-                insert(s.reservoir),
-                [
-                    dict(
-                        pipeline=name, kafka_topic="t", kafka_partition=0, kafka_offset=o,
-                        priority=0.0, alerted=False, model_version="v1", sampled_at=T0,
-                        record={"id": o},
-                    )
-                    for name, n in (("cards", 7), ("machines", 3))
-                    for o in range(n)
-                ],
-            )  # fmt: skip
+            rows = [(name, o) for name, n in (("cards", 7), ("machines", 3)) for o in range(n)]
+            conn.execute(insert(s.reservoir), [reservoir_row(name, o, T0) for name, o in rows])
         store.upgrade()
         assert (_stored_count(store, "cards"), _stored_count(store, "machines")) == (7, 3)
         store.downgrade("0006")
@@ -223,15 +212,7 @@ def test_two_consumers_filling_one_reservoir_keep_the_count_and_the_top_k(db_url
     of both partitions' records."""
     with AlertStore(db_url) as store:
         store.upgrade()
-    ctx = mp.get_context("fork")  # after this process closed its connections
-    start, errors = ctx.Event(), ctx.Queue()
-    procs = [ctx.Process(target=_partition_writer, args=(db_url, p, start, errors)) for p in (0, 1)]
-    for proc in procs:
-        proc.start()
-    start.set()
-    for proc in procs:
-        proc.join(120)
-    assert all(proc.exitcode == 0 for proc in procs), [errors.get() for _ in range(errors.qsize())]
+    run_together(_partition_writer, [(db_url, 0), (db_url, 1)])
     with AlertStore(db_url) as store:
         rows = store.reservoir_rows("p")
         assert _stored_count(store, "p") == store.reservoir_count("p") == len(rows) == 100
