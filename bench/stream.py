@@ -129,6 +129,9 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     db_url = args.db_url or f"sqlite:///{tmp / 'bench.db'}"
+    # A database given on the command line keeps the rows of earlier runs, a full retraining
+    # reservoir among them (a fresh one fills first): a pipeline of its own for each run there.
+    pipeline_name = "bench" if args.db_url is None else f"bench-{uuid.uuid4().hex[:6]}"
     example = Path(__file__).resolve().parents[1] / "examples" / "fraud.yaml"
     import yaml
 
@@ -165,7 +168,7 @@ def main() -> int:
             tuning = {"batch_size": args.batch_size} if args.batch_size else {}
             return config_from_dict(
                 {
-                    "name": "bench",
+                    "name": pipeline_name,
                     "schema": schema,
                     "kafka": {
                         "bootstrap_servers": broker.bootstrap_servers,
@@ -241,7 +244,7 @@ def main() -> int:
             f"{e2e_rate:,.0f} records/s ({service.totals.alerts} alerts, db {db_url.split(':')[0]})"
         )
         print(f"ratio end-to-end / raw consume: {e2e_rate / raw_rate:.2f} (goal >= 0.5)")
-        ours_precision = _precision(_alerted_ids(db_url, "bench"), records)
+        ours_precision = _precision(_alerted_ids(db_url, pipeline_name), records)
         peer_rate, peer_ids = float("nan"), []
         if args.format == "json":  # the peer reads JSON values only
             peer_rate, peer_ids = _naive_peer(
