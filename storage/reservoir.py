@@ -26,7 +26,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, exists, func, select, update
+from sqlalchemy import Connection, and_, delete, exists, func, select
 
 from storage import schema as s
 from storage.engine import Database, utc
@@ -78,7 +78,7 @@ def write_reservoir(
         changed -= conn.execute(delete(t).where(t.c.id.in_(lowest))).rowcount
     if changed:
         count += changed
-        _store_count(conn, pipeline, count)
+        _store_count(db, conn, pipeline, count)
     if count < batch.reservoir_size:
         return None
     lowest_kept = conn.execute(select(func.min(t.c.priority)).where(t.c.pipeline == pipeline))
@@ -118,14 +118,15 @@ def prune_reservoir(db: Database, conn: Connection, cutoff: datetime, pipeline: 
     deleted = conn.execute(delete(t).where(old)).rowcount
     counts = dict.fromkeys(known, 0) | {name: n for name, n in conn.execute(counted)}
     for name, n in counts.items():
-        upsert = db.insert(c).values(pipeline=name, n_rows=n)
-        conn.execute(upsert.on_conflict_do_update(index_elements=["pipeline"], set_={"n_rows": n}))
+        _store_count(db, conn, name, n)
     return deleted
 
 
-def _store_count(conn: Connection, pipeline: str, count: int) -> None:
+def _store_count(db: Database, conn: Connection, pipeline: str, count: int) -> None:
+    """Set the pipeline's count (its row created if prune counts rows that had none)."""
     c = s.reservoir_counts
-    conn.execute(update(c).where(c.c.pipeline == pipeline).values(n_rows=count))
+    upsert = db.insert(c).values(pipeline=pipeline, n_rows=count)
+    conn.execute(upsert.on_conflict_do_update(index_elements=["pipeline"], set_={"n_rows": count}))
 
 
 # A reservoir row as ``_insert`` takes it (``write_reservoir`` builds them in this order).

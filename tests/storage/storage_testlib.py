@@ -147,3 +147,8 @@ def run_together(target: Any, args: list[tuple]) -> None:
     for proc in procs:
         proc.join(120)
     assert all(p.exitcode == 0 for p in procs), [errors.get() for _ in range(errors.qsize())]
+
+
+def reservoir_counts(store: Any) -> dict[str, int]:
+    """``reservoir_counts`` as stored: pipeline -> its count of reservoir rows."""
+    return dict(table_rows(store, "reservoir_counts"))

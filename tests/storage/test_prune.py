@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
-from storage_testlib import alert, dead_letter, reservoir_row, table_rows
+from storage_testlib import alert, dead_letter, reservoir_counts, reservoir_row, table_rows
 
 from storage import AlertStore
 from storage.records import ModelVersionRecord, OffsetRecord, SinkBatch, StreamStatRecord
@@ -71,7 +71,7 @@ def test_prune_removes_only_old_rows(store: AlertStore) -> None:
 
 
 def test_prune_removes_old_drift_windows_and_reservoir_records(store: AlertStore) -> None:
-    from sqlalchemy import insert, select
+    from sqlalchemy import insert
 
     from anomaly.monitoring.drift import DriftReport
     from storage import schema as s
@@ -105,7 +105,4 @@ def test_prune_removes_old_drift_windows_and_reservoir_records(store: AlertStore
         kept = conn.execute(s.reservoir.select().order_by(s.reservoir.c.id)).mappings().all()
     assert [(r["pipeline"], r["sampled_at"]) for r in kept] == [("cards", NEW), ("machines", NEW)]
     # The rows above were inserted by hand, past the reservoir's count: prune counts them.
-    counts = s.reservoir_counts
-    with store.engine.connect() as conn:
-        stored = dict(conn.execute(select(counts.c.pipeline, counts.c.n_rows)).all())
-    assert stored == {"cards": 1, "machines": 1}
+    assert reservoir_counts(store) == {"cards": 1, "machines": 1}

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
-from sqlalchemy import insert, select
-from storage_testlib import alert, reservoir_row, run_together
+from sqlalchemy import insert
+from storage_testlib import alert, reservoir_counts, reservoir_row, run_together
 
 from anomaly.config import config_from_dict
 from storage import AlertStore
@@ -145,11 +145,7 @@ def test_records_confirmed_as_anomalies_are_not_trained_on(store: AlertStore) ->
 
 
 def _stored_count(store: AlertStore, pipeline: str) -> int | None:
-    from storage import schema as s
-
-    c = s.reservoir_counts
-    with store.engine.connect() as conn:
-        return conn.execute(select(c.c.n_rows).where(c.c.pipeline == pipeline)).scalar()
+    return reservoir_counts(store).get(pipeline)
 
 
 def test_the_stored_count_follows_every_change_to_the_rows(store: AlertStore) -> None:
