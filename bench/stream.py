@@ -22,7 +22,10 @@
 5. Fixed rate (``--rate N --seconds S``, nothing else runs): the default configuration at N
    records/s for S seconds from a paced producer process that is already connected; p50, p95
    and p99 for the records of the first 2 s after the service holds its partitions and for the
-   rest, the group join time on its own, and the mean time of each stage per batch.
+   rest, the group join time on its own, and the mean time of each stage per batch. Beside each
+   latency line, the part before the service's loop took the record's batch (producer linger,
+   broker, fetch, and the wait for the loop to come round): what the loop itself adds is the
+   rest.
    ``--kafka KEY=VALUE`` changes a kafka setting or a librdkafka one for this run.
 
 ``--baseline REV`` first runs the same command on git revision REV from a temporary worktree: a
@@ -439,7 +442,8 @@ def _latency_run(cfg, records, rate: float, broker, tmp: Path, partitions: int) 
     service = ScoringService(cfg)
     latencies: list[np.ndarray] = []
     created: list[np.ndarray] = []
-    _instrument(service, latencies, created=created)
+    waits: list[np.ndarray] = []
+    _instrument(service, latencies, created=created, waits=waits)
     started = time.monotonic()
     runner = threading.Thread(target=service.run)
     runner.start()
@@ -477,12 +481,21 @@ def _latency_run(cfg, records, rate: float, broker, tmp: Path, partitions: int) 
         "  mean ms per batch: "
         + ", ".join(f"{k} {1000 * total / max(1, n):.2f}" for k, (total, n) in stages.items())
     )
-    for label, part in (("first 2 s", lat[early]), ("after 2 s", lat[~early])):
+    wait = np.concatenate(waits) * 1000 if waits else None
+    for label, mask in (("first 2 s", early), ("after 2 s", ~early)):
+        part = lat[mask]
         if len(part):
             p50, p95, p99 = np.percentile(part, [50, 95, 99])
             lines.append(
                 f"  {label}: {len(part):,} records, p50 {p50:.1f} ms, p95 {p95:.1f} ms, "
                 f"p99 {p99:.1f} ms, max {part.max():.1f} ms (produce call -> Kafka commit done)"
+            )
+        if wait is not None and len(wait[mask]):
+            # The part of it spent before the service's loop had the record: producer linger,
+            # broker, fetch, and waiting for the loop to take the next batch.
+            w50, w99 = np.percentile(wait[mask], [50, 99])
+            lines.append(
+                f"    of which produce call -> batch taken: p50 {w50:.1f} ms, p99 {w99:.1f} ms"
             )
     return "\n".join(lines)
 
@@ -606,12 +619,17 @@ def _serve_child(pipeline: Path, status: Path) -> int:
 
 
 def _instrument(
-    service, latencies: list | None = None, clock=time.perf_counter, created: list | None = None
+    service,
+    latencies: list | None = None,
+    clock=time.perf_counter,
+    created: list | None = None,
+    waits: list | None = None,
 ) -> dict:
     """Time from the first batch's start to the last batch's commit; per-record latency (and
-    the records' creation times, seconds since the epoch). Works on the pipelined loop (a batch
-    starts in ``_prepare`` and ends in ``_write_and_commit``) and on revisions from before it
-    (one ``process`` call per batch), for ``--baseline``."""
+    the records' creation times, seconds since the epoch, and how long each waited until its
+    batch was taken). Works on the pipelined loop (a batch starts in ``_prepare`` and ends in
+    ``_write_and_commit``) and on revisions from before it (one ``process`` call per batch), for
+    ``--baseline``."""
     span: dict[str, float] = {}
 
     def done(messages, start: float) -> None:
@@ -632,6 +650,9 @@ def _instrument(
 
         def timed_prepare(messages, loaded):
             span.setdefault("first", clock())
+            if waits is not None:
+                born = np.array([m.timestamp_ms or 0 for m in messages], dtype=np.float64) / 1000
+                waits.append(time.time() - born)
             return prepare(messages, loaded)
 
         def timed_finish(prepared, generation, held):
