@@ -41,9 +41,11 @@ the literature (ADBench, DTE) and in ``bench/quality.py``, and it fails in other
 deep detectors (it needs no training, cannot overfit a few hundred rows, and sees local density
 rather than a global fit), so its calibrated p-value adds information to theirs.
 
-Computation: ``|x|^2 - 2 x.r + |r|^2`` as one matrix product per batch, then the k smallest per row
-(``torch.topk``); the same code runs on the CPU and on CUDA, and the reference rows are a buffer of
-the module, so they travel with ``.to(device)`` and are saved with the other tensors.
+Computation: ``|x|^2 - 2 x.r + |r|^2`` as one matrix product per batch, then the k-th smallest per
+row (``neighbours.kth_smallest``: a minimum for k = 1, else ``torch.topk`` over the groups of
+reference rows that can hold the k nearest); the same code runs on the CPU and on CUDA, and the
+reference rows are a buffer of the module, so they travel with ``.to(device)`` and are saved with
+the other tensors.
 """
 
 from __future__ import annotations
