@@ -35,22 +35,25 @@ def best_us_per_row(fn, x: torch.Tensor, repeat: int = 9) -> float:
     return round(best / len(x) * 1e6, 2)
 
 
-def min_index_selection(module: Neighbours, x: torch.Tensor) -> torch.Tensor:
+def replaced_selection(module: Neighbours, x: torch.Tensor, select) -> torch.Tensor:
+    """``module.kth_distance`` with the selection it replaced: ``select`` takes the rows x
+    references block (``|r|^2 - 2 x.r``) and k, and returns each row's k-th smallest."""
     out = []
     for i in range(0, len(x), CHUNK_ROWS):
         chunk = x[i : i + CHUNK_ROWS]
-        out.append((module._partial(chunk).min(1).values + (chunk * chunk).sum(1)).sqrt())
-    return torch.cat(out)
-
-
-def topk_selection(module: Neighbours, x: torch.Tensor) -> torch.Tensor:
-    """k > 1 as it was before ``kth_smallest`` grouped the columns: ``topk`` over all of them."""
-    out = []
-    for i in range(0, len(x), CHUNK_ROWS):
-        chunk = x[i : i + CHUNK_ROWS]
-        kth = torch.topk(module._partial(chunk), module.k, dim=1, largest=False).values[:, -1]
+        kth = select(module._partial(chunk), module.k)
         out.append((kth + (chunk * chunk).sum(1)).clamp_min(0.0).sqrt())
     return torch.cat(out)
+
+
+def min_index(partial: torch.Tensor, k: int) -> torch.Tensor:
+    """k = 1 as it was before ``amin``: ``min(1)``, which also finds the index."""
+    return partial.min(1).values
+
+
+def topk_over_all(partial: torch.Tensor, k: int) -> torch.Tensor:
+    """k > 1 as it was before ``kth_smallest`` grouped the columns: ``topk`` over all of them."""
+    return torch.topk(partial, k, dim=1, largest=False).values[:, -1]
 
 
 def main() -> None:
@@ -73,12 +76,12 @@ def main() -> None:
             module.reference.copy_(torch.randn(n_reference, features, generator=gen))
             name = f"{n_reference} rows, k={k}, {features} features"
             results[name] = best_us_per_row(module.kth_distance, x)
-            if k == 1:
-                label = f"{name}, min(1).values"
-                results[label] = best_us_per_row(partial(min_index_selection, module), x)
-            else:
-                label = f"{name}, topk over all rows"
-                results[label] = best_us_per_row(partial(topk_selection, module), x)
+            label, select = (
+                (f"{name}, min(1).values", min_index)
+                if k == 1
+                else (f"{name}, topk over all rows", topk_over_all)
+            )
+            results[label] = best_us_per_row(partial(replaced_selection, module, select=select), x)
     print(json.dumps({"us_per_row": results, "threads": 1}, indent=2))
 
 

@@ -618,6 +618,11 @@ def _serve_child(pipeline: Path, status: Path) -> int:
     return 0
 
 
+def _created_s(messages) -> np.ndarray:
+    """The records' Kafka CreateTimes, seconds since the epoch."""
+    return np.array([m.timestamp_ms or 0 for m in messages], dtype=np.float64) / 1000
+
+
 def _instrument(
     service,
     latencies: list | None = None,
@@ -640,7 +645,7 @@ def _instrument(
             took = 1000 * (span["last"] - start)
             print(f"batch {len(messages)} records {took:.1f} ms, oldest {wait:.0f} ms")
         if latencies is not None:
-            born = np.array([m.timestamp_ms or 0 for m in messages], dtype=np.float64) / 1000
+            born = _created_s(messages)
             latencies.append(time.time() - born)
             if created is not None:
                 created.append(born)
@@ -651,8 +656,7 @@ def _instrument(
         def timed_prepare(messages, loaded):
             span.setdefault("first", clock())
             if waits is not None:
-                born = np.array([m.timestamp_ms or 0 for m in messages], dtype=np.float64) / 1000
-                waits.append(time.time() - born)
+                waits.append(time.time() - _created_s(messages))
             return prepare(messages, loaded)
 
         def timed_finish(prepared, generation, held):
