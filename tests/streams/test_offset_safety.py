@@ -120,6 +120,13 @@ def test_recreated_topic_stops_the_partition_loudly_and_the_others_go_on(
             90,
             "partition 1 of the new topic to be written",
         )
+        # The service counts a batch after its Kafka commit, which follows the database write
+        # the wait above saw: wait for the count too (the exact figure is asserted below).
+        _wait(
+            lambda: service.totals.consumed >= 303 + 53 or not running.alive(),
+            30,
+            "the written batch to be counted",
+        )
         assert running.alive(), f"the service ended: {running.result}"
         # Partition 0 stopped loudly, and never read.
         assert (
