@@ -94,10 +94,10 @@ class _GAN(nn.Module):
 
     def score_parts(self, x: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
         """Rows x (-logit, log k-th neighbour distance in D's features), unstandardised;
-        ``own`` as in ``Neighbours.kth_distance``."""
+        ``own`` as in ``Neighbours.distance``."""
         features = self.disc_body(x)
         not_normal = -self.disc_head(features).squeeze(1)
-        distance = self.neighbours.kth_distance(features, own)
+        distance = self.neighbours.distance(features, own)
         return torch.stack([not_normal, distance.clamp_min(1e-6).log()], 1)
 
     def standardise_parts(self, parts: torch.Tensor) -> None:
