@@ -92,7 +92,7 @@ def test_incidents_reach_alertmanager_once_firing_once_resolved_after_an_outage(
     t_start = time.monotonic()
     values, expected_alert_ids = fraud_stream(trained_model.model, 300, ATTACKED)
     later, later_alert_ids = fraud_stream(
-        trained_model.model, 150, ATTACKED_LATER, seed=42, prefix="later-"
+        trained_model.model, 200, ATTACKED_LATER, seed=42, prefix="later-"
     )
     create_topic(kafka_bootstrap, topic_name, partitions=1)
     am_port, metrics_port = free_port(), free_port()
