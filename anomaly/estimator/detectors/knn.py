@@ -118,11 +118,10 @@ class KNNDetector(BaseDetector):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"extra state '{key}' must be a positive integer, got {value!r}")
         # Bundles saved before the mean was the default score by the k-th distance and do not
-        # name their method; what was calibrated is what is scored.
-        method = extra.get("method", "largest")
-        if method not in METHODS:
-            raise ValueError(f"extra state 'method' must be one of {METHODS}, got {method!r}")
-        self.k_, self._n_reference, self.method = extra["k"], extra["n_reference"], method
+        # name their method; what was calibrated is what is scored (``_build`` refuses an
+        # unknown method).
+        self.k_, self._n_reference = extra["k"], extra["n_reference"]
+        self.method = extra.get("method", "largest")
 
     def _build(self, n_features: int) -> nn.Module:
         """An empty module of the saved size, for ``from_state`` to load the rows into."""
