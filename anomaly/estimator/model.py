@@ -110,7 +110,7 @@ class AnomalyModel:
         numeric_transform: str = "quantile",
         calibration_fraction: float = 0.25,
         max_epochs: int = 60,
-        max_steps: int | None = 1500,
+        max_steps: int | None = 5000,
         min_steps: int = 1000,
         time_budget_s: float | None = None,
         batch_size: int = 256,

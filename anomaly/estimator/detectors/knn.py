@@ -91,7 +91,7 @@ class KNNDetector(BaseDetector):
     uses_calibration_rows = True
 
     def __init__(
-        self, n_neighbors: int = 5, max_reference: int = 2048, method: str = "mean", **kwargs: Any
+        self, n_neighbors: int = 5, max_reference: int = 4096, method: str = "mean", **kwargs: Any
     ) -> None:
         super().__init__(**kwargs)
         if n_neighbors < 1:
