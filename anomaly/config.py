@@ -82,8 +82,9 @@ class ModelConfig:
     detectors: list[str] = field(default_factory=lambda: list(DETECTOR_NAMES))
     # Fewer normal rows than this: the knn detector alone (see AnomalyModel; 0: fit all).
     min_generative_rows: int = 200
-    max_epochs: int = 60
-    # Wall-clock budget for the training of each detector, in seconds (None: epochs only).
+    # Cap on passes over the training rows (None: the step budget and early stopping decide).
+    max_epochs: int | None = None
+    # Wall-clock budget for the training of each detector, in seconds (None: no time limit).
     time_budget_s: float | None = None
     calibration_fraction: float = 0.25
     batch_size: int = 256

@@ -109,7 +109,7 @@ class AnomalyModel:
         schema: SchemaConfig | None = None,
         numeric_transform: str = "quantile",
         calibration_fraction: float = 0.25,
-        max_epochs: int = 60,
+        max_epochs: int | None = None,
         max_steps: int | None = 5000,
         min_steps: int = 1000,
         time_budget_s: float | None = None,

@@ -113,11 +113,21 @@ def finite_scores(scores: torch.Tensor) -> torch.Tensor:
 class BaseDetector:
     """Shared hyper-parameters and plumbing; subclasses build the network and the loss.
 
-    Step budget: ``max_epochs`` passes over the training rows, raised to at least ``min_steps``
-    optimiser steps (small data) and capped at ``max_steps`` (large data). Early stopping never
-    ends training before ``min_steps``; after that it stops once ``patience`` steps have passed
-    without the validation loss improving, and the best weights are restored in any case.
-    ``time_budget_s`` can stop training sooner (not deterministic).
+    Step budget: up to ``max_steps`` optimiser steps (``max_epochs``, when set, also caps the
+    passes over the training rows, but never below ``min_steps`` steps, so small data still
+    trains). Early stopping never ends training before ``min_steps``; after that it stops once
+    ``patience`` steps have passed without the validation loss improving, and the best weights
+    are restored in any case. ``time_budget_s`` can stop training sooner (not deterministic).
+
+    Why the validation loss decides, not a number of passes: until 2026-12-06 the default was
+    60 passes, at least 1,000 and at most 1,500 steps, so every dev set of ``bench/quality.py``
+    (at most 5,000 training rows: under 1,000 steps in 60 passes) trained exactly 1,000 steps
+    and early stopping never acted. With up to 5,000 steps and early stopping after 1,000, the
+    same splits and seeds (23 sets, seeds 0-2; the 19 sets with generative fits), mean ROC-AUC
+    x100 alone: VAE 85.6 -> 86.9, flow 86.9 -> 87.8, GAN 85.3 -> 85.7; most fits stop early
+    (VAE 39 of 57, flow 53, GAN 49). The VAE and the flow are fit by maximum likelihood, and
+    their validation loss is a held-out likelihood (a bound on it, for the VAE): stopping where
+    it stops improving is model selection on held-out rows, not a guess at the epoch count.
     """
 
     name = "base"
@@ -131,7 +141,7 @@ class BaseDetector:
     def __init__(
         self,
         *,
-        max_epochs: int = 60,
+        max_epochs: int | None = None,
         max_steps: int | None = 5000,
         min_steps: int = 1000,
         time_budget_s: float | None = None,
@@ -239,6 +249,10 @@ class BaseDetector:
 
     def planned_steps(self, n: int) -> int:
         """Optimiser steps a fit on ``n`` training rows takes unless stopped early."""
+        if self.max_epochs is None:
+            if self.max_steps is None:
+                raise ValueError("max_epochs and max_steps cannot both be None")
+            return max(1, self.max_steps)
         steps_per_epoch = math.ceil(n / self._batch_size(n))
         steps = max(self.max_epochs * steps_per_epoch, self.min_steps)
         if self.max_steps is not None:
