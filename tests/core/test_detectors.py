@@ -122,6 +122,20 @@ def test_budgets_and_patience_count_optimiser_steps(array_problem):
     assert timed.stop_reason_ == "time_budget"
 
 
+def test_default_budget_is_steps_and_the_validation_loss_decides():
+    """By default no cap on passes: every data size gets the same step budget (small data no
+    fewer steps, large data no more), and early stopping ends it once ``min_steps`` are done."""
+    default = FlowDetector()
+    assert default.max_epochs is None
+    assert {default.planned_steps(n) for n in (30, 300, 5_000, 100_000)} == {default.max_steps}
+    assert default.min_steps < default.max_steps  # room for early stopping to act
+    # A cap on passes still holds, but never below min_steps.
+    assert FlowDetector(max_epochs=60).planned_steps(3_000) == 1_000  # 60 x 12 steps < min_steps
+    assert FlowDetector(max_epochs=40).planned_steps(100_000) == 40 * 98  # batches of 1,024
+    with pytest.raises(ValueError, match="cannot both be None"):
+        FlowDetector(max_steps=None).planned_steps(1_000)
+
+
 @pytest.mark.parametrize("name", TRAINED)
 def test_validation_loss_is_deterministic(array_problem, fitted, name):
     """Early stopping compares validation losses: each must be the same number every pass

@@ -7,8 +7,8 @@ detector's training rows, or a seeded uniform random subset of at most ``max_ref
 which bounds scoring cost and the bundle's size. ``n_neighbors`` counts neighbours among *all*
 training rows: a uniform subsample holding a fraction ``f`` of them has ``f`` times the density
 everywhere, so the same neighbourhood holds about ``f * n_neighbors`` reference rows, and k is
-scaled to that (at least 1). With 5,000 training rows and 2,048 reference rows, k = 2; from about
-7,000 training rows on, k = 1: the nearest reference row, whose distance is also the cheapest to
+scaled to that (at least 1). With 5,000 training rows and 4,096 reference rows, k = 4; from about
+14,000 training rows on, k = 1: the nearest reference row, whose distance is also the cheapest to
 find (a minimum instead of a top-k selection), and where the two methods are the same score.
 
 Why the mean: the k-th distance alone is a density estimate from one order statistic; the mean of
@@ -20,13 +20,15 @@ against 87.2 / 66.9, the ensemble 87.9 / 68.3 against 88.2 / 68.9; the mean was 
 both were measured (k = 5 among 2,048 reference rows without scaling: ensemble 87.7 against
 88.1; all rows, k = 5: 88.0 against 88.4).
 
-Why 2,048 reference rows: the dev suite of ``bench/quality.py`` (23 sets, seeds 0-1, at most 5,000
-training rows; kNN in our preprocessed space, scikit-learn, k scaled as above, the k-th distance),
-mean ROC-AUC / PR-AUC x100: all training rows and k = 5 87.2 / 66.8; 1,024 reference rows 86.3 /
-64.9; 2,048 86.9 / 66.4; 3,072 87.2 / 66.8. With one nearest row among 1,024 the distance is a
-noisy density estimate; 2,048 rows take most of the way back to the full set at about the old
-cost (below). With the mean, 4,096 rows would add a little more (the ensemble 88.2 -> 88.4 on
-the suite above) at twice the search per scored row, which was not taken.
+Why 4,096 reference rows: a subsample thins every neighbourhood, and the distance to a few
+neighbours among fewer rows is a noisier density estimate. The dev suite of ``bench/quality.py``
+(23 sets, at most 5,000 training rows; kNN in our preprocessed space, k scaled as above, the k-th
+distance, seeds 0-1), mean ROC-AUC / PR-AUC x100: all training rows and k = 5 87.2 / 66.8; 1,024
+reference rows 86.3 / 64.9; 2,048 86.9 / 66.4; 3,072 87.2 / 66.8. With the mean (seeds 0-2, the
+same fits): this member 87.8 at 2,048 rows, 88.1 at 4,096, 88.1 with all rows; ``knn_linear``
+87.2, 87.4, 87.4; the ensemble 88.2, 88.4, 88.4. 4,096 rows take nearly all of what the full
+set gives at a bounded cost: twice the 2,048-row search per scored row (docs/benchmarks.md,
+"Detection quality", has the scoring rate before and after).
 
 Calibration rows are reference rows too (``uses_calibration_rows``): the detector trains
 nothing, so holding a quarter of the normal rows out of its reference set would only thin the
