@@ -88,6 +88,9 @@ class ModelConfig:
     time_budget_s: float | None = None
     calibration_fraction: float = 0.25
     batch_size: int = 256
+    # Per-detector hyper-parameters over the defaults, e.g. {knn: {max_reference: 2048}} (half
+    # the neighbour search per scored row, for a little less ranking quality: docs/benchmarks.md).
+    detector_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     device: str = "auto"
     # torch intra-op threads; 1 in the service, where Kafka and the database share the cores.
     threads: int = 1

@@ -141,6 +141,14 @@ class AnomalyModel:
         self.threads = threads
         self.progress = progress
         self.detector_params = detector_params or {}
+        for name, params in self.detector_params.items():
+            if name not in ALL_DETECTORS:
+                known = ", ".join(ALL_DETECTORS)
+                raise ValueError(f"detector_params: unknown detector '{name}' (known: {known})")
+            unknown = sorted(set(params) - set(detector_class(name)().get_params()))
+            if unknown:
+                names = ", ".join(unknown)
+                raise ValueError(f"detector_params.{name}: unknown parameter(s) {names}")
         self.min_generative_rows = min_generative_rows
         self._version: str | None = None
 
@@ -158,6 +166,7 @@ class AnomalyModel:
             "max_epochs": m.max_epochs,
             "time_budget_s": m.time_budget_s,
             "batch_size": m.batch_size,
+            "detector_params": m.detector_params,
             "threads": m.threads,
             "progress": m.progress,
         }

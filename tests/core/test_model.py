@@ -278,3 +278,29 @@ def test_knn_alone_is_saved_scored_and_explained(frame_problem, tmp_path):
     shifted = normal.head(1).copy()
     shifted["f4"] += 50.0
     assert loaded.explain(shifted, top=1)[0][0]["feature"] == "f4"
+
+
+def test_pipeline_config_sets_detector_params(frame_problem):
+    """``model.detector_params`` in a pipeline config reaches the detectors (here: a smaller
+    neighbour reference set), and a name that is not a detector or not one of its parameters
+    is refused when the model is built, naming it."""
+    train, _, _ = frame_problem
+    raw = {
+        "name": "cards",
+        "schema": {
+            "id_field": "id",
+            "entity_field": "card",
+            "numeric": SCHEMA.numeric,
+            "categorical": ["merchant"],
+        },
+        "model": {"detectors": ["knn"], "detector_params": {"knn": {"max_reference": 64}}},
+    }
+    model = AnomalyModel.from_config(config_from_dict(raw, environ={}), device="cpu")
+    model.fit(train)
+    assert len(train) > 64 and model.detectors_["knn"].module_.reference.shape[0] == 64
+    raw["model"]["detector_params"] = {"knn": {"max_refs": 64}}
+    with pytest.raises(ValueError, match=r"detector_params\.knn: unknown parameter\(s\) max_refs"):
+        AnomalyModel.from_config(config_from_dict(raw, environ={}))
+    raw["model"]["detector_params"] = {"knnn": {}}
+    with pytest.raises(ValueError, match="unknown detector 'knnn'"):
+        AnomalyModel.from_config(config_from_dict(raw, environ={}))
