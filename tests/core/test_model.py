@@ -19,6 +19,14 @@ from anomaly.scoring.scorer import BatchScorer, EmulatedBf16Warning, cpu_has_nat
 
 from .conftest import SCHEMA
 
+# The pipeline config's schema section for the frames of ``frame_problem``.
+SCHEMA_SECTION = {
+    "id_field": "id",
+    "entity_field": "card",
+    "numeric": SCHEMA.numeric,
+    "categorical": ["merchant"],
+}
+
 
 def test_score_detectors_contract_and_auroc(fitted_model, frame_problem):
     _, normal, anomalous = frame_problem
@@ -76,12 +84,7 @@ def test_from_config_and_bad_input(frame_problem):
     cfg = config_from_dict(
         {
             "name": "cards",
-            "schema": {
-                "id_field": "id",
-                "entity_field": "card",
-                "numeric": SCHEMA.numeric,
-                "categorical": ["merchant"],
-            },
+            "schema": SCHEMA_SECTION,
             "model": {
                 "target_fpr": 0.02,
                 "seed": 3,
@@ -287,12 +290,7 @@ def test_pipeline_config_sets_detector_params(frame_problem):
     train, _, _ = frame_problem
     raw = {
         "name": "cards",
-        "schema": {
-            "id_field": "id",
-            "entity_field": "card",
-            "numeric": SCHEMA.numeric,
-            "categorical": ["merchant"],
-        },
+        "schema": SCHEMA_SECTION,
         "model": {"detectors": ["knn"], "detector_params": {"knn": {"max_reference": 64}}},
     }
     model = AnomalyModel.from_config(config_from_dict(raw, environ={}), device="cpu")
