@@ -35,6 +35,17 @@ class NumericParams:
     std: float | None = None
 
 
+def never_seen_scale(n: int) -> float:
+    """The standard deviation of an indicator of a value none of ``n`` training rows showed.
+
+    By the rule of succession such a value has a probability of about p = 1/(n+2); scaled as an
+    indicator with that rarity (standard deviation sqrt(p(1-p))), it lands about sqrt(n) out, as
+    surprising as a flag never raised in training rather than one ordinary standard deviation.
+    Used for constant numeric columns and for categories never seen in training."""
+    p = 1.0 / (n + 2)
+    return math.sqrt(p * (1.0 - p))
+
+
 def fit_numeric_params(
     name: str, values: np.ndarray, numeric_transform: str, n_quantiles: int
 ) -> NumericParams:
@@ -53,12 +64,9 @@ def fit_numeric_params(
             ConstantColumnWarning,
             stacklevel=3,
         )
-        # A value none of the n training rows showed has, by the rule of succession, a
-        # probability of about p = 1/(n+2): scale it as an indicator column with that rarity
-        # (standard deviation sqrt(p(1-p))), so a unit deviation is as surprising as a flag
-        # never raised in training (z ~ sqrt(n)) rather than as one ordinary standard deviation.
-        p = 1.0 / (len(values) + 2)
-        scale = math.sqrt(p * (1.0 - p))
+        # Any other value is one none of the training rows showed: a unit deviation counts as
+        # a flag never raised in training (z ~ sqrt(n)), not as one ordinary deviation.
+        scale = never_seen_scale(len(values))
     params = NumericParams(
         median=median, scale=scale, mean=float(np.mean(values)), std=std if std > 0 else scale
     )

@@ -91,12 +91,14 @@ class DevicePreprocessor:
         )
         self.any_quantile = bool(quantile.any())
         self.all_quantile = bool(quantile.all())
-        # One-hot layout: first output column of each categorical feature's block.
-        self.category_offsets = []
+        # One-hot layout: first output column of each categorical feature's block, its last
+        # (the unseen bucket), and the value each category code sets there.
+        self.category_blocks = []
         col = k
         for name in pre.categorical_:
-            self.category_offsets.append(col)
-            col += len(pre.categories_[name]) + 1
+            last = col + len(pre.categories_[name])
+            self.category_blocks.append((col, last, as_t(pre.one_hot_values_[name])))
+            col = last + 1
         self.n_out = pre.n_features_out_
         self._pre = pre
         self._linear: tuple[torch.Tensor, ...] | None = None
@@ -151,8 +153,8 @@ class DevicePreprocessor:
         if k:
             out[:, :k] = self.numeric(values).t()
         rows = torch.arange(n, device=self.device)
-        for offset, code in zip(self.category_offsets, codes, strict=True):
-            out[rows, offset + code] = 1.0
+        for (offset, last, values_of_code), code in zip(self.category_blocks, codes, strict=True):
+            out[rows, (offset + code).clamp_(max=last)] = values_of_code[code]
         return out
 
 
@@ -229,7 +231,7 @@ class DeviceScorer:
         self, values: np.ndarray, codes: list[np.ndarray], batch_size: int, bf16: bool
     ) -> DeviceScores:
         """``values``: validated float64 numeric block (NaN = missing); ``codes``: per
-        categorical feature, the one-hot position of each row (unseen -> the last bucket)."""
+        categorical feature, each row's code (``Preprocessor.category_codes``)."""
         from anomaly.estimator.detectors._base import finite_scores, torch_threads
         from anomaly.estimator.model import SCORE_COLUMNS
 

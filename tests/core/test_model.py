@@ -302,3 +302,31 @@ def test_pipeline_config_sets_detector_params(frame_problem):
     raw["model"]["detector_params"] = {"knnn": {}}
     with pytest.raises(ValueError, match="unknown detector 'knnn'"):
         AnomalyModel.from_config(config_from_dict(raw, environ={}))
+
+
+def test_a_category_never_seen_in_training_alerts_in_the_neighbour_detectors():
+    """Card data (the fraud example's schema, four categorical columns): a purchase in a merchant
+    category no training row had is flagged by its rarity in the one-hot block, so the knn
+    members see it. As a plain 1 in the unseen bucket it was one mismatch, as far from its
+    neighbours as an ordinary purchase in a rarely combined category, and most went unflagged."""
+    import yaml
+
+    from anomaly.synthetic.datasets import generate_fraud
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "fraud.yaml"
+    cfg = config_from_dict(
+        {"name": "fraud", "schema": yaml.safe_load(example.read_text())["schema"]}, environ={}
+    )
+    labels = ["is_anomaly", "anomaly_kind"]
+    model = AnomalyModel.from_config(
+        cfg, target_fpr=0.01, detectors=["knn", "knn_linear"], progress=False, threads=1
+    ).fit(generate_fraud(3000, anomaly_fraction=0.0, seed=1).drop(columns=labels))
+    normal = generate_fraud(400, anomaly_fraction=0.0, seed=2).drop(columns=labels)
+    new_category = normal.assign(merchant_category="never-seen-in-training")
+    assert model.preprocessor_.unseen_value_["merchant_category"] == model.preprocessor_.clip
+    alerts = model.score_detectors(new_category)["ensemble_p"].to_numpy() <= 0.01
+    assert alerts.all()
+    # Normal purchases keep their rate (test_preprocess: a missing category, imputed, is not
+    # flagged).
+    normal_alerts = model.score_detectors(normal)["ensemble_p"].to_numpy() <= 0.01
+    assert normal_alerts.mean() < 0.05

@@ -56,7 +56,10 @@ def test_one_hot_with_unseen_bucket_and_imputed_missing():
     probe["kind"] = ["a", "zzz", None]
     probe.loc[0, "temp"] = np.nan
     x = pre.transform(probe)
-    np.testing.assert_array_equal(x[:, 2:], [[1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 0, 1]])
+    # A category none of the 200 training rows showed is flagged by its rarity (p = 1/202, scaled
+    # as an indicator: 1/sqrt(p(1-p)) = 14.25); a missing one, imputed, is not evidence.
+    flag = 1 / np.sqrt(1 / 202 * (1 - 1 / 202))
+    np.testing.assert_allclose(x[:, 2:], [[1, 0, 0, 0], [0, 0, 0, flag], [0, 0, 0, 1]], rtol=1e-6)
     median_z = pre.transform(
         pd.DataFrame({"amount": [1.0], "temp": [pre.numeric_params_["temp"].median], "kind": ["a"]})
     )
@@ -73,9 +76,15 @@ def test_categories_are_compared_as_strings_whatever_the_column_dtype():
     x = pre.transform(probe)[:, 2:]
     assert pre.feature_names_out_[2:] == ["kind=1", "kind=2", "kind=x", f"kind={UNSEEN}"]
     np.testing.assert_array_equal(x.argmax(1), [0, 1, 1, 3, 3, 3])
-    assert x.sum() == 6
+    # One value per row: 1, and for "y", never seen in training, the rarity flag.
+    np.testing.assert_array_equal(np.count_nonzero(x, axis=1), [1] * 6)
+    np.testing.assert_array_equal(x.max(1)[:5], [1] * 5)
+    assert x[5, 3] == pre.unseen_value_["kind"] > 10
     as_text = probe.astype({"kind": "str"}).assign(kind=["1", "2", "2", "zz", "zz", "y"])
-    np.testing.assert_array_equal(pre.transform(as_text)[:, 2:], x)
+    # The same categories as text; what was missing above is now a value never seen.
+    expected = x.copy()
+    expected[3:5, 3] = pre.unseen_value_["kind"]
+    np.testing.assert_array_equal(pre.transform(as_text)[:, 2:], expected)
 
 
 @pytest.mark.parametrize("dtype", ["str", "string[pyarrow]", "string[python]", object])
@@ -85,7 +94,9 @@ def test_category_codes_are_the_same_for_arrow_and_python_strings(dtype):
     values = ["c", "a", "zzz", None, "b", "", "a "]
     probe = frame(len(values)).assign(kind=pd.Series(values, dtype=dtype))
     codes = pre.category_codes(probe)[0]
-    np.testing.assert_array_equal(codes, [2, 0, 3, 3, 1, 3, 3])
+    # 0-2 the training categories, 3 missing (the unseen bucket), 4 never seen (the same
+    # bucket, flagged).
+    np.testing.assert_array_equal(codes, [2, 0, 4, 3, 1, 4, 4])
     assert codes.dtype == np.intp
 
 
