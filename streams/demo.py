@@ -312,7 +312,8 @@ def _prepare(
                 train, stream_path, labels[name] = _prepare_data(
                     name, size, out / "data", seed + 10 * i
                 )
-            _say(f"[{name}] training VAE, flow and GAN (target FPR {cfg.model.target_fpr:g})")
+            detectors = ", ".join(cfg.model.detectors)
+            _say(f"[{name}] training {detectors} (target FPR {cfg.model.target_fpr:g})")
             with interrupts.interruptible():
                 model = _train(cfg, train)
             model_dir = out / "models" / name

@@ -16,8 +16,9 @@ def register(subparsers: Any) -> None:
     train = subparsers.add_parser(
         "train",
         help="fit the detectors on normal records and write a model bundle",
-        description="Fit VAE, flow and GAN on normal records (CSV or Parquet), calibrate them on "
-        "a held-out part and write a model bundle directory.",
+        description="Fit the config's detectors (by default VAE, flow, GAN and two nearest-"
+        "neighbour distances) on normal records (CSV or Parquet), calibrate them on a held-out "
+        "part and write a model bundle directory.",
     )
     train.add_argument("--config", required=True, help="pipeline YAML file")
     train.add_argument("--data", required=True, help="normal records: .csv or .parquet")
