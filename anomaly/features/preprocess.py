@@ -154,10 +154,10 @@ class Preprocessor:
             self.categories_[name] = fit_vocabulary(col, self.max_categories)
         # What a category training never showed sets in its column's unseen bucket: a flag of
         # its rarity where the bucket took no training row (module docstring), else 1.
+        rare = min(1.0 / never_seen_scale(len(frame)), self.clip)
         self.unseen_value_: dict[str, float] = {}
         for name in self.categorical_:
             codes, _ = CategoryLookup(self.categories_[name]).codes(frame[name])
-            rare = min(1.0 / never_seen_scale(len(frame)), self.clip)
             self.unseen_value_[name] = 1.0 if (codes < 0).any() else rare
         self._build_output_layout()
         return self
