@@ -92,19 +92,39 @@ def _scoring_started(db: Path, timeout_s: float = 60.0) -> None:
     raise AssertionError("no batch was written")
 
 
+def _training_workers(pid: int, timeout_s: float = 60.0) -> list:
+    """Until the demo's two training workers are running."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        workers = [
+            c
+            for c in psutil.Process(pid).children(recursive=True)
+            if "streams.demo_training" in c.cmdline()
+        ]
+        if len(workers) >= 2:
+            return workers
+        time.sleep(0.05)
+    raise AssertionError("the training workers did not start")
+
+
 @pytest.mark.parametrize(
-    "consuming",
+    "stage",
     [
+        # While both pipelines train, one worker process each: only the parent may take the
+        # Ctrl-C (a worker interrupted mid-import prints its traceback), and the workers must be
+        # gone with it.
+        "training",
         # As the services start (a Ctrl-C then once went unnoticed: the demo ran on to its
         # summary and exited 0).
-        False,
+        "services-starting",
         # While they consume: they must stop first and the broker last, else every client
         # logs "connection refused" until it has stopped.
-        True,
+        "services-consuming",
     ],
-    ids=["services-starting", "services-consuming"],
 )
-def test_ctrl_c_stops_the_demo_cleanly(tmp_path, consuming):
+def test_ctrl_c_stops_the_demo_cleanly(tmp_path, stage):
     """Ctrl-C as a terminal sends it: SIGINT to the whole foreground process group."""
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "demo"
@@ -124,9 +144,15 @@ def test_ctrl_c_stops_the_demo_cleanly(tmp_path, consuming):
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.append(line)
-            if line.startswith("serving both pipelines"):
+            if stage == "training" and line.startswith("[manufacturing] training"):
+                workers = _training_workers(proc.pid)
                 children = psutil.Process(proc.pid).children(recursive=True)
-                if consuming:
+                assert set(workers) <= set(children)
+                os.killpg(proc.pid, signal.SIGINT)
+                break
+            if stage != "training" and line.startswith("serving both pipelines"):
+                children = psutil.Process(proc.pid).children(recursive=True)
+                if stage == "services-consuming":
                     _scoring_started(out / "anomaly.db")
                 os.killpg(proc.pid, signal.SIGINT)
                 break
@@ -142,7 +168,7 @@ def test_ctrl_c_stops_the_demo_cleanly(tmp_path, consuming):
     assert "Traceback" not in output
     assert "refused" not in output and "brokers are down" not in output, output
     assert "summary" not in output
-    # The broker went down with it.
+    # The broker (and the training workers) went down with it.
     time.sleep(0.5)
     assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert Path(out / "anomaly.db").exists()
