@@ -44,8 +44,8 @@ class DemoSize:
     max_epochs: int
     # Seconds per detector, or None: steps alone (``max_epochs``) bound the full demo's training,
     # so one seed gives the same models, alerts and figures run after run; a wall-clock budget
-    # would stop each network wherever the machine's speed that minute left it. The short run (the tests)
-    # keeps one, so that it stays short on a loaded machine.
+    # would stop each network wherever the machine's speed that minute left it. The short run
+    # (the tests) keeps one, so that it stays short on a loaded machine.
     time_budget_s: float | None
     idle_s: float
     # None: the example config's target false-positive rate. A calibration set of n normal rows

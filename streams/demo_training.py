@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
@@ -27,6 +28,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from anomaly.errors import UserFacingError
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,14 @@ def train_all(jobs: list[TrainingJob], progress: bool) -> list[TrainedModel]:
                         start_new_session=True,
                     )
                 )
-            for worker in workers:
-                worker.wait()
-            return [_outcome(Path(scratch) / f"{job.name}.job") for job in jobs]
+            outcomes: dict[int, TrainedModel] = {}
+            while len(outcomes) < len(jobs):
+                # The first failure is raised as soon as it is known (and the others stopped).
+                for i, (job, worker) in enumerate(zip(jobs, workers, strict=True)):
+                    if i not in outcomes and worker.poll() is not None:
+                        outcomes[i] = _outcome(Path(scratch) / f"{job.name}.job", worker.returncode)
+                time.sleep(0.1)
+            return [outcomes[i] for i in range(len(jobs))]
         finally:
             for worker in workers:
                 if worker.poll() is None:
@@ -83,11 +91,23 @@ def train_all(jobs: list[TrainingJob], progress: bool) -> list[TrainedModel]:
                 worker.wait()
 
 
-def _outcome(job_path: Path) -> TrainedModel:
+class TrainingWorkerError(UserFacingError, RuntimeError):
+    """A training worker that ended without a result: killed (out of memory?) or crashed."""
+
+
+def _outcome(job_path: Path, returncode: int) -> TrainedModel:
     """What the worker left beside its job: the model, or the exception to raise here."""
     result = job_path.with_suffix(".result")
     if not result.exists():
-        raise RuntimeError(f"training {job_path.stem} stopped without a result (see above)")
+        how = (
+            f"was killed by {signal.Signals(-returncode).name}"
+            if returncode < 0
+            else f"exited with status {returncode}"
+        )
+        raise TrainingWorkerError(
+            f"the worker training {job_path.stem} {how} before it had a model"
+            " (out of memory? its output above says more)"
+        )
     outcome = pickle.loads(result.read_bytes())
     if isinstance(outcome, BaseException):
         raise outcome  # as if the fit had run in this process

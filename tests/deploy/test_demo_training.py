@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 import pandas as pd
 import pytest
 
 from anomaly.errors import DataError
+from anomaly.synthetic.datasets import generate
 from streams.demo import SHORT, _config
-from streams.demo_training import TrainingJob, train_all
+from streams.demo_training import TrainingJob, TrainingWorkerError, train_all
+
+pytestmark = pytest.mark.skipif(
+    (os.cpu_count() or 1) < 2, reason="one core: the jobs run in this process"
+)
 
 
-@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: the jobs run in this process")
-def test_a_workers_error_is_raised_in_the_parent_with_its_message(tmp_path):
+def _jobs(tmp_path, rows: pd.DataFrame) -> list[TrainingJob]:
     cfg = _config("fraud", "127.0.0.1:9", "sqlite:///unused.db", SHORT, "0", progress=False)
-    rows = pd.DataFrame({"amount": [1.0] * 50})  # the schema's other columns are missing
-    jobs = [
+    return [
         TrainingJob(
             name=name,
             config=cfg,
@@ -27,6 +32,42 @@ def test_a_workers_error_is_raised_in_the_parent_with_its_message(tmp_path):
         )
         for name in ("first", "second")
     ]
+
+
+def test_a_workers_error_is_raised_in_the_parent_with_its_message(tmp_path):
+    rows = pd.DataFrame({"amount": [1.0] * 50})  # the schema's other columns are missing
     with pytest.raises(DataError, match=r"missing column.*merchant_category"):
-        train_all(jobs, progress=False)
+        train_all(_jobs(tmp_path, rows), progress=False)
     assert not (tmp_path / "first").exists()  # nothing was saved
+
+
+def test_a_killed_worker_is_one_line_that_says_so_and_the_other_is_stopped(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    rows = generate("fraud", 2000, 0.0, seed=0).drop(columns=["is_anomaly", "anomaly_kind"])
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            train_all(_jobs(tmp_path, rows), progress=False)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while True:
+        workers = [c for c in psutil.Process().children() if "streams.demo_training" in c.cmdline()]
+        if len(workers) == 2:
+            break
+        assert time.monotonic() < deadline, "the workers did not start"
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the imports or the fit
+    workers[0].kill()
+    thread.join(10)  # not the other worker's whole fit
+    assert not thread.is_alive()
+    assert len(failure) == 1 and isinstance(failure[0], TrainingWorkerError), failure
+    assert str(failure[0]).startswith("the worker training first was killed by SIGKILL")
+    assert "\n" not in str(failure[0])
+    # The other was stopped, not waited for.
+    assert not workers[1].is_running() or workers[1].status() == psutil.STATUS_ZOMBIE
+    assert not (tmp_path / "second").exists()
