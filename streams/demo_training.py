@@ -58,7 +58,7 @@ def train_all(jobs: list[TrainingJob], progress: bool) -> list[TrainedModel]:
     """Fit, save and evaluate every job: at once, one worker process each, where there is a core
     for each, else one after another here. On any exception (KeyboardInterrupt included) the
     workers still running are terminated."""
-    if len(jobs) <= 1 or (os.cpu_count() or 1) < len(jobs):
+    if len(jobs) <= 1 or _usable_cores() < len(jobs):
         return [_fit_save_evaluate(job) for job in jobs]
     with tempfile.TemporaryDirectory(prefix="anomaly-demo-") as scratch:
         workers = []
@@ -93,6 +93,14 @@ def train_all(jobs: list[TrainingJob], progress: bool) -> list[TrainedModel]:
 
 class TrainingWorkerError(UserFacingError, RuntimeError):
     """A training worker that ended without a result: killed (out of memory?) or crashed."""
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity, as a container's cpuset sets it), not
+    the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _outcome(job_path: Path, returncode: int) -> TrainedModel:

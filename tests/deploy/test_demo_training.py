@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
@@ -12,10 +11,10 @@ import pytest
 from anomaly.errors import DataError
 from anomaly.synthetic.datasets import generate
 from streams.demo import SHORT, _config
-from streams.demo_training import TrainingJob, TrainingWorkerError, train_all
+from streams.demo_training import TrainingJob, TrainingWorkerError, _usable_cores, train_all
 
 pytestmark = pytest.mark.skipif(
-    (os.cpu_count() or 1) < 2, reason="one core: the jobs run in this process"
+    _usable_cores() < 2, reason="one core: the jobs run in this process"
 )
 
 
