@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.demo_helpers import training_workers
+
 pytestmark = pytest.mark.kafka
 
 
@@ -92,23 +94,6 @@ def _scoring_started(db: Path, timeout_s: float = 60.0) -> None:
     raise AssertionError("no batch was written")
 
 
-def _training_workers(pid: int, timeout_s: float = 60.0) -> list:
-    """Until the demo's two training workers are running."""
-    import psutil
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        workers = [
-            c
-            for c in psutil.Process(pid).children(recursive=True)
-            if "streams.demo_training" in c.cmdline()
-        ]
-        if len(workers) >= 2:
-            return workers
-        time.sleep(0.05)
-    raise AssertionError("the training workers did not start")
-
-
 @pytest.mark.parametrize(
     "stage",
     [
@@ -149,7 +134,7 @@ def test_ctrl_c_stops_the_demo_cleanly(tmp_path, stage):
         for line in proc.stdout:
             lines.append(line)
             if stage == "training" and line.startswith("[manufacturing] training"):
-                workers = _training_workers(proc.pid)
+                workers = training_workers(proc.pid)
                 children = psutil.Process(proc.pid).children(recursive=True)
                 assert set(workers) <= set(children)
                 os.killpg(proc.pid, signal.SIGINT)

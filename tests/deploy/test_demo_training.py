@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -12,6 +13,7 @@ from anomaly.errors import DataError
 from anomaly.synthetic.datasets import generate
 from streams.demo import SHORT, _config
 from streams.demo_training import TrainingJob, TrainingWorkerError, _usable_cores, train_all
+from tests.demo_helpers import training_workers
 
 pytestmark = pytest.mark.skipif(
     _usable_cores() < 2, reason="one core: the jobs run in this process"
@@ -53,13 +55,8 @@ def test_a_killed_worker_is_one_line_that_says_so_and_the_other_is_stopped(tmp_p
 
     thread = threading.Thread(target=run)
     thread.start()
-    deadline = time.monotonic() + 60
-    while True:
-        workers = [c for c in psutil.Process().children() if "streams.demo_training" in c.cmdline()]
-        if len(workers) == 2:
-            break
-        assert time.monotonic() < deadline, "the workers did not start"
-        time.sleep(0.05)
+    workers = training_workers(os.getpid())
+    assert len(workers) == 2
     time.sleep(1.0)  # into the imports or the fit
     workers[0].kill()
     thread.join(10)  # not the other worker's whole fit
