@@ -103,12 +103,20 @@ def _usable_cores() -> int:
     return os.cpu_count() or 1
 
 
+def _signal_name(number: int) -> str:
+    """SIGKILL, or "signal 40" for one ``signal.Signals`` has no name for (real-time signals)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
 def _outcome(job_path: Path, returncode: int) -> TrainedModel:
     """What the worker left beside its job: the model, or the exception to raise here."""
     result = job_path.with_suffix(".result")
     if not result.exists():
         how = (
-            f"was killed by {signal.Signals(-returncode).name}"
+            f"was killed by {_signal_name(-returncode)}"
             if returncode < 0
             else f"exited with status {returncode}"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -12,10 +13,16 @@ import pytest
 from anomaly.errors import DataError
 from anomaly.synthetic.datasets import generate
 from streams.demo import SHORT, _config
-from streams.demo_training import TrainingJob, TrainingWorkerError, _usable_cores, train_all
+from streams.demo_training import (
+    TrainingJob,
+    TrainingWorkerError,
+    _outcome,
+    _usable_cores,
+    train_all,
+)
 from tests.demo_helpers import training_workers
 
-pytestmark = pytest.mark.skipif(
+needs_two_cores = pytest.mark.skipif(
     _usable_cores() < 2, reason="one core: the jobs run in this process"
 )
 
@@ -35,6 +42,7 @@ def _jobs(tmp_path, rows: pd.DataFrame) -> list[TrainingJob]:
     ]
 
 
+@needs_two_cores
 def test_a_workers_error_is_raised_in_the_parent_with_its_message(tmp_path):
     rows = pd.DataFrame({"amount": [1.0] * 50})  # the schema's other columns are missing
     with pytest.raises(DataError, match=r"missing column.*merchant_category"):
@@ -42,6 +50,7 @@ def test_a_workers_error_is_raised_in_the_parent_with_its_message(tmp_path):
     assert not (tmp_path / "first").exists()  # nothing was saved
 
 
+@needs_two_cores
 def test_a_killed_worker_is_one_line_that_says_so_and_the_other_is_stopped(tmp_path):
     psutil = pytest.importorskip("psutil")
     rows = generate("fraud", 2000, 0.0, seed=0).drop(columns=["is_anomaly", "anomaly_kind"])
@@ -67,3 +76,10 @@ def test_a_killed_worker_is_one_line_that_says_so_and_the_other_is_stopped(tmp_p
     # The other was stopped, not waited for.
     assert not workers[1].is_running() or workers[1].status() == psutil.STATUS_ZOMBIE
     assert not (tmp_path / "second").exists()
+
+
+def test_a_worker_killed_by_a_signal_without_a_name_is_still_one_line(tmp_path):
+    # signal.Signals has no member for most real-time signals (SIGRTMIN + 1 ...).
+    number = signal.SIGRTMIN + 1
+    with pytest.raises(TrainingWorkerError, match=rf"killed by signal {number} before"):
+        _outcome(tmp_path / "fraud.job", -number)
