@@ -155,14 +155,18 @@ class Preprocessor:
         # What a category training never showed sets in its column's unseen bucket: a flag of
         # its rarity where the bucket took no training row (module docstring), else 1.
         rare = min(1.0 / never_seen_scale(len(frame)), self.clip)
+        lookups = self._lookups()
         self.unseen_value_: dict[str, float] = {}
-        for name in self.categorical_:
-            codes, _ = CategoryLookup(self.categories_[name]).codes(frame[name])
+        for name, lookup in lookups.items():
+            codes, _ = lookup.codes(frame[name])
             self.unseen_value_[name] = 1.0 if (codes < 0).any() else rare
-        self._build_output_layout()
+        self._build_output_layout(lookups)
         return self
 
-    def _build_output_layout(self) -> None:
+    def _lookups(self) -> dict[str, CategoryLookup]:
+        return {name: CategoryLookup(self.categories_[name]) for name in self.categorical_}
+
+    def _build_output_layout(self, lookups: dict[str, CategoryLookup]) -> None:
         names: list[str] = []
         source: list[int] = []
         for i, name in enumerate(self.numeric_):
@@ -179,9 +183,7 @@ class Preprocessor:
         self.n_features_out_ = len(names)
         self._numeric_block_transform: NumericBlockTransform | None = None
         self._linear_plan: LinearPlan | None = None
-        self._category_lookups = {
-            name: CategoryLookup(self.categories_[name]) for name in self.categorical_
-        }
+        self._category_lookups = lookups
         # Per categorical feature, the value each ``category_codes`` code sets in its one-hot
         # block: 1 for a training category and the bucket, the rarity flag for a new category.
         self.one_hot_values_ = {
@@ -517,5 +519,5 @@ class Preprocessor:
             pre.categorical_
         ):
             raise DataError("preprocessing parameters do not match the listed columns")
-        pre._build_output_layout()
+        pre._build_output_layout(pre._lookups())
         return pre
