@@ -1,29 +1,27 @@
-"""The knn member's cost per scored row, by reference rows and k (one core, 30 features).
+"""The knn member's cost per scored row, by reference rows and k (one core).
 
     python bench/knn_selection.py
 
-Times ``Neighbours.distance`` (what ``BatchScorer`` runs for the knn member) on 8,192-row
-batches, best of 9 after a warm-up call, for the reference sizes and k that ``KNNDetector``
-picks: 2,048 rows with k = 1 (from about 7,000 training rows on) or k = 2 (5,000 training rows),
-and the 1,024 rows of the earlier default, and the GAN's 512-row search in 128 features. Beside
-each, the selection it replaced: for k = 1 ``min(1).values`` (which also finds the index), for
-k > 1 ``topk`` over every reference row (``k_smallest`` now groups them first); and for k > 1
-the mean of the k nearest distances (the knn members' score) beside the k-th (the GAN's).
+Times ``Neighbours.distance`` (what ``BatchScorer`` runs for the knn members and the GAN's
+search) on 8,192-row batches and on 1,000-row micro-batches (the stream's), best of 9 after a
+warm-up call, for the reference sizes and k that the detectors pick: 4,096 rows with k = 1 (from
+about 14,000 training rows on), k = 2 or 4 (5,000 training rows; 43 features is the fraud
+example's preprocessed width), 2,048 rows with k = 5, and the GAN's 512-row search in 128
+features. Beside each, the way it replaced (``previous``): chunks of 1,024 rows whatever the
+reference size, and for k > 1 ``topk`` over the k groups of 64 columns with the smallest minima.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from anomaly.estimator.detectors.neighbours import CHUNK_ROWS, Neighbours
+from anomaly.estimator.detectors.neighbours import GROUP, Neighbours
 
 
 def best_us_per_row(fn, x: torch.Tensor, repeat: int = 9) -> float:
@@ -36,25 +34,32 @@ def best_us_per_row(fn, x: torch.Tensor, repeat: int = 9) -> float:
     return round(best / len(x) * 1e6, 2)
 
 
-def replaced_selection(module: Neighbours, x: torch.Tensor, select) -> torch.Tensor:
-    """``module.distance`` with the selection it replaced: ``select`` takes the rows x
-    references block (``|r|^2 - 2 x.r``) and k, and returns each row's k-th smallest."""
+def previous_k_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The selection before the rounds: ``topk`` over the k groups with the smallest minima."""
+    if k == 1:
+        return values.amin(1, keepdim=True)
+    rows, n = values.shape
+    grouped = n - n % GROUP
+    if grouped // GROUP >= 3 * k:
+        groups = values[:, :grouped].reshape(rows, grouped // GROUP, GROUP)
+        best = groups.amin(2).topk(k, dim=1, largest=False, sorted=False).indices
+        candidates = groups.gather(1, best.unsqueeze(2).expand(rows, k, GROUP))
+        values = torch.cat([candidates.reshape(rows, k * GROUP), values[:, grouped:]], dim=1)
+    return torch.topk(values, k, dim=1, largest=False, sorted=True).values
+
+
+def previous_distance(module: Neighbours, x: torch.Tensor) -> torch.Tensor:
+    """``module.distance`` as it was: chunks of 1,024 rows, ``previous_k_smallest``."""
+    ref = module.reference
+    norms = (ref * ref).sum(1)
     out = []
-    for i in range(0, len(x), CHUNK_ROWS):
-        chunk = x[i : i + CHUNK_ROWS]
-        kth = select(module._partial(chunk), module.k)
-        out.append((kth + (chunk * chunk).sum(1)).clamp_min(0.0).sqrt())
+    for i in range(0, len(x), 1024):
+        chunk = x[i : i + 1024]
+        nearest = previous_k_smallest(torch.addmm(norms, chunk, ref.T, alpha=-2.0), module.k)
+        if module.method == "largest":
+            nearest = nearest[:, -1:]
+        out.append((nearest + (chunk * chunk).sum(1, keepdim=True)).clamp_min(0.0).sqrt().mean(1))
     return torch.cat(out)
-
-
-def min_index(partial: torch.Tensor, k: int) -> torch.Tensor:
-    """k = 1 as it was before ``amin``: ``min(1)``, which also finds the index."""
-    return partial.min(1).values
-
-
-def topk_over_all(partial: torch.Tensor, k: int) -> torch.Tensor:
-    """k > 1 as it was before ``k_smallest`` grouped the columns: ``topk`` over all of them."""
-    return torch.topk(partial, k, dim=1, largest=False).values[:, -1]
 
 
 def main() -> None:
@@ -62,32 +67,33 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     results = {}
     with torch.inference_mode():
-        # (reference rows, k, features): the knn members' sizes, and the GAN's search of 512
-        # training rows in its discriminator's 128 features.
-        for n_reference, k, features in (
-            (1024, 1, 30),
-            (2048, 1, 30),
-            (2048, 2, 30),
-            (2048, 5, 30),
-            (1500, 2, 30),
-            (512, 2, 128),
+        # (reference rows, k, features, method): the knn members' sizes (the mean of the k
+        # nearest), and the GAN's search of 512 training rows in its discriminator's 128
+        # features (the k-th).
+        for n_reference, k, features, method in (
+            (4096, 1, 30, "mean"),
+            (4096, 2, 30, "mean"),
+            (4096, 4, 43, "mean"),
+            (2048, 5, 30, "mean"),
+            (2000, 5, 43, "mean"),
+            (512, 2, 128, "largest"),
         ):
-            x = torch.randn(8192, features, generator=gen)
-            module = Neighbours(n_reference, features, k)
+            module = Neighbours(n_reference, features, k, method)
             module.reference.copy_(torch.randn(n_reference, features, generator=gen))
-            name = f"{n_reference} rows, k={k}, {features} features"
-            results[name] = best_us_per_row(module.distance, x)
-            if k > 1:  # the knn members' score: the mean of the k nearest distances
-                mean = Neighbours(n_reference, features, k, method="mean")
-                mean.reference.copy_(module.reference)
-                results[f"{name}, mean of the k"] = best_us_per_row(mean.distance, x)
-            label, select = (
-                (f"{name}, min(1).values", min_index)
-                if k == 1
-                else (f"{name}, topk over all rows", topk_over_all)
-            )
-            results[label] = best_us_per_row(partial(replaced_selection, module, select=select), x)
-    print(json.dumps({"us_per_row": results, "threads": 1}, indent=2))
+            for rows in (8192, 1000):
+                x = torch.randn(rows, features, generator=gen)
+                torch.testing.assert_close(module.distance(x), previous_distance(module, x))
+                name = f"{n_reference} rows, k={k}, {features} features, {rows}-row batch"
+                for _ in range(2):  # alternating rounds: the machine drifts
+                    for label, fn in (
+                        ("now", module.distance),
+                        ("previous", lambda x, m=module: previous_distance(m, x)),
+                    ):
+                        us = best_us_per_row(fn, x)
+                        results.setdefault(name, {}).setdefault(label, []).append(us)
+    print("us per row, one thread, two alternating rounds each")
+    for name, times in results.items():
+        print(f"{name}: now {times['now']}, previous {times['previous']}")
 
 
 if __name__ == "__main__":

@@ -13,9 +13,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-CHUNK_ROWS = 1024
-GROUP = 64  # columns per group in ``k_smallest`` (32 and 128 were slower; below)
+# Columns per group in ``k_smallest``: 32 and 128 were within the noise of 64 there (4,096 and
+# 2,000 reference rows, k = 2-5; 128 slower for the GAN's 512 rows).
+GROUP = 64
 METHODS = ("largest", "mean")
+
+
+def chunk_rows(n_reference: int) -> int:
+    """Rows per chunk on the CPU: a rows x references block of about 2M values (8 MB), so that it
+    stays in the cache between the product and the selection. ``distance`` with the chunk size
+    varied (one core, 8,192-row batches, k = 1, two runs), us/row for chunks of 256 / 512 /
+    1,024 / 2,048 rows: 4,096 reference rows in 30 features 3.3-3.5 / 3.1-3.3 / 3.7 / 10.2;
+    2,048 rows 1.7 / 1.6 / 1.5-1.6 / 1.9; the GAN's 512 rows in 128 features 1.6 / 1.5 / 1.5 /
+    1.4-1.7 (and, earlier, 1,024 reference rows: 3.45 unchunked, 1.66 in chunks of 1,024)."""
+    return min(1024, max(256, (1 << 21) // max(n_reference, 1)))
 
 
 class Neighbours(nn.Module):
@@ -27,44 +38,56 @@ class Neighbours(nn.Module):
         self.k = k
         self.method = method
 
-    def _partial(self, x: torch.Tensor) -> torch.Tensor:
+    def _terms(self, dtype: torch.dtype, pad_to: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reference rows and their ``|r|^2``, with zero rows of ``|r|^2 = inf`` appended up
+        to a multiple of ``pad_to``: their columns of the product are infinite, never near."""
+        ref = self.reference.to(dtype)
+        norms = (ref * ref).sum(1)
+        pad = -len(ref) % pad_to
+        if pad:
+            ref = torch.cat([ref, ref.new_zeros(pad, ref.shape[1])])
+            norms = torch.cat([norms, norms.new_full((pad,), torch.inf)])
+        return ref, norms
+
+    @staticmethod
+    def _partial(x: torch.Tensor, ref: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """``|r|^2 - 2 x.r`` for every reference row ``r``: the squared distance less ``|x|^2``,
         which is the same for the whole row, so selections can skip it."""
-        ref = self.reference.to(x.dtype)
-        return torch.addmm((ref * ref).sum(1), x, ref.T, alpha=-2.0)
+        return torch.addmm(norms, x, ref.T, alpha=-2.0)
 
     def squared_distances(self, x: torch.Tensor) -> torch.Tensor:
         # Rounding can make a tiny squared distance negative: clamp at zero.
-        return self._partial(x).add_((x * x).sum(1, keepdim=True)).clamp_min_(0.0)
+        partial = self._partial(x, *self._terms(x.dtype))
+        return partial.add_((x * x).sum(1, keepdim=True)).clamp_min_(0.0)
 
     def distance(self, x: torch.Tensor, own: torch.Tensor | None = None) -> torch.Tensor:
         """Distance from each row to its k nearest reference rows: the k-th of them or their mean
         (``method``). ``own``, for rows that may themselves be reference rows, holds each row's
         reference index (-1: none), and that reference row is left out of its neighbours
         (leave-one-out)."""
-        # On the CPU in chunks of rows, so that the rows x references block stays in the cache
-        # between the product and the selection: 1,024 reference rows, 8,192-row batches, one
-        # core, 3.45 -> 1.66 us/row (chunks of 2,048 rows: 1.70; 256: 2.01). A GPU wants the
-        # whole batch in one kernel.
         x = x.float()
-        if len(x) <= CHUNK_ROWS or x.device.type != "cpu":
-            return self._distance(x, own)
+        terms = self._terms(x.dtype, pad_to=GROUP)
+        # On the CPU in chunks of rows (``chunk_rows``); a GPU wants the whole batch in one kernel.
+        chunk = chunk_rows(len(self.reference))
+        if len(x) <= chunk or x.device.type != "cpu":
+            return self._distance(x, own, terms)
         return torch.cat(
             [
-                self._distance(
-                    x[i : i + CHUNK_ROWS], None if own is None else own[i : i + CHUNK_ROWS]
-                )
-                for i in range(0, len(x), CHUNK_ROWS)
+                self._distance(x[i : i + chunk], None if own is None else own[i : i + chunk], terms)
+                for i in range(0, len(x), chunk)
             ]
         )
 
-    def _distance(self, x: torch.Tensor, own: torch.Tensor | None) -> torch.Tensor:
-        partial = self._partial(x)
-        k = min(self.k, partial.shape[1])
+    def _distance(
+        self, x: torch.Tensor, own: torch.Tensor | None, terms: tuple[torch.Tensor, torch.Tensor]
+    ) -> torch.Tensor:
+        partial = self._partial(x, *terms)
+        n = len(self.reference)
+        k = min(self.k, n)
         if own is not None:
             rows = torch.nonzero(own >= 0).squeeze(1)
             partial[rows, own[rows]] = torch.inf
-            k = min(k, partial.shape[1] - 1)
+            k = min(k, n - 1)
         nearest = k_smallest(partial, k)
         if self.method == "largest":
             nearest = nearest[:, -1:]
@@ -75,32 +98,39 @@ class Neighbours(nn.Module):
 
 def k_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k smallest values of each row of ``values`` (rows x n), ascending (rows x k), exactly
-    as ``torch.topk``.
+    as ``torch.topk``. For k > 1 ``values`` is overwritten (the callers' product is scratch).
 
     k = 1 is a minimum: bench/knn_selection.py, one core, 2,048 reference rows: amin 1.5 us/row
     in all, min(1).values (which also finds the index) 3.2-4.9, topk for k = 2 4.6-4.9.
 
-    For k > 1, ``topk`` over all n columns is slow on the CPU (twice the matrix product at 2,048
-    reference rows), so the columns are cut into groups of ``GROUP``, each group's minimum is
-    taken (a cheap pass, like k = 1), and ``topk`` runs over the k groups with the smallest
-    minima (plus the columns left over). Exact: if a group holding one of the k smallest values
-    is not among those k groups, their k minima are themselves k values no larger than it, so
-    every one of the k smallest is among the candidates (ties: the same values either way).
-    bench/knn_selection.py, one core, 30 features, 8,192-row batches, product included, best of
-    four runs each: 2,048 reference rows, k = 2, 2.7-3.2 us/row against 4.7-5.3 with ``topk``
-    over every column; 1,500 rows, k = 2, 2.3-3.0 against 3.6-4.1. The selection alone, 1,024
-    rows at a time: 2,048 columns 1.2 against 3.0-3.3 us/row for k = 2, 2.4 against 3.8 for
-    k = 5; 512 columns (the GAN's search), k = 2: 0.6-0.8 against 0.9. With fewer than 3k
-    groups it gained nothing (512 columns, k = 3-5: equal), so ``topk`` then takes every column.
-    Groups of 32 or 128 columns were slower than 64.
+    For k > 1, ``topk`` is slow on the CPU (twice the matrix product at 2,048 reference rows), so
+    the columns are cut into groups of ``GROUP`` (infinities pad the last), each group's minimum
+    is taken in one pass, and then k rounds work on the groups alone: the smallest group minimum
+    is the next value out; that one entry is set to infinity and its group's minimum taken again.
+    One entry leaves per round, so ties count as often as ``topk`` counts them.
+    bench/knn_selection.py (one core, product and chunks included, us/row, two rounds each, this
+    way against the previous one: ``topk`` over the k groups with the smallest minima, in chunks
+    of 1,024 rows): 4,096 reference rows in 30 features, k = 2, 8,192-row batches 4.3-4.7
+    against 6.0-12.5, 1,000-row batches 4.1-4.2 against 5.8-6.0; 43 features (the fraud
+    example's width), k = 4, 6.3-6.6 against 8.1-10.0; 2,000 rows, k = 5, 3.7-3.8 against 4.9;
+    the GAN's 512 rows in 128 features, k = 2, 1.8 against 2.2.
     """
     if k == 1:
         return values.amin(1, keepdim=True)
     rows, n = values.shape
-    grouped = n - n % GROUP
-    if grouped // GROUP >= 3 * k:  # fewer groups leave too little to skip
-        groups = values[:, :grouped].reshape(rows, grouped // GROUP, GROUP)
-        best = groups.amin(2).topk(k, dim=1, largest=False, sorted=False).indices
-        candidates = groups.gather(1, best.unsqueeze(2).expand(rows, k, GROUP))
-        values = torch.cat([candidates.reshape(rows, k * GROUP), values[:, grouped:]], dim=1)
-    return torch.topk(values, k, dim=1, largest=False, sorted=True).values
+    if n % GROUP:
+        values = torch.cat([values, values.new_full((rows, -n % GROUP), torch.inf)], 1)
+    groups = values.view(rows, -1, GROUP)
+    minima = groups.amin(2)
+    row = torch.arange(rows, device=values.device)
+    out = values.new_empty(rows, k)
+    for j in range(k):
+        out[:, j], group = minima.min(1)
+        if j == k - 1:
+            break
+        members = groups[row, group]  # each row's group that gave the value: a rows x GROUP copy
+        taken = members.argmin(1)
+        members[row, taken] = torch.inf
+        groups[row, group, taken] = torch.inf
+        minima[row, group] = members.amin(1)
+    return out
