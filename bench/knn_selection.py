@@ -8,7 +8,8 @@ warm-up call, for the reference sizes and k that the detectors pick: 4,096 rows 
 about 14,000 training rows on), k = 2 or 4 (5,000 training rows; 43 features is the fraud
 example's preprocessed width), 2,048 rows with k = 5, and the GAN's 512-row search in 128
 features. Beside each, the way it replaced (``previous``): chunks of 1,024 rows whatever the
-reference size, and for k > 1 ``topk`` over the k groups of 64 columns with the smallest minima.
+reference size, and for k > 1 ``topk`` over the k groups of 64 columns with the smallest minima
+(which ``k_smallest`` still takes for chunks of fewer than ``ROUNDS_FROM_ROWS`` rows).
 """
 
 from __future__ import annotations

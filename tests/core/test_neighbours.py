@@ -5,17 +5,24 @@ from __future__ import annotations
 import pytest
 import torch
 
-from anomaly.estimator.detectors.neighbours import GROUP, Neighbours, chunk_rows, k_smallest
+from anomaly.estimator.detectors.neighbours import (
+    GROUP,
+    ROUNDS_FROM_ROWS,
+    Neighbours,
+    chunk_rows,
+    k_smallest,
+)
 
 
 @pytest.mark.parametrize("n", [1, 5, GROUP - 1, GROUP, 3 * GROUP + 7, 512, 1000, 2048, 2100])
 @pytest.mark.parametrize("ties", [False, True])
-def test_k_smallest_are_the_first_k_values_of_the_sorted_row(n: int, ties: bool) -> None:
+@pytest.mark.parametrize("rows", [40, ROUNDS_FROM_ROWS])  # both ways of selecting
+def test_k_smallest_are_the_first_k_values_of_the_sorted_row(n: int, ties: bool, rows: int) -> None:
     gen = torch.Generator().manual_seed(n)
     if ties:  # few distinct values: many equal minima across groups
-        values = torch.randint(0, 7, (40, n), generator=gen).float()
+        values = torch.randint(0, 7, (rows, n), generator=gen).float()
     else:
-        values = torch.randn(40, n, generator=gen)
+        values = torch.randn(rows, n, generator=gen)
     # Some rows with the k smallest values all in one group, or at the end (the columns left
     # over after the whole groups), where a selection by group minima could go wrong.
     values[0, :GROUP] -= 100.0

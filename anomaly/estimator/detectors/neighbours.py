@@ -96,24 +96,34 @@ class Neighbours(nn.Module):
         return distances.mean(1)
 
 
+# From this many rows on, ``k_smallest`` takes the k in rounds; below, ``topk`` over the best
+# groups, which has fewer steps (docstring).
+ROUNDS_FROM_ROWS = 256
+
+
 def k_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k smallest values of each row of ``values`` (rows x n), ascending (rows x k), exactly
-    as ``torch.topk``. For k > 1 ``values`` is overwritten (the callers' product is scratch).
+    as ``torch.topk``. ``values`` may be overwritten (the callers' product is scratch).
 
     k = 1 is a minimum: bench/knn_selection.py, one core, 2,048 reference rows: amin 1.5 us/row
     in all, min(1).values (which also finds the index) 3.2-4.9, topk for k = 2 4.6-4.9.
 
-    For k > 1, ``topk`` is slow on the CPU (twice the matrix product at 2,048 reference rows), so
-    the columns are cut into groups of ``GROUP`` (infinities pad the last), each group's minimum
-    is taken in one pass, and then k rounds work on the groups alone: the smallest group minimum
-    is the next value out; that one entry is set to infinity and its group's minimum taken again.
-    One entry leaves per round, so ties count as often as ``topk`` counts them.
-    bench/knn_selection.py (one core, product and chunks included, us/row, two rounds each, this
-    way against the previous one: ``topk`` over the k groups with the smallest minima, in chunks
-    of 1,024 rows): 4,096 reference rows in 30 features, k = 2, 8,192-row batches 4.3-4.7
-    against 6.0-12.5, 1,000-row batches 4.1-4.2 against 5.8-6.0; 43 features (the fraud
-    example's width), k = 4, 6.3-6.6 against 8.1-10.0; 2,000 rows, k = 5, 3.7-3.8 against 4.9;
-    the GAN's 512 rows in 128 features, k = 2, 1.8 against 2.2.
+    For k > 1, ``topk`` over every column is slow on the CPU (twice the matrix product at 2,048
+    reference rows), so the columns are cut into groups of ``GROUP`` (infinities pad the last)
+    and each group's minimum is taken in one pass. Then, for ``ROUNDS_FROM_ROWS`` rows or more,
+    k rounds work on the groups alone (``_k_rounds``); for fewer rows, where each torch call's
+    fixed cost counts more than the rows' work, ``topk`` runs over the columns of the k groups
+    with the smallest minima (``_k_best_groups``: five calls in all, against seven per round).
+
+    bench/knn_selection.py (one core, product and chunks included, us/row, two rounds each,
+    the rounds against the best groups in chunks of 1,024 rows, the way before): 4,096 reference
+    rows in 30 features, k = 2, 8,192-row batches 4.3-4.7 against 6.0-12.5, 1,000-row batches
+    4.1-4.2 against 5.8-6.0; 43 features (the fraud example's width), k = 4, 6.3-6.6 against
+    8.1-10.0; 2,000 rows, k = 5, 3.7-3.8 against 4.9; the GAN's 512 rows in 128 features, k = 2,
+    1.8 against 2.2. The selection alone, us per call, rounds against best groups (4,096
+    columns k = 2 / k = 4, 2,048 columns k = 5): 20 rows 57 / 113 / 129 against 38 / 53 / 48;
+    128 rows 182 / 222 / 230 against 142 / 208 / 206; 256 rows 219 / 452 / 389 against 262 /
+    423 / 402; 384 rows 369 / 665 / 588 against 460 / 919 / 797.
     """
     if k == 1:
         return values.amin(1, keepdim=True)
@@ -122,8 +132,18 @@ def k_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
         values = torch.cat([values, values.new_full((rows, -n % GROUP), torch.inf)], 1)
     groups = values.view(rows, -1, GROUP)
     minima = groups.amin(2)
-    row = torch.arange(rows, device=values.device)
-    out = values.new_empty(rows, k)
+    if rows >= ROUNDS_FROM_ROWS:
+        return _k_rounds(groups, minima, k)
+    return _k_best_groups(groups, minima, k)
+
+
+def _k_rounds(groups: torch.Tensor, minima: torch.Tensor, k: int) -> torch.Tensor:
+    """Each round, the smallest group minimum is the next value out; that one entry is set to
+    infinity and its group's minimum taken again. One entry leaves per round, so ties count as
+    often as ``topk`` counts them."""
+    rows = len(groups)
+    row = torch.arange(rows, device=groups.device)
+    out = groups.new_empty(rows, k)
     for j in range(k):
         out[:, j], group = minima.min(1)
         if j == k - 1:
@@ -134,3 +154,14 @@ def k_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
         groups[row, group, taken] = torch.inf
         minima[row, group] = members.amin(1)
     return out
+
+
+def _k_best_groups(groups: torch.Tensor, minima: torch.Tensor, k: int) -> torch.Tensor:
+    """``topk`` over the k groups with the smallest minima. Exact: if a group holding one of the
+    k smallest values is not among them, their k minima are k values no larger than it, so every
+    one of the k smallest is a candidate (ties: the same values either way)."""
+    rows, n_groups, _ = groups.shape
+    if n_groups > k:
+        best = minima.topk(k, dim=1, largest=False, sorted=False).indices
+        groups = groups.gather(1, best.unsqueeze(2).expand(rows, k, GROUP))
+    return torch.topk(groups.reshape(rows, -1), k, dim=1, largest=False, sorted=True).values
