@@ -28,6 +28,12 @@
    rest.
    ``--kafka KEY=VALUE`` changes a kafka setting or a librdkafka one for this run.
 
+2b. Second pass (``--second-pass``): after the above, the same records on a fresh topic through
+   the same pipeline. A fresh service's retraining reservoir (``retraining.reservoir_size``,
+   20,000) takes nearly every record until it is full and ~20,000 x (1 + ln(n / 20,000)) of the
+   first n, so step 2 measures mostly that fill; the second pass is the same service with a full
+   reservoir that has seen 100,000 records (sampling ~10-20% of them instead of ~50%).
+
 ``--baseline REV`` first runs the same command on git revision REV from a temporary worktree: a
 before/after in one run (``python bench/stream.py --rate 1000 --baseline main``).
 
@@ -101,6 +107,11 @@ def main() -> int:
         help="first run the same benchmark on git revision REV (a temporary worktree)",
     )
     parser.add_argument(
+        "--second-pass",
+        action="store_true",
+        help="end to end once more on a fresh topic, the retraining reservoir now full",
+    )
+    parser.add_argument(
         "--detectors",
         default=None,
         help="comma-separated model.detectors (default: the config's), e.g. to compare loops "
@@ -127,7 +138,6 @@ def main() -> int:
     from streams.broker import EmbeddedBroker, create_topic
     from streams.kafka import consumer_settings
     from streams.replay import encode_values
-    from streams.service import ScoringService
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="bench-stream-"))
@@ -237,15 +247,7 @@ def main() -> int:
         )
 
         # 2. End to end.
-        service = ScoringService(config("bench-serve"), stop_when_idle_s=3.0)
-        span = _instrument(service)
-        service.run()
-        e2e_s = span["last"] - span["first"]
-        e2e_rate = service.totals.consumed / e2e_s
-        print(
-            f"end to end:   {service.totals.consumed:,} records in {e2e_s:.2f} s = "
-            f"{e2e_rate:,.0f} records/s ({service.totals.alerts} alerts, db {db_url.split(':')[0]})"
-        )
+        e2e_rate, service = _end_to_end(config("bench-serve"), db_url)
         print(f"ratio end-to-end / raw consume: {e2e_rate / raw_rate:.2f} (goal >= 0.5)")
         ours_precision = _precision(_alerted_ids(db_url, pipeline_name), records)
         peer_rate, peer_ids = float("nan"), []
@@ -259,17 +261,14 @@ def main() -> int:
             f"{_precision(peer_ids, records):.3f} (ours {ours_precision:.3f}); "
             f"ours / peer: {e2e_rate / peer_rate:.2f}x (goal >= 4)"
         )
-        stages = {
-            name: (h._sum.get(), sum(b.get() for b in h._buckets))
-            for name, h in service.metrics.stage.items()
-        }
-        print(
-            "stage seconds per 1k records: "
-            + ", ".join(
-                f"{k} {1000 * s / max(1, service.totals.consumed):.3f}"
-                for k, (s, _) in stages.items()
-            )
-        )
+        _print_stages(service)
+        if args.second_pass:
+            again = f"{topic}-again"
+            create_topic(broker.bootstrap_servers, again, partitions=args.partitions)
+            _produce_all(Producer, broker.bootstrap_servers, again, keys, values)
+            print("second pass (the retraining reservoir full):")
+            _, service = _end_to_end(config("bench-serve-again", again), db_url)
+            _print_stages(service)
 
         # 3. Latency at half the end-to-end rate.
         rate = e2e_rate / 2
@@ -300,6 +299,36 @@ def main() -> int:
                     f"{rates[args.scale_out] / rates[1]:.2f}x"
                 )
     return 0
+
+
+def _end_to_end(cfg, db_url: str):
+    """``ScoringService`` over every record on ``cfg``'s topic: records/s from the first batch to
+    the last commit, and the service (its totals and stage metrics)."""
+    from streams.service import ScoringService
+
+    service = ScoringService(cfg, stop_when_idle_s=3.0)
+    span = _instrument(service)
+    service.run()
+    e2e_s = span["last"] - span["first"]
+    rate = service.totals.consumed / e2e_s
+    print(
+        f"end to end:   {service.totals.consumed:,} records in {e2e_s:.2f} s = "
+        f"{rate:,.0f} records/s ({service.totals.alerts} alerts, db {db_url.split(':')[0]})"
+    )
+    return rate, service
+
+
+def _print_stages(service) -> None:
+    stages = {
+        name: (h._sum.get(), sum(b.get() for b in h._buckets))
+        for name, h in service.metrics.stage.items()
+    }
+    print(
+        "stage seconds per 1k records: "
+        + ", ".join(
+            f"{k} {1000 * s / max(1, service.totals.consumed):.3f}" for k, (s, _) in stages.items()
+        )
+    )
 
 
 def _run_baseline(rev: str) -> None:
