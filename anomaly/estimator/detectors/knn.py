@@ -57,9 +57,9 @@ deep detectors (it needs no training, cannot overfit a few hundred rows, and see
 rather than a global fit), so its calibrated p-value adds information to theirs.
 
 Computation: ``|x|^2 - 2 x.r + |r|^2`` as one matrix product per batch, then the k smallest per
-row (``neighbours.k_smallest``: a minimum for k = 1, else k rounds over the minima of groups of
-reference rows); the same code runs on the CPU and on CUDA, and the reference rows are a buffer
-of the module, so they travel with ``.to(device)`` and are saved with the other tensors.
+row (``neighbours.k_smallest``: a minimum for k = 1, else a selection that works on the minima of
+groups of reference rows); the same code runs on the CPU and on CUDA, and the reference rows are
+a buffer of the module, so they travel with ``.to(device)`` and are saved with the other tensors.
 """
 
 from __future__ import annotations
