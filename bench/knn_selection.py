@@ -3,13 +3,13 @@
     python bench/knn_selection.py
 
 Times ``Neighbours.distance`` (what ``BatchScorer`` runs for the knn members and the GAN's
-search) on 8,192-row batches and on 1,000-row micro-batches (the stream's), best of 9 after a
-warm-up call, for the reference sizes and k that the detectors pick: 4,096 rows with k = 1 (from
-about 14,000 training rows on), k = 2 or 4 (5,000 training rows; 43 features is the fraud
-example's preprocessed width), 2,048 rows with k = 5, and the GAN's 512-row search in 128
-features. Beside each, the way it replaced (``previous``): chunks of 1,024 rows whatever the
-reference size, and for k > 1 ``topk`` over the k groups of 64 columns with the smallest minima
-(which ``k_smallest`` still takes for chunks of fewer than ``ROUNDS_FROM_ROWS`` rows).
+search) on 8,192-row batches, 1,000-row micro-batches (the stream's under load) and 20-row
+ones (light load), best of 9 after a warm-up call, for the reference sizes and k that the
+detectors pick: 4,096 rows with k = 1 (from about 14,000 training rows on), k = 2 or 4 (5,000
+training rows; 43 features is the fraud example's preprocessed width), 2,048 rows with k = 5,
+and the GAN's 512-row search in 128 features. Beside each, the way it replaced (``previous``):
+the product by ``addmm`` with the reference rows' norms as its bias, built on every call (the
+same chunks and selection).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from anomaly.estimator.detectors.neighbours import GROUP, Neighbours
+from anomaly.estimator.detectors.neighbours import GROUP, Neighbours, chunk_rows, k_smallest
 
 
 def best_us_per_row(fn, x: torch.Tensor, repeat: int = 9) -> float:
@@ -35,28 +35,19 @@ def best_us_per_row(fn, x: torch.Tensor, repeat: int = 9) -> float:
     return round(best / len(x) * 1e6, 2)
 
 
-def previous_k_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The selection before the rounds: ``topk`` over the k groups with the smallest minima."""
-    if k == 1:
-        return values.amin(1, keepdim=True)
-    rows, n = values.shape
-    grouped = n - n % GROUP
-    if grouped // GROUP >= 3 * k:
-        groups = values[:, :grouped].reshape(rows, grouped // GROUP, GROUP)
-        best = groups.amin(2).topk(k, dim=1, largest=False, sorted=False).indices
-        candidates = groups.gather(1, best.unsqueeze(2).expand(rows, k, GROUP))
-        values = torch.cat([candidates.reshape(rows, k * GROUP), values[:, grouped:]], dim=1)
-    return torch.topk(values, k, dim=1, largest=False, sorted=True).values
-
-
 def previous_distance(module: Neighbours, x: torch.Tensor) -> torch.Tensor:
-    """``module.distance`` as it was: chunks of 1,024 rows, ``previous_k_smallest``."""
+    """``module.distance`` as it was: ``|r|^2 - 2 x.r`` by ``addmm`` with the norms as its bias
+    (one more pass over the rows x references block), the norms computed on every call."""
     ref = module.reference
     norms = (ref * ref).sum(1)
+    pad = -len(ref) % GROUP
+    ref = torch.cat([ref, ref.new_zeros(pad, ref.shape[1])])
+    norms = torch.cat([norms, norms.new_full((pad,), torch.inf)])
+    chunk_size = chunk_rows(len(module.reference))
     out = []
-    for i in range(0, len(x), 1024):
-        chunk = x[i : i + 1024]
-        nearest = previous_k_smallest(torch.addmm(norms, chunk, ref.T, alpha=-2.0), module.k)
+    for i in range(0, len(x), chunk_size):
+        chunk = x[i : i + chunk_size]
+        nearest = k_smallest(torch.addmm(norms, chunk, ref.T, alpha=-2.0), module.k)
         if module.method == "largest":
             nearest = nearest[:, -1:]
         out.append((nearest + (chunk * chunk).sum(1, keepdim=True)).clamp_min(0.0).sqrt().mean(1))
@@ -81,7 +72,7 @@ def main() -> None:
         ):
             module = Neighbours(n_reference, features, k, method)
             module.reference.copy_(torch.randn(n_reference, features, generator=gen))
-            for rows in (8192, 1000):
+            for rows in (8192, 1000, 20):
                 x = torch.randn(rows, features, generator=gen)
                 torch.testing.assert_close(module.distance(x), previous_distance(module, x))
                 name = f"{n_reference} rows, k={k}, {features} features, {rows}-row batch"

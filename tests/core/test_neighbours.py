@@ -57,3 +57,23 @@ def test_distance_matches_brute_force_distances_with_and_without_own_rows(method
     got = module.distance(x, own).double()
     torch.testing.assert_close(got, expected_loo, atol=1e-4, rtol=1e-4)
     assert (got[:200] > 0).all()  # the row's own copy (distance 0) was left out
+
+
+def test_a_new_reference_is_searched_after_the_first_search() -> None:
+    # The reference side of the product is kept between calls: a write to the rows, or rows moved
+    # to another tensor, must not leave the search on the old ones.
+    gen = torch.Generator().manual_seed(1)
+    module = Neighbours(100, 4, k=1)
+    module.reference.copy_(torch.randn(100, 4, generator=gen))
+    x = torch.randn(30, 4, generator=gen)
+
+    def expected() -> torch.Tensor:
+        return torch.cdist(x, module.reference).amin(1)
+
+    torch.testing.assert_close(module.distance(x), expected(), atol=1e-4, rtol=1e-4)
+    module.reference.copy_(torch.randn(100, 4, generator=gen) + 3.0)
+    torch.testing.assert_close(module.distance(x), expected(), atol=1e-4, rtol=1e-4)
+    module.to(torch.float64).to(torch.float32)  # a new reference tensor
+    with torch.inference_mode():
+        module.reference.mul_(2.0)  # an in-place write to a tensor made outside inference mode
+    torch.testing.assert_close(module.distance(x), expected(), atol=1e-4, rtol=1e-4)
