@@ -335,11 +335,14 @@ class RecordDecoder:
             raw_times = fields[self._time_pos]
             times, bad_time = self._times(raw_times)
             for row in bad_time:
+                value = raw_times[row]
+                if isinstance(value, np.generic):  # Avro's columns: an array's element
+                    value = value.item()
                 bad.setdefault(
                     row,
                     (
                         INVALID_TIME,
-                        f"field '{s.time_field}': {raw_times[row]!r} is not an ISO 8601 time "
+                        f"field '{s.time_field}': {value!r} is not an ISO 8601 time "
                         "or epoch seconds",
                     ),
                 )

@@ -220,3 +220,34 @@ def test_mangled_bytes_decode_as_fastavro_decodes_them(batch, flips, cut, tail):
         mangled[0] = mangled[0][:cut]
     mangled[-1] += tail
     _same(decoder, mangled)
+
+
+def test_a_time_out_of_range_is_named_as_the_record_holds_it():
+    """The columnar reader holds times as an int64 array: the reason names the plain number, as
+    the record-by-record path does (found by the mangled-bytes test above)."""
+    schema = {
+        "type": "record",
+        "name": "R",
+        "fields": [
+            {"name": "id", "type": "long"},
+            {"name": "event_time", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+            {"name": "n0", "type": "double"},
+        ],
+    }
+    pipeline = {"id_field": "id", "time_field": "event_time", "numeric": ["n0"],
+                "categorical": []}  # fmt: skip
+    records = [{"id": i, "event_time": START + timedelta(seconds=i), "n0": 0.5} for i in range(5)]
+    decoder = _decoder(schema, pipeline, "confluent")
+    values = _encode(schema, records, "confluent")
+    # event_time is the second field: after the header and id's one-byte zigzag varint, a varint
+    # for 2**62 microseconds (beyond year 9999) replaces the time's bytes.
+    late = _encode({"type": "record", "name": "R", "fields": [
+        {"name": "id", "type": "long"}, {"name": "event_time", "type": "long"},
+        {"name": "n0", "type": "double"}]}, [{"id": 2, "event_time": 2**62, "n0": 0.5}],
+        "confluent")[0]  # fmt: skip
+    values[2] = late
+    assert _same(decoder, values)  # the columnar reader took the batch and agreed
+    [rejected] = decoder.decode(values).rejected
+    assert rejected.error_message == (
+        f"field 'event_time': {2**62} is not an ISO 8601 time or epoch seconds"
+    )
