@@ -140,6 +140,9 @@ class KafkaConfig:
 class DatabaseConfig:
     url: str = "sqlite:///anomaly.db"
     password_file: str | None = None  # read at connect time and put into the URL
+    # PostgreSQL: a session whose transaction sits idle this long is ended by the server, so a
+    # scorer stalled mid-batch cannot hold the locks other scorers need (0: the server's setting).
+    stalled_transaction_timeout_s: float = 10.0
 
 
 @dataclass
@@ -373,6 +376,8 @@ def _validate(cfg: PipelineConfig) -> None:
         raise ConfigError("kafka.batch_size must be >= 1")
     if cfg.kafka.max_wait_s < 0:
         raise ConfigError("kafka.max_wait_s must be >= 0")
+    if not cfg.database.stalled_transaction_timeout_s >= 0:
+        raise ConfigError("database.stalled_transaction_timeout_s must be >= 0")
     a = cfg.alerting
     for name in ("poll_s", "resend_interval_s", "retry_initial_s", "retry_max_s", "timeout_s"):
         if getattr(a, name) <= 0:

@@ -49,7 +49,20 @@ def normalize_url(url: str | URL) -> URL:
     return u
 
 
-def make_engine(url: str | URL) -> Engine:
+# How long PostgreSQL lets a transaction of ours sit idle between statements before it ends the
+# session (``idle_in_transaction_session_timeout``), so that a writer stalled mid-batch (a
+# frozen VM, a SIGSTOP, swapping) cannot hold the locks every writer of the pipeline shares: its
+# incident entity locks, its statistics minute, its reservoir count. Our transactions never wait
+# on anything but the server between statements (milliseconds), and a consumer group evicts such
+# a member after its 6 s session timeout; until its session ended, the member that took over its
+# partitions waited on those locks and could not even handle the rebalance
+# (tests/reliability/test_rebalance.py, ``freeze``: 3 of 17 runs before this, 0 of 10 after).
+STALLED_TRANSACTION_TIMEOUT_S = 10.0
+
+
+def make_engine(
+    url: str | URL, stalled_transaction_timeout_s: float = STALLED_TRANSACTION_TIMEOUT_S
+) -> Engine:
     u = normalize_url(url)
     if u.get_backend_name() == "sqlite":
         engine = create_engine(
@@ -57,7 +70,7 @@ def make_engine(url: str | URL) -> Engine:
         )
         _sqlite_transactions(engine, memory=u.database in (None, "", ":memory:"))
         return engine
-    return create_engine(
+    engine = create_engine(
         u,
         json_serializer=dumps,
         pool_pre_ping=True,  # a connection killed while idle is replaced, not reported
@@ -75,6 +88,27 @@ def make_engine(url: str | URL) -> Engine:
             "tcp_user_timeout": 30_000,
         },
     )
+    _end_stalled_transactions(engine, stalled_transaction_timeout_s)
+    return engine
+
+
+def _end_stalled_transactions(engine: Engine, timeout_s: float) -> None:
+    """Set ``idle_in_transaction_session_timeout`` on each new connection (see
+    ``STALLED_TRANSACTION_TIMEOUT_S``); 0 leaves the server's setting. A SET on connect rather
+    than a libpq ``options`` startup parameter, which connection poolers such as PgBouncer
+    refuse. The stalled writer's next statement then fails as retryable, its batch rolled back."""
+    if timeout_s <= 0:
+        return
+    milliseconds = str(max(1, round(timeout_s * 1000)))
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        with dbapi_connection.cursor() as cur:
+            cur.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                (milliseconds,),
+            )
+        dbapi_connection.commit()
 
 
 def sqlite_file(url: URL) -> Path | None:
@@ -187,11 +221,17 @@ def is_retryable(exc: BaseException) -> bool:
 class Database:
     """One database: its URL, engine and dialect, and the transactions on it."""
 
-    def __init__(self, url: str | URL, *, create: bool = True) -> None:
+    def __init__(
+        self,
+        url: str | URL,
+        *,
+        create: bool = True,
+        stalled_transaction_timeout_s: float = STALLED_TRANSACTION_TIMEOUT_S,
+    ) -> None:
         self.url = normalize_url(url)
         if not create:
             require_sqlite_file(self.url)
-        self.engine = make_engine(self.url)
+        self.engine = make_engine(self.url, stalled_transaction_timeout_s)
         self.dialect = self.engine.dialect.name
 
     def where(self) -> str:

@@ -46,6 +46,7 @@ from sqlalchemy.engine import URL
 from storage import drift, notifications, queries, registry, verdicts
 from storage.alert_rows import ALERT_COLUMNS
 from storage.engine import (
+    STALLED_TRANSACTION_TIMEOUT_S,
     Database,
     config_database_url,
     make_engine,
@@ -89,6 +90,10 @@ class AlertStore:
         False: a SQLite file that does not exist raises ``SchemaMissingError`` here instead of
         being created empty by the first connection (for commands that use an existing
         database; only a migration should create one).
+    stalled_transaction_timeout_s:
+        PostgreSQL ends a session of this store whose transaction sits idle this long, so a
+        writer stalled mid-batch cannot hold other writers' locks (``storage.engine``,
+        ``STALLED_TRANSACTION_TIMEOUT_S``); 0 leaves the server's setting.
     """
 
     def __init__(
@@ -98,12 +103,15 @@ class AlertStore:
         *,
         alert_insert: AlertInsert = "auto",
         create: bool = True,
+        stalled_transaction_timeout_s: float = STALLED_TRANSACTION_TIMEOUT_S,
     ) -> None:
         if incident_window_s < 0:
             raise ValueError(f"incident_window_s must be >= 0, got {incident_window_s}")
         if alert_insert not in ("auto", "copy", "executemany"):
             raise ValueError(f"alert_insert must be auto, copy or executemany: {alert_insert!r}")
-        self._db = Database(url, create=create)
+        self._db = Database(
+            url, create=create, stalled_transaction_timeout_s=stalled_transaction_timeout_s
+        )
         self.incident_window = timedelta(seconds=incident_window_s)
         if alert_insert == "auto" or self.dialect != "postgresql":
             alert_insert = "copy" if self.dialect == "postgresql" else "executemany"
@@ -117,6 +125,7 @@ class AlertStore:
         return cls(
             config_database_url(cfg),
             incident_window_s=cfg.incidents.window_s,
+            stalled_transaction_timeout_s=cfg.database.stalled_transaction_timeout_s,
             **kwargs,
         )
 
