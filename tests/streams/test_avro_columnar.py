@@ -239,8 +239,8 @@ def test_a_time_out_of_range_is_named_as_the_record_holds_it():
     records = [{"id": i, "event_time": START + timedelta(seconds=i), "n0": 0.5} for i in range(5)]
     decoder = _decoder(schema, pipeline, "confluent")
     values = _encode(schema, records, "confluent")
-    # event_time is the second field: after the header and id's one-byte zigzag varint, a varint
-    # for 2**62 microseconds (beyond year 9999) replaces the time's bytes.
+    # Record 2 written with event_time as a plain long of 2**62 microseconds (beyond year 9999):
+    # the bytes a timestamp-micros of that value has, which no datetime can hold.
     late = _encode({"type": "record", "name": "R", "fields": [
         {"name": "id", "type": "long"}, {"name": "event_time", "type": "long"},
         {"name": "n0", "type": "double"}]}, [{"id": 2, "event_time": 2**62, "n0": 0.5}],
