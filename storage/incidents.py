@@ -239,6 +239,6 @@ def _update_incidents(db: Database, conn: Connection, dirty: list[Incident]) -> 
     )
 
 
-def _chunks(items: list[str], size: int) -> Iterator[list[str]]:
+def _chunks(items: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]

@@ -12,7 +12,12 @@ from sqlalchemy import delete, exists, select, update
 from storage import schema as s
 from storage.engine import Database, utc
 from storage.errors import InvalidArgumentError, NotFoundError
+from storage.incidents import _lock_entities
 from storage.reservoir import prune_reservoir
+
+# Incidents pruned per transaction (and entity locks held at once: PostgreSQL's lock table is
+# sized for a few thousand per transaction).
+_PRUNE_CHUNK = 1000
 
 
 @dataclass(slots=True)
@@ -94,15 +99,12 @@ def prune(
         n_alerts = conn.execute(delete(a).where(scoped(a, a.c.ingest_time < cutoff))).rowcount
         n_dead = conn.execute(delete(d).where(scoped(d, d.c.created_at < cutoff))).rowcount
         n_stats = conn.execute(delete(st).where(scoped(st, st.c.minute < cutoff))).rowcount
-        n_inc = conn.execute(
-            delete(i).where(
-                scoped(i, i.c.last_seen < cutoff) & ~exists().where(a.c.incident_id == i.c.id)
-            )
-        ).rowcount
         n_drift = conn.execute(delete(dw).where(scoped(dw, dw.c.window_end < cutoff))).rowcount
         # The reservoir also ages out by itself (retraining.retention_s, on the service's
         # writes); prune takes what is older than the cutoff now, e.g. for a stopped pipeline.
         n_res = prune_reservoir(db, conn, cutoff, pipeline)
+    unused = scoped(i, i.c.last_seen < cutoff) & ~exists().where(a.c.incident_id == i.c.id)
+    n_inc = _prune_incidents(db, unused)
     return PruneResult(
         alerts=n_alerts,
         incidents=n_inc,
@@ -111,6 +113,32 @@ def prune(
         drift_windows=n_drift,
         reservoir=n_res,
     )
+
+
+def _prune_incidents(db: Database, unused: Any) -> int:
+    """Delete the incidents ``unused`` selects, after the alerts are gone, in transactions of
+    up to ``_PRUNE_CHUNK``: on PostgreSQL each under the batch writers' entity locks and with
+    ``unused`` checked again once they are held. A batch writing a late event's alert into one
+    of these incidents (it is still open and joinable by event time) then either commits first,
+    and the incident keeps its new alert, or waits and opens a new incident: never an alert
+    without its incident, or a batch failing on a deleted one."""
+    i = s.incidents
+    deleted = 0
+    while True:
+        with db.transaction("finding incidents to prune", write=False) as conn:
+            found = conn.execute(
+                select(i.c.id, i.c.pipeline, i.c.entity).where(unused).limit(_PRUNE_CHUNK)
+            ).all()
+        if not found:
+            return deleted
+        with db.transaction("pruning incidents") as conn:
+            if db.dialect == "postgresql":
+                _lock_entities(conn, sorted({(r.pipeline, r.entity) for r in found}))
+            deleted += conn.execute(
+                delete(i).where(i.c.id.in_([r.id for r in found]), unused)
+            ).rowcount
+        if len(found) < _PRUNE_CHUNK:
+            return deleted
 
 
 def grant_read_only(db: Database, role: str, password: str | None) -> None:

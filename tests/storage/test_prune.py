@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
+from sqlalchemy import create_engine, text
 from storage_testlib import alert, dead_letter, reservoir_counts, reservoir_row, table_rows
 
 from storage import AlertStore
-from storage.records import ModelVersionRecord, OffsetRecord, SinkBatch, StreamStatRecord
+from storage.records import (
+    ModelVersionRecord,
+    OffsetRecord,
+    ReservoirRecord,
+    SinkBatch,
+    StreamStatRecord,
+)
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 OLD = NOW - timedelta(days=40)
@@ -106,3 +116,71 @@ def test_prune_removes_old_drift_windows_and_reservoir_records(store: AlertStore
     assert [(r["pipeline"], r["sampled_at"]) for r in kept] == [("cards", NEW), ("machines", NEW)]
     # The rows above were inserted by hand, past the reservoir's count: prune counts them.
     assert reservoir_counts(store) == {"cards": 1, "machines": 1}
+
+
+def _lock_waiters(engine: Any) -> int:
+    with engine.connect() as conn:
+        return conn.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+            )
+        ).scalar_one()
+
+
+def _wait_for_lock_waiters(engine: Any, n: int) -> None:
+    deadline = time.monotonic() + 20
+    while _lock_waiters(engine) < n:
+        assert time.monotonic() < deadline, f"fewer than {n} sessions ever waited on a lock"
+        time.sleep(0.05)
+
+
+def test_prune_never_takes_an_incident_a_batch_is_joining(pg_url: str) -> None:
+    """A late event's alert joins an open incident last seen before the cutoff (joinable by
+    event time, its old alerts pruned). Prune runs while that batch is between its alert insert
+    and its commit: the incident must keep its new alert, not vanish under it."""
+    with AlertStore(pg_url, incident_window_s=600) as store:
+        store.upgrade()
+        old_alert = alert(0, entity="card-9", event_time=OLD, ingest_time=OLD)
+        store.write_batch(SinkBatch("cards", alerts=[old_alert]))
+        engine = create_engine(pg_url)
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO reservoir_counts VALUES ('cards', 0)"))
+        # The batch stops before its commit on this lock (its reservoir count), after its alert
+        # and incident writes.
+        blocker = engine.connect()
+        blocker.execute(text("SELECT * FROM reservoir_counts FOR UPDATE"))
+        late = alert(1, entity="card-9", event_time=OLD + timedelta(seconds=60), ingest_time=NOW)
+        sampled = ReservoirRecord(
+            "cards", "tx", 0, 1, priority=0.5, alerted=True, model_version="v1",
+            sampled_at=NOW, record={"id": "rec-1"},
+        )  # fmt: skip
+        batch = SinkBatch("cards", alerts=[late], reservoir=[sampled], reservoir_size=100)
+        outcome: dict[str, Any] = {}
+
+        def run(name: str, fn: Any) -> threading.Thread:
+            def target() -> None:
+                try:
+                    outcome[name] = fn()
+                except Exception as exc:  # asserted below
+                    outcome[name] = exc
+
+            thread = threading.Thread(target=target)
+            thread.start()
+            return thread
+
+        writer = run("batch", lambda: store.write_batch(batch))
+        _wait_for_lock_waiters(engine, 1)
+        pruner = run("prune", lambda: store.prune(timedelta(days=30)))
+        _wait_for_lock_waiters(engine, 2)
+        blocker.rollback()
+        blocker.close()
+        writer.join(30)
+        pruner.join(30)
+        engine.dispose()
+        assert outcome["batch"].alerts_written == 1, outcome
+        assert (outcome["prune"].alerts, outcome["prune"].incidents) == (1, 0), outcome
+        [stored] = store.list_alerts(limit=None)
+        incidents = store.list_incidents(limit=None)
+        assert stored["incident_id"] is not None
+        assert [(i["id"], i["alert_count"]) for i in incidents] == [(stored["incident_id"], 2)]
