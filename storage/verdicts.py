@@ -18,6 +18,9 @@ from sqlalchemy import func, select, update
 from storage import schema as s
 from storage.engine import Database, utc
 from storage.errors import InvalidArgumentError, NotFoundError
+from storage.incidents import _chunks
+
+_IDS_PER_STATEMENT = 10_000
 
 
 @dataclass(slots=True)
@@ -83,14 +86,18 @@ def ack(
             )
             if not ids:
                 raise NotFoundError(f"incident {incident_id} has no alerts (pruned?)")
-        acknowledged = list(
-            conn.execute(
+        # In blocks: one bound parameter per id, and psycopg refuses more than 65,535 in one
+        # statement (an incident can hold more alerts than that).
+        acknowledged = [
+            alert
+            for block in _chunks(ids, _IDS_PER_STATEMENT)
+            for alert in conn.execute(
                 update(a)
-                .where(a.c.id.in_(ids), a.c.status == "open")
+                .where(a.c.id.in_(block), a.c.status == "open")
                 .values(status="acknowledged")
                 .returning(a.c.id)
             ).scalars()
-        )
+        ]
         result = AckResult(alert_ids=ids, acknowledged=sorted(acknowledged))
         if verdict is None:
             return result

@@ -276,3 +276,15 @@ def test_evaluate_without_from_db_still_needs_model_data_and_label(
 ) -> None:
     assert main(["evaluate", "--report", str(tmp_path), "--data", "x.csv"]) == 2
     assert capsys.readouterr().err == "error: evaluate: --model, --label required\n"
+
+
+def test_ack_an_incident_with_more_alerts_than_one_statement_takes(store: AlertStore) -> None:
+    """One bound parameter per alert id, and psycopg takes at most 65,535 per statement: an
+    incident of 70,000 alerts is acknowledged in blocks, not refused as 'retry later'."""
+    n = 70_000
+    rows = [alert(i, ingest_time=NOW - timedelta(seconds=n - i)) for i in range(n)]
+    store.write_batch(SinkBatch("cards", alerts=rows))
+    [incident] = store.list_incidents(limit=None)
+    result = store.ack(incident_id=incident["id"], verdict="false_positive", by="bo")
+    assert len(result.alert_ids) == len(result.acknowledged) == n
+    assert len(store.reviewed_alerts()) == n
