@@ -329,8 +329,9 @@ LATEST_ALERTS_SQL = f"""
                   {DETECTOR_SCORE} AS detector_score,
                   (
                     SELECT string_agg(
-                      (f.item ->> 'feature') || '=' || (f.item ->> 'value')
-                        || ' (' || round((f.item ->> 'contribution')::numeric, 2) || ')',
+                      (f.item ->> 'feature') || '=' || coalesce(f.item ->> 'value', 'null')
+                        || ' (' || coalesce(round((f.item ->> 'contribution')::numeric, 2)::text,
+                                            'null') || ')',
                       ', ' ORDER BY f.n)
                     FROM jsonb_array_elements(a.top_features::jsonb) WITH ORDINALITY AS f(item, n)
                   ) AS top_features,

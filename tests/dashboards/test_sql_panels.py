@@ -83,6 +83,8 @@ def _seed(url: str) -> dict:
                 top_features=[
                     {"feature": "amount", "value": 1234.5, "contribution": 3.21},
                     {"feature": "country", "value": "JP", "contribution": 1.5},
+                    # A missing or non-finite value is stored as null (estimator.explain).
+                    *([{"feature": "merchant", "value": None, "contribution": 0.7}] * (i == 11)),
                 ],
                 record={"id": f"r{i}", "amount": 1234.5},
                 status="open",
@@ -346,7 +348,8 @@ def test_panel_values_match_the_seeded_rows(grafana_conn):
     # Latest alerts: newest first, top features rendered, the chosen detector's score.
     rows = _query(conn, "anomaly-alerts", "Latest alerts")
     assert rows[0][3] == "r11" and rows[0][7] == 16.0
-    assert rows[0][8] == "amount=1234.5 (3.21), country=JP (1.50)"
+    assert rows[0][8] == "amount=1234.5 (3.21), country=JP (1.50), merchant=null (0.70)"
+    assert rows[1][8] == "amount=1234.5 (3.21), country=JP (1.50)"
     assert rows[0][9] == "flow,vae"
     rows = _query(conn, "anomaly-alerts", "Alerts by detector that fired")
     assert rows == [("flow", 6), ("vae", 12)]
