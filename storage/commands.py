@@ -202,7 +202,10 @@ def parse_age(value: str, what: str = "--older-than") -> Any:
 
     match = _DURATION.match(value)
     if match:
-        return timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2).lower()])
+        try:
+            return timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2).lower()])
+        except OverflowError:  # timedelta holds at most 999,999,999 days
+            raise InvalidArgumentError(f"{what} {value!r}: too long a duration") from None
     try:
         when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -215,8 +218,13 @@ def parse_age(value: str, what: str = "--older-than") -> Any:
 def cutoff_time(value: str, what: str) -> Any:
     from datetime import UTC, datetime, timedelta
 
+    from storage.errors import InvalidArgumentError
+
     age = parse_age(value, what)
-    return datetime.now(UTC) - age if isinstance(age, timedelta) else age
+    try:
+        return datetime.now(UTC) - age if isinstance(age, timedelta) else age
+    except OverflowError:
+        raise InvalidArgumentError(f"{what} {value!r}: reaches back before the year 1") from None
 
 
 def emit(line: str) -> None:

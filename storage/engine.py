@@ -179,6 +179,7 @@ _NO_SUCH_TABLE = re.compile(r'no such table: ([\w.]+)|relation "([\w.]+)" does n
 # Connection refusals that retrying cannot fix (PostgreSQL gives no SQLSTATE for them, only the
 # server's message). Without these, a typo in the URL's role or database read as "unreachable".
 _NO_SUCH_ROLE = re.compile(r'FATAL:\s+role "([^"]*)" does not exist')
+_SQLITE_UNUSABLE_FILE = ("unable to open database file", "attempt to write a readonly database")
 _NO_SUCH_DATABASE = re.compile(r'FATAL:\s+database "([^"]*)" does not exist')
 
 
@@ -198,6 +199,13 @@ def _not_retryable(orig: BaseException, what: str, where: str) -> StorageError |
             f"{what} on {where} failed: no such role {match.group(1)!r} on the server "
             "(the user in the database URL)"
         )
+    if reason.startswith(_SQLITE_UNUSABLE_FILE):
+        # SQLite reports these as OperationalError, which reads as "retry": but a missing
+        # folder or a read-only file stays so, and the service would retry forever.
+        return DatabaseAccessError(
+            f"{what} on {where} failed: {reason} (check that the folder exists and that this "
+            "user may write the file and its folder)"
+        )
     if match := _NO_SUCH_DATABASE.search(reason):
         return DatabaseAccessError(
             f"{what} on {where} failed: no such database {match.group(1)!r} on the server "
@@ -216,6 +224,14 @@ def is_retryable(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover - SQLite-only install
         return False
     return isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError)
+
+
+def _is_driver_error(exc: BaseException) -> bool:
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - SQLite-only install
+        return False
+    return isinstance(exc, psycopg.Error)
 
 
 class Database:
@@ -278,7 +294,8 @@ class Database:
         except StorageError:
             raise
         except Exception as exc:
-            if is_retryable(exc):
+            # The raw psycopg connection (COPY) raises the driver's own errors, unwrapped.
+            if is_retryable(exc) or _is_driver_error(exc):
                 raise self.translate(exc, what, committing) from exc
             raise
 

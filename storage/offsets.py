@@ -142,6 +142,8 @@ def reset_offsets(
         where = (t.c.pipeline == pipeline) & (t.c.kafka_topic == topic)
         if offsets is None:
             return conn.execute(delete(t).where(where)).rowcount
+        if not offsets:
+            return 0
         conn.execute(delete(t).where(where & t.c.kafka_partition.in_(list(offsets))))
         now = datetime.now(UTC)
         conn.execute(

@@ -18,22 +18,24 @@ def register(db: Database, rec: ModelVersionRecord, activate: bool = True) -> Mo
     """See ``AlertStore.register_model_version``."""
     t = s.model_versions
     created = utc(rec.created_at) if rec.created_at else datetime.now(UTC)
-    with db.transaction(f"registering model version {rec.version!r}") as conn:
+    # Stored as the alert rows store them (cut to the column, with a marker), and looked up as
+    # stored: a version longer than its column must find its own row again.
+    pipeline = clean_text(rec.pipeline, s.PIPELINE_LEN)
+    version = clean_text(rec.version, s.MODEL_VERSION_LEN)
+    with db.transaction(f"registering model version {version!r}") as conn:
         existing = conn.execute(
-            select(t.c.bundle_sha256).where(
-                t.c.pipeline == rec.pipeline, t.c.version == rec.version
-            )
+            select(t.c.bundle_sha256).where(t.c.pipeline == pipeline, t.c.version == version)
         ).first()
         if existing is not None and existing.bundle_sha256 != rec.bundle_sha256:
             raise ModelVersionConflict(
-                f"model version {rec.version!r} of pipeline {rec.pipeline!r} is already "
+                f"model version {version!r} of pipeline {pipeline!r} is already "
                 f"registered with bundle sha256 {existing.bundle_sha256}, not {rec.bundle_sha256}"
             )
         if existing is None:
             conn.execute(
                 t.insert().values(
-                    pipeline=clean_text(rec.pipeline, s.PIPELINE_LEN),
-                    version=clean_text(rec.version, s.MODEL_VERSION_LEN),
+                    pipeline=pipeline,
+                    version=version,
                     created_at=created,
                     bundle_path=clean_text(rec.bundle_path, s.BUNDLE_PATH_LEN),
                     bundle_sha256=rec.bundle_sha256,
@@ -42,8 +44,8 @@ def register(db: Database, rec: ModelVersionRecord, activate: bool = True) -> Mo
                 )
             )
         if activate:
-            _activate(db, conn, rec.pipeline, rec.version)
-    return _one(db, rec.pipeline, rec.version)
+            _activate(db, conn, pipeline, version)
+    return _one(db, pipeline, version)
 
 
 def activate(db: Database, pipeline: str, version: str) -> ModelVersionRecord:

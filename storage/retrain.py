@@ -76,7 +76,7 @@ def reservoir_frame(
         when = f" since {since.isoformat(timespec='seconds')}" if since else ""
         raise InvalidArgumentError(
             f"pipeline {pipeline!r}: the retraining reservoir is empty{when} (is the service "
-            "running with retraining.enabled, and migrated to revision 0005?)"
+            "running with retraining.enabled?)"
         )
     rows.sort(key=lambda r: (r["sampled_at"], r["kafka_partition"], r["kafka_offset"]))
     frame = pd.DataFrame([r["record"] for r in rows])

@@ -68,6 +68,11 @@ def test_db_prune(seeded: str, capsys: pytest.CaptureFixture[str]) -> None:
         assert len(store.list_alerts(limit=None)) == 4
     assert main(["db", "prune", "--db", seeded, "--older-than", "soon"]) == 2
     assert "expected a duration like 30d" in capsys.readouterr().err
+    # Ages beyond what a date or a timedelta holds are one-line errors too.
+    assert main(["db", "prune", "--db", seeded, "--older-than", "1000000d"]) == 2
+    assert "'1000000d': reaches back before the year 1" in capsys.readouterr().err
+    assert main(["alerts", "list", "--db", seeded, "--since", "9999999999d"]) == 2
+    assert "--since '9999999999d': too long a duration" in capsys.readouterr().err
 
 
 def test_url_from_environment_and_from_pipeline_config(

@@ -182,3 +182,31 @@ def test_connection_lost_at_commit_says_the_outcome_is_unknown_and_the_retry_is_
     assert _counts(store)["alerts"] == len(batch.alerts)
     assert store.load_offsets("cards", "tx") == {0: 500}
     store.close()
+
+
+@pytest.mark.postgres
+def test_an_error_of_the_raw_driver_connection_is_a_storage_error(pg_url: str) -> None:
+    """The COPY path writes through psycopg's own connection, whose errors SQLAlchemy never
+    wraps: they too must come out as a StorageError naming what was being done."""
+    from storage.engine import Database
+    from storage.errors import StorageError
+
+    db = Database(pg_url)
+    try:
+        with (
+            pytest.raises(StorageError, match=r"a raw statement .* DivisionByZero"),
+            db.transaction("a raw statement") as conn,
+            conn.connection.driver_connection.cursor() as cur,
+        ):
+            cur.execute("SELECT 1 / 0")
+    finally:
+        db.close()
+
+
+def test_a_sqlite_file_that_cannot_be_opened_is_not_retried(tmp_path) -> None:
+    from storage.errors import DatabaseAccessError
+
+    store = AlertStore(f"sqlite:///{tmp_path}/no-such-folder/alerts.db")
+    with pytest.raises(DatabaseAccessError, match=r"unable to open database file .*folder exists"):
+        store.write_batch(range_batch(0, 10))
+    store.close()

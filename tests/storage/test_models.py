@@ -52,3 +52,15 @@ def test_the_database_allows_one_active_version_per_pipeline(store: AlertStore) 
     store.register_model_version(_rec("v2", "1" * 64), activate=False)
     with pytest.raises(exc.IntegrityError), store.engine.begin() as conn:
         conn.execute(update(model_versions).values(active=True))
+
+
+@pytest.mark.parametrize("activate", [True, False])
+def test_a_version_longer_than_its_column_finds_its_own_row(
+    store: AlertStore, activate: bool
+) -> None:
+    long = "v" * 200  # stored cut to the column with a marker, as alert rows store it
+    stored = store.register_model_version(_rec(long), activate=activate)
+    assert stored.version != long and stored.version.startswith("v" * 50)
+    assert stored.active is activate
+    # Registering it again is the same no-op as for any version.
+    assert store.register_model_version(_rec(long), activate=activate).version == stored.version

@@ -347,6 +347,7 @@ def test_reset_offsets_rewinds_on_purpose_and_replay_then_fills_gaps(store: Aler
     with store.engine.begin() as conn:
         conn.exec_driver_sql("DELETE FROM alerts WHERE kafka_partition = 0 AND kafka_offset >= 30")
     assert store.reset_offsets("cards", "tx", {0: 30}) == 1
+    assert store.reset_offsets("cards", "tx", {}) == 0  # no partition named: nothing changes
     assert store.load_offsets("cards", "tx") == {0: 30, 1: 30}
     replay = store.write_batch(range_batch(30, 60))
     assert replay.records_fenced == 0
