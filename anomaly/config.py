@@ -356,14 +356,8 @@ def _validate(cfg: PipelineConfig) -> None:
         value = getattr(s, role)
         if value is not None and value in seen:
             raise ConfigError(f"schema.{role} '{value}' is also listed as a feature")
-    if not 0.0 < cfg.model.target_fpr < 0.5:
-        raise ConfigError(f"model.target_fpr must be in (0, 0.5), got {cfg.model.target_fpr}")
-    unknown = set(cfg.model.detectors) - set(DETECTOR_NAMES)
-    if unknown or not cfg.model.detectors:
-        raise ConfigError(
-            f"model.detectors must be a non-empty subset of {', '.join(DETECTOR_NAMES)}, got "
-            f"{unknown or 'none'}"
-        )
+    _check_model(cfg.model)
+    _check_serve(cfg.serve)
     d = cfg.drift
     if not (d.window_s > 0 and d.min_records >= 1 and 0 < d.daily_alpha < 1):
         raise ConfigError("drift: window_s > 0, min_records >= 1 and daily_alpha in (0, 1)")
@@ -393,6 +387,59 @@ def _validate(cfg: PipelineConfig) -> None:
             "kafka.schema_registry_url needs kafka.format: avro with kafka.avro_framing: "
             "confluent (the schema id is read from the value's header)"
         )
+
+
+def _check_model(m: ModelConfig) -> None:
+    """Ranges of the model section. AnomalyModel and torch would refuse most of these too, but
+    only once ``anomaly train`` has read the data, and with a traceback that names no field."""
+    if not 0.0 < m.target_fpr < 0.5:
+        raise ConfigError(f"model.target_fpr must be in (0, 0.5), got {m.target_fpr}")
+    unknown = set(m.detectors) - set(DETECTOR_NAMES)
+    if unknown or not m.detectors:
+        raise ConfigError(
+            f"model.detectors must be a non-empty subset of {', '.join(DETECTOR_NAMES)}, got "
+            f"{unknown or 'none'}"
+        )
+    if not 0.0 < m.calibration_fraction < 1.0:
+        raise ConfigError(
+            f"model.calibration_fraction must be in (0, 1), got {m.calibration_fraction}"
+        )
+    # numpy's generators take no negative seed, torch's at most 64 bits (and the detectors seed
+    # some at seed + 1, seed + 2).
+    if not 0 <= m.seed < 2**63:
+        raise ConfigError(f"model.seed must be in 0 to 2**63-1, got {m.seed}")
+    for name in ("batch_size", "threads"):
+        if getattr(m, name) < 1:
+            raise ConfigError(f"model.{name} must be >= 1, got {getattr(m, name)}")
+    if m.min_generative_rows < 0:
+        raise ConfigError(f"model.min_generative_rows must be >= 0, got {m.min_generative_rows}")
+    if m.max_epochs is not None and m.max_epochs < 1:
+        raise ConfigError(f"model.max_epochs must be >= 1 (or unset), got {m.max_epochs}")
+    if m.time_budget_s is not None and m.time_budget_s <= 0:
+        raise ConfigError(f"model.time_budget_s must be > 0 (or unset), got {m.time_budget_s}")
+    # The parameters' names and values are the detector classes' to check (torch code, which
+    # this module does not import): AnomalyModel.from_config does, naming the field.
+    unknown = sorted(set(m.detector_params) - set(DETECTOR_NAMES))
+    if unknown:
+        raise ConfigError(
+            f"model.detector_params: unknown detector(s) {', '.join(unknown)} "
+            f"(known: {', '.join(DETECTOR_NAMES)})"
+        )
+
+
+def _check_serve(s: ServeConfig) -> None:
+    """Ranges of the serve section, which the service reads only once it has started."""
+    if s.metrics_port is not None and not 0 <= s.metrics_port <= 65535:
+        raise ConfigError(f"serve.metrics_port must be in 0-65535 (or unset), got {s.metrics_port}")
+    for name in ("scoring_batch_size", "threads"):
+        if getattr(s, name) < 1:
+            raise ConfigError(f"serve.{name} must be >= 1, got {getattr(s, name)}")
+    # A zero backoff retries an unreachable database in a tight loop.
+    for name in ("db_retry_initial_s", "db_retry_max_s"):
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"serve.{name} must be > 0, got {getattr(s, name)}")
+    if s.model_poll_s < 0:
+        raise ConfigError(f"serve.model_poll_s must be >= 0, got {s.model_poll_s}")
 
 
 def _check_rebalance_protocol(settings: Mapping[str, Any]) -> None:

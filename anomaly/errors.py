@@ -30,3 +30,8 @@ class NotFittedError(UserFacingError, RuntimeError):
 
 class DeviceError(UserFacingError, ValueError):
     """A torch device that is not a device name, or that this torch build or machine lacks."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (the CLI prints user errors as one line)."""
+    return " ".join(str(exc).split()) or type(exc).__name__

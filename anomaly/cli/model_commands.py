@@ -123,6 +123,14 @@ def problems_message(problems: list[tuple[int, str, str]], n_rows: int) -> str:
     return f"row {row}: {kind}: {message}{more}"
 
 
+def check_at_least_one(option: str, value: int | None) -> None:
+    """Raise UserFacingError (one line, naming ``option``) for a count below 1; None is unset."""
+    from anomaly.errors import UserFacingError
+
+    if value is not None and value < 1:
+        raise UserFacingError(f"{option} must be >= 1, got {value}")
+
+
 def write_table(frame: Any, path: str) -> None:
     from pathlib import Path
 
@@ -145,9 +153,10 @@ def _train(args: argparse.Namespace) -> int:
     from anomaly.estimator.model import AnomalyModel
 
     cfg = load_config(args.config)
-    frame = read_table(args.data)
     overrides = {"progress": False} if args.no_progress else {}
+    # Before the data is read: a bad config is reported without waiting for a large file.
     model = AnomalyModel.from_config(cfg, **overrides)
+    frame = read_table(args.data)
     model.fit(frame)
     version = model.save(args.out)
     summary = {"version": version, "bundle": args.out, **model.metrics_}
@@ -164,6 +173,8 @@ def _score(args: argparse.Namespace) -> int:
     from anomaly.estimator.model import AnomalyModel
     from anomaly.scoring.scorer import BatchScorer
 
+    check_at_least_one("--batch-size", args.batch_size)
+    check_at_least_one("--threads", args.threads)
     check_output_file(args.out)
     model = AnomalyModel.load(args.model)
     frame = read_table(args.data)

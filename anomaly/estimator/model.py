@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from anomaly.config import PipelineConfig, SchemaConfig
-from anomaly.errors import DataError, NotFittedError
+from anomaly.errors import ConfigError, DataError, NotFittedError, one_line
 from anomaly.estimator.calibration import Calibrator
 from anomaly.estimator.detectors._base import (
     BaseDetector,
@@ -32,7 +32,11 @@ from anomaly.estimator.detectors._base import (
     resolve_device,
     torch_threads,
 )
-from anomaly.estimator.detectors.registry import ALL_DETECTORS, detector_class
+from anomaly.estimator.detectors.registry import (
+    ALL_DETECTORS,
+    check_detector_params,
+    detector_class,
+)
 from anomaly.estimator.ensemble import NEIGHBOURHOOD, combine, member_weights
 from anomaly.estimator.explain import feature_shares, top_features
 from anomaly.features.columns import to_frame
@@ -171,7 +175,13 @@ class AnomalyModel:
             "progress": m.progress,
         }
         kwargs.update(overrides)
-        return cls(**kwargs)
+        check_detector_params(kwargs["detector_params"])
+        try:
+            return cls(**kwargs)
+        except (ValueError, TypeError) as exc:
+            # A value the config loader does not check (an override, or a config built in
+            # code): still one line, naming the model section.
+            raise ConfigError(f"model: {one_line(exc)}") from exc
 
     # ------------------------------------------------------------------ version
     @property

@@ -75,6 +75,12 @@ class BatchScorer:
         top: int = 3,
         device_steps: bool | None = None,
     ) -> None:
+        # Checked here, where the argument is named: otherwise torch refuses threads=0 without
+        # naming it, and batch_size < 1 fails deep in the scoring loop.
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if threads is not None and int(threads) < 1:
+            raise ValueError(f"threads must be >= 1 (or None), got {threads}")
         model._check_fitted()
         self.model = model
         self._device = resolve_device(device)

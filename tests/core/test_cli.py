@@ -231,3 +231,65 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(saved_bundle):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 1, err
     assert err == ""
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"calibration_fraction": 1.5}, "error: model.calibration_fraction must be in (0, 1)"),
+        ({"threads": 0}, "error: model.threads must be >= 1, got 0"),
+        ({"seed": -1}, "error: model.seed must be in 0 to 2**63-1, got -1"),
+        ({"detector_params": {"knnn": {"n_neighbors": 3}}}, "error: model.detector_params: "),
+        ({"detector_params": {"knn": {"bogus": 1}}}, "error: model.detector_params.knn: unknown"),
+        (
+            {"detector_params": {"knn": {"n_neighbors": 0}}},
+            "error: model.detector_params.knn: n_neighbors must be >= 1, got 0",
+        ),
+    ],
+)
+def test_train_refuses_bad_model_values_in_one_line(
+    model, message, frame_problem, tmp_path, capsys
+):
+    """Values only AnomalyModel, a detector or torch would refuse, once fitting: before the data
+    is read, one line naming the field."""
+    config = tmp_path / "pipeline.yaml"
+    schema = {"id_field": "id", "time_field": None, "numeric": ["amount", "f0", "f1"]}
+    model = {"detectors": ["knn"], "progress": False, **model}
+    config.write_text(yaml.safe_dump({"name": "cards", "schema": schema, "model": model}))
+    data = tmp_path / "normal.csv"
+    frame_problem[0].head(300).to_csv(data, index=False)
+    out = tmp_path / "m"
+    assert main(["train", "--config", str(config), "--data", str(data), "--out", str(out)]) == 2
+    assert _one_line_error(capsys).startswith(message)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--batch-size", "0"], "error: --batch-size must be >= 1, got 0"),
+        (["--batch-size", "-5"], "error: --batch-size must be >= 1, got -5"),
+        (["--threads", "0"], "error: --threads must be >= 1, got 0"),
+    ],
+)
+def test_score_refuses_counts_below_one_in_one_line(
+    option, message, saved_bundle, frame_problem, tmp_path, capsys
+):
+    data = tmp_path / "rows.csv"
+    frame_problem[1].head(50).to_csv(data, index=False)
+    out = tmp_path / "s.csv"
+    score = ["score", "--model", str(saved_bundle), "--data", str(data), "--out", str(out)]
+    assert main([*score, *option]) == 2
+    assert _one_line_error(capsys) == message
+    assert not out.exists()
+
+
+def test_batch_scorer_names_a_bad_batch_size_or_thread_count(saved_bundle):
+    from anomaly.estimator.model import AnomalyModel
+    from anomaly.scoring.scorer import BatchScorer
+
+    model = AnomalyModel.load(saved_bundle)
+    with pytest.raises(ValueError, match=r"^batch_size must be >= 1, got 0$"):
+        BatchScorer(model, device="cpu", batch_size=0)
+    with pytest.raises(ValueError, match=r"^threads must be >= 1 \(or None\), got 0$"):
+        BatchScorer(model, device="cpu", threads=0)

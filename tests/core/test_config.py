@@ -207,3 +207,91 @@ def test_alerting_section_from_the_file_and_the_environment() -> None:
     assert build({}).alerting.alertmanager_url is None  # off unless configured
     with pytest.raises(ConfigError, match=re.escape("alerting.resend_interval_s must be > 0")):
         build({}, alerting={"resend_interval_s": 0})
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "message"),
+    [
+        ("model.calibration_fraction", 1.5, "must be in (0, 1), got 1.5"),
+        ("model.calibration_fraction", 0, "must be in (0, 1), got 0.0"),
+        ("model.seed", -1, "must be in 0 to 2**63-1, got -1"),
+        ("model.seed", 2**64, f"must be in 0 to 2**63-1, got {2**64}"),
+        ("model.threads", 0, "must be >= 1, got 0"),
+        ("model.batch_size", 0, "must be >= 1, got 0"),
+        ("model.min_generative_rows", -1, "must be >= 0, got -1"),
+        ("model.max_epochs", 0, "must be >= 1 (or unset), got 0"),
+        ("model.time_budget_s", 0, "must be > 0 (or unset), got 0.0"),
+        ("serve.scoring_batch_size", 0, "must be >= 1, got 0"),
+        ("serve.threads", -2, "must be >= 1, got -2"),
+        ("serve.metrics_port", 70000, "must be in 0-65535 (or unset), got 70000"),
+        ("serve.db_retry_initial_s", 0, "must be > 0, got 0.0"),
+        ("serve.model_poll_s", -1, "must be >= 0, got -1.0"),
+    ],
+)
+def test_values_out_of_range_are_refused_by_the_loader_naming_the_field(
+    where: str, value: object, message: str
+) -> None:
+    """Not later, inside AnomalyModel, torch or the service, as a traceback."""
+    section, name = where.split(".")
+    with pytest.raises(ConfigError) as raised:
+        build({}, **{section: {name: value}})
+    assert str(raised.value) == f"{where} {message}"
+
+
+def test_out_of_range_values_from_the_environment_and_unknown_detectors_are_refused() -> None:
+    with pytest.raises(ConfigError, match=re.escape("model.threads must be >= 1, got 0")):
+        build({"ANOMALY_MODEL_THREADS": "0"})
+    with pytest.raises(ConfigError) as raised:
+        build({}, model={"detector_params": {"knnn": {"n_neighbors": 3}}})
+    assert str(raised.value) == (
+        "model.detector_params: unknown detector(s) knnn (known: vae, flow, gan, knn, knn_linear)"
+    )
+
+
+def test_the_ends_of_each_range_are_accepted() -> None:
+    model = {"seed": 2**63 - 1, "calibration_fraction": 0.99, "threads": 1, "batch_size": 1}
+    model |= {"min_generative_rows": 0, "max_epochs": 1, "time_budget_s": 0.1}
+    serve = {"metrics_port": 0, "scoring_batch_size": 1, "threads": 1, "model_poll_s": 0}
+    cfg = build({}, model=model, serve=serve)
+    assert (cfg.model.seed, cfg.serve.metrics_port, cfg.serve.model_poll_s) == (2**63 - 1, 0, 0)
+    assert build({}, model={"seed": 0, "max_epochs": None}).model.seed == 0
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"knn": {"bogus": 1}}, "model.detector_params.knn: unknown parameter(s) bogus"),
+        (
+            {"knn": {"n_neighbours": 3}},
+            "model.detector_params.knn: unknown parameter(s) n_neighbours "
+            "(did you mean n_neighbors?)",
+        ),
+        ({"knn": {"n_neighbors": 0}}, "model.detector_params.knn: n_neighbors must be >= 1, got 0"),
+        (
+            {"gan": {"boundary": 2.0}},
+            "model.detector_params.gan: boundary must be in (0, 1), got 2",
+        ),
+        ({"knn_linear": {"n_neighbors": "five"}}, "model.detector_params.knn_linear: "),
+        ({"flow": {"kind": "xyz"}}, "model.detector_params.flow: kind must be 'maf' or 'nsf'"),
+    ],
+)
+def test_detector_params_are_checked_by_from_config_naming_the_field(
+    params: dict, message: str
+) -> None:
+    """Their names and values are the detectors' own: checked when the model is made from the
+    config, before any data is read, as a ConfigError (one line at the CLI)."""
+    from anomaly.estimator.model import AnomalyModel
+
+    cfg = build({}, model={"detector_params": params})
+    with pytest.raises(ConfigError) as raised:
+        AnomalyModel.from_config(cfg)
+    assert str(raised.value).startswith(message) and "\n" not in str(raised.value)
+
+
+def test_from_config_reports_a_bad_override_as_a_config_error() -> None:
+    from anomaly.estimator.model import AnomalyModel
+
+    cfg = build({}, model={"detector_params": {"knn": {"n_neighbors": 3}}})
+    assert AnomalyModel.from_config(cfg).detector_params == {"knn": {"n_neighbors": 3}}
+    with pytest.raises(ConfigError, match=re.escape("model: calibration_fraction must be in")):
+        AnomalyModel.from_config(cfg, calibration_fraction=2.0)

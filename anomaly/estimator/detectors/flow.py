@@ -63,6 +63,8 @@ class FlowDetector(BaseDetector):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if kind not in ("maf", "nsf"):
+            raise ValueError(f"kind must be 'maf' or 'nsf', got {kind!r}")
         self.kind = kind
         self.transforms = transforms
         self.hidden = tuple(hidden)
