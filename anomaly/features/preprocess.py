@@ -28,20 +28,26 @@ scaled like an indicator of that rarity (scale sqrt(p(1-p))): a unit deviation l
 sqrt(n) out (at the clip from about 400 rows on), as a flag that training never raised.
 
 Categorical columns are one-hot encoded over the categories seen in training (at most
-``max_categories``, the most frequent; values are compared as strings) plus one ``__unseen__``
-bucket that takes new categories, categories cut by ``max_categories`` and (with ``impute``) missing
-values. Where no training row fell in that bucket, a category training never showed sets it not
-to 1 but to 1/sqrt(p(1-p)) with p = 1/(n+2) (clipped), as a constant column's new value is
-scaled. At 1, a purchase in a merchant category no card had used was one mismatch, as far from
-its neighbours as an ordinary purchase in a rarely combined category, and the neighbour detectors
-missed it: in the fraud example (30,000 training rows, target 0.001) the ensemble alerted on 5%
-of those purchases before the flag and on 100% with it, no other kind of anomaly changed. A
-missing value under ``impute`` still sets 1: imputing says an absent value is not evidence.
+``max_categories``, the most frequent; values are compared as text, an integer-valued number as an
+integer whatever its dtype: ``anomaly.features.categories``) plus one ``__unseen__`` bucket that
+takes new categories and categories cut by ``max_categories``. Where no training row fell in that
+bucket, a category training never showed sets it not to 1 but to 1/sqrt(p(1-p)) with p = 1/(n+2)
+(clipped), as a constant column's new value is scaled. At 1, a purchase in a merchant category no
+card had used was one mismatch, as far from its neighbours as an ordinary purchase in a rarely
+combined category, and the neighbour detectors missed it: in the fraud example (30,000 training
+rows, target 0.001) the ensemble alerted on 5% of those purchases before the flag and on 100% with
+it, no other kind of anomaly changed.
+
+A missing category under ``impute`` takes the column's most frequent training category, as a missing
+number takes the training median: imputing says an absent value is not evidence. In the unseen
+bucket, where it went before, it set a column that hardly any training row had set, and the
+detectors alerted on nearly every such row. Bundles saved before keep that, as they were
+calibrated; a column with no training value at all still sends a missing value there.
 
 Missing values follow ``schema.missing``: ``"impute"`` fills numeric values with the training median
-and categorical ones with the unseen bucket; ``"reject"`` raises ``DataError`` naming the row and
-column. ``validate_frame`` reports per-row problems without raising, so the streaming service can
-dead-letter bad rows before scoring the rest.
+and categorical ones with the most frequent training category; ``"reject"`` raises ``DataError``
+naming the row and column. ``validate_frame`` reports per-row problems without raising, so the
+streaming service can dead-letter bad rows before scoring the rest.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ import pandas as pd
 
 from anomaly.config import SchemaConfig
 from anomaly.errors import DataError, NotFittedError
-from anomaly.features.categories import CategoryLookup, fit_vocabulary
+from anomaly.features.categories import CategoryLookup, fit_categories
 from anomaly.features.columns import (
     arrow_strings,
     finite_or_missing_column,
@@ -146,12 +152,17 @@ class Preprocessor:
                 name, finite, self.numeric_transform, self.n_quantiles
             )
         self.categories_: dict[str, list[str]] = {}
+        # Under impute, a missing category takes the column's most frequent one (module
+        # docstring); a column with no value at all keeps it in the unseen bucket.
+        self.impute_category_: dict[str, str] = {}
         for name in self.categorical_:
             col = frame[name]
             if self.missing_ == "reject" and col.isna().any():
                 pos = int(np.flatnonzero(col.isna().to_numpy())[0])
                 raise DataError(f"column '{name}', {row_label(frame, pos)}: value is missing")
-            self.categories_[name] = fit_vocabulary(col, self.max_categories)
+            self.categories_[name], mode = fit_categories(col, self.max_categories)
+            if self.missing_ == "impute" and mode is not None:
+                self.impute_category_[name] = mode
         # What a category training never showed sets in its column's unseen bucket: a flag of
         # its rarity where the bucket took no training row (module docstring), else 1.
         rare = min(1.0 / never_seen_scale(len(frame)), self.clip)
@@ -159,7 +170,10 @@ class Preprocessor:
         self.unseen_value_: dict[str, float] = {}
         for name, lookup in lookups.items():
             codes, _ = lookup.codes(frame[name])
-            self.unseen_value_[name] = 1.0 if (codes < 0).any() else rare
+            in_bucket = codes < 0
+            if name in self.impute_category_:  # missing values went to the imputed category
+                in_bucket &= frame[name].notna().to_numpy()
+            self.unseen_value_[name] = 1.0 if in_bucket.any() else rare
         self._build_output_layout(lookups)
         return self
 
@@ -184,6 +198,10 @@ class Preprocessor:
         self._numeric_block_transform: NumericBlockTransform | None = None
         self._linear_plan: LinearPlan | None = None
         self._category_lookups = lookups
+        # The code a missing value takes under impute: its column's most frequent category.
+        self._impute_codes = {
+            name: self.categories_[name].index(mode) for name, mode in self.impute_category_.items()
+        }
         # Per categorical feature, the value each ``category_codes`` code sets in its one-hot
         # block: 1 for a training category and the bucket, the rarity flag for a new category.
         self.one_hot_values_ = {
@@ -325,8 +343,10 @@ class Preprocessor:
     def category_codes(self, frame: pd.DataFrame) -> list[np.ndarray]:
         """Per categorical feature, each row's code, after the missing-value check under
         ``reject``: its position in the one-hot block for a training category (0 to V-1, V the
-        vocabulary's size), V for a missing value (the unseen bucket), V + 1 for a category
-        training never showed (the unseen bucket too, set to ``unseen_value_``)."""
+        vocabulary's size), for a missing value that of the most frequent training category
+        (``impute_category_``; V, the unseen bucket, where there is none, as in bundles saved
+        before it), V + 1 for a category training never showed (the unseen bucket too, set to
+        ``unseen_value_``)."""
         out = []
         for name in self.categorical_:
             codes, missing = self._category_lookups[name].codes(frame[name])
@@ -335,9 +355,14 @@ class Preprocessor:
                 raise DataError(f"column '{name}', {row_label(frame, pos)}: value is missing")
             outside = codes < 0
             if outside.any():
-                new = outside & ~frame[name].isna().to_numpy() if missing else outside
+                absent = outside & frame[name].isna().to_numpy() if missing else None
                 codes[outside] = len(self.categories_[name])
-                codes[new] += 1
+                if absent is None:
+                    codes[outside] += 1
+                else:
+                    codes[outside & ~absent] += 1
+                    if name in self._impute_codes:
+                        codes[absent] = self._impute_codes[name]
             out.append(codes)
         return out
 
@@ -485,6 +510,7 @@ class Preprocessor:
             },
             "categories": self.categories_,
             "unseen_values": self.unseen_value_,
+            "impute_categories": self.impute_category_,
         }
 
     @classmethod
@@ -515,9 +541,18 @@ class Preprocessor:
         # Bundles saved before the rarity flag set 1 for a new category too, as calibrated.
         unseen = data.get("unseen_values") or {}
         pre.unseen_value_ = {k: float(unseen.get(k, 1.0)) for k in pre.categorical_}
+        # Bundles saved before categorical imputation put a missing category in the unseen
+        # bucket, as calibrated: without the key they still do.
+        impute = data.get("impute_categories") or {}
+        pre.impute_category_ = {str(k): str(v) for k, v in impute.items()}
         if set(pre.numeric_params_) != set(pre.numeric_) or set(pre.categories_) != set(
             pre.categorical_
         ):
             raise DataError("preprocessing parameters do not match the listed columns")
+        if any(
+            pre.categories_.get(k) is None or v not in pre.categories_[k]
+            for k, v in pre.impute_category_.items()
+        ):
+            raise DataError("an imputed category is not in its column's vocabulary")
         pre._build_output_layout(pre._lookups())
         return pre

@@ -67,6 +67,31 @@ def test_save_load_gives_identical_scores(fitted_model, saved_bundle, frame_prob
     assert inspect_bundle(saved_bundle)["version"] == loaded.version
 
 
+def test_a_missing_category_takes_the_most_frequent_one_after_save_and_load(
+    fitted_model, saved_bundle, frame_problem
+):
+    """As a missing number takes the training median: normal rows without a merchant alert no
+    more than with their most frequent one (in the unseen bucket they all alerted)."""
+    _, normal, _ = frame_problem
+    loaded = AnomalyModel.load(saved_bundle)
+    assert fitted_model.preprocessor_.impute_category_ == {"merchant": "grocery"}
+    assert loaded.preprocessor_.impute_category_ == {"merchant": "grocery"}
+    missing = normal.assign(merchant=None)
+    np.testing.assert_array_equal(
+        loaded.decision_function(missing),
+        fitted_model.decision_function(normal.assign(merchant="grocery")),
+    )
+    assert loaded.predict(missing).mean() < 0.05
+
+
+def test_an_imputed_category_outside_the_vocabulary_is_refused(bundle):
+    manifest = json.loads((bundle / MANIFEST).read_text())
+    manifest["preprocessing"]["impute_categories"] = {"merchant": "casino"}
+    write_manifest(bundle, manifest)
+    with pytest.raises(BundleError, match="imputed category is not in its column's vocabulary"):
+        AnomalyModel.load(bundle)
+
+
 def test_no_pickle_in_the_bundle_code():
     import anomaly
 

@@ -47,9 +47,12 @@ def test_device_preprocessing_equals_the_host_transform(frame_problem, kind):
     device = DevicePreprocessor(pre, torch.device("cpu"))
     got = device.transform(torch.from_numpy(values), [torch.from_numpy(c) for c in codes])
     np.testing.assert_array_equal(got.numpy(), pre.transform(rows))
-    # The never-seen category is flagged by its rarity, the missing one is not.
+    # The never-seen category is flagged by its rarity; the missing one takes the most frequent
+    # training category (``impute``), not the bucket.
     bucket = got[:, pre.feature_names_out_.index("merchant=__unseen__")]
-    assert bucket[4] == pre.unseen_value_["merchant"] > 1 and bucket[5] == 1
+    assert bucket[4] == pre.unseen_value_["merchant"] > 1 and bucket[5] == 0
+    imputed = pre.impute_category_["merchant"]
+    assert got[5, pre.feature_names_out_.index(f"merchant={imputed}")] == 1
 
 
 def test_device_steps_score_exactly_like_the_numpy_steps(fitted_model, frame_problem):

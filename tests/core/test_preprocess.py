@@ -57,9 +57,11 @@ def test_one_hot_with_unseen_bucket_and_imputed_missing():
     probe.loc[0, "temp"] = np.nan
     x = pre.transform(probe)
     # A category none of the 200 training rows showed is flagged by its rarity (p = 1/202, scaled
-    # as an indicator: 1/sqrt(p(1-p)) = 14.25); a missing one, imputed, is not evidence.
+    # as an indicator: 1/sqrt(p(1-p)) = 14.25); a missing one, imputed, is not evidence: it
+    # takes the most frequent training category, "b" (77 of 200), as a number takes the median.
+    assert pre.impute_category_ == {"kind": "b"}
     flag = 1 / np.sqrt(1 / 202 * (1 - 1 / 202))
-    np.testing.assert_allclose(x[:, 2:], [[1, 0, 0, 0], [0, 0, 0, flag], [0, 0, 0, 1]], rtol=1e-6)
+    np.testing.assert_allclose(x[:, 2:], [[1, 0, 0, 0], [0, 0, 0, flag], [0, 1, 0, 0]], rtol=1e-6)
     median_z = pre.transform(
         pd.DataFrame({"amount": [1.0], "temp": [pre.numeric_params_["temp"].median], "kind": ["a"]})
     )
@@ -71,11 +73,12 @@ def test_categories_are_compared_as_strings_whatever_the_column_dtype():
     train["kind"] = np.random.default_rng(1).choice(["1", "2", "x"], len(train))
     pre = Preprocessor(SCHEMA).fit(train)
     probe = frame(6)
-    # Numbers meet their string categories; NaN, None and unknown values go to the unseen bucket.
+    # Numbers meet their string categories; NaN and None take the most frequent one ("x"),
+    # unknown values go to the unseen bucket.
     probe["kind"] = pd.Series([1, "2", np.int64(2), None, np.nan, "y"], dtype=object)
     x = pre.transform(probe)[:, 2:]
     assert pre.feature_names_out_[2:] == ["kind=1", "kind=2", "kind=x", f"kind={UNSEEN}"]
-    np.testing.assert_array_equal(x.argmax(1), [0, 1, 1, 3, 3, 3])
+    np.testing.assert_array_equal(x.argmax(1), [0, 1, 1, 2, 2, 3])
     # One value per row: 1, and for "y", never seen in training, the rarity flag.
     np.testing.assert_array_equal(np.count_nonzero(x, axis=1), [1] * 6)
     np.testing.assert_array_equal(x.max(1)[:5], [1] * 5)
@@ -83,7 +86,7 @@ def test_categories_are_compared_as_strings_whatever_the_column_dtype():
     as_text = probe.astype({"kind": "str"}).assign(kind=["1", "2", "2", "zz", "zz", "y"])
     # The same categories as text; what was missing above is now a value never seen.
     expected = x.copy()
-    expected[3:5, 3] = pre.unseen_value_["kind"]
+    expected[3:5] = [0, 0, 0, pre.unseen_value_["kind"]]
     np.testing.assert_array_equal(pre.transform(as_text)[:, 2:], expected)
 
 
@@ -94,9 +97,9 @@ def test_category_codes_are_the_same_for_arrow_and_python_strings(dtype):
     values = ["c", "a", "zzz", None, "b", "", "a "]
     probe = frame(len(values)).assign(kind=pd.Series(values, dtype=dtype))
     codes = pre.category_codes(probe)[0]
-    # 0-2 the training categories, 3 missing (the unseen bucket), 4 never seen (the same
-    # bucket, flagged).
-    np.testing.assert_array_equal(codes, [2, 0, 4, 3, 1, 4, 4])
+    # 0-2 the training categories (a missing value imputed with "b", 1), 4 never seen (the
+    # unseen bucket, flagged).
+    np.testing.assert_array_equal(codes, [2, 0, 4, 1, 1, 4, 4])
     assert codes.dtype == np.intp
 
 
@@ -366,3 +369,41 @@ def test_linear_view_replaces_quantile_columns_by_their_training_z_scores():
         del params["mean"], params["std"]
     with pytest.raises(DataError, match="predate the linear view"):
         Preprocessor.from_dict(old, MIXED).linear_view(xp, numeric)
+
+
+def test_non_text_column_labels_are_named_by_their_text():
+    """A frame labelled 0, 1, 2 (pandas' default) is the features "0", "1", "2"."""
+    x = np.random.default_rng(0).normal(size=(100, 3))
+    by_number = pd.DataFrame(x)
+    by_text = pd.DataFrame(x, columns=["0", "1", "2"])
+    pre = Preprocessor().fit(by_number)
+    assert pre.feature_names_in_ == ["0", "1", "2"]
+    np.testing.assert_array_equal(pre.transform(by_number), pre.transform(by_text))
+    np.testing.assert_array_equal(pre.transform(by_number), Preprocessor().fit_transform(by_text))
+    assert pre.validate_frame(by_number.head(3)) == []
+    with pytest.raises(DataError, match="column labels 0 and '0' are the same feature name"):
+        Preprocessor().fit(by_number.assign(**{"0": 1.0}))
+
+
+def test_a_missing_category_is_imputed_with_the_most_frequent_one_and_is_no_evidence():
+    train = frame()
+    train.loc[:9, "kind"] = None  # the only training rows outside the vocabulary
+    pre = Preprocessor(SCHEMA).fit(train)
+    assert pre.impute_category_ == {"kind": "b"}
+    # The bucket took no training row, so a new category is flagged by its rarity.
+    assert pre.unseen_value_["kind"] == pytest.approx(1 / np.sqrt(1 / 202 * (1 - 1 / 202)))
+    probe = frame(2).assign(kind=[None, "b"])
+    np.testing.assert_array_equal(pre.transform(probe)[:, 2:], [[0, 1, 0, 0]] * 2)
+    round_trip = Preprocessor.from_dict(pre.to_dict(), SCHEMA)
+    np.testing.assert_array_equal(round_trip.transform(probe), pre.transform(probe))
+
+
+def test_a_category_never_present_in_training_keeps_missing_values_in_the_unseen_bucket():
+    train = frame().assign(kind=None)
+    pre = Preprocessor(SCHEMA).fit(train)
+    assert pre.categories_ == {"kind": []} and pre.impute_category_ == {}
+    np.testing.assert_array_equal(pre.transform(frame(1).assign(kind=None))[:, 2:], [[1]])
+    rejecting = SchemaConfig(
+        numeric=["amount", "temp"], categorical=["kind"], missing="reject", time_field=None
+    )
+    assert Preprocessor(rejecting).fit(frame()).impute_category_ == {}
