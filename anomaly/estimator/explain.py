@@ -7,6 +7,7 @@ into their categorical feature, and each row's terms are normalised to shares th
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -39,13 +40,25 @@ def top_features(
     for k, (share, order) in enumerate(zip(shares, orders, strict=True)):
         items = []
         for j in order.tolist():
-            value = values[k, j]
-            if isinstance(value, np.generic):
-                value = value.item()
-            if isinstance(value, float) and not np.isfinite(value):
-                value = None
             items.append(
-                {"feature": names[j], "value": value, "contribution": round(float(share[j]), 4)}
+                {
+                    "feature": names[j],
+                    "value": json_value(values[k, j]),
+                    "contribution": round(float(share[j]), 4),
+                }
             )
         out.append(items)
     return out
+
+
+def json_value(value: Any) -> Any:
+    """A feature's value as JSON can hold it: NumPy scalars as Python ones, and None for any
+    missing value (NaN, None, and the pd.NA / NaT of nullable columns, which ``json`` refuses)
+    and for infinities (no JSON number)."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if pd.api.types.is_scalar(value) and pd.isna(value):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -15,7 +15,7 @@ from anomaly.errors import DataError
 
 def to_frame(data: Any, feature_names: list[str] | None = None) -> pd.DataFrame:
     if isinstance(data, pd.DataFrame):
-        return data
+        return text_labels(data)
     if isinstance(data, np.ndarray | list):
         arr = np.asarray(data)
         if arr.ndim == 1:
@@ -32,6 +32,25 @@ def to_frame(data: Any, feature_names: list[str] | None = None) -> pd.DataFrame:
         # writes into the frames it builds.
         return pd.DataFrame(arr, columns=names, copy=False)
     raise DataError(f"expected a pandas DataFrame or a numpy array, got {type(data).__name__}")
+
+
+def text_labels(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its column labels as text (the schema and the bundle name features by
+    text, so a label 0 is the feature "0"); the frame itself when they already are. A DataError
+    where two labels become one text (0 and "0")."""
+    labels = frame.columns
+    if labels.inferred_type in ("string", "empty"):  # cached by pandas: no pass per batch
+        return frame
+    text = [str(label) for label in labels]
+    seen: dict[str, object] = {}
+    for label, name in zip(labels.tolist(), text, strict=True):
+        if name in seen and labels.is_unique:  # (labels already repeated stay as they were)
+            raise DataError(
+                f"column labels {seen[name]!r} and {label!r} are the same feature name "
+                f"{name!r}; rename one of them"
+            )
+        seen[name] = label
+    return frame.set_axis(text, axis=1)
 
 
 def numeric_column(frame: pd.DataFrame, name: str) -> tuple[np.ndarray, np.ndarray]:

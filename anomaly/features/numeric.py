@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.special import ndtri
 
+from anomaly.errors import DataError
 from anomaly.features.knot_lookup import KnotLookup, KnotLookupBlock
 
 NUMERIC_TRANSFORMS = ("quantile", "robust", "signed_log")
@@ -54,7 +55,7 @@ def fit_numeric_params(
     median = float(np.median(values))
     q25, q75 = np.quantile(values, [0.25, 0.75])
     scale = float(q75 - q25) / _GAUSS_IQR
-    std = float(np.std(values))
+    mean, std = mean_and_std(values)
     if not scale > 0:
         scale = std
     if not scale > 0:
@@ -67,16 +68,14 @@ def fit_numeric_params(
         # Any other value is one none of the training rows showed: a unit deviation counts as
         # a flag never raised in training (z ~ sqrt(n)), not as one ordinary deviation.
         scale = never_seen_scale(len(values))
-    params = NumericParams(
-        median=median, scale=scale, mean=float(np.mean(values)), std=std if std > 0 else scale
-    )
+    params = NumericParams(median=median, scale=scale, mean=mean, std=std if std > 0 else scale)
     if numeric_transform == "quantile" and len(np.unique(values)) == 2:
         # An indicator column: standardised (centre = mean, scale = std), not mapped onto
         # normal quantiles. The quantile map gives its two values a gap that shrinks as the
         # rarer value gets rarer (0.06 and 1.96 at 5%); the z-score's gap, 1/sqrt(p(1-p)),
         # grows with rarity, so a rare flag counts as the surprise it is.
-        params.median, params.scale = float(np.mean(values)), float(np.std(values))
-        return params
+        params.median, params.scale = mean, std
+        return _checked_finite(name, params)
     if numeric_transform == "quantile":
         n_q = int(min(n_quantiles, len(values)))
         probs = np.linspace(0.0, 1.0, max(n_q, 2))
@@ -90,6 +89,31 @@ def fit_numeric_params(
         normal = np.zeros(1) if len(uniq) == 1 else ndtri(mid_probs)
         params.knots = [float(v) for v in uniq]
         params.normal = [float(v) for v in normal]
+    return _checked_finite(name, params)
+
+
+def mean_and_std(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of finite ``values``; where the plain sums overflow (values
+    beyond ~1e154 square past the largest float), computed on the values divided by the largest
+    magnitude and scaled back, so a column of huge finite numbers keeps finite parameters."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean, std = float(np.mean(values)), float(np.std(values))
+        if math.isfinite(mean) and math.isfinite(std):
+            return mean, std  # the usual case, bit for bit as before
+        peak = float(np.max(np.abs(values)))
+        scaled = values / peak
+        return float(np.mean(scaled)) * peak, float(np.std(scaled)) * peak
+
+
+def _checked_finite(name: str, params: NumericParams) -> NumericParams:
+    """``params``, or a DataError naming the column if any is not finite: a bundle stores such a
+    number as null and could not be loaded again."""
+    numbers = [params.median, params.scale, params.mean, params.std, *params.knots]
+    if not all(v is not None and math.isfinite(v) for v in numbers):
+        raise DataError(
+            f"numeric column '{name}': its values are too large to standardise (median "
+            f"{params.median:g}, scale {params.scale:g}); rescale the column, e.g. to other units"
+        )
     return params
 
 
@@ -133,10 +157,12 @@ class NumericBlockTransform:
         self.lin_scale = column([params[i].scale for i in self.linear])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        if len(self.quantile) == self.n:
-            z = self._quantile(x)
-        elif len(self.linear) == self.n:
+        # No quantile column (none at all, too, in a model of categorical features only): the
+        # linear arithmetic, which broadcasts over zero columns as over any other number.
+        if not len(self.quantile):
             z = self._linear(x)
+        elif not len(self.linear):
+            z = self._quantile(x)
         else:
             z = np.empty(x.shape)
             z[self.quantile] = self._quantile(x[self.quantile])
