@@ -34,6 +34,10 @@ class NumericParams:
     # linear view (``Preprocessor.linear_view``). None in bundles from before that view.
     mean: float | None = None
     std: float | None = None
+    # The training CDF at each knot, P(X <= knot), for the drift monitor's bins: on a discrete
+    # column the knots between two levels carry no mass, which the knots' normal images cannot
+    # tell. None in bundles from before it (``anomaly.monitoring.drift.knot_spans``).
+    cdf: list[float] | None = None
 
 
 def never_seen_scale(n: int) -> float:
@@ -89,6 +93,8 @@ def fit_numeric_params(
         normal = np.zeros(1) if len(uniq) == 1 else ndtri(mid_probs)
         params.knots = [float(v) for v in uniq]
         params.normal = [float(v) for v in normal]
+        below = np.searchsorted(np.sort(values), uniq, side="right") / len(values)
+        params.cdf = [round(float(v), 6) for v in below]  # a drift bin needs no more digits
     return _checked_finite(name, params)
 
 

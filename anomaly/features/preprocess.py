@@ -505,6 +505,7 @@ class Preprocessor:
                     "normal": v.normal,
                     "mean": v.mean,
                     "std": v.std,
+                    "cdf": v.cdf,
                 }
                 for k, v in self.numeric_params_.items()
             },
@@ -534,6 +535,7 @@ class Preprocessor:
                 normal=[float(x) for x in v["normal"]],
                 mean=None if v.get("mean") is None else float(v["mean"]),
                 std=None if v.get("std") is None else float(v["std"]),
+                cdf=None if v.get("cdf") is None else [float(x) for x in v["cdf"]],
             )
             for k, v in data["numeric_params"].items()
         }

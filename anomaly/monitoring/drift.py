@@ -85,12 +85,19 @@ def knot_spans(params: Any) -> tuple[np.ndarray, np.ndarray] | None:
     """A quantile-transformed column's distinct training knots and, for each, the training CDF
     just above it (``P(X <= knot)``), or None when no knots are stored.
 
-    ``fit_numeric_params`` keeps each distinct knot with the middle of the grid probabilities it
-    covers (a value with mass covers many grid points); walking up from 0, each span's upper end
-    is ``2 * middle - lower end`` and the next span starts one grid step higher."""
+    ``fit_numeric_params`` stores that CDF (``cdf``). Bundles saved before have only the knots'
+    normal images, from which it is recovered as follows, exactly on a continuous column but not
+    on one of a few levels, where the knots ``np.quantile`` interpolates between two levels make
+    the grid step below come out too large (a three-level column drifted on its own training
+    distribution, PSI 1.7). ``fit_numeric_params`` keeps each distinct knot with the middle of
+    the grid probabilities it covers (a value with mass covers many grid points); walking up
+    from 0, each span's upper end is ``2 * middle - lower end`` and the next span starts one grid
+    step higher."""
     knots = np.asarray(getattr(params, "knots", []), dtype=np.float64)
     if len(knots) < 2:
         return None
+    if getattr(params, "cdf", None) is not None:  # stored at fit (bundles from 2026-12-06 on)
+        return knots, np.asarray(params.cdf, dtype=np.float64)
     mids = ndtr(np.asarray(params.normal, dtype=np.float64))
     steps = np.diff(mids)
     step = float(steps.min()) if len(steps) else 0.0

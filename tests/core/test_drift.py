@@ -61,10 +61,13 @@ def _feed(monitor, scorer, frame: pd.DataFrame, when: datetime):
 # -- the statistics -----------------------------------------------------------------------------
 
 
-def test_knot_spans_recover_the_training_cdf_of_a_discrete_column():
+@pytest.mark.parametrize("stored_cdf", [True, False], ids=["cdf", "bundle-before-cdf"])
+def test_knot_spans_recover_the_training_cdf_of_a_discrete_column(stored_cdf: bool):
     rng = np.random.default_rng(0)
     values = rng.poisson(1.5, 20000).astype(float)
     params = fit_numeric_params("v", values, "quantile", 1000)
+    if not stored_cdf:
+        params.cdf = None  # recovered from the knots' normal images
     knots, upper = knot_spans(params)
     for k, u in zip(knots, upper, strict=True):
         assert u == pytest.approx(np.mean(values <= k), abs=0.003)
@@ -73,6 +76,25 @@ def test_knot_spans_recover_the_training_cdf_of_a_discrete_column():
     assert expected.sum() == pytest.approx(1.0)
     counts = np.bincount(np.searchsorted(edges, values), minlength=len(edges) + 1)
     np.testing.assert_allclose(counts / len(values), expected, atol=0.003)
+
+
+@pytest.mark.parametrize("n_train", [1000, 2500, 20000])
+def test_a_column_of_a_few_levels_gets_its_true_shares(n_train: int):
+    """Knots that np.quantile puts between two levels hold no training row: the bins' expected
+    shares must still be the levels' own (they were not: a three-level column 'drifted' on its
+    own training distribution, PSI 1.7)."""
+    rng = np.random.default_rng(n_train)
+    for levels, probs in (
+        ([0, 1, 2], [0.5, 0.3, 0.2]),
+        ([1, 2, 3, 4, 5], [0.4, 0.25, 0.15, 0.12, 0.08]),
+    ):
+        train = rng.choice(levels, n_train, p=probs).astype(float)
+        edges, expected = decile_bins(fit_numeric_params("v", train, "quantile", 1000))
+        own = np.bincount(np.searchsorted(edges, train), minlength=len(edges) + 1)
+        np.testing.assert_allclose(own / n_train, expected, atol=1e-6)
+        live = rng.choice(levels, 100_000, p=probs).astype(float)
+        counts = np.bincount(np.searchsorted(edges, live), minlength=len(edges) + 1)
+        assert psi(counts, expected) < 0.01  # a far cry from the 0.2 that marks a shift
 
 
 def test_continuous_deciles_are_equal_shares():
