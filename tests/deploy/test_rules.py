@@ -52,7 +52,7 @@ def test_every_rule_has_a_test_that_fires_and_one_that_stays_quiet():
         for check in case["alert_rule_test"]:
             (fired if check["exp_alerts"] else quiet).add(check["alertname"])
     alerts = {rule["alert"] for rule in _rules()}
-    assert len(alerts) == 9
+    assert len(alerts) == 11
     assert alerts == fired, alerts ^ fired
     assert alerts == quiet, alerts ^ quiet
     for rule in _rules():
@@ -102,6 +102,8 @@ def test_rules_use_the_metrics_the_service_exposes():
     m.set_schema_registry_up(True)
     m.set_target_fpr(0.001)
     m.set_alertmanager_up(True)
+    m.set_partitions_stopped(0)
+    m.set_model_identity_ok(True)
     now = datetime.now(UTC)
     m.drift_window(
         DriftReport(
@@ -126,7 +128,7 @@ def test_rules_use_the_metrics_the_service_exposes():
             assert series in exposed, f"{series} not exposed by streams.metrics"
             assert labels <= exposed[series], (rule["alert"], series, labels - exposed[series])
             checked += 1
-    assert checked >= 9
+    assert checked >= 11
 
 
 def _compose_prometheus() -> tuple[dict, dict[str, Path]]:
@@ -162,7 +164,7 @@ def test_compose_prometheus_config_passes_promtool(tmp_path):
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     out = _promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 9 rules found" in out.stdout
+    assert "SUCCESS: 11 rules found" in out.stdout
 
 
 def test_a_partition_that_leaves_the_consumer_takes_its_lag_series_with_it():
