@@ -28,7 +28,9 @@ COPY anomaly ./anomaly
 COPY storage ./storage
 COPY streams ./streams
 COPY dashboards ./dashboards
-RUN pip install ".[postgres,grafana]"
+# avro: the compose file's avro profile (Schema Registry) and kafka.format: avro need fastavro and
+# the registry client.
+RUN pip install ".[postgres,grafana,avro]"
 # Pipeline configs: /app/examples/*.yaml (mount your own over /app/pipelines).
 COPY examples ./examples
 

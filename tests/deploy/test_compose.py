@@ -3,6 +3,7 @@ health checks, the GPU profile, Prometheus targets, mounted files and pipeline c
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -108,6 +109,11 @@ def test_the_avro_profile_adds_a_schema_registry_on_the_broker():
     assert store in services["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"].split(",")
     assert registry["depends_on"]["kafka"]["condition"] == "service_healthy"
     assert registry["healthcheck"]["test"][0] == "CMD-SHELL"
+    # The scorers' image must be able to use it: kafka.format avro and the registry client come
+    # with the package's avro extra (without it a scorer pointed at the registry exits with a
+    # ConfigError naming the missing package).
+    [extras] = re.findall(r'pip install "\.\[([^\]]*)\]"', (ROOT / "Dockerfile").read_text())
+    assert {"postgres", "avro"} <= set(extras.split(","))
 
 
 @needs_compose
