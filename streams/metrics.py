@@ -235,9 +235,24 @@ class ServiceMetrics:
             return
         for topic, tstats in stats.get("topics", {}).items():
             for pid, pstats in tstats.get("partitions", {}).items():
+                if pid == "-1":  # librdkafka's internal UA partition
+                    continue
+                if not _fetching(pstats):
+                    # librdkafka keeps reporting a partition after a rebalance took it away
+                    # (desired false, fetch_state stopped) with its last lag, frozen: that value
+                    # must not come back after forget_lag, or lag rules page for a partition
+                    # another consumer reads.
+                    self.forget_lag(topic, int(pid))
+                    continue
                 lag = pstats.get("consumer_lag", -1)
-                if pid != "-1" and lag is not None and lag >= 0:
+                if lag is not None and lag >= 0:
                     self.set_lag(topic, int(pid), int(lag))
+
+
+def _fetching(pstats: dict[str, Any]) -> bool:
+    """Whether a partition of librdkafka's statistics is this consumer's, being fetched (a
+    paused one included: its lag is real). (Keys missing in older versions: assume so.)"""
+    return bool(pstats.get("desired", True)) and pstats.get("fetch_state", "active") == "active"
 
 
 def observe_many(histogram: Any, values: np.ndarray) -> None:
