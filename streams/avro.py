@@ -35,6 +35,7 @@ fastavro and confluent-kafka's Schema Registry client are optional dependencies:
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 import re
@@ -68,7 +69,7 @@ from streams.avro_schemas import (
     writer_schema_id,
 )
 from streams.decode import DecodedBatch, RecordDecoder
-from streams.rejects import json_safe, validation_reason
+from streams.rejects import clipped, json_safe, validation_reason
 
 
 class AvroRecordDecoder(RecordDecoder):
@@ -111,6 +112,16 @@ class AvroRecordDecoder(RecordDecoder):
         roles.update(dict.fromkeys(s.numeric, "numeric"))
         roles.update(dict.fromkeys(s.categorical, "text"))
         return roles
+
+    def for_warm_up(self) -> AvroRecordDecoder:
+        """A decoder that reads every value with the file's schema (no registry, no ids): the
+        scorer's warm-up decodes made-up values with it, which must never reach the schema
+        registry. It shares this decoder's compiled readers, so those are warmed up too."""
+        twin = copy.copy(self)
+        twin.registry = None
+        twin._ids = frozenset()
+        twin._writer_plans = {}
+        return twin
 
     # -- the whole batch, column by column -------------------------------------------------------
 
@@ -306,7 +317,7 @@ def _exception_text(exc: Exception) -> str:
     """A reader error for a dead letter: its type and message, without the object addresses
     fastavro puts in some (``<_io.BytesIO object at 0x...>``), so one fault reads the same
     every time."""
-    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the value", str(exc))
+    text = clipped(re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the value", str(exc)))
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
@@ -382,15 +393,19 @@ def _coercer(avro_type: Any) -> Any:
     return coerce
 
 
-def encode_avro_rows(frame: pd.DataFrame, cfg: PipelineConfig) -> list[bytes]:
-    """One Avro value per row, framed as ``kafka.avro_framing`` says (with ``writer_schema_id``
-    in the header). Fields of the schema the frame lacks are written as null; a value the
-    schema cannot hold is a ``DataError`` naming row and field."""
+def encode_avro_rows(
+    frame: pd.DataFrame, cfg: PipelineConfig, schema_id: int | None = None
+) -> list[bytes]:
+    """One Avro value per row, framed as ``kafka.avro_framing`` says (with ``schema_id`` in the
+    header, by default ``writer_schema_id``). Fields of the schema the frame lacks are written
+    as null; a value the schema cannot hold is a ``DataError`` naming row and field."""
     fastavro = _fastavro()
     parsed = load_schema(cfg)
     header = b""
     if cfg.kafka.avro_framing == "confluent":
-        header = bytes([MAGIC]) + writer_schema_id(cfg).to_bytes(4, "big")
+        if schema_id is None:
+            schema_id = writer_schema_id(cfg)
+        header = bytes([MAGIC]) + schema_id.to_bytes(4, "big")
     fields = [(f["name"], _coercer(f["type"])) for f in parsed["fields"]]
     writer = fastavro.schemaless_writer
     out = []
@@ -409,3 +424,33 @@ def encode_avro_rows(frame: pd.DataFrame, cfg: PipelineConfig) -> list[bytes]:
             raise DataError(f"row {i}: the Avro schema cannot hold it: {exc}") from None
         out.append(buffer.getvalue())
     return out
+
+
+# -- the scorer's warm-up (serve) -----------------------------------------------------------------
+
+# The schema id in the header of the warm-up's values. Any id: the warm-up decoder
+# (``AvroRecordDecoder.for_warm_up``) reads every id with the file's schema.
+WARM_UP_SCHEMA_ID = 1
+_WHOLE_NUMBER_LIMITS = {"int": 2**31 - 1, "long": 2**53}  # long: what a float64 holds exactly
+
+
+def warm_up_values(frame: pd.DataFrame, cfg: PipelineConfig) -> list[bytes]:
+    """The warm-up's made-up records as Avro values of the file's schema. Unlike replay's
+    ``encode_avro_rows`` this never asks a schema registry for an id (starting ``serve`` must
+    not register the pipeline's ``.avsc`` as a version of the producers' subject), and values
+    of int and long fields are rounded (and kept in range) so that the schema holds them."""
+    frame = frame.copy()
+    for f in load_schema(cfg)["fields"]:
+        name = f["name"]
+        branches = [b for b in _branches(f["type"]) if b != "null"]
+        # A plain "int" or "long" (a dict is a logical type: the time field, a date, ...).
+        base = branches[0] if len(branches) == 1 and isinstance(branches[0], str) else None
+        if name not in frame or base not in _WHOLE_NUMBER_LIMITS:
+            continue
+        limit = _WHOLE_NUMBER_LIMITS[base]
+        column = frame[name]
+        if pd.api.types.is_numeric_dtype(column):
+            frame[name] = np.clip(np.round(column.to_numpy(dtype=np.float64)), -limit, limit)
+        else:  # made-up text (the id, the entity) in a field the schema has as a number
+            frame[name] = np.arange(len(frame))
+    return encode_avro_rows(frame, cfg, schema_id=WARM_UP_SCHEMA_ID)

@@ -252,11 +252,23 @@ def _score_messages(
     severity = result.severity.tolist()
     out = []
     for i in range(n):
-        body = {"record_id": str(ids[i]), "pipeline": pipeline, "model_version": version}
+        record_id, kafka_key = _id_and_key(str(ids[i]))
+        body = {"record_id": record_id, "pipeline": pipeline, "model_version": version}
         for key, col in values.items():
             body[key] = col[i]
         body["alert"] = alert[i]
         body["severity"] = severity[i]
         body["event_time"] = event_times[i]
-        out.append((str(ids[i]).encode(), _ENCODE(body)))
+        out.append((kafka_key, _ENCODE(body)))
     return out
+
+
+def _id_and_key(record_id: str) -> tuple[str, bytes]:
+    """A score's record id and its Kafka key (the id's UTF-8). The decoders reject an id with a
+    lone surrogate (``\\ud800``); should one get through anyway, it is written as its escape,
+    not left to stop the service with a UnicodeEncodeError on the worker thread."""
+    try:
+        return record_id, record_id.encode()
+    except UnicodeEncodeError:
+        escaped = record_id.encode("utf-8", "backslashreplace").decode("utf-8")
+        return escaped, escaped.encode()

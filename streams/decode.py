@@ -47,9 +47,11 @@ from streams.rejects import (
     NOT_OBJECT,
     OVERSIZED,
     TOO_DEEP,
+    clipped,
     count_brackets,
     json_safe,
     nesting_depth,
+    quoted,
     validation_reason,
 )
 from streams.times import parse_times
@@ -69,8 +71,10 @@ FALLBACK_CHUNK = 128
 
 # Tokens Python's json module writes for non-finite floats; msgspec (strict JSON) rejects them.
 _NONSTANDARD = (b"NaN", b"Infinity")
+# JSON escapes of UTF-16 surrogates (\ud800-\udfff), paired or not.
+_SURROGATE_ESCAPES = (b"\\ud", b"\\uD")
 # What keeps a valid value from being stored as it came (``RecordDecoder.stored_record``).
-_NOT_AS_IS = (*_NONSTANDARD, b"\\u0000", b"\\ud", b"\\uD")
+_NOT_AS_IS = (*_NONSTANDARD, b"\\u0000", *_SURROGATE_ESCAPES)
 
 
 @dataclass(slots=True)
@@ -151,6 +155,11 @@ class RecordDecoder:
         self._categorical_pos = list(range(n_head + len(schema.numeric), len(names)))
         self._text_pos = np.array(text + self._categorical_pos, dtype=np.intp)
         self._column_index = pd.Index(names)
+
+    def for_warm_up(self) -> RecordDecoder:
+        """The decoder the scorer's warm-up uses (``streams.models``): this one; the Avro
+        decoder's differs."""
+        return self
 
     # -- the whole batch --------------------------------------------------------------------
 
@@ -307,6 +316,16 @@ class RecordDecoder:
             return (INVALID_JSON, f"invalid JSON: {error}")
         if not isinstance(obj, dict):
             return (NOT_OBJECT, f"expected a JSON object, got {type(obj).__name__}")
+        # json.loads keeps an unpaired surrogate escape (\ud800) as a lone surrogate, which no
+        # UTF-8 encoder takes (the scores topic's key, the store): msgspec, the fast path,
+        # rejects such a value as invalid JSON, and so must this one.
+        if any(escape in value for escape in _SURROGATE_ESCAPES):
+            where = _unpaired_surrogate(obj)
+            if where is not None:
+                return (
+                    INVALID_JSON,
+                    f"invalid JSON: {where} holds an unpaired UTF-16 surrogate escape",
+                )
         try:
             return msgspec.convert(obj, self._struct, from_attributes=False)
         except msgspec.ValidationError as exc:
@@ -342,7 +361,7 @@ class RecordDecoder:
                     row,
                     (
                         INVALID_TIME,
-                        f"field '{s.time_field}': {value!r} is not an ISO 8601 time "
+                        f"field '{s.time_field}': {quoted(value)} is not an ISO 8601 time "
                         "or epoch seconds",
                     ),
                 )
@@ -412,6 +431,35 @@ class RecordDecoder:
 
 
 _ANY = msgspec.json.Decoder()
+
+
+def _unpaired_surrogate(obj: dict[str, Any]) -> str | None:
+    """Where a decoded object holds a string (key or value, at any depth) with a lone surrogate:
+    "field 'name'" (the top-level field it is under) or "a key"; ``None`` when nowhere."""
+    for key, top in obj.items():
+        if not _encodes(key):
+            return "a key"
+        stack = [top]
+        while stack:  # depth is bounded by max_depth, checked before decoding
+            item = stack.pop()
+            if isinstance(item, str):
+                if not _encodes(item):
+                    return f"field '{clipped(key)}'"
+            elif isinstance(item, dict):
+                if not all(map(_encodes, item)):
+                    return f"field '{clipped(key)}'"
+                stack.extend(item.values())
+            elif isinstance(item, list):
+                stack.extend(item)
+    return None
+
+
+def _encodes(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _frame_from_columns(

@@ -39,7 +39,7 @@ class LoadedModel:
 
 class ModelsMixin:
     """Model versions of ``ScoringService`` (its attributes: ``cfg``, ``pipeline``, ``topic``,
-    ``metrics``, ``health``, ``store``, ``loaded``, ``_last_model_poll``; and its ``_decode``,
+    ``metrics``, ``health``, ``store``, ``loaded``, ``_last_model_poll``, ``decoder``; and its
     ``_sink_batch`` and ``_with_db_retry`` for the warm-up and the load)."""
 
     cfg: Any
@@ -50,7 +50,7 @@ class ModelsMixin:
     store: Any
     loaded: LoadedModel | None
     _last_model_poll: float
-    _decode: Any
+    decoder: Any
     _sink_batch: Any
     _with_db_retry: Any
 
@@ -152,17 +152,22 @@ class ModelsMixin:
         """Decode, check, score and build the sink batch of made-up records once, before the
         first real batch: the first calls into torch, pandas and the decoder cost ~200 ms
         (bench/stream.py --rate 1000: the first batch took 214 ms against ~20 ms later), which
-        every record of the first seconds would otherwise wait for. Nothing is written."""
-        from streams.replay import encode_values
-
+        every record of the first seconds would otherwise wait for. Nothing is written, and
+        nothing is asked of a schema registry (the values are read with the file's schema)."""
         started = time.perf_counter()
         try:
             frame = typical_records(loaded.model, self.cfg.schema, WARM_UP_ROWS)
-            values = encode_values(frame, self.cfg)
+            values = warm_up_values(frame, self.cfg)
             messages = [Message(self.topic, 0, i, v, None) for i, v in enumerate(values)]
-            decoded = self._model_checks(self._decode(messages), messages, loaded)
+            decoder = self.decoder.for_warm_up()
+            decoded = decoder.decode(
+                values, partitions=[0] * len(values), offsets=list(range(len(values)))
+            )
+            decoded = self._model_checks(decoded, messages, loaded)
             result = loaded.scorer.score(decoded.frame) if decoded.n_valid else None
-            self._sink_batch(messages, decoded, result, loaded, datetime.now(UTC))
+            self._sink_batch(
+                messages, decoded, result, loaded, datetime.now(UTC), decoder.stored_record
+            )
         except Exception as exc:  # a warm-up must never keep the service from starting
             log.warning("scorer warm-up failed (the first batch will be slower): %s", exc)
             return
@@ -188,6 +193,17 @@ class ModelsMixin:
                 "cannot switch model version, keeping the current one",
                 extra={"fields": {"version": record.version, "error": str(exc)}},
             )
+
+
+def warm_up_values(frame: Any, cfg: Any) -> list[bytes]:
+    """The warm-up records as values of the pipeline's ``kafka.format``."""
+    if cfg.kafka.format == "avro":
+        from streams.avro import warm_up_values as avro_values
+
+        return avro_values(frame, cfg)
+    from streams.replay import encode_rows
+
+    return encode_rows(frame)
 
 
 def typical_records(model: Any, schema: Any, n: int) -> Any:

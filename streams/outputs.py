@@ -69,23 +69,18 @@ class OutputsMixin:
     ) -> int:
         """Produce the batch's dead letters and scores and flush; the number undelivered."""
         dlq = self.cfg.dead_letter_topic
-        # A value larger than the producer may send (librdkafka's message.max.bytes, 1 MB by
-        # default) would fail every retry and stop the stream: its head goes to the topic with the
-        # original size in a header; the dead_letters table keeps every byte.
-        cap = int(self.cfg.kafka.settings.get("message.max.bytes", 1_000_000)) - 65_536
+        # A dead letter larger than the producer may send (librdkafka's message.max.bytes, 1 MB
+        # by default; it counts value, key and headers) would fail every retry and stop the
+        # stream: its head goes to the topic with the original size in a header; the
+        # dead_letters table keeps every byte. 64 KiB are left for the record's framing.
+        limit = int(self.cfg.kafka.settings.get("message.max.bytes", 1_000_000)) - 65_536
         for d in dead_letters:
-            headers = [
-                ("error_kind", d.error_kind.encode()),
-                ("error_message", d.error_message.encode()),
-                ("source_topic", d.kafka_topic.encode()),
-                ("source_partition", str(d.kafka_partition).encode()),
-                ("source_offset", str(d.kafka_offset).encode()),
-                ("pipeline", d.pipeline.encode()),
-            ]
+            headers = dead_letter_headers(d)
             raw = d.raw
+            cap = limit - _headers_size(headers)
             if len(raw) > cap:
                 headers.append(("original_bytes", str(len(raw)).encode()))
-                raw = raw[: max(cap, 0)]
+                raw = raw[: max(cap - _headers_size(headers[-1:]), 0)]
             self._produce_one(dlq, raw, None, headers, delivered)
         scores_topic = self.cfg.kafka.scores_topic
         for key, value in scores_out:
@@ -125,6 +120,38 @@ class OutputsMixin:
         from streams.kafka import log_error
 
         log_error(err)  # rate-limited: a broker that is down reports every ~50 ms
+
+
+# Each header value of a dead letter is cut to this many bytes: a long error message (a bad value
+# quoted in it) must not make the dead letter too large to produce.
+HEADER_MAX_BYTES = 1024
+
+
+def dead_letter_headers(d: DeadLetterRecord) -> list[tuple[str, bytes]]:
+    """The Kafka headers of a dead letter: its reason and where it came from."""
+    return [
+        ("error_kind", _header_value(d.error_kind)),
+        ("error_message", _header_value(d.error_message)),
+        ("source_topic", _header_value(d.kafka_topic)),
+        ("source_partition", str(d.kafka_partition).encode()),
+        ("source_offset", str(d.kafka_offset).encode()),
+        ("pipeline", _header_value(d.pipeline)),
+    ]
+
+
+def _header_value(text: str) -> bytes:
+    """``text`` as UTF-8, at most ``HEADER_MAX_BYTES``; cut on a character boundary with a
+    marker that gives the full size. A lone surrogate becomes its escape rather than an error."""
+    data = text.encode("utf-8", "backslashreplace")
+    if len(data) <= HEADER_MAX_BYTES:
+        return data
+    marker = f"... (truncated, {len(data)} bytes in all)".encode()
+    head = data[: HEADER_MAX_BYTES - len(marker)].decode("utf-8", "ignore").encode()
+    return head + marker
+
+
+def _headers_size(headers: list[tuple[str, bytes]]) -> int:
+    return sum(len(name) + len(value) for name, value in headers)
 
 
 def _kafka_error(exc: BaseException) -> Any:

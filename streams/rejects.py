@@ -39,6 +39,11 @@ ERROR_KINDS = (
     INVALID_VALUE,
 )
 
+# A value quoted in a message is cut to this many characters: a message travels as a Kafka header
+# of the dead letter and sits in every log line about it, so a 600 kB bad field must not make a
+# 600 kB message (the dead letter could then not be produced at all).
+QUOTE_CHARS = 200
+
 _COUNT_SLICE = 1 << 18
 _AT_FIELD = re.compile(r" - at `\$\.?(.*)`$")
 _MISSING = re.compile(r"^Object missing required field `(.*)`")
@@ -49,6 +54,26 @@ def json_safe(obj: dict[str, Any]) -> dict[str, Any]:
     return {
         k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in obj.items()
     }
+
+
+def quoted(value: Any) -> str:
+    """``repr(value)`` for a dead-letter message: at most ``QUOTE_CHARS`` characters of it, and a
+    marker with the full length when it was cut."""
+    if isinstance(value, (str, bytes)) and len(value) > QUOTE_CHARS:
+        # Cut before repr: no need to build the repr of a huge value only to drop most of it.
+        unit = "bytes" if isinstance(value, bytes) else "characters"
+        return f"{value[:QUOTE_CHARS]!r}... ({len(value)} {unit} in all)"
+    try:
+        return clipped(repr(value))
+    except ValueError:  # an int beyond Python's limit on digits in str()
+        return f"an integer of {value.bit_length()} bits"
+
+
+def clipped(text: str) -> str:
+    """A message's text from elsewhere (a library's exception) cut as ``quoted`` cuts a value."""
+    if len(text) <= QUOTE_CHARS:
+        return text
+    return f"{text[:QUOTE_CHARS]}... ({len(text)} characters in all)"
 
 
 def validation_reason(message: str) -> tuple[str, str]:

@@ -418,12 +418,16 @@ class ScoringService(
         result: Any,
         loaded: LoadedModel,
         ingest: datetime,
+        stored_record: Any = None,
     ) -> tuple[SinkBatch, list[tuple[bytes, bytes]], np.ndarray | None]:
+        """What a batch writes; ``stored_record`` (default: the decoder's) reads a value's
+        fields for an alert or the reservoir."""
+        stored_record = stored_record or self.decoder.stored_record
         out = build_sink_batch(
-            self.cfg, messages, decoded, result, loaded.version, ingest, self.decoder.stored_record
+            self.cfg, messages, decoded, result, loaded.version, ingest, stored_record
         )
         self._reservoir.fill(
-            out[0], messages, decoded, result, loaded.version, ingest, self.decoder.stored_record
+            out[0], messages, decoded, result, loaded.version, ingest, stored_record
         )
         return out
 

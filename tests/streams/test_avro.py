@@ -522,3 +522,60 @@ def test_serve_waits_for_the_registry_then_scores_every_record(
     assert sorted(r[0] for r in sql(sqlite_url, "SELECT record_id FROM alerts")) == sorted(expected)
     assert sql(sqlite_url, "SELECT count(*) FROM dead_letters") == [(0,)]
     assert committed_offsets(kafka_bootstrap, topic_name, cfg.group_id) == {0: len(values)}
+
+
+# -- the scorer's warm-up -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("ids", [[], [3]])
+def test_serve_warms_up_without_asking_the_registry_and_with_whole_numbers(
+    fraud_schema, tmp_path, trained_model, caplog, ids
+):
+    """Starting ``serve`` with a registry (and no avro_schema_ids) registered the pipeline's
+    .avsc as a new version of the producers' subject: the warm-up encoded its made-up records
+    as replay does. It also always failed on the int fields of examples/fraud.avsc (``hour``,
+    ``velocity_1h``): the records sweep non-integer values. Now the warm-up succeeds, and the
+    registry hears nothing from it."""
+    import logging
+
+    from streams.models import WARM_UP_ROWS, typical_records, warm_up_values
+
+    shutil.copy(EXAMPLE_AVSC, tmp_path / "fraud.avsc")
+    with SchemaRegistryStandIn() as registry:
+        registry.register(json.dumps(writer_v2()))  # the producers' schema, id 1
+        before = dict(registry.schemas)
+        cfg = config_from_dict(
+            {
+                "name": "fraud-avro",
+                "schema": fraud_schema,
+                "kafka": {
+                    "topic": "transactions",
+                    "format": "avro",
+                    "avro_schema": "fraud.avsc",
+                    "avro_schema_ids": ids,
+                    "schema_registry_url": registry.url,
+                },
+                "database": {"url": f"sqlite:///{tmp_path / 'a.db'}"},
+                "serve": {"model_dir": str(trained_model.bundle), "device": "cpu", "threads": 1},
+                "source_path": str(tmp_path / "pipeline.yaml"),
+            },
+            environ={},
+        )
+        service = ScoringService(cfg)
+        service.store.upgrade()
+        with caplog.at_level(logging.INFO, logger="streams.service"):
+            service._load_model(initial=True)
+        requests = list(registry.requests)
+        after = dict(registry.schemas)
+    assert requests == [] and after == before
+    messages = [r.getMessage() for r in caplog.records]
+    assert "scorer warmed up" in messages, messages
+    assert not any("warm-up failed" in m for m in messages), messages
+    # What it scored: every record valid, whole numbers in the int fields, some alerts.
+    frame = typical_records(trained_model.model, cfg.schema, WARM_UP_ROWS)
+    decoded = service.decoder.for_warm_up().decode(warm_up_values(frame, cfg))
+    assert decoded.n_valid == WARM_UP_ROWS and not decoded.rejected
+    for name in ("hour", "velocity_1h"):
+        assert (decoded.frame[name] == decoded.frame[name].round()).all()
+    assert not trained_model.model.preprocessor_.validate_frame(decoded.frame)
+    assert 0 < trained_model.model.predict(decoded.frame).sum() < WARM_UP_ROWS

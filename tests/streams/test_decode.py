@@ -586,3 +586,50 @@ def test_stored_record_keeps_clean_json_as_it_came_and_decodes_the_rest():
     assert decoder.stored_record(enc(good(1, x=math.nan)))["x"] is None
     cleaned = json.loads(json_bytes(decoder.stored_record(enc(good(1, note="a\u0000b")))))
     assert "\x00" not in cleaned["note"]
+
+
+def test_a_huge_bad_value_is_quoted_short_in_its_message():
+    """A 600 kB time string is an invalid_time dead letter whose message quoted it whole: the
+    message travels as a Kafka header of the dead letter, which then could not be produced and
+    stopped the service. The message quotes the value's head and says how long it was."""
+    decoder = RecordDecoder(SchemaConfig(**{**SCHEMA, "max_record_bytes": 1_000_000}))
+    values = [enc(good(0)), enc(good(1, ts="x" * 600_000)), enc(good(2, ts="soon"))]
+    [huge, short] = decoder.decode(values).rejected
+    assert (huge.index, huge.error_kind) == (1, "invalid_time")
+    assert huge.error_message == (
+        f"field 'ts': {'x' * 200!r}... (600000 characters in all) is not an ISO 8601 time "
+        "or epoch seconds"
+    )
+    assert short.error_message == "field 'ts': 'soon' is not an ISO 8601 time or epoch seconds"
+
+
+@pytest.mark.parametrize("escape", ["\\ud800", "\\uDC00", "x\\ud83d"])
+@pytest.mark.parametrize(
+    "record",
+    [
+        good(1, id="idSUR"),
+        good(1, note="SUR"),
+        good(1, nested={"a": [1, {"b": "SUR"}]}),
+        good(1, nested={"kSUR": 1}),
+        good(1, **{"kSUR": 1}),
+    ],
+    ids=["id", "field", "nested", "nested-key", "key"],
+)
+def test_a_lone_surrogate_is_invalid_json_with_or_without_a_nan_literal(escape, record):
+    """msgspec (the fast path) rejects a lone surrogate escape as invalid JSON; a value that also
+    holds a NaN literal went through json.loads instead, which accepts it, and an id holding it
+    then crashed the service (UnicodeEncodeError encoding the scores topic's key)."""
+    decoder = RecordDecoder(SchemaConfig(**SCHEMA))
+    bad = enc(record).replace(b"SUR", escape.encode())
+    with_nan = bad[:-1] + b', "x": NaN}'
+    batch = decoder.decode([enc(good(0)), bad, with_nan, enc(good(3))])
+    assert list(batch.frame["id"]) == ["r0", "r3"]
+    assert [(r.index, r.error_kind) for r in batch.rejected] == [
+        (1, "invalid_json"),
+        (2, "invalid_json"),
+    ]
+    assert "unpaired UTF-16 surrogate" in batch.rejected[1].error_message
+    # A surrogate *pair* is a character like any other, with or without NaN.
+    pair = enc(record).replace(b"SUR", b"\\ud83d\\ude00")
+    batch = decoder.decode([pair, pair[:-1] + b', "x": NaN}'])
+    assert batch.rejected == [] and batch.n_valid == 2

@@ -20,7 +20,7 @@ from anomaly.errors import BundleError
 from anomaly.synthetic.datasets import write_frame
 from storage.store import AlertStore
 from streams.broker import create_topic
-from streams.replay import replay
+from streams.replay import encode_rows, replay
 from streams.service import ScoringService
 
 from .conftest import (
@@ -432,6 +432,80 @@ def test_micro_batches_take_what_is_ready_and_wait_only_for_a_first_record(
         assert time.monotonic() - waited >= 1.0
     finally:
         service._consumer.close()
+
+
+def test_records_that_used_to_stop_the_service_are_dead_lettered_with_their_reason(
+    sqlite_url, kafka_bootstrap, topic_name, pipeline_file, fraud_records, trained_model, sql
+):
+    """Two bad records that each crashed ``serve``, and again at every restart (the batch was
+    never committed): a 600 kB time string, whose invalid_time message quoted it whole and made
+    its dead letter (value + message header) too large to produce; and an id holding a lone
+    surrogate escape in a value with a NaN literal, decoded by json.loads, which accepts it, and
+    then not encodable as the scores topic's key. Both must be dead letters, the rest scored."""
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    scores_topic = f"{topic_name}.scores"
+    config = pipeline_file(sqlite_url, trained_model.bundle, kafka={"scores_topic": scores_topic})
+    cfg = load_config(config)
+    features = fraud_records.drop(columns=LABELS).iloc[:50]
+    values = encode_rows(features)
+    huge_time = json.loads(values[3]) | {"event_time": "x" * 600_000}
+    values[3] = json.dumps(huge_time).encode()
+    surrogate_id = values[7].replace(b'"id":"', b'"id":"\\ud800', 1)
+    assert surrogate_id != values[7]
+    values[7] = surrogate_id[:-1] + b',"note":NaN}'
+    produce(kafka_bootstrap, topic_name, values)
+
+    service = serve_once(config)
+    assert service.totals.consumed == 50 and service.totals.dead_letters == 2
+    dead = sql(sqlite_url, "SELECT kafka_offset, error_kind, error_message FROM dead_letters")
+    assert [(offset, kind) for offset, kind, _ in sorted(dead)] == [
+        (3, "invalid_time"),
+        (7, "invalid_json"),
+    ]
+    assert all(len(message) < 400 for _, _, message in dead)
+    assert sql(sqlite_url, "SELECT next_offset FROM consumer_offsets") == [(50,)]
+    dlq = consume_all(kafka_bootstrap, cfg.dead_letter_topic, 2)
+    assert sorted(bytes(m.value()) for m in dlq) == sorted([values[3], values[7]])
+    scores = consume_all(kafka_bootstrap, scores_topic, 48)
+    valid = features["id"].drop(index=[3, 7])
+    assert sorted(m.key().decode() for m in scores) == sorted(valid)
+
+
+def test_a_dead_letter_with_a_huge_message_is_produced_with_its_headers_cut(
+    sqlite_url, kafka_bootstrap, topic_name, pipeline_file, trained_model
+):
+    """The size cap of a dead letter counted only its value: a 900 kB value with a 600 kB
+    message header went past the producer's message.max.bytes, produce() raised
+    MSG_SIZE_TOO_LARGE and the service stopped. Each header is cut to 1 KiB, and the headers
+    count in the cap."""
+    from datetime import UTC, datetime
+
+    from storage.records import DeadLetterRecord
+    from streams.outputs import HEADER_MAX_BYTES
+
+    create_topic(kafka_bootstrap, topic_name, partitions=1)
+    cfg = load_config(pipeline_file(sqlite_url, trained_model.bundle))
+    service = ScoringService(cfg)
+    service._producer = service._new_producer()
+    message = "é" * 300_000 + "\ud800"  # not UTF-8 as it is: a lone surrogate at the end
+    dead = DeadLetterRecord(
+        pipeline=cfg.name,
+        kafka_topic=topic_name,
+        kafka_partition=0,
+        kafka_offset=7,
+        raw=b"v" * 900_000,
+        error_kind="invalid_value",
+        error_message=message,
+        created_at=datetime.now(UTC),
+    )
+    service._produce([dead], [])
+    [out] = consume_all(kafka_bootstrap, cfg.dead_letter_topic, 1)
+    headers = dict(out.headers())
+    assert out.value() == dead.raw
+    assert all(len(value) <= HEADER_MAX_BYTES for value in headers.values())
+    cut = headers["error_message"].decode("utf-8")  # cut on a character boundary
+    assert cut.startswith("é" * 400) and cut.endswith("... (truncated, 600006 bytes in all)")
+    assert headers["error_kind"] == b"invalid_value" and headers["source_offset"] == b"7"
 
 
 def test_warm_up_records_pass_every_check_and_reach_the_alert_path(trained_model, fraud_schema):
