@@ -198,6 +198,7 @@ class Notifier:
         self.catch_up = timedelta(seconds=self.alerting.max_catch_up_s)
         # When the last cycle that sent everything due began (None: not since the start).
         self._last_ok: datetime | None = None
+        self._reachable: bool | None = None  # how the last post went (None: none yet)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="alertmanager", daemon=True)
 
@@ -225,6 +226,12 @@ class Notifier:
         if self._last_ok is not None:
             since = max(since, self._last_ok - self.window - CATCH_UP_MARGIN)
         due = self.store.incidents_to_notify(self.pipeline, now, self.resend, since, DUE_LIMIT)
+        if not due and self._reachable is False:
+            # The last post failed and nothing is due now: an empty post (which Alertmanager
+            # accepts) says whether it answers again. Without it the gauge stayed 0 until
+            # something was due: hours on a quiet pipeline, and for a second scorer of the
+            # pipeline whose peer delivered everything first, a page for a healthy Alertmanager.
+            self._post(url, [])
         sent_alerts = 0
         for start in range(0, len(due), POST_CHUNK):
             alerts: list[dict[str, Any]] = []
@@ -235,12 +242,7 @@ class Notifier:
                 )
                 alerts += more
                 sends.append(send)
-            try:
-                post_alerts(url, alerts, self.alerting.timeout_s)
-            except AlertmanagerError:
-                self.metrics.alertmanager_sent("failed", len(alerts))
-                raise
-            self.metrics.set_alertmanager_up(True)
+            self._post(url, alerts)
             self.store.mark_notified(sends, now)
             for alert in alerts:
                 firing = datetime.fromisoformat(alert["endsAt"]) > now
@@ -249,6 +251,19 @@ class Notifier:
         if len(due) < DUE_LIMIT:
             self._last_ok = now
         return sent_alerts
+
+    def _post(self, url: str, alerts: list[dict[str, Any]]) -> None:
+        """Post, keeping ``anomaly_alertmanager_up`` and the failure counts."""
+        try:
+            post_alerts(url, alerts, self.alerting.timeout_s)
+        except AlertmanagerError:
+            self.metrics.alertmanager_sent("failed", len(alerts))
+            self.metrics.alertmanager_error()
+            self.metrics.set_alertmanager_up(False)
+            self._reachable = False
+            raise
+        self.metrics.set_alertmanager_up(True)
+        self._reachable = True
 
     def _run(self) -> None:
         a = self.alerting
@@ -259,8 +274,6 @@ class Notifier:
                 self.run_once()
                 backoff = a.retry_initial_s
             except AlertmanagerError as exc:
-                self.metrics.alertmanager_error()
-                self.metrics.set_alertmanager_up(False)
                 delay = backoff
                 log.warning(
                     "alertmanager unavailable, retrying",

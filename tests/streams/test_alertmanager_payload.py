@@ -7,8 +7,17 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
+
+from anomaly.config import PipelineConfig
+from storage import AlertStore
 from storage.notifications import DueIncident
-from streams.alertmanager import incident_alerts
+from storage.records import SinkBatch
+from streams.alertmanager import AlertmanagerError, Notifier, incident_alerts
+from streams.broker import free_port
+from streams.metrics import ServiceMetrics
+from tests.alertmanager_helpers import ALERTMANAGER, Webhook, start_alertmanager
+from tests.storage.storage_testlib import alert
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 WINDOW, RESEND = timedelta(seconds=600), timedelta(seconds=60)
@@ -81,3 +90,45 @@ def test_a_changed_label_set_resolves_the_one_sent_before() -> None:
     new, stale = incident_alerts(incident(sent=sent_before), NOW, WINDOW, RESEND, None)[0]
     assert new["labels"]["severity"] == "high"
     assert stale["labels"] == old and stale["endsAt"] == "2026-12-04T12:00:00Z"
+
+
+@pytest.mark.skipif(ALERTMANAGER is None, reason="no alertmanager binary")
+def test_a_scorer_with_nothing_due_still_sees_alertmanager_come_back(
+    sqlite_url: str, tmp_path
+) -> None:
+    """Two scorers of one pipeline both fail a post while Alertmanager is down; once it is back,
+    the first delivers everything. The second then has nothing due: its gauge must still go
+    back to 1 (it stayed 0 until something was due again, and AnomalyAlertmanagerUnreachable
+    paged for a healthy Alertmanager)."""
+    port = free_port()
+    cfg = PipelineConfig(name="fraud")
+    cfg.database.url = sqlite_url
+    cfg.alerting.alertmanager_url = f"http://127.0.0.1:{port}"
+    store = AlertStore.from_config(cfg)
+    store.upgrade()
+    now = datetime.now(UTC)
+    store.write_batch(SinkBatch("fraud", alerts=[alert(0, pipeline="fraud", ingest_time=now)]))
+    first, second = ServiceMetrics("fraud"), ServiceMetrics("fraud")
+    scorers = {m: Notifier(cfg, store, m) for m in (first, second)}
+
+    def up(m: ServiceMetrics) -> float | None:
+        return m.registry.get_sample_value("anomaly_alertmanager_up", {"pipeline": "fraud"})
+
+    for metrics, notifier in scorers.items():
+        with pytest.raises(AlertmanagerError):
+            notifier.run_once()
+        assert up(metrics) == 0.0
+    hook = Webhook()
+    proc = start_alertmanager(tmp_path, port, hook.url)
+    try:
+        assert scorers[first].run_once() == 1  # delivers the incident
+        assert up(first) == 1.0
+        assert scorers[second].run_once() == 0  # nothing due: an empty post
+        assert up(second) == 1.0
+        errors = "anomaly_alertmanager_errors_total"
+        assert second.registry.get_sample_value(errors, {"pipeline": "fraud"}) == 1.0
+    finally:
+        proc.terminate()
+        proc.wait()
+        hook.close()
+        store.close()
