@@ -175,9 +175,15 @@ def _fmt(value: Any) -> str:
         return "–"
     if isinstance(value, float):
         return f"{value:.3f}"
-    if isinstance(value, tuple | list) and len(value) == 2:
-        return f"{value[0]:.3f}–{value[1]:.3f}"
+    if isinstance(value, tuple | list):
+        if len(value) == 2 and all(_is_number(x) for x in value):  # a confidence interval
+            return f"{value[0]:.3f}–{value[1]:.3f}"
+        return html.escape(", ".join(map(str, value)))  # e.g. the rescored section's columns
     return html.escape(str(value))
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 def render_html(report: dict[str, Any]) -> str:

@@ -182,10 +182,21 @@ def small_bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
 
     from anomaly.estimator.model import AnomalyModel
 
+    from anomaly.config import SchemaConfig
+
     rng = np.random.default_rng(0)
-    frame = pd.DataFrame(rng.normal(size=(300, 3)), columns=["amount", "n_tx", "hour"])
+    features = ["amount", "n_tx", "hour"]
+    frame = pd.DataFrame(rng.normal(size=(300, 3)), columns=features)
+    frame.insert(0, "id", [f"t{i}" for i in range(len(frame))])
+    schema = SchemaConfig(id_field="id", time_field=None, numeric=features)
     model = AnomalyModel(
-        target_fpr=0.05, seed=0, device="cpu", detectors=["vae"], max_epochs=1, min_steps=0
+        target_fpr=0.05,
+        seed=0,
+        device="cpu",
+        detectors=["vae"],
+        max_epochs=1,
+        min_steps=0,
+        schema=schema,
     )
     model.fit(frame)
     bundle = tmp_path_factory.mktemp("verdicts") / "bundle"
@@ -203,8 +214,11 @@ def test_evaluate_from_db_reports_precision_among_reviewed_alerts(
     import dataclasses
     import json
 
-    far = {"amount": 9.0, "n_tx": 8.0, "hour": 7.0}
-    near = {"amount": 0.1, "n_tx": -0.2, "hour": 0.0}
+    # Records replayed from a labelled file keep its label columns, which the rescoring ignores
+    # (two of them: the report once took such a list for a confidence interval and crashed).
+    labels = {"is_anomaly": 0, "anomaly_kind": "none"}
+    far = {"amount": 9.0, "n_tx": 8.0, "hour": 7.0, **labels}
+    near = {"amount": 0.1, "n_tx": -0.2, "hour": 0.0, **labels}
     rows = [
         alert(i, record={"id": f"r{i}", **(far if i < 3 else near)}, ingest_time=NOW)
         for i in range(6)
@@ -259,6 +273,8 @@ def test_evaluate_from_db_reports_precision_among_reviewed_alerts(
     rescored = json.loads((out / "report.json").read_text())["rescored"]
     assert rescored["flagged_true_positives"] == 3 and rescored["flagged_false_positives"] == 0
     assert rescored["confirmed_still_flagged"] == 1.0
+    assert sorted(rescored["ignored_columns"]) == ["anomaly_kind", "is_anomaly"]
+    assert "is_anomaly, anomaly_kind" in (out / "report.html").read_text()
     assert rescored["auroc_among_reviewed_alerts"] == 1.0
     assert [
         r["model_version"] for r in json.loads((out / "report.json").read_text())["as_alerted"]
