@@ -291,6 +291,10 @@ def _db_grafana_role(args: argparse.Namespace) -> int:
 def _alerts_list(args: argparse.Namespace) -> int:
     import json
 
+    from storage.errors import InvalidArgumentError
+
+    if args.limit < 1:  # PostgreSQL refuses a negative LIMIT, SQLite reads it as no limit
+        raise InvalidArgumentError(f"--limit must be >= 1, got {args.limit}")
     since = cutoff_time(args.since, "--since") if args.since else None
     with open_store(args) as store:
         rows = store.list_alerts(

@@ -77,8 +77,13 @@ def _replay(args: argparse.Namespace) -> int:
     import sys
 
     from anomaly.config import load_config
+    from anomaly.errors import DataError
     from streams.replay import replay
 
+    if args.rate is not None and not args.rate > 0:
+        raise DataError(
+            f"--rate must be > 0 records/s (or left out: as fast as possible), got {args.rate}"
+        )
     cfg = load_config(args.config)
     result = replay(
         cfg,

@@ -42,19 +42,21 @@ def read_records(path: str | Path, cfg: PipelineConfig, limit: int | None = None
     suffix = p.suffix.lower()
     s = cfg.schema
     text_columns = [c for c in (s.id_field, s.entity_field, *s.categorical) if c]
-    if suffix == ".csv":
-        try:
-            frame = pd.read_csv(p, nrows=limit, dtype=dict.fromkeys(text_columns, str))
-        except FileNotFoundError:
-            raise DataError(f"replay data file not found: {p}") from None
-    elif suffix in (".parquet", ".pq"):
-        if not p.exists():
-            raise DataError(f"replay data file not found: {p}")
-        frame = pd.read_parquet(p)
-        if limit is not None:
-            frame = frame.iloc[:limit]
-    else:
+    if limit is not None and limit < 0:
+        raise DataError(f"--limit must be >= 0, got {limit}")
+    if suffix not in (".csv", ".parquet", ".pq"):
         raise DataError(f"replay data must be .csv or .parquet: {p}")
+    if not p.is_file():
+        raise DataError(f"replay data file not found: {p}")
+    try:
+        if suffix == ".csv":
+            frame = pd.read_csv(p, nrows=limit, dtype=dict.fromkeys(text_columns, str))
+        else:
+            frame = pd.read_parquet(p)
+            if limit is not None:
+                frame = frame.iloc[:limit]
+    except (ValueError, OSError) as exc:  # pandas' and pyarrow's parse errors are ValueErrors
+        raise DataError(f"cannot read replay data file {p}: {' '.join(str(exc).split())}") from None
     missing = [c for c in (s.id_field, *s.features) if c not in frame.columns]
     if missing:
         raise DataError(f"{p} lacks the schema field(s): {', '.join(missing)}")

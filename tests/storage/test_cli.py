@@ -73,6 +73,9 @@ def test_db_prune(seeded: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert "'1000000d': reaches back before the year 1" in capsys.readouterr().err
     assert main(["alerts", "list", "--db", seeded, "--since", "9999999999d"]) == 2
     assert "--since '9999999999d': too long a duration" in capsys.readouterr().err
+    # PostgreSQL refuses a negative LIMIT and SQLite reads it as none: refused on both.
+    assert main(["alerts", "list", "--db", seeded, "--limit", "-1"]) == 2
+    assert "--limit must be >= 1, got -1" in capsys.readouterr().err
 
 
 def test_url_from_environment_and_from_pipeline_config(

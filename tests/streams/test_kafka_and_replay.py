@@ -84,3 +84,22 @@ def test_replay_rejects_a_file_without_the_schema_fields(tmp_path, pipeline_file
     data = tmp_path / "bad.csv"
     data.write_text("id,amount\n1,2\n")
     assert cli_main(["replay", "--config", str(config), "--data", str(data)]) == 2
+
+
+def test_replay_names_an_unreadable_file_or_a_bad_limit_in_one_line(
+    tmp_path, pipeline_file, sqlite_url, capsys
+):
+    """Checked before any broker is asked: no broker runs here."""
+    replay = ["replay", "--config", str(pipeline_file(sqlite_url, None))]
+    empty, parquet_of_text = tmp_path / "empty.csv", tmp_path / "text.parquet"
+    empty.write_text("")
+    parquet_of_text.write_text("id,amount\n1,2\n")
+    for argv, needle in [
+        (["--data", str(empty)], f"cannot read replay data file {empty}"),
+        (["--data", str(parquet_of_text)], f"cannot read replay data file {parquet_of_text}"),
+        (["--data", str(empty), "--limit", "-3"], "--limit must be >= 0, got -3"),
+        (["--data", str(empty), "--rate", "0"], "--rate must be > 0 records/s"),
+    ]:
+        assert cli_main([*replay, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and needle in err, err
