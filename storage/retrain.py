@@ -119,6 +119,7 @@ def retrain(
     """Train, shadow-score and register a new version of ``cfg``'s pipeline (module docstring).
 
     ``model_overrides`` go to ``AnomalyModel.from_config`` (tests pass small budgets)."""
+    from anomaly.estimator.bundle import check_bundle_directory
     from anomaly.estimator.model import AnomalyModel
 
     if not 0.0 <= holdout < 1.0:
@@ -132,6 +133,8 @@ def retrain(
             f"{MIN_TRAIN_ROWS} (widen --since or wait for traffic)"
         )
     active = _load_active(store, cfg)
+    if out is not None:
+        check_bundle_directory(out)  # before the training, not after it
 
     model = AnomalyModel.from_config(cfg, **{"progress": False, **model_overrides})
     model.fit(train.reset_index(drop=True))

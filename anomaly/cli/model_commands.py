@@ -150,17 +150,20 @@ def _train(args: argparse.Namespace) -> int:
     import sys
 
     from anomaly.config import load_config
+    from anomaly.estimator.bundle import check_bundle_directory, json_safe
     from anomaly.estimator.model import AnomalyModel
 
     cfg = load_config(args.config)
     overrides = {"progress": False} if args.no_progress else {}
-    # Before the data is read: a bad config is reported without waiting for a large file.
+    # Before the data is read: a bad config or output is reported without waiting for a large
+    # file, or for the training.
     model = AnomalyModel.from_config(cfg, **overrides)
+    check_bundle_directory(args.out)
     frame = read_table(args.data)
     model.fit(frame)
     version = model.save(args.out)
-    summary = {"version": version, "bundle": args.out, **model.metrics_}
-    print(json.dumps(summary, indent=2, default=str), file=sys.stdout)
+    summary = json_safe({"version": version, "bundle": args.out, **model.metrics_})
+    print(json.dumps(summary, indent=2, default=str, allow_nan=False), file=sys.stdout)
     return 0
 
 

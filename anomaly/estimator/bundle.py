@@ -93,7 +93,7 @@ def content_sha256(manifest: dict[str, Any]) -> str:
 def seal_manifest(manifest: dict[str, Any]) -> bytes:
     """manifest.json bytes with ``content_sha256`` set (what ``save_bundle`` writes)."""
     # Through JSON and back first: the digest must be of what a loader will parse.
-    parsed = json.loads(json.dumps(_json_safe(manifest)))
+    parsed = json.loads(json.dumps(json_safe(manifest)))
     parsed[CONTENT_KEY] = content_sha256(parsed)
     return json.dumps(parsed, indent=2, sort_keys=True).encode()
 
@@ -114,11 +114,11 @@ def _library_versions() -> dict[str, str]:
     }
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.generic):
         value = value.item()  # and on: a NumPy NaN is as invalid in JSON as a Python one
     if isinstance(value, float) and not np.isfinite(value):
@@ -126,13 +126,22 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def check_bundle_directory(path: str | os.PathLike[str]) -> None:
+    """Refuse a bundle path that is a file or a directory with something in it: ``save_bundle``
+    never overwrites. Commands call it before training too, not to find out after it."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise BundleError(f"bundle directory {out} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise BundleError(f"bundle directory {out} exists and is not empty")
+
+
 def save_bundle(model: Any, path: str | os.PathLike[str]) -> str:
     """Write ``model`` (a fitted ``AnomalyModel``) to the directory ``path`` (created; must be
     empty if it exists)."""
     model._check_fitted()
     out = Path(path)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise BundleError(f"bundle directory {out} exists and is not empty")
+    check_bundle_directory(out)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, bytes] = {}
     detectors: dict[str, Any] = {}
@@ -143,15 +152,15 @@ def save_bundle(model: Any, path: str | os.PathLike[str]) -> str:
         params.update({"device": "cpu", "progress": False})
         detectors[name] = {
             "class": type(det).__name__,
-            "params": _json_safe(params),
+            "params": json_safe(params),
             "n_features": det.n_features_in_,
-            "architecture": _json_safe(det.architecture()),
-            "extra": _json_safe(det.extra_state()),
+            "architecture": json_safe(det.architecture()),
+            "extra": json_safe(det.extra_state()),
             "tensors": {
                 k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                 for k, v in tensors.items()
             },
-            "training": _json_safe(model.training_["detectors"].get(name, {})),
+            "training": json_safe(model.training_["detectors"].get(name, {})),
         }
     cal_tensors = {
         name: torch.from_numpy(np.ascontiguousarray(cal.scores_, dtype=np.float64))
@@ -172,8 +181,8 @@ def save_bundle(model: Any, path: str | os.PathLike[str]) -> str:
         "calibration": {name: cal.to_dict() for name, cal in model.calibrators_.items()},
         "ensemble_weights": list(model.ensemble_weights_),
         "calibration_tensors": {name: len(cal.scores_) for name, cal in model.calibrators_.items()},
-        "metrics": _json_safe({k: v for k, v in model.metrics_.items() if k != "training"}),
-        "training_data": _json_safe({k: v for k, v in model.training_.items() if k != "detectors"}),
+        "metrics": json_safe({k: v for k, v in model.metrics_.items() if k != "training"}),
+        "training_data": json_safe({k: v for k, v in model.training_.items() if k != "detectors"}),
         "version": model._version,  # set explicitly by the user, else None
         "files": {
             fname: {"sha256": _sha256(data), "bytes": len(data)} for fname, data in files.items()

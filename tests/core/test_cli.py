@@ -58,8 +58,10 @@ def test_train_score_inspect_end_to_end(config_file, frame_problem, tmp_path, ca
         )
         == 0
     )
-    summary = json.loads(capsys.readouterr().out)
+    # Strict JSON: the knn members have no validation loss, which is null, not NaN.
+    summary = json.loads(capsys.readouterr().out, parse_constant=pytest.fail)
     assert summary["target_fpr"] == 0.01 and len(summary["version"]) == 12
+    assert summary["training"]["detectors"]["knn"]["best_val_loss"] is None
 
     rows = pd.concat([normal, anomalous], ignore_index=True)
     rows_parquet = tmp_path / "rows.parquet"
@@ -113,6 +115,13 @@ def test_user_errors_print_without_traceback(config_file, frame_problem, tmp_pat
         == 2
     )
     assert "is empty" in capsys.readouterr().err
+    # An output directory in use is refused before the data is read (and the training run).
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "model.txt").write_text("another model")
+    argv = ["train", "--config", str(config_file), "--data", str(empty), "--out", str(used)]
+    assert main(argv) == 2
+    assert f"bundle directory {used} exists and is not empty" in capsys.readouterr().err
 
     bad = train.head(300).astype({"amount": object})
     bad.loc[42, "amount"] = "12,50 EUR"
