@@ -180,9 +180,8 @@ def small_bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
     import numpy as np
     import pandas as pd
 
-    from anomaly.estimator.model import AnomalyModel
-
     from anomaly.config import SchemaConfig
+    from anomaly.estimator.model import AnomalyModel
 
     rng = np.random.default_rng(0)
     features = ["amount", "n_tx", "hour"]
