@@ -29,8 +29,11 @@ PROBE_TIMEOUT_S = 10.0
 @dataclass
 class ServiceState:
     assigned: set[tuple[str, int]] = field(default_factory=set)
-    # Offsets written to the database but not yet committed to Kafka (a failed commit).
+    # Offsets the database holds that are not yet committed to Kafka (a failed commit, or a
+    # partition just positioned at its stored offset): committed by ``_commit_pending``.
     uncommitted: dict[tuple[str, int], int] = field(default_factory=dict)
+    # Not before this (monotonic time) does an idle loop retry a failed Kafka commit.
+    commit_retry_at: float = 0.0
     # Bumped by every rebalance callback: a batch held across one is dropped (see
     # streams.service, "When a batch is dropped").
     generation: int = 0
@@ -49,8 +52,8 @@ class ServiceState:
 
 class PartitionsMixin:
     """Partition state and offset checks of ``ScoringService`` (its attributes: ``cfg``,
-    ``pipeline``, ``topic``, ``state``, ``metrics``, ``health``, ``store``, ``_consumer`` and
-    ``_database_up``)."""
+    ``pipeline``, ``topic``, ``state``, ``metrics``, ``health``, ``store``, ``_consumer``,
+    ``_database_up`` and, from the sink, ``_commit_pending``)."""
 
     cfg: Any
     pipeline: str
@@ -61,6 +64,7 @@ class PartitionsMixin:
     store: Any
     _consumer: Any
     _database_up: Any
+    _commit_pending: Any
 
     # -- rebalance callbacks (run inside consume()) -------------------------------------------
 
@@ -74,6 +78,9 @@ class PartitionsMixin:
         keys = {(tp.topic, tp.partition) for tp in partitions}
         self.state.generation += 1  # a held batch is dropped (streams.service)
         self.state.assigned = keys
+        # Anything still pending was written after its partition was revoked (a zombie's batch):
+        # positioning commits the database's offset of each partition instead.
+        self.state.uncommitted.clear()
         self.state.unpositioned = set(keys)
         self.state.stopped.clear()
         self.state.position.clear()
@@ -204,6 +211,10 @@ class PartitionsMixin:
                         continue
                     self._consumer.seek(TopicPartition(topic, partition, offset))
                     state.position[key] = offset
+                    # Kafka's committed offset may lag the database's (a crash between the
+                    # write and the commit, a failed commit) and the lag metric is measured
+                    # from it: commit the stored offset, which the database already holds.
+                    state.uncommitted[key] = offset
                 self._consumer.resume([TopicPartition(topic, partition)])
             except KafkaException as exc:
                 # The broker did not answer (or the seek failed): try again shortly.
@@ -222,6 +233,8 @@ class PartitionsMixin:
                 continue
             state.unpositioned.discard(key)
             positioned.append((partition, offset))
+        if state.uncommitted:
+            self._commit_pending()  # one commit for all; a failure stays pending, retried
         if positioned:
             log.info(
                 "partitions positioned",

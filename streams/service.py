@@ -10,7 +10,8 @@ One loop, in clean steps (after Sentry Arroyo: the Kafka commit comes only after
 4. ``sink``: dead letters to the dead-letter topic and scores to the optional scores topic,
    flushed; then one database transaction with alerts, incidents, dead letters, per-minute
    statistics and the next offset of every partition (``AlertStore.write_batch``).
-5. ``commit``: only now the offsets go to Kafka (synchronously).
+5. ``commit``: only now the offsets go to Kafka (synchronously); a failed commit is retried
+   after the next batch or, while the stream is quiet, on an idle pass of the loop.
 
 The pipeline: steps 2-3 of a batch run on a worker thread (``_prepare``, which touches no
 consumer or partition state) while this thread writes and commits the batch before it (steps
@@ -303,6 +304,11 @@ class ScoringService(
                 in_flight = following
                 if in_flight is not None or messages:
                     continue
+                if self.state.uncommitted and time.monotonic() >= self.state.commit_retry_at:
+                    # A failed commit is retried after the next batch, but a quiet stream has
+                    # none: the lag gauge would show a backlog that is not there (Kafka's
+                    # committed offset behind the database's) for as long as it stays quiet.
+                    self._commit_pending()
                 if self._drift is not None:  # a window closes on the clock, traffic or not
                     self._drift_windows(self._drift.tick(datetime.now(UTC)))
                 idle = time.monotonic() - self.state.last_activity

@@ -26,6 +26,9 @@ from streams.models import LoadedModel
 
 log = logging.getLogger("streams.service")
 
+# How long an idle loop waits before it retries a failed Kafka commit (a batch retries at once).
+COMMIT_RETRY_S = 10.0
+
 
 @dataclass
 class Prepared:
@@ -151,15 +154,23 @@ class SinkMixin:
         return self._until_done(attempt, generation, messages)
 
     def _commit(self, offsets: list[OffsetRecord]) -> None:
-        from confluent_kafka import KafkaException, TopicPartition
-
+        """Commit a written batch's offsets to Kafka, with any a failed commit left pending."""
         pending = self.state.uncommitted
         for o in offsets:
             pending[(o.kafka_topic, o.kafka_partition)] = o.next_offset
+        self._commit_pending()
+
+    def _commit_pending(self) -> None:
+        """Commit to Kafka the pending offsets of assigned partitions (synchronously). Only
+        offsets the database already holds are ever pending: a written batch's, those a
+        partition was positioned at, those of a commit that failed. On failure they stay
+        pending, retried after the next batch or on an idle loop pass (``COMMIT_RETRY_S``)."""
+        from confluent_kafka import KafkaException, TopicPartition
+
+        state = self.state
+        pending = state.uncommitted
         tps = [
-            TopicPartition(t, p, off)
-            for (t, p), off in pending.items()
-            if (t, p) in self.state.assigned
+            TopicPartition(t, p, off) for (t, p), off in pending.items() if (t, p) in state.assigned
         ]
         if not tps:
             return
@@ -167,8 +178,11 @@ class SinkMixin:
             self._consumer.commit(offsets=tps, asynchronous=False)
         except KafkaException as exc:
             # The database already holds these offsets and the next assignment seeks to them;
-            # a lost Kafka commit costs nothing but lag accounting. Try again after the next batch.
+            # a lost Kafka commit costs nothing but lag accounting (anomaly_consumer_lag is
+            # measured from Kafka's committed offset, so it stays up until a commit succeeds).
             log.warning("Kafka commit failed (offsets are safe in the database): %s", exc)
+            # A commit with the broker down blocks for seconds: the idle loop waits this long.
+            state.commit_retry_at = time.monotonic() + COMMIT_RETRY_S
             return
         for tp in tps:
             pending.pop((tp.topic, tp.partition), None)
