@@ -22,6 +22,7 @@ HEADER = 5  # magic byte + 4-byte schema id
 # How long an id the registry does not know stays unknown: its records are dead-lettered
 # without asking again (not one request per record), and an id registered later is found.
 UNKNOWN_ID_TTL_S = 30.0
+MAX_UNKNOWN_IDS = 1024  # unknown ids remembered at once (WriterSchemas._remember_unknown)
 _TIMESTAMP_UNITS = {"timestamp-millis": 1_000_000, "timestamp-micros": 1_000}
 
 
@@ -152,11 +153,20 @@ class WriterSchemas:
         try:
             writer = self._fetch(schema_id)
         except _Bad as bad:
-            self._unknown[schema_id] = (clock.monotonic() + UNKNOWN_ID_TTL_S, bad.message)
+            self._remember_unknown(schema_id, bad.message)
             raise
         self._unknown.pop(schema_id, None)
         self._known[schema_id] = writer
         return writer
+
+    def _remember_unknown(self, schema_id: int, why: str) -> None:
+        """Not asked again for ``UNKNOWN_ID_TTL_S``; at most ``MAX_UNKNOWN_IDS`` remembered, the
+        oldest forgotten first: garbage whose first byte is 0 reads as ever new schema ids, and
+        one entry per id kept them all (~240 bytes each, for as long as the service ran)."""
+        self._unknown.pop(schema_id, None)  # re-inserted last: the newest
+        while len(self._unknown) >= MAX_UNKNOWN_IDS:
+            self._unknown.pop(next(iter(self._unknown)))
+        self._unknown[schema_id] = (clock.monotonic() + UNKNOWN_ID_TTL_S, why)
 
     def _fetch(self, schema_id: int) -> WriterSchema:
         from confluent_kafka.schema_registry.error import SchemaRegistryError

@@ -347,6 +347,25 @@ def test_registry_unknown_and_incompatible_schemas_are_dead_lettered(fraud_schem
     assert registry.asked_for(99) == 1
 
 
+def test_unknown_schema_ids_are_remembered_up_to_a_bound(fraud_schema, tmp_path, monkeypatch):
+    """Garbage whose first byte is 0 reads as ever new schema ids: each is dead-lettered, and
+    the ids remembered as unknown (not asked again for a while) stay bounded, oldest forgotten
+    first (one entry per id, kept for the life of the service, before)."""
+    from streams import avro_schemas
+
+    monkeypatch.setattr(avro_schemas, "MAX_UNKNOWN_IDS", 8)
+    row = avro_rows(generate_fraud(10, seed=7).drop(columns=LABELS).iloc[:1])[0]
+    with SchemaRegistryStandIn() as registry:
+        decoder = make_decoder(
+            avro_config(fraud_schema, tmp_path, schema_registry_url=registry.url)
+        )
+        batch = decoder.decode([framed(1000 + i, writer_v2(), row) for i in range(20)])
+        assert [r.error_kind for r in batch.rejected] == ["unknown_schema"] * 20
+        assert list(decoder.registry._unknown) == list(range(1012, 1020))
+        decoder.decode([framed(1019, writer_v2(), row)])  # still remembered: not asked again
+        assert registry.asked_for(1019) == 1
+
+
 def test_writer_times_beyond_a_long_in_the_files_unit_are_invalid_times(fraud_schema, tmp_path):
     """Milliseconds near the largest long do not fit a long as the file's microseconds: an
     invalid time, the same column by column and record by record (not an overflow error)."""
