@@ -68,6 +68,7 @@ def test_services_health_checks_and_profiles():
         "scorer-manufacturing-gpu",
         "train",
         "replay",
+        "retention",
         "prometheus",
         "alertmanager",
         "grafana",
@@ -94,6 +95,9 @@ def test_services_health_checks_and_profiles():
         for svc in (services[name], gpu):
             assert svc["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
     assert "anomaly db upgrade" in services["migrate"]["command"][0]
+    # The tables grow with the traffic: a default stack prunes them daily (30 days kept).
+    assert "anomaly db prune --older-than 30d" in services["retention"]["command"][0]
+    assert "profiles" not in services["retention"]  # with the CPU and with the GPU scorers
     assert services["replay"]["depends_on"]["train"]["condition"] == (
         "service_completed_successfully"
     )
