@@ -20,7 +20,7 @@ from storage.store import AlertStore
 from streams.broker import create_topic
 
 from .conftest import committed_offsets, produce
-from .test_offset_safety import Running, _metric, _values, _wait
+from .test_offset_safety import Running, _values, _wait
 
 pytestmark = [pytest.mark.kafka]
 
@@ -52,87 +52,67 @@ def _setup(tmp_path, pipeline_file, kafka_bootstrap, topic_name, trained_model, 
     return config, cfg, store
 
 
-def test_positioning_commits_the_stored_offset_so_an_idle_service_shows_no_lag(
-    tmp_path, pipeline_file, kafka_bootstrap, topic_name, trained_model, fraud_records
-):
-    """Nothing is left to read; positioning at the database's offset must also commit it, so
-    the lag gauge reads 0. (Before: Kafka stayed at 4 and the gauge at 16 while idle.)"""
+def _wait_committed(bootstrap: str, topic: str, group: str, offset: int, what: str) -> None:
+    _wait(lambda: committed_offsets(bootstrap, topic, group) == {0: offset}, 30, what)
+
+
+@pytest.fixture
+def caught_up(tmp_path, pipeline_file, kafka_bootstrap, topic_name, trained_model, fraud_records):
+    """The service started on that state, once Kafka's committed offset has reached the
+    database's (positioning commits the offset it seeks to): (running service, config, store)."""
     config, cfg, store = _setup(
         tmp_path, pipeline_file, kafka_bootstrap, topic_name, trained_model, fraud_records
     )
-    running = Running(config)
-    try:
-        service = running.service
-        _wait(
-            lambda: committed_offsets(kafka_bootstrap, topic_name, cfg.group_id) == {0: RECORDS},
-            30,
-            "Kafka's committed offset to reach the database's",
+    with store, Running(config) as running:
+        _wait_committed(
+            kafka_bootstrap, topic_name, cfg.group_id, RECORDS, "positioning to commit it"
         )
-        # librdkafka reports lag every statistics interval (5 s): it must come down to 0.
-        lag = {"topic": topic_name, "partition": "0"}
-        _wait(
-            lambda: (
-                service.metrics.registry.get_sample_value(
-                    "anomaly_consumer_lag", {"pipeline": service.pipeline, **lag}
-                )
-                == 0
-            ),
-            20,
-            "the lag gauge to read 0",
-        )
-        assert running.alive(), f"the service ended: {running.result}"
-        # Nothing was read again: the database's offset is where the service started.
-        assert service.totals.consumed == 0
-        assert store.load_offsets(cfg.name, topic_name) == {0: RECORDS}
-        assert running.stop() == 0
-        running = None
-    finally:
-        if running is not None:
-            running.service.stop()
-            running.thread.join(60)
-        store.close()
+        yield running, cfg, store
+
+
+def test_positioning_commits_the_stored_offset_so_an_idle_service_shows_no_lag(
+    caught_up, topic_name
+):
+    """Nothing is left to read; positioning at the database's offset must also commit it (the
+    fixture waits for that), so the lag gauge reads 0. (Before: Kafka stayed at 4 and the gauge
+    at 16 while idle.)"""
+    running, cfg, store = caught_up
+    service = running.service
+    # librdkafka reports lag every statistics interval (5 s): it must come down to 0.
+    lag = {"pipeline": service.pipeline, "topic": topic_name, "partition": "0"}
+    registry = service.metrics.registry
+    _wait(
+        lambda: registry.get_sample_value("anomaly_consumer_lag", lag) == 0,
+        20,
+        "the lag gauge to read 0",
+    )
+    assert running.alive(), f"the service ended: {running.result}"
+    # Nothing was read again: the database's offset is where the service started.
+    assert service.totals.consumed == 0
+    assert store.load_offsets(cfg.name, topic_name) == {0: RECORDS}
+    assert running.stop() == 0
 
 
 def test_a_failed_commit_is_retried_while_the_stream_is_quiet(
-    tmp_path, pipeline_file, kafka_bootstrap, topic_name, trained_model, fraud_records
+    caught_up, kafka_bootstrap, topic_name
 ):
     """A commit that failed leaves the database's offset pending (``state.uncommitted``) and
     Kafka's behind; with no next batch to retry after, the idle loop must commit it. (Before:
     it stayed pending, and the lag gauge up, until a record arrived.)"""
-    config, cfg, store = _setup(
-        tmp_path, pipeline_file, kafka_bootstrap, topic_name, trained_model, fraud_records
+    running, cfg, _ = caught_up
+    service = running.service
+    # Kafka's offset goes back, as if the last commit had been lost, through the member itself
+    # (the broker refuses commits for the group from anyone else), and the offset the database
+    # holds is pending, as ``_commit_pending`` leaves it after a failure.
+    key = (topic_name, 0)
+    service._consumer.commit(
+        offsets=[TopicPartition(topic_name, 0, LOST_COMMIT)], asynchronous=False
     )
-    running = Running(config)
-    try:
-        service = running.service
-        _wait(
-            lambda: committed_offsets(kafka_bootstrap, topic_name, cfg.group_id) == {0: RECORDS},
-            30,
-            "positioning to commit the database's offset",
-        )
-        # Kafka's offset goes back, as if the last commit had been lost, through the member
-        # itself (the broker refuses commits for the group from anyone else), and the offset
-        # the database holds is pending, as ``_commit_pending`` leaves it after a failure.
-        key = (topic_name, 0)
-        service._consumer.commit(
-            offsets=[TopicPartition(topic_name, 0, LOST_COMMIT)], asynchronous=False
-        )
-        assert committed_offsets(kafka_bootstrap, topic_name, cfg.group_id) == {0: LOST_COMMIT}
-        service.state.uncommitted[key] = RECORDS
-        started = time.monotonic()
-        _wait(
-            lambda: committed_offsets(kafka_bootstrap, topic_name, cfg.group_id) == {0: RECORDS},
-            15,
-            "the idle loop to retry the pending commit",
-        )
-        assert time.monotonic() - started < 15
-        assert key not in service.state.uncommitted
-        assert service.totals.consumed == 0
-        assert _metric(service, "anomaly_records_consumed_total") == 0
-        assert running.stop() == 0
-        running = None
-    finally:
-        if running is not None:
-            running.service.stop()
-            running.thread.join(60)
-        store.close()
+    assert committed_offsets(kafka_bootstrap, topic_name, cfg.group_id) == {0: LOST_COMMIT}
+    service.state.uncommitted[key] = RECORDS
+    started = time.monotonic()
+    _wait_committed(kafka_bootstrap, topic_name, cfg.group_id, RECORDS, "the idle loop's retry")
+    assert time.monotonic() - started < 15
+    assert key not in service.state.uncommitted
+    assert service.totals.consumed == 0
+    assert running.stop() == 0

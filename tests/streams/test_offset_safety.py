@@ -76,6 +76,14 @@ class Running:
         assert not self.thread.is_alive(), "the service did not stop"
         return self.result[0]
 
+    def __enter__(self) -> Running:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.thread.is_alive():  # a failed test: stop it all the same
+            self.service.stop()
+            self.thread.join(60)
+
 
 def _metric(service: ScoringService, name: str, **labels: str) -> float:
     labels = {"pipeline": service.pipeline, **labels}
