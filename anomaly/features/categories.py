@@ -26,7 +26,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from anomaly.features.columns import arrow_strings
+from anomaly.errors import DataError
+from anomaly.features.columns import arrow_strings, row_label
 
 
 def category_text(value: Any) -> str:
@@ -55,6 +56,36 @@ def fit_categories(column: pd.Series, max_categories: int) -> tuple[list[str], s
     ordered = sorted(_counts(column).items(), key=lambda kv: (-kv[1], kv[0]))
     vocabulary = sorted(k for k, _ in ordered[:max_categories])
     return vocabulary, ordered[0][0] if ordered and max_categories > 0 else None
+
+
+def fit_categorical(
+    frame: pd.DataFrame, names: list[str], max_categories: int, impute: bool, rare: float
+) -> tuple[dict[str, list[str]], dict[str, str], dict[str, float], dict[str, CategoryLookup]]:
+    """Per categorical column: its vocabulary; under ``impute`` the category a missing value
+    takes, its most frequent one (none for a column without any value: the unseen bucket takes
+    it); and what a category training never showed sets in the unseen bucket: ``rare``, the
+    rarity flag, where no training row fell in the bucket, else 1
+    (``anomaly.features.preprocess``); and the lookups built on the way. A DataError names a
+    missing value when not ``impute``."""
+    vocabularies: dict[str, list[str]] = {}
+    lookups: dict[str, CategoryLookup] = {}
+    imputed: dict[str, str] = {}
+    unseen: dict[str, float] = {}
+    for name in names:
+        column = frame[name]
+        missing = column.isna().to_numpy()
+        if not impute and missing.any():
+            position = row_label(frame, int(np.flatnonzero(missing)[0]))
+            raise DataError(f"column '{name}', {position}: value is missing")
+        vocabularies[name], mode = fit_categories(column, max_categories)
+        if impute and mode is not None:
+            imputed[name] = mode
+        lookups[name] = CategoryLookup(vocabularies[name])
+        in_bucket = lookups[name].codes(column)[0] < 0
+        if name in imputed:  # missing values go to the imputed category
+            in_bucket &= ~missing
+        unseen[name] = 1.0 if in_bucket.any() else rare
+    return vocabularies, imputed, unseen, lookups
 
 
 def _counts(column: pd.Series) -> Counter[str]:

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy.special import ndtri
@@ -38,6 +39,27 @@ class NumericParams:
     # column the knots between two levels carry no mass, which the knots' normal images cannot
     # tell. None in bundles from before it (``anomaly.monitoring.drift.knot_spans``).
     cdf: list[float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe, as the bundle manifest stores it."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, v: dict[str, Any]) -> NumericParams:
+        """From ``to_dict``'s form; mean, std and cdf are missing in bundles saved before them."""
+
+        def floats(key: str) -> list[float] | None:
+            return None if v.get(key) is None else [float(x) for x in v[key]]
+
+        return cls(
+            median=float(v["median"]),
+            scale=float(v["scale"]),
+            knots=floats("knots") or [],
+            normal=floats("normal") or [],
+            mean=None if v.get("mean") is None else float(v["mean"]),
+            std=None if v.get("std") is None else float(v["std"]),
+            cdf=floats("cdf"),
+        )
 
 
 def never_seen_scale(n: int) -> float:

@@ -59,7 +59,7 @@ import pandas as pd
 
 from anomaly.config import SchemaConfig
 from anomaly.errors import DataError, NotFittedError
-from anomaly.features.categories import CategoryLookup, fit_categories
+from anomaly.features.categories import CategoryLookup, fit_categorical
 from anomaly.features.columns import (
     arrow_strings,
     finite_or_missing_column,
@@ -151,29 +151,13 @@ class Preprocessor:
             self.numeric_params_[name] = fit_numeric_params(
                 name, finite, self.numeric_transform, self.n_quantiles
             )
-        self.categories_: dict[str, list[str]] = {}
-        # Under impute, a missing category takes the column's most frequent one (module
-        # docstring); a column with no value at all keeps it in the unseen bucket.
-        self.impute_category_: dict[str, str] = {}
-        for name in self.categorical_:
-            col = frame[name]
-            if self.missing_ == "reject" and col.isna().any():
-                pos = int(np.flatnonzero(col.isna().to_numpy())[0])
-                raise DataError(f"column '{name}', {row_label(frame, pos)}: value is missing")
-            self.categories_[name], mode = fit_categories(col, self.max_categories)
-            if self.missing_ == "impute" and mode is not None:
-                self.impute_category_[name] = mode
         # What a category training never showed sets in its column's unseen bucket: a flag of
         # its rarity where the bucket took no training row (module docstring), else 1.
         rare = min(1.0 / never_seen_scale(len(frame)), self.clip)
-        lookups = self._lookups()
-        self.unseen_value_: dict[str, float] = {}
-        for name, lookup in lookups.items():
-            codes, _ = lookup.codes(frame[name])
-            in_bucket = codes < 0
-            if name in self.impute_category_:  # missing values went to the imputed category
-                in_bucket &= frame[name].notna().to_numpy()
-            self.unseen_value_[name] = 1.0 if in_bucket.any() else rare
+        fitted = fit_categorical(
+            frame, self.categorical_, self.max_categories, self.missing_ == "impute", rare
+        )
+        self.categories_, self.impute_category_, self.unseen_value_, lookups = fitted
         self._build_output_layout(lookups)
         return self
 
@@ -497,18 +481,7 @@ class Preprocessor:
             "missing": self.missing_,
             "numeric": self.numeric_,
             "categorical": self.categorical_,
-            "numeric_params": {
-                k: {
-                    "median": v.median,
-                    "scale": v.scale,
-                    "knots": v.knots,
-                    "normal": v.normal,
-                    "mean": v.mean,
-                    "std": v.std,
-                    "cdf": v.cdf,
-                }
-                for k, v in self.numeric_params_.items()
-            },
+            "numeric_params": {k: v.to_dict() for k, v in self.numeric_params_.items()},
             "categories": self.categories_,
             "unseen_values": self.unseen_value_,
             "impute_categories": self.impute_category_,
@@ -528,16 +501,7 @@ class Preprocessor:
         pre.numeric_ = [str(c) for c in data["numeric"]]
         pre.categorical_ = [str(c) for c in data["categorical"]]
         pre.numeric_params_ = {
-            k: NumericParams(
-                median=float(v["median"]),
-                scale=float(v["scale"]),
-                knots=[float(x) for x in v["knots"]],
-                normal=[float(x) for x in v["normal"]],
-                mean=None if v.get("mean") is None else float(v["mean"]),
-                std=None if v.get("std") is None else float(v["std"]),
-                cdf=None if v.get("cdf") is None else [float(x) for x in v["cdf"]],
-            )
-            for k, v in data["numeric_params"].items()
+            k: NumericParams.from_dict(v) for k, v in data["numeric_params"].items()
         }
         pre.categories_ = {k: [str(c) for c in v] for k, v in data["categories"].items()}
         # Bundles saved before the rarity flag set 1 for a new category too, as calibrated.
