@@ -230,7 +230,8 @@ def end_to_end_latency() -> Panel:
         _p50_p99("anomaly_end_to_end_seconds", "pipeline", "{{pipeline}}"),
         datasource=PROMETHEUS,
         unit="s",
-        description="From a record's Kafka timestamp to its alert being committed.",
+        description="From a record's event time (schema.time_field) to its batch being "
+        "committed: producer and broker delays are in it, and so is any lateness of the events.",
     )
 
 
