@@ -294,8 +294,9 @@ class Database:
         except StorageError:
             raise
         except Exception as exc:
-            # The raw psycopg connection (COPY) raises the driver's own errors, unwrapped.
-            if is_retryable(exc) or _is_driver_error(exc):
+            # The raw psycopg connection (COPY) raises the driver's own errors, unwrapped (the
+            # retryable ones among them: SQLAlchemy's were caught above).
+            if _is_driver_error(exc):
                 raise self.translate(exc, what, committing) from exc
             raise
 
