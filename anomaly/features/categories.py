@@ -44,15 +44,11 @@ def category_text(value: Any) -> str:
     return str(value)
 
 
-def fit_vocabulary(column: pd.Series, max_categories: int) -> list[str]:
-    """The ``max_categories`` most frequent values of ``column`` as ``category_text`` (ties by
-    name), sorted, so the vocabulary and the one-hot layout are deterministic."""
-    return fit_categories(column, max_categories)[0]
-
-
 def fit_categories(column: pd.Series, max_categories: int) -> tuple[list[str], str | None]:
-    """``fit_vocabulary``'s vocabulary and the most frequent category (ties by name; None when
-    every value is missing), what a missing value is imputed with."""
+    """The vocabulary: the ``max_categories`` most frequent values of ``column`` as
+    ``category_text`` (ties by name), sorted, so the one-hot layout is deterministic; and the
+    most frequent category (ties by name; None when every value is missing), what a missing
+    value is imputed with."""
     ordered = sorted(_counts(column).items(), key=lambda kv: (-kv[1], kv[0]))
     vocabulary = sorted(k for k, _ in ordered[:max_categories])
     return vocabulary, ordered[0][0] if ordered and max_categories > 0 else None

@@ -339,14 +339,11 @@ class Preprocessor:
                 raise DataError(f"column '{name}', {row_label(frame, pos)}: value is missing")
             outside = codes < 0
             if outside.any():
-                absent = outside & frame[name].isna().to_numpy() if missing else None
+                new = outside & ~frame[name].isna().to_numpy() if missing else outside
                 codes[outside] = len(self.categories_[name])
-                if absent is None:
-                    codes[outside] += 1
-                else:
-                    codes[outside & ~absent] += 1
-                    if name in self._impute_codes:
-                        codes[absent] = self._impute_codes[name]
+                codes[new] += 1
+                if missing and name in self._impute_codes:
+                    codes[outside & ~new] = self._impute_codes[name]
             out.append(codes)
         return out
 

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from anomaly.config import SchemaConfig
-from anomaly.features.categories import CategoryLookup, category_text, fit_vocabulary
+from anomaly.features.categories import CategoryLookup, category_text, fit_categories
 from anomaly.features.preprocess import Preprocessor
 
 SCHEMA = SchemaConfig(id_field="id", time_field=None, numeric=["x"], categorical=["mcc"])
@@ -53,7 +53,8 @@ def test_category_text_writes_integer_valued_numbers_as_integers(value, text):
 def test_a_float_training_column_keeps_integer_texts():
     pre = Preprocessor(SCHEMA).fit(training_from_csv())
     assert pre.categories_ == {"mcc": ["4111", "5411", "5812"]}
-    assert fit_vocabulary(pd.Series([1, 1.0, True, "1", None], dtype=object), 5) == ["1", "True"]
+    mixed = pd.Series([1, 1.0, True, "1", None], dtype=object)
+    assert fit_categories(mixed, 5) == (["1", "True"], "1")  # the vocabulary, the most frequent
 
 
 @pytest.mark.parametrize(
