@@ -62,6 +62,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from anomaly.errors import BundleError, DataError, IdentityError
+from anomaly.estimator.explain import json_value
 
 # The model class (``AnomalyModel``) ``load_bundle`` builds: passed in by ``AnomalyModel.load``, so
 # this module, which the model imports, never imports the model.
@@ -119,11 +120,7 @@ def json_safe(value: Any) -> Any:
         return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()  # and on: a NumPy NaN is as invalid in JSON as a Python one
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
+    return json_value(value)
 
 
 def check_bundle_directory(path: str | os.PathLike[str]) -> None:
