@@ -14,7 +14,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import text
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Connection
 
 from storage.engine import remove_if_no_tables, sqlite_file
 from storage.errors import InvalidArgumentError
@@ -33,21 +33,6 @@ def alembic_config(connection: Connection | None = None) -> Config:
     if connection is not None:
         cfg.attributes["connection"] = connection
     return cfg
-
-
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    with engine.begin() as conn:
-        command.upgrade(alembic_config(conn), revision)
-
-
-def downgrade(engine: Engine, revision: str) -> None:
-    with engine.begin() as conn:
-        command.downgrade(alembic_config(conn), revision)
-
-
-def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
 
 
 def head_revision() -> str | None:

@@ -44,30 +44,11 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
 from storage import drift, notifications, queries, registry, verdicts
-from storage.alert_rows import ALERT_COLUMNS
-from storage.engine import (
-    STALLED_TRANSACTION_TIMEOUT_S,
-    Database,
-    config_database_url,
-    make_engine,
-    normalize_url,
-    utc,
-)
+from storage.engine import STALLED_TRANSACTION_TIMEOUT_S, Database, config_database_url
 from storage.offsets import load_offsets, reset_offsets
 from storage.queries import PruneResult
 from storage.records import ModelVersionRecord, SinkBatch, WriteResult
 from storage.writes import AlertInsert, AlertWriter
-
-__all__ = [
-    "ALERT_COLUMNS",
-    "AlertInsert",
-    "AlertStore",
-    "PruneResult",
-    "config_database_url",
-    "make_engine",
-    "normalize_url",
-    "utc",
-]
 
 
 class AlertStore:
