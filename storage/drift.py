@@ -14,6 +14,7 @@ from sqlalchemy import insert, select
 
 from storage import schema as s
 from storage.engine import Database, utc
+from storage.queries import matching
 from storage.sanitize import clean_text
 
 
@@ -51,12 +52,7 @@ def list_windows(
 ) -> list[dict[str, Any]]:
     """Drift windows, oldest first, that started at or after ``since``."""
     t = s.drift_windows
-    query = select(t).order_by(t.c.window_start, t.c.id)
-    if pipeline is not None:
-        query = query.where(t.c.pipeline == pipeline)
+    query = matching(select(t), t, pipeline=pipeline).order_by(t.c.window_start, t.c.id)
     if since is not None:
         query = query.where(t.c.window_start >= utc(since))
-    if limit is not None:
-        query = query.limit(limit)
-    with db.transaction("listing drift windows", write=False) as conn:
-        return [dict(r) for r in conn.execute(query).mappings()]
+    return db.rows("listing drift windows", query.limit(limit))

@@ -8,7 +8,7 @@ turning driver errors into ``StorageError``s (retryable or not).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
@@ -263,6 +263,19 @@ class Database:
         else:
             from sqlalchemy.dialects.sqlite import insert
         return insert(table)
+
+    def upsert(self, table: Any, key: list[str], update: Iterable[str]) -> Any:
+        """INSERT ... ON CONFLICT (``key``) DO UPDATE, setting the ``update`` columns to the
+        inserted row's values."""
+        ins = self.insert(table)
+        return ins.on_conflict_do_update(
+            index_elements=key, set_={c: ins.excluded[c] for c in update}
+        )
+
+    def rows(self, what: str, query: Any) -> list[dict[str, Any]]:
+        """The rows of ``query`` as dicts, read in a transaction of their own."""
+        with self.transaction(what, write=False) as conn:
+            return [dict(r) for r in conn.execute(query).mappings()]
 
     def greatest(self, a: Any, b: Any) -> Any:
         return func.greatest(a, b) if self.dialect == "postgresql" else func.max(a, b)

@@ -227,26 +227,11 @@ def mark_sent(db: Database, sent: list[Sent], now: datetime) -> None:
     if not sent:
         return
     n = s.incident_notifications
+    upsert = db.upsert(n, ["incident_id"], ("state", "labels", "alert_count", "sent_at"))
     with db.transaction("recording notifications") as conn:
         for incident_id, state, labels, count in sent:
-            stmt = db.insert(n).values(
-                incident_id=incident_id,
-                state=state,
-                labels=labels,
-                alert_count=count,
-                first_sent_at=now,
-                sent_at=now,
-            )
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[n.c.incident_id],
-                set_={
-                    "state": stmt.excluded.state,
-                    "labels": stmt.excluded.labels,
-                    "alert_count": stmt.excluded.alert_count,
-                    "sent_at": stmt.excluded.sent_at,
-                },
-            )
             # An incident pruned meanwhile: its row would violate the foreign key; skip it.
             still = select(s.incidents.c.id).where(s.incidents.c.id == incident_id)
             if conn.execute(still).first():
-                conn.execute(stmt)
+                row = dict(incident_id=incident_id, state=state, labels=labels, alert_count=count)
+                conn.execute(upsert, row | {"first_sent_at": now, "sent_at": now})

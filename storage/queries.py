@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, exists, select, update
+from sqlalchemy import Select, Table, delete, exists, select, update
 
 from storage import schema as s
 from storage.engine import Database, utc
@@ -41,32 +41,37 @@ def list_alerts(
 ) -> list[dict[str, Any]]:
     """Alerts, newest (by ingest time) first, as dicts of the table's columns."""
     t = s.alerts
-    query = select(t).order_by(t.c.ingest_time.desc(), t.c.id.desc())
-    if pipeline is not None:
-        query = query.where(t.c.pipeline == pipeline)
-    if since is not None:
-        query = query.where(t.c.ingest_time >= utc(since))
-    if until is not None:
-        query = query.where(t.c.ingest_time < utc(until))
-    if status is not None:
-        query = query.where(t.c.status == status)
-    if entity is not None:
-        query = query.where(t.c.entity == entity)
-    if limit is not None:
-        query = query.limit(limit)
-    with db.transaction("listing alerts", write=False) as conn:
-        return [dict(r) for r in conn.execute(query).mappings()]
+    query = select(t).order_by(t.c.ingest_time.desc(), t.c.id.desc()).limit(limit)
+    query = alerts_in_scope(query, since, until, pipeline=pipeline, status=status, entity=entity)
+    return db.rows("listing alerts", query)
 
 
 def list_incidents(db: Database, pipeline: str | None, limit: int | None) -> list[dict[str, Any]]:
     t = s.incidents
-    query = select(t).order_by(t.c.last_seen.desc(), t.c.id.desc())
-    if pipeline is not None:
-        query = query.where(t.c.pipeline == pipeline)
-    if limit is not None:
-        query = query.limit(limit)
-    with db.transaction("listing incidents", write=False) as conn:
-        return [dict(r) for r in conn.execute(query).mappings()]
+    query = select(t).order_by(t.c.last_seen.desc(), t.c.id.desc()).limit(limit)
+    return db.rows("listing incidents", matching(query, t, pipeline=pipeline))
+
+
+def matching(query: Select, table: Table, **equal: Any) -> Select:
+    """``query`` where each column named in ``equal`` has the value given (None: any value)."""
+    for name, value in equal.items():
+        if value is not None:
+            query = query.where(table.c[name] == value)
+    return query
+
+
+def alerts_in_scope(
+    query: Select, since: datetime | None, until: datetime | None, **equal: Any
+) -> Select:
+    """``query`` of alerts ingested in [``since``, ``until``) (None: unbounded) that are
+    ``matching`` ``equal``."""
+    a = s.alerts
+    query = matching(query, a, **equal)
+    if since is not None:
+        query = query.where(a.c.ingest_time >= utc(since))
+    if until is not None:
+        query = query.where(a.c.ingest_time < utc(until))
+    return query
 
 
 def ack_alert(db: Database, alert_id: int) -> bool:

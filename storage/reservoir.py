@@ -124,9 +124,8 @@ def prune_reservoir(db: Database, conn: Connection, cutoff: datetime, pipeline: 
 
 def _store_count(db: Database, conn: Connection, pipeline: str, count: int) -> None:
     """Set the pipeline's count (its row created if prune counts rows that had none)."""
-    c = s.reservoir_counts
-    upsert = db.insert(c).values(pipeline=pipeline, n_rows=count)
-    conn.execute(upsert.on_conflict_do_update(index_elements=["pipeline"], set_={"n_rows": count}))
+    upsert = db.upsert(s.reservoir_counts, ["pipeline"], ["n_rows"])
+    conn.execute(upsert, {"pipeline": pipeline, "n_rows": count})
 
 
 # A reservoir row as ``_insert`` takes it (``write_reservoir`` builds them in this order).
@@ -216,8 +215,7 @@ def reservoir_rows(
     if since is not None:
         query = query.where(t.c.sampled_at >= utc(since))
     query = query.order_by(t.c.event_time, t.c.kafka_partition, t.c.kafka_offset)
-    with db.transaction("reading the retraining reservoir", write=False) as conn:
-        return [dict(r) for r in conn.execute(query).mappings()]
+    return db.rows("reading the retraining reservoir", query)
 
 
 def reservoir_count(db: Database, pipeline: str) -> int:

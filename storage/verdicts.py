@@ -19,6 +19,7 @@ from storage import schema as s
 from storage.engine import Database, utc
 from storage.errors import InvalidArgumentError, NotFoundError
 from storage.incidents import _chunks
+from storage.queries import alerts_in_scope
 
 _IDS_PER_STATEMENT = 10_000
 
@@ -106,34 +107,10 @@ def ack(
             dict(alert_id=i, verdict=verdict, verdict_by=by, verdict_at=when, note=note)
             for i in ids
         ]
-        ins = db.insert(v)
-        conn.execute(
-            ins.on_conflict_do_update(
-                index_elements=[v.c.alert_id],
-                set_={
-                    "verdict": ins.excluded.verdict,
-                    "verdict_by": ins.excluded.verdict_by,
-                    "verdict_at": ins.excluded.verdict_at,
-                    "note": ins.excluded.note,
-                },
-            ),
-            rows,
-        )
+        upsert = db.upsert(v, ["alert_id"], ("verdict", "verdict_by", "verdict_at", "note"))
+        conn.execute(upsert, rows)
         result.verdict, result.verdict_by, result.verdict_at = verdict, by, when
         return result
-
-
-def _scoped(query: Any, pipeline: str | None, model_version: str | None, since: Any, until: Any):
-    a = s.alerts
-    if pipeline is not None:
-        query = query.where(a.c.pipeline == pipeline)
-    if model_version is not None:
-        query = query.where(a.c.model_version == model_version)
-    if since is not None:
-        query = query.where(a.c.ingest_time >= utc(since))
-    if until is not None:
-        query = query.where(a.c.ingest_time < utc(until))
-    return query
 
 
 REVIEWED_COLUMNS: Sequence[str] = (
@@ -171,9 +148,8 @@ def reviewed_alerts(
         .join_from(a, v, v.c.alert_id == a.c.id)
         .order_by(a.c.ingest_time, a.c.id)
     )
-    query = _scoped(query, pipeline, model_version, since, until)
-    with db.transaction("reading reviewed alerts", write=False) as conn:
-        return [dict(r) for r in conn.execute(query).mappings()]
+    query = alerts_in_scope(query, since, until, pipeline=pipeline, model_version=model_version)
+    return db.rows("reading reviewed alerts", query)
 
 
 def alert_counts(
@@ -189,7 +165,7 @@ def alert_counts(
     query = select(a.c.pipeline, a.c.model_version, func.count()).group_by(
         a.c.pipeline, a.c.model_version
     )
-    query = _scoped(query, pipeline, model_version, since, until)
+    query = alerts_in_scope(query, since, until, pipeline=pipeline, model_version=model_version)
     with db.transaction("counting alerts", write=False) as conn:
         return {(p, mv): int(n) for p, mv, n in conn.execute(query)}
 
