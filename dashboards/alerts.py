@@ -18,9 +18,9 @@ from dashboards.panels import (
     count_bars,
     dashed_override,
     severity_overrides,
+    sql_timeseries,
     stat,
     table,
-    timeseries,
 )
 from dashboards.verdicts import precision_from_verdicts_stat, verdicts_by_pipeline
 
@@ -150,16 +150,10 @@ ORDER BY 1, 2
 
 
 def alert_rate_vs_target() -> Panel:
-    return timeseries(
+    return sql_timeseries(
         "Observed alert rate vs expected false-positive rate",
-        [
-            SQLTarget(
-                ALERT_RATE_VS_TARGET_SQL,
-                columns=("time", "metric", "rate"),
-                format="time_series",
-            )
-        ],
-        datasource=POSTGRES,
+        ALERT_RATE_VS_TARGET_SQL,
+        ("time", "metric", "rate"),
         unit="percentunit",
         fill=0,
         description="Share of scored records that alerted, against the target false-positive "
@@ -186,18 +180,11 @@ ORDER BY 1, 2
 
 
 def score_quantiles() -> Panel:
-    return timeseries(
+    return sql_timeseries(
         "Ensemble score quantiles and alert threshold",
-        [
-            SQLTarget(
-                SCORE_QUANTILES_SQL,
-                columns=("time", "metric", "p50", "p90", "p99", "threshold"),
-                format="time_series",
-            )
-        ],
-        datasource=POSTGRES,
+        SCORE_QUANTILES_SQL,
+        ("time", "metric", "p50", "p90", "p99", "threshold"),
         fill=0,
-        width=12,
         description="Distribution of the ensemble score of all scored records (per-minute "
         "quantiles, averaged over each bucket weighted by records) and the active model's "
         "alert threshold (dashed).",
@@ -253,10 +240,8 @@ LIMIT 15
 def top_entities() -> Panel:
     return table(
         "Top entities",
-        SQLTarget(
-            TOP_ENTITIES_SQL,
-            columns=("entity", "pipeline", "alerts", "max_score", "last_alert"),
-        ),
+        TOP_ENTITIES_SQL,
+        ("entity", "pipeline", "alerts", "max_score", "last_alert"),
         width=8,
         height=9,
         description="Cards or machines with the most alerts in range.",
@@ -284,7 +269,8 @@ def open_incidents_table() -> Panel:
     columns = ("incident", "pipeline", "entity", "severity", "alerts", "first_seen", "last_seen")
     return table(
         "Open incidents",
-        SQLTarget(OPEN_INCIDENTS_SQL, columns=columns),
+        OPEN_INCIDENTS_SQL,
+        columns,
         width=8,
         height=9,
         overrides=severity_overrides(),
@@ -368,7 +354,8 @@ LATEST_ALERTS_COLUMNS = (
 def latest_alerts() -> Panel:
     return table(
         "Latest alerts",
-        SQLTarget(LATEST_ALERTS_SQL, columns=LATEST_ALERTS_COLUMNS),
+        LATEST_ALERTS_SQL,
+        LATEST_ALERTS_COLUMNS,
         width=24,
         height=10,
         description="Newest alerts first. top_features: feature=value (contribution to the "
@@ -423,7 +410,8 @@ def latest_dead_letters() -> Panel:
     columns = ("time", "pipeline", "reason", "error_message", "topic", "partition", "offset")
     return table(
         "Latest dead letters",
-        SQLTarget(LATEST_DEAD_LETTERS_SQL, columns=columns),
+        LATEST_DEAD_LETTERS_SQL,
+        columns,
         width=14,
     )
 

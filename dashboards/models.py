@@ -7,8 +7,7 @@ rules for SQL (``${name:sqlstring}``, ``$__timeFilter``) are in dashboards/panel
 
 from __future__ import annotations
 
-from dashboards.builder import Dashboard, Panel, SQLTarget, row
-from dashboards.datasources import POSTGRES
+from dashboards.builder import Dashboard, Panel, row
 from dashboards.panels import (
     DETECTOR,
     DETECTOR_SCORE,
@@ -17,8 +16,8 @@ from dashboards.panels import (
     TAGS,
     count_bars,
     dashed_override,
+    sql_timeseries,
     table,
-    timeseries,
 )
 from dashboards.verdicts import precision_by_version
 
@@ -54,11 +53,9 @@ ACTIVE_MODELS_COLUMNS = (
 def active_models() -> Panel:
     return table(
         "Active model per pipeline",
-        SQLTarget(
-            ACTIVE_MODELS_SQL,
-            columns=ACTIVE_MODELS_COLUMNS,
-            time_bound=False,  # what is serving now
-        ),
+        ACTIVE_MODELS_SQL,
+        ACTIVE_MODELS_COLUMNS,
+        time_bound=False,  # what is serving now
         width=14,
         height=6,
     )
@@ -87,11 +84,9 @@ ORDER BY 1, 3
 def evaluation_metrics() -> Panel:
     return table(
         "Evaluation metrics of the active model",
-        SQLTarget(
-            EVALUATION_METRICS_SQL,
-            columns=("pipeline", "version", "metric", "value"),
-            time_bound=False,
-        ),
+        EVALUATION_METRICS_SQL,
+        ("pipeline", "version", "metric", "value"),
+        time_bound=False,
         width=10,
         height=12,
         description="Every number recorded with the version (model_versions.metrics), one "
@@ -155,10 +150,8 @@ def _ratio_override() -> dict:
 def score_drift() -> Panel:
     return table(
         "Score drift: live traffic vs calibration",
-        SQLTarget(
-            SCORE_DRIFT_SQL,
-            columns=("pipeline", "quantile", "live", "calibration", "ratio"),
-        ),
+        SCORE_DRIFT_SQL,
+        ("pipeline", "quantile", "live", "calibration", "ratio"),
         width=14,
         height=6,
         decimals=3,
@@ -207,16 +200,10 @@ QUANTILES_OVER_TIME_COLUMNS = (
 
 
 def quantiles_over_time() -> Panel:
-    return timeseries(
+    return sql_timeseries(
         "Live score quantiles vs calibration quantiles",
-        [
-            SQLTarget(
-                QUANTILES_OVER_TIME_SQL,
-                columns=QUANTILES_OVER_TIME_COLUMNS,
-                format="time_series",
-            )
-        ],
-        datasource=POSTGRES,
+        QUANTILES_OVER_TIME_SQL,
+        QUANTILES_OVER_TIME_COLUMNS,
         fill=0,
         width=24,
         overrides=[dashed_override(".*calibration.*")],
@@ -247,16 +234,10 @@ DETECTOR_SCORE_BY_VERSION_SQL = f"""
 
 
 def detector_score_by_version() -> Panel:
-    return timeseries(
+    return sql_timeseries(
         "Mean $detector score of alerts by model version",
-        [
-            SQLTarget(
-                DETECTOR_SCORE_BY_VERSION_SQL,
-                columns=("time", "metric", "score"),
-                format="time_series",
-            )
-        ],
-        datasource=POSTGRES,
+        DETECTOR_SCORE_BY_VERSION_SQL,
+        ("time", "metric", "score"),
         fill=0,
     )
 
@@ -291,7 +272,8 @@ VERSIONS_CREATED_COLUMNS = (
 def versions_created() -> Panel:
     return table(
         "Model versions created in range",
-        SQLTarget(VERSIONS_CREATED_SQL, columns=VERSIONS_CREATED_COLUMNS),
+        VERSIONS_CREATED_SQL,
+        VERSIONS_CREATED_COLUMNS,
         width=24,
     )
 
@@ -339,7 +321,8 @@ DRIFT_WINDOWS_COLUMNS = (
 def drift_windows() -> Panel:
     return table(
         "Drift windows",
-        SQLTarget(DRIFT_WINDOWS_SQL, columns=DRIFT_WINDOWS_COLUMNS),
+        DRIFT_WINDOWS_SQL,
+        DRIFT_WINDOWS_COLUMNS,
         width=24,
         height=8,
         decimals=4,
@@ -366,16 +349,10 @@ ORDER BY 1, 2
 
 
 def drift_signals() -> Panel:
-    return timeseries(
+    return sql_timeseries(
         "Drift signals per window: KS of p-values, highest feature PSI",
-        [
-            SQLTarget(
-                DRIFT_SIGNALS_SQL,
-                columns=("time", "metric", "ks_stat", "top_psi", "drifted"),
-                format="time_series",
-            )
-        ],
-        datasource=POSTGRES,
+        DRIFT_SIGNALS_SQL,
+        ("time", "metric", "ks_stat", "top_psi", "drifted"),
         fill=0,
         width=24,
         description="PSI above 0.2 is the usual sign that a feature moved; drifted is 1 in "

@@ -155,6 +155,12 @@ def timeseries(title: str, targets: list, **kw) -> Panel:
     )
 
 
+def sql_timeseries(title: str, sql: str, columns: tuple[str, ...], **kw: Any) -> Panel:
+    """A time series of one SQL query (in Grafana's time_series format)."""
+    target = SQLTarget(sql, columns=columns, format="time_series")
+    return timeseries(title, [target], datasource=POSTGRES, **kw)
+
+
 def count_bars(
     title: str,
     series: str,
@@ -170,10 +176,10 @@ def count_bars(
     sql = COUNT_BY_SERIES_SQL.format(
         time_column=time_column, series=series, value=value, table=table
     )
-    return timeseries(
+    return sql_timeseries(
         title,
-        [SQLTarget(sql, columns=("time", "metric", value), format="time_series")],
-        datasource=POSTGRES,
+        sql,
+        ("time", "metric", value),
         stacking="normal",
         fill=60,
         custom={"drawStyle": "bars"},
@@ -182,12 +188,12 @@ def count_bars(
     )
 
 
-def table(title: str, target: SQLTarget, **kw) -> Panel:
+def table(title: str, sql: str, columns: tuple[str, ...], time_bound: bool = True, **kw) -> Panel:
     return Panel(
         title=title,
         type="table",
         datasource=POSTGRES,
-        targets=[target],
+        targets=[SQLTarget(sql, columns=columns, time_bound=time_bound)],
         options={"cellHeight": "sm", "footer": {"show": False}, "showHeader": True},
         custom={"align": "auto", "filterable": True},
         **kw,

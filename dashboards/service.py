@@ -8,9 +8,9 @@ SQL are in dashboards/panels.py.
 
 from __future__ import annotations
 
-from dashboards.builder import Dashboard, Panel, PromTarget, SQLTarget, row
-from dashboards.datasources import POSTGRES, PROMETHEUS
-from dashboards.panels import LINKS, PIPELINE_PROM, TAGS, table, timeseries
+from dashboards.builder import Dashboard, Panel, PromTarget, row
+from dashboards.datasources import PROMETHEUS
+from dashboards.panels import LINKS, PIPELINE_PROM, TAGS, sql_timeseries, table, timeseries
 
 # ------------------------------------------------------------------------------------- PromQL
 
@@ -267,16 +267,10 @@ ORDER BY 1, 2
 
 
 def db_records_per_second() -> Panel:
-    return timeseries(
+    return sql_timeseries(
         "Records per second (stream_stats)",
-        [
-            SQLTarget(
-                DB_RECORDS_PER_SECOND_SQL,
-                columns=("time", "metric", "records"),
-                format="time_series",
-            )
-        ],
-        datasource=POSTGRES,
+        DB_RECORDS_PER_SECOND_SQL,
+        ("time", "metric", "records"),
         unit="reqps",
         width=8,
     )
@@ -296,16 +290,10 @@ ORDER BY 1, 2
 
 
 def db_batch_latency() -> Panel:
-    return timeseries(
+    return sql_timeseries(
         "Batch latency (stream_stats)",
-        [
-            SQLTarget(
-                DB_BATCH_LATENCY_SQL,
-                columns=("time", "metric", "mean_ms", "max_ms"),
-                format="time_series",
-            )
-        ],
-        datasource=POSTGRES,
+        DB_BATCH_LATENCY_SQL,
+        ("time", "metric", "mean_ms", "max_ms"),
         unit="ms",
         width=8,
     )
@@ -327,11 +315,9 @@ ORDER BY pipeline, kafka_topic, kafka_partition
 def committed_offsets() -> Panel:
     return table(
         "Committed offsets",
-        SQLTarget(
-            COMMITTED_OFFSETS_SQL,
-            columns=("pipeline", "topic", "partition", "next_offset", "updated_at"),
-            time_bound=False,  # the current position of each partition
-        ),
+        COMMITTED_OFFSETS_SQL,
+        ("pipeline", "topic", "partition", "next_offset", "updated_at"),
+        time_bound=False,  # the current position of each partition
         width=8,
         description="Next offset to read per partition, as stored with the alerts in the "
         "same transaction.",

@@ -69,7 +69,8 @@ ORDER BY a.pipeline
 def verdicts_by_pipeline() -> Panel:
     return table(
         "Verdicts and precision by pipeline",
-        SQLTarget(VERDICTS_BY_PIPELINE_SQL, columns=("pipeline", *VERDICT_COLUMNS)),
+        VERDICTS_BY_PIPELINE_SQL,
+        ("pipeline", *VERDICT_COLUMNS),
         width=18,
         description=VERDICTS_NOTE,
         overrides=[precision_unit_override()],
@@ -88,9 +89,8 @@ ORDER BY a.pipeline, a.model_version
 def precision_by_version() -> Panel:
     return table(
         "Precision from verdicts by model version",
-        SQLTarget(
-            PRECISION_BY_VERSION_SQL, columns=("pipeline", "model_version", *VERDICT_COLUMNS)
-        ),
+        PRECISION_BY_VERSION_SQL,
+        ("pipeline", "model_version", *VERDICT_COLUMNS),
         width=24,
         description=VERDICTS_NOTE,
         overrides=[precision_unit_override()],
