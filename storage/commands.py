@@ -231,6 +231,13 @@ def emit(line: str) -> None:
     sys.stdout.write(line + "\n")
 
 
+def emit_json(value: Any) -> None:
+    """``value`` as one line of JSON (times in ISO format, bytes as text)."""
+    import json
+
+    emit(json.dumps(value, default=json_default, ensure_ascii=False))
+
+
 # ---------------------------------------------------------------------- handlers
 
 
@@ -289,8 +296,6 @@ def _db_grafana_role(args: argparse.Namespace) -> int:
 
 
 def _alerts_list(args: argparse.Namespace) -> int:
-    import json
-
     from storage.errors import InvalidArgumentError
 
     if args.limit < 1:  # PostgreSQL refuses a negative LIMIT, SQLite reads it as no limit
@@ -306,7 +311,7 @@ def _alerts_list(args: argparse.Namespace) -> int:
         )
     if args.json:
         for row in rows:
-            emit(json.dumps(row, default=json_default, ensure_ascii=False))
+            emit_json(row)
         return 0
     if not rows:
         emit("no alerts")
@@ -345,16 +350,13 @@ def _alerts_ack(args: argparse.Namespace) -> int:
                 changed = store.ack_alert(args.id)
             emit(f"alert {args.id} " + ("acknowledged" if changed else "was not open (unchanged)"))
             return 0
-    by = args.by if args.by is not None else _os_user()
+    by = None
     if args.verdict is not None:
+        by = args.by if args.by is not None else _os_user()
         check_verdict(args.verdict, by, args.note)  # before opening the database
     with open_store(args) as store:
         result = store.ack(
-            args.id,
-            incident_id=args.incident,
-            verdict=args.verdict,
-            by=by if args.verdict is not None else None,
-            note=args.note,
+            args.id, incident_id=args.incident, verdict=args.verdict, by=by, note=args.note
         )
     what = f"alert {args.id}" if args.id is not None else f"incident {args.incident}"
     line = f"{what}: {len(result.alert_ids)} alert(s), {len(result.acknowledged)} acknowledged"
@@ -375,19 +377,11 @@ def _os_user() -> str:
 
 
 def _models_list(args: argparse.Namespace) -> int:
-    import json
-
     with open_store(args) as store:
         versions = store.list_model_versions(args.pipeline)
     if args.json:
         for v in versions:
-            emit(
-                json.dumps(
-                    {f: getattr(v, f) for f in v.__slots__},
-                    default=json_default,
-                    ensure_ascii=False,
-                )
-            )
+            emit_json({f: getattr(v, f) for f in v.__slots__})
         return 0
     if not versions:
         emit("no model versions registered")

@@ -12,7 +12,7 @@ from storage.commands import (
     cutoff_time,
     db_args,
     emit,
-    json_default,
+    emit_json,
     one_database,
     open_store,
     resolve_url,
@@ -172,8 +172,6 @@ def _retrain(args: argparse.Namespace) -> int:
 
 
 def _drift(args: argparse.Namespace) -> int:
-    import json
-
     from anomaly.config import DriftConfig, check_pipeline_name, load_config
 
     since = cutoff_time(args.since, "--since")
@@ -188,7 +186,7 @@ def _drift(args: argparse.Namespace) -> int:
         rows = store.list_drift_windows(pipeline, since)
     if args.json:
         for row in rows:
-            emit(json.dumps(row, default=json_default, ensure_ascii=False))
+            emit_json(row)
         return 0
     where = f"pipeline {pipeline}" if pipeline else "all pipelines"
     if not rows:
