@@ -204,14 +204,7 @@ def _due_incident(
             "first_sent_at": r["first_sent_at"],
         }
     return DueIncident(
-        id=r["id"],
-        pipeline=r["pipeline"],
-        entity=r["entity"],
-        status=r["status"],
-        first_seen=r["first_seen"],
-        last_seen=r["last_seen"],
-        alert_count=r["alert_count"],
-        max_severity=r["max_severity"],
+        **{c.name: r[c.name] for c in s.incidents.c},  # the incident's own columns
         started_at=span[0],
         last_alert_at=span[1],
         strongest=strongest,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -100,17 +101,7 @@ def versions(db: Database, where: Any = None) -> list[ModelVersionRecord]:
     query = select(t).order_by(t.c.pipeline, t.c.created_at, t.c.id)
     if where is not None:
         query = query.where(where)
-    with db.transaction("reading model versions", write=False) as conn:
-        return [
-            ModelVersionRecord(
-                pipeline=r.pipeline,
-                version=r.version,
-                bundle_path=r.bundle_path,
-                bundle_sha256=r.bundle_sha256,
-                metrics=r.metrics,
-                created_at=r.created_at,
-                active=bool(r.active),
-                activated_at=r.activated_at,
-            )
-            for r in conn.execute(query)
-        ]
+    return [
+        ModelVersionRecord(**{f.name: r[f.name] for f in fields(ModelVersionRecord)})
+        for r in db.rows("reading model versions", query)
+    ]
