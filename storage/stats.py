@@ -62,18 +62,9 @@ def fence_stats(
 
 
 def _scale(st: StreamStatRecord, keep: float) -> StreamStatRecord:
-    def n(x: int) -> int:
-        return math.floor(x * keep + 0.5)
-
-    return replace(
-        st,
-        records_seen=n(st.records_seen),
-        records_scored=n(st.records_scored),
-        records_alerted=n(st.records_alerted),
-        records_dead_lettered=n(st.records_dead_lettered),
-        latency_ms_sum=st.latency_ms_sum * keep,
-        latency_count=n(st.latency_count),
-    )
+    scaled = {c: math.floor(getattr(st, c) * keep + 0.5) for c in _COUNTS}  # half up
+    scaled["latency_ms_sum"] = st.latency_ms_sum * keep  # a float: not rounded
+    return replace(st, **scaled)
 
 
 def merge_stats(stats: Iterable[StreamStatRecord]) -> list[StreamStatRecord]:
