@@ -111,14 +111,9 @@ class Panel:
                 "type": "row",
             }
         defaults: dict[str, Any] = {"custom": dict(self.custom)}
-        if self.unit is not None:
-            defaults["unit"] = self.unit
-        if self.decimals is not None:
-            defaults["decimals"] = self.decimals
-        if self.min is not None:
-            defaults["min"] = self.min
-        if self.max is not None:
-            defaults["max"] = self.max
+        for key in ("unit", "decimals", "min", "max"):
+            if getattr(self, key) is not None:
+                defaults[key] = getattr(self, key)
         steps = self.thresholds or [(None, "green")]
         defaults["thresholds"] = {
             "mode": "absolute",

@@ -69,21 +69,18 @@ def provisioning_files() -> dict[str, str]:
 
 
 def write_dashboards(out_dir: str | Path) -> list[Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, text in dashboard_files().items():
-        path = out / name
-        path.write_text(text, encoding="utf-8")
-        written.append(path)
-    return written
+    return _write(out_dir, dashboard_files())
 
 
 def write_provisioning(out_dir: str | Path) -> list[Path]:
-    out = Path(out_dir)
+    return _write(out_dir, provisioning_files())
+
+
+def _write(out_dir: str | Path, files: dict[str, str]) -> list[Path]:
+    """Write each relative path's text under ``out_dir``, making the folders it needs."""
     written = []
-    for rel, text in provisioning_files().items():
-        path = out / rel
+    for rel, text in files.items():
+        path = Path(out_dir) / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
         written.append(path)

@@ -37,14 +37,11 @@ class PushResult:
         return bool(self.created or self.updated)
 
     def summary(self) -> str:
-        parts = []
-        for name, items in (
-            ("created", self.created),
-            ("updated", self.updated),
-            ("unchanged", self.unchanged),
-        ):
-            if items:
-                parts.append(f"{name}: {', '.join(items)}")
+        parts = [
+            f"{name}: {', '.join(getattr(self, name))}"
+            for name in ("created", "updated", "unchanged")
+            if getattr(self, name)
+        ]
         return "; ".join(parts) or "nothing to do"
 
 
