@@ -3,10 +3,10 @@ records another consumer has written already (see ``writes``)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, delete, select
 
@@ -97,7 +97,6 @@ def lock_offsets(db: Database, conn: Connection, offsets: list[OffsetRecord]) ->
 def upsert_offsets(db: Database, conn: Connection, offsets: list[OffsetRecord]) -> None:
     t = s.consumer_offsets
     ins = db.insert(t)
-    now = datetime.now(UTC)
     stmt = ins.on_conflict_do_update(
         index_elements=["pipeline", "kafka_topic", "kafka_partition"],
         set_={
@@ -106,19 +105,22 @@ def upsert_offsets(db: Database, conn: Connection, offsets: list[OffsetRecord]) 
             "updated_at": ins.excluded.updated_at,
         },
     )
-    conn.execute(
-        stmt,
-        [
-            {
-                "pipeline": o.pipeline,
-                "kafka_topic": o.kafka_topic,
-                "kafka_partition": o.kafka_partition,
-                "next_offset": o.next_offset,
-                "updated_at": now,
-            }
-            for o in offsets
-        ],
-    )
+    conn.execute(stmt, _rows(offsets))
+
+
+def _rows(offsets: Iterable[OffsetRecord]) -> list[dict[str, Any]]:
+    """``consumer_offsets`` rows of these offsets, updated now."""
+    now = datetime.now(UTC)
+    return [
+        {
+            "pipeline": o.pipeline,
+            "kafka_topic": o.kafka_topic,
+            "kafka_partition": o.kafka_partition,
+            "next_offset": o.next_offset,
+            "updated_at": now,
+        }
+        for o in offsets
+    ]
 
 
 def load_offsets(db: Database, pipeline: str, topic: str) -> dict[int, int]:
@@ -145,18 +147,6 @@ def reset_offsets(
         if not offsets:
             return 0
         conn.execute(delete(t).where(where & t.c.kafka_partition.in_(list(offsets))))
-        now = datetime.now(UTC)
-        conn.execute(
-            t.insert(),
-            [
-                {
-                    "pipeline": pipeline,
-                    "kafka_topic": topic,
-                    "kafka_partition": p,
-                    "next_offset": o,
-                    "updated_at": now,
-                }
-                for p, o in offsets.items()
-            ],
-        )
+        records = (OffsetRecord(pipeline, topic, p, o) for p, o in offsets.items())
+        conn.execute(t.insert(), _rows(records))
         return len(offsets)
