@@ -81,9 +81,14 @@ def finite_or_missing_column(frame: pd.DataFrame, name: str) -> np.ndarray:
             f"column '{name}', {row_label(frame, pos)}: {frame[name].iloc[pos]!r} is not a number"
         )
     if np.isinf(values).any():
-        pos = int(np.flatnonzero(np.isinf(values))[0])
-        raise DataError(f"column '{name}', {row_label(frame, pos)}: value is infinite")
+        raise bad_value(frame, name, np.isinf(values), "infinite")
     return values
+
+
+def bad_value(frame: pd.DataFrame, name: str, mask: np.ndarray, what: str) -> DataError:
+    """The DataError for the first row of ``mask`` in column ``name``: its value is ``what``."""
+    pos = int(np.flatnonzero(mask)[0])
+    return DataError(f"column '{name}', {row_label(frame, pos)}: value is {what}")
 
 
 def arrow_strings(column: pd.Series) -> Any:
