@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly.errors import DataError
+from anomaly.estimator.calibration import score_threshold
 
 # Order in which detectors appear in tables and plots; others follow alphabetically.
 DETECTOR_ORDER = ("vae", "flow", "gan", "knn", "knn_linear", "ensemble")
@@ -92,13 +93,9 @@ class TopRow:
     features: list[dict[str, Any]] = field(default_factory=list)  # {feature, value, contribution}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "row": self.row,
-            "label": self.label,
-            "score": self.score,
-            "p_value": self.p_value,
-            "top_features": self.features,
-        }
+        data = asdict(self)
+        data["top_features"] = data.pop("features")
+        return data
 
 
 def validate_labels(labels: Any, name: str = "label") -> np.ndarray:
@@ -252,12 +249,6 @@ def _metrics(name, y, s, alert, target_fpr, threshold, roc_auc_score, ap_score) 
     )
 
 
-def observed_fpr(p_values: np.ndarray, target_fpr: float) -> tuple[int, int]:
-    """(false positives, normal rows) of normal rows' p-values at a target rate."""
-    p = np.asarray(p_values, dtype=np.float64)
-    return int(np.sum(p <= target_fpr)), len(p)
-
-
 def enough_to_tell(n_normals: int, target_fpr: float, min_expected: float = 10.0) -> bool:
     """Whether ``n_normals`` normal rows can tell a rate of ``target_fpr`` from 0.5x or 1.5x of it.
 
@@ -269,7 +260,8 @@ def enough_to_tell(n_normals: int, target_fpr: float, min_expected: float = 10.0
 
 
 def fpr_interval(false_positives: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a false-positive rate (for honest small-count reporting)."""
+    """Wilson score interval of the rate ``false_positives / n`` (for honest small-count
+    reporting; any other count out of ``n`` too, such as confirmed alerts among reviewed ones)."""
     if n == 0:
         return (float("nan"), float("nan"))
     p = false_positives / n
@@ -384,9 +376,7 @@ def model_thresholds(model: Any, target_fpr: float) -> dict[str, float]:
         scores = getattr(cal, "scores_", None)
         if scores is None or len(scores) == 0:
             continue
-        s = np.sort(np.asarray(scores, dtype=np.float64))
-        n = len(s)
-        k = int(np.floor(target_fpr * (n + 1) + 1e-9)) - 1  # calibration scores allowed above
-        if k >= 0:
-            out[name] = float(s[n - 1 - k])
+        threshold = score_threshold(np.sort(np.asarray(scores, dtype=np.float64)), target_fpr)
+        if np.isfinite(threshold):
+            out[name] = threshold
     return out
