@@ -150,7 +150,8 @@ def _train(args: argparse.Namespace) -> int:
     import sys
 
     from anomaly.config import load_config
-    from anomaly.estimator.bundle import check_bundle_directory, json_safe
+    from anomaly.estimator.bundle import check_bundle_directory
+    from anomaly.estimator.explain import json_safe
     from anomaly.estimator.model import AnomalyModel
 
     cfg = load_config(args.config)

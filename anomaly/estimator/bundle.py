@@ -62,7 +62,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from anomaly.errors import BundleError, DataError, IdentityError
-from anomaly.estimator.explain import json_value
+from anomaly.estimator.explain import json_safe
 
 # The model class (``AnomalyModel``) ``load_bundle`` builds: passed in by ``AnomalyModel.load``, so
 # this module, which the model imports, never imports the model.
@@ -113,14 +113,6 @@ def _library_versions() -> dict[str, str]:
         "numpy": np.__version__,
         "safetensors": getattr(safetensors, "__version__", "unknown"),
     }
-
-
-def json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return json_value(value)
 
 
 def check_bundle_directory(path: str | os.PathLike[str]) -> None:
