@@ -109,7 +109,8 @@ def _quotas(total: int, shares: dict[str, float]) -> dict[str, int]:
 
 
 def _finish(frame: pd.DataFrame, id_prefix: str, columns: list[str]) -> pd.DataFrame:
-    frame = frame.sort_values(["event_time", "_order"], kind="stable").reset_index(drop=True)
+    # Stable: records at the same time keep the order they were generated in.
+    frame = frame.sort_values("event_time", kind="stable").reset_index(drop=True)
     width = max(7, len(str(len(frame))))
     frame.insert(0, "id", [f"{id_prefix}-{i:0{width}d}" for i in range(len(frame))])
     frame["is_anomaly"] = (frame["anomaly_kind"] != "").astype("int64")
@@ -302,7 +303,6 @@ def _fraud_columns(frame: pd.DataFrame, cards: _CardHabits) -> pd.DataFrame:
     frame["amount_to_card_median"] = amount_to_card_median(frame["card"], seconds, frame["amount"])
     frame["issuer_country"] = _COUNTRIES[cards.home[frame["card"].to_numpy()]]
     frame["card_id"] = [f"card-{c:05d}" for c in frame["card"]]
-    frame["_order"] = np.arange(len(frame))
     return _finish(frame, "txn", ["card_id", *FRAUD_NUMERIC, *FRAUD_CATEGORICAL])
 
 
@@ -428,7 +428,6 @@ def _manufacturing_columns(frame: pd.DataFrame) -> pd.DataFrame:
     ):
         frame[col] = frame[col].round(digits)
     frame["machine_id"] = [f"machine-{m:03d}" for m in frame["machine"]]
-    frame["_order"] = np.arange(len(frame))
     return _finish(
         frame, "reading", ["machine_id", *MANUFACTURING_NUMERIC, *MANUFACTURING_CATEGORICAL]
     )
