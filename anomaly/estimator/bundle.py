@@ -403,10 +403,7 @@ def _load_detector(
                 f"bundle {root}: tensor '{key}' of '{name}' has shape "
                 f"{None if got is None else list(got.shape)}, manifest says {meta['shape']}"
             )
-    params = dict(spec["params"])
-    for key in ("hidden",):
-        if key in params and isinstance(params[key], list):
-            params[key] = tuple(params[key])
+    params = dict(spec["params"])  # (the detectors take JSON's list for a tuple of widths)
     try:
         return cls.from_state(params, n_out, tensors, spec.get("extra"))
     except (ValueError, RuntimeError, TypeError) as exc:
