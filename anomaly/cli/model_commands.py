@@ -224,10 +224,7 @@ def _inspect(args: argparse.Namespace) -> int:
             "metrics",
             "training_data",
         )
-        info = {k: info.get(k) for k in keep}
-        info["thresholds"] = {
-            name: cal.get("threshold")
-            for name, cal in inspect_bundle(args.model)["calibration"].items()
-        }
+        thresholds = {name: cal.get("threshold") for name, cal in info["calibration"].items()}
+        info = {**{k: info.get(k) for k in keep}, "thresholds": thresholds}
     print(json.dumps(info, indent=2, sort_keys=False, default=str))
     return 0
