@@ -216,10 +216,6 @@ class DriftMonitor:
         self._p_counts = np.zeros(self.n_cal + 2, dtype=np.int64)
         self._bins = [np.zeros(len(e) + 1, dtype=np.int64) for e in self._edges]
 
-    def _window_of(self, t: float) -> float:
-        w = self.cfg.window_s
-        return math.floor(t / w) * w
-
     def observe(self, frame: Any, ensemble_p: np.ndarray, now: datetime) -> list[DriftReport]:
         """Count one scored batch (``frame``: its valid records, ``ensemble_p`` their p-values)
         at time ``now``; returns the report of the window this closed, if any."""
@@ -232,8 +228,9 @@ class DriftMonitor:
         """``observe`` with the numeric block already extracted (rows x ``numeric_`` columns,
         NaN where missing; the scorer's block, float, integer or bool)."""
         reports = self.tick(now)
-        if self._start is None:
-            self._start = self._window_of(now.timestamp())
+        if self._start is None:  # windows start at multiples of window_s since the epoch
+            window = self.cfg.window_s
+            self._start = math.floor(now.timestamp() / window) * window
         p = np.asarray(ensemble_p, dtype=np.float64)
         self.records += len(p)
         self.alerts += int(np.count_nonzero(p <= self.target_fpr))
