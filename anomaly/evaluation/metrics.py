@@ -124,9 +124,13 @@ def validate_labels(labels: Any, name: str = "label") -> np.ndarray:
         numeric = series.to_numpy(dtype=np.float64)
     else:
         raise LabelError(f"label column '{name}' must be 0/1, got values of type {series.dtype}")
-    ok = (numeric == 0.0) | (numeric == 1.0)
-    if not ok.all():
-        _raise_not_binary(name, series, ok)
+    bad = np.flatnonzero((numeric != 0.0) & (numeric != 1.0))
+    if len(bad):
+        examples = sorted({repr(v) for v in series.iloc[bad[:20]].tolist()})[:5]
+        raise LabelError(
+            f"label column '{name}' must hold 0 (normal) or 1 (anomaly); {len(bad)} row(s) hold "
+            f"other values ({', '.join(examples)}), first at row(s) {_rows(bad)}"
+        )
     values = numeric.astype(np.int8)
     n_anomalies = int(values.sum())
     if n_anomalies == 0:
@@ -145,15 +149,6 @@ def validate_labels(labels: Any, name: str = "label") -> np.ndarray:
 def _rows(rows: np.ndarray, limit: int = 5) -> str:
     shown = ", ".join(str(int(r)) for r in rows[:limit])
     return shown + (", ..." if len(rows) > limit else "")
-
-
-def _raise_not_binary(name: str, series: pd.Series, ok: np.ndarray) -> None:
-    bad = np.flatnonzero(~ok)
-    examples = sorted({repr(v) for v in series.iloc[bad[:20]].tolist()})[:5]
-    raise LabelError(
-        f"label column '{name}' must hold 0 (normal) or 1 (anomaly); {len(bad)} row(s) hold "
-        f"other values ({', '.join(examples)}), first at row(s) {_rows(bad)}"
-    )
 
 
 def detector_names(scores: pd.DataFrame) -> list[str]:
