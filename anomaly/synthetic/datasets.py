@@ -298,8 +298,7 @@ def _fraud_columns(frame: pd.DataFrame, cards: _CardHabits) -> pd.DataFrame:
     frame["event_time"] = START + pd.to_timedelta(np.round(seconds, 3), unit="s")
     frame["hour"] = frame["event_time"].dt.hour.astype("int64")
     frame["velocity_1h"] = velocity_1h(frame["card"].to_numpy(), seconds)
-    frame["amount"] = frame["amount"].round(2)
-    frame["distance_from_home_km"] = frame["distance_from_home_km"].round(2)
+    frame = frame.round({"amount": 2, "distance_from_home_km": 2})
     frame["amount_to_card_median"] = amount_to_card_median(frame["card"], seconds, frame["amount"])
     frame["issuer_country"] = _COUNTRIES[cards.home[frame["card"].to_numpy()]]
     frame["card_id"] = [f"card-{c:05d}" for c in frame["card"]]
@@ -419,14 +418,9 @@ def _sensor_faults(
 def _manufacturing_columns(frame: pd.DataFrame) -> pd.DataFrame:
     """The published columns: event time, readings rounded, the machine id; sorted by time."""
     frame["event_time"] = START + pd.to_timedelta(np.round(frame["seconds"], 3), unit="s")
-    for col, digits in (
-        ("vibration_rms", 4),
-        ("current_a", 3),
-        ("pressure_bar", 4),
-        ("temperature_c", 3),
-        ("flow_lpm", 3),
-    ):
-        frame[col] = frame[col].round(digits)
+    frame = frame.round(
+        {"vibration_rms": 4, "current_a": 3, "pressure_bar": 4, "temperature_c": 3, "flow_lpm": 3}
+    )
     frame["machine_id"] = [f"machine-{m:03d}" for m in frame["machine"]]
     return _finish(
         frame, "reading", ["machine_id", *MANUFACTURING_NUMERIC, *MANUFACTURING_CATEGORICAL]
