@@ -70,16 +70,11 @@ class EvaluationResult:
         return self.n_anomalies / self.n_rows if self.n_rows else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "target_fpr": self.target_fpr,
-            "n_rows": self.n_rows,
-            "n_anomalies": self.n_anomalies,
-            "n_normals": self.n_normals,
-            "anomaly_rate": self.anomaly_rate,
-            "detectors": {
-                name: {**asdict(m), "alerts": m.alerts} for name, m in self.detectors.items()
-            },
-        }
+        data = asdict(self)
+        detectors = data.pop("detectors")
+        for name, m in self.detectors.items():
+            detectors[name]["alerts"] = m.alerts
+        return {**data, "anomaly_rate": self.anomaly_rate, "detectors": detectors}
 
 
 @dataclass
