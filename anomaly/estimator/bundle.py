@@ -137,11 +137,9 @@ def save_bundle(model: Any, path: str | os.PathLike[str]) -> str:
     for name, det in model.detectors_.items():
         tensors = det.state_tensors()
         files[f"{name}.safetensors"] = st_save(tensors)
-        params = det.get_params()
-        params.update({"device": "cpu", "progress": False})
         detectors[name] = {
             "class": type(det).__name__,
-            "params": json_safe(params),
+            "params": json_safe({**det.get_params(), "device": "cpu", "progress": False}),
             "n_features": det.n_features_in_,
             "architecture": json_safe(det.architecture()),
             "extra": json_safe(det.extra_state()),

@@ -177,10 +177,8 @@ class DriftMonitor:
         self.model_version = model_version
         self.alpha = window_alpha(cfg)
         self.model = model
-        pre = model.preprocessor_
-        self._pre = pre
-        ens = model.calibrators_["ensemble"]
-        self.n_cal = int(ens.n_)
+        pre = self._pre = model.preprocessor_
+        self.n_cal = int(model.calibrators_["ensemble"].n_)
         self.target_fpr = float(model.target_fpr)
         self.k_alert = math.floor(self.target_fpr * (self.n_cal + 1) + 1e-9)
         self.features: list[str] = []
