@@ -182,16 +182,7 @@ def render_html(report: dict[str, Any]) -> str:
         for k, v in report["scope"].items()
         if v is not None
     )
-    cols = (
-        "model_version",
-        "alerts",
-        "reviewed",
-        "review_coverage",
-        "true_positives",
-        "false_positives",
-        "precision",
-        "precision_95ci",
-    )
+    cols = list(report["as_alerted"][0])  # _precision_row's fields (there is always the "all" row)
     head = "".join(f"<th>{c}</th>" for c in cols)
     body = "".join(
         "<tr>" + "".join(f"<td>{_fmt(r[c])}</td>" for c in cols) + "</tr>"
