@@ -256,16 +256,11 @@ class PipelineConfig:
         return data
 
 
+# Each section's name and class: the fields of PipelineConfig but its name and source path.
 _SECTIONS: dict[str, type] = {
-    "schema": SchemaConfig,
-    "model": ModelConfig,
-    "kafka": KafkaConfig,
-    "database": DatabaseConfig,
-    "incidents": IncidentConfig,
-    "drift": DriftConfig,
-    "retraining": RetrainingConfig,
-    "serve": ServeConfig,
-    "alerting": AlertingConfig,
+    f.name: get_type_hints(PipelineConfig)[f.name]
+    for f in fields(PipelineConfig)
+    if f.name not in ("name", "source_path")
 }
 
 
@@ -291,18 +286,14 @@ def _build_section(section: str, cls: type, raw: Any, sources: Mapping[str, str]
     return cls(**values)
 
 
-def _env_vars() -> dict[str, tuple[str, str]]:
-    """Every override variable: ``ANOMALY_SECTION_FIELD`` -> (section, field)."""
-    return {
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
+    """Merge the overrides into ``data``; returns which variable set each ``section.field``."""
+    # Every override variable: ANOMALY_SECTION_FIELD -> (section, field).
+    known = {
         f"{ENV_PREFIX}{section}_{f.name}".upper(): (section, f.name)
         for section, cls in _SECTIONS.items()
         for f in fields(cls)
     }
-
-
-def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, str]:
-    """Merge the overrides into ``data``; returns which variable set each ``section.field``."""
-    known = _env_vars()
     sources: dict[str, str] = {}
     for var, text in sorted(environ.items()):
         if not var.startswith(ENV_PREFIX) or var in OTHER_ENV_VARS:
@@ -496,9 +487,7 @@ def load_config(
         raise ConfigError(f"pipeline config {p} is not valid YAML: {exc}") from exc
     if not isinstance(data, Mapping):
         raise ConfigError(f"pipeline config {p} must be a mapping at the top level")
-    data = dict(data)
-    data["source_path"] = str(p)
-    return config_from_dict(data, environ)
+    return config_from_dict({**data, "source_path": str(p)}, environ)
 
 
 def read_secret(value: str | None, file: str | None) -> str | None:

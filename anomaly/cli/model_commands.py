@@ -72,18 +72,13 @@ def read_table(path: str) -> Any:
     if not p.is_file():
         raise DataError(f"data file {p} does not exist")
     suffix = p.suffix.lower()
+    if suffix not in (".parquet", ".csv", ".txt") and not p.name.endswith(".csv.gz"):
+        raise DataError(f"data file {p}: use .csv or .parquet")
     try:
-        if suffix == ".parquet":
-            frame = pd.read_parquet(p)
-        elif suffix in (".csv", ".txt") or p.name.endswith(".csv.gz"):
-            frame = pd.read_csv(p)
-        else:
-            raise DataError(f"data file {p}: use .csv or .parquet")
+        frame = pd.read_parquet(p) if suffix == ".parquet" else pd.read_csv(p)
     except pd.errors.EmptyDataError:
         raise DataError(f"data file {p} is empty") from None
     except (ValueError, OSError, pd.errors.ParserError) as exc:
-        if isinstance(exc, DataError):
-            raise
         raise DataError(f"cannot read data file {p}: {exc}") from None
     if len(frame) == 0:
         raise DataError(f"data file {p} has no records")
@@ -132,17 +127,13 @@ def check_at_least_one(option: str, value: int | None) -> None:
 
 
 def write_table(frame: Any, path: str) -> None:
+    """``frame`` to a .parquet file, else to a .csv one (``check_output_file`` allows no other)."""
     from pathlib import Path
 
-    from anomaly.errors import DataError
-
-    p = Path(path)
-    if p.suffix.lower() == ".parquet":
-        frame.to_parquet(p, index=False)
-    elif p.suffix.lower() == ".csv":
-        frame.to_csv(p, index=False)
+    if Path(path).suffix.lower() == ".parquet":
+        frame.to_parquet(path, index=False)
     else:
-        raise DataError(f"output file {p}: use .csv or .parquet")
+        frame.to_csv(path, index=False)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -150,7 +141,8 @@ def _train(args: argparse.Namespace) -> int:
     import sys
 
     from anomaly.config import load_config
-    from anomaly.estimator.bundle import check_bundle_directory, json_safe
+    from anomaly.estimator.bundle import check_bundle_directory
+    from anomaly.estimator.explain import json_safe
     from anomaly.estimator.model import AnomalyModel
 
     cfg = load_config(args.config)
@@ -223,10 +215,7 @@ def _inspect(args: argparse.Namespace) -> int:
             "metrics",
             "training_data",
         )
-        info = {k: info.get(k) for k in keep}
-        info["thresholds"] = {
-            name: cal.get("threshold")
-            for name, cal in inspect_bundle(args.model)["calibration"].items()
-        }
+        thresholds = {name: cal.get("threshold") for name, cal in info["calibration"].items()}
+        info = {**{k: info.get(k) for k in keep}, "thresholds": thresholds}
     print(json.dumps(info, indent=2, sort_keys=False, default=str))
     return 0

@@ -62,7 +62,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from anomaly.errors import BundleError, DataError, IdentityError
-from anomaly.estimator.explain import json_value
+from anomaly.estimator.explain import json_safe
 
 # The model class (``AnomalyModel``) ``load_bundle`` builds: passed in by ``AnomalyModel.load``, so
 # this module, which the model imports, never imports the model.
@@ -115,14 +115,6 @@ def _library_versions() -> dict[str, str]:
     }
 
 
-def json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [json_safe(v) for v in value]
-    return json_value(value)
-
-
 def check_bundle_directory(path: str | os.PathLike[str]) -> None:
     """Refuse a bundle path that is a file or a directory with something in it: ``save_bundle``
     never overwrites. Commands call it before training too, not to find out after it."""
@@ -145,11 +137,9 @@ def save_bundle(model: Any, path: str | os.PathLike[str]) -> str:
     for name, det in model.detectors_.items():
         tensors = det.state_tensors()
         files[f"{name}.safetensors"] = st_save(tensors)
-        params = det.get_params()
-        params.update({"device": "cpu", "progress": False})
         detectors[name] = {
             "class": type(det).__name__,
-            "params": json_safe(params),
+            "params": json_safe({**det.get_params(), "device": "cpu", "progress": False}),
             "n_features": det.n_features_in_,
             "architecture": json_safe(det.architecture()),
             "extra": json_safe(det.extra_state()),
@@ -281,13 +271,8 @@ def _read_verified(
     listed = manifest.get("files")
     if not isinstance(listed, dict) or not listed:
         raise BundleError(f"bundle {root}: manifest lists no files")
-    for fname in listed:
-        if (
-            not isinstance(fname, str)
-            or not _SAFE_NAME.match(fname)
-            or ".." in fname
-            or fname == MANIFEST
-        ):
+    for fname in listed:  # (JSON's keys are always text)
+        if not _SAFE_NAME.match(fname) or ".." in fname or fname == MANIFEST:
             raise BundleError(f"bundle {root}: file name {fname!r} in the manifest is not allowed")
     extra = sorted(set(entries) - set(listed) - {MANIFEST})
     if extra:
@@ -411,10 +396,7 @@ def _load_detector(
                 f"bundle {root}: tensor '{key}' of '{name}' has shape "
                 f"{None if got is None else list(got.shape)}, manifest says {meta['shape']}"
             )
-    params = dict(spec["params"])
-    for key in ("hidden",):
-        if key in params and isinstance(params[key], list):
-            params[key] = tuple(params[key])
+    params = dict(spec["params"])  # (the detectors take JSON's list for a tuple of widths)
     try:
         return cls.from_state(params, n_out, tensors, spec.get("extra"))
     except (ValueError, RuntimeError, TypeError) as exc:

@@ -33,6 +33,14 @@ from anomaly.features.knot_lookup import SortedSearch
 SEVERITIES = ("low", "medium", "high", "critical")
 
 
+def score_threshold(sorted_scores: np.ndarray, target_fpr: float) -> float:
+    """Smallest score value strictly above which ``p <= target_fpr`` among ``sorted_scores``
+    (calibration scores, ascending); inf if unreachable."""
+    n = len(sorted_scores)
+    k = int(np.floor(target_fpr * (n + 1) + 1e-9)) - 1  # most calibration scores >= s
+    return float("inf") if k < 0 else float(sorted_scores[n - 1 - k])
+
+
 class CalibrationWarning(UserWarning):
     """Too few calibration rows to ever reach the requested false-positive rate."""
 
@@ -69,16 +77,8 @@ class Calibrator:
         self.tail_m_ = m
         self.tail_u_ = float(top[0])
         self.tail_beta_ = float(max(np.mean(top - top[0]), 1e-12 * max(1.0, abs(top[0])), 1e-300))
-        self.threshold_ = self._threshold()
+        self.threshold_ = score_threshold(self.scores_, self.target_fpr)
         return self
-
-    def _threshold(self) -> float:
-        """Smallest score value strictly above which ``p <= target_fpr`` (inf if unreachable)."""
-        n = self.n_
-        k = int(np.floor(self.target_fpr * (n + 1) + 1e-9)) - 1  # most calibration scores >= s
-        if k < 0:
-            return float("inf")
-        return float(self.scores_[n - 1 - k])
 
     def pvalues(self, scores: np.ndarray, *, calibration_rows: bool = False) -> np.ndarray:
         """Conformal p-values. ``calibration_rows=True`` for the calibration scores themselves:

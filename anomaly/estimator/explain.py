@@ -51,6 +51,16 @@ def top_features(
     return out
 
 
+def json_safe(value: Any) -> Any:
+    """``value`` with every dict, list and tuple in it rebuilt as JSON holds them (text keys,
+    lists) and every other value as ``json_value`` gives it."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return json_value(value)
+
+
 def json_value(value: Any) -> Any:
     """A feature's value as JSON can hold it: NumPy scalars as Python ones, and None for any
     missing value (NaN, None, and the pd.NA / NaT of nullable columns, which ``json`` refuses)

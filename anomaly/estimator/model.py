@@ -16,7 +16,7 @@ import hashlib
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -159,21 +159,9 @@ class AnomalyModel:
     @classmethod
     def from_config(cls, cfg: PipelineConfig, **overrides: Any) -> AnomalyModel:
         m = cfg.model
-        kwargs: dict[str, Any] = {
-            "target_fpr": m.target_fpr,
-            "seed": m.seed,
-            "device": m.device,
-            "detectors": tuple(m.detectors),
-            "min_generative_rows": m.min_generative_rows,
-            "schema": cfg.schema,
-            "calibration_fraction": m.calibration_fraction,
-            "max_epochs": m.max_epochs,
-            "time_budget_s": m.time_budget_s,
-            "batch_size": m.batch_size,
-            "detector_params": m.detector_params,
-            "threads": m.threads,
-            "progress": m.progress,
-        }
+        # Each field of the model section is the parameter of the same name.
+        kwargs: dict[str, Any] = {f.name: getattr(m, f.name) for f in fields(m)}
+        kwargs.update(detectors=tuple(m.detectors), schema=cfg.schema)
         kwargs.update(overrides)
         check_detector_params(kwargs["detector_params"])
         try:
@@ -384,15 +372,11 @@ class AnomalyModel:
             views["linear"] = self.preprocessor_.linear_view(xp, numeric)
         return views
 
-    def _table(self, raw: dict[str, np.ndarray]) -> tuple[pd.DataFrame, np.ndarray]:
-        """Scores and p-values per row, plus the ensemble's tail-extended p (for severities)."""
-        block, ens_tail = self._score_block(raw)
-        return score_frame(block), ens_tail
-
     def _score_block(self, raw: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """``_table`` as one ``(len(SCORE_COLUMNS), n)`` array, a row per column: it becomes a
-        DataFrame without a copy (a frame built from separate arrays copies them into one
-        block, a fixed cost that shows in small micro-batches)."""
+        """Scores and p-values per row as one ``(len(SCORE_COLUMNS), n)`` array, a row per column,
+        and the ensemble's tail-extended p (for severities). The array becomes a DataFrame
+        without a copy (a frame built from separate arrays copies them into one block, a fixed
+        cost that shows in small micro-batches)."""
         n = len(next(iter(raw.values())))
         block = np.full((len(SCORE_COLUMNS), n), np.nan)
         row = dict(zip(SCORE_COLUMNS, block, strict=True))
@@ -416,7 +400,7 @@ class AnomalyModel:
         """DataFrame: vae, flow, gan, ensemble and their p-values (NaN for disabled detectors)."""
         self._check_fitted()
         raw, _ = self._raw_scores(*self.preprocessor_.transform_with_numeric(X))
-        return self._table(raw)[0]
+        return score_frame(self._score_block(raw)[0])
 
     def decision_function(self, X: Any) -> np.ndarray:
         """Ensemble score per row; higher = more anomalous."""

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly.errors import DataError
+from anomaly.estimator.calibration import score_threshold
 
 # Order in which detectors appear in tables and plots; others follow alphabetically.
 DETECTOR_ORDER = ("vae", "flow", "gan", "knn", "knn_linear", "ensemble")
@@ -69,16 +70,11 @@ class EvaluationResult:
         return self.n_anomalies / self.n_rows if self.n_rows else float("nan")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "target_fpr": self.target_fpr,
-            "n_rows": self.n_rows,
-            "n_anomalies": self.n_anomalies,
-            "n_normals": self.n_normals,
-            "anomaly_rate": self.anomaly_rate,
-            "detectors": {
-                name: {**asdict(m), "alerts": m.alerts} for name, m in self.detectors.items()
-            },
-        }
+        data = asdict(self)
+        detectors = data.pop("detectors")
+        for name, m in self.detectors.items():
+            detectors[name]["alerts"] = m.alerts
+        return {**data, "anomaly_rate": self.anomaly_rate, "detectors": detectors}
 
 
 @dataclass
@@ -92,13 +88,9 @@ class TopRow:
     features: list[dict[str, Any]] = field(default_factory=list)  # {feature, value, contribution}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "row": self.row,
-            "label": self.label,
-            "score": self.score,
-            "p_value": self.p_value,
-            "top_features": self.features,
-        }
+        data = asdict(self)
+        data["top_features"] = data.pop("features")
+        return data
 
 
 def validate_labels(labels: Any, name: str = "label") -> np.ndarray:
@@ -127,9 +119,13 @@ def validate_labels(labels: Any, name: str = "label") -> np.ndarray:
         numeric = series.to_numpy(dtype=np.float64)
     else:
         raise LabelError(f"label column '{name}' must be 0/1, got values of type {series.dtype}")
-    ok = (numeric == 0.0) | (numeric == 1.0)
-    if not ok.all():
-        _raise_not_binary(name, series, ok)
+    bad = np.flatnonzero((numeric != 0.0) & (numeric != 1.0))
+    if len(bad):
+        examples = sorted({repr(v) for v in series.iloc[bad[:20]].tolist()})[:5]
+        raise LabelError(
+            f"label column '{name}' must hold 0 (normal) or 1 (anomaly); {len(bad)} row(s) hold "
+            f"other values ({', '.join(examples)}), first at row(s) {_rows(bad)}"
+        )
     values = numeric.astype(np.int8)
     n_anomalies = int(values.sum())
     if n_anomalies == 0:
@@ -148,15 +144,6 @@ def validate_labels(labels: Any, name: str = "label") -> np.ndarray:
 def _rows(rows: np.ndarray, limit: int = 5) -> str:
     shown = ", ".join(str(int(r)) for r in rows[:limit])
     return shown + (", ..." if len(rows) > limit else "")
-
-
-def _raise_not_binary(name: str, series: pd.Series, ok: np.ndarray) -> None:
-    bad = np.flatnonzero(~ok)
-    examples = sorted({repr(v) for v in series.iloc[bad[:20]].tolist()})[:5]
-    raise LabelError(
-        f"label column '{name}' must hold 0 (normal) or 1 (anomaly); {len(bad)} row(s) hold "
-        f"other values ({', '.join(examples)}), first at row(s) {_rows(bad)}"
-    )
 
 
 def detector_names(scores: pd.DataFrame) -> list[str]:
@@ -252,12 +239,6 @@ def _metrics(name, y, s, alert, target_fpr, threshold, roc_auc_score, ap_score) 
     )
 
 
-def observed_fpr(p_values: np.ndarray, target_fpr: float) -> tuple[int, int]:
-    """(false positives, normal rows) of normal rows' p-values at a target rate."""
-    p = np.asarray(p_values, dtype=np.float64)
-    return int(np.sum(p <= target_fpr)), len(p)
-
-
 def enough_to_tell(n_normals: int, target_fpr: float, min_expected: float = 10.0) -> bool:
     """Whether ``n_normals`` normal rows can tell a rate of ``target_fpr`` from 0.5x or 1.5x of it.
 
@@ -269,7 +250,8 @@ def enough_to_tell(n_normals: int, target_fpr: float, min_expected: float = 10.0
 
 
 def fpr_interval(false_positives: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a false-positive rate (for honest small-count reporting)."""
+    """Wilson score interval of the rate ``false_positives / n`` (for honest small-count
+    reporting; any other count out of ``n`` too, such as confirmed alerts among reviewed ones)."""
     if n == 0:
         return (float("nan"), float("nan"))
     p = false_positives / n
@@ -384,9 +366,7 @@ def model_thresholds(model: Any, target_fpr: float) -> dict[str, float]:
         scores = getattr(cal, "scores_", None)
         if scores is None or len(scores) == 0:
             continue
-        s = np.sort(np.asarray(scores, dtype=np.float64))
-        n = len(s)
-        k = int(np.floor(target_fpr * (n + 1) + 1e-9)) - 1  # calibration scores allowed above
-        if k >= 0:
-            out[name] = float(s[n - 1 - k])
+        threshold = score_threshold(np.sort(np.asarray(scores, dtype=np.float64)), target_fpr)
+        if np.isfinite(threshold):
+            out[name] = threshold
     return out

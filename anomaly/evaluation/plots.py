@@ -39,10 +39,6 @@ def _png(fig) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _color(name: str, i: int) -> str:
-    return COLORS.get(name, f"C{i % 10}")
-
-
 def plot_curves(result: EvaluationResult, scores: pd.DataFrame, y: np.ndarray) -> tuple[str, str]:
     """ROC and precision-recall curves of every detector, as base64 PNGs."""
     from sklearn.metrics import precision_recall_curve, roc_curve
@@ -53,28 +49,17 @@ def plot_curves(result: EvaluationResult, scores: pd.DataFrame, y: np.ndarray) -
     pr_fig, pr_ax = plt.subplots(figsize=(5.2, 4.4))
     for i, (name, m) in enumerate(result.detectors.items()):
         s = scores[name].to_numpy(dtype=np.float64)
+        color = COLORS.get(name, f"C{i % 10}")
         width = 2.4 if name == "ensemble" else 1.4
         fpr, tpr, _ = roc_curve(y, s)
-        roc_ax.plot(fpr, tpr, color=_color(name, i), lw=width, label=f"{name} (AUC {m.auroc:.3f})")
-        roc_log.plot(fpr, tpr, color=_color(name, i), lw=width, label=name)
-        roc_log.plot(
-            [max(m.observed_fpr, 1e-5)], [m.recall], "o", color=_color(name, i), ms=5, mec="black"
-        )
-        roc_ax.plot(
-            [m.observed_fpr], [m.recall], "o", color=_color(name, i), ms=5, mec="black", mew=0.5
-        )
+        roc_ax.plot(fpr, tpr, color=color, lw=width, label=f"{name} (AUC {m.auroc:.3f})")
+        roc_log.plot(fpr, tpr, color=color, lw=width, label=name)
+        roc_log.plot([max(m.observed_fpr, 1e-5)], [m.recall], "o", color=color, ms=5, mec="black")
+        roc_ax.plot([m.observed_fpr], [m.recall], "o", color=color, ms=5, mec="black", mew=0.5)
         precision, recall, _ = precision_recall_curve(y, s)
-        pr_ax.step(
-            recall,
-            precision,
-            where="post",
-            color=_color(name, i),
-            lw=width,
-            label=f"{name} (AP {m.auprc:.3f})",
-        )
-        pr_ax.plot(
-            [m.recall], [m.precision], "o", color=_color(name, i), ms=5, mec="black", mew=0.5
-        )
+        label = f"{name} (AP {m.auprc:.3f})"
+        pr_ax.step(recall, precision, where="post", color=color, lw=width, label=label)
+        pr_ax.plot([m.recall], [m.precision], "o", color=color, ms=5, mec="black", mew=0.5)
     roc_ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="chance")
     roc_ax.set(
         xlabel="false-positive rate",

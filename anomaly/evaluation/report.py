@@ -20,6 +20,7 @@ import jinja2
 import numpy as np
 import pandas as pd
 
+from anomaly.estimator.explain import json_safe
 from anomaly.evaluation import plots
 from anomaly.evaluation.metrics import EvaluationResult, TopRow
 
@@ -45,25 +46,12 @@ def write_report(
         "top_rows": [t.to_dict() for t in top_rows],
     }
     json_path = out / JSON_NAME
-    json_path.write_text(json.dumps(_jsonable(payload), indent=2) + "\n", encoding="utf-8")
+    json_path.write_text(json.dumps(json_safe(payload), indent=2) + "\n", encoding="utf-8")
     html_path = out / HTML_NAME
     html_path.write_text(
         render_html(result, scores, np.asarray(labels), top_rows, meta), encoding="utf-8"
     )
     return html_path, json_path
-
-
-def _jsonable(value: Any) -> Any:
-    """JSON has no NaN or infinity: write them as null."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 # The HTML is ``report.html.j2`` beside this module; the filters below format its numbers.

@@ -4,11 +4,9 @@ write the report."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from anomaly.errors import DataError
@@ -50,37 +48,28 @@ def run_evaluation(
     scores = model.score_detectors(frame)
     result = evaluate_scores(scores, labels, target, thresholds=model_thresholds(model, target))
 
-    tops: list[TopRow] = []
     idx = top_scoring_rows(scores, labels, min(top_rows, len(frame)))
-    if idx:
-        explanations = model.explain(frame.iloc[idx], top=3)
-        p_col = "ensemble_p" if "ensemble_p" in scores.columns else None
-        for i, feats in zip(idx, explanations, strict=True):
-            tops.append(
-                TopRow(
-                    row=i,
-                    label=int(labels[i]),
-                    score=float(scores["ensemble"].iloc[i]),
-                    p_value=float(scores[p_col].iloc[i]) if p_col else None,
-                    features=[_plain(f) for f in feats],
-                )
-            )
+    explanations = model.explain(frame.iloc[idx], top=3) if idx else []
+    tops = [
+        TopRow(
+            row=i,
+            label=int(labels[i]),
+            score=float(scores["ensemble"].iloc[i]),
+            p_value=float(scores["ensemble_p"].iloc[i]),
+            features=feats,  # explain gives plain, JSON-safe values
+        )
+        for i, feats in zip(idx, explanations, strict=True)
+    ]
     meta = {
         "model": str(model_dir),
         "model_version": getattr(model, "version", None),
         "data": str(data_path),
         "label_column": label,
         "ignored_columns": ignored,
-        "calibration_rows": _calibration_rows(model),
+        "calibration_rows": model.calibrators_["ensemble"].n_,
     }
     html_path, json_path = write_report(report_dir, result, scores, labels, tops, meta)
     return result, html_path, json_path
-
-
-def _calibration_rows(model: Any) -> int | None:
-    cal = (getattr(model, "calibrators_", None) or {}).get("ensemble")
-    n = getattr(cal, "n_", None)
-    return None if n is None else int(n)
 
 
 def _model_columns(model: Any, frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -94,14 +83,3 @@ def _model_columns(model: Any, frame: pd.DataFrame) -> tuple[pd.DataFrame, list[
     keep = [c for c in frame.columns if c in known]
     ignored = [str(c) for c in frame.columns if c not in known]
     return frame[keep], ignored
-
-
-def _plain(feature: Mapping[str, Any]) -> dict[str, Any]:
-    value = feature.get("value")
-    if isinstance(value, np.generic):
-        value = value.item()
-    return {
-        "feature": str(feature["feature"]),
-        "value": value,
-        "contribution": float(feature["contribution"]),
-    }

@@ -24,7 +24,6 @@ from __future__ import annotations
 import datetime as dt
 import html
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import numpy as np
 import pandas as pd
 
 from anomaly.errors import DataError
+from anomaly.evaluation.metrics import alerts_for, fpr_interval, model_thresholds
 
 JSON_NAME = "report.json"
 HTML_NAME = "report.html"
@@ -63,16 +63,6 @@ class VerdictData:
     scope: dict[str, Any] = field(default_factory=dict)
 
 
-def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
-    if n == 0:
-        return None
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def _precision_row(version: str, alerts: int, y: np.ndarray) -> dict[str, Any]:
     reviewed, tp = len(y), int(y.sum())
     return {
@@ -83,7 +73,7 @@ def _precision_row(version: str, alerts: int, y: np.ndarray) -> dict[str, Any]:
         "true_positives": tp,
         "false_positives": reviewed - tp,
         "precision": tp / reviewed if reviewed else None,
-        "precision_95ci": wilson_interval(tp, reviewed),
+        "precision_95ci": fpr_interval(tp, reviewed) if reviewed else None,
     }
 
 
@@ -101,7 +91,6 @@ def as_alerted(data: VerdictData) -> list[dict[str, Any]]:
 def rescored(data: VerdictData, model_dir: str, target_fpr: float | None, device: str) -> dict:
     """The reviewed alerts scored by the model in ``model_dir``: what it would still flag."""
     from anomaly.estimator.model import AnomalyModel
-    from anomaly.evaluation.metrics import alerts_for, model_thresholds
     from anomaly.evaluation.run import _model_columns
 
     if not Path(model_dir).exists():
@@ -193,16 +182,7 @@ def render_html(report: dict[str, Any]) -> str:
         for k, v in report["scope"].items()
         if v is not None
     )
-    cols = (
-        "model_version",
-        "alerts",
-        "reviewed",
-        "review_coverage",
-        "true_positives",
-        "false_positives",
-        "precision",
-        "precision_95ci",
-    )
+    cols = list(report["as_alerted"][0])  # _precision_row's fields (there is always the "all" row)
     head = "".join(f"<th>{c}</th>" for c in cols)
     body = "".join(
         "<tr>" + "".join(f"<td>{_fmt(r[c])}</td>" for c in cols) + "</tr>"

@@ -26,8 +26,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from anomaly.errors import DataError
-from anomaly.features.columns import arrow_strings, row_label
+from anomaly.features.columns import arrow_strings, bad_value
 
 
 def category_text(value: Any) -> str:
@@ -71,8 +70,7 @@ def fit_categorical(
         column = frame[name]
         missing = column.isna().to_numpy()
         if not impute and missing.any():
-            position = row_label(frame, int(np.flatnonzero(missing)[0]))
-            raise DataError(f"column '{name}', {position}: value is missing")
+            raise bad_value(frame, name, missing, "missing")
         vocabularies[name], mode = fit_categories(column, max_categories)
         if impute and mode is not None:
             imputed[name] = mode

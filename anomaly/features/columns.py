@@ -81,9 +81,14 @@ def finite_or_missing_column(frame: pd.DataFrame, name: str) -> np.ndarray:
             f"column '{name}', {row_label(frame, pos)}: {frame[name].iloc[pos]!r} is not a number"
         )
     if np.isinf(values).any():
-        pos = int(np.flatnonzero(np.isinf(values))[0])
-        raise DataError(f"column '{name}', {row_label(frame, pos)}: value is infinite")
+        raise bad_value(frame, name, np.isinf(values), "infinite")
     return values
+
+
+def bad_value(frame: pd.DataFrame, name: str, mask: np.ndarray, what: str) -> DataError:
+    """The DataError for the first row of ``mask`` in column ``name``: its value is ``what``."""
+    pos = int(np.flatnonzero(mask)[0])
+    return DataError(f"column '{name}', {row_label(frame, pos)}: value is {what}")
 
 
 def arrow_strings(column: pd.Series) -> Any:
@@ -105,40 +110,35 @@ def row_label(frame: pd.DataFrame, pos: int) -> str:
     return f"row {pos}" if label == pos else f"row {pos} (index {label!r})"
 
 
+# What ``row_problems`` says for each kind of problem.
+PROBLEMS = {
+    "not_a_number": "field '{name}': {value!r} is not a number",
+    "infinite": "field '{name}': value is infinite",
+    "missing_value": "field '{name}' is missing",
+}
+
+
 def row_problems(
     frame: pd.DataFrame, numeric: list[str], categorical: list[str], reject: bool
 ) -> list[tuple[int, str, str]]:
     """``Preprocessor.validate_frame``'s per-row problems of the feature columns, at most one per
     row (the first found, numeric columns first), in row order. ``reject``: a missing value is a
     problem too."""
-    errors: list[tuple[int, str, str]] = []
-    seen: set[int] = set()
+    problems: dict[int, tuple[str, str]] = {}
+
+    def add(mask: np.ndarray, kind: str, name: str) -> None:
+        for pos in np.flatnonzero(mask).tolist():
+            if pos not in problems:
+                value = frame[name].iloc[pos]
+                problems[pos] = (kind, PROBLEMS[kind].format(name=name, value=value))
+
     for name in numeric:
         values, bad = numeric_column(frame, name)
-        for pos in np.flatnonzero(bad):
-            if int(pos) not in seen:
-                seen.add(int(pos))
-                errors.append(
-                    (
-                        int(pos),
-                        "not_a_number",
-                        f"field '{name}': {frame[name].iloc[pos]!r} is not a number",
-                    )
-                )
-        for pos in np.flatnonzero(np.isinf(values)):
-            if int(pos) not in seen:
-                seen.add(int(pos))
-                errors.append((int(pos), "infinite", f"field '{name}': value is infinite"))
+        add(bad, "not_a_number", name)
+        add(np.isinf(values), "infinite", name)
         if reject:
-            for pos in np.flatnonzero(np.isnan(values) & ~bad):
-                if int(pos) not in seen:
-                    seen.add(int(pos))
-                    errors.append((int(pos), "missing_value", f"field '{name}' is missing"))
+            add(np.isnan(values) & ~bad, "missing_value", name)
     if reject:
         for name in categorical:
-            for pos in np.flatnonzero(frame[name].isna().to_numpy()):
-                if int(pos) not in seen:
-                    seen.add(int(pos))
-                    errors.append((int(pos), "missing_value", f"field '{name}' is missing"))
-    errors.sort(key=lambda e: e[0])
-    return errors
+            add(frame[name].isna().to_numpy(), "missing_value", name)
+    return [(pos, *problems[pos]) for pos in sorted(problems)]

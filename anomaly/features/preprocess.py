@@ -62,8 +62,8 @@ from anomaly.errors import DataError, NotFittedError
 from anomaly.features.categories import CategoryLookup, fit_categorical
 from anomaly.features.columns import (
     arrow_strings,
+    bad_value,
     finite_or_missing_column,
-    row_label,
     row_problems,
     to_frame,
 )
@@ -126,14 +126,13 @@ class Preprocessor:
         frame = to_frame(data, self._schema_feature_names())
         if len(frame) == 0:
             raise DataError("no records to train on: the input is empty")
+        self.missing_ = "impute" if self.schema is None else self.schema.missing
         if self.schema is None or not self.schema.features:
             self.numeric_ = [str(c) for c in frame.columns]
             self.categorical_: list[str] = []
-            self.missing_ = "impute" if self.schema is None else self.schema.missing
         else:
             self.numeric_ = list(self.schema.numeric)
             self.categorical_ = list(self.schema.categorical)
-            self.missing_ = self.schema.missing
         self._check_columns(frame)
         if len(frame) < self.min_rows:
             raise DataError(
@@ -144,8 +143,7 @@ class Preprocessor:
             values = finite_or_missing_column(frame, name)
             finite = values[~np.isnan(values)]
             if self.missing_ == "reject" and len(finite) < len(values):
-                pos = int(np.flatnonzero(np.isnan(values))[0])
-                raise DataError(f"column '{name}', {row_label(frame, pos)}: value is missing")
+                raise bad_value(frame, name, np.isnan(values), "missing")
             if len(finite) == 0:
                 raise DataError(f"column '{name}': every training value is missing")
             self.numeric_params_[name] = fit_numeric_params(
@@ -161,19 +159,13 @@ class Preprocessor:
         self._build_output_layout(lookups)
         return self
 
-    def _lookups(self) -> dict[str, CategoryLookup]:
-        return {name: CategoryLookup(self.categories_[name]) for name in self.categorical_}
-
     def _build_output_layout(self, lookups: dict[str, CategoryLookup]) -> None:
-        names: list[str] = []
-        source: list[int] = []
-        for i, name in enumerate(self.numeric_):
-            names.append(name)
-            source.append(i)
-        for j, name in enumerate(self.categorical_):
+        names = list(self.numeric_)
+        source = list(range(len(self.numeric_)))
+        for j, name in enumerate(self.categorical_, start=len(self.numeric_)):
             for cat in [*self.categories_[name], UNSEEN]:
                 names.append(f"{name}={cat}")
-                source.append(len(self.numeric_) + j)
+                source.append(j)
         self.feature_names_in_ = [*self.numeric_, *self.categorical_]
         self.feature_names_out_ = names
         # For each output column, the input feature it came from (explanations sum over these).
@@ -218,9 +210,8 @@ class Preprocessor:
                 f"{', '.join(expected[:20])}{'...' if len(expected) > 20 else ''})"
             )
         if self.schema is not None and self.schema.features:
-            allowed = set(expected) | {
-                f for f in (self.schema.id_field, self.schema.time_field, self.schema.entity_field)
-            }
+            schema = self.schema
+            allowed = {*expected, schema.id_field, schema.time_field, schema.entity_field}
             extra = sorted(str(c) for c in frame.columns if str(c) not in allowed)
             if extra:
                 raise DataError(
@@ -238,12 +229,11 @@ class Preprocessor:
         """
         self._check_fitted()
         frame = to_frame(data, self.feature_names_in_)
-        n = len(frame)
         present = {str(c) for c in frame.columns}
         missing_cols = [c for c in self.feature_names_in_ if c not in present]
         if missing_cols:
             msg = f"missing field(s): {', '.join(missing_cols)}"
-            return [(i, "missing_column", msg) for i in range(n)]
+            return [(i, "missing_column", msg) for i in range(len(frame))]
         reject = self.missing_ == "reject"
         if self._clean(frame, reject):
             return []
@@ -257,7 +247,8 @@ class Preprocessor:
         block = self._numeric_block(frame)
         if block is None and self.numeric_:
             return False
-        if block is not None and not (np.isfinite(block).all() or self._only_nan(block, reject)):
+        # Not all finite is still clean where only values are missing and the policy allows it.
+        if block is not None and not np.isfinite(block).all() and (reject or np.isinf(block).any()):
             return False
         if reject:
             for name in self.categorical_:
@@ -269,11 +260,6 @@ class Preprocessor:
                 elif column.dtype != object or pd.isna(column.to_numpy()).any():
                     return False
         return True
-
-    @staticmethod
-    def _only_nan(block: np.ndarray, reject: bool) -> bool:
-        """Not all finite, yet nothing to report: only missing values, allowed by the policy."""
-        return not reject and not np.isinf(block).any()
 
     # -------------------------------------------------------------- transforming
     def transform(self, data: Any) -> np.ndarray:
@@ -335,8 +321,7 @@ class Preprocessor:
         for name in self.categorical_:
             codes, missing = self._category_lookups[name].codes(frame[name])
             if self.missing_ == "reject" and missing:
-                pos = int(np.flatnonzero(frame[name].isna().to_numpy())[0])
-                raise DataError(f"column '{name}', {row_label(frame, pos)}: value is missing")
+                raise bad_value(frame, name, frame[name].isna().to_numpy(), "missing")
             outside = codes < 0
             if outside.any():
                 new = outside & ~frame[name].isna().to_numpy() if missing else outside
@@ -356,11 +341,8 @@ class Preprocessor:
         values = np.empty((len(frame), len(self.numeric_)), dtype=np.float64, order="F")
         for i, name in enumerate(self.numeric_):
             column = finite_or_missing_column(frame, name)
-            if self.missing_ == "reject":
-                nan = np.isnan(column)
-                if nan.any():
-                    pos = int(np.flatnonzero(nan)[0])
-                    raise DataError(f"column '{name}', {row_label(frame, pos)}: value is missing")
+            if self.missing_ == "reject" and np.isnan(column).any():
+                raise bad_value(frame, name, np.isnan(column), "missing")
             values[:, i] = column
         return values
 
@@ -427,14 +409,10 @@ class Preprocessor:
         """The DataError the per-column checks raise: first bad column, then first bad row."""
         for name, column in zip(self.numeric_, xt, strict=True):
             values = np.asarray(column, dtype=np.float64)
-            inf = np.isinf(values)
-            if inf.any():
-                pos = int(np.flatnonzero(inf)[0])
-                raise DataError(f"column '{name}', {row_label(frame, pos)}: value is infinite")
-            nan = np.isnan(values)
-            if self.missing_ == "reject" and nan.any():
-                pos = int(np.flatnonzero(nan)[0])
-                raise DataError(f"column '{name}', {row_label(frame, pos)}: value is missing")
+            if np.isinf(values).any():
+                raise bad_value(frame, name, np.isinf(values), "infinite")
+            if self.missing_ == "reject" and np.isnan(values).any():
+                raise bad_value(frame, name, np.isnan(values), "missing")
 
     def _block_plan(self) -> NumericBlockTransform:
         # Derived on first use and never saved, as the knot lookups it is built from.
@@ -517,5 +495,5 @@ class Preprocessor:
             for k, v in pre.impute_category_.items()
         ):
             raise DataError("an imputed category is not in its column's vocabulary")
-        pre._build_output_layout(pre._lookups())
+        pre._build_output_layout({k: CategoryLookup(pre.categories_[k]) for k in pre.categorical_})
         return pre

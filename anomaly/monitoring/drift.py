@@ -177,10 +177,8 @@ class DriftMonitor:
         self.model_version = model_version
         self.alpha = window_alpha(cfg)
         self.model = model
-        pre = model.preprocessor_
-        self._pre = pre
-        ens = model.calibrators_["ensemble"]
-        self.n_cal = int(ens.n_)
+        pre = self._pre = model.preprocessor_
+        self.n_cal = int(model.calibrators_["ensemble"].n_)
         self.target_fpr = float(model.target_fpr)
         self.k_alert = math.floor(self.target_fpr * (self.n_cal + 1) + 1e-9)
         self.features: list[str] = []
@@ -216,10 +214,6 @@ class DriftMonitor:
         self._p_counts = np.zeros(self.n_cal + 2, dtype=np.int64)
         self._bins = [np.zeros(len(e) + 1, dtype=np.int64) for e in self._edges]
 
-    def _window_of(self, t: float) -> float:
-        w = self.cfg.window_s
-        return math.floor(t / w) * w
-
     def observe(self, frame: Any, ensemble_p: np.ndarray, now: datetime) -> list[DriftReport]:
         """Count one scored batch (``frame``: its valid records, ``ensemble_p`` their p-values)
         at time ``now``; returns the report of the window this closed, if any."""
@@ -232,8 +226,9 @@ class DriftMonitor:
         """``observe`` with the numeric block already extracted (rows x ``numeric_`` columns,
         NaN where missing; the scorer's block, float, integer or bool)."""
         reports = self.tick(now)
-        if self._start is None:
-            self._start = self._window_of(now.timestamp())
+        if self._start is None:  # windows start at multiples of window_s since the epoch
+            window = self.cfg.window_s
+            self._start = math.floor(now.timestamp() / window) * window
         p = np.asarray(ensemble_p, dtype=np.float64)
         self.records += len(p)
         self.alerts += int(np.count_nonzero(p <= self.target_fpr))

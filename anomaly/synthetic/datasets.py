@@ -109,7 +109,8 @@ def _quotas(total: int, shares: dict[str, float]) -> dict[str, int]:
 
 
 def _finish(frame: pd.DataFrame, id_prefix: str, columns: list[str]) -> pd.DataFrame:
-    frame = frame.sort_values(["event_time", "_order"], kind="stable").reset_index(drop=True)
+    # Stable: records at the same time keep the order they were generated in.
+    frame = frame.sort_values("event_time", kind="stable").reset_index(drop=True)
     width = max(7, len(str(len(frame))))
     frame.insert(0, "id", [f"{id_prefix}-{i:0{width}d}" for i in range(len(frame))])
     frame["is_anomaly"] = (frame["anomaly_kind"] != "").astype("int64")
@@ -297,12 +298,10 @@ def _fraud_columns(frame: pd.DataFrame, cards: _CardHabits) -> pd.DataFrame:
     frame["event_time"] = START + pd.to_timedelta(np.round(seconds, 3), unit="s")
     frame["hour"] = frame["event_time"].dt.hour.astype("int64")
     frame["velocity_1h"] = velocity_1h(frame["card"].to_numpy(), seconds)
-    frame["amount"] = frame["amount"].round(2)
-    frame["distance_from_home_km"] = frame["distance_from_home_km"].round(2)
+    frame = frame.round({"amount": 2, "distance_from_home_km": 2})
     frame["amount_to_card_median"] = amount_to_card_median(frame["card"], seconds, frame["amount"])
     frame["issuer_country"] = _COUNTRIES[cards.home[frame["card"].to_numpy()]]
     frame["card_id"] = [f"card-{c:05d}" for c in frame["card"]]
-    frame["_order"] = np.arange(len(frame))
     return _finish(frame, "txn", ["card_id", *FRAUD_NUMERIC, *FRAUD_CATEGORICAL])
 
 
@@ -419,16 +418,10 @@ def _sensor_faults(
 def _manufacturing_columns(frame: pd.DataFrame) -> pd.DataFrame:
     """The published columns: event time, readings rounded, the machine id; sorted by time."""
     frame["event_time"] = START + pd.to_timedelta(np.round(frame["seconds"], 3), unit="s")
-    for col, digits in (
-        ("vibration_rms", 4),
-        ("current_a", 3),
-        ("pressure_bar", 4),
-        ("temperature_c", 3),
-        ("flow_lpm", 3),
-    ):
-        frame[col] = frame[col].round(digits)
+    frame = frame.round(
+        {"vibration_rms": 4, "current_a": 3, "pressure_bar": 4, "temperature_c": 3, "flow_lpm": 3}
+    )
     frame["machine_id"] = [f"machine-{m:03d}" for m in frame["machine"]]
-    frame["_order"] = np.arange(len(frame))
     return _finish(
         frame, "reading", ["machine_id", *MANUFACTURING_NUMERIC, *MANUFACTURING_CATEGORICAL]
     )

@@ -82,12 +82,10 @@ class FlowDetector(BaseDetector):
             flow = zuko.flows.MAF(
                 features=d, transforms=self.transforms, hidden_features=self.hidden
             )
-        elif self.kind == "nsf":
+        else:  # "nsf", the only other kind __init__ takes
             flow = zuko.flows.NSF(
                 features=d, transforms=self.transforms, hidden_features=self.hidden, bins=self.bins
             )
-        else:
-            raise ValueError(f"kind must be 'maf' or 'nsf', got {self.kind!r}")
         return _Flow(flow, self.input_clip, pad)
 
     def _loss(self, module: nn.Module, xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
