@@ -141,7 +141,7 @@ class AvroRecordDecoder(RecordDecoder):
         n = len(values)
         frame, bad_rows = self._frame_from_fields([columns[c] for c in self.columns], n)
         index = np.arange(n, dtype=np.int64)
-        return self._finish(frame, bad_rows, index, [], partitions, offsets)
+        return DecodedBatch(frame, index).without(bad_rows, partitions, offsets)
 
     def _read_columnar(self, values: list[bytes | None]) -> dict[str, Any] | None:
         n = len(values)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -103,6 +103,32 @@ class DecodedBatch:
     @property
     def n_valid(self) -> int:
         return len(self.index)
+
+    def without(
+        self,
+        problems: Iterable[tuple[int, str, str]],
+        partitions: Sequence[int] | None = None,
+        offsets: Sequence[int] | None = None,
+    ) -> DecodedBatch:
+        """The batch without the frame rows ``problems`` names ((row, kind, message); a row's
+        first problem counts), which become rejects; with ``partitions`` and ``offsets`` every
+        reject is labelled with its Kafka position."""
+        batch = self
+        drop = np.zeros(self.n_valid, dtype=bool)
+        rejected = list(self.rejected)
+        for row, kind, message in problems:
+            if not drop[row]:
+                drop[row] = True
+                rejected.append(Rejected(int(self.index[row]), kind, message))
+        if drop.any():
+            rejected.sort(key=lambda r: r.index)
+            frame = self.frame.loc[~drop].reset_index(drop=True)
+            batch = DecodedBatch(frame=frame, index=self.index[~drop], rejected=rejected)
+        if partitions is not None and offsets is not None:
+            for r in batch.rejected:
+                r.partition = int(partitions[r.index])
+                r.offset = int(offsets[r.index])
+        return batch
 
 
 class RecordDecoder:
@@ -196,31 +222,7 @@ class RecordDecoder:
                         keep.append(i)
         index = np.arange(n, dtype=np.int64) if keep is None else np.asarray(keep, dtype=np.int64)
         frame, bad_rows = self._to_frame(structs)
-        return self._finish(frame, bad_rows, index, rejected, partitions, offsets)
-
-    def _finish(
-        self,
-        frame: pd.DataFrame,
-        bad_rows: list[tuple[int, str, str]],
-        index: np.ndarray,
-        rejected: list[Rejected],
-        partitions: Sequence[int] | None,
-        offsets: Sequence[int] | None,
-    ) -> DecodedBatch:
-        """Drop the rows the column checks rejected; label every reject with its position."""
-        if bad_rows:
-            drop = np.zeros(len(index), dtype=bool)
-            for row, kind, message in bad_rows:
-                drop[row] = True
-                rejected.append(Rejected(int(index[row]), kind, message))
-            frame = frame.loc[~drop].reset_index(drop=True)
-            index = index[~drop]
-            rejected.sort(key=lambda r: r.index)
-        if partitions is not None and offsets is not None:
-            for r in rejected:
-                r.partition = int(partitions[r.index])
-                r.offset = int(offsets[r.index])
-        return DecodedBatch(frame=frame, index=index, rejected=rejected)
+        return DecodedBatch(frame, index, rejected).without(bad_rows, partitions, offsets)
 
     def _decode_fast(self, values: list[bytes | None]) -> list[Any] | None:
         """Every value small, valid UTF-8, shallow and decodable: one C call per value.
@@ -408,9 +410,8 @@ class RecordDecoder:
         frame = self._frame(n, matrix, text, times)
         return frame, [(row, kind, msg) for row, (kind, msg) in sorted(bad.items())]
 
-    def _times(self, column: list[Any]) -> tuple[np.ndarray, list[int]]:
-        """The time field's values as ``datetime64[ns]`` (UTC) and the rows that failed."""
-        return parse_times(column)
+    # The time field's values as ``datetime64[ns]`` (UTC) and the rows that failed.
+    _times = staticmethod(parse_times)
 
     def _frame(
         self, n: int, numeric: np.ndarray, text: np.ndarray, times: np.ndarray | None
@@ -436,21 +437,12 @@ _ANY = msgspec.json.Decoder()
 def _unpaired_surrogate(obj: dict[str, Any]) -> str | None:
     """Where a decoded object holds a string (key or value, at any depth) with a lone surrogate:
     "field 'name'" (the top-level field it is under) or "a key"; ``None`` when nowhere."""
-    for key, top in obj.items():
+    for key, value in obj.items():
         if not _encodes(key):
             return "a key"
-        stack = [top]
-        while stack:  # depth is bounded by max_depth, checked before decoding
-            item = stack.pop()
-            if isinstance(item, str):
-                if not _encodes(item):
-                    return f"field '{clipped(key)}'"
-            elif isinstance(item, dict):
-                if not all(map(_encodes, item)):
-                    return f"field '{clipped(key)}'"
-                stack.extend(item.values())
-            elif isinstance(item, list):
-                stack.extend(item)
+        # Depth is bounded by max_depth, checked before decoding.
+        if not _encodes(json.dumps(value, ensure_ascii=False)):
+            return f"field '{clipped(key)}'"
     return None
 
 

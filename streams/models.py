@@ -20,7 +20,7 @@ import numpy as np
 from anomaly.errors import BundleError, ConfigError, IdentityError
 from storage.errors import RetryableStorageError
 from streams.batch import Message
-from streams.decode import DecodedBatch, Rejected
+from streams.decode import DecodedBatch
 from streams.rejects import INVALID_VALUE
 
 log = logging.getLogger("streams.service")
@@ -65,21 +65,11 @@ class ModelsMixin:
         problems = loaded.model.preprocessor_.validate_frame(decoded.frame)
         if not problems:
             return decoded
-        drop = np.zeros(decoded.n_valid, dtype=bool)
-        rejected = list(decoded.rejected)
-        for row, kind, message in problems:
-            if drop[row]:
-                continue
-            drop[row] = True
-            i = int(decoded.index[row])
-            rejected.append(
-                Rejected(
-                    i, kind or INVALID_VALUE, message, messages[i].partition, messages[i].offset
-                )
-            )
-        rejected.sort(key=lambda r: r.index)
-        frame = decoded.frame.loc[~drop].reset_index(drop=True)
-        return DecodedBatch(frame=frame, index=decoded.index[~drop], rejected=rejected)
+        return decoded.without(
+            [(row, kind or INVALID_VALUE, message) for row, kind, message in problems],
+            [m.partition for m in messages],
+            [m.offset for m in messages],
+        )
 
     def _load_model(self, initial: bool = False) -> None:
         from anomaly.estimator.bundle import CONTENT_KEY
