@@ -34,7 +34,6 @@ class LoadedModel:
     model: Any  # anomaly.estimator.model.AnomalyModel
     scorer: Any  # anomaly.scoring.scorer.BatchScorer
     version: str
-    source: str  # where it came from: a bundle path
 
 
 class ModelsMixin:
@@ -116,7 +115,7 @@ class ModelsMixin:
             bf16=serve.bf16,
             threads=serve.threads,
         )
-        loaded = LoadedModel(model=model, scorer=scorer, version=version, source=str(path))
+        loaded = LoadedModel(model=model, scorer=scorer, version=version)
         self._warm_up(loaded)
         self.loaded = loaded
         self._last_model_poll = time.monotonic()

@@ -110,16 +110,12 @@ class PartitionsMixin:
                 consumer.commit(offsets=tps, asynchronous=False)
             except KafkaException as exc:
                 log.warning("commit on revoke failed (offsets are in the database): %s", exc)
-        for key in revoked:
-            self.state.uncommitted.pop(key, None)
         self._drop(revoked)
         log.info("partitions revoked", extra={"fields": {"partitions": sorted(revoked)}})
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
         # Another member may own them already: commit nothing.
         lost = {(tp.topic, tp.partition) for tp in partitions}
-        for key in lost:
-            self.state.uncommitted.pop(key, None)
         self._drop(lost)
         log.warning("partitions lost", extra={"fields": {"partitions": sorted(lost)}})
 
@@ -128,6 +124,7 @@ class PartitionsMixin:
         state.assigned -= keys
         state.unpositioned -= keys
         for key in keys:
+            state.uncommitted.pop(key, None)
             state.stopped.pop(key, None)
             state.position.pop(key, None)
             self.metrics.forget_lag(*key)
@@ -139,9 +136,7 @@ class PartitionsMixin:
 
     def _messages(self, raw: list[Any]) -> list[Message]:
         out: list[Message] = []
-        assigned = self.state.assigned
-        if self.state.unpositioned or self.state.stopped:
-            assigned = assigned - self.state.unpositioned - set(self.state.stopped)
+        assigned = self._active()
         for m in raw:
             err = m.error()
             if err is not None:

@@ -87,7 +87,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -119,7 +119,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("streams.service")
-T = TypeVar("T")
 
 # --stop-when-idle counts from the first assignment; a consumer that never gets one (more
 # consumers than partitions) waits this much longer before it gives up.
