@@ -143,10 +143,12 @@ class ModelsMixin:
         (bench/stream.py --rate 1000: the first batch took 214 ms against ~20 ms later), which
         every record of the first seconds would otherwise wait for. Nothing is written, and
         nothing is asked of a schema registry (the values are read with the file's schema)."""
+        from streams.replay import encode_values
+
         started = time.perf_counter()
         try:
             frame = typical_records(loaded.model, self.cfg.schema, WARM_UP_ROWS)
-            values = warm_up_values(frame, self.cfg)
+            values = encode_values(frame, self.cfg, warm_up=True)
             messages = [Message(self.topic, 0, i, v, None) for i, v in enumerate(values)]
             decoder = self.decoder.for_warm_up()
             decoded = decoder.decode(
@@ -182,17 +184,6 @@ class ModelsMixin:
                 "cannot switch model version, keeping the current one",
                 extra={"fields": {"version": record.version, "error": str(exc)}},
             )
-
-
-def warm_up_values(frame: Any, cfg: Any) -> list[bytes]:
-    """The warm-up records as values of the pipeline's ``kafka.format``."""
-    if cfg.kafka.format == "avro":
-        from streams.avro import warm_up_values as avro_values
-
-        return avro_values(frame, cfg)
-    from streams.replay import encode_rows
-
-    return encode_rows(frame)
 
 
 def typical_records(model: Any, schema: Any, n: int) -> Any:
