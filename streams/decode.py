@@ -221,7 +221,12 @@ class RecordDecoder:
                         structs.append(outcome)
                         keep.append(i)
         index = np.arange(n, dtype=np.int64) if keep is None else np.asarray(keep, dtype=np.int64)
-        frame, bad_rows = self._to_frame(structs)
+        # All fields of all records in one list: field j of every record is then a C-level
+        # strided slice, cheaper than zip(*rows) (which builds one tuple per field).
+        flat = list(chain.from_iterable(map(msgspec.structs.astuple, structs)))
+        width = len(self.columns)
+        fields = [flat[j::width] for j in range(width)]
+        frame, bad_rows = self._frame_from_fields(fields, len(structs))
         return DecodedBatch(frame, index, rejected).without(bad_rows, partitions, offsets)
 
     def _decode_fast(self, values: list[bytes | None]) -> list[Any] | None:
@@ -334,14 +339,6 @@ class RecordDecoder:
             return validation_reason(str(exc))
 
     # -- columns ------------------------------------------------------------------------------
-
-    def _to_frame(self, structs: list[Any]) -> tuple[pd.DataFrame, list[tuple[int, str, str]]]:
-        """Transpose the structs into columns and check what the types alone cannot."""
-        width = len(self.columns)
-        # All fields of all records in one list: field j of every record is then a C-level
-        # strided slice, cheaper than zip(*rows) (which builds one tuple per field).
-        flat = list(chain.from_iterable(map(msgspec.structs.astuple, structs)))
-        return self._frame_from_fields([flat[j::width] for j in range(width)], len(structs))
 
     def _frame_from_fields(
         self, fields: list[Any], n: int

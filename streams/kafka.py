@@ -85,12 +85,9 @@ def producer_settings(kafka: KafkaConfig) -> dict[str, Any]:
         "acks": "all",
     }
     # Consumer-only pass-through settings would only make the producer warn.
-    conf.update({k: v for k, v in kafka.settings.items() if not _consumer_only(k)})
+    consumer_only = ("fetch.", "session.", "heartbeat.", "group.", "auto.", "max.poll")
+    conf.update({k: v for k, v in kafka.settings.items() if not k.startswith(consumer_only)})
     return conf
-
-
-def _consumer_only(key: str) -> bool:
-    return key.startswith(("fetch.", "session.", "heartbeat.", "group.", "auto.", "max.poll"))
 
 
 def produce(producer: Any, topic: str, **message: Any) -> None:

@@ -54,13 +54,11 @@ class ModelsMixin:
     _with_db_retry: Any
 
     def _model_checks(
-        self, decoded: DecodedBatch, messages: list[Message], loaded: LoadedModel | None = None
+        self, decoded: DecodedBatch, messages: list[Message], loaded: LoadedModel
     ) -> DecodedBatch:
         """The model's own per-row checks (e.g. values its preprocessor cannot use)."""
         if not decoded.n_valid:
             return decoded
-        loaded = loaded or self.loaded
-        assert loaded is not None
         problems = loaded.model.preprocessor_.validate_frame(decoded.frame)
         if not problems:
             return decoded
