@@ -187,7 +187,6 @@ class Notifier:
         metrics: Any,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self.cfg = cfg
         self.alerting = cfg.alerting
         self.pipeline = cfg.name
         self.store = store

@@ -53,7 +53,7 @@ class ServiceState:
 class PartitionsMixin:
     """Partition state and offset checks of ``ScoringService`` (its attributes: ``cfg``,
     ``pipeline``, ``topic``, ``state``, ``metrics``, ``health``, ``store``, ``_consumer``,
-    ``_database_up`` and, from the sink, ``_commit_pending``)."""
+    ``_database_up``, ``_database_down`` and, from the sink, ``_commit_pending``)."""
 
     cfg: Any
     pipeline: str
@@ -64,6 +64,7 @@ class PartitionsMixin:
     store: Any
     _consumer: Any
     _database_up: Any
+    _database_down: Any
     _commit_pending: Any
 
     # -- rebalance callbacks (run inside consume()) -------------------------------------------
@@ -179,14 +180,8 @@ class PartitionsMixin:
         try:
             stored = self.store.load_offsets(self.pipeline, self.topic)
         except RetryableStorageError as exc:
-            self._database_up(False)
             delay = state.position_delay or self.cfg.serve.db_retry_initial_s
-            log.warning(
-                "database unavailable",
-                extra={
-                    "fields": {"while": "loading offsets", "error": str(exc), "retry_in_s": delay}
-                },
-            )
+            self._database_down("loading offsets", exc, delay)
             state.position_retry_at = time.monotonic() + delay
             state.position_delay = min(delay * 2, self.cfg.serve.db_retry_max_s)
             return
