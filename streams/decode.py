@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import chain
 from typing import Any
@@ -106,7 +106,7 @@ class DecodedBatch:
 
     def without(
         self,
-        problems: Iterable[tuple[int, str, str]],
+        problems: list[tuple[int, str, str]],
         partitions: Sequence[int] | None = None,
         offsets: Sequence[int] | None = None,
     ) -> DecodedBatch:
@@ -114,13 +114,13 @@ class DecodedBatch:
         first problem counts), which become rejects; with ``partitions`` and ``offsets`` every
         reject is labelled with its Kafka position."""
         batch = self
-        drop = np.zeros(self.n_valid, dtype=bool)
-        rejected = list(self.rejected)
-        for row, kind, message in problems:
-            if not drop[row]:
-                drop[row] = True
-                rejected.append(Rejected(int(self.index[row]), kind, message))
-        if drop.any():
+        if problems:
+            drop = np.zeros(self.n_valid, dtype=bool)
+            rejected = list(self.rejected)
+            for row, kind, message in problems:
+                if not drop[row]:
+                    drop[row] = True
+                    rejected.append(Rejected(int(self.index[row]), kind, message))
             rejected.sort(key=lambda r: r.index)
             frame = self.frame.loc[~drop].reset_index(drop=True)
             batch = DecodedBatch(frame=frame, index=self.index[~drop], rejected=rejected)
