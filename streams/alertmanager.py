@@ -187,7 +187,6 @@ class Notifier:
         metrics: Any,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
-        self.cfg = cfg
         self.alerting = cfg.alerting
         self.pipeline = cfg.name
         self.store = store
@@ -258,7 +257,7 @@ class Notifier:
             post_alerts(url, alerts, self.alerting.timeout_s)
         except AlertmanagerError:
             self.metrics.alertmanager_sent("failed", len(alerts))
-            self.metrics.alertmanager_error()
+            self.metrics.alertmanager_errors.inc()
             self.metrics.set_alertmanager_up(False)
             self._reachable = False
             raise

@@ -141,7 +141,7 @@ class AvroRecordDecoder(RecordDecoder):
         n = len(values)
         frame, bad_rows = self._frame_from_fields([columns[c] for c in self.columns], n)
         index = np.arange(n, dtype=np.int64)
-        return self._finish(frame, bad_rows, index, [], partitions, offsets)
+        return DecodedBatch(frame, index).without(bad_rows, partitions, offsets)
 
     def _read_columnar(self, values: list[bytes | None]) -> dict[str, Any] | None:
         n = len(values)
@@ -193,7 +193,9 @@ class AvroRecordDecoder(RecordDecoder):
         return columns
 
     def _writer(self, value: bytes) -> WriterSchema | None:
-        """The registry's writer schema for a framed value, ``None`` for the file's schema."""
+        """The registry's writer schema for a value, ``None`` for the file's schema."""
+        if not self._framed:
+            return None
         return self._writer_for(int.from_bytes(value[1:HEADER], "big"))
 
     def _writer_for(self, schema_id: int) -> WriterSchema | None:
@@ -211,19 +213,15 @@ class AvroRecordDecoder(RecordDecoder):
         return None
 
     def _read(self, value: bytes) -> dict[str, Any]:
+        if self._framed and (len(value) < HEADER or value[0] != MAGIC):
+            raise _Bad(
+                INVALID_AVRO,
+                "value does not start with the Schema Registry header "
+                "(byte 0, then a 4-byte schema id); set kafka.avro_framing: none for bare Avro",
+            )
+        writer = self._writer(value)
         buffer = io.BytesIO(value)
-        if self._framed:
-            if len(value) < HEADER or value[0] != MAGIC:
-                raise _Bad(
-                    INVALID_AVRO,
-                    "value does not start with the Schema Registry header "
-                    "(byte 0, then a 4-byte schema id); set kafka.avro_framing: none for bare "
-                    "Avro",
-                )
-            writer = self._writer(value) if self._ids or self.registry else None
-            buffer.seek(HEADER)
-        else:
-            writer = None
+        buffer.seek(HEADER if self._framed else 0)
         try:
             if writer is None:
                 record = self._reader(buffer, self._parsed, None)
@@ -263,7 +261,7 @@ class AvroRecordDecoder(RecordDecoder):
             return {}
         buffer = io.BytesIO(value)
         buffer.seek(HEADER if self._framed else 0)
-        writer = self._writer(value) if self._framed and (self._ids or self.registry) else None
+        writer = self._writer(value)
         schema = self._parsed_as_written if writer is None else writer.as_written
         record = self._reader(buffer, schema, None)  # the record as its producer wrote it
         return json_safe({k: _json_value(v) for k, v in record.items()})

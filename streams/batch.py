@@ -71,9 +71,7 @@ def build_sink_batch(
             record_fields,
         )  # fmt: skip
         if cfg.kafka.scores_topic:
-            scores_out = _score_messages(
-                pipeline, version, ids, times, result.columns, result, s.time_field
-            )
+            scores_out = _score_messages(pipeline, version, ids, times, result)
     dead = _dead_letters(pipeline, messages, decoded.rejected, ingest)
     offsets = _offsets(pipeline, messages)
     stat = _stream_stat(
@@ -232,15 +230,10 @@ def _offsets(pipeline: str, messages: list[Message]) -> list[OffsetRecord]:
 
 
 def _score_messages(
-    pipeline: str,
-    version: str,
-    ids: np.ndarray,
-    times: Any,
-    columns: dict[str, np.ndarray],
-    result: Any,
-    time_field: str | None,
+    pipeline: str, version: str, ids: np.ndarray, times: Any, result: Any
 ) -> list[tuple[bytes, bytes]]:
     n = len(ids)
+    columns = result.columns
     names = [c for c in (*DETECTOR_NAMES, "ensemble") if c in columns]
     values = {c: columns[c].tolist() for c in names} | {
         f"{c}_p": columns[f"{c}_p"].tolist() for c in names

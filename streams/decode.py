@@ -104,6 +104,32 @@ class DecodedBatch:
     def n_valid(self) -> int:
         return len(self.index)
 
+    def without(
+        self,
+        problems: list[tuple[int, str, str]],
+        partitions: Sequence[int] | None = None,
+        offsets: Sequence[int] | None = None,
+    ) -> DecodedBatch:
+        """The batch without the frame rows ``problems`` names ((row, kind, message); a row's
+        first problem counts), which become rejects; with ``partitions`` and ``offsets`` every
+        reject is labelled with its Kafka position."""
+        batch = self
+        if problems:
+            drop = np.zeros(self.n_valid, dtype=bool)
+            rejected = list(self.rejected)
+            for row, kind, message in problems:
+                if not drop[row]:
+                    drop[row] = True
+                    rejected.append(Rejected(int(self.index[row]), kind, message))
+            rejected.sort(key=lambda r: r.index)
+            frame = self.frame.loc[~drop].reset_index(drop=True)
+            batch = DecodedBatch(frame=frame, index=self.index[~drop], rejected=rejected)
+        if partitions is not None and offsets is not None:
+            for r in batch.rejected:
+                r.partition = int(partitions[r.index])
+                r.offset = int(offsets[r.index])
+        return batch
+
 
 class RecordDecoder:
     """Decode JSON record values into a DataFrame with the schema's columns.
@@ -195,32 +221,13 @@ class RecordDecoder:
                         structs.append(outcome)
                         keep.append(i)
         index = np.arange(n, dtype=np.int64) if keep is None else np.asarray(keep, dtype=np.int64)
-        frame, bad_rows = self._to_frame(structs)
-        return self._finish(frame, bad_rows, index, rejected, partitions, offsets)
-
-    def _finish(
-        self,
-        frame: pd.DataFrame,
-        bad_rows: list[tuple[int, str, str]],
-        index: np.ndarray,
-        rejected: list[Rejected],
-        partitions: Sequence[int] | None,
-        offsets: Sequence[int] | None,
-    ) -> DecodedBatch:
-        """Drop the rows the column checks rejected; label every reject with its position."""
-        if bad_rows:
-            drop = np.zeros(len(index), dtype=bool)
-            for row, kind, message in bad_rows:
-                drop[row] = True
-                rejected.append(Rejected(int(index[row]), kind, message))
-            frame = frame.loc[~drop].reset_index(drop=True)
-            index = index[~drop]
-            rejected.sort(key=lambda r: r.index)
-        if partitions is not None and offsets is not None:
-            for r in rejected:
-                r.partition = int(partitions[r.index])
-                r.offset = int(offsets[r.index])
-        return DecodedBatch(frame=frame, index=index, rejected=rejected)
+        # All fields of all records in one list: field j of every record is then a C-level
+        # strided slice, cheaper than zip(*rows) (which builds one tuple per field).
+        flat = list(chain.from_iterable(map(msgspec.structs.astuple, structs)))
+        width = len(self.columns)
+        fields = [flat[j::width] for j in range(width)]
+        frame, bad_rows = self._frame_from_fields(fields, len(structs))
+        return DecodedBatch(frame, index, rejected).without(bad_rows, partitions, offsets)
 
     def _decode_fast(self, values: list[bytes | None]) -> list[Any] | None:
         """Every value small, valid UTF-8, shallow and decodable: one C call per value.
@@ -333,14 +340,6 @@ class RecordDecoder:
 
     # -- columns ------------------------------------------------------------------------------
 
-    def _to_frame(self, structs: list[Any]) -> tuple[pd.DataFrame, list[tuple[int, str, str]]]:
-        """Transpose the structs into columns and check what the types alone cannot."""
-        width = len(self.columns)
-        # All fields of all records in one list: field j of every record is then a C-level
-        # strided slice, cheaper than zip(*rows) (which builds one tuple per field).
-        flat = list(chain.from_iterable(map(msgspec.structs.astuple, structs)))
-        return self._frame_from_fields([flat[j::width] for j in range(width)], len(structs))
-
     def _frame_from_fields(
         self, fields: list[Any], n: int
     ) -> tuple[pd.DataFrame, list[tuple[int, str, str]]]:
@@ -408,9 +407,8 @@ class RecordDecoder:
         frame = self._frame(n, matrix, text, times)
         return frame, [(row, kind, msg) for row, (kind, msg) in sorted(bad.items())]
 
-    def _times(self, column: list[Any]) -> tuple[np.ndarray, list[int]]:
-        """The time field's values as ``datetime64[ns]`` (UTC) and the rows that failed."""
-        return parse_times(column)
+    # The time field's values as ``datetime64[ns]`` (UTC) and the rows that failed.
+    _times = staticmethod(parse_times)
 
     def _frame(
         self, n: int, numeric: np.ndarray, text: np.ndarray, times: np.ndarray | None
@@ -436,21 +434,12 @@ _ANY = msgspec.json.Decoder()
 def _unpaired_surrogate(obj: dict[str, Any]) -> str | None:
     """Where a decoded object holds a string (key or value, at any depth) with a lone surrogate:
     "field 'name'" (the top-level field it is under) or "a key"; ``None`` when nowhere."""
-    for key, top in obj.items():
+    for key, value in obj.items():
         if not _encodes(key):
             return "a key"
-        stack = [top]
-        while stack:  # depth is bounded by max_depth, checked before decoding
-            item = stack.pop()
-            if isinstance(item, str):
-                if not _encodes(item):
-                    return f"field '{clipped(key)}'"
-            elif isinstance(item, dict):
-                if not all(map(_encodes, item)):
-                    return f"field '{clipped(key)}'"
-                stack.extend(item.values())
-            elif isinstance(item, list):
-                stack.extend(item)
+        # Depth is bounded by max_depth, checked before decoding.
+        if not _encodes(json.dumps(value, ensure_ascii=False)):
+            return f"field '{clipped(key)}'"
     return None
 
 

@@ -54,25 +54,16 @@ def _summarize(
     # is after the run started: first_seen is event time, and the replayed stream's event times
     # end at "now", so nearly all of them lie before the start (0 counted where 119 were made).
     name, topic = cfg.name, cfg.kafka.topic
+    alerts, dead_letters = s.alerts.c, s.dead_letters.c
+    run_alerts = (alerts.pipeline == name, alerts.kafka_topic == topic)
+    run_dead = (dead_letters.pipeline == name, dead_letters.kafka_topic == topic)
     engine = create_engine(cfg.database.url)
     with engine.connect() as conn:
-        alerted_ids = set(
-            conn.execute(
-                select(s.alerts.c.record_id).where(
-                    s.alerts.c.pipeline == name, s.alerts.c.kafka_topic == topic
-                )
-            ).scalars()
-        )
-        incidents = conn.execute(
-            select(func.count(s.alerts.c.incident_id.distinct())).where(
-                s.alerts.c.pipeline == name, s.alerts.c.kafka_topic == topic
-            )
-        ).scalar_one()
-        dead = conn.execute(
-            select(func.count())
-            .select_from(s.dead_letters)
-            .where(s.dead_letters.c.pipeline == name, s.dead_letters.c.kafka_topic == topic)
-        ).scalar_one()
+        alerted_ids = set(conn.execute(select(alerts.record_id).where(*run_alerts)).scalars())
+        count_incidents = select(func.count(alerts.incident_id.distinct())).where(*run_alerts)
+        incidents = conn.execute(count_incidents).scalar_one()
+        count_dead = select(func.count()).select_from(s.dead_letters).where(*run_dead)
+        dead = conn.execute(count_dead).scalar_one()
     engine.dispose()
     injected = labels[labels["is_anomaly"] == 1]
     hit = injected.index.isin(list(alerted_ids))

@@ -34,23 +34,18 @@ def log_error(err: Any) -> None:
 def client_settings(kafka: KafkaConfig) -> dict[str, Any]:
     """Connection and security settings shared by consumers, producers and admin clients, and
     where their logs and errors go."""
-    conf: dict[str, Any] = {
+    optional = {
+        "security.protocol": kafka.security_protocol,
+        "sasl.mechanism": kafka.sasl_mechanism,
+        "sasl.username": kafka.sasl_username,
+        "sasl.password": read_secret(kafka.sasl_password, kafka.sasl_password_file),
+        "ssl.ca.location": kafka.ssl_ca_location,
+    }
+    return {
         "bootstrap.servers": kafka.bootstrap_servers,
         "logger": librdkafka_log,
         "error_cb": log_error,
-    }
-    if kafka.security_protocol:
-        conf["security.protocol"] = kafka.security_protocol
-    if kafka.sasl_mechanism:
-        conf["sasl.mechanism"] = kafka.sasl_mechanism
-    if kafka.sasl_username:
-        conf["sasl.username"] = kafka.sasl_username
-    password = read_secret(kafka.sasl_password, kafka.sasl_password_file)
-    if password:
-        conf["sasl.password"] = password
-    if kafka.ssl_ca_location:
-        conf["ssl.ca.location"] = kafka.ssl_ca_location
-    return conf
+    } | {key: value for key, value in optional.items() if value}
 
 
 def consumer_settings(cfg: PipelineConfig, stats_interval_ms: int = 5000) -> dict[str, Any]:
@@ -90,12 +85,19 @@ def producer_settings(kafka: KafkaConfig) -> dict[str, Any]:
         "acks": "all",
     }
     # Consumer-only pass-through settings would only make the producer warn.
-    conf.update({k: v for k, v in kafka.settings.items() if not _consumer_only(k)})
+    consumer_only = ("fetch.", "session.", "heartbeat.", "group.", "auto.", "max.poll")
+    conf.update({k: v for k, v in kafka.settings.items() if not k.startswith(consumer_only)})
     return conf
 
 
-def _consumer_only(key: str) -> bool:
-    return key.startswith(("fetch.", "session.", "heartbeat.", "group.", "auto.", "max.poll"))
+def produce(producer: Any, topic: str, **message: Any) -> None:
+    """``producer.produce``, waiting while the local queue is full (librdkafka sends meanwhile)."""
+    while True:
+        try:
+            producer.produce(topic, **message)
+            return
+        except BufferError:
+            producer.poll(0.05)
 
 
 def redacted(conf: dict[str, Any]) -> dict[str, Any]:

@@ -151,9 +151,6 @@ class ServiceMetrics:
     def alertmanager_sent(self, result: str, n: int = 1) -> None:
         self._alertmanager_sent.labels(self.pipeline, result).inc(n)
 
-    def alertmanager_error(self) -> None:
-        self.alertmanager_errors.inc()
-
     def _drift_state(self) -> None:
         """The last closed drift window (anomaly.monitoring.drift; README, "Drift"). No series
         until a window closed."""
@@ -424,18 +421,16 @@ class RepeatFilter(logging.Filter):
     def __init__(
         self,
         interval_s: float = 30.0,
-        key: Callable[[logging.LogRecord], Hashable] = repeat_key,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()
         self.interval_s = interval_s
-        self.key = key
         self.clock = clock
         self._lock = threading.Lock()
         self._seen: dict[Hashable, list[float]] = {}  # key -> [last let through, held back]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = self.key(record)
+        key = repeat_key(record)
         now = self.clock()
         with self._lock:
             entry = self._seen.get(key)

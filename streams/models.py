@@ -20,7 +20,7 @@ import numpy as np
 from anomaly.errors import BundleError, ConfigError, IdentityError
 from storage.errors import RetryableStorageError
 from streams.batch import Message
-from streams.decode import DecodedBatch, Rejected
+from streams.decode import DecodedBatch
 from streams.rejects import INVALID_VALUE
 
 log = logging.getLogger("streams.service")
@@ -34,7 +34,6 @@ class LoadedModel:
     model: Any  # anomaly.estimator.model.AnomalyModel
     scorer: Any  # anomaly.scoring.scorer.BatchScorer
     version: str
-    source: str  # where it came from: a bundle path
 
 
 class ModelsMixin:
@@ -55,31 +54,19 @@ class ModelsMixin:
     _with_db_retry: Any
 
     def _model_checks(
-        self, decoded: DecodedBatch, messages: list[Message], loaded: LoadedModel | None = None
+        self, decoded: DecodedBatch, messages: list[Message], loaded: LoadedModel
     ) -> DecodedBatch:
         """The model's own per-row checks (e.g. values its preprocessor cannot use)."""
         if not decoded.n_valid:
             return decoded
-        loaded = loaded or self.loaded
-        assert loaded is not None
         problems = loaded.model.preprocessor_.validate_frame(decoded.frame)
         if not problems:
             return decoded
-        drop = np.zeros(decoded.n_valid, dtype=bool)
-        rejected = list(decoded.rejected)
-        for row, kind, message in problems:
-            if drop[row]:
-                continue
-            drop[row] = True
-            i = int(decoded.index[row])
-            rejected.append(
-                Rejected(
-                    i, kind or INVALID_VALUE, message, messages[i].partition, messages[i].offset
-                )
-            )
-        rejected.sort(key=lambda r: r.index)
-        frame = decoded.frame.loc[~drop].reset_index(drop=True)
-        return DecodedBatch(frame=frame, index=decoded.index[~drop], rejected=rejected)
+        return decoded.without(
+            [(row, kind or INVALID_VALUE, message) for row, kind, message in problems],
+            [m.partition for m in messages],
+            [m.offset for m in messages],
+        )
 
     def _load_model(self, initial: bool = False) -> None:
         from anomaly.estimator.bundle import CONTENT_KEY
@@ -126,7 +113,7 @@ class ModelsMixin:
             bf16=serve.bf16,
             threads=serve.threads,
         )
-        loaded = LoadedModel(model=model, scorer=scorer, version=version, source=str(path))
+        loaded = LoadedModel(model=model, scorer=scorer, version=version)
         self._warm_up(loaded)
         self.loaded = loaded
         self._last_model_poll = time.monotonic()
@@ -154,10 +141,12 @@ class ModelsMixin:
         (bench/stream.py --rate 1000: the first batch took 214 ms against ~20 ms later), which
         every record of the first seconds would otherwise wait for. Nothing is written, and
         nothing is asked of a schema registry (the values are read with the file's schema)."""
+        from streams.replay import encode_values
+
         started = time.perf_counter()
         try:
             frame = typical_records(loaded.model, self.cfg.schema, WARM_UP_ROWS)
-            values = warm_up_values(frame, self.cfg)
+            values = encode_values(frame, self.cfg, warm_up=True)
             messages = [Message(self.topic, 0, i, v, None) for i, v in enumerate(values)]
             decoder = self.decoder.for_warm_up()
             decoded = decoder.decode(
@@ -193,17 +182,6 @@ class ModelsMixin:
                 "cannot switch model version, keeping the current one",
                 extra={"fields": {"version": record.version, "error": str(exc)}},
             )
-
-
-def warm_up_values(frame: Any, cfg: Any) -> list[bytes]:
-    """The warm-up records as values of the pipeline's ``kafka.format``."""
-    if cfg.kafka.format == "avro":
-        from streams.avro import warm_up_values as avro_values
-
-        return avro_values(frame, cfg)
-    from streams.replay import encode_rows
-
-    return encode_rows(frame)
 
 
 def typical_records(model: Any, schema: Any, n: int) -> Any:

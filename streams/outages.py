@@ -121,6 +121,13 @@ class OutagesMixin:
         self.metrics.database_up.set(1 if up else 0)
         self.health.set("database_up", up)
 
+    def _database_down(self, what: str, exc: Exception, retry_in_s: float) -> None:
+        self._database_up(False)
+        log.warning(
+            "database unavailable",
+            extra={"fields": {"while": what, "error": str(exc), "retry_in_s": retry_in_s}},
+        )
+
     def _registry_up(self, up: bool) -> None:
         self.metrics.set_schema_registry_up(up)
         self.health.set("schema_registry_up", up)
@@ -133,11 +140,7 @@ class OutagesMixin:
                 self._database_up(True)
                 return value
             except RetryableStorageError as exc:
-                self._database_up(False)
-                log.warning(
-                    "database unavailable",
-                    extra={"fields": {"while": what, "error": str(exc), "retry_in_s": delay}},
-                )
+                self._database_down(what, exc, delay)
                 if self._stop.wait(delay):
                     return None
                 delay = min(delay * 2, self.cfg.serve.db_retry_max_s)

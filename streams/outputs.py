@@ -68,6 +68,8 @@ class OutputsMixin:
         delivered: Callable[[Any, Any], None],
     ) -> int:
         """Produce the batch's dead letters and scores and flush; the number undelivered."""
+        from streams.kafka import produce
+
         dlq = self.cfg.dead_letter_topic
         # A dead letter larger than the producer may send (librdkafka's message.max.bytes, 1 MB
         # by default; it counts value, key and headers) would fail every retry and stop the
@@ -81,19 +83,11 @@ class OutputsMixin:
             if len(raw) > cap:
                 headers.append(("original_bytes", str(len(raw)).encode()))
                 raw = raw[: max(cap - _headers_size(headers[-1:]), 0)]
-            self._produce_one(dlq, raw, None, headers, delivered)
+            produce(self._producer, dlq, value=raw, headers=headers, on_delivery=delivered)
         scores_topic = self.cfg.kafka.scores_topic
         for key, value in scores_out:
-            self._produce_one(scores_topic, value, key, None, delivered)
+            produce(self._producer, scores_topic, value=value, key=key, on_delivery=delivered)
         return self._producer.flush(30)
-
-    def _produce_one(self, topic: str, value: bytes, key: bytes | None, headers: Any, cb: Any):
-        while True:
-            try:
-                self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=cb)
-                return
-            except BufferError:
-                self._producer.poll(0.05)
 
     def _new_producer(self) -> Any:
         from confluent_kafka import Producer

@@ -53,7 +53,7 @@ class ServiceState:
 class PartitionsMixin:
     """Partition state and offset checks of ``ScoringService`` (its attributes: ``cfg``,
     ``pipeline``, ``topic``, ``state``, ``metrics``, ``health``, ``store``, ``_consumer``,
-    ``_database_up`` and, from the sink, ``_commit_pending``)."""
+    ``_database_up``, ``_database_down`` and, from the sink, ``_commit_pending``)."""
 
     cfg: Any
     pipeline: str
@@ -64,6 +64,7 @@ class PartitionsMixin:
     store: Any
     _consumer: Any
     _database_up: Any
+    _database_down: Any
     _commit_pending: Any
 
     # -- rebalance callbacks (run inside consume()) -------------------------------------------
@@ -110,16 +111,12 @@ class PartitionsMixin:
                 consumer.commit(offsets=tps, asynchronous=False)
             except KafkaException as exc:
                 log.warning("commit on revoke failed (offsets are in the database): %s", exc)
-        for key in revoked:
-            self.state.uncommitted.pop(key, None)
         self._drop(revoked)
         log.info("partitions revoked", extra={"fields": {"partitions": sorted(revoked)}})
 
     def _on_lost(self, consumer: Any, partitions: list[Any]) -> None:
         # Another member may own them already: commit nothing.
         lost = {(tp.topic, tp.partition) for tp in partitions}
-        for key in lost:
-            self.state.uncommitted.pop(key, None)
         self._drop(lost)
         log.warning("partitions lost", extra={"fields": {"partitions": sorted(lost)}})
 
@@ -128,6 +125,7 @@ class PartitionsMixin:
         state.assigned -= keys
         state.unpositioned -= keys
         for key in keys:
+            state.uncommitted.pop(key, None)
             state.stopped.pop(key, None)
             state.position.pop(key, None)
             self.metrics.forget_lag(*key)
@@ -139,9 +137,7 @@ class PartitionsMixin:
 
     def _messages(self, raw: list[Any]) -> list[Message]:
         out: list[Message] = []
-        assigned = self.state.assigned
-        if self.state.unpositioned or self.state.stopped:
-            assigned = assigned - self.state.unpositioned - set(self.state.stopped)
+        assigned = self._active()
         for m in raw:
             err = m.error()
             if err is not None:
@@ -184,14 +180,8 @@ class PartitionsMixin:
         try:
             stored = self.store.load_offsets(self.pipeline, self.topic)
         except RetryableStorageError as exc:
-            self._database_up(False)
             delay = state.position_delay or self.cfg.serve.db_retry_initial_s
-            log.warning(
-                "database unavailable",
-                extra={
-                    "fields": {"while": "loading offsets", "error": str(exc), "retry_in_s": delay}
-                },
-            )
+            self._database_down("loading offsets", exc, delay)
             state.position_retry_at = time.monotonic() + delay
             state.position_delay = min(delay * 2, self.cfg.serve.db_retry_max_s)
             return

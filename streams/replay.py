@@ -11,7 +11,6 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,16 +71,18 @@ def encode_rows(frame: pd.DataFrame) -> list[bytes]:
             if getattr(column.dt, "tz", None) is None:
                 column = column.dt.tz_localize("UTC")
             out[name] = column.dt.tz_convert("UTC").dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # msgspec writes NaN (pandas' empty CSV cell of a string column too) as null.
     encode = msgspec.json.Encoder(enc_hook=_native).encode
-    return [encode(row) for row in _clean(out.to_dict("records"))]
+    return [encode(row) for row in out.to_dict("records")]
 
 
-def encode_values(frame: pd.DataFrame, cfg: PipelineConfig) -> list[bytes]:
-    """One record value per row in the pipeline's ``kafka.format``: JSON or Avro."""
+def encode_values(frame: pd.DataFrame, cfg: PipelineConfig, warm_up: bool = False) -> list[bytes]:
+    """One record value per row in the pipeline's ``kafka.format``: JSON or Avro; ``warm_up``:
+    the scorer's warm-up records (Avro: ``streams.avro.warm_up_values``)."""
     if cfg.kafka.format == "avro":
-        from streams.avro import encode_avro_rows
+        from streams import avro
 
-        return encode_avro_rows(frame, cfg)
+        return avro.warm_up_values(frame, cfg) if warm_up else avro.encode_avro_rows(frame, cfg)
     return encode_rows(frame)
 
 
@@ -89,15 +90,6 @@ def _native(obj: object) -> object:
     """numpy scalars and other stragglers of ``to_dict``: their Python value, else a string."""
     item = getattr(obj, "item", None)
     return item() if callable(item) else str(obj)
-
-
-def _clean(rows: list[dict]) -> Iterable[dict]:
-    # pandas reads empty CSV cells of string columns as NaN; JSON wants null.
-    for row in rows:
-        for key, value in row.items():
-            if isinstance(value, float) and value != value:
-                row[key] = None
-        yield row
 
 
 def replay(
@@ -112,7 +104,7 @@ def replay(
     from confluent_kafka import Producer
     from tqdm import tqdm
 
-    from streams.kafka import producer_settings
+    from streams.kafka import produce, producer_settings
 
     frame = read_records(path, cfg, limit)
     values = encode_values(frame, cfg)
@@ -136,12 +128,7 @@ def replay(
     start = time.monotonic()
     bar = tqdm(total=len(values), unit="rec", disable=not progress, desc=f"replay -> {topic}")
     for i, (key, value) in enumerate(zip(keys, values, strict=True)):
-        while True:
-            try:
-                producer.produce(topic, value=value, key=key, on_delivery=on_delivery)
-                break
-            except BufferError:  # the local queue is full: let librdkafka send
-                producer.poll(0.05)
+        produce(producer, topic, value=value, key=key, on_delivery=on_delivery)
         if (i + 1) % step == 0:
             producer.poll(0)
             bar.update(step)

@@ -87,7 +87,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -119,7 +119,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("streams.service")
-T = TypeVar("T")
 
 # --stop-when-idle counts from the first assignment; a consumer that never gets one (more
 # consumers than partitions) waits this much longer before it gives up.
@@ -363,7 +362,13 @@ class ScoringService(
         assert loaded is not None
         ingest = datetime.now(UTC)
         t0 = time.perf_counter()
-        decoded = self._decode(messages)
+        decoded = self.decoder.decode(
+            [m.value for m in messages],
+            partitions=[m.partition for m in messages],
+            offsets=[m.offset for m in messages],
+        )
+        if self._registry_in_use:
+            self._registry_up(True)
         decoded = self._model_checks(decoded, messages, loaded)
         self._failpoint.reached("decoded")
         t1 = time.perf_counter()
@@ -436,16 +441,6 @@ class ScoringService(
             out[0], messages, decoded, result, loaded.version, ingest, stored_record
         )
         return out
-
-    def _decode(self, messages: list[Message]) -> DecodedBatch:
-        decoded = self.decoder.decode(
-            [m.value for m in messages],
-            partitions=[m.partition for m in messages],
-            offsets=[m.offset for m in messages],
-        )
-        if self._registry_in_use:
-            self._registry_up(True)
-        return decoded
 
 
 def run_service(cfg: PipelineConfig, stop_when_idle_s: float | None = None) -> int:

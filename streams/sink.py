@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.records import OffsetRecord, SinkBatch, WriteResult
+from storage.records import SinkBatch, WriteResult
 from streams.batch import Message
 from streams.decode import DecodedBatch
 from streams.metrics import observe_many
@@ -82,7 +82,10 @@ class SinkMixin:
         self._reservoir.written(batch, write)
         self._failpoint.reached("written")
         t4 = time.perf_counter()
-        self._commit(batch.offsets)
+        # The batch's offsets are committed with any a failed commit left pending.
+        for o in batch.offsets:
+            self.state.uncommitted[(o.kafka_topic, o.kafka_partition)] = o.next_offset
+        self._commit_pending()
         self._failpoint.reached("committed")
         t5 = time.perf_counter()
         self.metrics.stage["write"].observe(t4 - t3)
@@ -152,13 +155,6 @@ class SinkMixin:
             return result
 
         return self._until_done(attempt, generation, messages)
-
-    def _commit(self, offsets: list[OffsetRecord]) -> None:
-        """Commit a written batch's offsets to Kafka, with any a failed commit left pending."""
-        pending = self.state.uncommitted
-        for o in offsets:
-            pending[(o.kafka_topic, o.kafka_partition)] = o.next_offset
-        self._commit_pending()
 
     def _commit_pending(self) -> None:
         """Commit to Kafka the pending offsets of assigned partitions (synchronously). Only

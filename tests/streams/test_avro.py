@@ -557,7 +557,8 @@ def test_serve_warms_up_without_asking_the_registry_and_with_whole_numbers(
     registry hears nothing from it."""
     import logging
 
-    from streams.models import WARM_UP_ROWS, typical_records, warm_up_values
+    from streams.models import WARM_UP_ROWS, typical_records
+    from streams.replay import encode_values
 
     shutil.copy(EXAMPLE_AVSC, tmp_path / "fraud.avsc")
     with SchemaRegistryStandIn() as registry:
@@ -592,7 +593,7 @@ def test_serve_warms_up_without_asking_the_registry_and_with_whole_numbers(
     assert not any("warm-up failed" in m for m in messages), messages
     # What it scored: every record valid, whole numbers in the int fields, some alerts.
     frame = typical_records(trained_model.model, cfg.schema, WARM_UP_ROWS)
-    decoded = service.decoder.for_warm_up().decode(warm_up_values(frame, cfg))
+    decoded = service.decoder.for_warm_up().decode(encode_values(frame, cfg, warm_up=True))
     assert decoded.n_valid == WARM_UP_ROWS and not decoded.rejected
     for name in ("hour", "velocity_1h"):
         assert (decoded.frame[name] == decoded.frame[name].round()).all()
