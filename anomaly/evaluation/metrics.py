@@ -208,13 +208,9 @@ def alerts_for(
 
 
 def _metrics(name, y, s, alert, target_fpr, threshold) -> DetectorMetrics:
-    from sklearn.metrics import average_precision_score, roc_auc_score
+    from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
-    positive = y == 1
-    tp = int(np.sum(alert & positive))
-    fp = int(np.sum(alert & ~positive))
-    fn = int(np.sum(~alert & positive))
-    tn = int(np.sum(~alert & ~positive))
+    tn, fp, fn, tp = map(int, confusion_matrix(y, alert, labels=[0, 1]).ravel())
     precision = tp / (tp + fp) if tp + fp else 0.0  # sklearn's zero_division=0
     recall = tp / (tp + fn)
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
