@@ -1,12 +1,16 @@
 """``anomaly train``, ``anomaly score`` and ``anomaly inspect``.
 
-Only argparse is imported here; each handler imports pandas/torch when it runs.
+Only argparse (and the already loaded pathlib and ``anomaly.errors``) is imported here; each
+handler imports pandas/torch when it runs.
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
+
+from anomaly.errors import DataError, UserFacingError
 
 # Torch devices a command can score on; resolve_device says why one is unusable on this machine.
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
@@ -60,11 +64,7 @@ def register(subparsers: Any) -> None:
 
 def read_table(path: str) -> Any:
     """A CSV or Parquet file as a DataFrame; unreadable or empty files raise DataError."""
-    from pathlib import Path
-
     import pandas as pd
-
-    from anomaly.errors import DataError
 
     p = Path(path)
     if p.is_dir():
@@ -88,10 +88,6 @@ def read_table(path: str) -> Any:
 def check_output_file(path: str) -> None:
     """Raise DataError now if ``path`` cannot be written as a .csv or .parquet output file, so
     the command fails before the work rather than after it (scoring takes minutes)."""
-    from pathlib import Path
-
-    from anomaly.errors import DataError
-
     p = Path(path)
     if p.suffix.lower() not in (".csv", ".parquet"):
         raise DataError(f"output file {p}: use .csv or .parquet")
@@ -120,25 +116,12 @@ def problems_message(problems: list[tuple[int, str, str]], n_rows: int) -> str:
 
 def check_at_least_one(option: str, value: int | None) -> None:
     """Raise UserFacingError (one line, naming ``option``) for a count below 1; None is unset."""
-    from anomaly.errors import UserFacingError
-
     if value is not None and value < 1:
         raise UserFacingError(f"{option} must be >= 1, got {value}")
 
 
-def write_table(frame: Any, path: str) -> None:
-    """``frame`` to a .parquet file, else to a .csv one (``check_output_file`` allows no other)."""
-    from pathlib import Path
-
-    if Path(path).suffix.lower() == ".parquet":
-        frame.to_parquet(path, index=False)
-    else:
-        frame.to_csv(path, index=False)
-
-
 def _train(args: argparse.Namespace) -> int:
     import json
-    import sys
 
     from anomaly.config import load_config
     from anomaly.estimator.bundle import check_bundle_directory
@@ -155,16 +138,13 @@ def _train(args: argparse.Namespace) -> int:
     model.fit(frame)
     version = model.save(args.out)
     summary = json_safe({"version": version, "bundle": args.out, **model.metrics_})
-    print(json.dumps(summary, indent=2, default=str, allow_nan=False), file=sys.stdout)
+    print(json.dumps(summary, indent=2, default=str, allow_nan=False))
     return 0
 
 
 def _score(args: argparse.Namespace) -> int:
-    import sys
-
     import pandas as pd
 
-    from anomaly.errors import DataError
     from anomaly.estimator.model import AnomalyModel
     from anomaly.scoring.scorer import BatchScorer
 
@@ -187,11 +167,14 @@ def _score(args: argparse.Namespace) -> int:
     out["alert"] = result.is_alert
     out["severity"] = pd.Series(result.severity, dtype=object)
     out["fired"] = [",".join(f) for f in result.fired]
-    write_table(out, args.out)
+    # A .parquet file, else a .csv one (check_output_file allows no other).
+    if Path(args.out).suffix.lower() == ".parquet":
+        out.to_parquet(args.out, index=False)
+    else:
+        out.to_csv(args.out, index=False)
     print(
         f"scored {len(out)} records with model {model.version}: "
-        f"{int(result.is_alert.sum())} alert(s) at target_fpr={model.target_fpr} -> {args.out}",
-        file=sys.stdout,
+        f"{int(result.is_alert.sum())} alert(s) at target_fpr={model.target_fpr} -> {args.out}"
     )
     return 0
 

@@ -1,7 +1,7 @@
 """``anomaly evaluate``: how good is a trained model on labeled data?
 
-Only ``argparse`` is imported here; numpy, pandas, torch and matplotlib are imported when the
-command runs, so ``anomaly --help`` stays fast.
+Only ``argparse`` and ``anomaly.errors`` are imported here; numpy, pandas, torch and matplotlib
+are imported when the command runs, so ``anomaly --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from anomaly.cli.model_commands import DEVICE_CHOICES
+from anomaly.errors import DataError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +50,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from anomaly.errors import DataError
     from anomaly.evaluation.run import run_evaluation
 
     missing = [f"--{k}" for k in ("model", "data", "label") if getattr(args, k) is None]

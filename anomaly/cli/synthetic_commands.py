@@ -1,11 +1,14 @@
 """``anomaly generate``: write an example dataset (fraud or manufacturing) with labeled anomalies.
 
-Only ``argparse`` is imported here; numpy and pandas are imported when the command runs.
+Only ``argparse`` and ``anomaly.errors`` are imported here; numpy and pandas are imported when
+the command runs.
 """
 
 from __future__ import annotations
 
 import argparse
+
+from anomaly.errors import UserFacingError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,7 +47,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from anomaly.errors import UserFacingError
     from anomaly.synthetic.datasets import generate, split_train_stream, write_frame
 
     for path in (args.out, args.train_out):

@@ -216,31 +216,6 @@ def _check_size(root: Path, fname: str, size: int, expected: int | None, limit: 
         raise BundleError(f"bundle {root}: {fname} is implausibly large ({size} bytes)")
 
 
-def _check_registered(
-    root: Path, sha: str, expected: str | None, registered_as: str | None
-) -> None:
-    """First of all: the registered identity lives outside the bundle, so whoever swapped or
-    edited the directory could not update it too."""
-    if expected is not None and sha != expected:
-        raise IdentityError(
-            f"bundle {root}: identity (manifest sha256) {sha} differs from the registered "
-            f"{expected}{f' ({registered_as})' if registered_as else ''}; refused (another "
-            "bundle, or an edited one, is in its place)"
-        )
-
-
-def _check_self(root: Path, manifest: dict[str, Any]) -> None:
-    recorded = manifest.get(CONTENT_KEY)
-    if recorded is None:
-        return  # saved before the self-check existed: only a registered identity protects it
-    computed = content_sha256(manifest)
-    if recorded != computed:
-        raise IdentityError(
-            f"bundle {root}: {MANIFEST} was edited after it was saved: its content sha256 is "
-            f"{computed}, it records {recorded}; refused"
-        )
-
-
 def _read_verified(
     root: Path, expected_sha256: str | None = None, registered_as: str | None = None
 ) -> tuple[dict[str, Any], dict[str, bytes], str]:
@@ -255,14 +230,28 @@ def _read_verified(
         raise BundleError(f"bundle {root}: {MANIFEST} is missing")
     manifest_bytes = _read_file(root, MANIFEST, limit=MAX_MANIFEST_BYTES)
     sha = _sha256(manifest_bytes)
-    _check_registered(root, sha, expected_sha256, registered_as)
+    # First of all: the registered identity lives outside the bundle, so whoever swapped or
+    # edited the directory could not update it too.
+    if expected_sha256 is not None and sha != expected_sha256:
+        raise IdentityError(
+            f"bundle {root}: identity (manifest sha256) {sha} differs from the registered "
+            f"{expected_sha256}{f' ({registered_as})' if registered_as else ''}; refused "
+            "(another bundle, or an edited one, is in its place)"
+        )
     try:
         manifest = json.loads(manifest_bytes)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"bundle {root}: {MANIFEST} is not valid JSON ({exc})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise BundleError(f"bundle {root}: {MANIFEST} is not an anomaly-monitor bundle manifest")
-    _check_self(root, manifest)
+    # A manifest saved before the self-check existed records none: only a registered identity
+    # protects it.
+    recorded = manifest.get(CONTENT_KEY)
+    if recorded is not None and recorded != content_sha256(manifest):
+        raise IdentityError(
+            f"bundle {root}: {MANIFEST} was edited after it was saved: its content sha256 is "
+            f"{content_sha256(manifest)}, it records {recorded}; refused"
+        )
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(
             f"bundle {root}: format_version {manifest.get('format_version')!r} is not supported "
@@ -350,7 +339,11 @@ def load_bundle(
         model.calibrators_ = _load_calibrators(
             root, [*model.detectors, "ensemble"], model.target_fpr, data
         )
-        model.ensemble_weights_ = _ensemble_weights(root, manifest, names)
+        # Bundles written before the weights were saved combined their members with equal ones.
+        weights = manifest.get("ensemble_weights", [1.0 / len(names)] * len(names))
+        if len(weights) != len(names) or not all(float(w) > 0 for w in weights):
+            raise BundleError(f"bundle {root}: ensemble_weights {weights} do not fit {names}")
+        model.ensemble_weights_ = [float(w) for w in weights]
         model.n_features_in_ = len(model.preprocessor_.feature_names_in_)
         model.feature_names_in_ = list(model.preprocessor_.feature_names_in_)
         model.training_ = dict(manifest.get("training_data", {}))
@@ -420,14 +413,6 @@ def _load_calibrators(
             raise BundleError(f"bundle {root}: calibration scores for '{name}' are invalid")
         calibrators[name] = Calibrator.from_scores(target_fpr, arr)
     return calibrators
-
-
-def _ensemble_weights(root: Path, manifest: dict[str, Any], names: list[str]) -> list[float]:
-    # Bundles written before the weights were saved combined their members with equal ones.
-    weights = manifest.get("ensemble_weights", [1.0 / len(names)] * len(names))
-    if len(weights) != len(names) or not all(float(w) > 0 for w in weights):
-        raise BundleError(f"bundle {root}: ensemble_weights {weights} do not fit {names}")
-    return [float(w) for w in weights]
 
 
 def inspect_bundle(path: str | os.PathLike[str]) -> dict[str, Any]:

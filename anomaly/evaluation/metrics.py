@@ -167,8 +167,6 @@ def evaluate_scores(
     is absent, when ``scores[d] >= thresholds[d]``. ``thresholds`` (score units) is also what the
     report draws; without it the threshold is read off the data as the lowest alerted score.
     """
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
     if not 0.0 < target_fpr < 1.0:
         raise DataError(f"target false-positive rate must be in (0, 1), got {target_fpr}")
     y = validate_labels(labels)
@@ -193,9 +191,7 @@ def evaluate_scores(
         threshold = thresholds.get(name)
         if threshold is None and alert.any():
             threshold = float(s[alert].min())
-        result.detectors[name] = _metrics(
-            name, y, s, alert, target_fpr, threshold, roc_auc_score, average_precision_score
-        )
+        result.detectors[name] = _metrics(name, y, s, alert, target_fpr, threshold)
     return result
 
 
@@ -211,12 +207,10 @@ def alerts_for(
     return scores[name].to_numpy(dtype=np.float64) >= threshold
 
 
-def _metrics(name, y, s, alert, target_fpr, threshold, roc_auc_score, ap_score) -> DetectorMetrics:
-    positive = y == 1
-    tp = int(np.sum(alert & positive))
-    fp = int(np.sum(alert & ~positive))
-    fn = int(np.sum(~alert & positive))
-    tn = int(np.sum(~alert & ~positive))
+def _metrics(name, y, s, alert, target_fpr, threshold) -> DetectorMetrics:
+    from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
+
+    tn, fp, fn, tp = map(int, confusion_matrix(y, alert, labels=[0, 1]).ravel())
     precision = tp / (tp + fp) if tp + fp else 0.0  # sklearn's zero_division=0
     recall = tp / (tp + fn)
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -224,7 +218,7 @@ def _metrics(name, y, s, alert, target_fpr, threshold, roc_auc_score, ap_score) 
     return DetectorMetrics(
         detector=name,
         auroc=float(roc_auc_score(y, s)),
-        auprc=float(ap_score(y, s)),
+        auprc=float(average_precision_score(y, s)),
         target_fpr=float(target_fpr),
         threshold=None if threshold is None else float(threshold),
         precision=float(precision),
@@ -355,18 +349,10 @@ def read_labeled(path: str, label: str) -> tuple[pd.DataFrame, np.ndarray]:
 
 
 def model_thresholds(model: Any, target_fpr: float) -> dict[str, float]:
-    """Each detector's alert threshold in score units at ``target_fpr``, where the model says.
-
-    Looks for calibrators (objects with sorted calibration ``scores_``) on the model; a detector
-    without one gets its threshold read off the data by ``evaluate_scores``.
-    """
-    calibrators = getattr(model, "calibrators_", None) or {}
-    out: dict[str, float] = {}
-    for name, cal in dict(calibrators).items():
-        scores = getattr(cal, "scores_", None)
-        if scores is None or len(scores) == 0:
-            continue
-        threshold = score_threshold(np.sort(np.asarray(scores, dtype=np.float64)), target_fpr)
-        if np.isfinite(threshold):
-            out[name] = threshold
-    return out
+    """Each detector's and the ensemble's alert threshold in score units at ``target_fpr``, from
+    the model's calibrators (their ``scores_`` are sorted); one no score reaches is left out, and
+    ``evaluate_scores`` reads it off the data."""
+    thresholds = {
+        name: score_threshold(cal.scores_, target_fpr) for name, cal in model.calibrators_.items()
+    }
+    return {name: t for name, t in thresholds.items() if np.isfinite(t)}

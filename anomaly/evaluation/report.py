@@ -116,25 +116,4 @@ def _meta_text(v: Any) -> str:
 
 
 def _value(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
-def top_scoring_rows(
-    scores: pd.DataFrame, labels: np.ndarray, n: int, detector: str = "ensemble"
-) -> list[int]:
-    """Positions of the ``n`` highest-scoring rows (ties keep the data order)."""
-    s = scores[detector].to_numpy(dtype=np.float64)
-    order = np.argsort(-s, kind="stable")
-    return [int(i) for i in order[: max(0, n)]]
-
-
-__all__ = [
-    "HTML_NAME",
-    "JSON_NAME",
-    "TopRow",
-    "render_html",
-    "top_scoring_rows",
-    "write_report",
-]
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

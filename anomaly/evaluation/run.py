@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from anomaly.errors import DataError
@@ -18,7 +19,7 @@ from anomaly.evaluation.metrics import (
     model_thresholds,
     read_labeled,
 )
-from anomaly.evaluation.report import top_scoring_rows, write_report
+from anomaly.evaluation.report import write_report
 
 
 def run_evaluation(
@@ -48,7 +49,9 @@ def run_evaluation(
     scores = model.score_detectors(frame)
     result = evaluate_scores(scores, labels, target, thresholds=model_thresholds(model, target))
 
-    idx = top_scoring_rows(scores, labels, min(top_rows, len(frame)))
+    # The highest-scoring rows, ties in the data's order.
+    ensemble = scores["ensemble"].to_numpy(dtype=np.float64)
+    idx = np.argsort(-ensemble, kind="stable")[:top_rows].tolist()
     explanations = model.explain(frame.iloc[idx], top=3) if idx else []
     tops = [
         TopRow(

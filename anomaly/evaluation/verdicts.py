@@ -165,14 +165,11 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3f}"
     if isinstance(value, tuple | list):
-        if len(value) == 2 and all(_is_number(x) for x in value):  # a confidence interval
+        numbers = all(isinstance(x, int | float) and not isinstance(x, bool) for x in value)
+        if len(value) == 2 and numbers:  # a confidence interval
             return f"{value[0]:.3f}–{value[1]:.3f}"
         return html.escape(", ".join(map(str, value)))  # e.g. the rescored section's columns
     return html.escape(str(value))
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 def render_html(report: dict[str, Any]) -> str:

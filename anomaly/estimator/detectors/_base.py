@@ -282,7 +282,6 @@ class BaseDetector:
         n = x_train.shape[0]
         bs = self._batch_size(n)
         planned = self.planned_steps(n)
-        steps_done = 0
         best = math.inf
         best_state: dict[str, torch.Tensor] | None = None
         best_step = 0
@@ -297,7 +296,6 @@ class BaseDetector:
             module.train()
             total += self._step(module, opts, x_train[next(batches)], gen)
             count += 1
-            steps_done = step
             bar.update(1)
             if step % every and step != planned:
                 continue
@@ -321,9 +319,9 @@ class BaseDetector:
             module.load_state_dict(best_state)
         self.history_ = history
         self.best_val_loss_ = best
-        self.n_steps_ = steps_done
+        self.n_steps_ = step  # (planned_steps is at least 1: the loop ran)
         self.best_step_ = best_step
-        self.n_epochs_ = math.ceil(steps_done * bs / n)
+        self.n_epochs_ = math.ceil(step * bs / n)
         self.fit_seconds_ = time.monotonic() - start
 
     def leave_one_out_scores(self, X: Any, rows: np.ndarray) -> np.ndarray:

@@ -94,9 +94,11 @@ class VAEDetector(BaseDetector):
     def _build(self, n_features: int) -> nn.Module:
         return _VAE(n_features, list(self.hidden), self._latent(n_features), self.min_scale)
 
-    def _elbo_terms(
+    def _elbo_loss(
         self, module: _VAE, x: torch.Tensor, noise: torch.Tensor | None, gen: torch.Generator
-    ):
+    ) -> torch.Tensor:
+        """The mean negative ELBO (``beta``-weighted KL) of the rows ``x``, encoded with ``noise``
+        added, reconstructed from one reparameterised sample."""
         mu, logvar = module.encode(x if noise is None else x + noise)
         eps = torch.randn(mu.shape, generator=gen).to(mu.device)
         z = mu + eps * torch.exp(0.5 * logvar)
@@ -104,18 +106,16 @@ class VAEDetector(BaseDetector):
         log_scale = module.scale_log()
         nll = (0.5 * ((x - recon) * torch.exp(-log_scale)) ** 2 + log_scale).sum(1)
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
-        return nll, kl
+        return (nll + self.beta * kl).mean()
 
     def _loss(self, module: nn.Module, xb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         noise = None
         if self.noise_std > 0:
             noise = torch.randn(xb.shape, generator=gen).to(xb.device) * self.noise_std
-        nll, kl = self._elbo_terms(module, xb, noise, gen)
-        return (nll + self.beta * kl).mean()
+        return self._elbo_loss(module, xb, noise, gen)
 
     def _val_loss(self, module: nn.Module, xv: torch.Tensor) -> float:
-        nll, kl = self._elbo_terms(module, xv, None, self._validation_generator())
-        return float((nll + self.beta * kl).mean())
+        return float(self._elbo_loss(module, xv, None, self._validation_generator()))
 
     def _score_tensor(self, x: torch.Tensor) -> torch.Tensor:
         return self.module_.feature_errors(x).sum(1)
