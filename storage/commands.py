@@ -416,17 +416,7 @@ def _models_register(args: argparse.Namespace) -> int:
     pipeline = _pipeline(args, "register")
     root = Path(args.bundle).resolve()
     model = AnomalyModel.load(root)  # verifies every file against the manifest
-    # The identity of the very bytes that were verified (reading manifest.json again here
-    # could register a manifest swapped in meanwhile).
-    sha = model.bundle_sha256_
-    metrics = {k: v for k, v in model.metrics_.items() if k != "training"}
-    rec = ModelVersionRecord(
-        pipeline=pipeline,
-        version=str(model.version or sha[:12]),
-        bundle_path=str(root),
-        bundle_sha256=sha,
-        metrics=metrics,
-    )
+    rec = ModelVersionRecord.of_bundle(pipeline, model, root)
     with open_store(args) as store:
         rec = store.register_model_version(rec, activate=not args.no_activate)
     state = "active" if rec.active else "registered (not active)"
