@@ -189,7 +189,7 @@ class AlertStore:
         return registry.active(self._db, pipeline)
 
     def list_model_versions(self, pipeline: str | None = None) -> list[ModelVersionRecord]:
-        return registry.list_versions(self._db, pipeline)
+        return registry.versions(self._db, pipeline=pipeline)
 
     # ------------------------------------------------------------------ queries and upkeep
 
