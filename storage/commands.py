@@ -342,18 +342,17 @@ def _alerts_ack(args: argparse.Namespace) -> int:
 
     if (args.id is None) == (args.incident is None):
         raise InvalidArgumentError("alerts ack: give an alert ID or --incident ID (one of them)")
-    if args.verdict is None:
-        if args.note is not None or args.by is not None:
-            raise InvalidArgumentError("--note and --by: only with --verdict")
-        if args.id is not None:  # the acknowledgement as it always was
-            with open_store(args) as store:
-                changed = store.ack_alert(args.id)
-            emit(f"alert {args.id} " + ("acknowledged" if changed else "was not open (unchanged)"))
-            return 0
     by = None
     if args.verdict is not None:
         by = args.by if args.by is not None else _os_user()
         check_verdict(args.verdict, by, args.note)  # before opening the database
+    elif args.note is not None or args.by is not None:
+        raise InvalidArgumentError("--note and --by: only with --verdict")
+    elif args.id is not None:  # the acknowledgement as it always was
+        with open_store(args) as store:
+            changed = store.ack_alert(args.id)
+        emit(f"alert {args.id} " + ("acknowledged" if changed else "was not open (unchanged)"))
+        return 0
     with open_store(args) as store:
         result = store.ack(
             args.id, incident_id=args.incident, verdict=args.verdict, by=by, note=args.note
@@ -461,8 +460,6 @@ def _models_activate(args: argparse.Namespace) -> int:
 
 
 def json_default(value: Any) -> Any:
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).decode("utf-8", "backslashreplace")
-    return str(value)
+    from storage.sanitize import _to_text  # bytes as text, as the store writes them
+
+    return value.isoformat() if hasattr(value, "isoformat") else _to_text(value)
