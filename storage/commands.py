@@ -194,8 +194,8 @@ def open_store(args: argparse.Namespace, create: bool = False) -> Any:
     return AlertStore(resolve_url(args), create=create)
 
 
-def parse_age(value: str, what: str = "--older-than") -> Any:
-    """``30d``/``2h``/``90m``/``45s``/``2w`` as a timedelta, or an ISO time as an aware datetime."""
+def cutoff_time(value: str, what: str) -> Any:
+    """``30d``/``2h``/``90m``/``45s``/``2w`` back from now, or an ISO time, as an aware datetime."""
     from datetime import UTC, datetime, timedelta
 
     from storage.errors import InvalidArgumentError
@@ -203,9 +203,15 @@ def parse_age(value: str, what: str = "--older-than") -> Any:
     match = _DURATION.match(value)
     if match:
         try:
-            return timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2).lower()])
+            age = timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2).lower()])
         except OverflowError:  # timedelta holds at most 999,999,999 days
             raise InvalidArgumentError(f"{what} {value!r}: too long a duration") from None
+        try:
+            return datetime.now(UTC) - age
+        except OverflowError:
+            raise InvalidArgumentError(
+                f"{what} {value!r}: reaches back before the year 1"
+            ) from None
     try:
         when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -213,18 +219,6 @@ def parse_age(value: str, what: str = "--older-than") -> Any:
             f"{what} {value!r}: expected a duration like 30d, 12h, 90m, 45s, 2w or an ISO time"
         ) from None
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when
-
-
-def cutoff_time(value: str, what: str) -> Any:
-    from datetime import UTC, datetime, timedelta
-
-    from storage.errors import InvalidArgumentError
-
-    age = parse_age(value, what)
-    try:
-        return datetime.now(UTC) - age if isinstance(age, timedelta) else age
-    except OverflowError:
-        raise InvalidArgumentError(f"{what} {value!r}: reaches back before the year 1") from None
 
 
 def emit(line: str) -> None:
