@@ -43,7 +43,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
-from storage import drift, notifications, queries, registry, verdicts
+from storage import drift, notifications, queries, registry, reservoir, verdicts
 from storage.engine import STALLED_TRANSACTION_TIMEOUT_S, Database, config_database_url
 from storage.offsets import load_offsets, reset_offsets
 from storage.queries import PruneResult
@@ -271,13 +271,9 @@ class AlertStore:
 
     def reservoir_rows(self, pipeline: str, since: datetime | None = None) -> list[dict[str, Any]]:
         """The retraining reservoir's rows (storage.reservoir), less confirmed anomalies."""
-        from storage import reservoir
-
         return reservoir.reservoir_rows(self._db, pipeline, since)
 
     def reservoir_count(self, pipeline: str) -> int:
-        from storage import reservoir
-
         return reservoir.reservoir_count(self._db, pipeline)
 
     def grant_read_only(self, role: str = "anomaly_grafana", password: str | None = None) -> None:
