@@ -8,6 +8,8 @@ SQL are in dashboards/panels.py.
 
 from __future__ import annotations
 
+from typing import Any
+
 from dashboards.builder import Dashboard, Panel, PromTarget, row
 from dashboards.datasources import PROMETHEUS
 from dashboards.panels import LINKS, PIPELINE_PROM, TAGS, sql_timeseries, table, timeseries
@@ -34,43 +36,48 @@ def _p50_p99(metric: str, by: str, legend: str) -> list[PromTarget]:
     ]
 
 
-def _info_stat(title: str, metric: str, label: str, description: str) -> Panel:
-    """The ``label`` of an info gauge per pipeline, as text."""
+def _prom_stat(title: str, target: PromTarget, options: dict[str, Any], **kw: Any) -> Panel:
+    """A stat of a value per pipeline, its name shown (``options`` over the shared ones)."""
+    shared = {
+        "graphMode": "none",
+        "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+        "textMode": "value_and_name",
+    }
     return Panel(
         title=title,
         type="stat",
         datasource=PROMETHEUS,
-        targets=[
-            PromTarget(
-                f"max by (pipeline, {label}) ({metric}{_PROM_PIPE})",
-                legend="{{pipeline}}",
-                instant=True,
-                format="table",
-            )
-        ],
+        targets=[target],
         width=6,
         height=4,
-        description=description,
-        options={
-            "colorMode": "none",
-            "graphMode": "none",
-            "justifyMode": "auto",
-            "orientation": "auto",
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": f"/^{label}$/", "values": True},
-            "textMode": "value_and_name",
-        },
+        options=shared | options,
+        **kw,
     )
+
+
+def _info_stat(title: str, metric: str, label: str, description: str) -> Panel:
+    """The ``label`` of an info gauge per pipeline, as text."""
+    target = PromTarget(
+        f"max by (pipeline, {label}) ({metric}{_PROM_PIPE})",
+        legend="{{pipeline}}",
+        instant=True,
+        format="table",
+    )
+    options = {
+        "colorMode": "none",
+        "justifyMode": "auto",
+        "orientation": "auto",
+        "reduceOptions": {"calcs": ["lastNotNull"], "fields": f"/^{label}$/", "values": True},
+    }
+    return _prom_stat(title, target, options, description=description)
 
 
 def _up_stat(title: str, metric: str, description: str) -> Panel:
     """A red/green stat of a 0/1 gauge per pipeline."""
-    return Panel(
-        title=title,
-        type="stat",
-        datasource=PROMETHEUS,
-        targets=[PromTarget(f"min by (pipeline) ({metric}{_PROM_PIPE})", "{{pipeline}}")],
-        width=6,
-        height=4,
+    return _prom_stat(
+        title,
+        PromTarget(f"min by (pipeline) ({metric}{_PROM_PIPE})", "{{pipeline}}"),
+        {"colorMode": "background"},
         defaults={
             "mappings": [
                 {
@@ -81,12 +88,6 @@ def _up_stat(title: str, metric: str, description: str) -> Panel:
                     "type": "value",
                 }
             ]
-        },
-        options={
-            "colorMode": "background",
-            "graphMode": "none",
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            "textMode": "value_and_name",
         },
         description=description,
     )
@@ -123,22 +124,11 @@ def database_up_stat() -> Panel:
 
 
 def total_lag_stat() -> Panel:
-    return Panel(
-        title="Total consumer lag",
-        type="stat",
-        datasource=PROMETHEUS,
-        targets=[
-            PromTarget(f"sum by (pipeline) (anomaly_consumer_lag{_PROM_PIPE})", "{{pipeline}}")
-        ],
-        width=6,
-        height=4,
+    return _prom_stat(
+        "Total consumer lag",
+        PromTarget(f"sum by (pipeline) (anomaly_consumer_lag{_PROM_PIPE})", "{{pipeline}}"),
+        {"colorMode": "value", "graphMode": "area"},
         thresholds=[(None, "green"), (10000, "orange"), (100000, "red")],
-        options={
-            "colorMode": "value",
-            "graphMode": "area",
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            "textMode": "value_and_name",
-        },
     )
 
 
