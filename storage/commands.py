@@ -1,6 +1,7 @@
 """CLI: ``anomaly db ...``, ``anomaly alerts ...``, ``anomaly models ...``.
 
-Only argparse is imported here; each handler imports SQLAlchemy and the store when it runs.
+Only argparse and the storage errors are imported here; each handler imports SQLAlchemy and the
+store when it runs.
 The database URL comes from ``--db``, else ``--config PIPELINE.yaml`` (its ``database`` section,
 where ``ANOMALY_DATABASE_URL`` overrides the file), else ``ANOMALY_DATABASE_URL``. ``--db`` and
 ``--config`` together are refused: one of them would be ignored, and a model registered in another
@@ -14,6 +15,8 @@ import os
 import re
 import sys
 from typing import Any
+
+from storage.errors import DatabaseURLError, InvalidArgumentError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
 _UNIT_S = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -158,7 +161,6 @@ def db_args(p: argparse.ArgumentParser) -> None:
 def resolve_url(args: argparse.Namespace) -> Any:
     """``--db``, else the pipeline config's database URL, else ``ANOMALY_DATABASE_URL``."""
     from storage.engine import config_database_url, normalize_url
-    from storage.errors import DatabaseURLError
 
     one_database(args)
     if getattr(args, "db", None):
@@ -177,8 +179,6 @@ def resolve_url(args: argparse.Namespace) -> Any:
 
 def one_database(args: argparse.Namespace) -> None:
     """Refuse ``--db`` with ``--config``: either would silently override the other's database."""
-    from storage.errors import InvalidArgumentError
-
     if getattr(args, "db", None) and getattr(args, "config", None):
         raise InvalidArgumentError(
             "--db and --config both name the database: pass one (--db URL --pipeline NAME, or "
@@ -197,8 +197,6 @@ def open_store(args: argparse.Namespace, create: bool = False) -> Any:
 def cutoff_time(value: str, what: str) -> Any:
     """``30d``/``2h``/``90m``/``45s``/``2w`` back from now, or an ISO time, as an aware datetime."""
     from datetime import UTC, datetime, timedelta
-
-    from storage.errors import InvalidArgumentError
 
     match = _DURATION.match(value)
     if match:
@@ -270,8 +268,6 @@ def _db_prune(args: argparse.Namespace) -> int:
 
 
 def _db_grafana_role(args: argparse.Namespace) -> int:
-    from storage.errors import InvalidArgumentError
-
     password = None
     if args.password_env:
         password = os.environ.get(args.password_env)
@@ -290,8 +286,6 @@ def _db_grafana_role(args: argparse.Namespace) -> int:
 
 
 def _alerts_list(args: argparse.Namespace) -> int:
-    from storage.errors import InvalidArgumentError
-
     if args.limit < 1:  # PostgreSQL refuses a negative LIMIT, SQLite reads it as no limit
         raise InvalidArgumentError(f"--limit must be >= 1, got {args.limit}")
     since = cutoff_time(args.since, "--since") if args.since else None
@@ -331,7 +325,6 @@ def _alerts_list(args: argparse.Namespace) -> int:
 
 
 def _alerts_ack(args: argparse.Namespace) -> int:
-    from storage.errors import InvalidArgumentError
     from storage.verdicts import check_verdict
 
     if (args.id is None) == (args.incident is None):
@@ -386,8 +379,6 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 def _pipeline(args: argparse.Namespace, command: str) -> str:
-    from storage.errors import InvalidArgumentError
-
     one_database(args)  # before the bundle is loaded
     if args.pipeline:
         from anomaly.config import check_pipeline_name
@@ -421,7 +412,6 @@ def _models_verify(args: argparse.Namespace) -> int:
     import json
 
     from anomaly.estimator.bundle import inspect_bundle
-    from storage.errors import InvalidArgumentError
 
     pipeline = _pipeline(args, "verify")
     with open_store(args) as store:
