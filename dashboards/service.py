@@ -93,6 +93,10 @@ def _up_stat(title: str, metric: str, description: str) -> Panel:
     )
 
 
+def _prom_timeseries(title: str, targets: list[PromTarget], **kw: Any) -> Panel:
+    return timeseries(title, targets, datasource=PROMETHEUS, **kw)
+
+
 # ------------------------------------------------------------------------------------- top stats
 
 
@@ -146,7 +150,7 @@ def schema_registry_up_stat() -> Panel:
 
 
 def records_per_second() -> Panel:
-    return timeseries(
+    return _prom_timeseries(
         "Records per second",
         [
             PromTarget(
@@ -154,7 +158,6 @@ def records_per_second() -> Panel:
             ),
             PromTarget(_rate("anomaly_records_scored_total", "pipeline"), "{{pipeline}} scored"),
         ],
-        datasource=PROMETHEUS,
         unit="reqps",
         width=8,
     )
@@ -174,10 +177,9 @@ def dead_letters_per_second() -> Panel:
 
 def _stacked_rate_by(title: str, counter: str, label: str) -> Panel:
     """A counter's rate per pipeline and ``label``, the series stacked."""
-    return timeseries(
+    return _prom_timeseries(
         title,
         [PromTarget(_rate(counter, f"pipeline, {label}"), f"{{{{pipeline}}}} {{{{{label}}}}}")],
-        datasource=PROMETHEUS,
         unit="reqps",
         stacking="normal",
         width=8,
@@ -188,7 +190,7 @@ def _stacked_rate_by(title: str, counter: str, label: str) -> Panel:
 
 
 def lag_per_partition() -> Panel:
-    return timeseries(
+    return _prom_timeseries(
         "Consumer lag per partition",
         [
             PromTarget(
@@ -196,7 +198,6 @@ def lag_per_partition() -> Panel:
                 "{{pipeline}} {{topic}}[{{partition}}]",
             )
         ],
-        datasource=PROMETHEUS,
         unit="short",
         description="Records behind the end of each partition. A lag that keeps growing means "
         "the scorer cannot keep up: add partitions and scorers, or score on a GPU.",
@@ -204,10 +205,9 @@ def lag_per_partition() -> Panel:
 
 
 def stage_latency() -> Panel:
-    return timeseries(
+    return _prom_timeseries(
         "Stage latency (p50, p99)",
         _p50_p99("anomaly_stage_seconds", "pipeline, stage", "{{pipeline}} {{stage}}"),
-        datasource=PROMETHEUS,
         unit="s",
         description="Per micro-batch: decode, score, write (one database transaction) and "
         "commit (Kafka offsets).",
@@ -215,10 +215,9 @@ def stage_latency() -> Panel:
 
 
 def end_to_end_latency() -> Panel:
-    return timeseries(
+    return _prom_timeseries(
         "End-to-end latency (p50, p99)",
         _p50_p99("anomaly_end_to_end_seconds", "pipeline", "{{pipeline}}"),
-        datasource=PROMETHEUS,
         unit="s",
         description="From a record's event time (schema.time_field) to its batch being "
         "committed: producer and broker delays are in it, and so is any lateness of the events.",
@@ -226,7 +225,7 @@ def end_to_end_latency() -> Panel:
 
 
 def batch_size() -> Panel:
-    return timeseries(
+    return _prom_timeseries(
         "Mean batch size",
         [
             PromTarget(
@@ -235,7 +234,6 @@ def batch_size() -> Panel:
                 "{{pipeline}}",
             )
         ],
-        datasource=PROMETHEUS,
         unit="short",
         description="Records per micro-batch: small batches under load mean max_wait_s is "
         "cutting them short.",
