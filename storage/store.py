@@ -30,8 +30,9 @@ call finds its positions and offsets already stored and adds nothing (the messag
 - ``migrate``: ``upgrade``, ``downgrade``, ``current_revision``;
 - ``registry``: model versions;
 - ``drift``: drift windows (one row per closed window, outside the batch transaction);
-- ``queries``: listing and acknowledging alerts, listing incidents, pruning, Grafana's role.
-- ``verdicts``: acknowledging with analyst verdicts, reading reviewed alerts back.
+- ``queries``: listing alerts and incidents, pruning, Grafana's role.
+- ``verdicts``: acknowledging alerts, with or without analyst verdicts, reading reviewed alerts
+  back.
 - ``reservoir``: the retraining sample, written in the batch transaction, read by ``retrain``.
 """
 
@@ -213,7 +214,7 @@ class AlertStore:
     def ack_alert(self, alert_id: int) -> bool:
         """Acknowledge an open alert. True if its status changed, False if it was already
         acknowledged or resolved; ``NotFoundError`` if there is no such alert."""
-        return queries.ack_alert(self._db, alert_id)
+        return bool(verdicts.ack(self._db, alert_id).acknowledged)
 
     def ack(
         self,
