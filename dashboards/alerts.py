@@ -15,6 +15,7 @@ from dashboards.panels import (
     PIPELINE_SQL,
     SEVERITY_RANK,
     TAGS,
+    by_name,
     count_bars,
     dashed_override,
     severity_overrides,
@@ -362,14 +363,8 @@ def latest_alerts() -> Panel:
         "score); detector_score: the score of the detector chosen above.",
         overrides=[
             *severity_overrides(),
-            {
-                "matcher": {"id": "byName", "options": "p_value"},
-                "properties": [{"id": "unit", "value": "sci"}],
-            },
-            {
-                "matcher": {"id": "byName", "options": "top_features"},
-                "properties": [{"id": "custom.width", "value": 420}],
-            },
+            by_name("p_value", {"id": "unit", "value": "sci"}),
+            by_name("top_features", {"id": "custom.width", "value": 420}),
         ],
     )
 

@@ -114,11 +114,7 @@ class Panel:
         for key in ("unit", "decimals", "min", "max"):
             if getattr(self, key) is not None:
                 defaults[key] = getattr(self, key)
-        steps = self.thresholds or [(None, "green")]
-        defaults["thresholds"] = {
-            "mode": "absolute",
-            "steps": [{"color": color, "value": value} for value, color in steps],
-        }
+        defaults["thresholds"] = thresholds(self.thresholds or [(None, "green")])
         defaults.update(self.defaults)
         out: dict[str, Any] = {
             "description": self.description,
@@ -137,6 +133,12 @@ class Panel:
         if self.datasource is not None:
             out["datasource"] = self.datasource.ref()
         return out
+
+
+def thresholds(levels: list[tuple[float | None, str]]) -> dict[str, Any]:
+    """Absolute thresholds: each (value, colour) from that value up, the first from None."""
+    steps = [{"color": color, "value": value} for value, color in levels]
+    return {"mode": "absolute", "steps": steps}
 
 
 def row(title: str) -> Panel:

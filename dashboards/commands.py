@@ -1,12 +1,15 @@
 """CLI: ``anomaly dashboards build`` and ``anomaly dashboards push``.
 
-Only argparse is imported here; the builder and grafana-client are imported when a command runs.
+Only argparse and the CLI's error class are imported here; the builder and grafana-client are
+imported when a command runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+
+from anomaly.errors import UserFacingError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -80,7 +83,6 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from anomaly.errors import UserFacingError
     from dashboards.datasources import postgres_datasource, prometheus_datasource
     from dashboards.push import PushError, push
 
@@ -108,8 +110,6 @@ def _check(args: argparse.Namespace) -> int:
     from dashboards.check import check_panels
 
     if not args.db.startswith(("postgresql", "postgres://")):
-        from anomaly.errors import UserFacingError
-
         raise UserFacingError("--db must be a PostgreSQL URL: the dashboards read PostgreSQL")
     results = check_panels(args.db, hours=args.hours, role=args.role)
     for r in results:

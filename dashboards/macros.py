@@ -70,13 +70,11 @@ def interpolate(sql: str, variables: Mapping[str, str | Sequence[str]]) -> str:
         value = variables[name]
         if not isinstance(value, str) and not value:
             raise MacroError(f"multi-value variable ${name} has no values")
-        if fmt == "sqlstring":
-            return ",".join(_quote(v) for v in ([value] if isinstance(value, str) else value))
-        if fmt is not None:
+        if fmt not in (None, "sqlstring"):
             raise MacroError(f"unsupported variable format ${{{name}:{fmt}}}")
-        if isinstance(value, str):
+        if fmt is None and isinstance(value, str):
             return value  # unquoted, as Grafana does for a single-value variable
-        return ",".join(_quote(v) for v in value)
+        return ",".join(_quote(v) for v in ([value] if isinstance(value, str) else value))
 
     return _VARIABLE.sub(sub, sql)
 

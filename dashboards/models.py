@@ -7,13 +7,14 @@ rules for SQL (``${name:sqlstring}``, ``$__timeFilter``) are in dashboards/panel
 
 from __future__ import annotations
 
-from dashboards.builder import Dashboard, Panel, row
+from dashboards.builder import Dashboard, Panel, row, thresholds
 from dashboards.panels import (
     DETECTOR,
     DETECTOR_SCORE,
     LINKS,
     PIPELINE_SQL,
     TAGS,
+    by_name,
     count_bars,
     dashed_override,
     sql_timeseries,
@@ -127,24 +128,12 @@ ORDER BY 1, 2
 
 def _ratio_override() -> dict:
     """The ratio column (live / calibration): green near 1, orange then red further away."""
-    return {
-        "matcher": {"id": "byName", "options": "ratio"},
-        "properties": [
-            {"id": "custom.cellOptions", "value": {"type": "color-background"}},
-            {
-                "id": "thresholds",
-                "value": {
-                    "mode": "absolute",
-                    "steps": [
-                        {"color": "red", "value": None},
-                        {"color": "green", "value": 0.8},
-                        {"color": "orange", "value": 1.25},
-                        {"color": "red", "value": 2},
-                    ],
-                },
-            },
-        ],
-    }
+    steps = thresholds([(None, "red"), (0.8, "green"), (1.25, "orange"), (2, "red")])
+    return by_name(
+        "ratio",
+        {"id": "custom.cellOptions", "value": {"type": "color-background"}},
+        {"id": "thresholds", "value": steps},
+    )
 
 
 def score_drift() -> Panel:

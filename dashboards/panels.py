@@ -76,27 +76,20 @@ ORDER BY 1, 2
 """
 
 
+def by_name(column: str, *properties: dict[str, Any]) -> dict[str, Any]:
+    """A field override: the column named ``column`` gets ``properties``."""
+    return {"matcher": {"id": "byName", "options": column}, "properties": list(properties)}
+
+
 def severity_overrides() -> list[dict]:
     """The ``severity`` column's text coloured by severity."""
+    colors = {sev: {"color": c, "index": i} for i, (sev, c) in enumerate(SEVERITY_COLORS.items())}
     return [
-        {
-            "matcher": {"id": "byName", "options": "severity"},
-            "properties": [
-                {"id": "custom.cellOptions", "value": {"type": "color-text"}},
-                {
-                    "id": "mappings",
-                    "value": [
-                        {
-                            "options": {
-                                sev: {"color": color, "index": i}
-                                for i, (sev, color) in enumerate(SEVERITY_COLORS.items())
-                            },
-                            "type": "value",
-                        }
-                    ],
-                },
-            ],
-        }
+        by_name(
+            "severity",
+            {"id": "custom.cellOptions", "value": {"type": "color-text"}},
+            {"id": "mappings", "value": [{"options": colors, "type": "value"}]},
+        )
     ]
 
 

@@ -8,6 +8,8 @@ SQL are in dashboards/panels.py.
 
 from __future__ import annotations
 
+from typing import Any
+
 from dashboards.builder import Dashboard, Panel, PromTarget, row
 from dashboards.datasources import PROMETHEUS
 from dashboards.panels import LINKS, PIPELINE_PROM, TAGS, sql_timeseries, table, timeseries
@@ -34,43 +36,48 @@ def _p50_p99(metric: str, by: str, legend: str) -> list[PromTarget]:
     ]
 
 
-def _info_stat(title: str, metric: str, label: str, description: str) -> Panel:
-    """The ``label`` of an info gauge per pipeline, as text."""
+def _prom_stat(title: str, target: PromTarget, options: dict[str, Any], **kw: Any) -> Panel:
+    """A stat of a value per pipeline, its name shown (``options`` over the shared ones)."""
+    shared = {
+        "graphMode": "none",
+        "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
+        "textMode": "value_and_name",
+    }
     return Panel(
         title=title,
         type="stat",
         datasource=PROMETHEUS,
-        targets=[
-            PromTarget(
-                f"max by (pipeline, {label}) ({metric}{_PROM_PIPE})",
-                legend="{{pipeline}}",
-                instant=True,
-                format="table",
-            )
-        ],
+        targets=[target],
         width=6,
         height=4,
-        description=description,
-        options={
-            "colorMode": "none",
-            "graphMode": "none",
-            "justifyMode": "auto",
-            "orientation": "auto",
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": f"/^{label}$/", "values": True},
-            "textMode": "value_and_name",
-        },
+        options=shared | options,
+        **kw,
     )
+
+
+def _info_stat(title: str, metric: str, label: str, description: str) -> Panel:
+    """The ``label`` of an info gauge per pipeline, as text."""
+    target = PromTarget(
+        f"max by (pipeline, {label}) ({metric}{_PROM_PIPE})",
+        legend="{{pipeline}}",
+        instant=True,
+        format="table",
+    )
+    options = {
+        "colorMode": "none",
+        "justifyMode": "auto",
+        "orientation": "auto",
+        "reduceOptions": {"calcs": ["lastNotNull"], "fields": f"/^{label}$/", "values": True},
+    }
+    return _prom_stat(title, target, options, description=description)
 
 
 def _up_stat(title: str, metric: str, description: str) -> Panel:
     """A red/green stat of a 0/1 gauge per pipeline."""
-    return Panel(
-        title=title,
-        type="stat",
-        datasource=PROMETHEUS,
-        targets=[PromTarget(f"min by (pipeline) ({metric}{_PROM_PIPE})", "{{pipeline}}")],
-        width=6,
-        height=4,
+    return _prom_stat(
+        title,
+        PromTarget(f"min by (pipeline) ({metric}{_PROM_PIPE})", "{{pipeline}}"),
+        {"colorMode": "background"},
         defaults={
             "mappings": [
                 {
@@ -82,14 +89,12 @@ def _up_stat(title: str, metric: str, description: str) -> Panel:
                 }
             ]
         },
-        options={
-            "colorMode": "background",
-            "graphMode": "none",
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            "textMode": "value_and_name",
-        },
         description=description,
     )
+
+
+def _prom_timeseries(title: str, targets: list[PromTarget], **kw: Any) -> Panel:
+    return timeseries(title, targets, datasource=PROMETHEUS, **kw)
 
 
 # ------------------------------------------------------------------------------------- top stats
@@ -123,22 +128,11 @@ def database_up_stat() -> Panel:
 
 
 def total_lag_stat() -> Panel:
-    return Panel(
-        title="Total consumer lag",
-        type="stat",
-        datasource=PROMETHEUS,
-        targets=[
-            PromTarget(f"sum by (pipeline) (anomaly_consumer_lag{_PROM_PIPE})", "{{pipeline}}")
-        ],
-        width=6,
-        height=4,
+    return _prom_stat(
+        "Total consumer lag",
+        PromTarget(f"sum by (pipeline) (anomaly_consumer_lag{_PROM_PIPE})", "{{pipeline}}"),
+        {"colorMode": "value", "graphMode": "area"},
         thresholds=[(None, "green"), (10000, "orange"), (100000, "red")],
-        options={
-            "colorMode": "value",
-            "graphMode": "area",
-            "reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False},
-            "textMode": "value_and_name",
-        },
     )
 
 
@@ -156,7 +150,7 @@ def schema_registry_up_stat() -> Panel:
 
 
 def records_per_second() -> Panel:
-    return timeseries(
+    return _prom_timeseries(
         "Records per second",
         [
             PromTarget(
@@ -164,7 +158,6 @@ def records_per_second() -> Panel:
             ),
             PromTarget(_rate("anomaly_records_scored_total", "pipeline"), "{{pipeline}} scored"),
         ],
-        datasource=PROMETHEUS,
         unit="reqps",
         width=8,
     )
@@ -184,10 +177,9 @@ def dead_letters_per_second() -> Panel:
 
 def _stacked_rate_by(title: str, counter: str, label: str) -> Panel:
     """A counter's rate per pipeline and ``label``, the series stacked."""
-    return timeseries(
+    return _prom_timeseries(
         title,
         [PromTarget(_rate(counter, f"pipeline, {label}"), f"{{{{pipeline}}}} {{{{{label}}}}}")],
-        datasource=PROMETHEUS,
         unit="reqps",
         stacking="normal",
         width=8,
@@ -198,7 +190,7 @@ def _stacked_rate_by(title: str, counter: str, label: str) -> Panel:
 
 
 def lag_per_partition() -> Panel:
-    return timeseries(
+    return _prom_timeseries(
         "Consumer lag per partition",
         [
             PromTarget(
@@ -206,7 +198,6 @@ def lag_per_partition() -> Panel:
                 "{{pipeline}} {{topic}}[{{partition}}]",
             )
         ],
-        datasource=PROMETHEUS,
         unit="short",
         description="Records behind the end of each partition. A lag that keeps growing means "
         "the scorer cannot keep up: add partitions and scorers, or score on a GPU.",
@@ -214,10 +205,9 @@ def lag_per_partition() -> Panel:
 
 
 def stage_latency() -> Panel:
-    return timeseries(
+    return _prom_timeseries(
         "Stage latency (p50, p99)",
         _p50_p99("anomaly_stage_seconds", "pipeline, stage", "{{pipeline}} {{stage}}"),
-        datasource=PROMETHEUS,
         unit="s",
         description="Per micro-batch: decode, score, write (one database transaction) and "
         "commit (Kafka offsets).",
@@ -225,10 +215,9 @@ def stage_latency() -> Panel:
 
 
 def end_to_end_latency() -> Panel:
-    return timeseries(
+    return _prom_timeseries(
         "End-to-end latency (p50, p99)",
         _p50_p99("anomaly_end_to_end_seconds", "pipeline", "{{pipeline}}"),
-        datasource=PROMETHEUS,
         unit="s",
         description="From a record's event time (schema.time_field) to its batch being "
         "committed: producer and broker delays are in it, and so is any lateness of the events.",
@@ -236,7 +225,7 @@ def end_to_end_latency() -> Panel:
 
 
 def batch_size() -> Panel:
-    return timeseries(
+    return _prom_timeseries(
         "Mean batch size",
         [
             PromTarget(
@@ -245,7 +234,6 @@ def batch_size() -> Panel:
                 "{{pipeline}}",
             )
         ],
-        datasource=PROMETHEUS,
         unit="short",
         description="Records per micro-batch: small batches under load mean max_wait_s is "
         "cutting them short.",

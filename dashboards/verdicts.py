@@ -7,7 +7,7 @@ time, whenever they were reviewed.
 from __future__ import annotations
 
 from dashboards.builder import Panel, SQLTarget
-from dashboards.panels import stat, table
+from dashboards.panels import by_name, stat, table
 
 VERDICTS_NOTE = (
     "Among the alerts analysts reviewed (anomaly alerts ack --verdict): true positives / "
@@ -31,10 +31,8 @@ WHERE $__timeFilter(a.ingest_time) AND a.pipeline IN (${pipeline:sqlstring})
 
 
 def precision_unit_override() -> dict:
-    return {
-        "matcher": {"id": "byName", "options": "precision"},
-        "properties": [{"id": "unit", "value": "percentunit"}, {"id": "decimals", "value": 1}],
-    }
+    unit = {"id": "unit", "value": "percentunit"}
+    return by_name("precision", unit, {"id": "decimals", "value": 1})
 
 
 PRECISION_FROM_VERDICTS_SQL = """

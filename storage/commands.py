@@ -1,6 +1,7 @@
 """CLI: ``anomaly db ...``, ``anomaly alerts ...``, ``anomaly models ...``.
 
-Only argparse is imported here; each handler imports SQLAlchemy and the store when it runs.
+Only argparse and the storage errors are imported here; each handler imports SQLAlchemy and the
+store when it runs.
 The database URL comes from ``--db``, else ``--config PIPELINE.yaml`` (its ``database`` section,
 where ``ANOMALY_DATABASE_URL`` overrides the file), else ``ANOMALY_DATABASE_URL``. ``--db`` and
 ``--config`` together are refused: one of them would be ignored, and a model registered in another
@@ -14,6 +15,8 @@ import os
 import re
 import sys
 from typing import Any
+
+from storage.errors import DatabaseURLError, InvalidArgumentError
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)\s*$", re.IGNORECASE)
 _UNIT_S = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -158,7 +161,6 @@ def db_args(p: argparse.ArgumentParser) -> None:
 def resolve_url(args: argparse.Namespace) -> Any:
     """``--db``, else the pipeline config's database URL, else ``ANOMALY_DATABASE_URL``."""
     from storage.engine import config_database_url, normalize_url
-    from storage.errors import DatabaseURLError
 
     one_database(args)
     if getattr(args, "db", None):
@@ -177,8 +179,6 @@ def resolve_url(args: argparse.Namespace) -> Any:
 
 def one_database(args: argparse.Namespace) -> None:
     """Refuse ``--db`` with ``--config``: either would silently override the other's database."""
-    from storage.errors import InvalidArgumentError
-
     if getattr(args, "db", None) and getattr(args, "config", None):
         raise InvalidArgumentError(
             "--db and --config both name the database: pass one (--db URL --pipeline NAME, or "
@@ -194,18 +194,22 @@ def open_store(args: argparse.Namespace, create: bool = False) -> Any:
     return AlertStore(resolve_url(args), create=create)
 
 
-def parse_age(value: str, what: str = "--older-than") -> Any:
-    """``30d``/``2h``/``90m``/``45s``/``2w`` as a timedelta, or an ISO time as an aware datetime."""
+def cutoff_time(value: str, what: str) -> Any:
+    """``30d``/``2h``/``90m``/``45s``/``2w`` back from now, or an ISO time, as an aware datetime."""
     from datetime import UTC, datetime, timedelta
-
-    from storage.errors import InvalidArgumentError
 
     match = _DURATION.match(value)
     if match:
         try:
-            return timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2).lower()])
+            age = timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2).lower()])
         except OverflowError:  # timedelta holds at most 999,999,999 days
             raise InvalidArgumentError(f"{what} {value!r}: too long a duration") from None
+        try:
+            return datetime.now(UTC) - age
+        except OverflowError:
+            raise InvalidArgumentError(
+                f"{what} {value!r}: reaches back before the year 1"
+            ) from None
     try:
         when = datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
     except ValueError:
@@ -213,18 +217,6 @@ def parse_age(value: str, what: str = "--older-than") -> Any:
             f"{what} {value!r}: expected a duration like 30d, 12h, 90m, 45s, 2w or an ISO time"
         ) from None
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when
-
-
-def cutoff_time(value: str, what: str) -> Any:
-    from datetime import UTC, datetime, timedelta
-
-    from storage.errors import InvalidArgumentError
-
-    age = parse_age(value, what)
-    try:
-        return datetime.now(UTC) - age if isinstance(age, timedelta) else age
-    except OverflowError:
-        raise InvalidArgumentError(f"{what} {value!r}: reaches back before the year 1") from None
 
 
 def emit(line: str) -> None:
@@ -276,8 +268,6 @@ def _db_prune(args: argparse.Namespace) -> int:
 
 
 def _db_grafana_role(args: argparse.Namespace) -> int:
-    from storage.errors import InvalidArgumentError
-
     password = None
     if args.password_env:
         password = os.environ.get(args.password_env)
@@ -296,8 +286,6 @@ def _db_grafana_role(args: argparse.Namespace) -> int:
 
 
 def _alerts_list(args: argparse.Namespace) -> int:
-    from storage.errors import InvalidArgumentError
-
     if args.limit < 1:  # PostgreSQL refuses a negative LIMIT, SQLite reads it as no limit
         raise InvalidArgumentError(f"--limit must be >= 1, got {args.limit}")
     since = cutoff_time(args.since, "--since") if args.since else None
@@ -337,23 +325,21 @@ def _alerts_list(args: argparse.Namespace) -> int:
 
 
 def _alerts_ack(args: argparse.Namespace) -> int:
-    from storage.errors import InvalidArgumentError
     from storage.verdicts import check_verdict
 
     if (args.id is None) == (args.incident is None):
         raise InvalidArgumentError("alerts ack: give an alert ID or --incident ID (one of them)")
-    if args.verdict is None:
-        if args.note is not None or args.by is not None:
-            raise InvalidArgumentError("--note and --by: only with --verdict")
-        if args.id is not None:  # the acknowledgement as it always was
-            with open_store(args) as store:
-                changed = store.ack_alert(args.id)
-            emit(f"alert {args.id} " + ("acknowledged" if changed else "was not open (unchanged)"))
-            return 0
     by = None
     if args.verdict is not None:
         by = args.by if args.by is not None else _os_user()
         check_verdict(args.verdict, by, args.note)  # before opening the database
+    elif args.note is not None or args.by is not None:
+        raise InvalidArgumentError("--note and --by: only with --verdict")
+    elif args.id is not None:  # the acknowledgement as it always was
+        with open_store(args) as store:
+            changed = store.ack_alert(args.id)
+        emit(f"alert {args.id} " + ("acknowledged" if changed else "was not open (unchanged)"))
+        return 0
     with open_store(args) as store:
         result = store.ack(
             args.id, incident_id=args.incident, verdict=args.verdict, by=by, note=args.note
@@ -393,8 +379,6 @@ def _models_list(args: argparse.Namespace) -> int:
 
 
 def _pipeline(args: argparse.Namespace, command: str) -> str:
-    from storage.errors import InvalidArgumentError
-
     one_database(args)  # before the bundle is loaded
     if args.pipeline:
         from anomaly.config import check_pipeline_name
@@ -416,17 +400,7 @@ def _models_register(args: argparse.Namespace) -> int:
     pipeline = _pipeline(args, "register")
     root = Path(args.bundle).resolve()
     model = AnomalyModel.load(root)  # verifies every file against the manifest
-    # The identity of the very bytes that were verified (reading manifest.json again here
-    # could register a manifest swapped in meanwhile).
-    sha = model.bundle_sha256_
-    metrics = {k: v for k, v in model.metrics_.items() if k != "training"}
-    rec = ModelVersionRecord(
-        pipeline=pipeline,
-        version=str(model.version or sha[:12]),
-        bundle_path=str(root),
-        bundle_sha256=sha,
-        metrics=metrics,
-    )
+    rec = ModelVersionRecord.of_bundle(pipeline, model, root)
     with open_store(args) as store:
         rec = store.register_model_version(rec, activate=not args.no_activate)
     state = "active" if rec.active else "registered (not active)"
@@ -438,7 +412,6 @@ def _models_verify(args: argparse.Namespace) -> int:
     import json
 
     from anomaly.estimator.bundle import inspect_bundle
-    from storage.errors import InvalidArgumentError
 
     pipeline = _pipeline(args, "verify")
     with open_store(args) as store:
@@ -471,8 +444,6 @@ def _models_activate(args: argparse.Namespace) -> int:
 
 
 def json_default(value: Any) -> Any:
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).decode("utf-8", "backslashreplace")
-    return str(value)
+    from storage.sanitize import _to_text  # bytes as text, as the store writes them
+
+    return value.isoformat() if hasattr(value, "isoformat") else _to_text(value)

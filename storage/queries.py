@@ -1,5 +1,5 @@
-"""What the CLI and the dashboards' operators do besides writing batches: list and acknowledge
-alerts, list incidents, prune old rows, create Grafana's read-only role."""
+"""What the CLI and the dashboards' operators do besides writing batches: list alerts and
+incidents, prune old rows, create Grafana's read-only role (acknowledging is in verdicts)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Select, Table, delete, exists, select, update
+from sqlalchemy import Select, Table, delete, exists, select
 
 from storage import schema as s
 from storage.engine import Database, utc
-from storage.errors import InvalidArgumentError, NotFoundError
+from storage.errors import InvalidArgumentError
 from storage.incidents import _lock_entities
 from storage.reservoir import prune_reservoir
 
@@ -72,20 +72,6 @@ def alerts_in_scope(
     if until is not None:
         query = query.where(a.c.ingest_time < utc(until))
     return query
-
-
-def ack_alert(db: Database, alert_id: int) -> bool:
-    """See ``AlertStore.ack_alert``."""
-    t = s.alerts
-    with db.transaction(f"acknowledging alert {alert_id}") as conn:
-        changed = conn.execute(
-            update(t).where(t.c.id == alert_id, t.c.status == "open").values(status="acknowledged")
-        ).rowcount
-        if changed:
-            return True
-        if conn.execute(select(t.c.id).where(t.c.id == alert_id)).first() is None:
-            raise NotFoundError(f"no alert with id {alert_id}")
-        return False
 
 
 def prune(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from storage.sanitize import JSONText
@@ -134,3 +135,17 @@ class ModelVersionRecord:
     created_at: datetime | None = None
     active: bool = False
     activated_at: datetime | None = None
+
+    @classmethod
+    def of_bundle(cls, pipeline: str, model: Any, root: Path, **metrics: Any) -> ModelVersionRecord:
+        """The record of a loaded ``AnomalyModel``'s bundle at ``root``: the identity of the very
+        bytes that were verified (reading manifest.json again could register a manifest swapped in
+        meanwhile), its metrics less the training history, plus ``metrics``."""
+        sha = model.bundle_sha256_
+        return cls(
+            pipeline=pipeline,
+            version=str(model.version or sha[:12]),
+            bundle_path=str(root),
+            bundle_sha256=sha,
+            metrics={k: v for k, v in model.metrics_.items() if k != "training"} | metrics,
+        )

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, select, update
 from storage import schema as s
 from storage.engine import Database, utc
 from storage.errors import ModelVersionConflict, NotFoundError
+from storage.queries import matching
 from storage.records import ModelVersionRecord
 from storage.sanitize import clean_json, clean_text
 
@@ -78,29 +79,21 @@ def _activate(db: Database, conn: Connection, pipeline: str, version: str) -> No
 
 
 def active(db: Database, pipeline: str) -> ModelVersionRecord | None:
-    t = s.model_versions
-    found = versions(db, (t.c.pipeline == pipeline) & t.c.active)
+    found = versions(db, pipeline=pipeline, active=True)
     return found[0] if found else None
 
 
-def list_versions(db: Database, pipeline: str | None) -> list[ModelVersionRecord]:
-    t = s.model_versions
-    return versions(db, None if pipeline is None else t.c.pipeline == pipeline)
-
-
 def _one(db: Database, pipeline: str, version: str) -> ModelVersionRecord:
-    t = s.model_versions
-    found = versions(db, (t.c.pipeline == pipeline) & (t.c.version == version))
+    found = versions(db, pipeline=pipeline, version=version)
     assert found, (pipeline, version)
     return found[0]
 
 
-def versions(db: Database, where: Any = None) -> list[ModelVersionRecord]:
-    """The registered versions matching ``where`` (all when None), by pipeline, oldest first."""
+def versions(db: Database, **equal: Any) -> list[ModelVersionRecord]:
+    """The registered versions ``matching`` ``equal`` (all when empty), by pipeline, oldest
+    first."""
     t = s.model_versions
-    query = select(t).order_by(t.c.pipeline, t.c.created_at, t.c.id)
-    if where is not None:
-        query = query.where(where)
+    query = matching(select(t).order_by(t.c.pipeline, t.c.created_at, t.c.id), t, **equal)
     return [
         ModelVersionRecord(**{f.name: r[f.name] for f in fields(ModelVersionRecord)})
         for r in db.rows("reading model versions", query)

@@ -26,7 +26,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, exists, func, select
+from sqlalchemy import Connection, delete, exists, func, select
 
 from storage import schema as s
 from storage.engine import Database, utc
@@ -202,13 +202,11 @@ def reservoir_rows(
         select(1)
         .select_from(a.join(v, v.c.alert_id == a.c.id))
         .where(
-            and_(
-                a.c.pipeline == t.c.pipeline,
-                a.c.kafka_topic == t.c.kafka_topic,
-                a.c.kafka_partition == t.c.kafka_partition,
-                a.c.kafka_offset == t.c.kafka_offset,
-                v.c.verdict == "true_positive",
-            )
+            a.c.pipeline == t.c.pipeline,
+            a.c.kafka_topic == t.c.kafka_topic,
+            a.c.kafka_partition == t.c.kafka_partition,
+            a.c.kafka_offset == t.c.kafka_offset,
+            v.c.verdict == "true_positive",
         )
     )
     query = select(t).where(t.c.pipeline == pipeline, ~confirmed)

@@ -153,20 +153,13 @@ def retrain(
             rates.append(ShadowRate(active[1], _alerts(active[0], shadow), len(shadow)))
         rates.append(ShadowRate(str(version), _alerts(loaded, shadow), len(shadow)))
 
-    metrics = {k: v for k, v in loaded.metrics_.items() if k != "training"}
-    metrics["retrain"] = {
+    summary = {
         "trained_on": len(train),
         "held_out": len(shadow),
         "since": since.isoformat() if since else None,
         "shadow_alert_rates": {r.version: r.rate for r in rates},
     }
-    rec = ModelVersionRecord(
-        pipeline=cfg.name,
-        version=str(loaded.version or loaded.bundle_sha256_[:12]),
-        bundle_path=str(root),
-        bundle_sha256=loaded.bundle_sha256_,
-        metrics=metrics,
-    )
+    rec = ModelVersionRecord.of_bundle(cfg.name, loaded, root, retrain=summary)
     rec = store.register_model_version(rec, activate=activate)
     return RetrainReport(
         pipeline=cfg.name,

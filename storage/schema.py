@@ -87,9 +87,7 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
         if value is None:
             return None
-        if value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value.astimezone(UTC)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _json() -> Any:
@@ -118,6 +116,11 @@ def _kafka_position() -> list[Column[Any]]:
         Column("kafka_partition", Integer, nullable=False),
         Column("kafka_offset", BigInteger, nullable=False),
     ]
+
+
+def _unique_position(name: str) -> UniqueConstraint:
+    """At most one row per pipeline and Kafka position (``_kafka_position``)."""
+    return UniqueConstraint("pipeline", "kafka_topic", "kafka_partition", "kafka_offset", name=name)
 
 
 def _id() -> Column[int]:
@@ -173,9 +176,7 @@ alerts = Table(
     Column("record", _json_text(), nullable=False),
     Column("status", String(16), nullable=False, server_default="open"),
     Column("incident_id", ForeignKey("incidents.id", ondelete="SET NULL")),
-    UniqueConstraint(
-        "pipeline", "kafka_topic", "kafka_partition", "kafka_offset", name="uq_alerts_position"
-    ),
+    _unique_position("uq_alerts_position"),
     CheckConstraint(_in("severity", SEVERITIES), name="severity"),
     CheckConstraint(_in("status", ALERT_STATUSES), name="status"),
     Index(None, "pipeline", "ingest_time"),
@@ -216,13 +217,7 @@ dead_letters = Table(
     Column("error_kind", String(ERROR_KIND_LEN), nullable=False),
     Column("error_message", Text, nullable=False),
     Column("created_at", UTCDateTime(), nullable=False),
-    UniqueConstraint(
-        "pipeline",
-        "kafka_topic",
-        "kafka_partition",
-        "kafka_offset",
-        name="uq_dead_letters_position",
-    ),
+    _unique_position("uq_dead_letters_position"),
     Index(None, "pipeline", "created_at"),
 )
 
@@ -335,9 +330,7 @@ reservoir = Table(
     Column("event_time", UTCDateTime()),
     Column("sampled_at", UTCDateTime(), nullable=False),
     Column("record", _json_text(), nullable=False),
-    UniqueConstraint(
-        "pipeline", "kafka_topic", "kafka_partition", "kafka_offset", name="uq_reservoir_position"
-    ),
+    _unique_position("uq_reservoir_position"),
     Index(None, "pipeline", "priority"),
     Index(None, "pipeline", "sampled_at"),
 )

@@ -30,8 +30,9 @@ call finds its positions and offsets already stored and adds nothing (the messag
 - ``migrate``: ``upgrade``, ``downgrade``, ``current_revision``;
 - ``registry``: model versions;
 - ``drift``: drift windows (one row per closed window, outside the batch transaction);
-- ``queries``: listing and acknowledging alerts, listing incidents, pruning, Grafana's role.
-- ``verdicts``: acknowledging with analyst verdicts, reading reviewed alerts back.
+- ``queries``: listing alerts and incidents, pruning, Grafana's role.
+- ``verdicts``: acknowledging alerts, with or without analyst verdicts, reading reviewed alerts
+  back.
 - ``reservoir``: the retraining sample, written in the batch transaction, read by ``retrain``.
 """
 
@@ -43,7 +44,7 @@ from typing import Any
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 
-from storage import drift, notifications, queries, registry, verdicts
+from storage import drift, notifications, queries, registry, reservoir, verdicts
 from storage.engine import STALLED_TRANSACTION_TIMEOUT_S, Database, config_database_url
 from storage.offsets import load_offsets, reset_offsets
 from storage.queries import PruneResult
@@ -189,7 +190,7 @@ class AlertStore:
         return registry.active(self._db, pipeline)
 
     def list_model_versions(self, pipeline: str | None = None) -> list[ModelVersionRecord]:
-        return registry.list_versions(self._db, pipeline)
+        return registry.versions(self._db, pipeline=pipeline)
 
     # ------------------------------------------------------------------ queries and upkeep
 
@@ -213,7 +214,7 @@ class AlertStore:
     def ack_alert(self, alert_id: int) -> bool:
         """Acknowledge an open alert. True if its status changed, False if it was already
         acknowledged or resolved; ``NotFoundError`` if there is no such alert."""
-        return queries.ack_alert(self._db, alert_id)
+        return bool(verdicts.ack(self._db, alert_id).acknowledged)
 
     def ack(
         self,
@@ -271,13 +272,9 @@ class AlertStore:
 
     def reservoir_rows(self, pipeline: str, since: datetime | None = None) -> list[dict[str, Any]]:
         """The retraining reservoir's rows (storage.reservoir), less confirmed anomalies."""
-        from storage import reservoir
-
         return reservoir.reservoir_rows(self._db, pipeline, since)
 
     def reservoir_count(self, pipeline: str) -> int:
-        from storage import reservoir
-
         return reservoir.reservoir_count(self._db, pipeline)
 
     def grant_read_only(self, role: str = "anomaly_grafana", password: str | None = None) -> None:
