@@ -119,7 +119,8 @@ def _evaluate_from_db(args: argparse.Namespace) -> int:
     url = resolve_url(argparse.Namespace(db=args.from_db or None, config=None))
     from storage.store import AlertStore
 
-    with AlertStore(url) as store:
+    # Reading only: a mistyped SQLite path must not leave an empty database file behind.
+    with AlertStore(url, create=False) as store:
         data = verdict_data(store, args.pipeline, args.model_version, since, until)
     report, html_path, json_path = run_verdict_evaluation(
         data, args.report, model_dir=args.model, target_fpr=args.target_fpr, device=args.device

@@ -293,6 +293,18 @@ def test_evaluate_without_from_db_still_needs_model_data_and_label(
     assert capsys.readouterr().err == "error: evaluate: --model, --label required\n"
 
 
+def test_evaluate_from_db_on_a_missing_sqlite_file_creates_nothing(
+    tmp_path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "typo.db"
+    argv = ["evaluate", "--from-db", f"sqlite:///{missing}", "--report", str(tmp_path / "r")]
+    assert main([*argv, "--pipeline", "cards"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: no database at sqlite:///{missing}") and err.count("\n") == 1
+    assert "`anomaly db upgrade` creates it" in err
+    assert not missing.exists()
+
+
 def test_ack_an_incident_with_more_alerts_than_one_statement_takes(store: AlertStore) -> None:
     """One bound parameter per alert id, and psycopg takes at most 65,535 per statement: an
     incident of 70,000 alerts is acknowledged in blocks, not refused as 'retry later'."""
