@@ -27,7 +27,7 @@ call finds its positions and offsets already stored and adds nothing (the messag
   translation of driver errors (retryable or not);
 - ``writes`` (the hot path) with ``alert_rows``, ``incidents``, ``offsets`` and ``stats``:
   ``write_batch``;
-- ``migrate``: ``upgrade``, ``downgrade``, ``current_revision``;
+- ``migrate``: ``upgrade_database``, ``downgrade_database``, ``database_revision``;
 - ``registry``: model versions;
 - ``drift``: drift windows (one row per closed window, outside the batch transaction);
 - ``queries``: listing alerts and incidents, pruning, Grafana's role.
