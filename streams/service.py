@@ -101,22 +101,12 @@ from streams.decode import DecodedBatch
 from streams.drift_windows import DriftMixin
 from streams.failpoints import Failpoint
 from streams.metrics import Health, MetricsServer, ServiceMetrics
-from streams.models import WARM_UP_ROWS, LoadedModel, ModelsMixin, typical_records
+from streams.models import LoadedModel, ModelsMixin
 from streams.outages import OutagesMixin
-from streams.outputs import OutputsMixin, ProduceError
+from streams.outputs import OutputsMixin
 from streams.partitions import PartitionsMixin, ServiceState
 from streams.reservoir import ReservoirSampler
 from streams.sink import BatchOutcome, Prepared, SinkMixin
-
-__all__ = [
-    "WARM_UP_ROWS",
-    "BatchOutcome",
-    "Message",
-    "ProduceError",
-    "ScoringService",
-    "run_service",
-    "typical_records",
-]
 
 log = logging.getLogger("streams.service")
 
