@@ -201,7 +201,6 @@ class ScoringService(
             self._load_model(initial=True)
             conf = consumer_settings(self.cfg)
             conf["stats_cb"] = self.metrics.on_statistics
-            conf["error_cb"] = self._on_kafka_error
             log.info(
                 "starting consumer",
                 extra={"fields": {"topic": self.topic, "config": redacted(conf)}},
