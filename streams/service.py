@@ -177,10 +177,6 @@ class ScoringService(
         """Ask the loop to finish the batch in flight and exit (signal-handler safe)."""
         self._stop.set()
 
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
-
     def run(self) -> int:
         from confluent_kafka import Consumer
 
@@ -435,5 +431,6 @@ class ScoringService(
 def run_service(cfg: PipelineConfig, stop_when_idle_s: float | None = None) -> int:
     """The ``anomaly serve`` entry point: signals drain the batch in flight, then exit 0."""
     service = ScoringService(cfg, stop_when_idle_s=stop_when_idle_s)
-    service.install_signal_handlers()
+    signal.signal(signal.SIGTERM, service.stop)
+    signal.signal(signal.SIGINT, service.stop)
     return service.run()
