@@ -98,20 +98,15 @@ class AvroRecordDecoder(RecordDecoder):
         )
         # The columnar reader's plans (streams/avro_columnar.py): the file's, and one per
         # registry writer schema read without resolution (None: that schema goes by fastavro).
-        self._roles = self._struct_roles()
+        self._roles: dict[str, Role] = {schema.id_field: "id"}
+        if schema.time_field:
+            self._roles[schema.time_field] = "time"
+        if schema.entity_field:
+            self._roles[schema.entity_field] = "text"
+        self._roles.update(dict.fromkeys(schema.numeric, "numeric"))
+        self._roles.update(dict.fromkeys(schema.categorical, "text"))
         self._file_plan = compile_plan(self._parsed, self._roles)
         self._writer_plans: dict[int, ColumnarPlan | None] = {}
-
-    def _struct_roles(self) -> dict[str, Role]:
-        s = self.schema
-        roles: dict[str, Role] = {s.id_field: "id"}
-        if s.time_field:
-            roles[s.time_field] = "time"
-        if s.entity_field:
-            roles[s.entity_field] = "text"
-        roles.update(dict.fromkeys(s.numeric, "numeric"))
-        roles.update(dict.fromkeys(s.categorical, "text"))
-        return roles
 
     def for_warm_up(self) -> AvroRecordDecoder:
         """A decoder that reads every value with the file's schema (no registry, no ids): the

@@ -401,12 +401,6 @@ def use_json_logs(level: int | None = None) -> None:
 _VARYING = re.compile(r"\b\d+ms\b|\b\d+ identical error\(s\) suppressed")
 
 
-def repeat_key(record: logging.LogRecord) -> Hashable:
-    """Records are repeats of each other when logger, level and message (but for durations and
-    librdkafka's own suppression counts) are equal."""
-    return record.name, record.levelno, _VARYING.sub("#", record.getMessage())
-
-
 class RepeatFilter(logging.Filter):
     """Lets the same message through at most once per ``interval_s``; the first one after the
     interval carries how many were held back: ``... (repeated 57 times in the last 30 s)``, and
@@ -430,7 +424,9 @@ class RepeatFilter(logging.Filter):
         self._seen: dict[Hashable, list[float]] = {}  # key -> [last let through, held back]
 
     def filter(self, record: logging.LogRecord) -> bool:
-        key = repeat_key(record)
+        # Records are repeats of each other when logger, level and message (but for durations
+        # and librdkafka's own suppression counts) are equal.
+        key = (record.name, record.levelno, _VARYING.sub("#", record.getMessage()))
         now = self.clock()
         with self._lock:
             entry = self._seen.get(key)

@@ -94,7 +94,7 @@ class OutputsMixin:
 
         from streams.kafka import producer_settings
 
-        return Producer(producer_settings(self.cfg.kafka) | {"error_cb": self._on_kafka_error})
+        return Producer(producer_settings(self.cfg.kafka))
 
     def _replace_producer(self, error: Any) -> None:
         log.error(
@@ -109,11 +109,6 @@ class OutputsMixin:
             old.flush(0)
         except Exception as exc:  # a dead producer may refuse even this
             log.debug("purging the old producer failed: %s", exc)
-
-    def _on_kafka_error(self, err: Any) -> None:
-        from streams.kafka import log_error
-
-        log_error(err)  # rate-limited: a broker that is down reports every ~50 ms
 
 
 # Each header value of a dead letter is cut to this many bytes: a long error message (a bad value

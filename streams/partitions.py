@@ -164,11 +164,16 @@ class PartitionsMixin:
         keys = keys & self.state.assigned
         if not keys:
             return
+        self._pause(keys)
+        self.state.unpositioned |= keys
+
+    def _pause(self, keys: set[tuple[str, int]]) -> None:
+        """Pause partitions that are unpositioned or stopped (a failure is only logged: their
+        records are ignored while they are, paused or not)."""
         try:
             self._consumer.pause(self._partitions(keys))
-        except Exception as exc:  # its records are ignored while unpositioned anyway
+        except Exception as exc:
             log.warning("pause failed: %s", exc)
-        self.state.unpositioned |= keys
 
     def _position_partitions(self) -> None:
         """Seek the partitions assigned since the last call to their stored offsets, after
@@ -364,10 +369,7 @@ class PartitionsMixin:
         self, key: tuple[str, int], kind: str, message: str, fields: dict[str, Any]
     ) -> None:
         topic, partition = key
-        try:
-            self._consumer.pause(self._partitions({key}))
-        except Exception as exc:  # its records are ignored while stopped anyway
-            log.warning("pause failed: %s", exc)
+        self._pause({key})
         self.state.stopped[key] = message
         self.state.position.pop(key, None)
         self.metrics.offset_gap(topic, partition, kind)

@@ -140,8 +140,7 @@ def replay(
     bar.update(len(values) - bar.n)
     bar.close()
     seconds = time.monotonic() - start
-    if remaining:
-        failed += remaining
+    failed += remaining
     result = ReplayResult(produced=len(values) - failed, failed=failed, seconds=seconds)
     log.info(
         "replay done",

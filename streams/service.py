@@ -101,22 +101,12 @@ from streams.decode import DecodedBatch
 from streams.drift_windows import DriftMixin
 from streams.failpoints import Failpoint
 from streams.metrics import Health, MetricsServer, ServiceMetrics
-from streams.models import WARM_UP_ROWS, LoadedModel, ModelsMixin, typical_records
+from streams.models import LoadedModel, ModelsMixin
 from streams.outages import OutagesMixin
-from streams.outputs import OutputsMixin, ProduceError
+from streams.outputs import OutputsMixin
 from streams.partitions import PartitionsMixin, ServiceState
 from streams.reservoir import ReservoirSampler
 from streams.sink import BatchOutcome, Prepared, SinkMixin
-
-__all__ = [
-    "WARM_UP_ROWS",
-    "BatchOutcome",
-    "Message",
-    "ProduceError",
-    "ScoringService",
-    "run_service",
-    "typical_records",
-]
 
 log = logging.getLogger("streams.service")
 
@@ -187,10 +177,6 @@ class ScoringService(
         """Ask the loop to finish the batch in flight and exit (signal-handler safe)."""
         self._stop.set()
 
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
-
     def run(self) -> int:
         from confluent_kafka import Consumer
 
@@ -211,7 +197,6 @@ class ScoringService(
             self._load_model(initial=True)
             conf = consumer_settings(self.cfg)
             conf["stats_cb"] = self.metrics.on_statistics
-            conf["error_cb"] = self._on_kafka_error
             log.info(
                 "starting consumer",
                 extra={"fields": {"topic": self.topic, "config": redacted(conf)}},
@@ -446,5 +431,6 @@ class ScoringService(
 def run_service(cfg: PipelineConfig, stop_when_idle_s: float | None = None) -> int:
     """The ``anomaly serve`` entry point: signals drain the batch in flight, then exit 0."""
     service = ScoringService(cfg, stop_when_idle_s=stop_when_idle_s)
-    service.install_signal_handlers()
+    signal.signal(signal.SIGTERM, service.stop)
+    signal.signal(signal.SIGINT, service.stop)
     return service.run()

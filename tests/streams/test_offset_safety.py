@@ -191,7 +191,7 @@ def test_a_fatal_idempotent_producer_error_replaces_the_producer(
 
     from storage.records import DeadLetterRecord
     from streams.kafka import producer_settings
-    from streams.service import ProduceError
+    from streams.outputs import ProduceError
 
     broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
     bootstrap = broker.bootstrap_servers

@@ -513,8 +513,8 @@ def test_warm_up_records_pass_every_check_and_reach_the_alert_path(trained_model
     the model's checks, and some alert (so the explanation path is warmed too)."""
     from anomaly.config import config_from_dict
     from streams.avro import make_decoder
+    from streams.models import WARM_UP_ROWS, typical_records
     from streams.replay import encode_values
-    from streams.service import WARM_UP_ROWS, typical_records
 
     cfg = config_from_dict({"name": "warm", "schema": fraud_schema}, environ={})
     frame = typical_records(trained_model.model, cfg.schema, WARM_UP_ROWS)
