@@ -19,7 +19,7 @@ import msgspec
 import pandas as pd
 
 from anomaly.config import PipelineConfig
-from anomaly.errors import DataError
+from anomaly.errors import DataError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def read_records(path: str | Path, cfg: PipelineConfig, limit: int | None = None
         raise DataError(f"--limit must be >= 0, got {limit}")
     if suffix not in (".csv", ".parquet", ".pq"):
         raise DataError(f"replay data must be .csv or .parquet: {p}")
-    if not p.is_file():
+    if not p.exists():  # a directory is fine for Parquet: a dataset written in parts
         raise DataError(f"replay data file not found: {p}")
     try:
         if suffix == ".csv":
@@ -55,7 +55,7 @@ def read_records(path: str | Path, cfg: PipelineConfig, limit: int | None = None
             if limit is not None:
                 frame = frame.iloc[:limit]
     except (ValueError, OSError) as exc:  # pandas' and pyarrow's parse errors are ValueErrors
-        raise DataError(f"cannot read replay data file {p}: {' '.join(str(exc).split())}") from None
+        raise DataError(f"cannot read replay data file {p}: {one_line(exc)}") from None
     missing = [c for c in (s.id_field, *s.features) if c not in frame.columns]
     if missing:
         raise DataError(f"{p} lacks the schema field(s): {', '.join(missing)}")

@@ -86,6 +86,22 @@ def test_replay_rejects_a_file_without_the_schema_fields(tmp_path, pipeline_file
     assert cli_main(["replay", "--config", str(config), "--data", str(data)]) == 2
 
 
+def test_replay_reads_a_parquet_dataset_directory(tmp_path, pipeline_file, sqlite_url):
+    """A dataset written in parts (Spark, pyarrow's write_to_dataset) is a directory."""
+    from anomaly.config import load_config
+    from anomaly.synthetic.datasets import generate_fraud
+    from streams.replay import read_records
+
+    cfg = load_config(pipeline_file(sqlite_url, None))
+    frame = generate_fraud(40, anomaly_fraction=0.0, seed=4)
+    dataset = tmp_path / "records.parquet"
+    dataset.mkdir()
+    frame.iloc[:25].to_parquet(dataset / "part-0.parquet")
+    frame.iloc[25:].to_parquet(dataset / "part-1.parquet")
+    read = read_records(dataset, cfg, limit=30)
+    assert len(read) == 30 and sorted(read["id"]) == sorted(frame["id"].iloc[:30])
+
+
 def test_replay_names_an_unreadable_file_or_a_bad_limit_in_one_line(
     tmp_path, pipeline_file, sqlite_url, capsys
 ):
@@ -94,9 +110,13 @@ def test_replay_names_an_unreadable_file_or_a_bad_limit_in_one_line(
     empty, parquet_of_text = tmp_path / "empty.csv", tmp_path / "text.parquet"
     empty.write_text("")
     parquet_of_text.write_text("id,amount\n1,2\n")
+    csv_directory = tmp_path / "parts.csv"
+    csv_directory.mkdir()
     for argv, needle in [
         (["--data", str(empty)], f"cannot read replay data file {empty}"),
         (["--data", str(parquet_of_text)], f"cannot read replay data file {parquet_of_text}"),
+        (["--data", str(tmp_path)], "replay data must be .csv or .parquet"),
+        (["--data", str(csv_directory)], f"cannot read replay data file {csv_directory}"),
         (["--data", str(empty), "--limit", "-3"], "--limit must be >= 0, got -3"),
         (["--data", str(empty), "--rate", "0"], "--rate must be > 0 records/s"),
     ]:
