@@ -33,11 +33,19 @@ from anomaly.features.knot_lookup import SortedSearch
 SEVERITIES = ("low", "medium", "high", "critical")
 
 
+def alert_rank(n_calibration: int, target_fpr: float) -> int:
+    """``k = floor(target_fpr * (n + 1))``: a score alerts when at most ``k - 1`` of the ``n``
+    calibration scores are at or above it (``p = (1 + #{cal >= s}) / (n + 1) <= target_fpr``);
+    0 when ``target_fpr`` is out of reach of ``n`` rows. The 1e-9 keeps an exact product (0.01 x
+    100) from rounding down."""
+    return int(np.floor(target_fpr * (n_calibration + 1) + 1e-9))
+
+
 def score_threshold(sorted_scores: np.ndarray, target_fpr: float) -> float:
     """Smallest score value strictly above which ``p <= target_fpr`` among ``sorted_scores``
     (calibration scores, ascending); inf if unreachable."""
     n = len(sorted_scores)
-    k = int(np.floor(target_fpr * (n + 1) + 1e-9)) - 1  # most calibration scores >= s
+    k = alert_rank(n, target_fpr) - 1  # most calibration scores >= s
     return float("inf") if k < 0 else float(sorted_scores[n - 1 - k])
 
 

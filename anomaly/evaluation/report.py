@@ -20,6 +20,7 @@ import jinja2
 import numpy as np
 import pandas as pd
 
+from anomaly.estimator.calibration import alert_rank
 from anomaly.estimator.explain import json_safe
 from anomaly.evaluation import plots
 from anomaly.evaluation.metrics import EvaluationResult, TopRow
@@ -86,7 +87,7 @@ def render_html(
         hist_png=plots.plot_histograms(result, scores, y),
         feat_png=plots.plot_top_features(top_rows),
         # The smallest p-value calibration on n_cal rows can give, 1/(n_cal+1), is above target.
-        unreachable=n_cal is not None and np.floor(result.target_fpr * (n_cal + 1) + 1e-9) < 1,
+        unreachable=n_cal is not None and alert_rank(n_cal, result.target_fpr) < 1,
         few_normals=result.n_normals * result.target_fpr < 10,
         json_name=JSON_NAME,
     )

@@ -52,6 +52,7 @@ from scipy.special import ndtr
 from scipy.stats import betabinom, kstwo
 
 from anomaly.config import DriftConfig
+from anomaly.estimator.calibration import alert_rank
 
 N_BINS = 10  # training deciles
 
@@ -180,7 +181,7 @@ class DriftMonitor:
         pre = self._pre = model.preprocessor_
         self.n_cal = int(model.calibrators_["ensemble"].n_)
         self.target_fpr = float(model.target_fpr)
-        self.k_alert = math.floor(self.target_fpr * (self.n_cal + 1) + 1e-9)
+        self.k_alert = alert_rank(self.n_cal, self.target_fpr)
         self.features: list[str] = []
         self._columns: list[int] = []
         self._edges: list[np.ndarray] = []
