@@ -139,21 +139,22 @@ def save_bundle(model: Any, path: str | os.PathLike[str]) -> str:
         files[f"{name}.safetensors"] = st_save(tensors)
         detectors[name] = {
             "class": type(det).__name__,
-            "params": json_safe({**det.get_params(), "device": "cpu", "progress": False}),
+            "params": {**det.get_params(), "device": "cpu", "progress": False},
             "n_features": det.n_features_in_,
-            "architecture": json_safe(det.architecture()),
-            "extra": json_safe(det.extra_state()),
+            "architecture": det.architecture(),
+            "extra": det.extra_state(),
             "tensors": {
                 k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")}
                 for k, v in tensors.items()
             },
-            "training": json_safe(model.training_["detectors"].get(name, {})),
+            "training": model.training_["detectors"].get(name, {}),
         }
     cal_tensors = {
         name: torch.from_numpy(np.ascontiguousarray(cal.scores_, dtype=np.float64))
         for name, cal in model.calibrators_.items()
     }
     files["calibration.safetensors"] = st_save(cal_tensors)
+    # NumPy scalars, NaN and infinities in the entries are made JSON-safe once, by seal_manifest.
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -168,8 +169,8 @@ def save_bundle(model: Any, path: str | os.PathLike[str]) -> str:
         "calibration": {name: cal.to_dict() for name, cal in model.calibrators_.items()},
         "ensemble_weights": list(model.ensemble_weights_),
         "calibration_tensors": {name: len(cal.scores_) for name, cal in model.calibrators_.items()},
-        "metrics": json_safe({k: v for k, v in model.metrics_.items() if k != "training"}),
-        "training_data": json_safe({k: v for k, v in model.training_.items() if k != "detectors"}),
+        "metrics": {k: v for k, v in model.metrics_.items() if k != "training"},
+        "training_data": {k: v for k, v in model.training_.items() if k != "detectors"},
         "version": model._version,  # set explicitly by the user, else None
         "files": {
             fname: {"sha256": _sha256(data), "bytes": len(data)} for fname, data in files.items()
