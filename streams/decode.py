@@ -436,9 +436,9 @@ def _unpaired_surrogate(obj: dict[str, Any]) -> str | None:
     """Where a decoded object holds a string (key or value, at any depth) with a lone surrogate:
     "field 'name'" (the top-level field it is under) or "a key"; ``None`` when nowhere."""
     try:
-        # One encode of the whole object (about 2 us for 23 fields) clears the usual case, a
-        # surrogate pair (an emoji escaped by Python's json); the walk below (about 55 us) only
-        # names the field of a record that has a lone one.
+        # One encode of the whole object clears the usual case, a surrogate pair (an emoji
+        # escaped by Python's json): 1.4 us for 23 fields against 46 us for the walk below
+        # (docs/benchmarks.md, Streams), which now only names the field of a bad record.
         _ANY_ENCODER.encode(obj)
         return None
     except UnicodeEncodeError:
