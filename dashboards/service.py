@@ -146,6 +146,16 @@ def schema_registry_up_stat() -> Panel:
     )
 
 
+def output_topics_up_stat() -> Panel:
+    return _up_stat(
+        "Output topics up",
+        "anomaly_output_topics_up",
+        "0 while a batch's dead letters or scores cannot be delivered to their topics: the "
+        "scorer holds the batch (nothing written, nothing committed) and retries. No data "
+        "until a batch had something to produce.",
+    )
+
+
 # ------------------------------------------------------------------------------------ throughput
 
 
@@ -328,6 +338,7 @@ def service_dashboard() -> Dashboard:
             database_up_stat(),
             total_lag_stat(),
             schema_registry_up_stat(),
+            output_topics_up_stat(),
             row("Throughput"),
             records_per_second(),
             alerts_per_second(),

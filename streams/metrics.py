@@ -114,6 +114,11 @@ class ServiceMetrics:
             Gauge, "anomaly_schema_registry_up",
             "1 while the Avro schema registry answers (only with kafka.schema_registry_url)",
         )  # fmt: skip
+        # No series until a batch had dead letters or scores to produce.
+        self._output_topics_up = new(
+            Gauge, "anomaly_output_topics_up",
+            "1 while the last batch's dead letters and scores reached their topics",
+        )  # fmt: skip
         # Stream safety (docs/reliability.md, "Offset gaps"): a partition whose records would be
         # skipped is stopped, never read past.
         self._offset_gaps = new(
@@ -204,6 +209,9 @@ class ServiceMetrics:
 
     def set_schema_registry_up(self, up: bool) -> None:
         self._schema_registry_up.labels(self.pipeline).set(1 if up else 0)
+
+    def set_output_topics_up(self, up: bool) -> None:
+        self._output_topics_up.labels(self.pipeline).set(1 if up else 0)
 
     def set_model_identity_ok(self, ok: bool) -> None:
         self._model_identity_ok.labels(self.pipeline).set(1 if ok else 0)

@@ -56,6 +56,8 @@ class OutagesMixin:
                         self._database_up(False)
                     if isinstance(exc, SchemaRegistryUnavailable):
                         self._registry_up(False)
+                    if isinstance(exc, ProduceError):
+                        self._outputs_up(False)
                     if not paused and self.state.assigned:
                         self._consumer.pause(self._partitions(self.state.assigned))
                         paused = True
@@ -127,6 +129,10 @@ class OutagesMixin:
             "database unavailable",
             extra={"fields": {"while": what, "error": str(exc), "retry_in_s": retry_in_s}},
         )
+
+    def _outputs_up(self, up: bool) -> None:
+        self.metrics.set_output_topics_up(up)
+        self.health.set("output_topics_up", up)
 
     def _registry_up(self, up: bool) -> None:
         self.metrics.set_schema_registry_up(up)

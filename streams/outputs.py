@@ -4,6 +4,13 @@
 scores are produced and flushed before its database write; anything undelivered raises
 ``ProduceError`` and the whole batch is retried (nothing committed), so the output topics are
 at-least-once. After a fatal librdkafka error the producer is replaced by a new one.
+
+An attempt ends with nothing of it left in the producer: librdkafka gives up on a message after
+``message.timeout.ms`` (``OUTPUT_MESSAGE_TIMEOUT_MS`` unless ``kafka.settings`` says otherwise) and
+the flush waits that long and a little more. At librdkafka's default (300 s) against a 30-s
+flush, every attempt during an outage left its copy of the batch queued and all of them were
+delivered once the broker came back (measured: a 45-s message timeout and 70 s of outage put
+the held batch on the topic twice; tests/reliability/test_output_outage.py).
 """
 
 from __future__ import annotations
@@ -15,6 +22,12 @@ from typing import Any
 from storage.records import DeadLetterRecord
 
 log = logging.getLogger("streams.service")
+
+# librdkafka's message.timeout.ms for the output producer (its own default is 300 s).
+OUTPUT_MESSAGE_TIMEOUT_MS = 30_000
+# How much longer than the message timeout a flush waits: librdkafka scans for timed-out
+# messages about once a second.
+FLUSH_MARGIN_S = 5.0
 
 
 class ProduceError(RuntimeError):
@@ -30,9 +43,16 @@ class OutputsMixin:
 
     def _produce(
         self, dead_letters: list[DeadLetterRecord], scores_out: list[tuple[bytes, bytes]]
-    ) -> None:
+    ) -> bool:
+        """Produce and flush the batch's outputs; whether there were any. ``ProduceError`` if
+        any is undelivered."""
         if not dead_letters and not scores_out:
-            return
+            return False
+        # Messages an earlier attempt left (a request in flight past its timeout, or a batch
+        # dropped on a rebalance): wait for them rather than queue a second copy beside them.
+        waiting = len(self._producer)
+        if waiting and self._producer.flush(self._flush_wait_s()):
+            raise ProduceError(f"{waiting} messages of an earlier attempt still undelivered")
         failures: list[Any] = []
 
         def delivered(err: Any, _msg: Any) -> None:
@@ -60,6 +80,7 @@ class OutputsMixin:
                 f"{remaining} undelivered, {len(failures)} failed"
                 + (f": {failures[0]}" if failures else "")
             )
+        return True
 
     def _produce_all(
         self,
@@ -87,14 +108,24 @@ class OutputsMixin:
         scores_topic = self.cfg.kafka.scores_topic
         for key, value in scores_out:
             produce(self._producer, scores_topic, value=value, key=key, on_delivery=delivered)
-        return self._producer.flush(30)
+        return self._producer.flush(self._flush_wait_s())
+
+    def _flush_wait_s(self) -> float:
+        """Long enough for every queued message to be delivered or to time out."""
+        settings = {"message.timeout.ms": OUTPUT_MESSAGE_TIMEOUT_MS} | self.cfg.kafka.settings
+        # delivery.timeout.ms is librdkafka's alias: the later of the two in the settings wins.
+        timeouts = [
+            v for k, v in settings.items() if k in ("message.timeout.ms", "delivery.timeout.ms")
+        ]
+        return int(timeouts[-1]) / 1000 + FLUSH_MARGIN_S
 
     def _new_producer(self) -> Any:
         from confluent_kafka import Producer
 
         from streams.kafka import producer_settings
 
-        return Producer(producer_settings(self.cfg.kafka))
+        settings = producer_settings(self.cfg.kafka)
+        return Producer({"message.timeout.ms": OUTPUT_MESSAGE_TIMEOUT_MS} | settings)
 
     def _replace_producer(self, error: Any) -> None:
         log.error(

@@ -57,7 +57,7 @@ class BatchOutcome:
 class SinkMixin:
     """Write and commit of ``ScoringService`` (its attributes: ``metrics``, ``state``,
     ``store``, ``totals``, ``_consumer``, ``_reservoir``, ``_failpoint``; from the other
-    mixins ``_produce``, ``_until_done``, ``_database_up``, ``_observe_drift``)."""
+    mixins ``_produce``, ``_until_done``, ``_database_up``, ``_outputs_up``, ``_observe_drift``)."""
 
     metrics: Any
     state: Any
@@ -69,6 +69,7 @@ class SinkMixin:
     _produce: Any
     _until_done: Any
     _database_up: Any
+    _outputs_up: Any
     _observe_drift: Any
 
     def _write_and_commit(
@@ -149,7 +150,8 @@ class SinkMixin:
         """Produce to the output topics, then write the database; retry while it is down."""
 
         def attempt() -> WriteResult:
-            self._produce(batch.dead_letters, scores_out)
+            if self._produce(batch.dead_letters, scores_out):
+                self._outputs_up(True)
             result = self.store.write_batch(batch)
             self._database_up(True)
             return result

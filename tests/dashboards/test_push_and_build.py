@@ -158,6 +158,7 @@ def test_prometheus_queries_match_the_metrics_the_service_exposes():
     m.set_model_version("v1")
     m.database_up.set(1)
     m.set_schema_registry_up(True)
+    m.set_output_topics_up(True)
     exposed: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(generate_latest(m.registry).decode()):
         for sample in family.samples:

@@ -52,7 +52,7 @@ def test_every_rule_has_a_test_that_fires_and_one_that_stays_quiet():
         for check in case["alert_rule_test"]:
             (fired if check["exp_alerts"] else quiet).add(check["alertname"])
     alerts = {rule["alert"] for rule in _rules()}
-    assert len(alerts) == 11
+    assert len(alerts) == 12
     assert alerts == fired, alerts ^ fired
     assert alerts == quiet, alerts ^ quiet
     for rule in _rules():
@@ -100,6 +100,7 @@ def test_rules_use_the_metrics_the_service_exposes():
     m.set_lag("fraud.transactions", 0, 3)
     m.database_up.set(1)
     m.set_schema_registry_up(True)
+    m.set_output_topics_up(True)
     m.set_target_fpr(0.001)
     m.set_alertmanager_up(True)
     m.set_partitions_stopped(0)
@@ -164,7 +165,7 @@ def test_compose_prometheus_config_passes_promtool(tmp_path):
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
     out = _promtool("check", "config", "prometheus.yml", cwd=tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 11 rules found" in out.stdout
+    assert "SUCCESS: 12 rules found" in out.stdout
 
 
 def test_a_partition_that_leaves_the_consumer_takes_its_lag_series_with_it():
