@@ -405,8 +405,13 @@ def use_json_logs(level: int | None = None) -> None:
 
 
 # The parts of a message that change between repeats of the same problem: librdkafka's
-# "(after 0ms in state CONNECT)" and "N identical error(s) suppressed".
-_VARYING = re.compile(r"\b\d+ms\b|\b\d+ identical error\(s\) suppressed")
+# "(after 0ms in state CONNECT)", and its ", 1 identical error(s) suppressed" before the closing
+# parenthesis of a repeat (dropped whole: the repeat's key must be the first line's).
+_VARYING = re.compile(r"\b\d+ms\b|(, \d+ identical error\(s\) suppressed)")
+
+
+def _varying_part(match: re.Match[str]) -> str:
+    return "" if match.group(1) else "#"
 
 
 class RepeatFilter(logging.Filter):
@@ -434,7 +439,7 @@ class RepeatFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         # Records are repeats of each other when logger, level and message (but for durations
         # and librdkafka's own suppression counts) are equal.
-        key = (record.name, record.levelno, _VARYING.sub("#", record.getMessage()))
+        key = (record.name, record.levelno, _VARYING.sub(_varying_part, record.getMessage()))
         now = self.clock()
         with self._lock:
             entry = self._seen.get(key)
