@@ -5,9 +5,9 @@ service holds the batch, writes and commits nothing, and says so on ``/readyz`` 
 
 The service's producer is pointed at a loopback port where nothing listens (a real librdkafka
 producer, its messages time out), then a proxy to the broker opens on that port. The slow case
-gives librdkafka a message timeout longer than the 30-s flush the service used to wait: each
-attempt then left its copy of the batch queued, and the topic got every copy (100 records twice
-in this test).
+gives librdkafka a message timeout longer than the 30-s flush the service used to wait: with
+that flush, each attempt left its copy of the batch queued, and the topic got every copy (the
+held 100 records twice in this test).
 """
 
 from __future__ import annotations
