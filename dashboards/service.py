@@ -152,7 +152,7 @@ def output_topics_up_stat() -> Panel:
         "anomaly_output_topics_up",
         "0 while a batch's dead letters or scores cannot be delivered to their topics: the "
         "scorer holds the batch (nothing written, nothing committed) and retries. No data "
-        "until a batch had something to produce.",
+        "before the first batch.",
     )
 
 

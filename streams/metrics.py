@@ -114,10 +114,10 @@ class ServiceMetrics:
             Gauge, "anomaly_schema_registry_up",
             "1 while the Avro schema registry answers (only with kafka.schema_registry_url)",
         )  # fmt: skip
-        # No series until a batch had dead letters or scores to produce.
+        # No series before the first batch is written.
         self._output_topics_up = new(
             Gauge, "anomaly_output_topics_up",
-            "1 while the last batch's dead letters and scores reached their topics",
+            "0 while a batch's dead letters or scores cannot be delivered to their topics",
         )  # fmt: skip
         # Stream safety (docs/reliability.md, "Offset gaps"): a partition whose records would be
         # skipped is stopped, never read past.

@@ -7,10 +7,11 @@ at-least-once. After a fatal librdkafka error the producer is replaced by a new 
 
 An attempt ends with nothing of it left in the producer: librdkafka gives up on a message after
 ``message.timeout.ms`` (``OUTPUT_MESSAGE_TIMEOUT_MS`` unless ``kafka.settings`` says otherwise) and
-the flush waits that long and a little more. At librdkafka's default (300 s) against a 30-s
-flush, every attempt during an outage left its copy of the batch queued and all of them were
-delivered once the broker came back (measured: a 45-s message timeout and 70 s of outage put
-the held batch on the topic twice; tests/reliability/test_output_outage.py).
+the flush waits that long and a little more (at most ``FLUSH_MAX_S``: an attempt that still finds
+messages queued waits for them instead of producing again). At librdkafka's default (300 s)
+against a 30-s flush, every attempt during an outage left its copy of the batch queued and all of
+them were delivered once the broker came back (measured: a 45-s message timeout and 70 s of
+outage put the held batch on the topic twice; tests/reliability/test_output_outage.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ OUTPUT_MESSAGE_TIMEOUT_MS = 30_000
 # How much longer than the message timeout a flush waits: librdkafka scans for timed-out
 # messages about once a second.
 FLUSH_MARGIN_S = 5.0
+# The longest a flush waits, whatever kafka.settings says (a "retry for ever" timeout of 2^31 ms
+# would block the loop for weeks): an attempt flushes at most twice, and the consumer must be
+# polled within max.poll.interval.ms (at least 300 s). Messages still queued after it are waited
+# for by the next attempt, never produced again beside them.
+FLUSH_MAX_S = 60.0
 
 
 class ProduceError(RuntimeError):
@@ -43,11 +49,9 @@ class OutputsMixin:
 
     def _produce(
         self, dead_letters: list[DeadLetterRecord], scores_out: list[tuple[bytes, bytes]]
-    ) -> bool:
-        """Produce and flush the batch's outputs; whether there were any. ``ProduceError`` if
-        any is undelivered."""
+    ) -> None:
         if not dead_letters and not scores_out:
-            return False
+            return
         # Messages an earlier attempt left (a request in flight past its timeout, or a batch
         # dropped on a rebalance): wait for them rather than queue a second copy beside them.
         waiting = len(self._producer)
@@ -66,7 +70,7 @@ class OutputsMixin:
             # longer accepts, e.g. OUT_OF_ORDER_SEQUENCE_NUMBER after a broker restart) the
             # producer refuses everything: replace it and retry the batch.
             fatal = _kafka_error(exc)
-            if fatal is None or not fatal.fatal():
+            if fatal is None or not _is_fatal(fatal):
                 raise
             self._replace_producer(fatal)
             raise ProduceError(
@@ -80,7 +84,6 @@ class OutputsMixin:
                 f"{remaining} undelivered, {len(failures)} failed"
                 + (f": {failures[0]}" if failures else "")
             )
-        return True
 
     def _produce_all(
         self,
@@ -111,13 +114,15 @@ class OutputsMixin:
         return self._producer.flush(self._flush_wait_s())
 
     def _flush_wait_s(self) -> float:
-        """Long enough for every queued message to be delivered or to time out."""
+        """Long enough for every queued message to be delivered or to time out, at most
+        ``FLUSH_MAX_S``."""
         settings = {"message.timeout.ms": OUTPUT_MESSAGE_TIMEOUT_MS} | self.cfg.kafka.settings
-        # delivery.timeout.ms is librdkafka's alias: the later of the two in the settings wins.
+        # delivery.timeout.ms is its alias; librdkafka applies the settings in this order, so
+        # with both the later one is in force (the producer's dict keeps the same order).
         timeouts = [
             v for k, v in settings.items() if k in ("message.timeout.ms", "delivery.timeout.ms")
         ]
-        return int(timeouts[-1]) / 1000 + FLUSH_MARGIN_S
+        return min(int(timeouts[-1]) / 1000 + FLUSH_MARGIN_S, FLUSH_MAX_S)
 
     def _new_producer(self) -> Any:
         from confluent_kafka import Producer
@@ -172,6 +177,15 @@ def _header_value(text: str) -> bytes:
 
 def _headers_size(headers: list[tuple[str, bytes]]) -> int:
     return sum(len(name) + len(value) for name, value in headers)
+
+
+def _is_fatal(error: Any) -> bool:
+    """A fatal producer error; ``produce`` on a producer already in that state raises ``_FATAL``
+    without the fatal flag (confluent-kafka), e.g. when the fatal delivery report went to an
+    earlier attempt's callback."""
+    from confluent_kafka import KafkaError
+
+    return bool(error.fatal()) or error.code() == KafkaError._FATAL
 
 
 def _kafka_error(exc: BaseException) -> Any:

@@ -150,8 +150,10 @@ class SinkMixin:
         """Produce to the output topics, then write the database; retry while it is down."""
 
         def attempt() -> WriteResult:
-            if self._produce(batch.dead_letters, scores_out):
-                self._outputs_up(True)
+            self._produce(batch.dead_letters, scores_out)
+            # Set by every batch that gets this far, with outputs or without: a failed batch
+            # dropped on a rebalance must not leave the flag down behind clean batches.
+            self._outputs_up(True)
             result = self.store.write_batch(batch)
             self._database_up(True)
             return result

@@ -105,3 +105,19 @@ def test_unreachable_output_topics_hold_the_batch_and_report_not_ready(
     # Each record's score once: the timed-out messages never reached the broker.
     keys = sorted(m.key().decode() for m in consume_all(kafka_bootstrap, scores_topic, 200))
     assert keys == sorted(json.loads(v)["id"] for v in values)
+
+
+@pytest.mark.parametrize(
+    ("settings", "wait_s"),
+    [
+        ({}, 35.0),  # librdkafka's 300-s default would outlast every flush: 30 s, plus 5
+        ({"delivery.timeout.ms": "12000"}, 17.0),  # the alias, as YAML may give it
+        ({"message.timeout.ms": 1000, "delivery.timeout.ms": 9000}, 14.0),  # the later wins
+        ({"message.timeout.ms": 2**31 - 1}, 60.0),  # "retry for ever" must not block the loop
+    ],
+)
+def test_the_flush_waits_for_the_message_timeout_within_a_bound(
+    settings, wait_s, sqlite_url, pipeline_file, trained_model
+):
+    cfg = load_config(pipeline_file(sqlite_url, trained_model.bundle, kafka={"settings": settings}))
+    assert ScoringService(cfg)._flush_wait_s() == wait_s
