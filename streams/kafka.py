@@ -31,6 +31,23 @@ def log_error(err: Any) -> None:
     log.warning("kafka error: %s", err)
 
 
+# kafka.settings that only a producer reads: the consumer does not get them, or librdkafka warns
+# at every start ("... is a producer property and will be ignored by this consumer instance").
+# The list is librdkafka's own: each name below, aliases included, drew that warning from a
+# consumer of this version.
+PRODUCER_ONLY = frozenset(
+    {
+        "acks", "batch.num.messages", "batch.size", "compression.codec", "compression.level",
+        "compression.type", "delivery.report.only.error", "delivery.timeout.ms",
+        "enable.gapless.guarantee", "enable.idempotence", "linger.ms", "message.send.max.retries",
+        "message.timeout.ms", "partitioner", "queue.buffering.backpressure.threshold",
+        "queue.buffering.max.kbytes", "queue.buffering.max.messages", "queue.buffering.max.ms",
+        "request.required.acks", "request.timeout.ms", "retries", "sticky.partitioning.linger.ms",
+        "transaction.timeout.ms", "transactional.id",
+    }
+)  # fmt: skip
+
+
 def client_settings(kafka: KafkaConfig) -> dict[str, Any]:
     """Connection and security settings shared by consumers, producers and admin clients, and
     where their logs and errors go."""
@@ -74,7 +91,7 @@ def consumer_settings(cfg: PipelineConfig, stats_interval_ms: int = 5000) -> dic
         "max.poll.interval.ms": poll_interval_ms,
         "statistics.interval.ms": stats_interval_ms,
     }
-    conf.update(kafka.settings)
+    conf.update({k: v for k, v in kafka.settings.items() if k not in PRODUCER_ONLY})
     return conf
 
 

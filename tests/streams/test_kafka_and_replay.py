@@ -27,7 +27,7 @@ def test_consumer_settings_commit_by_hand_and_read_secrets(tmp_path):
                 "sasl_mechanism": "SCRAM-SHA-512",
                 "sasl_username": "svc",
                 "sasl_password_file": str(secret),
-                "settings": {"fetch.min.bytes": 1024},
+                "settings": {"fetch.min.bytes": 1024, "message.timeout.ms": 2000, "acks": 1},
             },
         },
         environ={},
@@ -40,8 +40,11 @@ def test_consumer_settings_commit_by_hand_and_read_secrets(tmp_path):
     assert conf["sasl.password"] == "s3cret"
     assert conf["fetch.min.bytes"] == 1024
     assert "s3cret" not in json.dumps(redacted(conf))
+    # Each client gets only the settings it reads (librdkafka warns at start about the others).
+    assert "message.timeout.ms" not in conf and "acks" not in conf
     producer = producer_settings(cfg.kafka)
     assert producer["sasl.password"] == "s3cret" and "fetch.min.bytes" not in producer
+    assert producer["message.timeout.ms"] == 2000 and producer["acks"] == 1
     # The password from the environment, when no file is named.
     env = config_from_dict(
         {"name": "x", "schema": {"numeric": ["a"]}},
