@@ -154,3 +154,36 @@ def test_ablations_get_their_own_table_and_no_rank(bench) -> None:
     assert "gan-no-generator" not in main_table
     ablation_table = text.split("### Ablations")[1].split("###")[0]
     assert "| a | 85.0 | 78.0 | 95.0 | 91.0 | 92.0 | 60.0 |" in ablation_table
+
+
+def test_paired_table_counts_sets_and_picks_members_on_other_seeds(bench) -> None:
+    base = {"IForest": 0.80, "KNN": 0.90, "OCSVM": 0.70, "PyOD-VAE": 0.75}
+    rest = {"flow": 0.70, "gan": 0.70, "knn_linear": 0.70}
+    # Set "a": vae best on seed 0, knn on seed 1, so the member picked on the other seed is the
+    # worse one each time; set "b": knn best on both seeds, and the ensemble above it.
+    scores = {
+        ("a", 0): {"vae": 0.95, "knn": 0.85, "ensemble": 0.90},
+        ("a", 1): {"vae": 0.85, "knn": 0.95, "ensemble": 0.90},
+        ("b", 0): {"vae": 0.80, "knn": 0.90, "ensemble": 0.93},
+        ("b", 1): {"vae": 0.80, "knn": 0.90, "ensemble": 0.93},
+    }
+    results = [
+        _result(ds, seed, {**base, **rest, **ours}, fp=20, n=2000)
+        for (ds, seed), ours in scores.items()
+    ]
+    summary = bench.summarise(results, list(bench.METHODS))
+    gaps = bench.paired(summary, ["KNN", "vae"])
+    # Means over seeds: a: ensemble 0.90, vae 0.90, knn 0.90; b: 0.93 against 0.80 / 0.90.
+    assert gaps["KNN"]["better"] == 1 and gaps["KNN"]["level"] == 1 and gaps["KNN"]["worse"] == 0
+    assert gaps["KNN"]["mean"] == pytest.approx(0.015)
+    assert gaps["vae"]["mean"] == pytest.approx((0.0 + 0.13) / 2)
+    same = gaps["best member (same runs)"]
+    assert (same["better"], same["level"], same["worse"]) == (1, 1, 0)
+    # On "a" the member picked on the other seed scores 0.85 on this one: the ensemble leads by 5.
+    picked = gaps["member picked on the other seeds"]
+    assert picked["mean"] == pytest.approx((0.05 + 0.03) / 2)
+    assert picked["low"] <= picked["mean"] <= picked["high"]
+    text = bench.render(summary, bench.parse_args([]), "python bench/quality.py", 60.0)
+    section = text.split("### The ensemble set by set against its rivals")[1].split("###")[0]
+    assert "| KNN | 1 / 1 / 0 | +1.50 [+0.00, +3.00] | - |" in section
+    assert "| member picked on the other seeds | 2 / 0 / 0 | +4.00 [" in section
