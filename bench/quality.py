@@ -15,10 +15,11 @@ own preprocessing.
     python bench/quality.py --data-dir ../shared/data --seeds 3 --write-docs
     python bench/quality.py --datasets thyroid,wbc --seeds 1      # quick look while developing
 
-Output: markdown tables (AUROC and AUPRC x100 per dataset, the mean, the mean rank, observed
-false-positive rates of our calibrated detectors at 0.01 and 0.001, published figures beside
-ours) printed, optionally written into the "## Detection quality" section of docs/benchmarks.md,
-and the raw per-seed results as JSON lines (``--results``).
+Output: markdown tables (AUROC and AUPRC x100 per dataset, the mean, the mean rank, the goals,
+the ensemble set by set against KNN and each of its members, observed false-positive rates of
+our calibrated detectors at 0.01 and 0.001, published figures beside ours) printed, optionally
+written into the "## Detection quality" section of docs/benchmarks.md, and the raw per-seed
+results as JSON lines (``--results``).
 """
 
 from __future__ import annotations
