@@ -456,18 +456,16 @@ def paired(summary: dict[str, Any], rivals: list[str], resamples: int = 10_000) 
                 for ds in protocol
             ]
         )
-        picked = []
-        for ds in protocol:
-            runs = {r["seed"]: r["methods"] for r in by_ds[ds]}
-            if len(runs) < 2:
-                break
-            per_seed = []
-            for seed, scores in runs.items():
-                others = [runs[s] for s in runs if s != seed]
-                pick = max(members, key=lambda m: _mean([o[m]["auroc"] for o in others]))
-                per_seed.append(scores["ensemble"]["auroc"] - scores[pick]["auroc"])
-            picked.append(_mean(per_seed))
-        else:
+        runs = {ds: {r["seed"]: r["methods"] for r in by_ds[ds]} for ds in protocol}
+        if all(len(runs[ds]) >= 2 for ds in protocol):  # a pick needs another seed
+            picked = []
+            for ds in protocol:
+                per_seed = []
+                for seed, scores in runs[ds].items():
+                    others = [o for s, o in runs[ds].items() if s != seed]
+                    pick = max(members, key=lambda m: _mean([o[m]["auroc"] for o in others]))
+                    per_seed.append(scores["ensemble"]["auroc"] - scores[pick]["auroc"])
+                picked.append(_mean(per_seed))
             gaps["member picked on the other seeds"] = np.array(picked)
     rng = np.random.default_rng(0)
     out = {}
