@@ -90,6 +90,7 @@ ENSEMBLE_ABLATIONS = (
     "ens-kind-weights",
     "ens-kth",
     *(f"ens-without-{d}" for d in MEMBERS),
+    "ens-without-generative",
 )
 ABLATIONS = (*REFIT_ABLATIONS, *ENSEMBLE_ABLATIONS)
 METHODS = (*BASELINES, *OURS)
@@ -302,7 +303,7 @@ def _ablations(
     recombine the members' raw scores already in ``scores`` (the model's score table)."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
-    from anomaly.estimator.ensemble import combine, member_weights
+    from anomaly.estimator.ensemble import combine
 
     def record(name: str, s: np.ndarray) -> None:
         out["methods"][name] = {
@@ -316,13 +317,8 @@ def _ablations(
         d: model.calibrators_[d].tail_pvalues(scores[d].to_numpy(dtype=np.float64))
         for d in model.detectors_
     }
-    record("ens-equal-weights", combine(list(tails.values())))
-    record("ens-kind-weights", combine(list(tails.values()), _kind_weights(model)))
-    for left_out in model.detectors_:
-        rest = [d for d in model.detectors_ if d != left_out]
-        if rest:
-            kept = [tails[d] for d in rest]
-            record(f"ens-without-{left_out}", combine(kept, member_weights(rest)))
+    for name, combined in recombinations(model, tails).items():
+        record(name, combined)
     kth_tails = dict(tails)
     for name, (det, params) in REFIT_ABLATIONS.items():
         refit = fit_ours(split.x_train, seed, args, detectors=(det,), detector_params={det: params})
@@ -332,6 +328,28 @@ def _ablations(
             # The same split and seed calibrate the refit on the same rows as the model's member.
             kth_tails[det] = refit.calibrators_[det].tail_pvalues(raw)
     record("ens-kth", combine(list(kth_tails.values()), model.ensemble_weights_))
+
+
+def recombinations(model, tails: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The ensemble's score recombined from its members' tail p-values (``tails``, by member)
+    with other weights or without members: the ``ens-*`` ablations that need no refit."""
+    from anomaly.estimator.ensemble import GENERATIVE, combine, member_weights
+
+    out = {
+        "ens-equal-weights": combine(list(tails.values())),
+        "ens-kind-weights": combine(list(tails.values()), _kind_weights(model)),
+    }
+    for left_out in model.detectors_:
+        rest = [d for d in model.detectors_ if d != left_out]
+        if rest:
+            out[f"ens-without-{left_out}"] = combine([tails[d] for d in rest], member_weights(rest))
+    # What the generative kind adds as a whole: the knn members alone, weighted as the model
+    # weights them when it fits no generative member (below ``min_generative_rows``).
+    neighbours = [d for d in model.detectors_ if d not in GENERATIVE]
+    if neighbours and len(neighbours) < len(model.detectors_):
+        kept = [tails[d] for d in neighbours]
+        out["ens-without-generative"] = combine(kept, member_weights(neighbours))
+    return out
 
 
 def _kind_weights(model) -> list[float]:
@@ -677,7 +695,9 @@ def render(summary: dict[str, Any], args: argparse.Namespace, command: str, wall
             "the k-th nearest distance instead of the mean of the k nearest), and the ensemble "
             "recombined from the same fit with equal weights, with the weights before the views "
             "were counted (`ens-kind-weights`: generative half, both knn members half), with the "
-            "`knn*-kth` refits in place of its knn members (`ens-kth`), or without one member."
+            "`knn*-kth` refits in place of its knn members (`ens-kth`), without one member, or "
+            "without the three generative members (`ens-without-generative`: the knn members "
+            "alone, as the model fits them below `min_generative_rows`)."
         )
         add("")
         add("| dataset | " + " | ".join([*ours, *ablations]) + " |")

@@ -187,3 +187,35 @@ def test_paired_table_counts_sets_and_picks_members_on_other_seeds(bench) -> Non
     section = text.split("### The ensemble set by set against its rivals")[1].split("###")[0]
     assert "| KNN | 1 / 1 / 0 | +1.50 [+0.00, +3.00] | - |" in section
     assert "| member picked on the other seeds | 2 / 0 / 0 | +4.00 [" in section
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_ensemble_without_generative_members_is_the_knn_only_models_score(bench) -> None:
+    # The recombination must score rows as the model the user gets below min_generative_rows:
+    # a fit of the knn members alone on the same rows and seed.
+    from anomaly import AnomalyModel
+
+    rng = np.random.default_rng(1)
+    train = rng.normal(size=(240, 3)).astype(np.float32)
+    test = np.vstack([rng.normal(size=(40, 3)), rng.normal(size=(10, 3)) + 3]).astype(np.float32)
+    quick = {"vae": {"max_steps": 30, "min_steps": 0}}
+    both = AnomalyModel(
+        seed=3, progress=False, detectors=("vae", "knn", "knn_linear"), detector_params=quick
+    ).fit(train)
+    scores = both.score_detectors(test)
+    tails = {
+        d: both.calibrators_[d].tail_pvalues(scores[d].to_numpy(dtype=np.float64))
+        for d in both.detectors_
+    }
+    variants = bench.recombinations(both, tails)
+    assert set(variants) == {
+        "ens-equal-weights", "ens-kind-weights", "ens-without-vae", "ens-without-knn",
+        "ens-without-knn_linear", "ens-without-generative",
+    }  # fmt: skip
+    alone = AnomalyModel(seed=3, progress=False, detectors=("knn", "knn_linear")).fit(train)
+    expected = alone.score_detectors(test)["ensemble"].to_numpy(dtype=np.float64)
+    np.testing.assert_allclose(variants["ens-without-generative"], expected, rtol=1e-9)
+    # The vae is the only generative member here: leaving the kind out is leaving it out.
+    np.testing.assert_array_equal(variants["ens-without-generative"], variants["ens-without-vae"])
+    full = scores["ensemble"].to_numpy(dtype=np.float64)
+    assert not np.allclose(variants["ens-without-generative"], full)
