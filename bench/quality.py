@@ -339,14 +339,16 @@ def recombinations(model, tails: dict[str, np.ndarray]) -> dict[str, np.ndarray]
         "ens-equal-weights": combine(list(tails.values())),
         "ens-kind-weights": combine(list(tails.values()), _kind_weights(model)),
     }
-    for left_out in model.detectors_:
+    # A member the model did not fit (below ``min_generative_rows`` it fits the knn members
+    # alone) leaves the ensemble as it is: every set then has every column.
+    for left_out in MEMBERS:
         rest = [d for d in model.detectors_ if d != left_out]
         if rest:
             out[f"ens-without-{left_out}"] = combine([tails[d] for d in rest], member_weights(rest))
     # What the generative kind adds as a whole: the knn members alone, weighted as the model
-    # weights them when it fits no generative member (below ``min_generative_rows``).
+    # weights them when it fits no generative member.
     neighbours = [d for d in model.detectors_ if d not in GENERATIVE]
-    if neighbours and len(neighbours) < len(model.detectors_):
+    if neighbours:
         kept = [tails[d] for d in neighbours]
         out["ens-without-generative"] = combine(kept, member_weights(neighbours))
     return out
