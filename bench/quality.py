@@ -653,9 +653,17 @@ def render(summary: dict[str, Any], args: argparse.Namespace, command: str, wall
             f"{_fmt(means[best_base]['auprc'])}: " + ("**met**" if ok else "**missed**")
         )
         best_rank = min(mean_rank, key=mean_rank.get)
-        verdict = "**met**" if best_rank == "ensemble" else "**missed**"
+        # Ranks are means of 23 integers or halves, so a tie for the best is exact.
+        leaders = [m for m, r in mean_rank.items() if abs(r - mean_rank[best_rank]) < 1e-9]
+        if leaders == ["ensemble"]:
+            verdict = "**met**"
+        elif "ensemble" in leaders:
+            best_rank = " and ".join(leaders)
+            verdict = "**tied**, not met"
+        else:
+            verdict = "**missed**"
         add(
-            f"- Best mean rank: {best_rank} ({mean_rank[best_rank]:.2f}; ensemble "
+            f"- Best mean rank: {best_rank} ({mean_rank[leaders[0]]:.2f}; ensemble "
             f"{mean_rank['ensemble']:.2f}): {verdict}"
         )
         members = [m for m in ours if m != "ensemble"]

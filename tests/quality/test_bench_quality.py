@@ -124,6 +124,19 @@ def test_goals_ranks_and_fpr_table(bench) -> None:
     assert "**0.15% (1.50x)**" not in large and "0.15% (1.50x)" in large
 
 
+def test_a_tie_for_the_best_mean_rank_is_named_and_not_met(bench) -> None:
+    base = {"IForest": 0.80, "KNN": 0.90, "OCSVM": 0.70, "PyOD-VAE": 0.75}
+    rest = {"vae": 0.85, "flow": 0.78, "gan": 0.80, "knn_linear": 0.70}
+    # knn first on "a", the ensemble first on "b": 1.5 each.
+    results = [
+        _result("a", 0, {**base, **rest, "knn": 0.99, "ensemble": 0.95}, fp=20, n=2000),
+        _result("b", 0, {**base, **rest, "knn": 0.95, "ensemble": 0.99}, fp=20, n=2000),
+    ]
+    summary = bench.summarise(results, list(bench.METHODS))
+    text = bench.render(summary, bench.parse_args([]), "python bench/quality.py", 60.0)
+    assert "Best mean rank: knn and ensemble (1.50; ensemble 1.50): **tied**, not met" in text
+
+
 def test_write_section_replaces_only_its_own_section(bench, tmp_path: Path) -> None:
     doc = tmp_path / "benchmarks.md"
     doc.write_text(
