@@ -653,7 +653,7 @@ def render(summary: dict[str, Any], args: argparse.Namespace, command: str, wall
             f"{_fmt(means[best_base]['auprc'])}: " + ("**met**" if ok else "**missed**")
         )
         best_rank = min(mean_rank, key=mean_rank.get)
-        # Ranks are means of 23 integers or halves, so a tie for the best is exact.
+        # Mean ranks are means of whole and half ranks over the same sets: a tie is exact.
         leaders = [m for m, r in mean_rank.items() if abs(r - mean_rank[best_rank]) < 1e-9]
         if leaders == ["ensemble"]:
             verdict = "**met**"
@@ -707,7 +707,8 @@ def render(summary: dict[str, Any], args: argparse.Namespace, command: str, wall
             "were counted (`ens-kind-weights`: generative half, both knn members half), with the "
             "`knn*-kth` refits in place of its knn members (`ens-kth`), without one member, or "
             "without the three generative members (`ens-without-generative`: the knn members "
-            "alone, as the model fits them below `min_generative_rows`)."
+            "alone, as the model fits them below `min_generative_rows`); on a set where the "
+            "model fit no generative member, leaving one out leaves its ensemble as it is."
         )
         add("")
         add("| dataset | " + " | ".join([*ours, *ablations]) + " |")
