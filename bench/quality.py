@@ -313,10 +313,7 @@ def _ablations(
             "score_s": None,
         }
 
-    tails = {
-        d: model.calibrators_[d].tail_pvalues(scores[d].to_numpy(dtype=np.float64))
-        for d in model.detectors_
-    }
+    tails = member_tails(model, scores)
     for name, combined in recombinations(model, tails).items():
         record(name, combined)
     kth_tails = dict(tails)
@@ -330,10 +327,23 @@ def _ablations(
     record("ens-kth", combine(list(kth_tails.values()), model.ensemble_weights_))
 
 
+def member_tails(model, scores) -> dict[str, np.ndarray]:
+    """Each fitted member's tail-extended p-values of its raw scores in ``scores`` (the model's
+    score table), the terms the ensemble combines."""
+    return {
+        d: model.calibrators_[d].tail_pvalues(scores[d].to_numpy(dtype=np.float64))
+        for d in model.detectors_
+    }
+
+
 def recombinations(model, tails: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The ensemble's score recombined from its members' tail p-values (``tails``, by member)
     with other weights or without members: the ``ens-*`` ablations that need no refit."""
     from anomaly.estimator.ensemble import GENERATIVE, combine, member_weights
+
+    def of(members: list[str]) -> np.ndarray:
+        # Weighted as the model weights these members when they are all it fits.
+        return combine([tails[d] for d in members], member_weights(members))
 
     out = {
         "ens-equal-weights": combine(list(tails.values())),
@@ -344,13 +354,11 @@ def recombinations(model, tails: dict[str, np.ndarray]) -> dict[str, np.ndarray]
     for left_out in MEMBERS:
         rest = [d for d in model.detectors_ if d != left_out]
         if rest:
-            out[f"ens-without-{left_out}"] = combine([tails[d] for d in rest], member_weights(rest))
-    # What the generative kind adds as a whole: the knn members alone, weighted as the model
-    # weights them when it fits no generative member.
+            out[f"ens-without-{left_out}"] = of(rest)
+    # What the generative kind adds as a whole: the knn members alone.
     neighbours = [d for d in model.detectors_ if d not in GENERATIVE]
     if neighbours:
-        kept = [tails[d] for d in neighbours]
-        out["ens-without-generative"] = combine(kept, member_weights(neighbours))
+        out["ens-without-generative"] = of(neighbours)
     return out
 
 
@@ -652,18 +660,17 @@ def render(summary: dict[str, Any], args: argparse.Namespace, command: str, wall
             f"- Ensemble mean PR-AUC {_fmt(ens['auprc'])} vs {best_base} "
             f"{_fmt(means[best_base]['auprc'])}: " + ("**met**" if ok else "**missed**")
         )
-        best_rank = min(mean_rank, key=mean_rank.get)
+        best = min(mean_rank.values())
         # Mean ranks are means of whole and half ranks over the same sets: a tie is exact.
-        leaders = [m for m, r in mean_rank.items() if abs(r - mean_rank[best_rank]) < 1e-9]
+        leaders = [m for m, r in mean_rank.items() if abs(r - best) < 1e-9]
         if leaders == ["ensemble"]:
             verdict = "**met**"
         elif "ensemble" in leaders:
-            best_rank = " and ".join(leaders)
             verdict = "**tied**, not met"
         else:
             verdict = "**missed**"
         add(
-            f"- Best mean rank: {best_rank} ({mean_rank[leaders[0]]:.2f}; ensemble "
+            f"- Best mean rank: {' and '.join(leaders)} ({best:.2f}; ensemble "
             f"{mean_rank['ensemble']:.2f}): {verdict}"
         )
         members = [m for m in ours if m != "ensemble"]

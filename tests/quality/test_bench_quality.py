@@ -216,11 +216,7 @@ def test_ensemble_without_generative_members_is_the_knn_only_models_score(bench)
         seed=3, progress=False, detectors=("vae", "knn", "knn_linear"), detector_params=quick
     ).fit(train)
     scores = both.score_detectors(test)
-    tails = {
-        d: both.calibrators_[d].tail_pvalues(scores[d].to_numpy(dtype=np.float64))
-        for d in both.detectors_
-    }
-    variants = bench.recombinations(both, tails)
+    variants = bench.recombinations(both, bench.member_tails(both, scores))
     assert set(variants) == {
         "ens-equal-weights", "ens-kind-weights", "ens-without-generative",
         *(f"ens-without-{d}" for d in bench.MEMBERS),
