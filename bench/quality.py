@@ -14,6 +14,7 @@ own preprocessing.
 
     python bench/quality.py --data-dir ../shared/data --seeds 3 --write-docs
     python bench/quality.py --datasets thyroid,wbc --seeds 1      # quick look while developing
+    python bench/quality.py --data-dir OTHER --datasets all        # another suite of NAME.npz files
 
 Output: markdown tables (AUROC and AUPRC x100 per dataset, the mean, the mean rank, the goals,
 the ensemble set by set against KNN and each of its members, observed false-positive rates of
@@ -869,7 +870,11 @@ def write_section(doc: Path, section: str) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data"))
-    p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated names")
+    p.add_argument(
+        "--datasets",
+        default=",".join(DATASETS),
+        help="comma-separated names, or 'all': every NAME.npz in --data-dir (another suite)",
+    )
     p.add_argument("--seeds", type=int, default=3, help="seeds F..F+N-1 (F: --first-seed)")
     p.add_argument("--first-seed", type=int, default=0, help="to add seeds to an earlier run")
     p.add_argument("--methods", default=",".join(METHODS))
@@ -917,8 +922,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def dataset_files(data_dir: Path, names: list[str]) -> list[str]:
+    """``names`` checked against ``data_dir``, ``["all"]`` expanded to every NAME.npz there
+    (sorted); a ``SystemExit`` naming what is missing instead of a traceback mid-run."""
+    if names == ["all"]:
+        names = sorted(f.stem for f in data_dir.glob("*.npz"))
+        if not names:
+            raise SystemExit(f"quality.py: --datasets all: no .npz files in {data_dir}")
+    missing = [d for d in names if not (data_dir / f"{d.removesuffix('_free')}.npz").is_file()]
+    if missing:
+        raise SystemExit(f"quality.py: no data file for {', '.join(missing)} in {data_dir}")
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.from_results:
+        args.datasets = dataset_files(Path(args.data_dir), args.datasets)
     command = "python bench/quality.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)
     )

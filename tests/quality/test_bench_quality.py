@@ -59,6 +59,22 @@ def test_baselines_run_on_the_protocol_and_render(bench, data_dir: Path, capsys)
     assert "mean rank" in out
 
 
+def test_all_runs_every_data_file_and_a_missing_one_is_named(bench, data_dir: Path, capsys):
+    # Another suite (the held-out one) is a folder of NAME.npz files: "all" takes each of them.
+    assert bench.dataset_files(data_dir, ["all"]) == ["easy", "hard"]
+    rc = bench.main(
+        ["--data-dir", str(data_dir), "--datasets", "all", "--seeds", "1",
+         "--methods", "IForest", "--max-train", "100"]
+    )  # fmt: skip
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| easy" in out and "| hard" in out and "**mean** (2 datasets)" in out
+    with pytest.raises(SystemExit, match=r"no data file for medium in "):
+        bench.main(["--data-dir", str(data_dir), "--datasets", "easy,medium"])
+    with pytest.raises(SystemExit, match=r"no \.npz files in "):
+        bench.dataset_files(data_dir / "nothing", ["all"])
+
+
 def test_run_one_split_sizes(bench, data_dir: Path) -> None:
     args = bench.parse_args(["--methods", "IForest", "--max-train", "0"])
     r = bench.run_one(str(data_dir), "easy", 0, args)
