@@ -676,11 +676,15 @@ def render(summary: dict[str, Any], args: argparse.Namespace, command: str, wall
         )
         members = [m for m in ours if m != "ensemble"]
         protocol = summary["protocol_datasets"]
-        at_least = sum(
-            table[ds]["ensemble"]["auroc"] >= max(table[ds][m]["auroc"] for m in members) - 1e-9
-            for ds in protocol
-        )
-        add(f"- Ensemble at least as good as its best member: {at_least} of {len(protocol)} sets")
+        if members:  # --methods may name the ensemble without any of its members
+            at_least = sum(
+                table[ds]["ensemble"]["auroc"] >= max(table[ds][m]["auroc"] for m in members) - 1e-9
+                for ds in protocol
+            )
+            add(
+                f"- Ensemble at least as good as its best member: {at_least} of "
+                f"{len(protocol)} sets"
+            )
     if "IForest" in base:
         ref = means["IForest"]["auroc"]
         for m in (d for d in ours if d != "ensemble"):

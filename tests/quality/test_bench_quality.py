@@ -64,11 +64,13 @@ def test_all_runs_every_data_file_and_a_missing_one_is_named(bench, data_dir: Pa
     assert bench.dataset_files(data_dir, ["all"]) == ["easy", "hard"]
     rc = bench.main(
         ["--data-dir", str(data_dir), "--datasets", "all", "--seeds", "1",
-         "--methods", "IForest", "--max-train", "100"]
+         "--methods", "KNN,ensemble", "--max-train", "100"]
     )  # fmt: skip
     assert rc == 0
     out = capsys.readouterr().out
     assert "| easy" in out and "| hard" in out and "**mean** (2 datasets)" in out
+    # The ensemble without its members in --methods: its goals, no best-member line.
+    assert "- Ensemble mean ROC-AUC" in out and "its best member:" not in out
     with pytest.raises(SystemExit, match=r"no data file for medium in "):
         bench.main(["--data-dir", str(data_dir), "--datasets", "easy,medium"])
     with pytest.raises(SystemExit, match=r"no \.npz files in "):
