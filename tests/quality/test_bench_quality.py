@@ -33,13 +33,17 @@ def data_dir(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _report(bench, capsys, data_dir: Path, *argv: str) -> str:
+    """What ``bench/quality.py --data-dir DATA_DIR ARGV`` prints (it must exit 0)."""
+    assert bench.main(["--data-dir", str(data_dir), *argv]) == 0
+    return capsys.readouterr().out
+
+
 def test_baselines_run_on_the_protocol_and_render(bench, data_dir: Path, capsys) -> None:
-    rc = bench.main(
-        ["--data-dir", str(data_dir), "--datasets", "easy,hard", "--seeds", "2",
-         "--methods", "IForest,KNN", "--max-train", "100"]
+    out = _report(
+        bench, capsys, data_dir, "--datasets", "easy,hard", "--seeds", "2",
+        "--methods", "IForest,KNN", "--max-train", "100",
     )  # fmt: skip
-    assert rc == 0
-    out = capsys.readouterr().out
     assert out.startswith("## Detection quality")
     assert "at most 100 training rows" in out
     roc = out.split("### ROC-AUC")[1].split("### PR-AUC")[0]
@@ -62,12 +66,10 @@ def test_baselines_run_on_the_protocol_and_render(bench, data_dir: Path, capsys)
 def test_all_runs_every_data_file_and_a_missing_one_is_named(bench, data_dir: Path, capsys):
     # Another suite (the held-out one) is a folder of NAME.npz files: "all" takes each of them.
     assert bench.dataset_files(data_dir, ["all"]) == ["easy", "hard"]
-    rc = bench.main(
-        ["--data-dir", str(data_dir), "--datasets", "all", "--seeds", "1",
-         "--methods", "KNN,ensemble", "--max-train", "100"]
+    out = _report(
+        bench, capsys, data_dir, "--datasets", "all", "--seeds", "1",
+        "--methods", "KNN,ensemble", "--max-train", "100",
     )  # fmt: skip
-    assert rc == 0
-    out = capsys.readouterr().out
     assert "| easy" in out and "| hard" in out and "**mean** (2 datasets)" in out
     # The ensemble without its members in --methods: its goals, no best-member line.
     assert "- Ensemble mean ROC-AUC" in out and "its best member:" not in out
