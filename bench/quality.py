@@ -121,6 +121,11 @@ SECTION = "## Detection quality"
 # One dataset, one seed
 
 
+def data_file(data_dir: Path, name: str) -> Path:
+    """The file a dataset is read from: ``skab_free`` is SKAB's file read another way."""
+    return data_dir / f"{'skab' if name == 'skab_free' else name}.npz"
+
+
 def load_dataset(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """X, y and the training pool mask (None: every normal row may be drawn for training).
 
@@ -128,8 +133,7 @@ def load_dataset(data_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray, np.
     anomaly-free recording only (``file_id == 0``) and tests on the other half plus every other
     recording, which measures how the detectors cope with the other recordings' shifted normals.
     """
-    file = "skab" if name == "skab_free" else name
-    with np.load(data_dir / f"{file}.npz", allow_pickle=False) as z:
+    with np.load(data_file(data_dir, name), allow_pickle=False) as z:
         x = z["X"].astype(np.float32)
         y = z["y"].astype(np.int8)
         pool = (z["file_id"] == 0) if name == "skab_free" else None
@@ -933,7 +937,7 @@ def dataset_files(data_dir: Path, names: list[str]) -> list[str]:
         names = sorted(f.stem for f in data_dir.glob("*.npz"))
         if not names:
             raise SystemExit(f"quality.py: --datasets all: no .npz files in {data_dir}")
-    missing = [d for d in names if not (data_dir / f"{d.removesuffix('_free')}.npz").is_file()]
+    missing = [d for d in names if not data_file(data_dir, d).is_file()]
     if missing:
         raise SystemExit(f"quality.py: no data file for {', '.join(missing)} in {data_dir}")
     return names
@@ -955,10 +959,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = range(args.first_seed, args.first_seed + args.seeds)
         tasks = [(ds, seed) for ds in args.datasets for seed in seeds]
         # Largest datasets first, so the workers finish together.
-        sizes = {
-            ds: os.path.getsize(Path(args.data_dir) / f"{ds.removesuffix('_free')}.npz")
-            for ds in args.datasets
-        }
+        sizes = {ds: os.path.getsize(data_file(Path(args.data_dir), ds)) for ds in args.datasets}
         tasks.sort(key=lambda t: -sizes[t[0]])
         sink = open(args.results, "w", encoding="utf-8") if args.results else None  # noqa: SIM115
         try:
