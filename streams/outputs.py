@@ -3,7 +3,8 @@
 ``OutputsMixin`` is one part of ``streams.service.ScoringService``. A batch's dead letters and
 scores are produced and flushed before its database write; anything undelivered raises
 ``ProduceError`` and the whole batch is retried (nothing committed), so the output topics are
-at-least-once. After a fatal librdkafka error the producer is replaced by a new one.
+at-least-once. After a fatal librdkafka error, or when the producer is fenced, it is replaced by a
+new one.
 
 An attempt ends with nothing of it left in the producer: librdkafka gives up on a message after
 ``message.timeout.ms`` (``OUTPUT_MESSAGE_TIMEOUT_MS`` unless ``kafka.settings`` says otherwise) and
@@ -67,16 +68,16 @@ class OutputsMixin:
             remaining = self._produce_all(dead_letters, scores_out, delivered)
         except Exception as exc:
             # After a fatal error (an idempotent producer whose sequence numbers the broker no
-            # longer accepts, e.g. OUT_OF_ORDER_SEQUENCE_NUMBER after a broker restart) the
-            # producer refuses everything: replace it and retry the batch.
+            # longer accepts, e.g. OUT_OF_ORDER_SEQUENCE_NUMBER after a broker restart) or
+            # fencing the producer refuses everything: replace it and retry the batch.
             fatal = _kafka_error(exc)
-            if fatal is None or not _is_fatal(fatal):
+            if fatal is None or not _needs_new_producer(fatal):
                 raise
             self._replace_producer(fatal)
             raise ProduceError(
-                f"fatal producer error {fatal.name()}, producer replaced: {fatal.str()}"
+                f"producer error {fatal.name()}, producer replaced: {fatal.str()}"
             ) from exc
-        fatal = next((e for e in failures if getattr(e, "fatal", lambda: False)()), None)
+        fatal = next((e for e in failures if _needs_new_producer(e)), None)
         if fatal is not None:
             self._replace_producer(fatal)
         if remaining or failures:
@@ -134,8 +135,8 @@ class OutputsMixin:
 
     def _replace_producer(self, error: Any) -> None:
         log.error(
-            "fatal producer error: replacing the producer (a new producer id), the batch is "
-            "retried",
+            "producer fatally failed or fenced: replacing the producer (a new producer id), the "
+            "batch is retried",
             extra={"fields": {"error": error.str(), "code": error.name()}},
         )
         old, self._producer = self._producer, self._new_producer()
@@ -179,13 +180,24 @@ def _headers_size(headers: list[tuple[str, bytes]]) -> int:
     return sum(len(name) + len(value) for name, value in headers)
 
 
-def _is_fatal(error: Any) -> bool:
-    """A fatal producer error; ``produce`` on a producer already in that state raises ``_FATAL``
-    without the fatal flag (confluent-kafka), e.g. when the fatal delivery report went to an
-    earlier attempt's callback."""
+def _needs_new_producer(error: Any) -> bool:
+    """A producer error after which this producer can never deliver again: a fatal one, or its
+    producer id fenced by a newer producer. ``produce`` on a producer already in the fatal state
+    raises ``_FATAL`` without the fatal flag (confluent-kafka), e.g. when the fatal delivery
+    report went to an earlier attempt's callback. librdkafka does not flag the fencing of an
+    idempotent (not transactional) producer as fatal, yet every retry gets it again: seen on
+    Tansu after a restart, where two new producers were handed the service producer's id in
+    turn and the batch was retried with ``PRODUCER_FENCED`` until the test gave up (about one
+    run in eight of the recreated-topic scenario in tests/streams/test_offset_safety.py with its
+    partitions produced in the other order). ``INVALID_PRODUCER_EPOCH``, the code Kafka brokers
+    answered fencing with before ``PRODUCER_FENCED`` (KIP-588), is treated the same."""
     from confluent_kafka import KafkaError
 
-    return bool(error.fatal()) or error.code() == KafkaError._FATAL
+    return bool(error.fatal()) or error.code() in (
+        KafkaError._FATAL,
+        KafkaError.PRODUCER_FENCED,
+        KafkaError.INVALID_PRODUCER_EPOCH,
+    )
 
 
 def _kafka_error(exc: BaseException) -> Any:

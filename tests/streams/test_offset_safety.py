@@ -187,6 +187,33 @@ def test_recreated_topic_stops_the_partition_loudly_and_the_others_go_on(
         store.close()
 
 
+def _dead_letters(service: ScoringService, n: int, start: int) -> list:
+    from datetime import UTC, datetime
+
+    from storage.records import DeadLetterRecord
+
+    return [
+        DeadLetterRecord(
+            pipeline=service.pipeline,
+            kafka_topic=service.topic,
+            kafka_partition=0,
+            kafka_offset=start + i,
+            raw=b"{not json",
+            error_kind="invalid_json",
+            error_message="not JSON",
+            created_at=datetime.now(UTC),
+        )
+        for i in range(n)
+    ]
+
+
+def _source_offsets(bootstrap: str, topic: str, n: int) -> list[int]:
+    """The source offsets of the dead letters among the first ``n`` messages of ``topic``."""
+    messages = consume_all(bootstrap, topic, n)
+    assert len(messages) == n
+    return sorted(int(dict(m.headers())["source_offset"]) for m in messages if m.headers())
+
+
 def test_a_fatal_idempotent_producer_error_replaces_the_producer(
     tmp_path, pipeline_file, trained_model
 ):
@@ -194,12 +221,6 @@ def test_a_fatal_idempotent_producer_error_replaces_the_producer(
     service producer's next batch is refused with the fatal OUT_OF_ORDER_SEQUENCE_NUMBER. The
     batch must fail as a retryable ``ProduceError`` (not crash the service), and the retry go
     out on a new producer. On main ``_produce`` raised out of the loop and ``serve`` exited."""
-    from datetime import UTC, datetime
-
-    from confluent_kafka import Producer
-
-    from storage.records import DeadLetterRecord
-    from streams.kafka import producer_settings
     from streams.outputs import ProduceError
 
     broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
@@ -211,26 +232,10 @@ def test_a_fatal_idempotent_producer_error_replaces_the_producer(
     )
     service = ScoringService(load_config(config))
     dlq = service.cfg.dead_letter_topic
-
-    def dead(n: int, start: int) -> list[DeadLetterRecord]:
-        return [
-            DeadLetterRecord(
-                pipeline=service.pipeline,
-                kafka_topic=service.topic,
-                kafka_partition=0,
-                kafka_offset=start + i,
-                raw=b"{not json",
-                error_kind="invalid_json",
-                error_message="not JSON",
-                created_at=datetime.now(UTC),
-            )
-            for i in range(n)
-        ]
-
     try:
         create_topic(bootstrap, dlq, partitions=1)
-        service._producer = Producer(producer_settings(service.cfg.kafka))
-        service._produce(dead(50, 0), [])
+        service._producer = service._new_producer()
+        service._produce(_dead_letters(service, 50, 0), [])
         broker.stop()
         broker = EmbeddedBroker(port=broker.port, log_path=tmp_path / "tansu2.log").start()
         create_topic(bootstrap, dlq, partitions=1)
@@ -238,14 +243,56 @@ def test_a_fatal_idempotent_producer_error_replaces_the_producer(
         _idempotent_produce(bootstrap, dlq, [b"other"] * 20, 0)
         old = service._producer
         with pytest.raises(ProduceError, match="OUT_OF_ORDER_SEQUENCE_NUMBER"):
-            service._produce(dead(5, 50), [])
+            service._produce(_dead_letters(service, 5, 50), [])
         assert service._producer is not old
         assert _metric(service, "anomaly_producer_rebuilds_total") == 1
-        service._produce(dead(5, 50), [])  # the retry, on the new producer
+        service._produce(_dead_letters(service, 5, 50), [])  # the retry, on the new producer
         # The new broker's topic: the other producer's 20 and the retried 5, each once.
-        messages = consume_all(bootstrap, dlq, 25)
-        retried = sorted(int(dict(m.headers())["source_offset"]) for m in messages if m.headers())
-        assert retried == [50, 51, 52, 53, 54] and len(messages) == 25
+        assert _source_offsets(bootstrap, dlq, 25) == [50, 51, 52, 53, 54]
+    finally:
+        if service._producer is not None:
+            service._producer.flush(5)
+        broker.stop()
+
+
+def test_a_fenced_producer_is_replaced(tmp_path, pipeline_file, trained_model):
+    """Another order of the same restart: the service producer tries the new broker (its
+    messages time out there), then a second new producer is handed its id, and every delivery
+    after that fails with PRODUCER_FENCED, which librdkafka does not flag as fatal. The producer
+    must be replaced and the retry delivered. Before, the batch was retried on the fenced
+    producer for ever (the recreated-topic test above, produced in the other order, stalled
+    about one run in eight)."""
+    from streams.outputs import ProduceError
+
+    broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
+    bootstrap = broker.bootstrap_servers
+    config = pipeline_file(
+        f"sqlite:///{tmp_path / 'a.db'}",
+        trained_model.bundle,
+        # Short message timeouts: the attempt on the new broker times out in seconds.
+        kafka={"bootstrap_servers": bootstrap, "settings": {"message.timeout.ms": 3000}},
+    )
+    service = ScoringService(load_config(config))
+    dlq = service.cfg.dead_letter_topic
+    try:
+        create_topic(bootstrap, dlq, partitions=1)
+        _idempotent_produce(bootstrap, dlq, [b"before"] * 3, 0)
+        service._producer = service._new_producer()
+        service._produce(_dead_letters(service, 3, 0), [])
+        broker.stop()
+        broker = EmbeddedBroker(port=broker.port, log_path=tmp_path / "tansu2.log").start()
+        create_topic(bootstrap, dlq, partitions=1)
+        _idempotent_produce(bootstrap, dlq, [b"other"] * 2, 0)
+        with pytest.raises(ProduceError):
+            service._produce(_dead_letters(service, 2, 3), [])
+        _idempotent_produce(bootstrap, dlq, [b"other"] * 2, 0)
+        old = service._producer
+        with pytest.raises(ProduceError, match="PRODUCER_FENCED"):
+            service._produce(_dead_letters(service, 2, 3), [])
+        assert service._producer is not old
+        assert _metric(service, "anomaly_producer_rebuilds_total") == 1
+        service._produce(_dead_letters(service, 2, 3), [])  # the retry, on the new producer
+        assert _source_offsets(bootstrap, dlq, 6) == [3, 4]
     finally:
         if service._producer is not None:
             service._producer.flush(5)
