@@ -10,11 +10,13 @@ import json
 import logging
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from anomaly.config import load_config
+from storage.records import DeadLetterRecord
 from storage.store import AlertStore
 from streams.broker import EmbeddedBroker, create_topic
 from streams.service import ScoringService
@@ -187,11 +189,7 @@ def test_recreated_topic_stops_the_partition_loudly_and_the_others_go_on(
         store.close()
 
 
-def _dead_letters(service: ScoringService, n: int, start: int) -> list:
-    from datetime import UTC, datetime
-
-    from storage.records import DeadLetterRecord
-
+def _dead_letters(service: ScoringService, n: int, start: int) -> list[DeadLetterRecord]:
     return [
         DeadLetterRecord(
             pipeline=service.pipeline,
@@ -256,12 +254,13 @@ def test_a_fatal_idempotent_producer_error_replaces_the_producer(
 
 
 def test_a_fenced_producer_is_replaced(tmp_path, pipeline_file, trained_model):
-    """Another order of the same restart: the service producer tries the new broker (its
-    messages time out there), then a second new producer is handed its id, and every delivery
-    after that fails with PRODUCER_FENCED, which librdkafka does not flag as fatal. The producer
-    must be replaced and the retry delivered. Before, the batch was retried on the fenced
-    producer for ever (the recreated-topic test above, produced in the other order, stalled
-    about one run in eight)."""
+    """Another order of the same restart: the service producer tries the new broker first (the
+    broker does not know its id and its messages time out: docs/reliability.md), then a second
+    new producer is handed its id, and every delivery after that fails with PRODUCER_FENCED,
+    which librdkafka does not flag as fatal. The producer must be replaced and the retry
+    delivered. Before, the batch was retried on the fenced producer for ever (the
+    recreated-topic test above, produced in the other order, stalled about one run in
+    eight)."""
     from streams.outputs import ProduceError
 
     broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
