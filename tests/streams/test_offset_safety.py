@@ -205,11 +205,60 @@ def _dead_letters(service: ScoringService, n: int, start: int) -> list[DeadLette
     ]
 
 
-def _source_offsets(bootstrap: str, topic: str, n: int) -> list[int]:
-    """The source offsets of the dead letters among the first ``n`` messages of ``topic``."""
-    messages = consume_all(bootstrap, topic, n)
-    assert len(messages) == n
-    return sorted(int(dict(m.headers())["source_offset"]) for m in messages if m.headers())
+class OutputsAcrossRestarts:
+    """A service (its loop not running) with its output producer, on an embedded broker that
+    the test restarts (memory only: the restarted broker hands out producer ids from 1 again)."""
+
+    def __init__(self, tmp_path: Path, pipeline_file, bundle: Path, **settings: object) -> None:
+        self.tmp_path = tmp_path
+        self.broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
+        self.bootstrap = self.broker.bootstrap_servers
+        kafka = {"bootstrap_servers": self.bootstrap, "settings": settings}
+        config = pipeline_file(f"sqlite:///{tmp_path / 'a.db'}", bundle, kafka=kafka)
+        self.service = ScoringService(load_config(config))
+        self.dlq = self.service.cfg.dead_letter_topic
+        create_topic(self.bootstrap, self.dlq, partitions=1)
+
+    def start_producer(self) -> None:
+        self.service._producer = self.service._new_producer()
+
+    def produce(self, n: int, start: int) -> None:
+        """The service producing ``n`` dead letters of source offsets ``start``..."""
+        self.service._produce(_dead_letters(self.service, n, start), [])
+
+    def other_producer(self, n: int) -> None:
+        """Another idempotent producer (a new producer id) writing ``n`` records."""
+        _idempotent_produce(self.bootstrap, self.dlq, [b"other"] * n, 0)
+
+    def restart_broker(self) -> None:
+        self.broker.stop()
+        self.broker = EmbeddedBroker(
+            port=self.broker.port, log_path=self.tmp_path / "tansu2.log"
+        ).start()
+        create_topic(self.bootstrap, self.dlq, partitions=1)
+
+    def replaced_on(self, error: str, n: int, start: int) -> None:
+        """The next attempt fails with ``error`` and replaces the producer; the retry, on the
+        new producer, is delivered."""
+        from streams.outputs import ProduceError
+
+        old = self.service._producer
+        with pytest.raises(ProduceError, match=error):
+            self.produce(n, start)
+        assert self.service._producer is not old
+        assert _metric(self.service, "anomaly_producer_rebuilds_total") == 1
+        self.produce(n, start)
+
+    def dead_letter_offsets(self, n: int) -> list[int]:
+        """The source offsets of the dead letters among the first ``n`` messages of the topic."""
+        messages = consume_all(self.bootstrap, self.dlq, n)
+        assert len(messages) == n
+        return sorted(int(dict(m.headers())["source_offset"]) for m in messages if m.headers())
+
+    def close(self) -> None:
+        if self.service._producer is not None:
+            self.service._producer.flush(5)
+        self.broker.stop()
 
 
 def test_a_fatal_idempotent_producer_error_replaces_the_producer(
@@ -219,38 +268,17 @@ def test_a_fatal_idempotent_producer_error_replaces_the_producer(
     service producer's next batch is refused with the fatal OUT_OF_ORDER_SEQUENCE_NUMBER. The
     batch must fail as a retryable ``ProduceError`` (not crash the service), and the retry go
     out on a new producer. On main ``_produce`` raised out of the loop and ``serve`` exited."""
-    from streams.outputs import ProduceError
-
-    broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
-    bootstrap = broker.bootstrap_servers
-    config = pipeline_file(
-        f"sqlite:///{tmp_path / 'a.db'}",
-        trained_model.bundle,
-        kafka={"bootstrap_servers": bootstrap},
-    )
-    service = ScoringService(load_config(config))
-    dlq = service.cfg.dead_letter_topic
+    outputs = OutputsAcrossRestarts(tmp_path, pipeline_file, trained_model.bundle)
     try:
-        create_topic(bootstrap, dlq, partitions=1)
-        service._producer = service._new_producer()
-        service._produce(_dead_letters(service, 50, 0), [])
-        broker.stop()
-        broker = EmbeddedBroker(port=broker.port, log_path=tmp_path / "tansu2.log").start()
-        create_topic(bootstrap, dlq, partitions=1)
-        # A new idempotent producer: the restarted broker hands it producer id 1 again.
-        _idempotent_produce(bootstrap, dlq, [b"other"] * 20, 0)
-        old = service._producer
-        with pytest.raises(ProduceError, match="OUT_OF_ORDER_SEQUENCE_NUMBER"):
-            service._produce(_dead_letters(service, 5, 50), [])
-        assert service._producer is not old
-        assert _metric(service, "anomaly_producer_rebuilds_total") == 1
-        service._produce(_dead_letters(service, 5, 50), [])  # the retry, on the new producer
+        outputs.start_producer()
+        outputs.produce(50, 0)
+        outputs.restart_broker()
+        outputs.other_producer(20)  # handed producer id 1 again
+        outputs.replaced_on("OUT_OF_ORDER_SEQUENCE_NUMBER", 5, 50)
         # The new broker's topic: the other producer's 20 and the retried 5, each once.
-        assert _source_offsets(bootstrap, dlq, 25) == [50, 51, 52, 53, 54]
+        assert outputs.dead_letter_offsets(25) == [50, 51, 52, 53, 54]
     finally:
-        if service._producer is not None:
-            service._producer.flush(5)
-        broker.stop()
+        outputs.close()
 
 
 def test_a_fenced_producer_is_replaced(tmp_path, pipeline_file, trained_model):
@@ -263,36 +291,20 @@ def test_a_fenced_producer_is_replaced(tmp_path, pipeline_file, trained_model):
     eight)."""
     from streams.outputs import ProduceError
 
-    broker = EmbeddedBroker(log_path=tmp_path / "tansu.log").start()
-    bootstrap = broker.bootstrap_servers
-    config = pipeline_file(
-        f"sqlite:///{tmp_path / 'a.db'}",
-        trained_model.bundle,
-        # Short message timeouts: the attempt on the new broker times out in seconds.
-        kafka={"bootstrap_servers": bootstrap, "settings": {"message.timeout.ms": 3000}},
+    # Short message timeouts: the attempt on the new broker times out in seconds.
+    outputs = OutputsAcrossRestarts(
+        tmp_path, pipeline_file, trained_model.bundle, **{"message.timeout.ms": 3000}
     )
-    service = ScoringService(load_config(config))
-    dlq = service.cfg.dead_letter_topic
     try:
-        create_topic(bootstrap, dlq, partitions=1)
-        _idempotent_produce(bootstrap, dlq, [b"before"] * 3, 0)
-        service._producer = service._new_producer()
-        service._produce(_dead_letters(service, 3, 0), [])
-        broker.stop()
-        broker = EmbeddedBroker(port=broker.port, log_path=tmp_path / "tansu2.log").start()
-        create_topic(bootstrap, dlq, partitions=1)
-        _idempotent_produce(bootstrap, dlq, [b"other"] * 2, 0)
+        outputs.other_producer(3)  # producer id 1; the service producer gets 2
+        outputs.start_producer()
+        outputs.produce(3, 0)
+        outputs.restart_broker()
+        outputs.other_producer(2)  # producer id 1
         with pytest.raises(ProduceError):
-            service._produce(_dead_letters(service, 2, 3), [])
-        _idempotent_produce(bootstrap, dlq, [b"other"] * 2, 0)
-        old = service._producer
-        with pytest.raises(ProduceError, match="PRODUCER_FENCED"):
-            service._produce(_dead_letters(service, 2, 3), [])
-        assert service._producer is not old
-        assert _metric(service, "anomaly_producer_rebuilds_total") == 1
-        service._produce(_dead_letters(service, 2, 3), [])  # the retry, on the new producer
-        assert _source_offsets(bootstrap, dlq, 6) == [3, 4]
+            outputs.produce(2, 3)
+        outputs.other_producer(2)  # producer id 2, the service producer's
+        outputs.replaced_on("PRODUCER_FENCED", 2, 3)
+        assert outputs.dead_letter_offsets(6) == [3, 4]
     finally:
-        if service._producer is not None:
-            service._producer.flush(5)
-        broker.stop()
+        outputs.close()
