@@ -70,16 +70,16 @@ class OutputsMixin:
             # After a fatal error (an idempotent producer whose sequence numbers the broker no
             # longer accepts, e.g. OUT_OF_ORDER_SEQUENCE_NUMBER after a broker restart) or
             # fencing the producer refuses everything: replace it and retry the batch.
-            fatal = _kafka_error(exc)
-            if fatal is None or not _needs_new_producer(fatal):
+            cause = _kafka_error(exc)
+            if cause is None or not _needs_new_producer(cause):
                 raise
-            self._replace_producer(fatal)
+            self._replace_producer(cause)
             raise ProduceError(
-                f"producer error {fatal.name()}, producer replaced: {fatal.str()}"
+                f"producer error {cause.name()}, producer replaced: {cause.str()}"
             ) from exc
-        fatal = next((e for e in failures if _needs_new_producer(e)), None)
-        if fatal is not None:
-            self._replace_producer(fatal)
+        cause = next((e for e in failures if _needs_new_producer(e)), None)
+        if cause is not None:
+            self._replace_producer(cause)
         if remaining or failures:
             raise ProduceError(
                 f"{remaining} undelivered, {len(failures)} failed"
