@@ -10,6 +10,12 @@ training rows; 43 features is the fraud example's preprocessed width), 2,048 row
 and the GAN's 512-row search in 128 features. Beside each, the way it replaced (``previous``):
 the product by ``addmm`` with the reference rows' norms as its bias, built on every call (the
 same chunks and selection).
+
+With FAISS importable (``pip install faiss-cpu``; not a dependency of the project), two kept
+library's searches run beside it on the same rows, one thread: ``faiss-flat``, the exact flat
+L2 search (its distances checked against ours), and for the knn members' sizes ``faiss-ivf``,
+an inverted-file search over 64 k-means cells that visits ``nprobe`` of them (approximate:
+printed with the share of rows whose score it leaves exactly as the exact search gives it).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -54,6 +61,43 @@ def previous_distance(module: Neighbours, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(out)
 
 
+def faiss_contenders(module: Neighbours, x: torch.Tensor) -> dict:
+    """The FAISS searches for ``module``'s reference rows (empty without FAISS): label ->
+    (search, share of ``x``'s rows it scores as ``module.distance`` does, to 1e-5)."""
+    try:
+        import faiss
+    except ImportError:
+        return {}
+    faiss.omp_set_num_threads(1)
+    ref = module.reference.numpy()
+    k, features = module.k, ref.shape[1]
+    exact = module.distance(x).numpy()
+
+    def search(index):
+        def run(rows: torch.Tensor) -> np.ndarray:
+            squared, _ = index.search(rows.numpy(), k)
+            nearest = np.sqrt(np.maximum(squared, 0.0))
+            return nearest[:, -1] if module.method == "largest" else nearest.mean(1)
+
+        return run
+
+    def exact_share(run) -> float:
+        return round(float(np.mean(np.abs(run(x) - exact) <= 1e-5 * np.maximum(exact, 1.0))), 3)
+
+    flat = faiss.IndexFlatL2(features)
+    flat.add(ref)
+    out = {"faiss-flat": search(flat)}
+    if len(ref) >= 2048:  # the knn members' sizes: 64 cells of 32-64 rows
+        ivf = faiss.IndexIVFFlat(faiss.IndexFlatL2(features), features, 64)
+        ivf.train(ref)
+        ivf.add(ref)
+        for nprobe in (2, 4, 8):
+            copy = faiss.clone_index(ivf)
+            copy.nprobe = nprobe
+            out[f"faiss-ivf nprobe {nprobe}"] = search(copy)
+    return {label: (run, exact_share(run)) for label, run in out.items()}
+
+
 def main() -> None:
     torch.set_num_threads(1)
     gen = torch.Generator().manual_seed(0)
@@ -76,16 +120,20 @@ def main() -> None:
                 x = torch.randn(rows, features, generator=gen)
                 torch.testing.assert_close(module.distance(x), previous_distance(module, x))
                 name = f"{n_reference} rows, k={k}, {features} features, {rows}-row batch"
+                contenders = {
+                    "now": module.distance,
+                    "previous": lambda x, m=module: previous_distance(m, x),
+                }
+                for label, (run, share) in faiss_contenders(module, x).items():
+                    contenders[label] = run
+                    results.setdefault(name, {})[f"{label} exact share"] = share
                 for _ in range(2):  # alternating rounds: the machine drifts
-                    for label, fn in (
-                        ("now", module.distance),
-                        ("previous", lambda x, m=module: previous_distance(m, x)),
-                    ):
+                    for label, fn in contenders.items():
                         us = best_us_per_row(fn, x)
                         results.setdefault(name, {}).setdefault(label, []).append(us)
     print("us per row, one thread, two alternating rounds each")
     for name, times in results.items():
-        print(f"{name}: now {times['now']}, previous {times['previous']}")
+        print(f"{name}: " + ", ".join(f"{label} {value}" for label, value in times.items()))
 
 
 if __name__ == "__main__":
