@@ -16,7 +16,9 @@ would run it.
 (us/row) with its matrix-product FLOPs per row, and the steps around them. Those FLOPs over this
 core's float32 product rate (a square product, measured in the same run) give
 ``matmul_floor_rows_per_s``: the rows/s the products alone allow, which no scoring code reaches
-without dropping work.
+without dropping work. With ``--compile`` each detector's step is timed again compiled by
+``torch.compile`` (inductor, static shapes; the compile itself not timed) beside the eager
+figure, with the largest relative difference of its scores.
 """
 
 from __future__ import annotations
@@ -54,7 +56,9 @@ def gemm_peak_gflops(repeat: int) -> float:
     return 2 * 1024**3 / best_of(lambda: torch.mm(a, b), max(3, repeat)) / 1e9
 
 
-def step_breakdown(model, rows: np.ndarray, batch_size: int, repeat: int) -> dict:
+def step_breakdown(
+    model, rows: np.ndarray, batch_size: int, repeat: int, compile_steps: bool = False
+) -> dict:
     """Where a scored row's time goes: each detector's network or search on one batch of the
     view it reads (us/row, best of ``repeat``) with its matrix-product FLOPs per row (torch's
     ``FlopCounterMode``), and the steps around them. The FLOPs over the core's product rate
@@ -75,6 +79,8 @@ def step_breakdown(model, rows: np.ndarray, batch_size: int, repeat: int) -> dic
                 "us_per_row": round(1e6 * seconds / len(x), 3),
                 "matmul_flops_per_row": round(counter.get_total_flops() / len(x)),
             }
+            if compile_steps:
+                out["detectors"][name].update(compiled_step(det._score_tensor, x, repeat))
     raw, _ = model._raw_scores(xp, numeric)
     steps = {
         "preprocess": lambda: model.preprocessor_.transform_with_numeric(rows),
@@ -83,6 +89,19 @@ def step_breakdown(model, rows: np.ndarray, batch_size: int, repeat: int) -> dic
     }
     out["steps_us_per_row"] = {k: round(1e6 * best_of(f, repeat) / n, 3) for k, f in steps.items()}
     return out
+
+
+def compiled_step(step, x: torch.Tensor, repeat: int) -> dict:
+    """``step`` compiled by ``torch.compile``: us/row on ``x`` after the compile, and how far
+    its scores move from the eager ones."""
+    compiled = torch.compile(step, dynamic=False)
+    eager = step(x)
+    got = compiled(x)  # compiles
+    moved = ((got - eager).abs() / eager.abs().clamp_min(1e-6)).max()
+    return {
+        "compiled_us_per_row": round(1e6 * best_of(lambda: compiled(x), repeat) / len(x), 3),
+        "compiled_max_relative_difference": float(moved),
+    }
 
 
 def main() -> None:
@@ -94,6 +113,9 @@ def main() -> None:
     parser.add_argument("--pyod-fit-rows", type=int, default=5000)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compile", action="store_true", help="also time each detector under torch.compile"
+    )
     args = parser.parse_args()
 
     from anomaly import AnomalyModel
@@ -147,7 +169,7 @@ def main() -> None:
     # Preprocessing alone: the part of scoring before the networks, on the same rows.
     pre_s = best_of(lambda: model.preprocessor_.transform(score_rows), args.repeat)
     pre_micro_s = best_of(lambda: model.preprocessor_.transform(micro), 20)
-    breakdown = step_breakdown(model, score_rows, args.batch_size, args.repeat)
+    breakdown = step_breakdown(model, score_rows, args.batch_size, args.repeat, args.compile)
     peak = gemm_peak_gflops(args.repeat)
     flops = sum(d["matmul_flops_per_row"] for d in breakdown["detectors"].values())
     fp32_alerts = scorer.score(score_rows).is_alert
