@@ -281,6 +281,8 @@ def run_one(data_dir: str, name: str, seed: int, args: argparse.Namespace) -> di
             }
             out["fpr"][det] = _fpr_counts(scores[f"{det}_p"].to_numpy(dtype=np.float64)[normal])
         out["calibration_rows"] = _calibration_rows(model)
+        if args.save_members:
+            save_members(Path(args.save_members) / f"{name}-seed{seed}.npz", model, scores, y_test)
         if args.ablate:
             _ablations(model, scores, split, seed, args, out)
         # A rate of 0.001 needs thousands of calibration rows; where the training half has more
@@ -339,6 +341,24 @@ def member_tails(model, scores) -> dict[str, np.ndarray]:
         d: model.calibrators_[d].tail_pvalues(scores[d].to_numpy(dtype=np.float64))
         for d in model.detectors_
     }
+
+
+def save_members(path: Path, model, scores, y_test: np.ndarray) -> None:
+    """``--save-members``: one set and seed's test labels and, for each member the model fit,
+    its raw test scores and the tail p-values the ensemble combines, with the model's weights
+    and ensemble score: what comparing another combination rule needs, without a refit
+    (``combine(tails, weights)`` is the ensemble score)."""
+    tails = member_tails(model, scores)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(
+        path,
+        y_test=y_test,
+        members=np.array(list(tails)),
+        weights=np.asarray(model.ensemble_weights_, dtype=np.float64),
+        ensemble=scores["ensemble"].to_numpy(dtype=np.float64),
+        **{f"raw_{d}": scores[d].to_numpy(dtype=np.float64) for d in tails},
+        **{f"tail_{d}": tail for d, tail in tails.items()},
+    )
 
 
 def recombinations(model, tails: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -906,6 +926,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--ablate",
         action="store_true",
         help="also report what each part adds: " + ", ".join(ABLATIONS),
+    )
+    p.add_argument(
+        "--save-members",
+        default=None,
+        metavar="DIR",
+        help="write each set and seed's member scores and tail p-values to DIR/NAME-seedS.npz",
     )
     p.add_argument("--jobs", type=int, default=1, help="worker processes (one core each)")
     p.add_argument("--results", default=None, help="write per-seed results as JSON lines")

@@ -88,6 +88,21 @@ def test_run_one_split_sizes(bench, data_dir: Path) -> None:
     assert 0.0 <= r["methods"]["IForest"]["auroc"] <= 1.0
 
 
+def test_saved_members_recombine_to_the_ensemble(bench, data_dir: Path) -> None:
+    from anomaly.estimator.ensemble import combine
+
+    saved = data_dir / "members"
+    args = bench.parse_args(["--methods", "ensemble", "--save-members", str(saved)])
+    r = bench.run_one(str(data_dir), "easy", 2, args)
+    with np.load(saved / "easy-seed2.npz") as z:
+        members = list(z["members"])
+        assert members == ["knn", "knn_linear"]  # 150 training rows: the knn members alone
+        assert len(z["y_test"]) == r["n_test"] and z["y_test"].sum() == r["n_test_anomalies"]
+        tails = [z[f"tail_{d}"] for d in members]
+        np.testing.assert_allclose(combine(tails, z["weights"]), z["ensemble"], rtol=1e-12)
+        assert all(len(z[f"raw_{d}"]) == r["n_test"] for d in members)
+
+
 def _result(ds: str, seed: int, auroc: dict[str, float], fp: int, n: int) -> dict:
     return {
         "dataset": ds,
