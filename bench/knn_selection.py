@@ -11,11 +11,11 @@ and the GAN's 512-row search in 128 features. Beside each, the way it replaced (
 the product by ``addmm`` with the reference rows' norms as its bias, built on every call (the
 same chunks and selection).
 
-With FAISS importable (``pip install faiss-cpu``; not a dependency of the project), two searches
-of that maintained library run beside it on the same rows, one thread: ``faiss-flat``, the exact flat
-L2 search (its distances checked against ours), and for the knn members' sizes ``faiss-ivf``,
-an inverted-file search over 64 k-means cells that visits ``nprobe`` of them (approximate:
-printed with the share of rows whose score it leaves exactly as the exact search gives it).
+With FAISS importable (``pip install faiss-cpu``; not a dependency of the project), searches of
+that maintained library run beside it on the same rows, one thread: ``faiss-flat``, its exact
+flat L2 search, and for the knn members' sizes ``faiss-ivf``, an approximate inverted-file search
+over 64 k-means cells that visits ``nprobe`` of them; each is printed with the share of rows it
+scores as ``Neighbours.distance`` does (to 1e-5), 1.0 for an exact search.
 """
 
 from __future__ import annotations
